@@ -1,0 +1,1 @@
+"""Running a package build on Hugging Face Jobs."""

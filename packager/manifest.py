@@ -1,0 +1,404 @@
+"""model-package.json: typed, parsed and validated in one place.
+
+Everything downstream receives these dataclasses, never the raw dict.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from layerline.errors import ManifestError
+
+FORMAT = "layerline.layer-package"
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "model-package.json"
+
+STRATEGY_TYPES = ("draft-model", "ngram")
+WINDOW_POLICIES = ("adaptive", "fixed")
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    path: str
+    sha256: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    kind: str  # "gguf" | "safetensors" | "hub"
+    file_name: str
+    sha256: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    id: str
+    architecture: str
+    source: SourceInfo
+
+
+@dataclass(frozen=True)
+class Quantization:
+    mode: str  # mlx's "affine"
+    bits: int
+    group_size: int
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    files: list[str]
+    chat_template: str | None
+    bos_token_id: int | None
+    eos_token_id: int | None
+    vocab_size: int
+    fingerprint: str  # "sha256:<hex>" over vocabulary, merges and added tokens
+
+
+@dataclass(frozen=True)
+class WindowPolicy:
+    default: str = "adaptive"
+    initial_window: int = 8
+    min_window: int = 2
+    max_window: int = 16
+
+
+@dataclass(frozen=True)
+class Strategy:
+    type: str
+    draft_model: str | None = None
+    tokenizer_fingerprint: str | None = None
+    window_policy: WindowPolicy = field(default_factory=WindowPolicy)
+
+
+@dataclass(frozen=True)
+class SpeculativeDecoding:
+    default: str | None
+    strategies: dict[str, Strategy]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    format: str
+    schema_version: int
+    model: ModelInfo
+    config: dict[str, Any]  # mlx-lm ModelArgs, num_hidden_layers = the whole model
+    dtype: str  # float dtype of unquantized tensors: float32 | float16 | bfloat16
+    quantization: Quantization | None
+    tokenizer: TokenizerInfo
+    files: list[FileEntry]
+    layers: dict[int, str]
+    shared: dict[str, str]  # "embed" and "head" -> file
+    speculative_decoding: SpeculativeDecoding | None = None
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def file(self, path: str) -> FileEntry:
+        """The entry of one file, by its package-relative path."""
+        for entry in self.files:
+            if entry.path == path:
+                return entry
+        raise ManifestError(f"{MANIFEST_NAME} lists no file {path!r}")
+
+    def layer_files(self, start: int, end: int) -> list[str]:
+        """Files holding layers [start, end)."""
+        if not (0 <= start < end <= self.num_layers):
+            raise ManifestError(
+                f"layer range {start}:{end} is outside the model's {self.num_layers} layers",
+                hint=f"choose 0 <= start < end <= {self.num_layers}",
+            )
+        return [self.layers[i] for i in range(start, end)]
+
+    def to_json(self) -> dict[str, Any]:
+        """The manifest as written to disk."""
+        data: dict[str, Any] = {
+            "format": self.format,
+            "schema_version": self.schema_version,
+            "model": asdict(self.model),
+            "config": self.config,
+            "dtype": self.dtype,
+            "quantization": asdict(self.quantization) if self.quantization else None,
+            "tokenizer": asdict(self.tokenizer),
+            "files": [asdict(f) for f in self.files],
+            "layers": {str(i): p for i, p in sorted(self.layers.items())},
+            "shared": dict(self.shared),
+        }
+        if self.speculative_decoding is not None:
+            data["generation"] = {"speculative_decoding": speculative_to_json(self.speculative_decoding)}
+        return data
+
+
+def speculative_to_json(spec: SpeculativeDecoding) -> dict[str, Any]:
+    strategies = {}
+    for name, strategy in spec.strategies.items():
+        entry: dict[str, Any] = {"type": strategy.type}
+        if strategy.draft_model is not None:
+            entry["draft_model"] = strategy.draft_model
+        if strategy.tokenizer_fingerprint is not None:
+            entry["tokenizer_fingerprint"] = strategy.tokenizer_fingerprint
+        entry["window_policy"] = asdict(strategy.window_policy)
+        strategies[name] = entry
+    return {"default": spec.default, "strategies": strategies}
+
+
+# ---------------------------------------------------------------- parsing
+
+
+class _Reader:
+    """Walks a raw dict, naming the field path in every error."""
+
+    def __init__(self, data: Any, where: str, origin: str) -> None:
+        if not isinstance(data, dict):
+            raise ManifestError(f"{origin}: {where or 'manifest'} must be an object")
+        self.data, self.where, self.origin = data, where, origin
+
+    def _name(self, key: str) -> str:
+        return f"{self.where}.{key}" if self.where else key
+
+    def _fail(self, key: str, problem: str) -> ManifestError:
+        return ManifestError(
+            f"{self.origin}: field {self._name(key)!r} {problem}",
+            hint="rebuild the package with `layerline pkg build`, or fix the manifest by hand",
+        )
+
+    def get(self, key: str, kind: type | tuple[type, ...], *, optional: bool = False) -> Any:
+        if key not in self.data:
+            if optional:
+                return None
+            raise self._fail(key, "is missing")
+        value = self.data[key]
+        if value is None and optional:
+            return None
+        # bool is an int in Python; a manifest that says true for a count is wrong.
+        if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+            raise self._fail(key, f"must be {_kind_name(kind)}, got {value!r}")
+        if not isinstance(value, kind):
+            raise self._fail(key, f"must be {_kind_name(kind)}, got {type(value).__name__}")
+        return value
+
+    def child(self, key: str, *, optional: bool = False) -> _Reader | None:
+        value = self.get(key, dict, optional=optional)
+        return None if value is None else _Reader(value, self._name(key), self.origin)
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    names = {str: "a string", int: "an integer", float: "a number", dict: "an object",
+             list: "a list", bool: "true or false"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def check_relative_path(path: str, origin: str) -> str:
+    """A manifest path must stay inside the package: relative, no '..', no backslashes."""
+    pure = PurePosixPath(path)
+    if (
+        not path
+        or pure.is_absolute()
+        or "\\" in path
+        or ".." in pure.parts
+        or (len(path) > 1 and path[1] == ":")
+    ):
+        raise ManifestError(
+            f"{origin}: unsafe path {path!r}: package paths must be relative and stay inside the "
+            "package (no absolute paths, no '..')",
+            hint="do not use this package; rebuild it from its source with `layerline pkg build`",
+        )
+    return path
+
+
+def _parse_window_policy(reader: _Reader | None) -> WindowPolicy:
+    if reader is None:
+        return WindowPolicy()
+    policy = WindowPolicy(
+        default=reader.get("default", str, optional=True) or "adaptive",
+        initial_window=reader.get("initial_window", int, optional=True) or 8,
+        min_window=reader.get("min_window", int, optional=True) or 2,
+        max_window=reader.get("max_window", int, optional=True) or 16,
+    )
+    validate_window_policy(policy, f"{reader.origin}: {reader.where}")
+    return policy
+
+
+def validate_window_policy(policy: WindowPolicy, where: str) -> None:
+    """Raise ManifestError unless 1 <= min <= initial <= max and the kind is known."""
+    if policy.default not in WINDOW_POLICIES:
+        raise ManifestError(
+            f"{where}: window policy {policy.default!r} is unknown; use one of {WINDOW_POLICIES}"
+        )
+    if not (1 <= policy.min_window <= policy.initial_window <= policy.max_window):
+        raise ManifestError(
+            f"{where}: windows must satisfy 1 <= min_window <= initial_window <= max_window, got "
+            f"min={policy.min_window} initial={policy.initial_window} max={policy.max_window}"
+        )
+
+
+def parse_speculative(raw: Any, origin: str) -> SpeculativeDecoding:
+    reader = _Reader(raw, "generation.speculative_decoding", origin)
+    strategies_reader = reader.child("strategies")
+    assert strategies_reader is not None
+    strategies: dict[str, Strategy] = {}
+    for name in strategies_reader.data:
+        s = strategies_reader.child(name)
+        assert s is not None
+        kind = s.get("type", str)
+        if kind not in STRATEGY_TYPES:
+            raise ManifestError(
+                f"{origin}: strategy {name!r} has unknown type {kind!r}; known: {STRATEGY_TYPES}"
+            )
+        draft = s.get("draft_model", str, optional=kind != "draft-model")
+        strategies[name] = Strategy(
+            type=kind,
+            draft_model=draft,
+            tokenizer_fingerprint=s.get("tokenizer_fingerprint", str, optional=True),
+            window_policy=_parse_window_policy(s.child("window_policy", optional=True)),
+        )
+    default = reader.get("default", str, optional=True)
+    if default is not None and default not in strategies:
+        raise ManifestError(
+            f"{origin}: generation.speculative_decoding.default names {default!r}, "
+            f"which is not among the strategies {sorted(strategies)}"
+        )
+    return SpeculativeDecoding(default=default, strategies=strategies)
+
+
+def parse_manifest(raw: Any, origin: str = MANIFEST_NAME) -> Manifest:
+    """Validate a raw manifest dict and return it typed; raise ManifestError naming the field."""
+    top = _Reader(raw, "", origin)
+    fmt = top.get("format", str)
+    if fmt != FORMAT:
+        raise ManifestError(f"{origin}: format is {fmt!r}, expected {FORMAT!r}")
+    version = top.get("schema_version", int)
+    if version != SCHEMA_VERSION:
+        raise ManifestError(
+            f"{origin}: unknown schema_version {version}; this layerline reads version "
+            f"{SCHEMA_VERSION}",
+            hint="upgrade layerline, or rebuild the package with this version",
+        )
+
+    model = top.child("model")
+    source = model.child("source")  # type: ignore[union-attr]
+    assert model is not None and source is not None
+    model_info = ModelInfo(
+        id=model.get("id", str),
+        architecture=model.get("architecture", str),
+        source=SourceInfo(
+            kind=source.get("kind", str),
+            file_name=source.get("file_name", str),
+            sha256=source.get("sha256", str),
+            bytes=source.get("bytes", int),
+        ),
+    )
+
+    config = top.get("config", dict)
+    dtype = top.get("dtype", str)
+    quant_reader = top.child("quantization", optional=True)
+    quantization = None
+    if quant_reader is not None:
+        quantization = Quantization(
+            mode=quant_reader.get("mode", str),
+            bits=quant_reader.get("bits", int),
+            group_size=quant_reader.get("group_size", int),
+        )
+
+    tok = top.child("tokenizer")
+    assert tok is not None
+    tokenizer = TokenizerInfo(
+        files=[check_relative_path(p, origin) for p in tok.get("files", list)],
+        chat_template=tok.get("chat_template", str, optional=True),
+        bos_token_id=tok.get("bos_token_id", int, optional=True),
+        eos_token_id=tok.get("eos_token_id", int, optional=True),
+        vocab_size=tok.get("vocab_size", int),
+        fingerprint=tok.get("fingerprint", str),
+    )
+
+    files = []
+    for i, entry in enumerate(top.get("files", list)):
+        f = _Reader(entry, f"files[{i}]", origin)
+        files.append(
+            FileEntry(
+                path=check_relative_path(f.get("path", str), origin),
+                sha256=f.get("sha256", str),
+                bytes=f.get("bytes", int),
+            )
+        )
+    listed = {f.path for f in files}
+
+    layers_raw = top.get("layers", dict)
+    layers: dict[int, str] = {}
+    for key, path in layers_raw.items():
+        if not (isinstance(key, str) and key.isdigit()) or not isinstance(path, str):
+            raise ManifestError(f"{origin}: layers must map layer indices to file paths")
+        layers[int(key)] = check_relative_path(path, origin)
+    if sorted(layers) != list(range(len(layers))):
+        raise ManifestError(f"{origin}: layers must be numbered 0..N-1 without gaps")
+    shared_raw = top.get("shared", dict)
+    shared = {name: check_relative_path(p, origin) for name, p in shared_raw.items()}
+    for needed in ("embed", "head"):
+        if needed not in shared:
+            raise ManifestError(f"{origin}: field 'shared.{needed}' is missing")
+
+    for path in [*layers.values(), *shared.values(), *tokenizer.files]:
+        if path not in listed:
+            raise ManifestError(f"{origin}: {path!r} is used but not listed in files")
+
+    speculative = None
+    generation = top.child("generation", optional=True)
+    if generation is not None and generation.data.get("speculative_decoding") is not None:
+        speculative = parse_speculative(generation.data["speculative_decoding"], origin)
+
+    return Manifest(
+        format=fmt,
+        schema_version=version,
+        model=model_info,
+        config=config,
+        dtype=dtype,
+        quantization=quantization,
+        tokenizer=tokenizer,
+        files=files,
+        layers=layers,
+        shared=shared,
+        speculative_decoding=speculative,
+    )
+
+
+def read_manifest(package_dir: Path) -> Manifest:
+    """Read and validate `<package_dir>/model-package.json`."""
+    path = Path(package_dir) / MANIFEST_NAME
+    if not Path(package_dir).is_dir():
+        raise ManifestError(
+            f"package folder {package_dir} does not exist",
+            hint="pass the folder that `layerline pkg build -o` wrote",
+        )
+    if not path.is_file():
+        raise ManifestError(
+            f"{package_dir} has no {MANIFEST_NAME}; it is not a layer package",
+            hint="build one with `layerline pkg build SOURCE -o OUT`",
+        )
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{path} is not valid JSON: {exc}") from exc
+    return parse_manifest(raw, str(path))
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to a temp file beside `path`, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            json.dump(data, out, indent=2, ensure_ascii=False)
+            out.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a manifest is meant to be read
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

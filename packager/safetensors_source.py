@@ -1,0 +1,94 @@
+"""Reading a Hugging Face model folder (config.json, *.safetensors, tokenizer) as a source."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from layerline.errors import SourceError
+
+from .architectures import LAYER_PREFIX, get_architecture, layer_tensor_names, model_module
+from .source import ModelSource
+
+
+def mlx_config(raw: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a config.json that mlx-lm's ModelArgs for its architecture knows."""
+    module = model_module(raw["model_type"])
+    known = {f.name for f in dataclasses.fields(module.ModelArgs)}
+    return {k: v for k, v in raw.items() if k in known}
+
+
+class SafetensorsSource(ModelSource):
+    """A folder as `save_pretrained` writes it, with float (f32/f16/bf16) weights."""
+
+    kind = "safetensors"
+
+    def __init__(self, folder: Path) -> None:
+        import mlx.core as mx
+
+        self.folder = Path(folder)
+        try:
+            raw = json.loads((self.folder / "config.json").read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise SourceError(f"{self.folder}/config.json is unreadable: {exc}") from exc
+        if "model_type" not in raw:
+            raise SourceError(f"{self.folder}/config.json has no model_type")
+        get_architecture(raw["model_type"])
+        if raw.get("quantization") or raw.get("quantization_config"):
+            raise SourceError(
+                f"{self.folder} holds quantized weights",
+                hint="build from the original float checkpoint or from a GGUF file",
+            )
+        self._raw_config = raw
+        self.config = mlx_config(raw)
+        self.config.setdefault("tie_word_embeddings", raw.get("tie_word_embeddings", True))
+        self.num_layers = int(self.config["num_hidden_layers"])
+        self._files = sorted(self.folder.glob("*.safetensors"))
+        if not self._files:
+            raise SourceError(f"{self.folder} has no *.safetensors files")
+        self._weights: dict[str, Any] = {}
+        for file in self._files:
+            try:
+                self._weights.update(mx.load(str(file)))
+            except Exception as exc:  # mlx raises RuntimeError/ValueError on bad files
+                raise SourceError(
+                    f"{file} is not a readable safetensors file: {exc}",
+                    hint="the file is corrupt or truncated; download it again",
+                ) from exc
+        self._layer_names = layer_tensor_names(self.config)
+
+    @property
+    def model_id(self) -> str:
+        name = self._raw_config.get("_name_or_path")
+        return name if isinstance(name, str) and name else self.folder.name
+
+    def _tensor(self, name: str) -> np.ndarray:
+        import mlx.core as mx
+
+        if name not in self._weights:
+            raise SourceError(f"{self.folder} lacks tensor {name}")
+        return np.array(self._weights[name].astype(mx.float32))
+
+    def layer_tensors(self, index: int) -> dict[str, np.ndarray]:
+        return {n: self._tensor(f"{LAYER_PREFIX}{index}.{n}") for n in self._layer_names}
+
+    def embed_tensors(self) -> dict[str, np.ndarray]:
+        return {"model.embed_tokens.weight": self._tensor("model.embed_tokens.weight")}
+
+    def head_tensors(self) -> dict[str, np.ndarray]:
+        out = {"model.norm.weight": self._tensor("model.norm.weight")}
+        if not self.config["tie_word_embeddings"]:
+            out["lm_head.weight"] = self._tensor("lm_head.weight")
+        return out
+
+    def tokenizer(self) -> Any:
+        from .tokenizer import tokenizer_from_folder
+
+        return tokenizer_from_folder(self.folder)
+
+    def source_files(self) -> list[Path]:
+        return [self.folder / "config.json", *self._files]

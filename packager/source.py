@@ -1,0 +1,85 @@
+"""What every model source gives the builder, and how a SOURCE argument picks one."""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from layerline.errors import SourceError
+
+HUB_REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?$")
+
+
+class ModelSource(ABC):
+    """A model as float32 tensors in Hugging Face layout, layer by layer."""
+
+    kind: str
+    config: dict[str, Any]
+    num_layers: int
+
+    @property
+    @abstractmethod
+    def model_id(self) -> str:
+        """A human id for the model, e.g. `HuggingFaceTB/SmolLM2-135M-Instruct`."""
+
+    @abstractmethod
+    def layer_tensors(self, index: int) -> dict[str, np.ndarray]:
+        """Tensors of layer `index`, named locally (`self_attn.q_proj.weight`)."""
+
+    @abstractmethod
+    def embed_tensors(self) -> dict[str, np.ndarray]:
+        """`model.embed_tokens.weight`."""
+
+    @abstractmethod
+    def head_tensors(self) -> dict[str, np.ndarray]:
+        """`model.norm.weight`, and `lm_head.weight` unless tied to the embedding."""
+
+    @abstractmethod
+    def tokenizer(self) -> Any:
+        """A transformers fast tokenizer, chat template included."""
+
+    @abstractmethod
+    def source_files(self) -> list[Path]:
+        """The files whose bytes identify the source (hashed into the manifest)."""
+
+    @property
+    def source_name(self) -> str:
+        files = self.source_files()
+        return files[0].name if len(files) == 1 else files[0].parent.name
+
+
+def open_source(source: str, *, cache_dir: Path | None = None) -> ModelSource:
+    """Open SOURCE: a GGUF file, a safetensors folder, or a Hub repo id (`org/name[:QUANT]`)."""
+    from .gguf_source import GGUFSource
+    from .safetensors_source import SafetensorsSource
+
+    path = Path(source).expanduser()
+    if path.is_file():
+        return GGUFSource(path)
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return SafetensorsSource(path)
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return GGUFSource(ggufs[0])
+        raise SourceError(
+            f"{path} is neither a Hugging Face model folder (no config.json) nor a folder with "
+            f"one .gguf file (found {len(ggufs)})",
+            hint="pass the .gguf file itself, or a folder with config.json and *.safetensors",
+        )
+    if HUB_REPO_RE.match(source) and not source.startswith((".", "/", "~")):
+        from .hub_source import download_hub_source
+
+        local = download_hub_source(source, cache_dir=cache_dir)
+        opened = open_source(str(local))
+        opened.kind = "hub"
+        opened.hub_repo = source  # type: ignore[attr-defined]
+        return opened
+    raise SourceError(
+        f"{source} does not exist",
+        hint="pass a path to a .gguf file or a safetensors folder, or a Hub repo id ORG/NAME",
+    )

@@ -1,0 +1,104 @@
+"""The package's speculative-decoding block: draft strategies, checked against the target."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from layerline.errors import LayerlineError, TokenizerMismatchError
+
+from .manifest import (
+    MANIFEST_NAME,
+    SpeculativeDecoding,
+    Strategy,
+    WindowPolicy,
+    read_manifest,
+    validate_window_policy,
+)
+
+
+@dataclass(frozen=True)
+class DraftSpec:
+    """One `--draft-model` as the user gave it."""
+
+    reference: str
+    name: str | None = None
+    window: str = "adaptive"
+    initial_window: int = 8
+    min_window: int = 2
+    max_window: int = 16
+
+
+def strategy_name_for(reference: str) -> str:
+    """A readable default strategy name from a draft reference (`org/Qwen-0.5B:Q4` -> `qwen-0.5b-q4`)."""
+    tail = reference.rstrip("/").split("/")[-1]
+    tail = re.sub(r"\.(gguf|safetensors)$", "", tail, flags=re.IGNORECASE)
+    name = re.sub(r"[^a-z0-9.]+", "-", tail.lower()).strip("-")
+    return name or "draft"
+
+
+def local_draft_fingerprint(reference: str) -> str | None:
+    """The tokenizer fingerprint of a local draft (package folder or GGUF), or None if remote."""
+    path = Path(reference).expanduser()
+    if path.is_dir() and (path / MANIFEST_NAME).is_file():
+        return read_manifest(path).tokenizer.fingerprint
+    if path.exists():
+        return _fingerprint_of_source(str(path))
+    return None
+
+
+def _fingerprint_of_source(reference: str) -> str:
+    import tempfile
+
+    from .source import open_source
+    from .tokenizer import save_tokenizer, tokenizer_fingerprint
+
+    source = open_source(reference)
+    with tempfile.TemporaryDirectory(prefix="layerline-draft-tok-") as tmp:
+        save_tokenizer(source.tokenizer(), Path(tmp))
+        return tokenizer_fingerprint(Path(tmp) / "tokenizer.json")
+
+
+def build_speculative_block(
+    drafts: list[DraftSpec], default: str | None, target_fingerprint: str
+) -> SpeculativeDecoding | None:
+    """Strategies for every draft; a local draft whose tokenizer differs is refused."""
+    if not drafts:
+        if default is not None:
+            raise LayerlineError("--default-strategy needs at least one --draft-model")
+        return None
+    strategies: dict[str, Strategy] = {}
+    for spec in drafts:
+        name = spec.name or strategy_name_for(spec.reference)
+        if name in strategies:
+            raise LayerlineError(
+                f"two draft strategies are named {name!r}", hint="give each --strategy-name"
+            )
+        policy = WindowPolicy(
+            default=spec.window,
+            initial_window=spec.initial_window,
+            min_window=spec.min_window,
+            max_window=spec.max_window,
+        )
+        validate_window_policy(policy, f"draft {spec.reference}")
+        fingerprint = local_draft_fingerprint(spec.reference)
+        if fingerprint is not None and fingerprint != target_fingerprint:
+            raise TokenizerMismatchError(
+                f"draft {spec.reference} has tokenizer {fingerprint}, but the target's is "
+                f"{target_fingerprint}: its token ids would mean different text",
+                hint="choose a draft model of the same family, with the same tokenizer",
+            )
+        strategies[name] = Strategy(
+            type="draft-model",
+            draft_model=spec.reference,
+            # A remote draft is checked when stage 0 loads it; record the target's print.
+            tokenizer_fingerprint=fingerprint or target_fingerprint,
+            window_policy=policy,
+        )
+    chosen = default or next(iter(strategies))
+    if chosen not in strategies:
+        raise LayerlineError(
+            f"--default-strategy {chosen!r} is not among the strategies {sorted(strategies)}"
+        )
+    return SpeculativeDecoding(default=chosen, strategies=strategies)

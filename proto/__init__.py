@@ -1,0 +1,1 @@
+"""Control protocol and activation stream (layerline.stage.v1)."""

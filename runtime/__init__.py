@@ -1,0 +1,1 @@
+"""Layer-range execution with mlx: the compute of every stage."""
