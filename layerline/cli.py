@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from enum import Enum
 from pathlib import Path
@@ -201,8 +202,15 @@ def models_list() -> None:
 
 def main() -> None:
     """Console-script entry point: run the app, turning LayerlineErrors into clean messages."""
+    # SIGTERM unwinds like Ctrl-C, so half-built output is removed on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
-        app(standalone_mode=False)
+        # Without standalone mode typer returns an exit code (130 on Ctrl-C) instead of exiting.
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and code:
+            if code == 130:
+                err.print("interrupted")
+            sys.exit(code)
     except LayerlineError as exc:
         if _state["debug"]:
             raise

@@ -1,0 +1,29 @@
+# Two entry points: `make demo` (the main job on the default model) and `make test`.
+# Each makes its own virtualenv in .venv from pyproject.toml.
+
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+DEMO_DIR ?= packages
+
+.PHONY: demo test lint proto clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/layerline pkg build "$$($(BIN)/layerline models fetch smollm2-135m)" \
+		-o $(DEMO_DIR)/smollm2-135m --force
+	$(BIN)/layerline pkg inspect $(DEMO_DIR)/smollm2-135m
+
+test: $(VENV)/.installed lint
+	$(BIN)/pytest -q
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR)

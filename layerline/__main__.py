@@ -1,0 +1,5 @@
+"""`python -m layerline` runs the CLI."""
+
+from .cli import main
+
+main()

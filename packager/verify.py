@@ -1,0 +1,19 @@
+"""`layerline pkg verify`: recompute every file's sha256 against the manifest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from layerline.progress import byte_progress
+
+from .package import LayerPackage
+
+
+def verify_package(root: Path | str, *, quiet: bool = False) -> int:
+    """Check every file of a package; return how many, or raise ChecksumError naming the bad."""
+    package = LayerPackage.open(root)
+    files = package.all_files()
+    total = sum(package.manifest.file(f).bytes for f in files)
+    with byte_progress(f"verifying {Path(root).name}", total, quiet=quiet) as advance:
+        package.verify(files, on_bytes=advance)
+    return len(files)
