@@ -140,7 +140,7 @@ def _hash_source(model: ModelSource, quiet: bool) -> SourceInfo:
         digest = digests[0][1]
     else:  # a folder: the hash of its files' names and hashes
         digest = hashlib.sha256("\n".join(f"{n} {d}" for n, d in sorted(digests)).encode()).hexdigest()
-    name = getattr(model, "hub_repo", None) or model.source_name
+    name = model.hub_repo or model.source_name
     return SourceInfo(kind=model.kind, file_name=name, sha256=digest, bytes=total)
 
 

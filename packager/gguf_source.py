@@ -48,7 +48,7 @@ class GGUFSource(ModelSource):
     kind = "gguf"
 
     def __init__(self, path: Path) -> None:
-        from gguf import GGUFReader, get_tensor_name_map, MODEL_ARCH_NAMES
+        from gguf import MODEL_ARCH_NAMES, GGUFReader, get_tensor_name_map
 
         self.path = Path(path)
         _check_gguf_file(self.path)

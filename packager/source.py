@@ -20,6 +20,7 @@ class ModelSource(ABC):
     kind: str
     config: dict[str, Any]
     num_layers: int
+    hub_repo: str | None = None  # set when the source was downloaded from the Hub
 
     @property
     @abstractmethod
@@ -77,7 +78,7 @@ def open_source(source: str, *, cache_dir: Path | None = None) -> ModelSource:
         local = download_hub_source(source, cache_dir=cache_dir)
         opened = open_source(str(local))
         opened.kind = "hub"
-        opened.hub_repo = source  # type: ignore[attr-defined]
+        opened.hub_repo = source
         return opened
     raise SourceError(
         f"{source} does not exist",

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from layerline.packager.build import BuildOptions, build_package
+
 from layerline.pypi_models import fetch_model
 
 # ---------------------------------------------------------------- real models
