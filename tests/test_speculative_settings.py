@@ -1,0 +1,126 @@
+"""Precedence of speculation settings: flag > model config > default config > package > off."""
+
+from __future__ import annotations
+
+import pytest
+from layerline.packager.manifest import SpeculativeDecoding, Strategy, WindowPolicy
+from layerline.runtime.config import ConfigError, load_config, parse_config
+from layerline.runtime.speculative_settings import SOURCE_BUILTIN, SOURCE_FLAG, resolve_speculative
+
+MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+PACKAGE = SpeculativeDecoding(
+    default="pkg-draft",
+    strategies={
+        "pkg-draft": Strategy(type="draft-model", draft_model="org/pkg-draft",
+                              tokenizer_fingerprint="sha256:abc",
+                              window_policy=WindowPolicy("fixed", 6, 3, 12)),
+        "lookup": Strategy(type="ngram", window_policy=WindowPolicy("adaptive", 4, 2, 8)),
+    },
+)
+MODEL_TABLE = f'[models."{MODEL}".speculative]'
+FULL_CONFIG = f"""
+[defaults.speculative]
+enabled = true
+window = "adaptive"
+initial_window = 5
+max_window = 20
+
+{MODEL_TABLE}
+draft_model = "./packages/model-draft"
+initial_window = 4
+"""
+
+
+def config(text: str, tmp_path) -> object:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return load_config(path)
+
+
+@pytest.mark.parametrize("case", ["flag", "model", "defaults", "package", "none"])
+def test_precedence_matrix(case, tmp_path):
+    cfg = config(FULL_CONFIG if case in ("flag", "model") else
+                 FULL_CONFIG.split(MODEL_TABLE)[0] + '\ndraft_model = "./packages/default-draft"\n'
+                 if case == "defaults" else "", tmp_path)
+    package = PACKAGE if case != "none" else None
+    resolved = resolve_speculative(MODEL, package, cfg, no_draft=case == "flag")
+    model_src = f'{cfg.path} [models."{MODEL}".speculative]'
+    default_src = f"{cfg.path} [defaults.speculative]"
+    package_src = "package strategy 'pkg-draft'"
+
+    if case == "flag":
+        assert not resolved.enabled
+        assert resolved.sources["enabled"] == SOURCE_FLAG
+        assert resolved.reason == "speculation disabled by --no-draft"
+        assert resolved.draft_model == "./packages/model-draft"  # still shown, just off
+    elif case == "model":
+        assert resolved.enabled and resolved.reason is None
+        assert (resolved.draft_model, resolved.sources["draft_model"]) == ("./packages/model-draft",
+                                                                           model_src)
+        assert (resolved.initial_window, resolved.sources["initial_window"]) == (4, model_src)
+        assert (resolved.max_window, resolved.sources["max_window"]) == (20, default_src)
+        assert (resolved.window, resolved.sources["window"]) == ("adaptive", default_src)
+        assert (resolved.min_window, resolved.sources["min_window"]) == (3, package_src)
+        assert resolved.sources["enabled"] == default_src
+    elif case == "defaults":
+        assert resolved.enabled
+        assert (resolved.draft_model, resolved.sources["draft_model"]) == (
+            "./packages/default-draft", default_src)
+        assert (resolved.initial_window, resolved.sources["initial_window"]) == (5, default_src)
+        assert resolved.strategy == "pkg-draft"  # the package default fills the rest
+    elif case == "package":
+        assert resolved.enabled
+        assert (resolved.draft_model, resolved.sources["draft_model"]) == ("org/pkg-draft", package_src)
+        assert (resolved.window, resolved.initial_window, resolved.min_window, resolved.max_window) == (
+            "fixed", 6, 3, 12)
+        assert resolved.tokenizer_fingerprint == "sha256:abc"
+        assert resolved.sources["enabled"] == package_src
+    else:
+        assert not resolved.enabled
+        assert resolved.sources["enabled"] == SOURCE_BUILTIN
+        assert "no draft configured" in resolved.reason
+
+
+def test_config_can_pick_another_package_strategy(tmp_path):
+    cfg = config('[defaults.speculative]\nstrategy = "lookup"\n', tmp_path)
+    resolved = resolve_speculative(MODEL, PACKAGE, cfg)
+    assert resolved.enabled and resolved.type == "ngram" and resolved.draft_model is None
+    assert resolved.initial_window == 4
+
+
+def test_config_can_switch_off_a_package_default(tmp_path):
+    cfg = config(f"{MODEL_TABLE}\nenabled = false\n", tmp_path)
+    resolved = resolve_speculative(MODEL, PACKAGE, cfg)
+    assert not resolved.enabled and "disabled by" in resolved.reason
+
+
+def test_unknown_strategy_name_turns_speculation_off_with_a_reason(tmp_path):
+    cfg = config('[defaults.speculative]\nstrategy = "nope"\n', tmp_path)
+    resolved = resolve_speculative(MODEL, PACKAGE, cfg)
+    assert not resolved.enabled and "'nope'" in resolved.reason and "lookup" in resolved.reason
+
+
+def test_enabled_without_a_draft_is_off_with_a_reason(tmp_path):
+    resolved = resolve_speculative(MODEL, None, config("[defaults.speculative]\nenabled = true\n",
+                                                       tmp_path))
+    assert not resolved.enabled and "no draft_model" in resolved.reason
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[defaults.speculative]\nwindow = 'wide'\n", "must be one of"),
+    ("[defaults.speculative]\ninitial_window = 'eight'\n", "must be int"),
+    ("[defaults.speculative]\ndraft = 'x'\n", "unknown setting 'draft'"),
+    ("[stage]\nport = 1\n", "unknown setting"),
+    ("[defaults.speculative\n", "not valid TOML"),
+])
+def test_bad_config_is_refused_naming_the_setting(text, message, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        config(text, tmp_path)
+
+
+def test_missing_explicit_config_is_an_error_but_missing_default_is_not(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert load_config().path is None
+    assert parse_config({}).stage.listen == "127.0.0.1:7700"
