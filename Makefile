@@ -25,5 +25,8 @@ test: $(VENV)/.installed lint
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 
+proto: $(VENV)/.installed
+	$(BIN)/python scripts/gen_proto.py
+
 clean:
 	rm -rf $(VENV) $(DEMO_DIR)

@@ -1,0 +1,80 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class WireDtype(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    WIRE_DTYPE_UNSPECIFIED: _ClassVar[WireDtype]
+    WIRE_DTYPE_F32: _ClassVar[WireDtype]
+    WIRE_DTYPE_F16: _ClassVar[WireDtype]
+    WIRE_DTYPE_BF16: _ClassVar[WireDtype]
+
+class ActivationErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ACTIVATION_ERROR_CODE_UNSPECIFIED: _ClassVar[ActivationErrorCode]
+    ACTIVATION_ERROR_CODE_NOT_READY: _ClassVar[ActivationErrorCode]
+    ACTIVATION_ERROR_CODE_BAD_FRAME: _ClassVar[ActivationErrorCode]
+    ACTIVATION_ERROR_CODE_POSITION_GAP: _ClassVar[ActivationErrorCode]
+    ACTIVATION_ERROR_CODE_CONTEXT_FULL: _ClassVar[ActivationErrorCode]
+    ACTIVATION_ERROR_CODE_TOO_MANY_SESSIONS: _ClassVar[ActivationErrorCode]
+    ACTIVATION_ERROR_CODE_DOWNSTREAM_UNAVAILABLE: _ClassVar[ActivationErrorCode]
+    ACTIVATION_ERROR_CODE_INTERNAL: _ClassVar[ActivationErrorCode]
+WIRE_DTYPE_UNSPECIFIED: WireDtype
+WIRE_DTYPE_F32: WireDtype
+WIRE_DTYPE_F16: WireDtype
+WIRE_DTYPE_BF16: WireDtype
+ACTIVATION_ERROR_CODE_UNSPECIFIED: ActivationErrorCode
+ACTIVATION_ERROR_CODE_NOT_READY: ActivationErrorCode
+ACTIVATION_ERROR_CODE_BAD_FRAME: ActivationErrorCode
+ACTIVATION_ERROR_CODE_POSITION_GAP: ActivationErrorCode
+ACTIVATION_ERROR_CODE_CONTEXT_FULL: ActivationErrorCode
+ACTIVATION_ERROR_CODE_TOO_MANY_SESSIONS: ActivationErrorCode
+ACTIVATION_ERROR_CODE_DOWNSTREAM_UNAVAILABLE: ActivationErrorCode
+ACTIVATION_ERROR_CODE_INTERNAL: ActivationErrorCode
+
+class ActivationFrame(_message.Message):
+    __slots__ = ("session_id", "seq", "activations", "end_session", "error")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
+    END_SESSION_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    seq: int
+    activations: Activations
+    end_session: EndSession
+    error: ActivationError
+    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., activations: _Optional[_Union[Activations, _Mapping]] = ..., end_session: _Optional[_Union[EndSession, _Mapping]] = ..., error: _Optional[_Union[ActivationError, _Mapping]] = ...) -> None: ...
+
+class Activations(_message.Message):
+    __slots__ = ("start_pos", "token_count", "dtype", "shape", "data")
+    START_POS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_COUNT_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    start_pos: int
+    token_count: int
+    dtype: WireDtype
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    def __init__(self, start_pos: _Optional[int] = ..., token_count: _Optional[int] = ..., dtype: _Optional[_Union[WireDtype, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class EndSession(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ActivationError(_message.Message):
+    __slots__ = ("code", "message", "stage_index")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    STAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    code: ActivationErrorCode
+    message: str
+    stage_index: int
+    def __init__(self, code: _Optional[_Union[ActivationErrorCode, str]] = ..., message: _Optional[str] = ..., stage_index: _Optional[int] = ...) -> None: ...
