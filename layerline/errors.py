@@ -49,3 +49,11 @@ class PublishError(LayerlineError):
 
 class ModelFetchError(LayerlineError):
     """A model shipped on PyPI could not be fetched or failed its checksum."""
+
+
+class StageUnavailableError(LayerlineError):
+    """A stage of the pipeline is down, refused a request, or did not answer in time."""
+
+
+class StageLoadError(LayerlineError):
+    """Bringing up the pipeline failed at one stage; every claimed stage was released."""

@@ -14,6 +14,9 @@ SAFETENSORS_PATTERNS = ["config.json", "*.safetensors", "*.safetensors.index.jso
 def pick_gguf(files: list[str], quant: str) -> str:
     """The one .gguf file of a repo whose name carries the quantization `quant` (e.g. Q4_K_M)."""
     wanted = quant.lower()
+    exact = [f for f in files if f.lower() == wanted or f.lower().rsplit("/", 1)[-1] == wanted]
+    if len(exact) == 1:
+        return exact[0]
     matches = [f for f in files if f.lower().endswith(".gguf") and wanted in f.lower()]
     if len(matches) != 1:
         ggufs = [f for f in files if f.lower().endswith(".gguf")]

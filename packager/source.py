@@ -11,7 +11,7 @@ import numpy as np
 
 from layerline.errors import SourceError
 
-HUB_REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?$")
+HUB_REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w./-]+)?$")
 
 
 class ModelSource(ABC):

@@ -52,3 +52,8 @@ def test_ambiguous_or_missing_quantization_names_the_files():
         pick_gguf(files, "Q4_K")
     with pytest.raises(SourceError, match="m.Q4_K_M.gguf, m.Q4_K_S.gguf, m.Q8_0.gguf"):
         pick_gguf(files, "Q2_K")
+
+
+def test_exact_file_name_wins_over_substring_matches():
+    assert pick_gguf(["a.gguf", "ba.gguf"], "a.gguf") == "a.gguf"
+    assert pick_gguf(["sub/m.Q8_0.gguf", "m.Q4_0.gguf"], "sub/m.Q8_0.gguf") == "sub/m.Q8_0.gguf"
