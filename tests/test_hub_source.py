@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import huggingface_hub
 import pytest
+
+from layerline.errors import SourceError
 from layerline.packager.build import BuildOptions, build_package
 from layerline.packager.hub_source import SAFETENSORS_PATTERNS, pick_gguf
 from layerline.packager.manifest import read_manifest
-
-from layerline.errors import SourceError
 
 
 def test_hub_safetensors_repo_builds_through_snapshot_download(tiny_llama, tmp_path, monkeypatch):

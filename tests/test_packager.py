@@ -16,13 +16,6 @@ import numpy as np
 import pytest
 from gguf import GGUFReader
 from gguf.quants import dequantize
-from layerline.packager.build import BuildOptions, build_package
-from layerline.packager.gguf_source import unpermute_qk
-from layerline.packager.inspect import inspect_package
-from layerline.packager.manifest import MANIFEST_NAME, parse_manifest, read_manifest
-from layerline.packager.package import LayerPackage, sha256_file
-from layerline.packager.speculative import DraftSpec
-from layerline.packager.verify import verify_package
 
 from layerline.errors import (
     ChecksumError,
@@ -32,6 +25,13 @@ from layerline.errors import (
     TokenizerMismatchError,
     UnsupportedArchitectureError,
 )
+from layerline.packager.build import BuildOptions, build_package
+from layerline.packager.gguf_source import unpermute_qk
+from layerline.packager.inspect import inspect_package
+from layerline.packager.manifest import MANIFEST_NAME, parse_manifest, read_manifest
+from layerline.packager.package import LayerPackage, sha256_file
+from layerline.packager.speculative import DraftSpec
+from layerline.packager.verify import verify_package
 
 LAYERLINE = [sys.executable, "-m", "layerline"]
 

@@ -6,6 +6,7 @@ import shutil
 
 import huggingface_hub
 import pytest
+
 from layerline.packager.build import BuildOptions, build_package
 from layerline.packager.manifest import MANIFEST_NAME
 from layerline.packager.package import sha256_file

@@ -12,6 +12,7 @@ import grpc
 import pytest
 from google.protobuf import descriptor_pb2
 from google.protobuf.message import Message
+
 from layerline.proto import (
     activation_pb2,
     activation_pb2_grpc,

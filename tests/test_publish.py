@@ -13,6 +13,10 @@ import pytest
 from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 from huggingface_hub.utils import filter_repo_objects
+from typer.testing import CliRunner
+
+from layerline.cli import app
+from layerline.errors import PublishError
 from layerline.packager.manifest import (
     FORMAT,
     MANIFEST_NAME,
@@ -27,10 +31,6 @@ from layerline.packager.manifest import (
     write_json_atomic,
 )
 from layerline.packager.publish import publish_package
-from typer.testing import CliRunner
-
-from layerline.cli import app
-from layerline.errors import PublishError
 
 REPO = "acme/tiny-layers"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from layerline.packager.manifest import SpeculativeDecoding, Strategy, WindowPolicy
 from layerline.runtime.config import ConfigError, load_config, parse_config
 from layerline.runtime.speculative_settings import SOURCE_BUILTIN, SOURCE_FLAG, resolve_speculative

@@ -1,0 +1,84 @@
+"""Hidden states on the wire: mlx arrays to `Activations` messages and back, checked."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from layerline.errors import LayerlineError
+from layerline.proto import activation_pb2 as pb
+
+WIRE_DTYPES = {"f32": pb.WIRE_DTYPE_F32, "f16": pb.WIRE_DTYPE_F16, "bf16": pb.WIRE_DTYPE_BF16}
+_ITEMSIZE = {pb.WIRE_DTYPE_F32: 4, pb.WIRE_DTYPE_F16: 2, pb.WIRE_DTYPE_BF16: 2}
+
+
+class FrameError(LayerlineError):
+    """An activation frame that does not fit the loaded model; the stage refuses it."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class FrameLimits:
+    hidden_size: int
+    max_tokens: int  # positions in one frame
+
+    def max_bytes(self) -> int:
+        return self.max_tokens * self.hidden_size * 4
+
+
+def wire_dtype(name: str) -> int:
+    """The WireDtype enum value for `f32`, `f16` or `bf16`."""
+    if name not in WIRE_DTYPES:
+        raise LayerlineError(f"unknown wire dtype {name!r}; choose one of {', '.join(WIRE_DTYPES)}")
+    return WIRE_DTYPES[name]
+
+
+def encode(hidden, start_pos: int, dtype: int) -> pb.Activations:
+    """An mlx array of shape (1, L, D) as an Activations message in `dtype`."""
+    import mlx.core as mx
+
+    if dtype == pb.WIRE_DTYPE_F32:
+        data = np.array(hidden.astype(mx.float32))
+    elif dtype == pb.WIRE_DTYPE_F16:
+        data = np.array(hidden.astype(mx.float16))
+    elif dtype == pb.WIRE_DTYPE_BF16:
+        data = np.array(hidden.astype(mx.bfloat16).view(mx.uint16))
+    else:
+        raise LayerlineError(f"cannot encode activations as wire dtype {dtype}")
+    _, length, _ = hidden.shape
+    return pb.Activations(start_pos=start_pos, token_count=length, dtype=dtype,
+                          shape=list(hidden.shape), data=data.tobytes())
+
+
+def decode(message: pb.Activations, limits: FrameLimits):
+    """The mlx array in an Activations message, after checking it against the model."""
+    import mlx.core as mx
+
+    if message.dtype not in _ITEMSIZE:
+        raise FrameError(pb.ACTIVATION_ERROR_CODE_BAD_FRAME,
+                         f"unknown wire dtype {message.dtype}; expected f32, f16 or bf16")
+    shape = list(message.shape)
+    expected = [1, message.token_count, limits.hidden_size]
+    if shape != expected:
+        raise FrameError(pb.ACTIVATION_ERROR_CODE_BAD_FRAME,
+                         f"frame shape {shape} does not match the model: expected {expected} "
+                         f"(batch 1, token_count, hidden_size)")
+    if not 1 <= message.token_count <= limits.max_tokens:
+        raise FrameError(pb.ACTIVATION_ERROR_CODE_BAD_FRAME,
+                         f"frame carries {message.token_count} positions; this stage takes 1 to "
+                         f"{limits.max_tokens}")
+    size = message.token_count * limits.hidden_size * _ITEMSIZE[message.dtype]
+    if len(message.data) != size:
+        raise FrameError(pb.ACTIVATION_ERROR_CODE_BAD_FRAME,
+                         f"frame has {len(message.data)} bytes of data; its shape and dtype need {size}")
+    if message.dtype == pb.WIRE_DTYPE_F32:
+        array = mx.array(np.frombuffer(message.data, dtype=np.float32).reshape(shape))
+    elif message.dtype == pb.WIRE_DTYPE_F16:
+        array = mx.array(np.frombuffer(message.data, dtype=np.float16).reshape(shape))
+    else:
+        array = mx.array(np.frombuffer(message.data, dtype=np.uint16).reshape(shape)).view(mx.bfloat16)
+    return array
