@@ -7,11 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from layerline.errors import PublishError
 from layerline.packager.publish import check_repo_id, hub_errors, hub_token
 from layerline.packager.source import HUB_REPO_RE
 from layerline.packager.weights import parse_format
-
-from layerline.errors import PublishError
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
