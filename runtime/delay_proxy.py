@@ -1,0 +1,101 @@
+"""A TCP proxy that delays every byte by a fixed one-way latency, to emulate a link.
+
+This kernel has no `netem` qdisc, so the benchmark puts one of these between
+stages on loopback. Each direction of each connection is a queue of
+(deliver_at, bytes): bandwidth is untouched, latency is added once per segment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+log = logging.getLogger("layerline.delay_proxy")
+
+
+@dataclass(frozen=True)
+class ProxyAddress:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay_s: float) -> None:
+    queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+    async def deliver() -> None:
+        while True:
+            due, chunk = await queue.get()
+            if not chunk:
+                break
+            wait = due - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            writer.write(chunk)
+            await writer.drain()
+        writer.close()
+
+    sender = asyncio.create_task(deliver())
+    try:
+        while chunk := await reader.read(1 << 16):
+            queue.put_nowait((time.monotonic() + delay_s, chunk))
+    except (ConnectionError, asyncio.CancelledError):
+        pass
+    finally:
+        queue.put_nowait((0.0, b""))
+        try:
+            await sender
+        except ConnectionError:
+            pass
+
+
+class DelayProxy:
+    """Listens on a free loopback port and forwards to `target` with `delay_ms` each way."""
+
+    def __init__(self, target: str, delay_ms: float, listen_host: str = "127.0.0.1") -> None:
+        host, _, port = target.rpartition(":")
+        self.target = ProxyAddress(host, int(port))
+        self.delay_s = delay_ms / 1000
+        self.listen_host = listen_host
+        self.address: ProxyAddress | None = None
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"delay-proxy-{port}", daemon=True)
+
+    def start(self) -> DelayProxy:
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("delay proxy did not start")
+        return self
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        server = self._loop.run_until_complete(
+            asyncio.start_server(self._handle, self.listen_host, 0))
+        port = server.sockets[0].getsockname()[1]
+        self.address = ProxyAddress(self.listen_host, port)
+        log.info("event=proxy_listening listen=%s target=%s delay_ms=%.1f", self.address,
+                 self.target, self.delay_s * 1000)
+        self._ready.set()
+        self._loop.run_forever()
+        server.close()
+
+    async def _handle(self, client_reader: asyncio.StreamReader,
+                      client_writer: asyncio.StreamWriter) -> None:
+        try:
+            upstream_reader, upstream_writer = await asyncio.open_connection(
+                self.target.host, self.target.port)
+        except OSError:
+            client_writer.close()
+            return
+        await asyncio.gather(_pump(client_reader, upstream_writer, self.delay_s),
+                             _pump(upstream_reader, client_writer, self.delay_s))
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
