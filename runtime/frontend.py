@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 from layerline.errors import LayerlineError, StageUnavailableError
@@ -83,10 +84,27 @@ def _from_layerline(exc: LayerlineError) -> ApiError:
     return ApiError(400, str(exc))
 
 
-def create_app(engine: Engine, *, extra_status: Any = None) -> FastAPI:
-    """The HTTP app serving `engine`; `extra_status()` adds fields to /v1/status."""
+class _StageCollector:
+    """`layerline_stage_up{stage, endpoint}`: 1 while a stage is ready, read at scrape time."""
+
+    def __init__(self, states: Callable[[], list[tuple[str, str, bool]]]) -> None:
+        self.states = states
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        gauge = GaugeMetricFamily("layerline_stage_up", "1 if the stage is ready, else 0",
+                                  labels=["stage", "endpoint"])
+        for stage, endpoint, up in self.states():
+            gauge.add_metric([stage, endpoint], 1.0 if up else 0.0)
+        yield gauge
+
+
+def create_app(engine: Engine, *,
+               stage_states: Callable[[], list[tuple[str, str, bool]]] | None = None) -> FastAPI:
+    """The HTTP app serving `engine`; `stage_states()` feeds the per-stage gauge."""
     app = FastAPI(title="layerline", docs_url=None, redoc_url=None)
     metrics = Metrics()
+    if stage_states is not None:
+        metrics.registry.register(_StageCollector(stage_states))
     app.state.metrics = metrics
 
     @app.exception_handler(RequestValidationError)
@@ -117,10 +135,7 @@ def create_app(engine: Engine, *, extra_status: Any = None) -> FastAPI:
 
     @app.get("/v1/status")
     async def status() -> dict[str, Any]:
-        data = await run_in_threadpool(engine.status)
-        if extra_status is not None:
-            data = {**data, **extra_status()}
-        return data
+        return await run_in_threadpool(engine.status)
 
     @app.get("/metrics")
     async def prometheus() -> PlainTextResponse:
