@@ -14,6 +14,9 @@ from typing import Any
 
 import mlx.core as mx
 
+from layerline.packager.manifest import Manifest
+
+from .chat import chat_prompt_tokens, text_prompt_tokens
 from .frontend import GenerationEvent, TokenLogprob
 from .openai_schema import GenerationRequest
 from .pipeline import Pipeline, PipelineSession
@@ -24,10 +27,11 @@ log = logging.getLogger("layerline.engine")
 
 
 class PipelineEngine:
-    def __init__(self, model_id: str, tokenizer: Any, pipeline: Pipeline, *, context_length: int,
+    def __init__(self, manifest: Manifest, tokenizer: Any, pipeline: Pipeline, *, context_length: int,
                  end_ids: tuple[int, ...], max_batch_tokens: int,
                  status: Callable[[], dict[str, Any]], ready: Callable[[], bool]) -> None:
-        self.model_id = model_id
+        self.manifest = manifest
+        self.model_id = manifest.model.id
         self.tokenizer = tokenizer
         self.pipeline = pipeline
         self.context_length = context_length
@@ -37,11 +41,10 @@ class PipelineEngine:
         self._ready = ready
 
     def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer(text)["input_ids"])
+        return text_prompt_tokens(self.tokenizer, text)
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        return chat_prompt_tokens(self.tokenizer, self.manifest, messages)
 
     def status(self) -> dict[str, Any]:
         return self._status()

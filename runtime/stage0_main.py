@@ -8,16 +8,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import mlx.core as mx
+
 from layerline.errors import LayerlineError
 from layerline.packager.package import LayerPackage
 
 from .config import LayerlineConfig
 from .coordinator import Coordinator, CoordinatorOptions
 from .frontend import create_app
+from .kv_cache import SessionStore
+from .layer_range import LayerRange
+from .pipeline import Pipeline
+from .pipeline_engine import PipelineEngine
 from .prepare import Preparation, PrepareState
 from .speculative_settings import ResolvedSpeculativeConfig, resolve_speculative
 from .split_plan import parse_split
+from .stage0 import Stage0 as Stage0Tensors
+from .stage_model import StageModel
 from .stage_server import auth_metadata, read_token
+from .tokenizer import end_of_generation_ids, load_tokenizer
+from .weights_policy import detect_device, plan_weights
 from .wire import wire_dtype
 
 log = logging.getLogger("layerline.stage0")
@@ -89,23 +99,19 @@ class Stage0:
 
     def bring_up(self) -> None:
         """Load every peer, then stage 0's own range, embedding, head and tokenizer."""
-        from .kv_cache import SessionStore
-        from .layer_range import LayerRange
-        from .pipeline import Pipeline
-        from .pipeline_engine import PipelineEngine
-        from .stage0 import Stage0 as Stage0Tensors
-        from .stage_model import StageModel
-        from .tokenizer import end_of_generation_ids, load_tokenizer
-        from .weights_policy import detect_device, plan_weights
-
         self.coordinator.bring_up()
+        try:
+            self._load_local()
+        except BaseException:
+            self.coordinator.shutdown()  # every claimed peer is released when stage 0 cannot start
+            raise
+
+    def _load_local(self) -> None:
         start, end = self.coordinator.stage0_range
         package = _materialize_stage0(self.options.package, start, end, self.cache_dir)
         manifest = package.manifest
         files = manifest.layer_files(start, end)
         plan = plan_weights(self.options.weights, manifest, files, detect_device())
-        import mlx.core as mx
-
         layers = LayerRange.load(package, start, end, plan)
         local = StageModel(layers, SessionStore(layers.make_cache, max_sessions=self.options.max_sessions),
                            self.context_length, getattr(mx, plan.compute_dtype))
@@ -117,7 +123,7 @@ class Stage0:
                             metadata=auth_metadata(self.token),
                             on_stage_error=self.coordinator.mark_down)
         self.engine = PipelineEngine(
-            manifest.model.id, tokenizer, pipeline, context_length=self.context_length,
+            manifest, tokenizer, pipeline, context_length=self.context_length,
             end_ids=end_of_generation_ids(tokenizer, package), max_batch_tokens=MAX_BATCH_TOKENS,
             status=self.status, ready=lambda: self.coordinator.ready)
         self.coordinator.start_watching()

@@ -37,11 +37,12 @@ class StageModel:
 
     def forward(self, session_id: str, start_pos: int, hidden: mx.array) -> mx.array:
         """Run one frame's hidden states for `session_id` from absolute position `start_pos`."""
-        cache = self.sessions.get_or_create(session_id)
-        if start_pos > cache.length:
+        held = self.sessions.get(session_id).length if session_id in self.sessions else 0
+        if start_pos > held:
             raise FrameError(pb.ACTIVATION_ERROR_CODE_POSITION_GAP,
-                             f"session {session_id} holds {cache.length} positions here; a frame at "
+                             f"session {session_id} holds {held} positions here; a frame at "
                              f"{start_pos} would leave a gap (re-send the prefix from position 0)")
+        cache = self.sessions.get_or_create(session_id)
         _, length, _ = hidden.shape
         if start_pos + length > self.context_length:
             raise FrameError(pb.ACTIVATION_ERROR_CODE_CONTEXT_FULL,

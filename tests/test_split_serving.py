@@ -1,0 +1,255 @@
+"""Split serving end to end: real stage processes on loopback, stage 0's OpenAI API,
+the official `openai` client, failures, fencing and concurrency."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import httpx
+import numpy as np
+import openai
+import pytest
+
+from conftest import free_port
+from layerline.proto import activation_pb2 as pb
+from layerline.proto import activation_pb2_grpc as pb_grpc
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+PROMPTS = ["The capital of France is", "Water boils at", "The largest planet is",
+           "Once upon a time", "def fibonacci(n):", "The color of the sky is",
+           "import numpy as", "My favourite fruit is"]
+
+
+class Stage0Process:
+    """`layerline stage serve --package …` in a subprocess, waited on until /health is ok."""
+
+    def __init__(self, package: Path, peers: list[str], cache: Path, *extra: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = cache / f"stage0-{self.port}.log"
+        args = [sys.executable, "-m", "layerline", "stage", "serve", "--package", str(package),
+                "--http", f"127.0.0.1:{self.port}", "--cache-dir", str(cache), *extra]
+        for peer in peers:
+            args += ["--peer", peer]
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"))
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"stage 0 exited:\n{self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError(f"stage 0 not healthy in time:\n{self.log.read_text()[-3000:]}")
+
+    @property
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+    def status(self) -> dict:
+        return httpx.get(f"{self.url}/v1/status", timeout=10).json()
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+@pytest.fixture
+def pipeline(stage_processes, tmp_path):
+    """Start stage 0 over `n` fresh peer processes: `pipeline(package, n, *extra_args)`."""
+    started = []
+
+    def start(package: Path, peers: int, *extra: str, peer_args: tuple[str, ...] = ()):
+        stages = [stage_processes(*peer_args) for _ in range(peers)]
+        stage0 = Stage0Process(package, [s.endpoint for s in stages], tmp_path, *extra)
+        started.append(stage0)
+        return stage0, stages
+
+    yield start
+    for stage0 in started:
+        stage0.stop()
+
+
+def greedy_reference(package: Path, prompt: str, max_tokens: int) -> str:
+    """The answer of `layerline run`, one process, no split."""
+    done = subprocess.run([sys.executable, "-m", "layerline", "run", str(package), "--prompt", prompt,
+                           "--max-tokens", str(max_tokens), "--temperature", "0", "--quiet"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.rstrip("\n")
+
+
+def test_greedy_output_through_two_and_three_stages_equals_one_process(pipeline, smollm2_package):
+    reference = greedy_reference(smollm2_package, "The capital of France is", 24)
+    for peers in (1, 2):
+        stage0, _ = pipeline(smollm2_package, peers)
+        result = stage0.client.completions.create(model="HuggingFaceTB/SmolLM2-135M-Instruct",
+                                                  prompt="The capital of France is", max_tokens=24,
+                                                  temperature=0)
+        assert result.choices[0].text == reference
+        assert [s["state"] for s in stage0.status()["stages"]] == ["ready"] * (peers + 1)
+        stage0.stop()
+
+
+def test_openai_client_chat_streaming_and_not(pipeline, smollm2_package):
+    stage0, _ = pipeline(smollm2_package, 2)
+    client = stage0.client
+    assert [m.id for m in client.models.list().data] == ["HuggingFaceTB/SmolLM2-135M-Instruct"]
+    reply = client.chat.completions.create(model="HuggingFaceTB/SmolLM2-135M-Instruct",
+                                           messages=QUESTION, temperature=0, max_tokens=30)
+    text = reply.choices[0].message.content
+    assert "Paris" in text
+    assert reply.choices[0].finish_reason == "stop"
+    assert reply.usage.prompt_tokens > 10 and reply.usage.completion_tokens > 0
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+    chunks = list(client.chat.completions.create(
+        model="HuggingFaceTB/SmolLM2-135M-Instruct", messages=QUESTION, temperature=0, max_tokens=30,
+        stream=True, stream_options={"include_usage": True}))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == text
+    assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+
+    short = client.completions.create(model="HuggingFaceTB/SmolLM2-135M-Instruct",
+                                      prompt="Once upon a time", max_tokens=3, temperature=0)
+    assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 3
+
+    metrics = httpx.get(f"{stage0.url}/metrics").text
+    assert 'layerline_requests_total{endpoint="/v1/chat/completions",status="ok"} 2.0' in metrics
+    assert 'layerline_stage_up{endpoint="local",stage="0"} 1.0' in metrics
+
+
+def test_bad_requests_get_openai_errors_with_status_400(pipeline, smollm2_package):
+    stage0, _ = pipeline(smollm2_package, 1)
+    client = stage0.client
+    model = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    cases = [
+        dict(messages=QUESTION, temperature=3),
+        dict(messages=[], max_tokens=5),
+        dict(messages=QUESTION, n=2),
+        dict(messages=QUESTION, top_p=0),
+        dict(messages=[{"role": "user", "content": "word " * 5000}]),
+    ]
+    for case in cases:
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(model=model, **case)
+        assert caught.value.status_code == 400
+        assert caught.value.body["message"]
+    with pytest.raises(openai.NotFoundError, match="not served here"):
+        client.chat.completions.create(model="gpt-4", messages=QUESTION)
+    raw = httpx.post(f"{stage0.url}/v1/completions", content=b"{not json", timeout=10)
+    assert raw.status_code == 400 and raw.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_eight_concurrent_requests_get_their_own_answers(pipeline, smollm2_package):
+    stage0, _ = pipeline(smollm2_package, 2)
+    client = stage0.client
+
+    def ask(prompt: str) -> str:
+        return client.completions.create(model="HuggingFaceTB/SmolLM2-135M-Instruct", prompt=prompt,
+                                         max_tokens=12, temperature=0).choices[0].text
+
+    alone = [ask(p) for p in PROMPTS]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(ask, PROMPTS))
+    assert together == alone
+    assert len(set(alone)) == len(PROMPTS)
+
+
+def test_killed_stage_ends_the_stream_within_5s_and_is_reloaded_after_restart(
+        pipeline, smollm2_package, stage_processes):
+    stage0, stages = pipeline(smollm2_package, 2)
+    client = stage0.client
+    stream = client.completions.create(model="HuggingFaceTB/SmolLM2-135M-Instruct",
+                                       prompt="Once upon a time", max_tokens=2000, temperature=0.8,
+                                       stream=True)
+    next(iter(stream))
+    stages[1].kill()
+    killed_at = time.monotonic()
+    with pytest.raises(openai.APIError):
+        for _ in stream:
+            pass
+    assert time.monotonic() - killed_at < 5
+
+    deadline = time.monotonic() + 10
+    while stage0.status()["stages"][2]["state"] != "down":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert httpx.get(f"{stage0.url}/health").status_code == 503
+    with pytest.raises(openai.APIStatusError) as caught:
+        client.completions.create(model="HuggingFaceTB/SmolLM2-135M-Instruct", prompt="Hi", max_tokens=2)
+    assert caught.value.status_code == 503
+
+    stage_processes(port=stages[1].port)  # the same stage, restarted
+    deadline = time.monotonic() + 60
+    while not stage0.status()["ready"]:
+        assert time.monotonic() < deadline, stage0.status()
+        time.sleep(0.3)
+    after = client.completions.create(model="HuggingFaceTB/SmolLM2-135M-Instruct",
+                                      prompt="The capital of France is", max_tokens=5, temperature=0)
+    assert after.choices[0].text.strip()
+
+
+def test_auth_token_on_every_node(pipeline, smollm2_package, tmp_path):
+    token = tmp_path / "token"
+    token.write_text("let-me-in")
+    stage0, stages = pipeline(smollm2_package, 1, "--auth-token-file", str(token),
+                              peer_args=("--auth-token-file", str(token)))
+    reply = stage0.client.completions.create(model="HuggingFaceTB/SmolLM2-135M-Instruct",
+                                             prompt="The capital of France is", max_tokens=4,
+                                             temperature=0)
+    assert reply.choices[0].text
+    channel = grpc.insecure_channel(stages[0].endpoint)
+    frame = pb.ActivationFrame(session_id="intruder", seq=1, end_session=pb.EndSession())
+    with pytest.raises(grpc.RpcError) as caught:
+        list(pb_grpc.StageActivationStub(channel).Forward(iter([frame]), timeout=10))
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def frame(session: str, seq: int, array: np.ndarray, start_pos: int = 0,
+          dtype: int = pb.WIRE_DTYPE_F32, shape: list[int] | None = None) -> pb.ActivationFrame:
+    return pb.ActivationFrame(session_id=session, seq=seq, activations=pb.Activations(
+        start_pos=start_pos, token_count=array.shape[1], dtype=dtype,
+        shape=shape if shape is not None else list(array.shape), data=array.tobytes()))
+
+
+def test_malformed_frames_are_refused_and_the_stage_keeps_serving(pipeline, smollm2_package):
+    stage0, stages = pipeline(smollm2_package, 1)
+    hidden = json.loads((smollm2_package / "model-package.json").read_text())["config"]["hidden_size"]
+    good = np.zeros((1, 2, hidden), dtype=np.float32)
+    frames = [
+        frame("a", 1, good, shape=[1, 2, hidden + 1]),                        # wrong shape
+        frame("a", 2, good, dtype=7),                                         # unknown dtype
+        frame("a", 3, good, dtype=pb.WIRE_DTYPE_F16),                         # bytes do not fit dtype
+        frame("a", 4, np.zeros((1, 5000, hidden), dtype=np.float32)),          # too many positions
+        frame("never-seen", 5, good, start_pos=40),                           # unknown session, gap
+        pb.ActivationFrame(session_id="a", seq=6),                            # no body
+        frame("b", 7, good),                                                  # a good one
+    ]
+    channel = grpc.insecure_channel(stages[0].endpoint, options=[
+        ("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)])
+    answers = list(pb_grpc.StageActivationStub(channel).Forward(iter(frames), timeout=60))
+    assert [a.seq for a in answers] == [1, 2, 3, 4, 5, 6, 7]
+    kinds = [a.WhichOneof("body") for a in answers]
+    assert kinds == ["error"] * 6 + ["activations"]
+    codes = [a.error.code for a in answers[:6]]
+    assert codes == [pb.ACTIVATION_ERROR_CODE_BAD_FRAME] * 4 + [
+        pb.ACTIVATION_ERROR_CODE_POSITION_GAP, pb.ACTIVATION_ERROR_CODE_BAD_FRAME]
+    assert "expected [1, 2, 576]" in answers[0].error.message
+    assert list(answers[6].activations.shape) == [1, 2, hidden]
+    # Stage 0 still serves through that stage.
+    reply = stage0.client.completions.create(model="HuggingFaceTB/SmolLM2-135M-Instruct",
+                                             prompt="Hello", max_tokens=2)
+    assert reply.usage.completion_tokens == 2
