@@ -15,8 +15,8 @@ import httpx
 import numpy as np
 import openai
 import pytest
-
 from conftest import free_port
+
 from layerline.proto import activation_pb2 as pb
 from layerline.proto import activation_pb2_grpc as pb_grpc
 
