@@ -18,6 +18,7 @@ demo: $(VENV)/.installed
 	$(BIN)/layerline pkg build "$$($(BIN)/layerline models fetch smollm2-135m)" \
 		-o $(DEMO_DIR)/smollm2-135m --force
 	$(BIN)/layerline pkg inspect $(DEMO_DIR)/smollm2-135m
+	$(BIN)/python scripts/demo.py
 
 test: $(VENV)/.installed lint
 	$(BIN)/pytest -q

