@@ -29,8 +29,9 @@ class StageActivationStub:
     """The activation service every loaded stage except stage 0 serves, on the
     endpoint its Ready message names.
 
-    Stage 0 opens one Forward stream to stage 1; each stage opens one to its
-    downstream peer. Every request frame is answered by exactly one response frame
+    Stage 0 opens one Forward stream to stage 1 for each generation session; each
+    stage opens the matching stream to its downstream peer, and a stream's end drops
+    the KV caches of the sessions it carried. Every request frame is answered by exactly one response frame
     on the same stream with the same session_id and seq: the last stage's hidden
     states for `activations` (relayed back up the chain unchanged), an empty
     `end_session` acknowledgement, or an `error`.
@@ -53,15 +54,16 @@ class StageActivationServicer:
     """The activation service every loaded stage except stage 0 serves, on the
     endpoint its Ready message names.
 
-    Stage 0 opens one Forward stream to stage 1; each stage opens one to its
-    downstream peer. Every request frame is answered by exactly one response frame
+    Stage 0 opens one Forward stream to stage 1 for each generation session; each
+    stage opens the matching stream to its downstream peer, and a stream's end drops
+    the KV caches of the sessions it carried. Every request frame is answered by exactly one response frame
     on the same stream with the same session_id and seq: the last stage's hidden
     states for `activations` (relayed back up the chain unchanged), an empty
     `end_session` acknowledgement, or an `error`.
     """
 
     def Forward(self, request_iterator, context):
-        """A long-lived bidirectional stream of frames. Both ends set gRPC keepalive on
+        """A bidirectional stream of frames for the life of a session. Both ends set gRPC keepalive on
         it and a message-size limit that fits the largest frame (max_batch_tokens
         positions of hidden_size elements of the wire dtype).
         """
@@ -89,8 +91,9 @@ class StageActivation:
     """The activation service every loaded stage except stage 0 serves, on the
     endpoint its Ready message names.
 
-    Stage 0 opens one Forward stream to stage 1; each stage opens one to its
-    downstream peer. Every request frame is answered by exactly one response frame
+    Stage 0 opens one Forward stream to stage 1 for each generation session; each
+    stage opens the matching stream to its downstream peer, and a stream's end drops
+    the KV caches of the sessions it carried. Every request frame is answered by exactly one response frame
     on the same stream with the same session_id and seq: the last stage's hidden
     states for `activations` (relayed back up the chain unchanged), an empty
     `end_session` acknowledgement, or an `error`.

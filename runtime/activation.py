@@ -93,7 +93,7 @@ class ActivationRelay:
             self.downstream.close()
 
     def answer(self, frame: pb.ActivationFrame) -> pb.ActivationFrame:
-        loaded = self.node.loaded
+        loaded = self.node.serving()
         index = loaded.options.stage_index if loaded else 0
         if loaded is None:
             return _error(frame, pb.ACTIVATION_ERROR_CODE_NOT_READY,

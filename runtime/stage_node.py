@@ -222,6 +222,13 @@ class StageNode:
             activation_endpoint=self.endpoint, layers=pb.LayerRange(start=start, end=end),
             memory_bytes_used=model.memory_bytes()))
 
+    def serving(self) -> LoadedStage | None:
+        """The loaded model while its run's claim is live; a lapsed lease frees the model."""
+        if self.loaded is not None and self.claims.holder is None:
+            log.warning("stage=%s event=lease_lapsed action=unload", self.endpoint)
+            self.unload()
+        return self.loaded
+
     def unload(self) -> None:
         """Drop the loaded model (if any); its sessions go with it."""
         self.loaded = None
@@ -230,6 +237,7 @@ class StageNode:
     # ------------------------------------------------------------ status
 
     def state(self) -> int:
+        self.serving()
         if self._loading:
             return pb.STAGE_STATE_LOADING
         if self.loaded is not None:
