@@ -85,4 +85,4 @@ def config_show(
                 "max_window"):
         value = getattr(resolved, key)
         source = resolved.sources.get(key, "-")
-        out.print(f"  {key:15} {value!s:40} [{source}]", highlight=False)
+        out.print(f"  {key:15} {value!s:40} [{source}]", highlight=False, markup=False, soft_wrap=True)
