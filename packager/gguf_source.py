@@ -11,7 +11,6 @@ import numpy as np
 from layerline.errors import SourceError
 
 from .architectures import (
-    LAYER_PREFIX,
     Architecture,
     config_from_gguf,
     get_architecture,
@@ -96,7 +95,7 @@ class GGUFSource(ModelSource):
             raise SourceError(f"{self.path}: no GGUF name for tensor {hf_name}")
         return f"{mapped}.{suffix}"
 
-    def _tensor(self, hf_name: str) -> np.ndarray:
+    def tensor(self, hf_name: str) -> np.ndarray:
         from gguf.quants import dequantize
 
         gguf_name = self._gguf_name(hf_name)
@@ -117,24 +116,16 @@ class GGUFSource(ModelSource):
         values = np.asarray(values, dtype=np.float32)
         return values
 
+    def layer_tensor_names(self) -> list[str]:
+        return self._layer_names
+
     def layer_tensors(self, index: int) -> dict[str, np.ndarray]:
-        out = {}
-        for local in self._layer_names:
-            values = self._tensor(f"{LAYER_PREFIX}{index}.{local}")
-            if self.arch.gguf_permutes_qk and local == "self_attn.q_proj.weight":
-                values = unpermute_qk(values, self.config["num_attention_heads"])
-            elif self.arch.gguf_permutes_qk and local == "self_attn.k_proj.weight":
-                values = unpermute_qk(values, self.config["num_key_value_heads"])
-            out[local] = values
-        return out
-
-    def embed_tensors(self) -> dict[str, np.ndarray]:
-        return {"model.embed_tokens.weight": self._tensor("model.embed_tokens.weight")}
-
-    def head_tensors(self) -> dict[str, np.ndarray]:
-        out = {"model.norm.weight": self._tensor("model.norm.weight")}
-        if not self.config["tie_word_embeddings"]:
-            out["lm_head.weight"] = self._tensor("lm_head.weight")
+        out = super().layer_tensors(index)
+        if self.arch.gguf_permutes_qk:
+            out["self_attn.q_proj.weight"] = unpermute_qk(out["self_attn.q_proj.weight"],
+                                                          self.config["num_attention_heads"])
+            out["self_attn.k_proj.weight"] = unpermute_qk(out["self_attn.k_proj.weight"],
+                                                          self.config["num_key_value_heads"])
         return out
 
     def tokenizer(self) -> Any:

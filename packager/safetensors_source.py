@@ -11,7 +11,7 @@ import numpy as np
 
 from layerline.errors import SourceError
 
-from .architectures import LAYER_PREFIX, get_architecture, layer_tensor_names, model_module
+from .architectures import get_architecture, layer_tensor_names, model_module
 from .source import ModelSource
 
 
@@ -66,24 +66,15 @@ class SafetensorsSource(ModelSource):
         name = self._raw_config.get("_name_or_path")
         return name if isinstance(name, str) and name else self.folder.name
 
-    def _tensor(self, name: str) -> np.ndarray:
+    def tensor(self, name: str) -> np.ndarray:
         import mlx.core as mx
 
         if name not in self._weights:
             raise SourceError(f"{self.folder} lacks tensor {name}")
         return np.array(self._weights[name].astype(mx.float32))
 
-    def layer_tensors(self, index: int) -> dict[str, np.ndarray]:
-        return {n: self._tensor(f"{LAYER_PREFIX}{index}.{n}") for n in self._layer_names}
-
-    def embed_tensors(self) -> dict[str, np.ndarray]:
-        return {"model.embed_tokens.weight": self._tensor("model.embed_tokens.weight")}
-
-    def head_tensors(self) -> dict[str, np.ndarray]:
-        out = {"model.norm.weight": self._tensor("model.norm.weight")}
-        if not self.config["tie_word_embeddings"]:
-            out["lm_head.weight"] = self._tensor("lm_head.weight")
-        return out
+    def layer_tensor_names(self) -> list[str]:
+        return self._layer_names
 
     def tokenizer(self) -> Any:
         from .tokenizer import tokenizer_from_folder

@@ -11,6 +11,8 @@ import numpy as np
 
 from layerline.errors import SourceError
 
+from .architectures import LAYER_PREFIX
+
 HUB_REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w./-]+)?$")
 
 
@@ -28,16 +30,27 @@ class ModelSource(ABC):
         """A human id for the model, e.g. `HuggingFaceTB/SmolLM2-135M-Instruct`."""
 
     @abstractmethod
+    def tensor(self, name: str) -> np.ndarray:
+        """One tensor by its Hugging Face name (`model.layers.3.mlp.up_proj.weight`), float32."""
+
+    @abstractmethod
+    def layer_tensor_names(self) -> list[str]:
+        """The names a layer holds, locally (`self_attn.q_proj.weight`)."""
+
     def layer_tensors(self, index: int) -> dict[str, np.ndarray]:
         """Tensors of layer `index`, named locally (`self_attn.q_proj.weight`)."""
+        return {n: self.tensor(f"{LAYER_PREFIX}{index}.{n}") for n in self.layer_tensor_names()}
 
-    @abstractmethod
     def embed_tensors(self) -> dict[str, np.ndarray]:
         """`model.embed_tokens.weight`."""
+        return {"model.embed_tokens.weight": self.tensor("model.embed_tokens.weight")}
 
-    @abstractmethod
     def head_tensors(self) -> dict[str, np.ndarray]:
         """`model.norm.weight`, and `lm_head.weight` unless tied to the embedding."""
+        out = {"model.norm.weight": self.tensor("model.norm.weight")}
+        if not self.config["tie_word_embeddings"]:
+            out["lm_head.weight"] = self.tensor("lm_head.weight")
+        return out
 
     @abstractmethod
     def tokenizer(self) -> Any:
