@@ -207,6 +207,90 @@ def models_list() -> None:
         out.print(f"{model.name:22} {'cached' if cached else '      '}  {model.description}")
 
 
+# ---------------------------------------------------------------- run, bench
+
+bench_app = typer.Typer(no_args_is_help=True, help="Measure layerline's speed on this machine.")
+app.add_typer(bench_app, name="bench")
+
+
+class WeightsChoice(str, Enum):
+    auto = "auto"
+    packed = "packed"
+    f32 = "f32"
+    bf16 = "bf16"
+    f16 = "f16"
+
+
+def _log_to_stderr(quiet: bool) -> None:
+    import logging
+
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s",
+                        stream=sys.stderr)
+
+
+@app.command("run")
+def run(
+    package: Annotated[Path, typer.Argument(help="Package folder.")],
+    prompt: Annotated[str | None, typer.Option(help="Plain text to continue.")] = None,
+    chat: Annotated[str | None, typer.Option(help="A user message, in the model's chat format.")] = None,
+    system: Annotated[str | None, typer.Option(help="A system message before --chat.")] = None,
+    max_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 256,
+    temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass, (0, 1].")] = 1.0,
+    top_k: Annotated[int, typer.Option(help="Keep the k likeliest tokens; 0 is off.")] = 0,
+    min_p: Annotated[float, typer.Option(help="Drop tokens below min-p x the likeliest's probability.")] = 0.0,
+    repetition_penalty: Annotated[float, typer.Option(help="Penalty on recent tokens; 1 is off.")] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")] = None,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop before this text (repeat for several).")] = None,
+    weights: Annotated[WeightsChoice, typer.Option(help="Weight format to compute with.")] = WeightsChoice.auto,
+    split: Annotated[str | None, typer.Option(help="Layer ranges run in turn, e.g. 0:12,12:30.")] = None,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No load log lines.")] = False,
+) -> None:
+    """Answer a prompt from a layer package, streaming tokens; end with prefill and decode tok/s."""
+    from .runtime.run_prompt import RunRequest, start_run
+    from .runtime.sampling import SamplingParams
+
+    _log_to_stderr(quiet)
+    sampling = SamplingParams(
+        max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+        repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop or ()),
+    )
+    generation = start_run(RunRequest(package=package, prompt=prompt, chat=chat, system=system,
+                                      sampling=sampling, weights=weights.value, split=split))
+    for token in generation:
+        sys.stdout.write(token.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    err.print(generation.stats.describe(), highlight=False)
+
+
+@bench_app.command("decode")
+def bench_decode(
+    package: Annotated[Path, typer.Argument(help="Package folder.")],
+    weights: Annotated[
+        list[WeightsChoice] | None, typer.Option(help="Formats to measure (default: all but auto).")
+    ] = None,
+    prompt_tokens: Annotated[int, typer.Option(help="Prompt length.")] = 128,
+    tokens: Annotated[int, typer.Option(help="Tokens to decode per run.")] = 64,
+    repeats: Annotated[int, typer.Option(help="Runs per format; the best is kept.")] = 2,
+) -> None:
+    """Prefill and decode tok/s per weight format, beside a bare mlx-lm loop on the same weights."""
+    from .runtime.bench_decode import BENCH_FORMATS, auto_choice, render_rows
+    from .runtime.bench_decode import bench_decode as run_bench
+    from .runtime.blas import load_fast_blas
+
+    _log_to_stderr(quiet=True)
+    formats = tuple(w.value for w in weights) if weights else BENCH_FORMATS
+    rows = run_bench(package, formats, prompt_tokens=prompt_tokens, decode_tokens=tokens,
+                     repeats=repeats)
+    # Plain text, not a rich table: it must not wrap when piped into a file or a doc.
+    typer.echo(f"decode benchmark: {package}, {prompt_tokens} prompt tokens, {tokens} decoded, "
+               f"best of {repeats}")
+    typer.echo(render_rows(rows))
+    typer.echo(load_fast_blas().describe())
+    typer.echo(f"--weights auto here: {auto_choice(package).describe()}")
+
+
 def main() -> None:
     """Console-script entry point: run the app, turning LayerlineErrors into clean messages."""
     # SIGTERM unwinds like Ctrl-C, so half-built output is removed on the way out.

@@ -57,3 +57,23 @@ class StageUnavailableError(LayerlineError):
 
 class StageLoadError(LayerlineError):
     """Bringing up the pipeline failed at one stage; every claimed stage was released."""
+
+
+class LayerRangeError(LayerlineError):
+    """A layer range (or a --split of ranges) lies outside the model or leaves gaps."""
+
+
+class SamplingError(LayerlineError):
+    """A sampling setting (temperature, top-p, top-k, ...) is out of its valid range."""
+
+
+class ContextLengthError(LayerlineError):
+    """A prompt does not fit in the model's context length."""
+
+
+class SessionError(LayerlineError):
+    """A KV-cache session is unknown, or cannot be rolled back as asked."""
+
+
+class ChatTemplateError(LayerlineError):
+    """A package has no chat template, or its template fails to render the messages."""

@@ -255,3 +255,14 @@ def stage_processes(tmp_path: Path):
 def stage_process(stage_processes):
     """Start a stage process and return its endpoint."""
     return lambda *args: stage_processes(*args).endpoint
+
+
+# ---------------------------------------------------------------- runtime
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_package(tiny_llama: dict, packages_dir: Path) -> Path:
+    """The tiny random llama as an f32 layer package (4 layers, context 512)."""
+    out = packages_dir / "tiny-llama-f32"
+    build_package(str(tiny_llama["folder"]), out, BuildOptions(quantize="f32", quiet=True))
+    return out

@@ -1,0 +1,114 @@
+"""Making mlx use an optimized BLAS on Linux: load one before mlx is first imported.
+
+mlx's Linux CPU wheel links the reference BLAS, which is 10-80x slower on f32
+matmuls than OpenBLAS. A BLAS loaded with RTLD_GLOBAL before `import mlx`
+provides the `cblas_*` symbols mlx resolves, so the process uses it instead.
+`layerline/__init__.py` calls `load_fast_blas()` first thing for that reason.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import platform
+import sys
+from dataclasses import dataclass
+
+ENV_VAR = "LAYERLINE_BLAS"  # a libblas.so path to load, or "reference" to load none
+_OFF_VALUES = ("reference", "none", "off", "0")
+
+# Debian/Ubuntu packages, in order of preference (libopenblas0-pthread first).
+_DEBIAN_LIBS = (
+    "openblas-pthread/libblas.so.3",
+    "openblas-openmp/libblas.so.3",
+    "openblas-serial/libblas.so.3",
+    "blis-pthread/libblas.so.3",
+    "blis-openmp/libblas.so.3",
+)
+_INSTALL_HINT = "apt-get install libopenblas0-pthread"
+
+
+@dataclass(frozen=True)
+class BlasInfo:
+    name: str  # "openblas", "blis", "accelerate", "reference", or the file name loaded
+    path: str | None
+    fast: bool
+    reason: str
+
+    def describe(self) -> str:
+        """One log-line fragment: `blas=openblas (…path…)` or why the slow one is in use."""
+        where = f" {self.path}" if self.path else ""
+        return f"blas={self.name}{where} fast={'yes' if self.fast else 'no'} ({self.reason})"
+
+
+def candidate_paths() -> list[str]:
+    """Optimized BLAS libraries to try, best first, for this machine's Debian multiarch dir."""
+    arch = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}.get(
+        platform.machine().lower(), platform.machine().lower()
+    )
+    return [f"/usr/lib/{arch}-linux-gnu/{lib}" for lib in _DEBIAN_LIBS]
+
+
+def _name_of(path: str) -> str:
+    lowered = path.lower()
+    for name in ("openblas", "blis", "mkl"):
+        if name in lowered:
+            return name
+    return os.path.basename(path)
+
+
+def _already_mapped() -> str | None:
+    """A fast BLAS this process already holds (LD_PRELOAD, or an earlier load)."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            for line in maps:
+                path = line.rsplit(" ", 1)[-1].strip()
+                if any(n in path.lower() for n in ("openblas", "libblis", "libmkl_rt")):
+                    return path
+    except OSError:
+        return None
+    return None
+
+
+@functools.cache  # the BLAS is a fact of the process: decided once, before mlx loads
+def load_fast_blas() -> BlasInfo:
+    """Load an optimized BLAS for mlx if this is Linux and one is installed; never raises."""
+    if sys.platform == "darwin":
+        return BlasInfo("accelerate", None, True, "mlx on macOS uses Accelerate")
+    if not sys.platform.startswith("linux"):
+        return BlasInfo("unknown", None, False, f"no BLAS policy for {sys.platform}")
+
+    mapped = _already_mapped()
+    if mapped:
+        return BlasInfo(_name_of(mapped), mapped, True, "already loaded in this process")
+
+    requested = os.environ.get(ENV_VAR, "").strip()
+    if requested.lower() in _OFF_VALUES:
+        return BlasInfo("reference", None, False, f"{ENV_VAR}={requested} asks for mlx's own BLAS")
+    if "mlx.core" in sys.modules:
+        return BlasInfo(
+            "reference", None, False,
+            "mlx was imported before layerline, too late to load a fast BLAS; import layerline "
+            "first, or start with LD_PRELOAD=<libopenblas>",
+        )
+
+    paths = [requested] if requested else candidate_paths()
+    failures = []
+    for path in paths:
+        if not os.path.exists(path):
+            continue
+        try:
+            ctypes.CDLL(path, mode=os.RTLD_GLOBAL)
+        except OSError as exc:
+            failures.append(f"{path}: {exc}")
+            continue
+        return BlasInfo(_name_of(path), path, True, "loaded before mlx")
+    if requested:
+        why = failures[0] if failures else f"{ENV_VAR}={requested} does not exist"
+        return BlasInfo("reference", None, False, f"{why}; using mlx's reference BLAS")
+    why = "; ".join(failures) if failures else "no OpenBLAS or BLIS found"
+    return BlasInfo(
+        "reference", None, False,
+        f"{why}; f32 matmuls will be 10-80x slower: {_INSTALL_HINT}",
+    )

@@ -1,0 +1,50 @@
+"""Chat messages -> the model's real prompt, through the package's own jinja template.
+
+Rendering goes through transformers' `apply_chat_template`, so a package's
+template sees exactly what it sees under transformers (sandboxed jinja,
+`tojson`, `raise_exception`, the special tokens).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from layerline.errors import ChatTemplateError
+from layerline.packager.manifest import Manifest
+
+Message = dict[str, Any]
+
+
+def user_messages(text: str, system: str | None = None) -> list[Message]:
+    """A one-turn conversation: an optional system message, then the user's text."""
+    messages: list[Message] = [{"role": "system", "content": system}] if system else []
+    return [*messages, {"role": "user", "content": text}]
+
+
+def render_chat(tokenizer: Any, manifest: Manifest, messages: list[Message]) -> str:
+    """The prompt text for `messages`, ending where the assistant's reply begins."""
+    template = manifest.tokenizer.chat_template or getattr(tokenizer, "chat_template", None)
+    if not template:
+        raise ChatTemplateError(
+            f"package {manifest.model.id} has no chat template",
+            hint="use --prompt with plain text, or rebuild the package from a source with a template",
+        )
+    try:
+        return tokenizer.apply_chat_template(
+            messages, chat_template=template, add_generation_prompt=True, tokenize=False
+        )
+    except Exception as exc:  # jinja raises TemplateError and the template's own exceptions
+        raise ChatTemplateError(
+            f"the chat template of {manifest.model.id} failed to render the messages: {exc}",
+            hint="check the roles and order of the messages this model's template accepts",
+        ) from exc
+
+
+def chat_prompt_tokens(tokenizer: Any, manifest: Manifest, messages: list[Message]) -> list[int]:
+    """Token ids of the rendered chat (the template already holds any BOS it wants)."""
+    return list(tokenizer.encode(render_chat(tokenizer, manifest, messages), add_special_tokens=False))
+
+
+def text_prompt_tokens(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of a plain prompt, with the special tokens the tokenizer adds (e.g. BOS)."""
+    return list(tokenizer.encode(text, add_special_tokens=True))

@@ -1,0 +1,78 @@
+"""Reading a package's tensors: verified first, then converted to the planned weight format."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from layerline.packager.manifest import Quantization
+from layerline.packager.package import LayerPackage
+
+if TYPE_CHECKING:
+    from .weights_policy import WeightsPlan
+
+
+def read_verified(package: LayerPackage, files: list[str]) -> list[dict[str, mx.array]]:
+    """The tensors of each file, after every one of them has matched its sha256."""
+    # All files are checked before any is read: a bad file is refused before use, by name.
+    package.verify(files)
+    return [mx.load(str(package.path(f))) for f in files]
+
+
+def apply_plan(
+    tensors: dict[str, mx.array], plan: WeightsPlan, quantization: Quantization | None
+) -> dict[str, mx.array]:
+    """The tensors in the plan's format: packed ones kept or expanded, floats in compute dtype."""
+    dtype = getattr(mx, plan.compute_dtype)
+    out: dict[str, mx.array] = {}
+    for name, value in tensors.items():
+        if name.endswith((".scales", ".biases")) and _packed_base(name) in tensors:
+            continue  # handled with their weight
+        base = name[: -len(".weight")] if name.endswith(".weight") else None
+        if base is not None and f"{base}.scales" in tensors:
+            if quantization is None:
+                raise ValueError(f"{name} is quantized but the manifest declares no quantization")
+            scales = tensors[f"{base}.scales"]
+            biases = tensors.get(f"{base}.biases")
+            if plan.expands:
+                # Dequantized with f32 scales, so f32 weights hold exactly the packed values.
+                full = mx.dequantize(
+                    value, scales.astype(mx.float32),
+                    None if biases is None else biases.astype(mx.float32),
+                    group_size=quantization.group_size, bits=quantization.bits,
+                    mode=quantization.mode,
+                )
+                out[name] = full.astype(dtype)
+            else:
+                out[name] = value
+                out[f"{base}.scales"] = scales.astype(dtype)
+                if biases is not None:
+                    out[f"{base}.biases"] = biases.astype(dtype)
+        elif mx.issubdtype(value.dtype, mx.floating):
+            out[name] = value.astype(dtype)
+        else:
+            out[name] = value
+    return out
+
+
+def _packed_base(name: str) -> str:
+    return name.rsplit(".", 1)[0] + ".weight"
+
+
+def load_into(
+    module: nn.Module, weights: dict[str, mx.array], quantization: Quantization | None
+) -> None:
+    """Quantize the layers whose weights are packed, then load `weights` (all names must match)."""
+    if quantization is not None and any(k.endswith(".scales") for k in weights):
+        nn.quantize(
+            module,
+            group_size=quantization.group_size,
+            bits=quantization.bits,
+            mode=quantization.mode,
+            # A tensor is packed exactly when its scales exist, as mlx-lm decides.
+            class_predicate=lambda path, _: f"{path}.scales" in weights,
+        )
+    module.load_weights(list(weights.items()), strict=True)
+    mx.eval(module.parameters())

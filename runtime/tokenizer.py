@@ -1,0 +1,95 @@
+"""The package's tokenizer: loading it verified, its end-of-generation tokens, streaming text."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from layerline.packager.package import LayerPackage
+
+# Tokens that end a turn in common chat formats; llama.cpp stops on these too
+# (its "end of generation" set), since a GGUF names only one eos id.
+END_OF_GENERATION_TEXTS = (
+    "<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<|end|>", "<|eom_id|>",
+    "<end_of_turn>", "</s>",
+)
+
+
+def load_tokenizer(package: LayerPackage) -> Any:
+    """The package's Hugging Face tokenizer, after its files matched their sha256."""
+    package.verify(package.manifest.tokenizer.files)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(package.root), local_files_only=True)
+
+
+def end_of_generation_ids(tokenizer: Any, package: LayerPackage) -> tuple[int, ...]:
+    """Token ids that end a generation: the declared eos and the special end-of-turn tokens."""
+    ids = set()
+    for candidate in (package.manifest.tokenizer.eos_token_id, tokenizer.eos_token_id):
+        if isinstance(candidate, int):
+            ids.add(candidate)
+    special = set(getattr(tokenizer, "all_special_tokens", []))
+    for text in END_OF_GENERATION_TEXTS:
+        if text in special:
+            ids.add(int(tokenizer.convert_tokens_to_ids(text)))
+    return tuple(sorted(ids))
+
+
+class TextStream:
+    """Turns tokens into text as they come, holding back what a stop string may yet claim.
+
+    Decoding re-reads a few tokens of context each step (as vLLM does), so
+    multi-byte characters split across tokens and leading spaces come out right.
+    """
+
+    def __init__(self, tokenizer: Any, stop: tuple[str, ...] = ()) -> None:
+        self._tokenizer = tokenizer
+        self._stop = stop
+        self._tokens: list[int] = []
+        self._prefix_offset = 0
+        self._read_offset = 0
+        self._held = ""
+        self.stopped = False  # a stop string was found; no more text follows
+        self.text = ""  # everything emitted so far
+
+    def add(self, token: int) -> str:
+        """Feed one token; return the text that may be shown now (possibly empty)."""
+        if self.stopped:
+            return ""
+        self._tokens.append(token)
+        decode = self._tokenizer.decode
+        prefix = decode(self._tokens[self._prefix_offset:self._read_offset], skip_special_tokens=True)
+        full = decode(self._tokens[self._prefix_offset:], skip_special_tokens=True)
+        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+            return ""  # an incomplete character: wait for the next token
+        new = full[len(prefix):]
+        self._prefix_offset, self._read_offset = self._read_offset, len(self._tokens)
+        return self._release(self._held + new)
+
+    def finish(self) -> str:
+        """The text still held back, once no more tokens will come."""
+        if self.stopped:
+            return ""
+        rest, self._held = self._held, ""
+        self.text += rest
+        return rest
+
+    def _release(self, pending: str) -> str:
+        cut = min((i for i in (pending.find(s) for s in self._stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            self._held = ""
+            self.text += pending[:cut]
+            return pending[:cut]
+        hold = max((_overlap(pending, s) for s in self._stop), default=0)
+        ready, self._held = pending[: len(pending) - hold], pending[len(pending) - hold:]
+        self.text += ready
+        return ready
+
+
+def _overlap(text: str, stop: str) -> int:
+    """Length of the longest end of `text` that is a start of `stop`."""
+    for n in range(min(len(text), len(stop) - 1), 0, -1):
+        if text.endswith(stop[:n]):
+            return n
+    return 0
