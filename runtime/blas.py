@@ -58,17 +58,30 @@ def _name_of(path: str) -> str:
     return os.path.basename(path)
 
 
-def _already_mapped() -> str | None:
-    """A fast BLAS this process already holds (LD_PRELOAD, or an earlier load)."""
+class _DlInfo(ctypes.Structure):
+    _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
+                ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
+
+
+def global_cblas() -> str | None:
+    """The file whose `cblas_sgemm` libraries loaded from now on will bind to, if any.
+
+    Only the process's global symbols count: numpy's bundled OpenBLAS, for one,
+    is loaded privately with renamed symbols, and mlx cannot use it.
+    """
     try:
-        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
-            for line in maps:
-                path = line.rsplit(" ", 1)[-1].strip()
-                if any(n in path.lower() for n in ("openblas", "libblis", "libmkl_rt")):
-                    return path
-    except OSError:
+        process = ctypes.CDLL(None)
+        symbol = ctypes.cast(process.cblas_sgemm, ctypes.c_void_p)
+        info = _DlInfo()
+        if not process.dladdr(symbol, ctypes.byref(info)) or not info.dli_fname:
+            return None
+    except (OSError, AttributeError):
         return None
-    return None
+    return os.path.realpath(info.dli_fname.decode(errors="replace"))
+
+
+def _is_fast(path: str) -> bool:
+    return _name_of(path) in ("openblas", "blis", "mkl")
 
 
 @functools.cache  # the BLAS is a fact of the process: decided once, before mlx loads
@@ -79,9 +92,9 @@ def load_fast_blas() -> BlasInfo:
     if not sys.platform.startswith("linux"):
         return BlasInfo("unknown", None, False, f"no BLAS policy for {sys.platform}")
 
-    mapped = _already_mapped()
-    if mapped:
-        return BlasInfo(_name_of(mapped), mapped, True, "already loaded in this process")
+    provider = global_cblas()
+    if provider and _is_fast(provider):
+        return BlasInfo(_name_of(provider), provider, True, "already loaded: LD_PRELOAD or an earlier load")
 
     requested = os.environ.get(ENV_VAR, "").strip()
     if requested.lower() in _OFF_VALUES:
@@ -103,7 +116,12 @@ def load_fast_blas() -> BlasInfo:
         except OSError as exc:
             failures.append(f"{path}: {exc}")
             continue
-        return BlasInfo(_name_of(path), path, True, "loaded before mlx")
+        # None means dladdr is unavailable here, not that the load failed.
+        provider = global_cblas()
+        if provider is not None and not _is_fast(provider) and provider != os.path.realpath(path):
+            failures.append(f"{path} loaded, but cblas_sgemm still comes from {provider}")
+            continue
+        return BlasInfo(_name_of(provider or path), path, True, "loaded before mlx")
     if requested:
         why = failures[0] if failures else f"{ENV_VAR}={requested} does not exist"
         return BlasInfo("reference", None, False, f"{why}; using mlx's reference BLAS")

@@ -47,11 +47,11 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, dela
     except (ConnectionError, asyncio.CancelledError):
         pass
     finally:
-        queue.put_nowait((0.0, b""))
         try:
+            queue.put_nowait((0.0, b""))
             await sender
-        except ConnectionError:
-            pass
+        except (ConnectionError, RuntimeError):
+            pass  # the peer or the proxy's loop is already gone
 
 
 class DelayProxy:

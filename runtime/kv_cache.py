@@ -158,10 +158,7 @@ class SessionStore:
                     f"session {session_id!r} already exists",
                     hint="drop it first, or use a new session id",
                 )
-            cache = RangeCache(self._make_caches())
-            self._sessions[session_id] = cache
-            self._evict(keep=session_id)
-            return cache
+            return self._add(session_id)
 
     def get(self, session_id: str) -> RangeCache:
         """The cache of a live session, marked most recently used."""
@@ -177,10 +174,12 @@ class SessionStore:
 
     def get_or_create(self, session_id: str) -> RangeCache:
         """The session's cache, creating it if it does not exist."""
-        try:
-            return self.get(session_id)
-        except SessionError:
-            return self.create(session_id)
+        with self._lock:
+            cache = self._sessions.get(session_id)
+            if cache is not None:
+                self._sessions.move_to_end(session_id)
+                return cache
+            return self._add(session_id)
 
     def drop(self, session_id: str) -> bool:
         """Forget a session; False if there was none."""
@@ -191,6 +190,12 @@ class SessionStore:
         """Evict least recently used sessions (never `keep`) until within the caps."""
         with self._lock:
             return self._evict(keep)
+
+    def _add(self, session_id: str) -> RangeCache:
+        cache = RangeCache(self._make_caches())
+        self._sessions[session_id] = cache
+        self._evict(keep=session_id)
+        return cache
 
     def _evict(self, keep: str | None) -> list[str]:
         evicted = []

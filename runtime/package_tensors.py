@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import mlx.core as mx
 import mlx.nn as nn
 
+from layerline.errors import ManifestError
 from layerline.packager.manifest import Quantization
 from layerline.packager.package import LayerPackage
 
@@ -33,7 +34,10 @@ def apply_plan(
         base = name[: -len(".weight")] if name.endswith(".weight") else None
         if base is not None and f"{base}.scales" in tensors:
             if quantization is None:
-                raise ValueError(f"{name} is quantized but the manifest declares no quantization")
+                raise ManifestError(
+                    f"tensor {name} is quantized but the manifest declares no quantization",
+                    hint="rebuild the package with `layerline pkg build`",
+                )
             scales = tensors[f"{base}.scales"]
             biases = tensors.get(f"{base}.biases")
             if plan.expands:

@@ -48,7 +48,6 @@ def test_split_ranges_answer_exactly_like_one_range(smollm2, smollm2_package):
     assert answer(split, prompt, max_tokens=30)[0] == answer(smollm2, prompt, max_tokens=30)[0]
 
 
-@pytest.mark.slow
 def test_qwen05_writes_a_python_function_when_asked(qwen05_package):
     qwen = LocalPipeline.load(qwen05_package)
     prompt = chat(qwen, "Write a Python function is_prime(n) that says whether n is prime.")

@@ -89,6 +89,7 @@ def test_sessions_are_created_found_and_dropped(tiny):
     assert store.get("a") is cache and "a" in store
     with pytest.raises(SessionError, match="already exists"):
         store.create("a")
+    assert store.get_or_create("a") is cache
     assert store.drop("a") and not store.drop("a")
     with pytest.raises(SessionError, match="no session 'a'"):
         store.get("a")

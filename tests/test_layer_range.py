@@ -57,10 +57,14 @@ def assert_close(got: np.ndarray, expected: np.ndarray, rel: float) -> None:
     assert (got.argmax(-1) == expected.argmax(-1)).all()
 
 
+@pytest.fixture(scope="module")
+def smollm2_reference(smollm2_gguf) -> np.ndarray:
+    return gguf_reference_logits(smollm2_gguf, TOKENS)
+
+
 @pytest.mark.parametrize("weights", ["packed", "f32"])
-def test_smollm2_f32_package_logits_equal_gguf_reference(smollm2_f32_package, smollm2_gguf, weights):
-    expected = gguf_reference_logits(smollm2_gguf, TOKENS)
-    assert_close(package_logits(smollm2_f32_package, weights, TOKENS), expected, rel=1e-5)
+def test_smollm2_f32_package_logits_equal_gguf_reference(smollm2_f32_package, smollm2_reference, weights):
+    assert_close(package_logits(smollm2_f32_package, weights, TOKENS), smollm2_reference, rel=1e-5)
 
 
 def test_smollm2_4bit_package_logits_equal_gguf_reference_quantized_alike(smollm2_package,
@@ -71,7 +75,6 @@ def test_smollm2_4bit_package_logits_equal_gguf_reference_quantized_alike(smollm
     assert_close(package_logits(smollm2_package, "f32", TOKENS), expected, rel=1e-4)
 
 
-@pytest.mark.slow
 def test_qwen05_4bit_package_logits_equal_gguf_reference_quantized_alike(qwen05_package, qwen05_gguf):
     expected = gguf_reference_logits(qwen05_gguf, TOKENS, quantize="4bit")
     assert_close(package_logits(qwen05_package, "packed", TOKENS), expected, rel=1e-5)

@@ -10,7 +10,7 @@ import pytest
 
 from layerline.errors import LayerlineError
 from layerline.packager.package import LayerPackage
-from layerline.runtime.blas import candidate_paths, load_fast_blas
+from layerline.runtime.blas import candidate_paths, global_cblas, load_fast_blas
 from layerline.runtime.weights_policy import Device, expanded_bytes, plan_weights
 
 GIB = 1 << 30
@@ -63,9 +63,12 @@ def test_expanded_size_of_4bit_weights_is_eight_times_the_files(smollm2_package)
 
 @pytest.mark.skipif(not any(os.path.exists(p) for p in candidate_paths()),
                     reason="no OpenBLAS/BLIS installed (apt-get install libopenblas0-pthread)")
-def test_importing_layerline_loads_an_optimized_blas_before_mlx():
+def test_importing_layerline_gives_mlx_an_optimized_blas_even_after_numpy():
+    # conftest imports numpy (which bundles a private OpenBLAS mlx cannot use) before layerline.
     info = load_fast_blas()
     assert info.fast and info.name in ("openblas", "blis"), info.describe()
+    provider = global_cblas()
+    assert provider is not None and info.name in provider and "numpy" not in provider
 
 
 def test_without_a_fast_blas_run_still_works_and_says_so(tiny_llama_package):
