@@ -84,6 +84,12 @@ class DelayProxy:
         self._ready.set()
         self._loop.run_forever()
         server.close()
+        # Close open connections cleanly before the loop goes away.
+        pending = asyncio.all_tasks(self._loop)
+        for task in pending:
+            task.cancel()
+        self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        self._loop.close()
 
     async def _handle(self, client_reader: asyncio.StreamReader,
                       client_writer: asyncio.StreamWriter) -> None:
