@@ -12,7 +12,14 @@ from typing import Any, Protocol
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
@@ -72,6 +79,50 @@ class Metrics:
                                  ["endpoint"], registry=self.registry)
         self.first_token = Histogram("layerline_time_to_first_token_seconds", "Time to first token",
                                      ["endpoint"], registry=self.registry)
+        self.speculation = SpeculationMetrics(self.registry)
+
+
+class SpeculationMetrics:
+    """Cumulative speculation counters, and the accept rate and tokens per pass they give."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter("layerline_speculative_requests", "Requests by decoding mode",
+                                ["mode"], registry=registry)
+        self.drafted = Counter("layerline_speculative_drafted_tokens", "Draft tokens sent for verification",
+                               registry=registry)
+        self.accepted = Counter("layerline_speculative_accepted_tokens", "Draft tokens accepted",
+                                registry=registry)
+        self.tokens = Counter("layerline_speculative_tokens", "Tokens emitted by speculating requests",
+                              registry=registry)
+        self.passes = Counter("layerline_speculative_target_passes",
+                              "Target passes (verification steps) of speculating requests", registry=registry)
+        self.draft_seconds = Counter("layerline_speculative_draft_seconds",
+                                     "Time the drafter spent proposing", registry=registry)
+        self.verify_seconds = Counter("layerline_speculative_verify_seconds",
+                                      "Time spent in target passes verifying drafts", registry=registry)
+        self._totals = {"drafted": 0.0, "accepted": 0.0, "tokens": 0.0, "passes": 0.0}
+        Gauge("layerline_speculative_accept_rate", "Accepted / drafted tokens, since start",
+              registry=registry).set_function(lambda: self._ratio("accepted", "drafted"))
+        Gauge("layerline_speculative_tokens_per_pass", "Tokens emitted per target pass, since start",
+              registry=registry).set_function(lambda: self._ratio("tokens", "passes"))
+
+    def _ratio(self, top: str, bottom: str) -> float:
+        return self._totals[top] / self._totals[bottom] if self._totals[bottom] else 0.0
+
+    def record(self, usage: dict[str, Any]) -> None:
+        """Count one finished request's `usage.speculative`."""
+        if not usage.get("enabled"):
+            self.requests.labels("plain").inc()
+            return
+        self.requests.labels("speculative").inc()
+        for key, counter, value in (("drafted", self.drafted, usage["drafted"]),
+                                    ("accepted", self.accepted, usage["accepted"]),
+                                    ("tokens", self.tokens, usage["tokens"]),
+                                    ("passes", self.passes, usage["target_passes"])):
+            counter.inc(value)
+            self._totals[key] += value
+        self.draft_seconds.inc(usage["draft_seconds"])
+        self.verify_seconds.inc(usage["verify_seconds"])
 
 
 def _error(exc: ApiError) -> JSONResponse:
@@ -222,6 +273,8 @@ class _Reply:
         self.metrics.completion_tokens.inc(len(event.token_ids))
         if event.stats:
             self.stats = event.stats
+            if "speculative" in event.stats:
+                self.metrics.speculation.record(event.stats["speculative"])
 
     def usage(self) -> dict[str, Any]:
         usage: dict[str, Any] = {"prompt_tokens": self.prompt_tokens,

@@ -1,26 +1,29 @@
 """The frontend's Engine over the split pipeline: prompts in, streamed tokens out.
 
 One request is one session on every stage. Prefill goes through in chunks of
-at most `max_batch_tokens` positions, then one position per step.
+at most `max_batch_tokens` positions; then each step sends the last token plus the
+request's drafts (none when it decodes plainly) through the pipeline in one frame.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import mlx.core as mx
-
 from layerline.packager.manifest import Manifest
 
 from .chat import chat_prompt_tokens, text_prompt_tokens
 from .frontend import GenerationEvent, TokenLogprob
 from .openai_schema import GenerationRequest
-from .pipeline import Pipeline, PipelineSession
-from .sampling import Sampler, SamplingParams, log_softmax
+from .pipeline import Pipeline
+from .sampling import SamplingParams
+from .speculative import SpeculationStats, SpeculativeGeneration, SpeculativeToken, speculative_generate
+from .stage0_speculation import SpeculationPlan, Stage0Speculation
+from .targets import PipelineTarget
 from .tokenizer import TextStream
 
 log = logging.getLogger("layerline.engine")
@@ -28,7 +31,7 @@ log = logging.getLogger("layerline.engine")
 
 class PipelineEngine:
     def __init__(self, manifest: Manifest, tokenizer: Any, pipeline: Pipeline, *, context_length: int,
-                 end_ids: tuple[int, ...], max_batch_tokens: int,
+                 end_ids: tuple[int, ...], max_batch_tokens: int, speculation: Stage0Speculation,
                  status: Callable[[], dict[str, Any]], ready: Callable[[], bool]) -> None:
         self.manifest = manifest
         self.model_id = manifest.model.id
@@ -37,6 +40,7 @@ class PipelineEngine:
         self.context_length = context_length
         self.end_ids = end_ids
         self.max_batch_tokens = max_batch_tokens
+        self.speculation = speculation
         self._status = status
         self._ready = ready
 
@@ -52,13 +56,6 @@ class PipelineEngine:
     def is_ready(self) -> bool:
         return self._ready()
 
-    def _prefill(self, session: PipelineSession, prompt: list[int]) -> mx.array:
-        logits = None
-        for start in range(0, len(prompt), self.max_batch_tokens):
-            logits = session.forward(prompt[start:start + self.max_batch_tokens], start)
-        assert logits is not None
-        return logits[-1:]
-
     def generate(self, request: GenerationRequest) -> Iterator[GenerationEvent]:
         """Tokens for one request, as text deltas; the last event says why it finished."""
         s = request.sampling
@@ -67,46 +64,67 @@ class PipelineEngine:
             min_p=s.min_p, repetition_penalty=s.repetition_penalty, seed=s.seed,
             stop=tuple(request.stop), stop_token_ids=self.end_ids,
             logprobs=request.logprobs is not None, top_logprobs=request.logprobs or 0)
-        sampler = Sampler(params, request.prompt_tokens)
+        plan = self.speculation.plan(request.speculative, params, context_length=self.context_length,
+                                     lock=self.pipeline.compute_lock)
         session = self.pipeline.open(f"s-{uuid.uuid4().hex[:16]}")
+        tokens = speculative_generate(PipelineTarget(session), plan.drafter, request.prompt_tokens,
+                                      params, plan.policy, context_length=self.context_length,
+                                      prefill_step=self.max_batch_tokens)
+        stream = iter(tokens)
         text = TextStream(self.tokenizer, params.stop)
         started = time.monotonic()
-        produced = 0
-        finish = "length"
         try:
-            logits = self._prefill(session, request.prompt_tokens)
-            position = len(request.prompt_tokens)
-            while produced < params.max_tokens:
-                token = int(sampler(logits).item())
-                produced += 1
-                logprobs = self._logprobs(logits, token, params.top_logprobs) if params.logprobs else None
-                if token in self.end_ids:
-                    finish = "stop"
-                    yield GenerationEvent(text.finish(), [token], logprobs, finish_reason=finish)
+            for token in stream:
+                logprobs = self._logprobs(token) if params.logprobs else None
+                if token.id in self.end_ids:
+                    yield self._last(GenerationEvent(text.finish(), [token.id], logprobs), "stop",
+                                     plan, tokens)
                     return
-                delta = text.add(token)
+                delta = text.add(token.id)
                 if text.stopped:
-                    finish = "stop"
-                    yield GenerationEvent(delta, [token], logprobs, finish_reason=finish)
+                    yield self._last(GenerationEvent(delta, [token.id], logprobs), "stop", plan, tokens)
                     return
-                if produced == params.max_tokens:
-                    yield GenerationEvent(delta + text.finish(), [token], logprobs, finish_reason=finish)
+                if len(tokens.tokens) == params.max_tokens:
+                    yield self._last(GenerationEvent(delta + text.finish(), [token.id], logprobs),
+                                     "length", plan, tokens)
                     return
-                yield GenerationEvent(delta, [token], logprobs)
-                logits = session.forward([token], position)[-1:]
-                position += 1
+                yield GenerationEvent(delta, [token.id], logprobs)
+            # The context ended the request before max_tokens.
+            yield self._last(GenerationEvent(text.finish(), []), "length", plan, tokens)
         finally:
+            stream.close()  # rolls back what a stop string cut off
             session.close()
-            elapsed = time.monotonic() - started
-            log.info("event=request_done prompt_tokens=%d tokens=%d finish=%s seconds=%.2f tok_s=%.1f",
-                     len(request.prompt_tokens), produced, finish, elapsed,
-                     produced / elapsed if elapsed > 0 else 0.0)
+            self._record(plan, tokens.stats, time.monotonic() - started)
 
-    def _logprobs(self, logits: mx.array, token: int, top: int) -> list[TokenLogprob]:
-        values = log_softmax(logits)[0]
-        chosen = float(values[token].item())
-        alternatives: list[tuple[str, float]] = []
-        if top:
-            best = mx.argsort(-values)[:top].tolist()
-            alternatives = [(self.tokenizer.decode([i]), float(values[i].item())) for i in best]
-        return [TokenLogprob(self.tokenizer.decode([token]), chosen, alternatives)]
+    def _last(self, event: GenerationEvent, finish: str, plan: SpeculationPlan,
+              tokens: SpeculativeGeneration) -> GenerationEvent:
+        """The request's last event, with its speculation counters for `usage`."""
+        return dataclasses.replace(event, finish_reason=finish,
+                                   stats={"speculative": speculation_usage(plan, tokens.stats)})
+
+    def _record(self, plan: SpeculationPlan, stats: SpeculationStats, seconds: float) -> None:
+        if plan.speculating:
+            log.info("event=request_done prompt_tokens=%d tokens=%d seconds=%.2f tok_s=%.1f "
+                     "strategy=%s window=%s %s", stats.prompt_tokens, stats.tokens, seconds,
+                     stats.tokens / seconds if seconds > 0 else 0.0, plan.strategy, plan.policy.kind,
+                     stats.describe())
+        else:
+            log.info("event=request_done prompt_tokens=%d tokens=%d seconds=%.2f tok_s=%.1f "
+                     "speculation=off reason=%r", stats.prompt_tokens, stats.tokens, seconds,
+                     stats.tokens / seconds if seconds > 0 else 0.0, plan.reason)
+
+    def _logprobs(self, token: SpeculativeToken) -> list[TokenLogprob]:
+        decode = self.tokenizer.decode
+        alternatives = [(decode([i]), logprob) for i, logprob in token.top_logprobs]
+        return [TokenLogprob(decode([token.id]), float(token.logprob or 0.0), alternatives)]
+
+
+def speculation_usage(plan: SpeculationPlan, stats: SpeculationStats) -> dict[str, Any]:
+    """`usage.speculative` of a response: what was drafted, accepted, and what it cost."""
+    return {
+        "enabled": plan.speculating, "strategy": plan.strategy, "window": plan.policy.kind,
+        "reason": plan.reason, "tokens": stats.tokens, "drafted": stats.drafted, "accepted": stats.accepted,
+        "accept_rate": round(stats.accept_rate, 4), "target_passes": stats.target_passes,
+        "tokens_per_pass": round(stats.tokens_per_pass, 4),
+        "draft_seconds": round(stats.draft_seconds, 6), "verify_seconds": round(stats.verify_seconds, 6),
+    }

@@ -88,11 +88,11 @@ class Sampler:
         else:
             logits = logits.astype(mx.float32)
             if p.top_k:
-                logits = _top_k(logits, p.top_k)
+                logits = keep_top_k(logits, p.top_k)
             if p.top_p < 1.0:
-                logits = _top_p(logits, p.top_p)
+                logits = keep_top_p(logits, p.top_p)
             if p.min_p > 0.0:
-                logits = _min_p(logits, p.min_p)
+                logits = keep_min_p(logits, p.min_p)
             self._key, key = mx.random.split(self._key)
             token = mx.random.categorical(logits * (1 / p.temperature), axis=-1, key=key)
         if p.repetition_penalty != 1.0:
@@ -111,7 +111,7 @@ class Sampler:
         return mx.put_along_axis(logits, index, chosen, axis=-1)
 
 
-def _top_k(logits: mx.array, k: int) -> mx.array:
+def keep_top_k(logits: mx.array, k: int) -> mx.array:
     vocab = logits.shape[-1]
     if k >= vocab:
         return logits
@@ -119,7 +119,7 @@ def _top_k(logits: mx.array, k: int) -> mx.array:
     return mx.put_along_axis(logits, dropped, mx.array(-mx.inf, logits.dtype), axis=-1)
 
 
-def _top_p(logits: mx.array, top_p: float) -> mx.array:
+def keep_top_p(logits: mx.array, top_p: float) -> mx.array:
     # Keep the smallest set of most likely tokens whose probabilities reach top_p.
     order = mx.argsort(-logits, axis=-1)
     sorted_logits = mx.take_along_axis(logits, order, axis=-1)
@@ -129,7 +129,7 @@ def _top_p(logits: mx.array, top_p: float) -> mx.array:
     return mx.put_along_axis(logits, order, sorted_kept, axis=-1)
 
 
-def _min_p(logits: mx.array, min_p: float) -> mx.array:
+def keep_min_p(logits: mx.array, min_p: float) -> mx.array:
     # Drop tokens less likely than min_p times the most likely one.
     threshold = logits.max(axis=-1, keepdims=True) + math.log(min_p)
     return mx.where(logits >= threshold, logits, -mx.inf)

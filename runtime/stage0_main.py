@@ -24,6 +24,7 @@ from .prepare import Preparation, PrepareState
 from .speculative_settings import ResolvedSpeculativeConfig, resolve_speculative
 from .split_plan import parse_split
 from .stage0 import Stage0 as Stage0Tensors
+from .stage0_speculation import Stage0Speculation
 from .stage_model import StageModel
 from .stage_server import auth_metadata, read_token
 from .tokenizer import end_of_generation_ids, load_tokenizer
@@ -80,10 +81,6 @@ class Stage0:
         manifest = self.package.manifest
         self.speculative: ResolvedSpeculativeConfig = resolve_speculative(
             manifest.model.id, manifest.speculative_decoding, options.config, no_draft=options.no_draft)
-        if self.speculative.enabled:
-            # Drafting through the pipeline lands with the speculation issue; say so plainly.
-            self.speculative = self.speculative.off("speculative decoding is not implemented in this "
-                                                    "version yet; serving without it")
         log.info("event=speculation enabled=%s reason=%s settings=%s", self.speculative.enabled,
                  self.speculative.reason, self.speculative.to_json())
         model_context = int(manifest.config.get("max_position_embeddings") or DEFAULT_CONTEXT)
@@ -94,11 +91,18 @@ class Stage0:
             wire_dtype=wire_dtype(options.wire_dtype), token=self.token,
             context_length=self.context_length, max_sessions=options.max_sessions,
             max_batch_tokens=MAX_BATCH_TOKENS, weight_format=options.weights))
+        self.speculation = Stage0Speculation(
+            self.speculative, target_fingerprint=manifest.tokenizer.fingerprint,
+            cache_dir=self.cache_dir, weights=options.weights)
         self.started = time.time()
         self.engine: Any = None
 
     def bring_up(self) -> None:
-        """Load every peer, then stage 0's own range, embedding, head and tokenizer."""
+        """Load every peer, then stage 0's own range, embedding, head and tokenizer.
+
+        The draft loads in the background meanwhile; requests speculate once it is ready.
+        """
+        self.speculation.start()
         self.coordinator.bring_up()
         try:
             self._load_local()
@@ -125,7 +129,7 @@ class Stage0:
         self.engine = PipelineEngine(
             manifest, tokenizer, pipeline, context_length=self.context_length,
             end_ids=end_of_generation_ids(tokenizer, package), max_batch_tokens=MAX_BATCH_TOKENS,
-            status=self.status, ready=lambda: self.coordinator.ready)
+            speculation=self.speculation, status=self.status, ready=lambda: self.coordinator.ready)
         self.coordinator.start_watching()
         log.info("event=ready model=%s stage0_layers=%d..%d peers=%d %s", manifest.model.id, start, end,
                  len(self.options.peers), plan.describe())
@@ -147,7 +151,7 @@ class Stage0:
             "stages": [stage0, *self.coordinator.status()],
             "wire_dtype": self.options.wire_dtype,
             "context_length": self.context_length,
-            "speculative": self.speculative.to_json(),
+            "speculative": self.speculation.to_json(),
             "uptime_s": round(time.time() - self.started, 1),
         }
 

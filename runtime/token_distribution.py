@@ -1,0 +1,57 @@
+"""A request's sampling rule as probabilities, row by row, for drafting and verification.
+
+The same steps, in the same order, as `sampling.Sampler`: repetition penalty over the
+recent tokens, then top-k, top-p and min-p on the logits, then temperature. Speculation
+needs the distributions themselves (p of the target, q of the draft), not just a draw.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+import mlx.core as mx
+
+from .sampling import SamplingParams, keep_min_p, keep_top_k, keep_top_p
+
+
+def penalize(logits: mx.array, recent: mx.array, penalty: float) -> mx.array:
+    """Logits (B, V) with the recent tokens' logits pushed away from zero, as Sampler does."""
+    if penalty == 1.0 or recent.size == 0:
+        return logits
+    index = mx.broadcast_to(recent, (logits.shape[0], recent.size))
+    chosen = mx.take_along_axis(logits, index, axis=-1)
+    chosen = mx.where(chosen < 0, chosen * penalty, chosen / penalty)
+    return mx.put_along_axis(logits, index, chosen, axis=-1)
+
+
+def recent_tokens(history: list[int] | mx.array, params: SamplingParams) -> mx.array:
+    """The tokens the repetition penalty looks at, as uint32."""
+    if isinstance(history, mx.array):
+        return history[-params.repetition_context:].astype(mx.uint32)
+    return mx.array(history[-params.repetition_context:], dtype=mx.uint32)
+
+
+def scores(logits: mx.array, recent: mx.array, params: SamplingParams) -> mx.array:
+    """Float32 logits (B, V) after the repetition penalty: what greedy takes the argmax of."""
+    # Penalized in the logits' own dtype, then cast, exactly as Sampler does.
+    return penalize(logits, recent, params.repetition_penalty).astype(mx.float32)
+
+
+def probabilities(logits: mx.array, recent: mx.array, params: SamplingParams) -> mx.array:
+    """Probabilities (B, V) the request samples from: penalty, top-k/top-p/min-p, temperature."""
+    if params.greedy:
+        raise ValueError("a greedy request has no sampling distribution; use scores() and argmax")
+    logits = scores(logits, recent, params)
+    if params.top_k:
+        logits = keep_top_k(logits, params.top_k)
+    if params.top_p < 1.0:
+        logits = keep_top_p(logits, params.top_p)
+    if params.min_p > 0.0:
+        logits = keep_min_p(logits, params.min_p)
+    return mx.softmax(logits * (1 / params.temperature), axis=-1)
+
+
+def request_key(seed: int | None, stream: int) -> mx.array:
+    """The PRNG key of one of a request's random streams (0: verification, 1: the draft)."""
+    base = mx.random.key(seed if seed is not None else secrets.randbits(63))
+    return mx.random.split(base, stream + 1)[stream]

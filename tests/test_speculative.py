@@ -1,0 +1,625 @@
+"""Speculative decoding: the same greedy text as plain decoding, the target's exact sampling
+distribution with good and bad drafts, clean rollback, window policy and gate, drafters."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import TINY_LLAMA_CONFIG, tiny_llama_weights, write_hf_folder
+
+from layerline.errors import LayerlineError
+from layerline.packager.build import BuildOptions, build_package
+from layerline.runtime.chat import chat_prompt_tokens, text_prompt_tokens, user_messages
+from layerline.runtime.drafters import ModelDrafter, NgramDrafter
+from layerline.runtime.generate import generate
+from layerline.runtime.local_pipeline import LocalPipeline
+from layerline.runtime.sampling import SamplingParams
+from layerline.runtime.speculative import speculative_generate
+from layerline.runtime.targets import LocalTarget, PipelineTarget
+from layerline.runtime.window_policy import GateSettings, WindowPolicy
+
+# ---------------------------------------------------------------- helpers
+
+
+def run(pipeline: LocalPipeline, drafter, prompt: list[int], params: SamplingParams,
+        policy: WindowPolicy, **kwargs):
+    """Tokens (a final stop token left out, as generate() does) and the generation of one
+    speculative request on a fresh target session."""
+    target = LocalTarget.open(pipeline)
+    generation = speculative_generate(target, drafter, prompt, params, policy, **kwargs)
+    tokens = [t.id for t in generation]
+    if generation.stats.finish_reason == "stop":
+        assert tokens[-1] in params.stop_token_ids
+        tokens.pop()
+    return tokens, generation
+
+
+def plain(pipeline: LocalPipeline, prompt: list[int], params: SamplingParams) -> list[int]:
+    return [t.id for t in generate(pipeline, pipeline.make_cache(), prompt, params)]
+
+
+POLICIES = {
+    "fixed-1": lambda: WindowPolicy.fixed(1),
+    "fixed-4": lambda: WindowPolicy.fixed(4),
+    "fixed-16": lambda: WindowPolicy.fixed(16),
+    "adaptive": lambda: WindowPolicy.adaptive(8, 2, 16),
+}
+
+# ---------------------------------------------------------------- SmolLM2: greedy identity
+
+CHATS = ["What is the capital of France?", "Write a haiku about the sea."]
+CODE = ("def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n\n\n"
+        "def mul(a, b):\n")
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_package) -> LocalPipeline:
+    return LocalPipeline.load(smollm2_package)
+
+
+@pytest.fixture(scope="module")
+def smollm2_draft(smollm2_f32_package) -> LocalPipeline:
+    return LocalPipeline.load(smollm2_f32_package, tokenizer=False)
+
+
+@pytest.fixture(scope="module")
+def smollm2_prompts(smollm2) -> list[list[int]]:
+    manifest = smollm2.package.manifest
+    chats = [chat_prompt_tokens(smollm2.tokenizer, manifest, user_messages(c)) for c in CHATS]
+    return [*chats, text_prompt_tokens(smollm2.tokenizer, CODE)]
+
+
+@pytest.fixture(scope="module")
+def smollm2_greedy(smollm2) -> SamplingParams:
+    return SamplingParams(max_tokens=24, stop_token_ids=smollm2.eos_token_ids)
+
+
+@pytest.fixture(scope="module")
+def smollm2_references(smollm2, smollm2_prompts, smollm2_greedy) -> list[list[int]]:
+    return [plain(smollm2, prompt, smollm2_greedy) for prompt in smollm2_prompts]
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_greedy_output_identical_with_a_draft_model(policy, smollm2, smollm2_draft, smollm2_prompts,
+                                                    smollm2_greedy, smollm2_references):
+    for prompt, reference in zip(smollm2_prompts, smollm2_references, strict=True):
+        drafter = ModelDrafter(smollm2_draft, smollm2_greedy)
+        tokens, generation = run(smollm2, drafter, prompt, smollm2_greedy, POLICIES[policy]())
+        assert tokens == reference
+        assert generation.stats.drafted > 0 and generation.stats.accepted > 0
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_greedy_output_identical_with_the_ngram_drafter(policy, smollm2, smollm2_prompts,
+                                                        smollm2_greedy, smollm2_references):
+    accepted = 0
+    for prompt, reference in zip(smollm2_prompts, smollm2_references, strict=True):
+        tokens, generation = run(smollm2, NgramDrafter(), prompt, smollm2_greedy, POLICIES[policy]())
+        assert tokens == reference
+        accepted += generation.stats.accepted
+    assert accepted > 0  # the code prompt repeats itself
+
+
+def test_greedy_output_identical_with_repetition_penalty(smollm2, smollm2_draft, smollm2_prompts):
+    params = SamplingParams(max_tokens=28, repetition_penalty=1.3,
+                            stop_token_ids=smollm2.eos_token_ids)
+    prompt = smollm2_prompts[2]
+    tokens, generation = run(smollm2, ModelDrafter(smollm2_draft, params), prompt, params,
+                             WindowPolicy.fixed(4))
+    assert tokens == plain(smollm2, prompt, params)
+    assert tokens != plain(smollm2, prompt, SamplingParams(max_tokens=28))  # the penalty matters
+    assert generation.stats.accepted > 0
+
+
+def test_logprobs_are_the_targets_own(smollm2, smollm2_draft, smollm2_prompts):
+    params = SamplingParams(max_tokens=8, logprobs=True, top_logprobs=3)
+    prompt = smollm2_prompts[0]
+    reference = list(generate(smollm2, smollm2.make_cache(), prompt, params))
+    generation = speculative_generate(LocalTarget.open(smollm2),
+                                      ModelDrafter(smollm2_draft, params), prompt, params,
+                                      WindowPolicy.fixed(4))
+    tokens = list(generation)
+    assert [t.id for t in tokens] == [t.id for t in reference]
+    assert any(t.drafted for t in tokens)
+    for ours, theirs in zip(tokens, reference, strict=True):
+        assert math.isclose(ours.logprob, theirs.logprob, abs_tol=1e-3)
+        assert [i for i, _ in ours.top_logprobs] == [i for i, _ in theirs.top_logprobs]
+
+
+# ---------------------------------------------------------------- tiny models
+
+TINY_VOCAB = 32
+
+
+def tiny_pipeline(root: Path, tokenizer_dir: Path, seed: int, vocab: int = TINY_VOCAB,
+                  head_scale: float = 6.0, noise: float = 0.0) -> LocalPipeline:
+    """A 2-layer random llama with a small vocabulary and a peaked output distribution;
+    `noise` perturbs every weight (a draft close to the model of the same seed)."""
+    config = {**TINY_LLAMA_CONFIG, "vocab_size": vocab, "num_hidden_layers": 2}
+    weights = tiny_llama_weights(config, seed)
+    weights["lm_head.weight"] = weights["lm_head.weight"] * head_scale
+    rng = np.random.default_rng(1000 + seed)
+    weights = {k: (v * (1 + noise * rng.standard_normal(v.shape))).astype(np.float32)
+                for k, v in weights.items()}
+    name = f"{seed}-{vocab}-{noise}"
+    folder = write_hf_folder(root / f"hf-{name}", config, weights, tokenizer_dir)
+    out = root / f"package-{name}"
+    build_package(str(folder), out, BuildOptions(quantize="f32", quiet=True))
+    return LocalPipeline.load(out, weights="f32", tokenizer=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory, smollm2_tokenizer_dir) -> dict[str, LocalPipeline]:
+    root = tmp_path_factory.mktemp("speculative-tiny")
+    return {
+        "target": tiny_pipeline(root, smollm2_tokenizer_dir, seed=1),
+        "near": tiny_pipeline(root, smollm2_tokenizer_dir, seed=1, noise=0.05),
+        "bad": tiny_pipeline(root, smollm2_tokenizer_dir, seed=2),
+        "bad-wide": tiny_pipeline(root, smollm2_tokenizer_dir, seed=3, vocab=TINY_VOCAB + 8),
+    }
+
+
+# ---------------------------------------------------------------- sampled: exact distribution
+
+
+def reference_probs(logits: np.ndarray, history: list[int], params: SamplingParams) -> np.ndarray:
+    """The request's sampling distribution over one row, written out from the definitions."""
+    x = logits.astype(np.float64).copy()
+    if params.repetition_penalty != 1.0:
+        for t in set(history[-params.repetition_context:]):
+            x[t] = x[t] * params.repetition_penalty if x[t] < 0 else x[t] / params.repetition_penalty
+    if params.top_k:
+        x[np.argsort(-x)[params.top_k:]] = -np.inf
+    if params.top_p < 1.0:
+        order = np.argsort(-x)
+        probs = np.exp(x[order] - x[order][0])
+        probs /= probs.sum()
+        before = np.cumsum(probs) - probs
+        x[order[before >= params.top_p]] = -np.inf
+    if params.min_p > 0.0:
+        x[x < x.max() + math.log(params.min_p)] = -np.inf
+    z = x / params.temperature
+    p = np.exp(z - z.max())
+    return p / p.sum()
+
+
+def exact_joint(model: LocalPipeline, prompt: list[int], params: SamplingParams) -> np.ndarray:
+    """P(t1, t2, t3) of plain sampling from `model`, shape (V, V, V)."""
+    vocab = TINY_VOCAB
+    pairs = [(a, b) for a in range(vocab) for b in range(vocab)]
+    batch = mx.array([prompt + [a, b] for a, b in pairs])
+    logits = np.array(model(batch, model.make_cache()).astype(mx.float32))
+    n = len(prompt)
+    joint = np.zeros((vocab, vocab, vocab))
+    p1 = reference_probs(logits[0, n - 1], prompt, params)
+    for row, (a, b) in enumerate(pairs):
+        p2 = reference_probs(logits[row, n], prompt + [a], params)
+        p3 = reference_probs(logits[row, n + 1], prompt + [a, b], params)
+        joint[a, b] = p1[a] * p2[b] * p3
+    return joint
+
+
+def chi_square_sf(stat: float, df: int) -> float:
+    """P(X >= stat) for X ~ chi-square(df): the regularized upper incomplete gamma Q(df/2, stat/2)."""
+    a, x = df / 2, stat / 2
+    if x <= 0:
+        return 1.0
+    log_front = a * math.log(x) - x - math.lgamma(a)
+    if x < a + 1:  # series for P, then Q = 1 - P
+        term = total = 1 / a
+        k = a
+        while term > total * 1e-15:
+            k += 1
+            term *= x / k
+            total += term
+        return max(0.0, 1 - total * math.exp(log_front))
+    b, c, d = x + 1 - a, 1e300, 1 / (x + 1 - a)  # continued fraction for Q (Lentz)
+    h = d
+    for i in range(1, 10000):
+        an = -i * (i - a)
+        b += 2
+        d = an * d + b
+        d = 1e-300 if abs(d) < 1e-300 else d
+        c = b + an / c
+        c = 1e-300 if abs(c) < 1e-300 else c
+        d = 1 / d
+        h *= d * c
+        if abs(d * c - 1) < 1e-15:
+            break
+    return math.exp(log_front) * h
+
+
+def chi_square_p(counts: Counter, probs: np.ndarray, n: int) -> tuple[float, int]:
+    """p-value and degrees of freedom of observed `counts` of cells against `probs`.
+
+    Cells expected fewer than 5 times are pooled into one bin, as the test requires."""
+    expected = probs.ravel() * n
+    observed = np.zeros_like(expected)
+    for cell, count in counts.items():
+        observed[np.ravel_multi_index(cell, probs.shape)] = count
+    big = expected >= 5
+    e = [*expected[big], expected[~big].sum()]
+    o = [*observed[big], observed[~big].sum()]
+    if e[-1] < 5:  # too little pooled mass for a bin of its own: join the smallest kept cell
+        smallest = int(np.argmin(e[:-1]))
+        e[smallest] += e.pop()
+        o[smallest] += o.pop()
+    stat = sum((oi - ei) ** 2 / ei for oi, ei in zip(o, e, strict=True))
+    return chi_square_sf(stat, len(e) - 1), len(e) - 1
+
+
+SAMPLES = 1200
+SIGNIFICANCE = 1e-3
+
+
+@pytest.mark.parametrize("case", ["near-draft", "bad-draft", "bad-wide-draft-filtered", "ngram"])
+def test_sampled_tokens_follow_the_targets_distribution(case, tiny_models):
+    target = tiny_models["target"]
+    if case == "bad-wide-draft-filtered":
+        params = SamplingParams(max_tokens=3, temperature=0.8, top_k=12, top_p=0.95, min_p=0.02,
+                                repetition_penalty=1.2)
+    else:
+        params = SamplingParams(max_tokens=3, temperature=1.0)
+    # A repeat of the target's own continuation, so that n-gram proposals are sometimes right.
+    prompt = ([3, 5] + plain(target, [3, 5], SamplingParams(max_tokens=3))) * 2 + [3, 5]
+    counts: Counter = Counter()
+    drafted = accepted = full = 0
+    for seed in range(SAMPLES):
+        seeded = replace(params, seed=seed)
+        if case == "ngram":
+            drafter = NgramDrafter(min_ngram=1, max_ngram=2)
+        else:
+            draft = tiny_models[case.removesuffix("-filtered").removesuffix("-draft")]
+            drafter = ModelDrafter(draft, seeded)
+        tokens, generation = run(target, drafter, prompt, seeded, WindowPolicy.fixed(2))
+        counts[tuple(tokens)] += 1
+        drafted += generation.stats.drafted
+        accepted += generation.stats.accepted
+        full += generation.stats.target_passes == 1
+    joint = exact_joint(target, prompt, params)
+    outside = [cell for cell in counts if joint[cell] == 0]
+    assert not outside, f"sampled sequences the target can never produce: {outside[:5]}"
+    p_value, df = chi_square_p(counts, joint, SAMPLES)
+    assert p_value > SIGNIFICANCE, f"chi-square p={p_value:.2g} (df={df}) for {case}"
+    # Both rules ran: rejections (residual draws) and full acceptances (bonus draws).
+    assert 0 < accepted < drafted and full > 0
+
+
+def test_the_bad_draft_is_far_from_the_target(tiny_models):
+    # So the test above would see a rule that let the draft's distribution through.
+    params = SamplingParams(temperature=1.0)
+    prompt = [3, 5, 3, 5, 3]
+    p = exact_joint(tiny_models["target"], prompt, params).sum(axis=(1, 2))
+    q = exact_joint(tiny_models["bad"], prompt, params).sum(axis=(1, 2))
+    assert 0.5 * np.abs(p - q).sum() > 0.3
+
+
+def test_same_seed_gives_the_same_tokens_and_other_seeds_differ(tiny_models):
+    target, draft = tiny_models["target"], tiny_models["bad"]
+
+    def tokens(seed: int) -> list[int]:
+        params = SamplingParams(max_tokens=24, temperature=1.0, seed=seed)
+        return run(target, ModelDrafter(draft, params), [1, 2, 3], params,
+                   WindowPolicy.adaptive(4, 1, 8))[0]
+
+    assert tokens(5) == tokens(5)
+    assert tokens(5) != tokens(6)
+
+
+# ---------------------------------------------------------------- rollback and limits
+
+
+class CheckedDrafter:
+    """A drafter that checks, at each step's start, that target and draft hold the committed text."""
+
+    def __init__(self, inner: ModelDrafter, target: LocalTarget) -> None:
+        self.inner = inner
+        self.target = target
+        self.steps = 0
+
+    def propose(self, committed: list[int], k: int):
+        assert self.target.length == len(committed) - 1  # all but the last token, which is fed next
+        assert self.inner.fed == committed[:len(self.inner.fed)]
+        assert self.inner.length == len(self.inner.fed)
+        self.steps += 1
+        return self.inner.propose(committed, k)
+
+    def sync(self, committed: list[int]) -> None:
+        self.inner.sync(committed)
+
+
+def test_target_and_draft_hold_exactly_the_committed_tokens_after_rejections(tiny_models):
+    target_model, draft = tiny_models["target"], tiny_models["near"]
+    params = SamplingParams(max_tokens=40)
+    target = LocalTarget.open(target_model)
+    checked = CheckedDrafter(ModelDrafter(draft, params), target)
+    generation = speculative_generate(target, checked, [1, 2, 3], params, WindowPolicy.fixed(6))
+    tokens = [t.id for t in generation]
+    assert tokens == plain(target_model, [1, 2, 3], params)
+    stats = generation.stats
+    assert 0 < stats.accepted < stats.drafted and stats.target_passes > 1
+    assert checked.steps >= stats.target_passes - 1  # a last step with no room drafts nothing
+    assert target.length == 3 + len(tokens) - 1
+
+
+def test_closing_mid_run_leaves_target_and_draft_consistent(tiny_models):
+    model = tiny_models["target"]
+    params = SamplingParams(max_tokens=30)
+    prompt = [1, 2, 3]
+    target = LocalTarget.open(model)
+    drafter = ModelDrafter(model, params)  # the target itself: every draft is accepted
+    generation = speculative_generate(target, drafter, prompt, params, WindowPolicy.fixed(8))
+    stream = iter(generation)
+    taken = [next(stream).id for _ in range(3)]  # inside the first step's run of 9
+    stream.close()
+    committed = prompt + taken
+    assert generation.stats.target_passes == 1 and generation.stats.accepted == 8
+    assert target.length == len(committed) - 1
+    assert drafter.fed == committed[:len(drafter.fed)] and drafter.length == len(drafter.fed)
+    # What the caches hold is right: the next logits match a fresh computation.
+    fresh = LocalTarget.open(model).forward(committed, 0)[-1]
+    assert np.allclose(np.array(target.forward(committed[-1:], len(committed) - 1)[-1]),
+                       np.array(fresh), atol=1e-4)
+    assert drafter.propose(committed, 4)[0] == ModelDrafter(model, params).propose(committed, 4)[0]
+
+
+@pytest.mark.parametrize("max_tokens", [1, 2, 5, 17])
+def test_max_tokens_is_never_exceeded(max_tokens, tiny_models):
+    model = tiny_models["target"]
+    params = SamplingParams(max_tokens=max_tokens)
+    tokens, generation = run(model, ModelDrafter(model, params), [1, 2, 3], params,
+                             WindowPolicy.fixed(16))
+    assert len(tokens) == max_tokens and generation.stats.finish_reason == "length"
+    assert generation.stats.drafted == max_tokens - 1  # windows shrink to what is left
+
+
+def test_generation_stops_at_the_context_length(tiny_models):
+    model = tiny_models["target"]
+    context = model.context_length
+    prompt = [5] * (context - 4)
+    params = SamplingParams(max_tokens=50)
+    tokens, generation = run(model, ModelDrafter(model, params), prompt, params,
+                             WindowPolicy.fixed(16), context_length=context)
+    assert len(tokens) == 5 and generation.stats.finish_reason == "length"
+
+
+def test_a_stop_token_ends_the_generation_and_rolls_back(tiny_models):
+    model = tiny_models["target"]
+    free = plain(model, [1, 2, 3], SamplingParams(max_tokens=12))
+    stop = free[4]
+    params = SamplingParams(max_tokens=12, stop_token_ids=(stop,))
+    target = LocalTarget.open(model)
+    generation = speculative_generate(target, ModelDrafter(model, params), [1, 2, 3], params,
+                                      WindowPolicy.fixed(8))
+    tokens = [t.id for t in generation]
+    assert tokens == free[:free.index(stop) + 1] and generation.stats.finish_reason == "stop"
+    assert target.length == 3 + len(tokens) - 1
+
+
+def test_stats_count_drafts_acceptances_and_passes(tiny_models):
+    params = SamplingParams(max_tokens=30)
+    tokens, generation = run(tiny_models["target"], ModelDrafter(tiny_models["bad"], params),
+                             [1, 2, 3], params, WindowPolicy.adaptive(4, 1, 8, gate=None))
+    stats = generation.stats
+    assert stats.tokens == len(tokens) == 30
+    assert stats.accept_rate == stats.accepted / stats.drafted
+    assert stats.tokens_per_pass == stats.tokens / stats.target_passes
+    assert 1 <= stats.tokens_per_pass <= 9
+    assert stats.draft_seconds > 0 and stats.verify_seconds > 0
+    assert stats.to_json()["accept_rate"] == round(stats.accept_rate, 4)
+    assert stats.gate is not None
+
+
+def test_the_split_pipeline_session_is_a_target(tiny_models):
+    from layerline.runtime.kv_cache import SessionStore
+    from layerline.runtime.pipeline import Pipeline
+    from layerline.runtime.stage_model import StageModel
+
+    model = tiny_models["target"]
+    layers = model.ranges[0]
+    stage = StageModel(layers, SessionStore(layers.make_cache), 512, mx.float32)
+    pipeline = Pipeline(model.stage0, stage, first_peer=None, wire_dtype=0,
+                        hidden_size=layers.hidden_size, max_tokens=512)
+    params = SamplingParams(max_tokens=20)
+    session = pipeline.open("spec-test")
+    generation = speculative_generate(PipelineTarget(session), ModelDrafter(tiny_models["bad"], params),
+                                      [1, 2, 3], params, WindowPolicy.fixed(4))
+    assert [t.id for t in generation] == plain(model, [1, 2, 3], params)
+    assert generation.stats.accepted < generation.stats.drafted  # rolled back on every stage
+
+
+# ---------------------------------------------------------------- model drafter
+
+
+def test_model_drafter_proposes_the_draft_models_greedy_continuation(tiny_models):
+    draft = tiny_models["bad"]
+    params = SamplingParams(max_tokens=6)
+    tokens, q = ModelDrafter(draft, params).propose([1, 2, 3], 6)
+    assert tokens == plain(draft, [1, 2, 3], params) and q is None
+
+
+class CountingModel:
+    """A model that records how many tokens each call feeds."""
+
+    def __init__(self, model: LocalPipeline) -> None:
+        self.model = model
+        self.stage0 = model.stage0
+        self.fed: list[int] = []
+
+    def __call__(self, tokens: mx.array, caches):
+        self.fed.append(tokens.shape[1])
+        return self.model(tokens, caches)
+
+    def make_cache(self):
+        return self.model.make_cache()
+
+
+def test_model_drafter_feeds_last_draft_and_bonus_after_full_acceptance(tiny_models):
+    counting = CountingModel(tiny_models["bad"])
+    drafter = ModelDrafter(counting, SamplingParams())
+    committed = [1, 2, 3, 4]
+    drafts, _ = drafter.propose(committed, 4)
+    assert counting.fed == [4, 1, 1, 1]  # the prompt, then d1..d3 (d4 is never fed)
+    counting.fed.clear()
+    drafter.sync(committed + drafts + [7])  # all four accepted, plus the target's bonus
+    drafter.propose(committed + drafts + [7], 2)
+    assert counting.fed == [2, 1]  # [d4, bonus], then the new d1
+
+
+def test_model_drafter_rolls_back_rejected_drafts(tiny_models):
+    draft = tiny_models["bad"]
+    params = SamplingParams(temperature=1.0, seed=3)
+    drafter = ModelDrafter(draft, params)
+    committed = [1, 2, 3, 4]
+    drafts, q = drafter.propose(committed, 5)
+    assert q is not None and q.shape == (5, TINY_VOCAB)
+    np.testing.assert_allclose(np.array(q.sum(axis=-1)), 1.0, atol=1e-5)
+    other = next(t for t in range(TINY_VOCAB) if t != drafts[2])
+    committed = committed + drafts[:2] + [other]  # two accepted, then the target's own token
+    drafter.sync(committed)
+    assert drafter.fed == committed[:-1] and drafter.length == len(committed) - 1
+    greedy = SamplingParams()
+    assert (ModelDrafter(draft, greedy).propose(committed, 3)[0]
+            == plain(draft, committed, SamplingParams(max_tokens=3)))
+
+
+# ---------------------------------------------------------------- n-gram drafter
+
+
+def test_ngram_drafter_continues_the_longest_match():
+    drafter = NgramDrafter(min_ngram=1, max_ngram=3)
+    # The trigram [1, 2, 3] last occurred at the start (then 7); the bigram [2, 3] more
+    # recently (then 8): the longer match wins.
+    assert drafter.propose([1, 2, 3, 7, 9, 2, 3, 8, 1, 2, 3], 2) == ([7, 9], None)
+
+
+def test_ngram_drafter_takes_the_most_recent_occurrence():
+    assert NgramDrafter().propose([4, 5, 6, 4, 5, 7, 4, 5], 1) == ([7], None)
+
+
+def test_ngram_drafter_extends_a_repeating_pattern_past_the_end():
+    assert NgramDrafter().propose([1, 2, 1, 2], 5)[0] == [1, 2, 1, 2, 1]
+
+
+def test_ngram_drafter_proposes_nothing_without_a_match():
+    assert NgramDrafter().propose([1, 2, 3, 4, 5], 4) == ([], None)
+    assert NgramDrafter().propose([1, 2, 1, 2], 0) == ([], None)
+
+
+def test_ngram_drafter_follows_a_rewritten_context():
+    drafter = NgramDrafter()
+    assert drafter.propose([1, 2, 3, 1, 2], 1)[0] == [3]
+    assert drafter.propose([8, 2, 9, 8, 2], 1)[0] == [9]  # not a continuation: index rebuilt
+    assert drafter.propose([8, 2, 9, 8, 2, 9, 8], 2)[0] == [2, 9]  # grown incrementally
+
+
+# ---------------------------------------------------------------- window policy
+
+
+def test_fixed_window_is_constant_and_clipped_to_what_is_left():
+    policy = WindowPolicy.fixed(4)
+    for drafted, accepted in [(4, 0), (4, 4), (4, 2)]:
+        policy.record(drafted, accepted, 0.01, accepted + 1)
+        assert policy.next_window(100) == 4
+    assert policy.next_window(3) == 3 and policy.next_window(0) == 0
+
+
+def test_adaptive_window_grows_by_two_after_full_acceptance_up_to_max():
+    policy = WindowPolicy.adaptive(4, 2, 9, gate=None)
+    windows = []
+    for _ in range(4):
+        w = policy.next_window(100)
+        policy.record(w, w, 0.01, w + 1)
+        windows.append(policy.next_window(100))
+    assert windows == [6, 8, 9, 9]
+
+
+def test_adaptive_window_halves_towards_what_a_rejected_step_used():
+    policy = WindowPolicy.adaptive(16, 2, 16, gate=None)
+    windows = []
+    for _ in range(5):
+        policy.record(policy.next_window(100), 0, 0.01, 1)  # rejected at the first draft
+        windows.append(policy.window)
+    assert windows == [9, 5, 3, 2, 2]
+    policy = WindowPolicy.adaptive(10, 2, 16, gate=None)
+    policy.record(10, 9, 0.01, 10)  # only the last draft rejected: one smaller
+    assert policy.window == 9
+
+
+def test_adaptive_window_stays_within_its_bounds():
+    rng = np.random.default_rng(0)
+    policy = WindowPolicy.adaptive(5, 3, 11, gate=None)
+    for _ in range(500):
+        w = policy.next_window(int(rng.integers(0, 20)))
+        assert 0 <= w <= 11
+        if w:
+            accepted = int(rng.integers(0, w + 1))
+            policy.record(w, accepted, 0.01, accepted + 1)
+        assert 3 <= policy.window <= 11
+
+
+def test_invalid_windows_are_refused():
+    with pytest.raises(LayerlineError, match="min_window <= initial_window <= max_window"):
+        WindowPolicy.adaptive(1, 2, 16)
+    with pytest.raises(LayerlineError, match="min_window"):
+        WindowPolicy.fixed(0)
+    with pytest.raises(LayerlineError, match="unknown window policy"):
+        WindowPolicy("sometimes", 4, 2, 8, None)
+
+
+def drive(policy: WindowPolicy, steps: int, *, step_s: float, tokens: int, plain_s: float,
+          gated: bool = True) -> list[int]:
+    """Run `steps` steps in which speculating costs step_s for `tokens` tokens; the windows used."""
+    windows = []
+    for _ in range(steps):
+        w = policy.next_window(100, gated=gated)
+        windows.append(w)
+        if w:
+            policy.record(w, tokens - 1, step_s, tokens)
+        else:
+            policy.record(0, 0, plain_s, 1)
+    return windows
+
+
+GATE = GateSettings(measure_steps=3, baseline_steps=2, off_steps=4, max_off_steps=8)
+
+
+def test_gate_turns_drafting_off_when_speculation_loses_and_probes_again():
+    policy = WindowPolicy.adaptive(4, 2, 16, gate=GATE)
+    # 2 tokens per 0.03 s speculative step against 0.01 s per plain token: 0.67x.
+    windows = drive(policy, 5, step_s=0.03, tokens=2, plain_s=0.01)
+    assert 0 not in windows[:3]
+    assert windows[3:] == [0, 0]  # the baseline
+    decision = policy.decision
+    assert decision.drafting is False and "loses" in decision.reason
+    assert decision.speedup == pytest.approx(0.01 / 0.015)
+    assert decision.plain_s_per_token == pytest.approx(0.01)
+    assert decision.speculative_s_per_token == pytest.approx(0.015)
+    assert decision.tokens_per_pass == pytest.approx(2)
+    assert decision.accept_rate is not None and 0 < decision.accept_rate < 1
+    assert drive(policy, 4, step_s=0.03, tokens=2, plain_s=0.01) == [0] * 4  # off for off_steps
+    assert policy.decision.drafting and "probing" in policy.decision.reason
+    assert policy.next_window(100) == 4  # probing again, from the initial window
+    # Losing again doubles the off period (up to max_off_steps).
+    windows = drive(policy, 3 + 8, step_s=0.03, tokens=2, plain_s=0.01)
+    assert windows[3:] == [0] * 8 and policy.next_window(100) > 0
+
+
+def test_gate_keeps_drafting_while_speculation_wins():
+    policy = WindowPolicy.adaptive(4, 2, 16, gate=GATE)
+    windows = drive(policy, 30, step_s=0.02, tokens=5, plain_s=0.01)  # 2.5x
+    assert windows.count(0) == 2  # only the baseline measurement
+    assert policy.decision.drafting and policy.decision.speedup == pytest.approx(2.5)
+
+
+def test_ungated_requests_and_gateless_policies_never_stop_drafting():
+    policy = WindowPolicy.adaptive(4, 2, 16, gate=GATE)
+    assert 0 not in drive(policy, 20, step_s=0.03, tokens=2, plain_s=0.01, gated=False)
+    policy = WindowPolicy.adaptive(4, 2, 16, gate=None)
+    assert 0 not in drive(policy, 20, step_s=0.03, tokens=2, plain_s=0.01)
