@@ -18,6 +18,9 @@ from .manifest import (
 )
 
 
+NGRAM = "ngram"  # the `--draft-model` that names prompt-lookup drafting (no model)
+
+
 @dataclass(frozen=True)
 class DraftSpec:
     """One `--draft-model` as the user gave it."""
@@ -82,6 +85,9 @@ def build_speculative_block(
             max_window=spec.max_window,
         )
         validate_window_policy(policy, f"draft {spec.reference}")
+        if spec.reference == NGRAM:
+            strategies[name] = Strategy(type="ngram", window_policy=policy)
+            continue
         fingerprint = local_draft_fingerprint(spec.reference)
         if fingerprint is not None and fingerprint != target_fingerprint:
             raise TokenizerMismatchError(

@@ -207,7 +207,9 @@ def test_inspect_reports_architecture_layers_sizes_and_tokenizer(smollm2_package
 def test_matching_local_draft_is_written_and_read_back(tiny_llama, smollm2_package, tmp_path):
     drafts = [DraftSpec(reference=str(smollm2_package), name="smol", window="fixed",
                         initial_window=4, min_window=2, max_window=8),
-              DraftSpec(reference="org/remote-draft:Q4_K_M", name="remote")]
+              DraftSpec(reference="org/remote-draft:Q4_K_M", name="remote"),
+              DraftSpec(reference="ngram", name="lookup", window="fixed", initial_window=4,
+                        min_window=1)]
     manifest = build_package(str(tiny_llama["folder"]), tmp_path / "pkg",
                              BuildOptions(quantize="f32", drafts=drafts,
                                           default_strategy="smol", quiet=True))
@@ -220,6 +222,8 @@ def test_matching_local_draft_is_written_and_read_back(tiny_llama, smollm2_packa
     assert smol.tokenizer_fingerprint == read_manifest(smollm2_package).tokenizer.fingerprint
     assert (smol.window_policy.default, smol.window_policy.initial_window) == ("fixed", 4)
     assert spec.strategies["remote"].draft_model == "org/remote-draft:Q4_K_M"
+    lookup = spec.strategies["lookup"]
+    assert (lookup.type, lookup.draft_model, lookup.tokenizer_fingerprint) == ("ngram", None, None)
     raw = json.loads((tmp_path / "pkg" / MANIFEST_NAME).read_text())
     block = raw["generation"]["speculative_decoding"]
     assert block["strategies"]["smol"]["window_policy"] == {
