@@ -16,7 +16,10 @@ $(VENV)/.installed: pyproject.toml
 
 demo: $(VENV)/.installed
 	$(BIN)/layerline pkg build "$$($(BIN)/layerline models fetch smollm2-135m)" \
-		-o $(DEMO_DIR)/smollm2-135m --force
+		-o $(DEMO_DIR)/smollm2-135m-draft --quantize 8bit --force
+	$(BIN)/layerline pkg build "$$($(BIN)/layerline models fetch smollm2-135m)" \
+		-o $(DEMO_DIR)/smollm2-135m --force \
+		--draft-model $(DEMO_DIR)/smollm2-135m-draft --strategy-name smollm2-8bit --window adaptive
 	$(BIN)/layerline pkg inspect $(DEMO_DIR)/smollm2-135m
 	$(BIN)/python scripts/demo.py
 

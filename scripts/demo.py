@@ -1,8 +1,8 @@
-"""`make demo`: build SmolLM2's layer package, serve it split over three processes on
-loopback, and ask one chat question through the OpenAI API.
+"""`make demo`: serve SmolLM2's layer package split over three processes on loopback,
+with the draft its package declares, and ask one chat question through the OpenAI API.
 
 Stage 1 and stage 2 wait to be claimed; stage 0 plans the split, claims and loads
-them, and serves HTTP. Everything is stopped at the end.
+them, loads the draft, and serves HTTP. Everything is stopped at the end.
 """
 
 from __future__ import annotations
@@ -45,6 +45,16 @@ def wait_healthy(url: str, stage0: subprocess.Popen, timeout_s: float = 300) -> 
     sys.exit(f"stage 0 was not ready after {timeout_s:.0f} s; see {LOGS / 'stage0.log'}")
 
 
+def wait_for_draft(url: str, timeout_s: float = 300) -> dict:
+    """Stage 0 serves while its draft loads; the demo waits, to show speculation at work."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        speculative = httpx.get(f"{url}/v1/status").json()["speculative"]
+        if speculative["draft"]["state"] != "loading" or time.monotonic() > deadline:
+            return speculative
+        time.sleep(0.5)
+
+
 def main() -> None:
     if not (PACKAGE / MANIFEST_NAME).is_file():
         build_package(str(fetch_model("smollm2-135m")), PACKAGE, BuildOptions(force=True))
@@ -61,6 +71,12 @@ def main() -> None:
         for stage in split:
             print(f"stage {stage['stage']}: layers {stage['layers'][0]}..{stage['layers'][1]} "
                   f"at {stage['endpoint']} ({stage['state']})")
+        speculative = wait_for_draft(url)
+        if speculative["active"]:
+            print(f"speculation: strategy {speculative['strategy']}, draft {speculative['draft_model']}, "
+                  f"{speculative['window']} window [{speculative['sources']['strategy']}]")
+        else:
+            print(f"speculation: off ({speculative['inactive_reason']})")
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
         question = "What is the capital of France?"
         reply = client.chat.completions.create(
@@ -69,6 +85,11 @@ def main() -> None:
         print(f"Q: {question}\nA: {reply.choices[0].message.content}")
         usage = reply.usage
         print(f"({usage.prompt_tokens} prompt tokens, {usage.completion_tokens} completion tokens)")
+        stats = (usage.model_extra or {}).get("speculative") or {}
+        if stats.get("enabled"):
+            print(f"(speculation: drafted {stats['drafted']}, accepted {stats['accepted']} "
+                  f"({stats['accept_rate']:.0%}), {stats['tokens_per_pass']:.2f} tokens per target pass, "
+                  f"{stats['target_passes']} passes for {stats['tokens']} tokens)")
     finally:
         for process in processes:
             process.terminate()
