@@ -4,6 +4,7 @@ n-gram strategy; a draft that cannot be had leaves the server serving plainly an
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import re
 import shutil
@@ -91,6 +92,15 @@ def test_greedy_text_is_identical_with_and_without_the_draft_for_every_window(dr
             # The draft is the target in another weight format: it is nearly always right.
             assert usage["accepted"] > 0
             assert usage["target_passes"] < drafted["usage"]["completion_tokens"] or window == {"window": 1}
+
+
+def test_concurrent_speculating_requests_get_their_own_answers(drafted_pipeline):
+    prompts = [*PROMPTS, "Once upon a time", "import numpy as"]
+    alone = [complete(drafted_pipeline, p, {"window": 4})["choices"][0]["text"] for p in prompts]
+    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+        replies = list(pool.map(lambda p: complete(drafted_pipeline, p, {"window": 4}), prompts))
+    assert [r["choices"][0]["text"] for r in replies] == alone
+    assert all(r["usage"]["speculative"]["enabled"] for r in replies)
 
 
 def test_usage_and_metrics_count_drafts_acceptances_and_passes(drafted_pipeline):
