@@ -27,6 +27,7 @@ def stage_serve(
     listen: Annotated[str | None, typer.Option(help="gRPC host:port (default: config, else 127.0.0.1:7700).")] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="Where fetched package files go.")] = None,
     auth_token_file: Annotated[Path | None, typer.Option(help="Shared secret every node uses.")] = None,
+    admin_token_file: Annotated[Path | None, typer.Option(help="Secret guarding /v1/draft and the dashboard (stage 0).")] = None,
     package: Annotated[str | None, typer.Option(help="Package folder or Hub repo: makes this stage 0.")] = None,
     peer: Annotated[list[str] | None, typer.Option(help="Downstream stage host:port, in order.")] = None,
     split: Annotated[str, typer.Option(help="auto, or ranges like 0:10,10:30 (stage 0 first).")] = "auto",
@@ -57,7 +58,7 @@ def stage_serve(
         package=package, peers=peer or [], split=split, http=http or settings.stage.http,
         config=settings, no_draft=no_draft, wire_dtype=wire_dtype, weights=weights,
         context_length=context_length, max_sessions=max_sessions, cache_dir=cache,
-        auth_token_file=auth_token_file))
+        auth_token_file=auth_token_file, admin_token_file=admin_token_file))
 
 
 @config_app.command("show")

@@ -13,8 +13,11 @@ import mlx.core as mx
 from layerline.errors import LayerlineError
 from layerline.packager.package import LayerPackage
 
+from .admin_auth import AdminAuth, read_admin_token
 from .config import LayerlineConfig
 from .coordinator import Coordinator, CoordinatorOptions
+from .dashboard import dashboard_router
+from .draft_api import draft_router
 from .frontend import create_app
 from .kv_cache import SessionStore
 from .layer_range import LayerRange
@@ -51,6 +54,7 @@ class Stage0Options:
     max_sessions: int = 16
     cache_dir: Path = Path("~/.cache/layerline/stage")
     auth_token_file: Path | None = None
+    admin_token_file: Path | None = None  # guards /v1/draft and the dashboard
 
 
 def _open_package(ref: str, cache_dir: Path) -> LayerPackage:
@@ -77,6 +81,7 @@ class Stage0:
         self.cache_dir = options.cache_dir.expanduser()
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self.token = read_token(options.auth_token_file)
+        self.admin = AdminAuth(read_admin_token(options.admin_token_file))
         self.package = _open_package(options.package, self.cache_dir)
         manifest = self.package.manifest
         self.speculative: ResolvedSpeculativeConfig = resolve_speculative(
@@ -158,12 +163,20 @@ class Stage0:
     def stage_states(self) -> list[tuple[str, str, bool]]:
         return [(str(s["stage"]), s["endpoint"], s["state"] == "ready") for s in self.status()["stages"]]
 
+    def app(self) -> Any:
+        """The HTTP app: the OpenAI API, the draft API and the dashboard."""
+        app = create_app(self.engine, stage_states=self.stage_states)
+        app.include_router(draft_router(self.speculation, self.admin))
+        app.include_router(dashboard_router(self.admin))
+        return app
+
     def serve(self) -> None:
         import uvicorn
 
         host, _, port = self.options.http.rpartition(":")
-        app = create_app(self.engine, stage_states=self.stage_states)
-        print(f"stage 0 serving {self.package.manifest.model.id} on http://{host}:{port}", flush=True)
+        app = self.app()
+        print(f"stage 0 serving {self.package.manifest.model.id} on http://{host}:{port} "
+              f"(dashboard at /, admin token {'required' if self.admin.required else 'off'})", flush=True)
         try:
             uvicorn.run(app, host=host, port=int(port), log_level="warning")
         finally:

@@ -7,7 +7,8 @@ fails, requests decode plainly and `to_json()` says why: the server never waits 
 
 Each request takes one `SpeculationPlan` when it starts (its drafter and window policy) and
 keeps it to the end, so replacing the draft (`replace`, `clear`) switches between requests,
-never inside one.
+never inside one. `with_draft` builds the settings of a runtime change (`PUT /v1/draft`);
+such changes live in this process only: a restart resolves the settings afresh.
 
 Concurrency rule: every request speculates on its own, with its own draft caches; stage 0's
 compute lock serializes the draft model with the target's local layers, so concurrent
@@ -16,6 +17,7 @@ requests interleave step by step and none waits for another to finish.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from dataclasses import dataclass
@@ -23,6 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+
+from layerline.errors import LayerlineError, TokenizerMismatchError
+from layerline.packager.source import HUB_REPO_RE
+from layerline.packager.speculative import local_draft_fingerprint, strategy_name_for
 
 from .draft_loader import DraftLoader, DraftState
 from .drafters import Drafter, ModelDrafter, NgramDrafter, NoDrafter
@@ -32,6 +38,10 @@ from .speculative_settings import ResolvedSpeculativeConfig
 from .window_policy import WindowPolicy
 
 log = logging.getLogger("layerline.speculative")
+
+SOURCE_PUT = "runtime PUT /v1/draft"
+SOURCE_DELETE = "runtime DELETE /v1/draft"
+NGRAM_DRAFT = "ngram"  # the draft_model that names prompt-lookup drafting (no model to load)
 
 
 @dataclass(frozen=True)
@@ -75,6 +85,7 @@ class Stage0Speculation:
         self._settings = settings
         self._loader: DraftLoader | None = None
         self._pending: tuple[ResolvedSpeculativeConfig, DraftLoader] | None = None
+        self._failed: DraftState | None = None  # the last replacement that failed to load
 
     def start(self) -> Stage0Speculation:
         """Begin loading the draft the settings name (in the background)."""
@@ -119,11 +130,18 @@ class Stage0Speculation:
         """
         if not (settings.enabled and settings.type == "draft-model"):
             with self._lock:
-                self._settings, self._loader, self._pending = settings, None, None
+                self._settings, self._loader, self._pending, self._failed = settings, None, None, None
             return None
+        with self._lock:
+            current = self._loader
+            if (current is not None and current.reference == settings.draft_model
+                    and current.state.state == "ready"):
+                # Same draft, other window policy: keep the loaded model, switch now.
+                self._settings, self._pending, self._failed = settings, None, None
+                return current
         loader = self._load(settings)
         with self._lock:
-            self._pending = (settings, loader)
+            self._pending, self._failed = (settings, loader), None
         threading.Thread(target=self._switch_when_loaded, args=(settings, loader),
                          name="draft-switch", daemon=True).start()
         return loader
@@ -136,8 +154,60 @@ class Stage0Speculation:
             self._pending = None
             if state.state == "ready":
                 self._settings, self._loader = settings, loader
+            else:
+                self._failed = state  # the current settings stay; the failure stays visible
         if state.state == "ready":
             log.info("event=draft_switched reference=%s", settings.draft_model)
+
+    def clear(self) -> None:
+        """Speculation off from the next request on; the draft (loaded or loading) is dropped."""
+        settings = self._settings.off("speculation turned off by DELETE /v1/draft")
+        self.replace(dataclasses.replace(settings, sources={**settings.sources, "enabled": SOURCE_DELETE}))
+
+    def with_draft(self, draft_model: str, *, window: str | None = None, initial_window: int | None = None,
+                   min_window: int | None = None, max_window: int | None = None) -> ResolvedSpeculativeConfig:
+        """Settings that speculate with `draft_model` ("ngram": prompt lookup); window values not
+        given stay as they are.
+
+        A local draft's tokenizer is checked here, before anything loads; a Hub draft's is
+        checked once it is fetched (a mismatch then shows in `to_json()["failed_draft"]`).
+        """
+        current = self._settings
+        given = {"window": window, "initial_window": initial_window, "min_window": min_window,
+                 "max_window": max_window}
+        windows = {key: getattr(current, key) if value is None else value for key, value in given.items()}
+        if not windows["min_window"] <= windows["initial_window"] <= windows["max_window"]:
+            raise LayerlineError(
+                f"windows must satisfy min_window <= initial_window <= max_window; with the current "
+                f"values for those not given they are {windows['min_window']}, "
+                f"{windows['initial_window']}, {windows['max_window']}",
+                hint="send all three of initial_window, min_window and max_window")
+        changed = [key for key, value in given.items() if value is not None]
+        changed += ["enabled", "strategy", "type", "draft_model", "tokenizer_fingerprint"]
+        sources = {**current.sources, **dict.fromkeys(changed, SOURCE_PUT)}
+        if draft_model == NGRAM_DRAFT:
+            return ResolvedSpeculativeConfig(enabled=True, strategy=NGRAM_DRAFT, type="ngram", **windows,
+                                             sources=sources)
+        fingerprint = self._check_draft(draft_model)
+        return ResolvedSpeculativeConfig(
+            enabled=True, strategy=strategy_name_for(draft_model), type="draft-model",
+            draft_model=draft_model, tokenizer_fingerprint=fingerprint, **windows, sources=sources)
+
+    def _check_draft(self, reference: str) -> str | None:
+        """The draft's tokenizer fingerprint when it is local (None for a Hub draft); refuses a mismatch."""
+        fingerprint = local_draft_fingerprint(reference)
+        if fingerprint is None:
+            if not HUB_REPO_RE.match(reference) or reference.startswith((".", "/", "~")):
+                raise LayerlineError(f"draft {reference} does not exist on stage 0",
+                                     hint="give a package folder, a GGUF file or a model folder on "
+                                          "stage 0's machine, or a Hub repo id")
+            return None
+        if fingerprint != self.target_fingerprint:
+            raise TokenizerMismatchError(
+                f"draft {reference} has tokenizer {fingerprint}, the target has "
+                f"{self.target_fingerprint}: its tokens would mean other text",
+                hint="choose a draft of the same model family, with the same tokenizer")
+        return fingerprint
 
     def pending(self) -> DraftState | None:
         """The state of a draft being loaded to replace the current one, if any."""
@@ -174,9 +244,11 @@ class Stage0Speculation:
         """The settings with their sources, the draft's state, and whether speculation is active."""
         reason = self.inactive_reason()
         pending = self.pending()
+        failed = self._failed
         return {**self._settings.to_json(), "active": reason is None, "inactive_reason": reason,
                 "draft": self.draft_state().to_json(),
-                "pending_draft": pending.to_json() if pending is not None else None}
+                "pending_draft": pending.to_json() if pending is not None else None,
+                "failed_draft": failed.to_json() if failed is not None else None}
 
 
 def _plain(reason: str) -> SpeculationPlan:

@@ -1,0 +1,100 @@
+"""The dashboard in headless Chromium against a real stage 0 and one downstream stage: sign
+in, see both stages, set the draft through the form, chat with streaming; and the screenshot
+that docs/dashboard.md shows."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import StageProcess
+from test_split_serving import Stage0Process
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "images" / "dashboard.png"
+ADMIN_TOKEN = "dashboard-test-secret"
+SLOW_MS = 180_000  # loading a draft or answering on a busy 2-core machine
+
+pytestmark = pytest.mark.skipif(
+    not Path(CHROMIUM).exists(),
+    reason="no chromium: install Debian's package (`apt-get install chromium`); .ci/run does")
+
+
+@pytest.fixture(scope="module")
+def pipeline(smollm2_package: Path, tmp_path_factory: pytest.TempPathFactory):
+    """Stage 0 (layers 0..12, admin token set) over one peer (12..30)."""
+    root = tmp_path_factory.mktemp("dashboard")
+    (root / "admin-token").write_text(ADMIN_TOKEN)
+    (root / "config.toml").write_text("")
+    (root / "peer").mkdir()
+    peer = StageProcess((), root / "peer")
+    try:
+        stage0 = Stage0Process(smollm2_package, [peer.endpoint], root, "--split", "0:12,12:30",
+                               "--admin-token-file", str(root / "admin-token"),
+                               "--config", str(root / "config.toml"))
+    except BaseException:
+        peer.stop()
+        raise
+    yield stage0, peer
+    stage0.stop()
+    peer.stop()
+
+
+@pytest.fixture
+def page():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM)
+        try:
+            yield browser.new_page(viewport={"width": 1280, "height": 900})
+        finally:
+            browser.close()
+
+
+def test_dashboard_shows_the_pipeline_sets_the_draft_and_streams_a_chat(pipeline, page,
+                                                                         smollm2_f32_package):
+    from playwright.sync_api import expect
+
+    stage0, peer = pipeline
+    page.goto(f"{stage0.url}/")
+    expect(page.locator("#login-message")).to_contain_text("admin token")
+    page.fill("#token", ADMIN_TOKEN)
+    page.click("button[type=submit]")
+
+    rows = page.locator("#stages tbody tr")
+    expect(rows).to_have_count(2)
+    expect(rows.nth(0).locator(".layers")).to_have_text("0..12")
+    expect(rows.nth(1).locator(".layers")).to_have_text("12..30")
+    expect(rows.nth(1)).to_contain_text(peer.endpoint)
+    expect(rows.locator(".badge[data-state=ready]")).to_have_count(2)
+    expect(page.locator("#model")).to_have_text("HuggingFaceTB/SmolLM2-135M-Instruct")
+    expect(page.locator("#spec-indicator")).to_have_attribute("data-active", "false")
+
+    page.fill("#draft-model", str(smollm2_f32_package))
+    page.select_option("#window", "adaptive")
+    page.fill("#initial-window", "4")
+    page.fill("#min-window", "2")
+    page.fill("#max-window", "8")
+    page.click("#set-draft")
+    expect(page.locator("#spec-indicator")).to_have_attribute("data-active", "true", timeout=SLOW_MS)
+    expect(page.locator("#spec-indicator")).to_have_text("active")
+    expect(page.locator("#spec-settings")).to_contain_text("runtime PUT /v1/draft")
+
+    page.fill("#chat-max-tokens", "24")
+    page.fill("#chat-input", "What is the capital of France?")
+    page.click("#chat-send")
+    answer = page.locator(".msg.assistant").last
+    expect(answer).to_have_attribute("data-done", "true", timeout=SLOW_MS)
+    assert "Paris" in answer.locator(".text").inner_text()
+    assert int(answer.get_attribute("data-chunks")) > 1  # it arrived in pieces, as it was made
+    expect(answer.locator(".stats")).to_contain_text("smollm2-f32: accepted")
+    expect(page.locator("#accept-rate")).to_contain_text("%")  # the live metrics saw it
+    expect(page.locator("#requests")).to_have_text("1")
+
+    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    partial = SCREENSHOT.with_suffix(".partial.png")
+    page.screenshot(path=str(partial), full_page=True)
+    os.replace(partial, SCREENSHOT)
