@@ -28,7 +28,7 @@ import mlx.core as mx
 
 from layerline.errors import LayerlineError, TokenizerMismatchError
 from layerline.packager.source import HUB_REPO_RE
-from layerline.packager.speculative import local_draft_fingerprint, strategy_name_for
+from layerline.packager.speculative import NGRAM, local_draft_fingerprint, strategy_name_for
 
 from .draft_loader import DraftLoader, DraftState
 from .drafters import Drafter, ModelDrafter, NgramDrafter, NoDrafter
@@ -41,7 +41,6 @@ log = logging.getLogger("layerline.speculative")
 
 SOURCE_PUT = "runtime PUT /v1/draft"
 SOURCE_DELETE = "runtime DELETE /v1/draft"
-NGRAM_DRAFT = "ngram"  # the draft_model that names prompt-lookup drafting (no model to load)
 
 
 @dataclass(frozen=True)
@@ -185,8 +184,8 @@ class Stage0Speculation:
         changed = [key for key, value in given.items() if value is not None]
         changed += ["enabled", "strategy", "type", "draft_model", "tokenizer_fingerprint"]
         sources = {**current.sources, **dict.fromkeys(changed, SOURCE_PUT)}
-        if draft_model == NGRAM_DRAFT:
-            return ResolvedSpeculativeConfig(enabled=True, strategy=NGRAM_DRAFT, type="ngram", **windows,
+        if draft_model == NGRAM:  # prompt-lookup drafting: no model to load
+            return ResolvedSpeculativeConfig(enabled=True, strategy=NGRAM, type="ngram", **windows,
                                              sources=sources)
         fingerprint = self._check_draft(draft_model)
         return ResolvedSpeculativeConfig(
