@@ -11,6 +11,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 log = logging.getLogger("layerline.delay_proxy")
@@ -25,7 +26,21 @@ class ProxyAddress:
         return f"{self.host}:{self.port}"
 
 
-async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay_s: float) -> None:
+@dataclass
+class ProxyTraffic:
+    """What went through a proxy: proof that a link was really delayed."""
+
+    connections: int = 0
+    bytes_to_target: int = 0  # client -> target
+    bytes_from_target: int = 0  # target -> client
+
+    def to_json(self) -> dict[str, int]:
+        return {"connections": self.connections, "bytes_to_target": self.bytes_to_target,
+                "bytes_from_target": self.bytes_from_target}
+
+
+async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay_s: float,
+                count: Callable[[int], None]) -> None:
     queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
 
     async def deliver() -> None:
@@ -43,6 +58,7 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, dela
     sender = asyncio.create_task(deliver())
     try:
         while chunk := await reader.read(1 << 16):
+            count(len(chunk))
             queue.put_nowait((time.monotonic() + delay_s, chunk))
     except (ConnectionError, asyncio.CancelledError):
         pass
@@ -63,6 +79,7 @@ class DelayProxy:
         self.delay_s = delay_ms / 1000
         self.listen_host = listen_host
         self.address: ProxyAddress | None = None
+        self.traffic = ProxyTraffic()  # updated on the proxy's thread only
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"delay-proxy-{port}", daemon=True)
@@ -99,8 +116,17 @@ class DelayProxy:
         except OSError:
             client_writer.close()
             return
-        await asyncio.gather(_pump(client_reader, upstream_writer, self.delay_s),
-                             _pump(upstream_reader, client_writer, self.delay_s))
+        traffic = self.traffic
+        traffic.connections += 1
+
+        def to_target(n: int) -> None:
+            traffic.bytes_to_target += n
+
+        def from_target(n: int) -> None:
+            traffic.bytes_from_target += n
+
+        await asyncio.gather(_pump(client_reader, upstream_writer, self.delay_s, to_target),
+                             _pump(upstream_reader, client_writer, self.delay_s, from_target))
 
     def stop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
