@@ -226,6 +226,7 @@ def _log_to_stderr(quiet: bool) -> None:
 
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s",
                         stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per HTTP request
 
 
 @app.command("run")

@@ -10,31 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from pathlib import Path
 
 from fastapi import Request
-
-from layerline.errors import LayerlineError
 
 from .openai_schema import ApiError
 
 COOKIE = "layerline_admin"
 _HINT = "send 'Authorization: Bearer <token>' with the token in the file given to --admin-token-file"
-
-
-def read_admin_token(path: Path | str | None) -> str | None:
-    """The admin token in `path` (whitespace stripped), or None without a path."""
-    if path is None:
-        return None
-    try:
-        token = Path(path).expanduser().read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise LayerlineError(f"cannot read the admin token file {path}: {exc}",
-                             hint="pass an existing file with --admin-token-file") from exc
-    if not token:
-        raise LayerlineError(f"the admin token file {path} is empty",
-                             hint="write a secret into it, e.g. `openssl rand -hex 32 > FILE`")
-    return token
 
 
 class AdminAuth:

@@ -13,7 +13,7 @@ import mlx.core as mx
 from layerline.errors import LayerlineError
 from layerline.packager.package import LayerPackage
 
-from .admin_auth import AdminAuth, read_admin_token
+from .admin_auth import AdminAuth
 from .config import LayerlineConfig
 from .coordinator import Coordinator, CoordinatorOptions
 from .dashboard import dashboard_router
@@ -81,7 +81,7 @@ class Stage0:
         self.cache_dir = options.cache_dir.expanduser()
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self.token = read_token(options.auth_token_file)
-        self.admin = AdminAuth(read_admin_token(options.admin_token_file))
+        self.admin = AdminAuth(read_token(options.admin_token_file, "--admin-token-file"))
         self.package = _open_package(options.package, self.cache_dir)
         manifest = self.package.manifest
         self.speculative: ResolvedSpeculativeConfig = resolve_speculative(

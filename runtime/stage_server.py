@@ -27,17 +27,18 @@ def auth_metadata(token: str | None) -> list[tuple[str, str]] | None:
     return [(AUTH_HEADER, f"Bearer {token}")] if token else None
 
 
-def read_token(path: Path | str | None) -> str | None:
-    """The shared secret in `path` (whitespace stripped), or None without a path."""
+def read_token(path: Path | str | None, option: str = "--auth-token-file") -> str | None:
+    """The secret in `path` (whitespace stripped), or None without a path; `option` names the flag."""
     if path is None:
         return None
     try:
         token = Path(path).expanduser().read_text(encoding="utf-8").strip()
     except OSError as exc:
-        raise LayerlineError(f"cannot read the auth token file {path}: {exc}",
-                             hint="pass an existing file with --auth-token-file") from exc
+        raise LayerlineError(f"cannot read the token file {path} given to {option}: {exc}",
+                             hint=f"pass an existing file with {option}") from exc
     if not token:
-        raise LayerlineError(f"the auth token file {path} is empty")
+        raise LayerlineError(f"the token file {path} given to {option} is empty",
+                             hint="write a secret into it, e.g. `openssl rand -hex 32 > FILE`")
     return token
 
 

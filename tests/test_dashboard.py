@@ -9,8 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import StageProcess
-from test_split_serving import Stage0Process
+from test_split_serving import admin_pipeline
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "images" / "dashboard.png"
@@ -26,20 +25,8 @@ pytestmark = pytest.mark.skipif(
 def pipeline(smollm2_package: Path, tmp_path_factory: pytest.TempPathFactory):
     """Stage 0 (layers 0..12, admin token set) over one peer (12..30)."""
     root = tmp_path_factory.mktemp("dashboard")
-    (root / "admin-token").write_text(ADMIN_TOKEN)
-    (root / "config.toml").write_text("")
-    (root / "peer").mkdir()
-    peer = StageProcess((), root / "peer")
-    try:
-        stage0 = Stage0Process(smollm2_package, [peer.endpoint], root, "--split", "0:12,12:30",
-                               "--admin-token-file", str(root / "admin-token"),
-                               "--config", str(root / "config.toml"))
-    except BaseException:
-        peer.stop()
-        raise
-    yield stage0, peer
-    stage0.stop()
-    peer.stop()
+    with admin_pipeline(smollm2_package, root, "0:12,12:30", ADMIN_TOKEN) as (stage0, peer):
+        yield stage0, peer
 
 
 @pytest.fixture

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import StageProcess
-from test_split_serving import Stage0Process
+from test_split_serving import Stage0Process, admin_pipeline
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 ADMIN_TOKEN = "draft-api-test-secret"
@@ -25,20 +24,8 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 def stage0(smollm2_package: Path, tmp_path_factory: pytest.TempPathFactory):
     """Stage 0 (layers 0..15, admin token set, no draft at start) over one peer (15..30)."""
     root = tmp_path_factory.mktemp("draft-api")
-    (root / "admin-token").write_text(ADMIN_TOKEN + "\n")
-    (root / "config.toml").write_text("")  # nothing from the user's own config
-    (root / "peer").mkdir()
-    peer = StageProcess((), root / "peer")
-    try:
-        server = Stage0Process(smollm2_package, [peer.endpoint], root, "--split", "0:15,15:30",
-                               "--admin-token-file", str(root / "admin-token"),
-                               "--config", str(root / "config.toml"))
-    except BaseException:
-        peer.stop()
-        raise
-    yield server
-    server.stop()
-    peer.stop()
+    with admin_pipeline(smollm2_package, root, "0:15,15:30", ADMIN_TOKEN) as (server, _peer):
+        yield server
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ the official `openai` client, failures, fencing and concurrency."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import subprocess
 import sys
@@ -63,6 +64,29 @@ class Stage0Process:
             self.process.wait(timeout=15)
         except subprocess.TimeoutExpired:
             self.process.kill()
+
+
+@contextlib.contextmanager
+def admin_pipeline(package: Path, root: Path, split: str, admin_token: str):
+    """Stage 0 (admin token set, empty config) over one peer process, stopped on the way out."""
+    from conftest import StageProcess
+
+    (root / "admin-token").write_text(admin_token + "\n")
+    (root / "config.toml").write_text("")  # nothing from the user's own config
+    (root / "peer").mkdir()
+    peer = StageProcess((), root / "peer")
+    try:
+        stage0 = Stage0Process(package, [peer.endpoint], root, "--split", split,
+                               "--admin-token-file", str(root / "admin-token"),
+                               "--config", str(root / "config.toml"))
+    except BaseException:
+        peer.stop()
+        raise
+    try:
+        yield stage0, peer
+    finally:
+        stage0.stop()
+        peer.stop()
 
 
 @pytest.fixture
