@@ -316,7 +316,7 @@ def bench_serve(
     """Serve one model under a matrix of conditions and compare them: split, draft, delayed links, llama.cpp."""
     import time
 
-    from .runtime.bench_report import write_report
+    from .runtime.bench_report import render_report, write_report
     from .runtime.bench_serve import DEFAULT_PROMPTS, Bench, BenchSettings, build_matrix
 
     _log_to_stderr(quiet=False)
@@ -335,8 +335,8 @@ def bench_serve(
         done.append(result)
         write_report(folder, settings, done, sys.argv)
 
-    results = Bench(settings, folder).run(conditions, on_result=save)
-    typer.echo(write_report(folder, settings, results, sys.argv))
+    results = Bench(settings, folder).run(conditions, on_result=save)  # the last save wrote them all
+    typer.echo(render_report(settings, results))
     typer.echo(f"wrote {folder}/table.md, results.json, chart.png")
     if any(r.error for r in results):
         raise typer.Exit(1)

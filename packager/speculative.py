@@ -50,6 +50,15 @@ def local_draft_fingerprint(reference: str) -> str | None:
     return None
 
 
+def require_same_tokenizer(reference: str, fingerprint: str, target_fingerprint: str) -> None:
+    """Refuse a draft whose tokenizer differs from the target's: its token ids mean other text."""
+    if fingerprint != target_fingerprint:
+        raise TokenizerMismatchError(
+            f"draft {reference} has tokenizer {fingerprint}, the target has "
+            f"{target_fingerprint}: its tokens would mean other text",
+            hint="choose a draft of the same model family, with the same tokenizer")
+
+
 def _fingerprint_of_source(reference: str) -> str:
     import tempfile
 
@@ -88,12 +97,8 @@ def build_speculative_block(
             strategies[name] = Strategy(type="ngram", window_policy=policy)
             continue
         fingerprint = local_draft_fingerprint(spec.reference)
-        if fingerprint is not None and fingerprint != target_fingerprint:
-            raise TokenizerMismatchError(
-                f"draft {spec.reference} has tokenizer {fingerprint}, but the target's is "
-                f"{target_fingerprint}: its token ids would mean different text",
-                hint="choose a draft model of the same family, with the same tokenizer",
-            )
+        if fingerprint is not None:
+            require_same_tokenizer(spec.reference, fingerprint, target_fingerprint)
         strategies[name] = Strategy(
             type="draft-model",
             draft_model=spec.reference,

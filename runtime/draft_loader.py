@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from layerline.errors import LayerlineError, TokenizerMismatchError
+from layerline.errors import LayerlineError
 from layerline.packager.manifest import MANIFEST_NAME, read_manifest
 from layerline.packager.source import HUB_REPO_RE
+from layerline.packager.speculative import require_same_tokenizer
 
 log = logging.getLogger("layerline.draft")
 
@@ -101,11 +102,7 @@ class DraftLoader:
         try:
             folder = draft_package_dir(self.reference, self.cache_dir)
             fingerprint = read_manifest(folder).tokenizer.fingerprint
-            if fingerprint != self.target_fingerprint:
-                raise TokenizerMismatchError(
-                    f"draft {self.reference} has tokenizer {fingerprint}, the target has "
-                    f"{self.target_fingerprint}: its tokens would mean other text",
-                    hint="choose a draft of the same model family, with the same tokenizer")
+            require_same_tokenizer(self.reference, fingerprint, self.target_fingerprint)
             self.model = LocalPipeline.load(folder, weights=self.weights, tokenizer=False)
         except Exception as exc:  # any failure leaves the server serving without the draft
             reason = str(exc) if isinstance(exc, LayerlineError) else f"{type(exc).__name__}: {exc}"

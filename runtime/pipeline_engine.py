@@ -103,15 +103,11 @@ class PipelineEngine:
                                    stats={"speculative": speculation_usage(plan, tokens.stats)})
 
     def _record(self, plan: SpeculationPlan, stats: SpeculationStats, seconds: float) -> None:
-        if plan.speculating:
-            log.info("event=request_done prompt_tokens=%d tokens=%d seconds=%.2f tok_s=%.1f "
-                     "strategy=%s window=%s %s", stats.prompt_tokens, stats.tokens, seconds,
-                     stats.tokens / seconds if seconds > 0 else 0.0, plan.strategy, plan.policy.kind,
-                     stats.describe())
-        else:
-            log.info("event=request_done prompt_tokens=%d tokens=%d seconds=%.2f tok_s=%.1f "
-                     "speculation=off reason=%r", stats.prompt_tokens, stats.tokens, seconds,
-                     stats.tokens / seconds if seconds > 0 else 0.0, plan.reason)
+        mode = (f"strategy={plan.strategy} window={plan.policy.kind} {stats.describe()}"
+                if plan.speculating else f"speculation=off reason={plan.reason!r}")
+        log.info("event=request_done prompt_tokens=%d tokens=%d seconds=%.2f tok_s=%.1f %s",
+                 stats.prompt_tokens, stats.tokens, seconds,
+                 stats.tokens / seconds if seconds > 0 else 0.0, mode)
 
     def _logprobs(self, token: SpeculativeToken) -> list[TokenLogprob]:
         decode = self.tokenizer.decode

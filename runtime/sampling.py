@@ -81,18 +81,11 @@ class Sampler:
     def __call__(self, logits: mx.array) -> mx.array:
         """Logits (1, vocab) of the next position -> the chosen token id, shape (1,), lazily."""
         p = self.params
-        if p.repetition_penalty != 1.0:
-            logits = self._penalize(logits)
+        logits = penalize(logits, self._recent, p.repetition_penalty)
         if p.greedy:
             token = mx.argmax(logits, axis=-1)
         else:
-            logits = logits.astype(mx.float32)
-            if p.top_k:
-                logits = keep_top_k(logits, p.top_k)
-            if p.top_p < 1.0:
-                logits = keep_top_p(logits, p.top_p)
-            if p.min_p > 0.0:
-                logits = keep_min_p(logits, p.min_p)
+            logits = filter_logits(logits.astype(mx.float32), p)
             self._key, key = mx.random.split(self._key)
             token = mx.random.categorical(logits * (1 / p.temperature), axis=-1, key=key)
         if p.repetition_penalty != 1.0:
@@ -101,17 +94,29 @@ class Sampler:
             ]
         return token
 
-    def _penalize(self, logits: mx.array) -> mx.array:
-        if self._recent.size == 0:
-            return logits
-        penalty = self.params.repetition_penalty
-        index = mx.broadcast_to(self._recent, (logits.shape[0], self._recent.size))
-        chosen = mx.take_along_axis(logits, index, axis=-1)
-        chosen = mx.where(chosen < 0, chosen * penalty, chosen / penalty)
-        return mx.put_along_axis(logits, index, chosen, axis=-1)
+
+def penalize(logits: mx.array, recent: mx.array, penalty: float) -> mx.array:
+    """Logits (B, V) with the recent tokens' logits pushed away from zero (CTRL's rule)."""
+    if penalty == 1.0 or recent.size == 0:
+        return logits
+    index = mx.broadcast_to(recent, (logits.shape[0], recent.size))
+    chosen = mx.take_along_axis(logits, index, axis=-1)
+    chosen = mx.where(chosen < 0, chosen * penalty, chosen / penalty)
+    return mx.put_along_axis(logits, index, chosen, axis=-1)
 
 
-def keep_top_k(logits: mx.array, k: int) -> mx.array:
+def filter_logits(logits: mx.array, params: SamplingParams) -> mx.array:
+    """Logits with what the request's top-k, top-p and min-p exclude set to -inf, in that order."""
+    if params.top_k:
+        logits = _top_k(logits, params.top_k)
+    if params.top_p < 1.0:
+        logits = _top_p(logits, params.top_p)
+    if params.min_p > 0.0:
+        logits = _min_p(logits, params.min_p)
+    return logits
+
+
+def _top_k(logits: mx.array, k: int) -> mx.array:
     vocab = logits.shape[-1]
     if k >= vocab:
         return logits
@@ -119,7 +124,7 @@ def keep_top_k(logits: mx.array, k: int) -> mx.array:
     return mx.put_along_axis(logits, dropped, mx.array(-mx.inf, logits.dtype), axis=-1)
 
 
-def keep_top_p(logits: mx.array, top_p: float) -> mx.array:
+def _top_p(logits: mx.array, top_p: float) -> mx.array:
     # Keep the smallest set of most likely tokens whose probabilities reach top_p.
     order = mx.argsort(-logits, axis=-1)
     sorted_logits = mx.take_along_axis(logits, order, axis=-1)
@@ -129,7 +134,7 @@ def keep_top_p(logits: mx.array, top_p: float) -> mx.array:
     return mx.put_along_axis(logits, order, sorted_kept, axis=-1)
 
 
-def keep_min_p(logits: mx.array, min_p: float) -> mx.array:
+def _min_p(logits: mx.array, min_p: float) -> mx.array:
     # Drop tokens less likely than min_p times the most likely one.
     threshold = logits.max(axis=-1, keepdims=True) + math.log(min_p)
     return mx.where(logits >= threshold, logits, -mx.inf)

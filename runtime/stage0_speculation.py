@@ -26,9 +26,14 @@ from typing import Any
 
 import mlx.core as mx
 
-from layerline.errors import LayerlineError, TokenizerMismatchError
+from layerline.errors import LayerlineError
 from layerline.packager.source import HUB_REPO_RE
-from layerline.packager.speculative import NGRAM, local_draft_fingerprint, strategy_name_for
+from layerline.packager.speculative import (
+    NGRAM,
+    local_draft_fingerprint,
+    require_same_tokenizer,
+    strategy_name_for,
+)
 
 from .draft_loader import DraftLoader, DraftState
 from .drafters import Drafter, ModelDrafter, NgramDrafter, NoDrafter
@@ -201,11 +206,7 @@ class Stage0Speculation:
                                      hint="give a package folder, a GGUF file or a model folder on "
                                           "stage 0's machine, or a Hub repo id")
             return None
-        if fingerprint != self.target_fingerprint:
-            raise TokenizerMismatchError(
-                f"draft {reference} has tokenizer {fingerprint}, the target has "
-                f"{self.target_fingerprint}: its tokens would mean other text",
-                hint="choose a draft of the same model family, with the same tokenizer")
+        require_same_tokenizer(reference, fingerprint, self.target_fingerprint)
         return fingerprint
 
     def pending(self) -> DraftState | None:

@@ -11,17 +11,7 @@ import secrets
 
 import mlx.core as mx
 
-from .sampling import SamplingParams, keep_min_p, keep_top_k, keep_top_p
-
-
-def penalize(logits: mx.array, recent: mx.array, penalty: float) -> mx.array:
-    """Logits (B, V) with the recent tokens' logits pushed away from zero, as Sampler does."""
-    if penalty == 1.0 or recent.size == 0:
-        return logits
-    index = mx.broadcast_to(recent, (logits.shape[0], recent.size))
-    chosen = mx.take_along_axis(logits, index, axis=-1)
-    chosen = mx.where(chosen < 0, chosen * penalty, chosen / penalty)
-    return mx.put_along_axis(logits, index, chosen, axis=-1)
+from .sampling import SamplingParams, filter_logits, penalize
 
 
 def recent_tokens(history: list[int] | mx.array, params: SamplingParams) -> mx.array:
@@ -41,13 +31,7 @@ def probabilities(logits: mx.array, recent: mx.array, params: SamplingParams) ->
     """Probabilities (B, V) the request samples from: penalty, top-k/top-p/min-p, temperature."""
     if params.greedy:
         raise ValueError("a greedy request has no sampling distribution; use scores() and argmax")
-    logits = scores(logits, recent, params)
-    if params.top_k:
-        logits = keep_top_k(logits, params.top_k)
-    if params.top_p < 1.0:
-        logits = keep_top_p(logits, params.top_p)
-    if params.min_p > 0.0:
-        logits = keep_min_p(logits, params.min_p)
+    logits = filter_logits(scores(logits, recent, params), params)
     return mx.softmax(logits * (1 / params.temperature), axis=-1)
 
 
