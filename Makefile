@@ -19,7 +19,7 @@ demo: $(VENV)/.installed
 		-o $(DEMO_DIR)/smollm2-135m-draft --quantize 8bit --force
 	$(BIN)/layerline pkg build "$$($(BIN)/layerline models fetch smollm2-135m)" \
 		-o $(DEMO_DIR)/smollm2-135m --force \
-		--draft-model $(DEMO_DIR)/smollm2-135m-draft --strategy-name smollm2-8bit --window adaptive
+		--draft-model $(DEMO_DIR)/smollm2-135m-draft --strategy-name smollm2-8bit --window-policy adaptive
 	$(BIN)/layerline pkg inspect $(DEMO_DIR)/smollm2-135m
 	$(BIN)/python scripts/demo.py
 

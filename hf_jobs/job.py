@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from layerline.errors import PublishError
 from layerline.packager.publish import check_repo_id, hub_errors, hub_token
-from layerline.packager.source import HUB_REPO_RE
+from layerline.packager.source import is_hub_id
 from layerline.packager.weights import parse_format
 
 if TYPE_CHECKING:
@@ -84,7 +84,7 @@ def check_request(request: BuildJobRequest) -> None:
             hint="upload the model to the Hub and pass its repo id (or REPO:FILE.gguf), or build here and "
             "run `layerline pkg publish`; if you meant the Hub repo, run from a folder without that path",
         )
-    if not HUB_REPO_RE.match(request.source):
+    if not is_hub_id(request.source):
         raise PublishError(
             f"job source {request.source!r} is not a Hub reference",
             hint="pass a Hub repo id (ORG/NAME), or ORG/NAME:FILE.gguf for one GGUF file of a repo",

@@ -10,7 +10,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 def _load_fast_blas() -> None:
     # Must run before anything imports mlx: mlx binds its BLAS symbols when it loads.
-    from .runtime.blas import load_fast_blas
+    from .runtime.model.blas import load_fast_blas
 
     load_fast_blas()
 

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from .manifest import speculative_to_json
 from .package import LayerPackage
+from .window_spec import WindowSpec
 
 
 def inspect_package(root: Path | str) -> dict[str, Any]:
@@ -92,12 +93,9 @@ def render_summary(summary: dict[str, Any], console: Console) -> None:
     else:
         rows.append(("speculative default", str(spec["default"])))
         for name, strategy in spec["strategies"].items():
-            policy = strategy["window_policy"]
-            rows.append((
-                f"  strategy {name}",
-                f"{strategy['type']} {strategy.get('draft_model', '')} window {policy['default']} "
-                f"{policy['initial_window']} [{policy['min_window']}, {policy['max_window']}]",
-            ))
+            window = WindowSpec.from_json(strategy).describe()
+            rows.append((f"  strategy {name}",
+                         f"{strategy['type']} {strategy.get('draft_model', '')} {window}"))
     for key, value in rows:
         table.add_row(key, value)
     console.print(table)

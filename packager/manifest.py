@@ -14,12 +14,16 @@ from typing import Any
 
 from layerline.errors import ManifestError
 
+from .window_spec import FIELDS, WindowError, WindowSpec
+
 FORMAT = "layerline.layer-package"
-SCHEMA_VERSION = 1
+# Version 2 names a strategy's window as the config does (`window_policy = "adaptive"`,
+# `initial_window`, …); version 1 nested them (`window_policy = {"default": "adaptive", …}`).
+SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)
 MANIFEST_NAME = "model-package.json"
 
 STRATEGY_TYPES = ("draft-model", "ngram")
-WINDOW_POLICIES = ("adaptive", "fixed")
 
 
 @dataclass(frozen=True)
@@ -62,19 +66,11 @@ class TokenizerInfo:
 
 
 @dataclass(frozen=True)
-class WindowPolicy:
-    default: str = "adaptive"
-    initial_window: int = 8
-    min_window: int = 2
-    max_window: int = 16
-
-
-@dataclass(frozen=True)
 class Strategy:
     type: str
     draft_model: str | None = None
     tokenizer_fingerprint: str | None = None
-    window_policy: WindowPolicy = field(default_factory=WindowPolicy)
+    window_spec: WindowSpec = field(default_factory=WindowSpec)
 
 
 @dataclass(frozen=True)
@@ -121,7 +117,7 @@ class Manifest:
         """The manifest as written to disk."""
         data: dict[str, Any] = {
             "format": self.format,
-            "schema_version": self.schema_version,
+            "schema_version": SCHEMA_VERSION,  # what to_json writes, whatever version was read
             "model": asdict(self.model),
             "config": self.config,
             "dtype": self.dtype,
@@ -144,8 +140,7 @@ def speculative_to_json(spec: SpeculativeDecoding) -> dict[str, Any]:
             entry["draft_model"] = strategy.draft_model
         if strategy.tokenizer_fingerprint is not None:
             entry["tokenizer_fingerprint"] = strategy.tokenizer_fingerprint
-        entry["window_policy"] = asdict(strategy.window_policy)
-        strategies[name] = entry
+        strategies[name] = entry | strategy.window_spec.to_json()
     return {"default": spec.default, "strategies": strategies}
 
 
@@ -214,33 +209,26 @@ def check_relative_path(path: str, origin: str) -> str:
     return path
 
 
-def _parse_window_policy(reader: _Reader | None) -> WindowPolicy:
-    if reader is None:
-        return WindowPolicy()
-    policy = WindowPolicy(
-        default=reader.get("default", str, optional=True) or "adaptive",
-        initial_window=reader.get("initial_window", int, optional=True) or 8,
-        min_window=reader.get("min_window", int, optional=True) or 2,
-        max_window=reader.get("max_window", int, optional=True) or 16,
-    )
-    validate_window_policy(policy, f"{reader.origin}: {reader.where}")
-    return policy
+def _parse_window(strategy: _Reader, schema_version: int) -> WindowSpec:
+    """A strategy's window: flat settings (version 2), or the nested `window_policy` of version 1."""
+    reader: _Reader | None = strategy
+    names = dict(FIELDS)
+    if schema_version == 1:
+        reader = strategy.child("window_policy", optional=True)
+        names["policy"] = "default"
+    values = {}
+    for field_name, name in names.items():
+        value = None if reader is None else reader.get(name, str if field_name == "policy" else int,
+                                                       optional=True)
+        if value is not None:
+            values[FIELDS[field_name]] = value
+    try:
+        return WindowSpec.from_json(values).validate()
+    except WindowError as exc:
+        raise ManifestError(f"{strategy.origin}: {strategy.where}: {exc.message}", hint=exc.hint) from exc
 
 
-def validate_window_policy(policy: WindowPolicy, where: str) -> None:
-    """Raise ManifestError unless 1 <= min <= initial <= max and the kind is known."""
-    if policy.default not in WINDOW_POLICIES:
-        raise ManifestError(
-            f"{where}: window policy {policy.default!r} is unknown; use one of {WINDOW_POLICIES}"
-        )
-    if not (1 <= policy.min_window <= policy.initial_window <= policy.max_window):
-        raise ManifestError(
-            f"{where}: windows must satisfy 1 <= min_window <= initial_window <= max_window, got "
-            f"min={policy.min_window} initial={policy.initial_window} max={policy.max_window}"
-        )
-
-
-def parse_speculative(raw: Any, origin: str) -> SpeculativeDecoding:
+def parse_speculative(raw: Any, origin: str, schema_version: int = SCHEMA_VERSION) -> SpeculativeDecoding:
     reader = _Reader(raw, "generation.speculative_decoding", origin)
     strategies_reader = reader.child("strategies")
     assert strategies_reader is not None
@@ -258,7 +246,7 @@ def parse_speculative(raw: Any, origin: str) -> SpeculativeDecoding:
             type=kind,
             draft_model=draft,
             tokenizer_fingerprint=s.get("tokenizer_fingerprint", str, optional=True),
-            window_policy=_parse_window_policy(s.child("window_policy", optional=True)),
+            window_spec=_parse_window(s, schema_version),
         )
     default = reader.get("default", str, optional=True)
     if default is not None and default not in strategies:
@@ -276,10 +264,10 @@ def parse_manifest(raw: Any, origin: str = MANIFEST_NAME) -> Manifest:
     if fmt != FORMAT:
         raise ManifestError(f"{origin}: format is {fmt!r}, expected {FORMAT!r}")
     version = top.get("schema_version", int)
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_SCHEMA_VERSIONS:
         raise ManifestError(
-            f"{origin}: unknown schema_version {version}; this layerline reads version "
-            f"{SCHEMA_VERSION}",
+            f"{origin}: unknown schema_version {version}; this layerline reads versions "
+            f"{', '.join(map(str, READABLE_SCHEMA_VERSIONS))}",
             hint="upgrade layerline, or rebuild the package with this version",
         )
 
@@ -352,7 +340,7 @@ def parse_manifest(raw: Any, origin: str = MANIFEST_NAME) -> Manifest:
     speculative = None
     generation = top.child("generation", optional=True)
     if generation is not None and generation.data.get("speculative_decoding") is not None:
-        speculative = parse_speculative(generation.data["speculative_decoding"], origin)
+        speculative = parse_speculative(generation.data["speculative_decoding"], origin, version)
 
     return Manifest(
         format=fmt,

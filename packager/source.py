@@ -13,7 +13,12 @@ from layerline.errors import SourceError
 
 from .architectures import LAYER_PREFIX
 
-HUB_REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w./-]+)?$")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w./-]+)?$")
+
+
+def is_hub_id(reference: str) -> bool:
+    """Whether `reference` reads as a Hub repo id (`org/name`, `org/name:QUANT`), not a local path."""
+    return bool(_HUB_ID.match(reference)) and not reference.startswith((".", "/", "~"))
 
 
 class ModelSource(ABC):
@@ -85,7 +90,7 @@ def open_source(source: str, *, cache_dir: Path | None = None) -> ModelSource:
             f"one .gguf file (found {len(ggufs)})",
             hint="pass the .gguf file itself, or a folder with config.json and *.safetensors",
         )
-    if HUB_REPO_RE.match(source) and not source.startswith((".", "/", "~")):
+    if is_hub_id(source):
         from .hub_source import download_hub_source
 
         local = download_hub_source(source, cache_dir=cache_dir)

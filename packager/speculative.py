@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from layerline.errors import LayerlineError, TokenizerMismatchError
 
-from .manifest import (
-    MANIFEST_NAME,
-    SpeculativeDecoding,
-    Strategy,
-    WindowPolicy,
-    read_manifest,
-    validate_window_policy,
-)
+from .manifest import MANIFEST_NAME, SpeculativeDecoding, Strategy, read_manifest
+from .window_spec import WindowError, WindowSpec
 
 NGRAM = "ngram"  # the `--draft-model` that names prompt-lookup drafting (no model)
 
@@ -26,10 +20,7 @@ class DraftSpec:
 
     reference: str
     name: str | None = None
-    window: str = "adaptive"
-    initial_window: int = 8
-    min_window: int = 2
-    max_window: int = 16
+    window_spec: WindowSpec = field(default_factory=WindowSpec)
 
 
 def strategy_name_for(reference: str) -> str:
@@ -86,15 +77,12 @@ def build_speculative_block(
             raise LayerlineError(
                 f"two draft strategies are named {name!r}", hint="give each --strategy-name"
             )
-        policy = WindowPolicy(
-            default=spec.window,
-            initial_window=spec.initial_window,
-            min_window=spec.min_window,
-            max_window=spec.max_window,
-        )
-        validate_window_policy(policy, f"draft {spec.reference}")
+        try:
+            window = spec.window_spec.validate()
+        except WindowError as exc:
+            raise WindowError(f"draft {spec.reference}: {exc.message}", hint=exc.hint) from exc
         if spec.reference == NGRAM:
-            strategies[name] = Strategy(type="ngram", window_policy=policy)
+            strategies[name] = Strategy(type="ngram", window_spec=window)
             continue
         fingerprint = local_draft_fingerprint(spec.reference)
         if fingerprint is not None:
@@ -104,7 +92,7 @@ def build_speculative_block(
             draft_model=spec.reference,
             # A remote draft is checked when stage 0 loads it; record the target's print.
             tokenizer_fingerprint=fingerprint or target_fingerprint,
-            window_policy=policy,
+            window_spec=window,
         )
     chosen = default or next(iter(strategies))
     if chosen not in strategies:

@@ -125,6 +125,3 @@ def tokenizer_fingerprint(tokenizer_json: Path) -> str:
     )
     return "sha256:" + hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
-
-def tokenizer_vocab_size(tokenizer: Any) -> int:
-    return len(tokenizer)

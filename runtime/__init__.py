@@ -1,1 +1,1 @@
-"""Layer-range execution with mlx: the compute of every stage."""
+"""Layer-range execution with mlx, in rooms: model, decode, stage, serve, bench."""

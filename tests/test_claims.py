@@ -4,20 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from layerline.runtime.claims import ClaimRejected, ClaimTable, RejectReason
+from layerline.runtime.stage.claims import ClaimRejected, ClaimTable, RejectReason
 
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from helpers import Clock
 
 
 @pytest.fixture
 def clock() -> Clock:
-    return Clock()
+    return Clock(100.0)
 
 
 @pytest.fixture

@@ -9,7 +9,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_split_serving import admin_pipeline
+
+from helpers import admin_pipeline
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "images" / "dashboard.png"
@@ -61,7 +62,7 @@ def test_dashboard_shows_the_pipeline_sets_the_draft_and_streams_a_chat(pipeline
     expect(page.locator("#spec-indicator")).to_have_attribute("data-active", "false")
 
     page.fill("#draft-model", str(smollm2_f32_package))
-    page.select_option("#window", "adaptive")
+    page.select_option("#window-policy", "adaptive")
     page.fill("#initial-window", "4")
     page.fill("#min-window", "2")
     page.fill("#max-window", "8")

@@ -7,7 +7,7 @@ import socketserver
 import threading
 import time
 
-from layerline.runtime.delay_proxy import DelayProxy
+from layerline.runtime.bench.delay_proxy import DelayProxy
 
 
 class Echo(socketserver.BaseRequestHandler):

@@ -12,7 +12,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_split_serving import Stage0Process, admin_pipeline
+
+from layerline.errors import ManifestError
+from layerline.packager.manifest import MANIFEST_NAME, parse_manifest
+from layerline.runtime.serve.config import ConfigError, parse_config
+
+from helpers import Stage0Process, admin_pipeline
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 ADMIN_TOKEN = "draft-api-test-secret"
@@ -83,7 +88,7 @@ def test_a_draft_set_mid_stream_leaves_that_request_unharmed_and_the_next_uses_i
         model=MODEL, prompt=PROMPT, max_tokens=96, temperature=0, stream=True,
         stream_options={"include_usage": True}))
     chunks = [next(stream)]  # the request is generating
-    reply = draft_api(stage0, "PUT", {"draft_model": str(smollm2_f32_package), "window": "adaptive",
+    reply = draft_api(stage0, "PUT", {"draft_model": str(smollm2_f32_package), "window_policy": "adaptive",
                                       "initial_window": 4, "min_window": 2, "max_window": 8})
     assert reply.status_code == 202, reply.text
     assert reply.json()["pending_draft"]["state"] == "loading" and not reply.json()["active"]
@@ -94,7 +99,7 @@ def test_a_draft_set_mid_stream_leaves_that_request_unharmed_and_the_next_uses_i
 
     assert finished_at_switch == finished_before, "the request ended before the switch: make it longer"
     assert state["active"] and state["draft"]["state"] == "ready"
-    assert state["draft_model"] == str(smollm2_f32_package) and state["window"] == "adaptive"
+    assert state["draft_model"] == str(smollm2_f32_package) and state["window_policy"] == "adaptive"
     assert state["sources"]["draft_model"] == "runtime PUT /v1/draft"
     streamed = "".join(c.choices[0].text for c in chunks if c.choices)
     usage = chunks[-1].usage
@@ -112,19 +117,19 @@ def test_a_draft_set_mid_stream_leaves_that_request_unharmed_and_the_next_uses_i
 
 def test_a_new_window_policy_for_the_loaded_draft_applies_at_once(stage0, smollm2_f32_package):
     use_draft(stage0, smollm2_f32_package)
-    reply = draft_api(stage0, "PUT", {"draft_model": str(smollm2_f32_package), "window": "fixed",
+    reply = draft_api(stage0, "PUT", {"draft_model": str(smollm2_f32_package), "window_policy": "fixed",
                                       "initial_window": 3})
     assert reply.status_code == 200, reply.text  # same draft: no reload
     state = reply.json()
-    assert state["active"] and state["window"] == "fixed" and state["initial_window"] == 3
-    assert state["sources"]["window"] == "runtime PUT /v1/draft"
+    assert state["active"] and state["window_policy"] == "fixed" and state["initial_window"] == 3
+    assert state["sources"]["window_policy"] == "runtime PUT /v1/draft"
     answer = stage0.client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=8,
                                                    temperature=0)
-    assert answer.usage.speculative["window"] == "fixed"
+    assert answer.usage.speculative["window_policy"] == "fixed"
 
 
 def test_prompt_lookup_drafting_needs_no_model_and_applies_at_once(stage0):
-    reply = draft_api(stage0, "PUT", {"draft_model": "ngram", "window": "fixed", "initial_window": 4,
+    reply = draft_api(stage0, "PUT", {"draft_model": "ngram", "window_policy": "fixed", "initial_window": 4,
                                       "min_window": 2, "max_window": 8})
     assert reply.status_code == 200, reply.text
     assert reply.json()["active"] and reply.json()["type"] == "ngram"
@@ -171,15 +176,37 @@ def test_a_draft_that_fails_to_load_leaves_the_settings_and_says_why(stage0):
     failed = state["failed_draft"]
     assert failed["state"] == "failed" and failed["reference"] == "layerline-tests/no-such-draft"
     assert "layerline-tests/no-such-draft" in failed["reason"]
-    settings = ("enabled", "draft_model", "window", "active", "draft")
+    settings = ("enabled", "draft_model", "window_policy", "active", "draft")
     assert {k: state[k] for k in settings} == {k: before[k] for k in settings}
+
+
+def test_an_out_of_range_window_gets_the_same_message_everywhere(stage0, smollm2_package):
+    says = ["draft window 100 is out of range", "a draft window is 1 to 64 tokens"]
+    raw = json.loads((smollm2_package / MANIFEST_NAME).read_text())
+    raw["generation"] = {"speculative_decoding": {"default": "lookup", "strategies": {"lookup": {
+        "type": "ngram", "window_policy": "fixed", "initial_window": 100}}}}
+    with pytest.raises(ManifestError) as from_manifest:
+        parse_manifest(raw)
+    toml = {"defaults": {"speculative": {"type": "ngram", "window_policy": "fixed", "initial_window": 100}}}
+    with pytest.raises(ConfigError) as from_config:
+        parse_config(toml)
+    from_put = draft_api(stage0, "PUT", {"draft_model": "ngram", "window_policy": "fixed",
+                                         "initial_window": 100})
+    from_request = httpx.post(f"{stage0.url}/v1/completions", timeout=60, json={
+        "prompt": PROMPT, "max_tokens": 4, "speculative": {"window": 100}})
+    assert from_put.status_code == from_request.status_code == 400
+    for message in (str(from_manifest.value), str(from_config.value),
+                    from_put.json()["error"]["message"], from_request.json()["error"]["message"]):
+        assert all(part in message for part in says), message
 
 
 @pytest.mark.parametrize(("body", "says"), [
     ({"draft_model": "./no/such/draft"}, "does not exist"),
-    ({"draft_model": "{draft}", "min_window": 9, "max_window": 4}, "min_window <= initial_window"),
-    ({"draft_model": "{draft}", "window": "sometimes"}, "window"),
-    ({"window": "fixed"}, "draft_model"),
+    ({"draft_model": "{draft}", "window_policy": "adaptive", "min_window": 9, "max_window": 4},
+     "out of order: min_window 9"),
+    ({"draft_model": "{draft}", "window_policy": "sometimes"}, "window policy 'sometimes' is unknown"),
+    ({"draft_model": "{draft}", "window": "fixed"}, "window"),
+    ({"window_policy": "fixed"}, "draft_model"),
 ])
 def test_bad_draft_requests_are_refused_with_400_and_the_fix(stage0, smollm2_f32_package, body, says):
     body = {k: str(smollm2_f32_package) if v == "{draft}" else v for k, v in body.items()}

@@ -8,18 +8,13 @@ from dataclasses import replace
 import pytest
 
 from layerline.errors import ChatTemplateError, ContextLengthError
-from layerline.runtime.chat import chat_prompt_tokens, render_chat, text_prompt_tokens, user_messages
-from layerline.runtime.generate import generate
-from layerline.runtime.local_pipeline import LocalPipeline
-from layerline.runtime.sampling import SamplingParams
-from layerline.runtime.tokenizer import TextStream
+from layerline.runtime.decode.generate import generate
+from layerline.runtime.decode.local_pipeline import LocalPipeline
+from layerline.runtime.decode.sampling import SamplingParams
+from layerline.runtime.model.chat import chat_prompt_tokens, render_chat, text_prompt_tokens, user_messages
+from layerline.runtime.model.tokenizer import TextStream
 
 CAPITAL = "What is the capital of France?"
-
-
-@pytest.fixture(scope="module")
-def smollm2(smollm2_package) -> LocalPipeline:
-    return LocalPipeline.load(smollm2_package)
 
 
 def answer(pipeline: LocalPipeline, prompt: list[int], **sampling) -> tuple[str, object]:

@@ -17,6 +17,8 @@ from layerline.cli import app
 from layerline.errors import LayerlineError, PublishError
 from layerline.hf_jobs.job import BuildJobRequest, submit_build_job
 
+from helpers import HF_TEST_TOKEN
+
 SOURCE = "acme/Tiny-GGUF:tiny.Q4_K_M.gguf"
 JOB_URL = "https://huggingface.co/jobs/someone/68a0b1c2"
 
@@ -50,11 +52,6 @@ def request(**changes) -> BuildJobRequest:
     return BuildJobRequest(**(fields | changes))
 
 
-@pytest.fixture
-def logged_in(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_secret_token")
-
-
 def test_dry_run_spec_shows_command_flavor_and_timeout_and_hides_the_token(logged_in):
     submission = submit_build_job(request(flavor="a10g-small", timeout="90m"), dry_run=True, api=NoHubApi())
 
@@ -69,7 +66,7 @@ def test_dry_run_spec_shows_command_flavor_and_timeout_and_hides_the_token(logge
     assert spec["flavor"] == "a10g-small"
     assert spec["timeout"] == "90m"
     assert spec["secrets"] == {"HF_TOKEN": "<HF_TOKEN>"}
-    assert "hf_secret_token" not in json.dumps(spec)
+    assert HF_TEST_TOKEN not in json.dumps(spec)
     inspect.signature(HfApi.run_job).bind(None, **spec)
 
 
@@ -91,10 +88,10 @@ def test_submit_runs_the_job_with_the_token_as_a_secret_and_returns_id_and_url(l
 
     assert (submission.job_id, submission.url) == ("68a0b1c2", JOB_URL)
     (sent,) = api.calls
-    assert sent["secrets"] == {"HF_TOKEN": "hf_secret_token"}
+    assert sent["secrets"] == {"HF_TOKEN": HF_TEST_TOKEN}
     assert sent["command"] == submission.spec["command"]
     assert (sent["flavor"], sent["timeout"]) == ("cpu-upgrade", "2h")
-    assert "hf_secret_token" not in " ".join(sent["command"])
+    assert HF_TEST_TOKEN not in " ".join(sent["command"])
     assert submission.spec["secrets"] == {"HF_TOKEN": "<HF_TOKEN>"}
 
 

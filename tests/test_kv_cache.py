@@ -5,10 +5,11 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx_lm.models.cache import RotatingKVCache
 
 from layerline.errors import SessionError
-from layerline.runtime.kv_cache import RangeCache, SessionStore
-from layerline.runtime.local_pipeline import LocalPipeline
+from layerline.runtime.decode.local_pipeline import LocalPipeline
+from layerline.runtime.model.kv_cache import RangeCache, SessionStore
 
 PREFIX = [1, 504, 3458, 282, 4649, 314, 2114, 30, 1248, 2056, 17, 9, 600, 601, 602, 603]
 DRAFT = [700, 701, 702, 703, 704]
@@ -56,7 +57,7 @@ def test_rejected_tokens_do_not_come_back_through_snapshot_and_restore(tiny):
 
 def test_rotating_cache_restores_a_snapshot_after_wrapping(tiny):
     window = 8  # smaller than the prefix: the cache wraps and can no longer trim
-    caches = tiny.make_cache(max_kv_size=window)
+    caches = [RangeCache([RotatingKVCache(max_size=window, keep=4) for _ in r.layers]) for r in tiny.ranges]
     feed(tiny, caches, PREFIX)
     snapshots = [c.snapshot() for c in caches]
     original = [feed(tiny, caches, [t]) for t in DRAFT]
@@ -106,7 +107,7 @@ def test_least_recently_used_session_is_evicted_past_the_count_cap(tiny):
 
 def test_sessions_are_evicted_past_the_memory_cap_but_never_the_active_one(tiny):
     layers = tiny.ranges[0]
-    h = tiny.stage0.embed(mx.array([PREFIX]))
+    h = tiny.head.embed(mx.array([PREFIX]))
 
     def fill(cache: RangeCache) -> None:
         mx.eval(layers(h, cache.caches))

@@ -16,10 +16,10 @@ from layerline.packager.architectures import model_module
 from layerline.packager.gguf_source import GGUFSource
 from layerline.packager.package import LayerPackage
 from layerline.packager.weights import encode_tensors, parse_format
-from layerline.runtime.kv_cache import RangeCache
-from layerline.runtime.layer_range import LayerRange
-from layerline.runtime.local_pipeline import LocalPipeline
-from layerline.runtime.weights_policy import WeightsPlan
+from layerline.runtime.decode.local_pipeline import LocalPipeline
+from layerline.runtime.model.kv_cache import RangeCache
+from layerline.runtime.model.layer_range import LayerRange
+from layerline.runtime.model.weights_policy import WeightsPlan
 
 TOKENS = [1, 504, 3458, 282, 4649, 314, 2114, 30, 1248, 2056, 17, 9]
 F32 = WeightsPlan("f32", "float32", "test")
@@ -82,10 +82,10 @@ def test_qwen05_4bit_package_logits_equal_gguf_reference_quantized_alike(qwen05_
 
 
 def _chained_logits(pipeline: LocalPipeline, ranges: list[LayerRange], tokens: list[int]) -> np.ndarray:
-    h = pipeline.stage0.embed(mx.array([tokens]))
+    h = pipeline.head.embed(mx.array([tokens]))
     for layer_range in ranges:
         h = layer_range(h, RangeCache(layer_range.make_cache()).caches)
-    return np.array(pipeline.stage0.logits(h))
+    return np.array(pipeline.head.logits(h))
 
 
 def test_chained_ranges_give_the_logits_of_the_whole_model_for_every_cut(tiny_llama_package):

@@ -32,6 +32,7 @@ from layerline.packager.manifest import MANIFEST_NAME, parse_manifest, read_mani
 from layerline.packager.package import LayerPackage, sha256_file
 from layerline.packager.speculative import DraftSpec
 from layerline.packager.verify import verify_package
+from layerline.packager.window_spec import WindowError, WindowSpec
 
 LAYERLINE = [sys.executable, "-m", "layerline"]
 
@@ -205,11 +206,10 @@ def test_inspect_reports_architecture_layers_sizes_and_tokenizer(smollm2_package
 
 
 def test_matching_local_draft_is_written_and_read_back(tiny_llama, smollm2_package, tmp_path):
-    drafts = [DraftSpec(reference=str(smollm2_package), name="smol", window="fixed",
-                        initial_window=4, min_window=2, max_window=8),
+    drafts = [DraftSpec(reference=str(smollm2_package), name="smol",
+                        window_spec=WindowSpec("fixed", 4, 2, 8)),
               DraftSpec(reference="org/remote-draft:Q4_K_M", name="remote"),
-              DraftSpec(reference="ngram", name="lookup", window="fixed", initial_window=4,
-                        min_window=1)]
+              DraftSpec(reference="ngram", name="lookup", window_spec=WindowSpec("fixed", 4, 1))]
     manifest = build_package(str(tiny_llama["folder"]), tmp_path / "pkg",
                              BuildOptions(quantize="f32", drafts=drafts,
                                           default_strategy="smol", quiet=True))
@@ -220,14 +220,16 @@ def test_matching_local_draft_is_written_and_read_back(tiny_llama, smollm2_packa
     assert smol.type == "draft-model"
     assert smol.draft_model == str(smollm2_package)
     assert smol.tokenizer_fingerprint == read_manifest(smollm2_package).tokenizer.fingerprint
-    assert (smol.window_policy.default, smol.window_policy.initial_window) == ("fixed", 4)
+    assert smol.window_spec == WindowSpec("fixed", 4, 2, 8)
     assert spec.strategies["remote"].draft_model == "org/remote-draft:Q4_K_M"
     lookup = spec.strategies["lookup"]
     assert (lookup.type, lookup.draft_model, lookup.tokenizer_fingerprint) == ("ngram", None, None)
     raw = json.loads((tmp_path / "pkg" / MANIFEST_NAME).read_text())
     block = raw["generation"]["speculative_decoding"]
-    assert block["strategies"]["smol"]["window_policy"] == {
-        "default": "fixed", "initial_window": 4, "min_window": 2, "max_window": 8}
+    assert raw["schema_version"] == 2
+    smol_json = block["strategies"]["smol"]
+    assert {k: smol_json[k] for k in ("window_policy", "initial_window", "min_window", "max_window")} == {
+        "window_policy": "fixed", "initial_window": 4, "min_window": 2, "max_window": 8}
 
 
 def test_draft_with_another_tokenizer_is_refused(qwen05_gguf, smollm2_package, tmp_path):
@@ -240,9 +242,27 @@ def test_draft_with_another_tokenizer_is_refused(qwen05_gguf, smollm2_package, t
 
 
 def test_bad_window_policy_is_refused(tiny_llama, smollm2_package, tmp_path):
-    with pytest.raises(ManifestError, match="min_window <= initial_window"):
-        build_package(str(tiny_llama["folder"]), tmp_path / "x", BuildOptions(
-            drafts=[DraftSpec(reference=str(smollm2_package), initial_window=32)], quiet=True))
+    with pytest.raises(WindowError, match="out of order: min_window 2, initial_window 32, max_window 16"):
+        draft = DraftSpec(reference=str(smollm2_package), window_spec=WindowSpec(initial=32))
+        build_package(str(tiny_llama["folder"]), tmp_path / "x", BuildOptions(drafts=[draft], quiet=True))
+    assert not (tmp_path / "x").exists()
+
+
+def test_version_1_manifests_are_still_read(tiny_llama, tmp_path):
+    drafts = [DraftSpec(reference="ngram", name="lookup", window_spec=WindowSpec("fixed", 5, 2, 9))]
+    build_package(str(tiny_llama["folder"]), tmp_path / "pkg",
+                  BuildOptions(quantize="f32", drafts=drafts, quiet=True))
+    raw = json.loads((tmp_path / "pkg" / MANIFEST_NAME).read_text())
+    # Version 1 nested a strategy's window under `window_policy`, its kind under `default`.
+    lookup = raw["generation"]["speculative_decoding"]["strategies"]["lookup"]
+    lookup["window_policy"] = {"default": lookup.pop("window_policy"),
+                               **{k: lookup.pop(k) for k in ("initial_window", "min_window", "max_window")}}
+    raw["schema_version"] = 1
+    manifest = parse_manifest(raw)
+    assert manifest.speculative_decoding.strategies["lookup"].window_spec == WindowSpec("fixed", 5, 2, 9)
+    assert manifest.to_json()["schema_version"] == 2  # written back in today's layout
+    del lookup["window_policy"]  # a version 1 strategy without one took the defaults
+    assert parse_manifest(raw).speculative_decoding.strategies["lookup"].window_spec == WindowSpec()
 
 
 # ---------------------------------------------------------------- bad input

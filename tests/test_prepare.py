@@ -5,40 +5,31 @@ from __future__ import annotations
 import shutil
 
 import huggingface_hub
-import pytest
 
-from layerline.packager.build import BuildOptions, build_package
 from layerline.packager.manifest import MANIFEST_NAME
 from layerline.packager.package import sha256_file
-from layerline.runtime.prepare import Preparation, PrepareState
+from layerline.runtime.stage.prepare import Preparation, PrepareState
 
 
-@pytest.fixture(scope="module")
-def tiny_package(tiny_llama, tmp_path_factory):
-    out = tmp_path_factory.mktemp("prepare") / "tiny"
-    build_package(str(tiny_llama["folder"]), out, BuildOptions(quiet=True))
-    return out
-
-
-def test_local_range_is_verified_and_reported_ready(tiny_package, tmp_path):
-    prep = Preparation(str(tiny_package), 1, 3, stage0=False, cache_dir=tmp_path,
-                       manifest_sha256=sha256_file(tiny_package / MANIFEST_NAME)).start()
+def test_local_range_is_verified_and_reported_ready(tiny_llama_package, tmp_path):
+    prep = Preparation(str(tiny_llama_package), 1, 3, stage0=False, cache_dir=tmp_path,
+                       manifest_sha256=sha256_file(tiny_llama_package / MANIFEST_NAME)).start()
     report = prep.wait(timeout=60)
     assert report.state is PrepareState.READY, report.error
     assert report.layers_ready == 2
-    expected = sum((tiny_package / f"layers/0000{i}.safetensors").stat().st_size for i in (1, 2))
+    expected = sum((tiny_llama_package / f"layers/0000{i}.safetensors").stat().st_size for i in (1, 2))
     assert report.bytes_present == report.bytes_total == expected
 
 
-def test_stage0_range_includes_embedding_head_and_tokenizer(tiny_package, tmp_path):
-    report = Preparation(str(tiny_package), 0, 1, stage0=True, cache_dir=tmp_path).start().wait(60)
+def test_stage0_range_includes_embedding_head_and_tokenizer(tiny_llama_package, tmp_path):
+    report = Preparation(str(tiny_llama_package), 0, 1, stage0=True, cache_dir=tmp_path).start().wait(60)
     assert report.state is PrepareState.READY
-    assert report.bytes_total > (tiny_package / "shared/embed.safetensors").stat().st_size
+    assert report.bytes_total > (tiny_llama_package / "shared/embed.safetensors").stat().st_size
 
 
-def test_tampered_layer_fails_prepare_naming_the_file(tiny_package, tmp_path):
+def test_tampered_layer_fails_prepare_naming_the_file(tiny_llama_package, tmp_path):
     copy = tmp_path / "copy"
-    shutil.copytree(tiny_package, copy)
+    shutil.copytree(tiny_llama_package, copy)
     with open(copy / "layers/00002.safetensors", "r+b") as f:
         f.seek(-4, 2)
         f.write(b"\0\0\0\1")
@@ -47,14 +38,14 @@ def test_tampered_layer_fails_prepare_naming_the_file(tiny_package, tmp_path):
     assert "layers/00002.safetensors (sha256 mismatch)" in report.error
 
 
-def test_other_package_version_is_refused(tiny_package, tmp_path):
-    report = Preparation(str(tiny_package), 0, 2, stage0=False, cache_dir=tmp_path,
+def test_other_package_version_is_refused(tiny_llama_package, tmp_path):
+    report = Preparation(str(tiny_llama_package), 0, 2, stage0=False, cache_dir=tmp_path,
                          manifest_sha256="f" * 64).start().wait(60)
     assert report.state is PrepareState.FAILED
     assert "same package version" in report.error or "coordinator's is ffff" in report.error
 
 
-def test_hub_package_downloads_only_the_ranges_files(tiny_package, tmp_path, monkeypatch):
+def test_hub_package_downloads_only_the_ranges_files(tiny_llama_package, tmp_path, monkeypatch):
     calls = []
     hub_copy = tmp_path / "hub"
 
@@ -64,7 +55,7 @@ def test_hub_package_downloads_only_the_ranges_files(tiny_package, tmp_path, mon
         for pattern in allow_patterns:
             target = hub_copy / pattern
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(tiny_package / pattern, target)
+            shutil.copy(tiny_llama_package / pattern, target)
         return str(hub_copy)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)

@@ -119,11 +119,6 @@ def package(tmp_path: Path) -> Path:
     return write_tiny_package(tmp_path / "tiny")
 
 
-@pytest.fixture
-def logged_in(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_test")
-
-
 def http_error(status: int, cls: type[HfHubHTTPError] = HfHubHTTPError) -> HfHubHTTPError:
     """A huggingface_hub HTTP error as raise_for_status makes it, around a stand-in response."""
     response = SimpleNamespace(status_code=status, headers={}, request=None)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from layerline.errors import SamplingError
-from layerline.runtime.sampling import Sampler, SamplingParams, log_softmax
+from layerline.runtime.decode.sampling import Sampler, SamplingParams, log_softmax
 
 # Probabilities 0.5, 0.25, 0.15, 0.07, 0.03 over a five-token vocabulary.
 PROBS = [0.5, 0.25, 0.15, 0.07, 0.03]

@@ -11,18 +11,19 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import TINY_LLAMA_CONFIG, tiny_llama_weights, write_hf_folder
 
-from layerline.errors import LayerlineError
 from layerline.packager.build import BuildOptions, build_package
-from layerline.runtime.chat import chat_prompt_tokens, text_prompt_tokens, user_messages
-from layerline.runtime.drafters import ModelDrafter, NgramDrafter
-from layerline.runtime.generate import generate
-from layerline.runtime.local_pipeline import LocalPipeline
-from layerline.runtime.sampling import SamplingParams
-from layerline.runtime.speculative import speculative_generate
-from layerline.runtime.targets import LocalTarget, PipelineTarget
-from layerline.runtime.window_policy import GateSettings, WindowPolicy
+from layerline.packager.window_spec import WindowError, WindowSpec
+from layerline.runtime.decode.drafters import ModelDrafter, NgramDrafter
+from layerline.runtime.decode.generate import generate
+from layerline.runtime.decode.local_pipeline import LocalPipeline
+from layerline.runtime.decode.sampling import SamplingParams
+from layerline.runtime.decode.speculative import speculative_generate
+from layerline.runtime.decode.targets import PipelineTarget
+from layerline.runtime.decode.window_policy import GateSettings, WindowPolicy
+from layerline.runtime.model.chat import chat_prompt_tokens, text_prompt_tokens, user_messages
+
+from helpers import TINY_LLAMA_CONFIG, LocalTarget, tiny_llama_weights, write_hf_folder
 
 # ---------------------------------------------------------------- helpers
 
@@ -56,11 +57,6 @@ POLICIES = {
 CHATS = ["What is the capital of France?", "Write a haiku about the sea."]
 CODE = ("def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n\n\n"
         "def mul(a, b):\n")
-
-
-@pytest.fixture(scope="module")
-def smollm2(smollm2_package) -> LocalPipeline:
-    return LocalPipeline.load(smollm2_package)
 
 
 @pytest.fixture(scope="module")
@@ -417,14 +413,14 @@ def test_stats_count_drafts_acceptances_and_passes(tiny_models):
 
 
 def test_the_split_pipeline_session_is_a_target(tiny_models):
-    from layerline.runtime.kv_cache import SessionStore
-    from layerline.runtime.pipeline import Pipeline
-    from layerline.runtime.stage_model import StageModel
+    from layerline.runtime.model.kv_cache import SessionStore
+    from layerline.runtime.stage.model import StageModel
+    from layerline.runtime.stage.pipeline import Pipeline
 
     model = tiny_models["target"]
     layers = model.ranges[0]
     stage = StageModel(layers, SessionStore(layers.make_cache), 512, mx.float32)
-    pipeline = Pipeline(model.stage0, stage, first_peer=None, wire_dtype=0,
+    pipeline = Pipeline(model.head, stage, first_peer=None, wire_dtype=0,
                         hidden_size=layers.hidden_size, max_tokens=512)
     params = SamplingParams(max_tokens=20)
     session = pipeline.open("spec-test")
@@ -449,7 +445,7 @@ class CountingModel:
 
     def __init__(self, model: LocalPipeline) -> None:
         self.model = model
-        self.stage0 = model.stage0
+        self.head = model.head
         self.fed: list[int] = []
 
     def __call__(self, tokens: mx.array, caches):
@@ -565,12 +561,12 @@ def test_adaptive_window_stays_within_its_bounds():
 
 
 def test_invalid_windows_are_refused():
-    with pytest.raises(LayerlineError, match="min_window <= initial_window <= max_window"):
+    with pytest.raises(WindowError, match="out of order: min_window 2, initial_window 1"):
         WindowPolicy.adaptive(1, 2, 16)
-    with pytest.raises(LayerlineError, match="min_window"):
+    with pytest.raises(WindowError, match="draft window 0 is out of range"):
         WindowPolicy.fixed(0)
-    with pytest.raises(LayerlineError, match="unknown window policy"):
-        WindowPolicy("sometimes", 4, 2, 8, None)
+    with pytest.raises(WindowError, match="window policy 'sometimes' is unknown"):
+        WindowPolicy(WindowSpec("sometimes", 4, 2, 8))
 
 
 def drive(policy: WindowPolicy, steps: int, *, step_s: float, tokens: int, plain_s: float,

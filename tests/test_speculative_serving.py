@@ -12,10 +12,17 @@ import time
 
 import httpx
 import pytest
-from conftest import TINY_LLAMA_CONFIG, StageProcess, tiny_llama_weights, write_hf_folder
-from test_split_serving import Stage0Process, greedy_reference
 
 from layerline.packager.build import BuildOptions, build_package
+
+from helpers import (
+    TINY_LLAMA_CONFIG,
+    Stage0Process,
+    StageProcess,
+    greedy_reference,
+    tiny_llama_weights,
+    write_hf_folder,
+)
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 PROMPTS = ["The capital of France is",
@@ -69,7 +76,7 @@ TWO_STAGES = pytest.mark.parametrize("drafted_pipeline", [1], ids=["2-stages"], 
 def drafted_pipeline(request, smollm2_package, smollm2_f32_package, tmp_path_factory):
     """SmolLM2 split over stage 0 and `request.param` more stages, its f32 package as the draft."""
     cache = tmp_path_factory.mktemp(f"speculation-{request.param}")
-    config = f'[defaults.speculative]\ndraft_model = "{smollm2_f32_package}"\nwindow = "adaptive"\n'
+    config = f'[defaults.speculative]\ndraft_model = "{smollm2_f32_package}"\nwindow_policy = "adaptive"\n'
     stage0, stages = start_stage0(smollm2_package, request.param, cache, config)
     wait_for_draft(stage0, "ready")
     yield stage0
@@ -92,7 +99,7 @@ def test_greedy_text_is_identical_with_and_without_the_draft_for_every_window(dr
             assert drafted["choices"][0]["text"] == plain["choices"][0]["text"], (prompt, window)
             assert drafted["usage"]["completion_tokens"] == plain["usage"]["completion_tokens"]
             assert usage["enabled"] and usage["drafted"] > 0, usage
-            assert usage["window"] == ("fixed" if window else "adaptive")
+            assert usage["window_policy"] == ("fixed" if window else "adaptive")
             # The draft is the target in another weight format: it is nearly always right.
             assert usage["accepted"] > 0
             assert usage["target_passes"] < drafted["usage"]["completion_tokens"] or window == {"window": 1}
@@ -165,7 +172,7 @@ def test_stop_strings_and_streaming_end_inside_accepted_drafts(drafted_pipeline)
 
 
 def test_ngram_strategy_needs_no_model_and_keeps_the_greedy_text(smollm2_package, tmp_path):
-    config = '[defaults.speculative]\ntype = "ngram"\nwindow = "fixed"\ninitial_window = 4\n'
+    config = '[defaults.speculative]\ntype = "ngram"\nwindow_policy = "fixed"\ninitial_window = 4\n'
     stage0, stages = start_stage0(smollm2_package, 1, tmp_path, config)
     try:
         speculative = stage0.status()["speculative"]

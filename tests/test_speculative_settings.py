@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from layerline.packager.manifest import SpeculativeDecoding, Strategy, WindowPolicy
-from layerline.runtime.config import ConfigError, load_config, parse_config
-from layerline.runtime.speculative_settings import SOURCE_BUILTIN, SOURCE_FLAG, resolve_speculative
+from layerline.packager.manifest import SpeculativeDecoding, Strategy
+from layerline.packager.window_spec import WindowSpec
+from layerline.runtime.serve.config import ConfigError, load_config, parse_config
+from layerline.runtime.serve.speculative_settings import SOURCE_BUILTIN, SOURCE_FLAG, resolve_speculative
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 PACKAGE = SpeculativeDecoding(
@@ -14,15 +15,15 @@ PACKAGE = SpeculativeDecoding(
     strategies={
         "pkg-draft": Strategy(type="draft-model", draft_model="org/pkg-draft",
                               tokenizer_fingerprint="sha256:abc",
-                              window_policy=WindowPolicy("fixed", 6, 3, 12)),
-        "lookup": Strategy(type="ngram", window_policy=WindowPolicy("adaptive", 4, 2, 8)),
+                              window_spec=WindowSpec("fixed", 6, 3, 12)),
+        "lookup": Strategy(type="ngram", window_spec=WindowSpec("adaptive", 4, 2, 8)),
     },
 )
 MODEL_TABLE = f'[models."{MODEL}".speculative]'
 FULL_CONFIG = f"""
 [defaults.speculative]
 enabled = true
-window = "adaptive"
+window_policy = "adaptive"
 initial_window = 5
 max_window = 20
 
@@ -58,22 +59,21 @@ def test_precedence_matrix(case, tmp_path):
         assert resolved.enabled and resolved.reason is None
         assert (resolved.draft_model, resolved.sources["draft_model"]) == ("./packages/model-draft",
                                                                            model_src)
-        assert (resolved.initial_window, resolved.sources["initial_window"]) == (4, model_src)
-        assert (resolved.max_window, resolved.sources["max_window"]) == (20, default_src)
-        assert (resolved.window, resolved.sources["window"]) == ("adaptive", default_src)
-        assert (resolved.min_window, resolved.sources["min_window"]) == (3, package_src)
+        assert (resolved.window_spec.initial, resolved.sources["initial_window"]) == (4, model_src)
+        assert (resolved.window_spec.max, resolved.sources["max_window"]) == (20, default_src)
+        assert (resolved.window_spec.policy, resolved.sources["window_policy"]) == ("adaptive", default_src)
+        assert (resolved.window_spec.min, resolved.sources["min_window"]) == (3, package_src)
         assert resolved.sources["enabled"] == default_src
     elif case == "defaults":
         assert resolved.enabled
         assert (resolved.draft_model, resolved.sources["draft_model"]) == (
             "./packages/default-draft", default_src)
-        assert (resolved.initial_window, resolved.sources["initial_window"]) == (5, default_src)
+        assert (resolved.window_spec.initial, resolved.sources["initial_window"]) == (5, default_src)
         assert resolved.strategy == "pkg-draft"  # the package default fills the rest
     elif case == "package":
         assert resolved.enabled
         assert (resolved.draft_model, resolved.sources["draft_model"]) == ("org/pkg-draft", package_src)
-        assert (resolved.window, resolved.initial_window, resolved.min_window, resolved.max_window) == (
-            "fixed", 6, 3, 12)
+        assert resolved.window_spec == WindowSpec("fixed", 6, 3, 12)
         assert resolved.tokenizer_fingerprint == "sha256:abc"
         assert resolved.sources["enabled"] == package_src
     else:
@@ -86,7 +86,7 @@ def test_config_can_pick_another_package_strategy(tmp_path):
     cfg = config('[defaults.speculative]\nstrategy = "lookup"\n', tmp_path)
     resolved = resolve_speculative(MODEL, PACKAGE, cfg)
     assert resolved.enabled and resolved.type == "ngram" and resolved.draft_model is None
-    assert resolved.initial_window == 4
+    assert resolved.window_spec.initial == 4
 
 
 def test_config_can_switch_off_a_package_default(tmp_path):
@@ -108,7 +108,9 @@ def test_enabled_without_a_draft_is_off_with_a_reason(tmp_path):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("[defaults.speculative]\nwindow = 'wide'\n", "must be one of"),
+    ("[defaults.speculative]\nwindow_policy = 'wide'\n", "window policy 'wide' is unknown"),
+    ("[defaults.speculative]\nwindow = 'fixed'\n", "'window' is now called 'window_policy'"),
+    ("[defaults.speculative]\nmax_window = 100\n", "draft window 100 is out of range"),
     ("[defaults.speculative]\ninitial_window = 'eight'\n", "must be int"),
     ("[defaults.speculative]\ndraft = 'x'\n", "unknown setting 'draft'"),
     ("[stage]\nport = 1\n", "unknown setting"),

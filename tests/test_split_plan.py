@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from layerline.errors import LayerlineError
-from layerline.runtime.split_plan import parse_split, plan_split
+from layerline.runtime.stage.split_plan import parse_split, plan_split
 
 
 def test_equal_memory_gives_stage0_fewer_layers():

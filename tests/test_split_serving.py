@@ -4,10 +4,7 @@ the official `openai` client, failures, fencing and concurrency."""
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,77 +13,16 @@ import httpx
 import numpy as np
 import openai
 import pytest
-from conftest import free_port
 
 from layerline.proto import activation_pb2 as pb
 from layerline.proto import activation_pb2_grpc as pb_grpc
+
+from helpers import Stage0Process, greedy_reference
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 PROMPTS = ["The capital of France is", "Water boils at", "The largest planet is",
            "Once upon a time", "def fibonacci(n):", "The color of the sky is",
            "import numpy as", "My favourite fruit is"]
-
-
-class Stage0Process:
-    """`layerline stage serve --package …` in a subprocess, waited on until /health is ok."""
-
-    def __init__(self, package: Path, peers: list[str], cache: Path, *extra: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = cache / f"stage0-{self.port}.log"
-        args = [sys.executable, "-m", "layerline", "stage", "serve", "--package", str(package),
-                "--http", f"127.0.0.1:{self.port}", "--cache-dir", str(cache), *extra]
-        for peer in peers:
-            args += ["--peer", peer]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"))
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"stage 0 exited:\n{self.log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError(f"stage 0 not healthy in time:\n{self.log.read_text()[-3000:]}")
-
-    @property
-    def client(self) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=60)
-
-    def status(self) -> dict:
-        return httpx.get(f"{self.url}/v1/status", timeout=10).json()
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-
-
-@contextlib.contextmanager
-def admin_pipeline(package: Path, root: Path, split: str, admin_token: str):
-    """Stage 0 (admin token set, empty config) over one peer process, stopped on the way out."""
-    from conftest import StageProcess
-
-    (root / "admin-token").write_text(admin_token + "\n")
-    (root / "config.toml").write_text("")  # nothing from the user's own config
-    (root / "peer").mkdir()
-    peer = StageProcess((), root / "peer")
-    try:
-        stage0 = Stage0Process(package, [peer.endpoint], root, "--split", split,
-                               "--admin-token-file", str(root / "admin-token"),
-                               "--config", str(root / "config.toml"))
-    except BaseException:
-        peer.stop()
-        raise
-    try:
-        yield stage0, peer
-    finally:
-        stage0.stop()
-        peer.stop()
 
 
 @pytest.fixture
@@ -103,16 +39,6 @@ def pipeline(stage_processes, tmp_path):
     yield start
     for stage0 in started:
         stage0.stop()
-
-
-def greedy_reference(package: Path, prompt: str, max_tokens: int) -> str:
-    """The answer of `layerline run`, one process, no split."""
-    done = subprocess.run([sys.executable, "-m", "layerline", "run", str(package), "--prompt", prompt,
-                           "--max-tokens", str(max_tokens), "--temperature", "0", "--quiet"],
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.endswith("\n")
-    return done.stdout[:-1]  # `run` ends its output with one newline
 
 
 def test_greedy_output_through_two_and_three_stages_equals_one_process(pipeline, smollm2_package):

@@ -13,8 +13,8 @@ from layerline.packager.package import LayerPackage
 from layerline.proto import activation_pb2 as act_pb
 from layerline.proto import activation_pb2_grpc as act_grpc
 from layerline.proto import stage_control_pb2 as pb
-from layerline.runtime.coordinator import Coordinator, CoordinatorOptions
-from layerline.runtime.stage_client import StageClient, StageRejectedError
+from layerline.runtime.stage.client import StageClient, StageRejectedError
+from layerline.runtime.stage.coordinator import Coordinator, CoordinatorOptions
 
 
 def claim(client: StageClient, ref: str = "pkg") -> pb.StageControlResponse:

@@ -3,38 +3,23 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
-from layerline.packager.build import BuildOptions, build_package
 from layerline.proto import activation_pb2 as act_pb
 from layerline.proto import stage_control_pb2 as pb
-from layerline.runtime.activation import ActivationRelay
-from layerline.runtime.stage_model import load_stage_model
-from layerline.runtime.stage_node import StageNode
+from layerline.runtime.stage.activation import ActivationRelay
+from layerline.runtime.stage.model import load_stage_model
+from layerline.runtime.stage.node import StageNode
 
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture(scope="module")
-def tiny_package(tiny_llama, tmp_path_factory):
-    out = tmp_path_factory.mktemp("node") / "tiny"
-    build_package(str(tiny_llama["folder"]), out, BuildOptions(quantize="f32", quiet=True))
-    return out
+from helpers import Clock
 
 
 def request(**kwargs) -> pb.StageControlRequest:
     return pb.StageControlRequest(coordinator_id="coord", term=1, run_id="run", **kwargs)
 
 
-def loaded_node(tiny_package, tmp_path, clock) -> StageNode:
+def loaded_node(tiny_llama_package, tmp_path, clock) -> StageNode:
     node = StageNode("127.0.0.1:0", tmp_path, load_stage_model, clock=clock)
-    claim = pb.Claim(package=pb.PackageIdentity(ref=str(tiny_package)), lease_duration_ms=5000)
+    claim = pb.Claim(package=pb.PackageIdentity(ref=str(tiny_llama_package)), lease_duration_ms=5000)
     assert node.handle(request(claim=claim)).WhichOneof("response") == "claim_accepted"
     node.handle(request(prepare=pb.Prepare(layers=pb.LayerRange(start=1, end=3))))
     node.preparation.wait(60)
@@ -55,16 +40,16 @@ def activations(session: str, seq: int, start: int, length: int) -> act_pb.Activ
         data=data.tobytes()))
 
 
-def test_load_before_prepare_is_rejected(tiny_package, tmp_path):
+def test_load_before_prepare_is_rejected(tiny_llama_package, tmp_path):
     node = StageNode("127.0.0.1:0", tmp_path, load_stage_model)
-    claim = pb.Claim(package=pb.PackageIdentity(ref=str(tiny_package)), lease_duration_ms=5000)
+    claim = pb.Claim(package=pb.PackageIdentity(ref=str(tiny_llama_package)), lease_duration_ms=5000)
     node.handle(request(claim=claim))
     answer = node.handle(request(load=pb.StageLoadRequest(layers=pb.LayerRange(start=0, end=2))))
     assert answer.rejected.reason == pb.REJECT_REASON_NOT_PREPARED
 
 
-def test_a_lower_start_pos_rolls_the_session_back(tiny_package, tmp_path):
-    node = loaded_node(tiny_package, tmp_path, Clock())
+def test_a_lower_start_pos_rolls_the_session_back(tiny_llama_package, tmp_path):
+    node = loaded_node(tiny_llama_package, tmp_path, Clock())
     relay = ActivationRelay(node)
     first = relay.answer(activations("s", 1, 0, 5))
     extend = relay.answer(activations("s", 2, 5, 3))   # positions 5..7
@@ -74,9 +59,9 @@ def test_a_lower_start_pos_rolls_the_session_back(tiny_package, tmp_path):
     assert node.loaded.model.sessions.get("s").length == 8
 
 
-def test_lapsed_lease_frees_the_stage_and_its_model(tiny_package, tmp_path):
+def test_lapsed_lease_frees_the_stage_and_its_model(tiny_llama_package, tmp_path):
     clock = Clock()
-    node = loaded_node(tiny_package, tmp_path, clock)
+    node = loaded_node(tiny_llama_package, tmp_path, clock)
     assert node.status().state == pb.STAGE_STATE_READY
     clock.now += 6
     assert node.status().state == pb.STAGE_STATE_FREE

@@ -10,8 +10,8 @@ import pytest
 
 from layerline.errors import LayerlineError
 from layerline.packager.package import LayerPackage
-from layerline.runtime.blas import candidate_paths, global_cblas, load_fast_blas
-from layerline.runtime.weights_policy import Device, expanded_bytes, plan_weights
+from layerline.runtime.model.blas import candidate_paths, global_cblas, load_fast_blas
+from layerline.runtime.model.weights_policy import Device, expanded_bytes, plan_weights
 
 GIB = 1 << 30
 

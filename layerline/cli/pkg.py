@@ -1,0 +1,136 @@
+"""`layerline pkg …`: build, inspect, verify and publish layer packages, or build on HF Jobs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .options import (
+    DEFAULT_WINDOW,
+    AsJsonOpt,
+    GroupSizeOpt,
+    InitialWindowOpt,
+    MaxWindowOpt,
+    MinWindowOpt,
+    PackageArg,
+    PrivateOpt,
+    QuantizeChoice,
+    QuantizeOpt,
+    QuietOpt,
+    RevisionOpt,
+    WindowPolicyChoice,
+    WindowPolicyOpt,
+)
+from .output import out
+
+pkg_app = typer.Typer(no_args_is_help=True, help="Build, inspect, verify and publish layer packages.")
+
+
+@pkg_app.command("build")
+def pkg_build(
+    source: Annotated[str, typer.Argument(help="GGUF file, safetensors folder, or Hub repo id.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Package folder to write.")],
+    quantize: QuantizeOpt = QuantizeChoice.q4,
+    group_size: GroupSizeOpt = 32,
+    force: Annotated[bool, typer.Option(help="Replace an existing OUT.")] = False,
+    model_id: Annotated[str | None, typer.Option(help="Model id (default: from source).")] = None,
+    draft_model: Annotated[
+        list[str] | None, typer.Option(help="Draft model reference (repeat for several); `ngram` declares prompt-lookup drafting, no model.")
+    ] = None,
+    strategy_name: Annotated[
+        list[str] | None, typer.Option(help="Name of each --draft-model strategy, in order.")
+    ] = None,
+    default_strategy: Annotated[str | None, typer.Option(help="Default strategy name.")] = None,
+    window_policy: WindowPolicyOpt = WindowPolicyChoice(DEFAULT_WINDOW.policy),
+    initial_window: InitialWindowOpt = DEFAULT_WINDOW.initial,
+    min_window: MinWindowOpt = DEFAULT_WINDOW.min,
+    max_window: MaxWindowOpt = DEFAULT_WINDOW.max,
+    publish: Annotated[str | None, typer.Option(help="Also upload to this Hub repo.")] = None,
+    private: PrivateOpt = False,
+    revision: RevisionOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Turn a model into a layer package."""
+    from layerline.packager.build import BuildOptions, build_package
+    from layerline.packager.speculative import DraftSpec
+    from layerline.packager.window_spec import WindowSpec
+
+    window = WindowSpec(window_policy.value, initial_window, min_window, max_window)
+    names = strategy_name or []
+    drafts = [DraftSpec(reference=ref, name=names[i] if i < len(names) else None,
+                        window_spec=window)
+              for i, ref in enumerate(draft_model or [])]
+    options = BuildOptions(quantize=quantize.value, group_size=group_size, force=force, model_id=model_id,
+                           drafts=drafts, default_strategy=default_strategy, quiet=quiet)
+    manifest = build_package(source, output, options)
+    out.print(f"built {output} ({manifest.num_layers} layers, {len(manifest.files)} files)")
+    if publish:
+        from layerline.packager.publish import publish_package
+
+        url = publish_package(output, publish, private=private, revision=revision, quiet=quiet)
+        out.print(f"published {publish}: {url}")
+
+
+@pkg_app.command("inspect")
+def pkg_inspect(package: PackageArg, as_json: AsJsonOpt = False) -> None:
+    """Summarize a package: architecture, layers, sizes, quantization, tokenizer, speculation."""
+    from layerline.packager.inspect import inspect_package, render_summary
+
+    summary = inspect_package(package)
+    if as_json:
+        out.print_json(json.dumps(summary))
+    else:
+        render_summary(summary, out)
+
+
+@pkg_app.command("verify")
+def pkg_verify(package: PackageArg, quiet: QuietOpt = False) -> None:
+    """Recompute every file's sha256; exit 1 naming each bad or missing file."""
+    from layerline.packager.verify import verify_package
+
+    checked = verify_package(package, quiet=quiet)
+    out.print(f"ok: {checked} files match {package}/model-package.json")
+
+
+@pkg_app.command("publish")
+def pkg_publish(
+    package: PackageArg,
+    repo_id: Annotated[str, typer.Argument(help="Hub repo, ORG/NAME.")],
+    private: PrivateOpt = False,
+    revision: RevisionOpt = None,
+) -> None:
+    """Upload a verified package to the Hugging Face Hub in one commit."""
+    from layerline.packager.publish import publish_package
+
+    url = publish_package(package, repo_id, private=private, revision=revision)
+    out.print(f"published {repo_id}: {url}")
+
+
+@pkg_app.command("job")
+def pkg_job(
+    source: Annotated[str, typer.Argument(help="Hub repo id, or REPO:QUANT / REPO:FILE.gguf of a GGUF repo.")],
+    publish: Annotated[str, typer.Option(help="Hub repo the job publishes to, ORG/NAME.")],
+    flavor: Annotated[str, typer.Option(help="Hugging Face Jobs hardware flavor.")] = "cpu-upgrade",
+    quantize: QuantizeOpt = QuantizeChoice.q4,
+    group_size: GroupSizeOpt = 32,
+    private: PrivateOpt = False,
+    timeout: Annotated[str, typer.Option(help="Job timeout, e.g. 2h.")] = "2h",
+    dry_run: Annotated[bool, typer.Option(help="Print the job spec; submit nothing.")] = False,
+    layerline_spec: Annotated[
+        str, typer.Option(help="pip requirement the job installs layerline from (name, git or wheel URL).")
+    ] = "layerline",
+) -> None:
+    """Run `layerline pkg build` on Hugging Face Jobs and publish the result."""
+    from layerline.hf_jobs.job import BuildJobRequest, submit_build_job
+
+    request = BuildJobRequest(source=source, publish=publish, flavor=flavor, quantize=quantize.value,
+                              group_size=group_size, private=private, timeout=timeout,
+                              layerline_spec=layerline_spec)
+    result = submit_build_job(request, dry_run=dry_run)
+    if dry_run:
+        out.print_json(json.dumps(result.spec))
+    else:
+        out.print(f"job {result.job_id}: {result.url}")

@@ -1,0 +1,54 @@
+"""`layerline stage serve`: wait to be claimed, or, with --package, be stage 0."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .options import ConfigFileOpt, NoDraftOpt, WeightsChoice, WeightsOpt
+from .output import log_with_time
+
+stage_app = typer.Typer(no_args_is_help=True, help="Run a stage of a split pipeline.")
+
+DEFAULT_CACHE = Path("~/.cache/layerline/stage")
+
+
+@stage_app.command("serve")
+def stage_serve(
+    listen: Annotated[str | None, typer.Option(help="gRPC host:port (default: config, else 127.0.0.1:7700).")] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="Where fetched package files go.")] = None,
+    auth_token_file: Annotated[Path | None, typer.Option(help="Shared secret every node uses.")] = None,
+    admin_token_file: Annotated[Path | None, typer.Option(help="Secret guarding /v1/draft and the dashboard (stage 0).")] = None,
+    package: Annotated[str | None, typer.Option(help="Package folder or Hub repo: makes this stage 0.")] = None,
+    peer: Annotated[list[str] | None, typer.Option(help="Downstream stage host:port, in order.")] = None,
+    split: Annotated[str, typer.Option(help="auto, or ranges like 0:10,10:30 (stage 0 first).")] = "auto",
+    http: Annotated[str | None, typer.Option(help="HTTP host:port of the OpenAI API (stage 0).")] = None,
+    config: ConfigFileOpt = None,
+    no_draft: NoDraftOpt = False,
+    wire_dtype: Annotated[str, typer.Option(help="Activation dtype on the wire: f32, f16, bf16.")] = "f32",
+    weights: WeightsOpt = WeightsChoice.auto,
+    context_length: Annotated[int | None, typer.Option(help="KV cache length (default: the model's, max 4096).")] = None,
+    max_sessions: Annotated[int, typer.Option(help="Concurrent sessions each stage keeps.")] = 16,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning.")] = "info",
+) -> None:
+    """Wait to be claimed; or, with --package, be stage 0: plan, load the peers, serve HTTP."""
+    from layerline.runtime.serve.config import load_config
+
+    log_with_time(log_level)
+    settings = load_config(config)
+    listen = listen or settings.stage.listen
+    cache = (cache_dir or Path(settings.stage.cache_dir or DEFAULT_CACHE)).expanduser()
+    if package is None:
+        from layerline.runtime.stage.main import run_stage
+
+        run_stage(listen, cache, auth_token_file)
+        return
+    from layerline.runtime.serve.stage0 import Stage0Options, run_stage0
+
+    run_stage0(Stage0Options(
+        package=package, peers=peer or [], split=split, http=http or settings.stage.http,
+        config=settings, no_draft=no_draft, wire_dtype=wire_dtype, weights=weights.value,
+        context_length=context_length, max_sessions=max_sessions, cache_dir=cache,
+        auth_token_file=auth_token_file, admin_token_file=admin_token_file))

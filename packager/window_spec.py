@@ -1,0 +1,84 @@
+"""The draft window of a speculation setup: one type, one set of defaults, one validator.
+
+A `WindowSpec` names the policy (`fixed` or `adaptive`) and three sizes. The same four
+settings go by the same names in a package's strategies, the TOML config, `PUT /v1/draft`
+and `layerline config show` (`FIELDS`); a request's own `speculative.window` is one size,
+a fixed window. A fixed policy drafts `initial` tokens every step and ignores `min`/`max`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from layerline.errors import LayerlineError
+
+POLICIES = ("adaptive", "fixed")
+MAX_WINDOW = 64  # the most tokens one step may draft
+
+# WindowSpec field -> its name in manifests, config, the draft API and status JSON.
+FIELDS = {"policy": "window_policy", "initial": "initial_window", "min": "min_window",
+          "max": "max_window"}
+
+
+class WindowError(LayerlineError):
+    """A draft window policy is unknown, or its sizes are out of range or out of order."""
+
+
+@dataclass(frozen=True)
+class WindowSpec:
+    policy: str = "adaptive"  # "fixed" | "adaptive"
+    initial: int = 8  # tokens drafted by the first step (every step, when fixed)
+    min: int = 2  # the adaptive window never shrinks below this
+    max: int = 16  # nor grows above this
+
+    @classmethod
+    def fixed(cls, window: int) -> WindowSpec:
+        """Always draft `window` tokens."""
+        return cls("fixed", window, window, window)
+
+    @classmethod
+    def from_json(cls, values: Mapping[str, Any]) -> WindowSpec:
+        """A spec from settings named as in `FIELDS`; those missing take the defaults."""
+        defaults = cls()
+        return cls(**{field: values.get(name, getattr(defaults, field)) for field, name in FIELDS.items()})
+
+    def to_json(self) -> dict[str, Any]:
+        """The four settings, named as in `FIELDS`."""
+        return {name: getattr(self, field) for field, name in FIELDS.items()}
+
+    def validate(self) -> WindowSpec:
+        """Return self, or raise WindowError saying what is wrong and what is allowed."""
+        check_policy(self.policy)
+        sizes = [self.initial] if self.policy == "fixed" else [self.min, self.initial, self.max]
+        for size in sizes:
+            check_window_size(size)
+        if self.policy == "adaptive" and not self.min <= self.initial <= self.max:
+            raise WindowError(
+                f"adaptive draft windows out of order: min_window {self.min}, initial_window "
+                f"{self.initial}, max_window {self.max}",
+                hint="choose min_window <= initial_window <= max_window")
+        return self
+
+    def describe(self) -> str:
+        """`fixed window 4` or `adaptive window 8 in [2, 16]`."""
+        if self.policy == "fixed":
+            return f"fixed window {self.initial}"
+        return f"adaptive window {self.initial} in [{self.min}, {self.max}]"
+
+
+def check_policy(policy: Any) -> str:
+    """A known window policy name, or WindowError."""
+    if policy not in POLICIES:
+        raise WindowError(f"window policy {policy!r} is unknown",
+                          hint=f"use one of {', '.join(POLICIES)}")
+    return policy
+
+
+def check_window_size(size: Any) -> int:
+    """A draft window size within 1..MAX_WINDOW, or WindowError."""
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_WINDOW:
+        raise WindowError(f"draft window {size!r} is out of range",
+                          hint=f"a draft window is 1 to {MAX_WINDOW} tokens")
+    return size

@@ -1,0 +1,1 @@
+"""What `layerline bench` runs: decode and serve benchmarks, their servers, reports and link delays."""

@@ -1,0 +1,252 @@
+"""The serving benchmark's output: Markdown tables, the goals it reports against, JSON, a PNG chart.
+
+Everything lands in one folder: `table.md` (what the command prints),
+`results.json` (settings, machine, every request's raw figures), `chart.png`.
+Files are written to a temporary name and renamed, so a folder never holds a
+half-written report, even when the run is stopped between conditions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from .serve import BenchSettings, ConditionResult
+
+TABLE_COLUMNS = ("condition", "stages", "link", "draft", "tok/s", "wall s", "TTFT s", "accept rate",
+                 "accept/position", "tok/pass", "expected tok/pass", "baseline", "vs baseline",
+                 "× baseline")
+PROFILE_COLUMNS = ("condition", "ms/pass", "draft ms", "verify ms", "link delay ms", "outside ms",
+                   "tok/pass")
+SPLIT_GOAL = 0.97  # 2-stage split on loopback, against the single stage
+SPECULATION_GOAL = 2.0  # speculation over a delayed 2-stage split, against that split
+PASS_GOAL = 0.10  # tokens per pass, against (1 - a^(w+1)) / (1 - a)
+
+
+def _cell(value: float | None, fmt: str) -> str:
+    return "—" if value is None else format(value, fmt)
+
+
+def ratios(results: Sequence[ConditionResult]) -> dict[str, float | None]:
+    """Each condition's median tok/s over its baseline's (None without one)."""
+    by_name = {r.condition.name: r for r in results}
+    out: dict[str, float | None] = {}
+    for r in results:
+        base = by_name.get(r.condition.baseline or "")
+        if r.stats and base is not None and base.stats and base.stats.tokens_per_s:
+            out[r.condition.name] = r.stats.tokens_per_s / base.stats.tokens_per_s
+        else:
+            out[r.condition.name] = None
+    return out
+
+
+def _link(r: ConditionResult) -> str:
+    c = r.condition
+    if c.engine != "layerline" or c.stages == 1:
+        return "—"
+    if not c.delay_ms:
+        return "loopback"
+    return f"{c.delay_ms:g} ms {r.link_method or '?'}"
+
+
+def _draft(r: ConditionResult) -> str:
+    c = r.condition
+    if not c.draft:
+        return "—"
+    return f"w={c.fixed_window}" if c.fixed_window is not None else "adaptive"
+
+
+def _row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _table(columns: Sequence[str], rows: list[Sequence[str]]) -> str:
+    return "\n".join([_row(columns), "|" + "|".join("---" for _ in columns) + "|",
+                      *(_row(row) for row in rows)])
+
+
+def render_table(results: Sequence[ConditionResult]) -> str:
+    """The main table: one row per condition, compared with its baseline."""
+    rel = ratios(results)
+    rows = []
+    for r in results:
+        c, s = r.condition, r.stats
+        ratio = rel.get(c.name)
+        if s is None:
+            failure = "failed: " + (r.error or "?").splitlines()[0][:60].replace("|", "/")
+            rows.append([c.name, str(c.stages), _link(r), _draft(r), failure, *["—"] * 6, c.baseline or "—",
+                         "—", "—"])
+            continue
+        rows.append([
+            c.name, str(c.stages), _link(r), _draft(r), f"{s.tokens_per_s:.2f}", f"{s.wall_s:.2f}",
+            f"{s.ttft_s:.3f}", _cell(s.accept_rate, ".1%"), _cell(s.position_accept_rate, ".1%"),
+            _cell(s.tokens_per_pass, ".2f"), _cell(s.expected_tokens_per_pass, ".2f"), c.baseline or "—",
+            "—" if ratio is None else f"{(ratio - 1) * 100:+.1f}%",
+            "—" if ratio is None else f"{ratio:.2f}×",
+        ])
+    return _table(TABLE_COLUMNS, rows)
+
+
+def render_profile(results: Sequence[ConditionResult]) -> str:
+    """Where one target pass's time goes, per layerline condition (milliseconds per pass)."""
+    rows = []
+    for r in results:
+        s = r.stats
+        if s is None or s.pass_ms is None:
+            continue
+        rows.append([r.condition.name, f"{s.pass_ms:.1f}", _cell(s.draft_ms, ".1f"),
+                     _cell(s.verify_ms, ".1f"), _cell(s.link_ms, ".0f"), _cell(s.outside_ms, ".1f"),
+                     _cell(s.tokens_per_pass, ".2f")])
+    return _table(PROFILE_COLUMNS, rows)
+
+
+def goal_lines(results: Sequence[ConditionResult]) -> list[str]:
+    """How the run compares with the goals the issue set (reported, never asserted)."""
+    rel = ratios(results)
+    lines = []
+
+    def verdict(ok: bool, miss: str) -> str:
+        return "met" if ok else f"missed by {miss}"
+
+    for r in results:
+        c = r.condition
+        if c.engine == "layerline" and c.stages == 2 and not c.draft and not c.delay_ms and rel.get(c.name):
+            ratio = rel[c.name] or 0.0
+            lines.append(f"- 2-stage split on loopback ≥ {SPLIT_GOAL:.2f}× single: {ratio:.3f}× — "
+                         f"{verdict(ratio >= SPLIT_GOAL, f'{(SPLIT_GOAL - ratio) * 100:.1f} points')}")
+    for delay in sorted({r.condition.delay_ms for r in results if r.condition.delay_ms}):
+        drafted = [r for r in results if r.condition.engine == "layerline" and r.condition.stages == 2
+                   and r.condition.draft and r.condition.delay_ms == delay and rel.get(r.condition.name)]
+        if drafted:
+            best = max(drafted, key=lambda r: rel[r.condition.name] or 0.0)
+            ratio = rel[best.condition.name] or 0.0
+            lines.append(f"- speculation over 2 stages with {delay:g} ms links ≥ {SPECULATION_GOAL:g}× the "
+                         f"split: best {best.condition.name} {ratio:.2f}× — "
+                         f"{verdict(ratio >= SPECULATION_GOAL, f'{SPECULATION_GOAL - ratio:.2f}×')}")
+    for r in results:
+        s = r.stats
+        if s is None or s.expected_tokens_per_pass is None or s.tokens_per_pass is None:
+            continue
+        off = s.tokens_per_pass / s.expected_tokens_per_pass - 1
+        lines.append(f"- {r.condition.name}: {s.tokens_per_pass:.2f} tok/pass vs "
+                     f"{s.expected_tokens_per_pass:.2f} expected at a = {s.position_accept_rate:.1%} "
+                     f"({off:+.1%}; goal within "
+                     f"±{PASS_GOAL:.0%}) — {verdict(abs(off) <= PASS_GOAL, f'{abs(off) - PASS_GOAL:.1%}')}")
+    return lines
+
+
+def render_report(settings: BenchSettings, results: Sequence[ConditionResult]) -> str:
+    """All the Markdown the command prints and writes to table.md."""
+    methods = sorted({f"{r.link_method} ({r.link_note})" for r in results
+                      if r.link_method and r.link_method != "loopback"})
+    parts = [
+        f"serve benchmark: {settings.target}" + (f", draft {settings.draft}" if settings.draft else "")
+        + f"; {len(settings.prompts)} prompts × {settings.runs} runs, {settings.max_tokens} tokens max, "
+        f"greedy, {settings.warmup} warm-up",
+        "",
+        render_table(results),
+        "",
+    ]
+    if methods:
+        parts += ["Delayed links: " + "; ".join(methods), ""]
+    parts += ["Where a target pass's time goes (ms per pass, measured requests):", "",
+              render_profile(results), ""]
+    goals = goal_lines(results)
+    if goals:
+        parts += ["Goals:", *goals, ""]
+    failed = [r for r in results if r.error]
+    for r in failed:
+        parts.append(f"FAILED {r.condition.name}: {r.error}")
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    from importlib.metadata import PackageNotFoundError, version
+
+    def v(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    return {"platform": platform.platform(), "cpu": cpu or platform.processor(), "cores": os.cpu_count(),
+            "python": platform.python_version(), "layerline": v("layerline"), "mlx": v("mlx"),
+            "mlx_lm": v("mlx-lm")}
+
+
+def write_json(path: Path, settings: BenchSettings, results: Sequence[ConditionResult],
+               command: Sequence[str]) -> None:
+    """Settings, machine, and every condition's figures and raw requests."""
+    rel = ratios(results)
+    body = {
+        "command": list(command), "machine": machine(),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()},
+        "goals": goal_lines(results),
+        "conditions": [{**r.to_json(), "vs_baseline": rel.get(r.condition.name)} for r in results],
+    }
+    _write_atomic(path, lambda tmp: tmp.write_text(json.dumps(body, indent=2) + "\n"))
+
+
+def write_chart(path: Path, results: Sequence[ConditionResult], title: str) -> None:
+    """Median tok/s per condition (bars), each labelled with its ratio to its baseline."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: files only
+    import matplotlib.pyplot as plt
+
+    shown = [r for r in results if r.stats is not None]
+    rel = ratios(results)
+    names = [r.condition.name for r in shown]
+    speeds = [r.stats.tokens_per_s for r in shown if r.stats]
+    ttfts = [r.stats.ttft_s for r in shown if r.stats]
+    colors = ["tab:gray" if r.condition.engine == "llama.cpp" else
+              "tab:orange" if r.condition.draft else "tab:blue" for r in shown]
+    height = max(2.5, 0.42 * len(shown) + 1.2)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, height), sharey=True,
+                                      gridspec_kw={"width_ratios": [3, 1.2]})
+    ys = list(range(len(shown)))[::-1]
+    left.barh(ys, speeds, color=colors)
+    for y, r, speed in zip(ys, shown, speeds, strict=True):
+        ratio = rel.get(r.condition.name)
+        label = f" {speed:.2f}" + (f"  ({ratio:.2f}× {r.condition.baseline})" if ratio else "")
+        left.text(speed, y, label, va="center", fontsize=8)
+    left.set_yticks(ys, names, fontsize=8)
+    left.set_xlabel("median tok/s (completion tokens / wall time)")
+    left.set_xlim(0, max(speeds, default=1) * 1.45)
+    right.barh(ys, ttfts, color=colors)
+    right.set_xlabel("median time to first token (s)")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    _write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+def write_report(output: Path, settings: BenchSettings, results: Sequence[ConditionResult],
+                 command: Sequence[str]) -> str:
+    """Write table.md, results.json and chart.png into `output`; return the Markdown."""
+    output.mkdir(parents=True, exist_ok=True)
+    markdown = render_report(settings, results)
+    _write_atomic(output / "table.md", lambda tmp: tmp.write_text(markdown))
+    write_json(output / "results.json", settings, results, command)
+    write_chart(output / "chart.png", results, f"layerline bench serve: {Path(settings.target).name}")
+    return markdown

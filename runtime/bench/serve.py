@@ -1,0 +1,335 @@
+"""`layerline bench serve`: one model served under a matrix of conditions, the same prompts for each.
+
+Conditions: a single stage (the baseline); the split over N stages; the split
+with a draft model at fixed windows and with the adaptive window; each split
+condition once per link delay; optionally llama.cpp's `llama-server` on the
+same GGUF files, without and with its draft. Every condition gets clean
+processes, warm-up requests, then `runs` passes over the prompts, greedy and
+streamed. A split condition is compared with the single stage; a draft
+condition with the split it speculates over (same stages, same links).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from layerline.errors import LayerlineError
+from layerline.packager.package import LayerPackage
+from layerline.packager.window_spec import WindowSpec
+
+from .client import RequestSample, stream_completion
+from .link_delay import LINK_METHODS, StageLinks, open_links
+from .models import resolve_gguf, resolve_package
+from .servers import LayerlineServer, LlamaServer
+from .stats import ConditionStats, summarize
+
+log = logging.getLogger("layerline.bench")
+
+DEFAULT_PROMPTS = (
+    'def merge_sort(items):\n    """Sort a list with merge sort and return the new list."""\n',
+    "# A command-line tool that counts the words in a text file\nimport argparse\n",
+    "The three laws of thermodynamics say that",
+)
+WARMUP_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One row of the table: what serves, how it is split, linked and drafted."""
+
+    name: str
+    engine: str  # "layerline" | "llama.cpp"
+    stages: int = 1
+    delay_ms: float = 0.0
+    window_spec: WindowSpec | None = None  # None: no draft
+    baseline: str | None = None  # the condition this one is compared with
+
+    @property
+    def draft(self) -> bool:
+        return self.window_spec is not None
+
+    @property
+    def fixed_window(self) -> int | None:
+        """The window every step drafts, when it is fixed."""
+        spec = self.window_spec
+        return spec.initial if spec is not None and spec.policy == "fixed" else None
+
+    @property
+    def links(self) -> int:
+        return self.stages - 1
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "engine": self.engine, "stages": self.stages, "delay_ms": self.delay_ms,
+                "window": self.window_spec.to_json() if self.window_spec else None, "baseline": self.baseline}
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    target: str
+    draft: str | None = None  # a model reference, or "ngram"
+    stages: tuple[int, ...] = (2, 3)
+    draft_stages: tuple[int, ...] = (2,)
+    windows: tuple[int, ...] = (4, 8, 16)
+    adaptive: bool = True
+    delays_ms: tuple[float, ...] = (0.0,)
+    link_method: str = "auto"
+    prompts: tuple[str, ...] = DEFAULT_PROMPTS
+    max_tokens: int = 128
+    runs: int = 3
+    warmup: int = 1
+    weights: str = "auto"
+    quantize: str = "4bit"
+    llama_server: Path | None = None
+    llama_threads: int = 2
+    context_length: int = 4096
+    start_timeout_s: float = 900.0
+    request_timeout_s: float = 900.0
+    cache_dir: Path = Path("~/.cache/layerline/bench")
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.link_method in LINK_METHODS, f"--link-method {self.link_method!r}",
+             f"use one of {', '.join(LINK_METHODS)}"),
+            (all(n >= 1 for n in (*self.stages, *self.draft_stages)), "a stage count below 1",
+             "give stage counts of 1 or more"),
+            (all(d >= 0 for d in self.delays_ms), "a negative link delay", "give delays of 0 ms or more"),
+            (self.runs >= 1 and self.max_tokens >= 1 and self.warmup >= 0, "runs or max-tokens below 1",
+             "measure at least one run of at least one token"),
+            (bool(self.prompts), "no prompts", "give at least one --prompt"),
+        ]
+        for ok, what, fix in checks:
+            if not ok:
+                raise LayerlineError(f"bench serve cannot run with {what}", hint=fix)
+        for window in self.windows:
+            WindowSpec.fixed(window).validate()
+
+
+def _suffix(delay_ms: float) -> str:
+    return f" @{delay_ms:g}ms" if delay_ms else ""
+
+
+def build_matrix(settings: BenchSettings) -> list[Condition]:
+    """Every condition to run, baselines before the conditions compared with them."""
+    conditions = [Condition("single", "layerline")]
+    windows = [WindowSpec.fixed(w) for w in settings.windows] + ([WindowSpec()] if settings.adaptive else [])
+    drafting = settings.draft is not None
+    if drafting and 1 in settings.draft_stages:
+        conditions += [_drafted(1, 0.0, w, "single") for w in windows]
+    split_counts = sorted({n for n in (*settings.stages, *settings.draft_stages) if n >= 2}
+                          if drafting else {n for n in settings.stages if n >= 2})
+    for delay in settings.delays_ms:
+        for n in split_counts:
+            split = Condition(f"split{n}{_suffix(delay)}", "layerline", n, delay, baseline="single")
+            conditions.append(split)
+            if drafting and n in settings.draft_stages:
+                conditions += [_drafted(n, delay, w, split.name) for w in windows]
+    if settings.llama_server is not None:
+        conditions.append(Condition("llama.cpp", "llama.cpp", baseline="single"))
+        if drafting and settings.draft != "ngram":
+            conditions += [Condition(f"llama.cpp + draft w={w}", "llama.cpp", window_spec=WindowSpec.fixed(w),
+                                     baseline="llama.cpp") for w in settings.windows]
+    return conditions
+
+
+def _drafted(stages: int, delay: float, window: WindowSpec, baseline: str) -> Condition:
+    base = "single" if stages == 1 else f"split{stages}"
+    label = f"w={window.initial}" if window.policy == "fixed" else "adaptive"
+    return Condition(f"{base} + draft {label}{_suffix(delay)}", "layerline", stages, delay, window, baseline)
+
+
+@dataclass
+class ConditionResult:
+    condition: Condition
+    stats: ConditionStats | None = None
+    samples: list[RequestSample] = field(default_factory=list)
+    link_method: str | None = None  # "loopback" | "netem" | "proxy" for split conditions
+    link_note: str | None = None
+    link_traffic: list[dict] = field(default_factory=list)  # during the measured runs
+    server: dict[str, Any] = field(default_factory=dict)  # stage 0's status, or llama-server's argv
+    seconds: float = 0.0  # the whole condition, start to stop
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"condition": self.condition.to_json(),
+                "stats": self.stats.to_json() if self.stats else None,
+                "link": {"method": self.link_method, "note": self.link_note, "traffic": self.link_traffic},
+                "server": self.server, "seconds": round(self.seconds, 2), "error": self.error,
+                "requests": [s.to_json() for s in self.samples]}
+
+
+@dataclass(frozen=True)
+class Models:
+    """The files every condition serves from."""
+
+    package: Path
+    draft_package: Path | None  # None without a draft model (no draft, or ngram)
+    hidden_size: int
+    gguf: Path | None = None  # for llama-server
+    draft_gguf: Path | None = None
+
+
+def resolve_models(settings: BenchSettings) -> Models:
+    """Packages (built and cached if needed) and, for llama-server, GGUF files."""
+    cache = settings.cache_dir.expanduser()
+    package = resolve_package(settings.target, cache, quantize=settings.quantize)
+    draft = settings.draft
+    draft_package = (resolve_package(draft, cache, quantize=settings.quantize)
+                     if draft and draft != "ngram" else None)
+    hidden = int(LayerPackage.open(package).manifest.config["hidden_size"])
+    gguf = draft_gguf = None
+    if settings.llama_server is not None:
+        if not settings.llama_server.is_file():
+            raise LayerlineError(f"--llama-server {settings.llama_server} does not exist",
+                                 hint="build llama.cpp's llama-server and give the binary's path")
+        gguf = resolve_gguf(settings.target)
+        draft_gguf = resolve_gguf(draft) if draft and draft != "ngram" else None
+    return Models(package, draft_package, hidden, gguf, draft_gguf)
+
+
+def speculation_config(settings: BenchSettings, models: Models, condition: Condition) -> str:
+    """The TOML stage 0 reads: speculation as the condition asks, nothing else."""
+    if not condition.draft:
+        return "# no speculation: stage 0 runs with --no-draft\n"
+    lines = ["[defaults.speculative]", "enabled = true"]
+    if settings.draft == "ngram":
+        lines.append('type = "ngram"')
+    else:
+        lines.append(f'draft_model = "{models.draft_package}"')
+    assert condition.window_spec is not None
+    lines += [f"{key} = {json.dumps(value)}" for key, value in condition.window_spec.to_json().items()]
+    return "\n".join(lines) + "\n"
+
+
+def _slug(name: str) -> str:
+    """A folder name for a condition: `split2 + draft w=4 @5ms` -> `split2-draft-w-4-5ms`."""
+    return re.sub(r"[^A-Za-z0-9.]+", "-", name).strip("-")
+
+
+def _traffic_delta(before: list[dict], after: list[dict]) -> list[dict]:
+    out = []
+    for b, a in zip(before, after, strict=True):
+        row = dict(a)
+        for key in ("connections", "bytes_to_target", "bytes_from_target"):
+            if isinstance(a.get(key), int) and isinstance(b.get(key), int):
+                row[key] = a[key] - b[key]
+        out.append(row)
+    return out
+
+
+def check_links_carried(traffic: list[dict], tokens: int, hidden_size: int) -> None:
+    """Every delayed link carried the activations of every token, so every link was delayed."""
+    floor = tokens * hidden_size * 2  # at least one f16 vector per token, whatever the direction
+    for link in traffic:
+        carried = (link.get("bytes_to_target") or 0) + (link.get("bytes_from_target") or 0)
+        if carried < floor:
+            raise LayerlineError(
+                f"link {link['link']} carried {carried} bytes while {tokens} tokens were generated "
+                f"(at least {floor} expected): activations did not go through the delayed link",
+                hint="stage i must forward to the address stage 0 was given for stage i+1")
+
+
+class Bench:
+    """Runs the matrix; one condition at a time, each with its own processes."""
+
+    def __init__(self, settings: BenchSettings, output: Path) -> None:
+        self.settings = settings
+        self.output = output
+        self.models: Models | None = None
+
+    def run(self, conditions: list[Condition],
+            on_result: Callable[[ConditionResult], None] | None = None) -> list[ConditionResult]:
+        self.models = resolve_models(self.settings)
+        results = []
+        for condition in conditions:
+            result = self.run_condition(condition)
+            results.append(result)
+            if on_result is not None:
+                on_result(result)
+        return results
+
+    def run_condition(self, condition: Condition) -> ConditionResult:
+        started = time.monotonic()
+        result = ConditionResult(condition)
+        log.info("event=condition_start name=%r", condition.name)
+        try:
+            if condition.engine == "llama.cpp":
+                self._run_llama(condition, result)
+            else:
+                self._run_layerline(condition, result)
+        except LayerlineError as exc:
+            result.error = exc.message
+            log.error("event=condition_failed name=%r error=%s", condition.name, exc.message)
+        result.seconds = time.monotonic() - started
+        log.info("event=condition_done name=%r seconds=%.1f", condition.name, result.seconds)
+        return result
+
+    def _run_layerline(self, condition: Condition, result: ConditionResult) -> None:
+        settings, models = self.settings, self.models
+        assert models is not None
+        folder = self.output / "conditions" / _slug(condition.name)
+        folder.mkdir(parents=True, exist_ok=True)
+        config = folder / "config.toml"
+        config.write_text(speculation_config(settings, models, condition))
+        links: StageLinks = open_links(condition.links, condition.delay_ms, settings.link_method)
+        result.link_method, result.link_note = links.method, links.note
+        server = LayerlineServer(package=models.package, peers=condition.links, links=links,
+                                 log_dir=folder, cache_dir=settings.cache_dir.expanduser() / "stage",
+                                 config=config, draft=condition.draft, weights=settings.weights)
+        try:
+            server.start(settings.start_timeout_s)
+            before = links.traffic()
+            result.samples = self._measure(server.url, extra={})
+            result.link_traffic = _traffic_delta(before, links.traffic())
+            result.server = server.status()
+        finally:
+            server.stop()
+            links.close()
+        round_trip = 2 * condition.delay_ms * condition.links
+        result.stats = summarize(result.samples, window=condition.fixed_window,
+                                 max_tokens=settings.max_tokens, link_round_trip_ms=round_trip)
+        if condition.delay_ms and condition.links:
+            check_links_carried(result.link_traffic, result.stats.tokens, models.hidden_size)
+
+    def _run_llama(self, condition: Condition, result: ConditionResult) -> None:
+        settings, models = self.settings, self.models
+        assert models is not None and models.gguf is not None and settings.llama_server is not None
+        folder = self.output / "conditions" / _slug(condition.name)
+        folder.mkdir(parents=True, exist_ok=True)
+        server = LlamaServer(binary=settings.llama_server, model=models.gguf,
+                             draft=models.draft_gguf if condition.draft else None,
+                             draft_max=condition.fixed_window, log_dir=folder,
+                             threads=settings.llama_threads, context_length=settings.context_length)
+        try:
+            result.server = server.start(settings.start_timeout_s)
+            # llama-server keeps the last prompt's cache; layerline does not: re-read every prompt.
+            result.samples = self._measure(server.url, extra={"cache_prompt": False})
+        finally:
+            server.stop()
+        result.stats = summarize(result.samples, window=condition.fixed_window,
+                                 max_tokens=settings.max_tokens)
+
+    def _measure(self, url: str, extra: dict[str, Any]) -> list[RequestSample]:
+        settings = self.settings
+        samples = []
+        with httpx.Client() as client:
+            def ask(index: int, run: int, max_tokens: int) -> RequestSample:
+                body = {"prompt": settings.prompts[index], "max_tokens": max_tokens, "temperature": 0,
+                        **extra}
+                return stream_completion(client, url, body, prompt_index=index, run=run,
+                                         timeout_s=settings.request_timeout_s)
+
+            for i in range(settings.warmup):
+                ask(i % len(settings.prompts), -1, min(WARMUP_TOKENS, settings.max_tokens))
+            for run in range(settings.runs):
+                for index in range(len(settings.prompts)):
+                    samples.append(ask(index, run, settings.max_tokens))
+        return samples

@@ -1,0 +1,217 @@
+"""Drafters propose the next tokens cheaply; the target decides which of them stand.
+
+A drafter is told the whole committed sequence (prompt plus accepted tokens) at every
+step and keeps its own state in step with it: whatever it processed that is not a prefix
+of the committed sequence (rejected drafts) is forgotten, and committed tokens it has not
+processed yet are replayed.
+
+- `ModelDrafter`: a small model of the same tokenizer, in this process, with its own KV
+  caches. It samples its drafts from q, the request's own sampling rule applied to its
+  logits, and returns q so that sampled requests can use the rejection rule.
+- `NgramDrafter`: prompt lookup, no model. It finds the most recent earlier occurrence of
+  the longest n-gram that ends the context and proposes what followed it. Its proposal is
+  a function of the context, so it returns no q (q is 1 on the proposed token).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Protocol
+
+import mlx.core as mx
+
+from ..model.kv_cache import RangeCache
+from .sampling import SamplingParams
+from .token_distribution import probabilities, recent_tokens, request_key, scores
+
+if TYPE_CHECKING:
+    from ..model.head import Head
+
+log = logging.getLogger("layerline.speculative")
+
+PREFILL_STEP = 512  # positions per replay chunk
+
+
+class Drafter(Protocol):
+    """Proposes up to k tokens that continue `committed`."""
+
+    def propose(self, committed: list[int], k: int) -> tuple[list[int], mx.array | None]:
+        """Up to k draft tokens and, for a random proposal, their distributions q (len, vocab).
+
+        A drafter whose proposal is random must return the q it drew each token from; None
+        means the proposal is a function of `committed` alone (q = 1 on each token).
+        """
+        ...
+
+    def sync(self, committed: list[int]) -> None:
+        """Forget anything processed that is not a prefix of `committed` (cheap; no compute)."""
+        ...
+
+
+class DraftModel(Protocol):
+    """A whole model in this process: `runtime.local_pipeline.LocalPipeline` is one."""
+
+    head: Head  # its embedding and output head: `head.vocab_size` ids
+
+    def __call__(self, tokens: mx.array, caches: list[RangeCache]) -> mx.array: ...
+
+    def make_cache(self) -> list[RangeCache]: ...
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    i = 0
+    while a[i] == b[i]:
+        i += 1
+    return i
+
+
+class ModelDrafter:
+    """A draft model with its own caches, for one request at a time."""
+
+    def __init__(self, model: DraftModel, params: SamplingParams, *,
+                 context_length: int | None = None, prefill_step: int = PREFILL_STEP) -> None:
+        self.model = model
+        self.params = params
+        self.context_length = context_length
+        self.prefill_step = prefill_step
+        self.vocab_size = model.head.vocab_size
+        self.caches = model.make_cache()
+        self.fed: list[int] = []  # the tokens whose keys and values the caches hold
+        self._key = request_key(params.seed, stream=1)
+
+    @property
+    def length(self) -> int:
+        """Positions the draft caches hold."""
+        return self.caches[0].length if self.caches else len(self.fed)
+
+    def sync(self, committed: list[int]) -> None:
+        """Roll the caches back to the longest prefix they share with `committed`."""
+        self._truncate(_common_prefix(self.fed, committed))
+
+    def propose(self, committed: list[int], k: int) -> tuple[list[int], mx.array | None]:
+        """Draft up to k tokens after `committed` with the request's sampling rule."""
+        if self.context_length is not None:
+            # Drafting k tokens feeds positions up to len(committed) + k - 2.
+            k = min(k, self.context_length - len(committed) + 1)
+        if k <= 0 or not committed:
+            return [], None
+        # Replay what the caches lack; the last committed token is always fed again, since
+        # its logits are what the first draft comes from (after full acceptance: [d_K, bonus]).
+        self._truncate(min(_common_prefix(self.fed, committed), len(committed) - 1))
+        logits = self._replay(committed[len(self.fed):])
+        self.fed = list(committed)
+        greedy = self.params.greedy
+        history = recent_tokens(committed, self.params)
+        tokens: list[mx.array] = []
+        dists: list[mx.array] = []
+        for i in range(k):
+            if greedy:
+                token = mx.argmax(scores(logits, history, self.params), axis=-1)
+            else:
+                q = probabilities(logits, history, self.params)
+                self._key, key = mx.random.split(self._key)
+                token = mx.random.categorical(mx.log(q), axis=-1, key=key)
+                dists.append(q)
+            token = token.astype(mx.uint32)
+            tokens.append(token)
+            mx.async_eval(token)
+            if i + 1 < k:
+                if self.params.repetition_penalty != 1.0:
+                    history = recent_tokens(mx.concatenate([history, token]), self.params)
+                logits = self.model(token[None], self.caches)[:, -1, :]
+        drafted = mx.concatenate(tokens)
+        q_all = mx.concatenate(dists) if dists else None
+        mx.eval(drafted, *([] if q_all is None else [q_all]))
+        proposal = drafted.tolist()
+        self.fed.extend(proposal[:-1])
+        return proposal, q_all
+
+    def _truncate(self, position: int) -> None:
+        if position >= len(self.fed):
+            return
+        if all(c.can_truncate(position) for c in self.caches):
+            for cache in self.caches:
+                cache.truncate(position)
+            del self.fed[position:]
+            return
+        # A rotating cache that wrapped cannot roll back: start over and replay from 0.
+        log.debug("event=draft_cache_reset reason=untrimmable position=%d", position)
+        keep = self.fed[:position]
+        self.caches = self.model.make_cache()
+        self.fed = []
+        if keep:
+            self._replay(keep)
+            self.fed = keep
+
+    def _replay(self, tokens: list[int]) -> mx.array:
+        """Feed `tokens` in chunks; the logits (1, vocab) after the last one."""
+        # An id past the draft's vocabulary (the target's may be larger) cannot be embedded:
+        # feed 0 instead. Only the draft's guesses suffer; what it remembers stays `tokens`.
+        tokens = [t if t < self.vocab_size else 0 for t in tokens]
+        logits = None
+        for start in range(0, len(tokens), self.prefill_step):
+            chunk = mx.array([tokens[start:start + self.prefill_step]], dtype=mx.uint32)
+            logits = self.model(chunk, self.caches)[:, -1, :]
+            if start + self.prefill_step < len(tokens):
+                mx.eval([c.state for rc in self.caches for c in rc.caches])
+        assert logits is not None
+        return logits
+
+
+class NgramDrafter:
+    """Prompt lookup: continue the longest recent n-gram match of the context's end."""
+
+    def __init__(self, *, min_ngram: int = 2, max_ngram: int = 4) -> None:
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
+        self.min_ngram = min_ngram
+        self.max_ngram = max_ngram
+        self.seen: list[int] = []  # the sequence the index covers
+        # n-gram -> start of its latest occurrence that has a token after it
+        self._index: dict[tuple[int, ...], int] = {}
+
+    def sync(self, committed: list[int]) -> None:
+        """Drop the index if `committed` does not extend what it covers."""
+        if _common_prefix(self.seen, committed) < len(self.seen):
+            self.seen = []
+            self._index = {}
+
+    def propose(self, committed: list[int], k: int) -> tuple[list[int], mx.array | None]:
+        """Up to k tokens that followed the latest match of the longest n-gram suffix."""
+        self.sync(committed)
+        self._extend(committed)
+        if k <= 0:
+            return [], None
+        for n in range(min(self.max_ngram, len(committed) - 1), self.min_ngram - 1, -1):
+            start = self._index.get(tuple(committed[-n:]))
+            if start is None:
+                continue
+            # Copy what followed, as LZ77 does: a match near the end runs on into the
+            # proposal itself, which continues a repeating pattern.
+            extended = list(committed)
+            source = start + n
+            for j in range(k):
+                extended.append(extended[source + j])
+            return extended[len(committed):], None
+        return [], None
+
+    def _extend(self, committed: list[int]) -> None:
+        old, new = len(self.seen), len(committed)
+        for n in range(self.min_ngram, self.max_ngram + 1):
+            # An n-gram at i is indexed once a token follows it: i + n <= len - 1.
+            for i in range(max(0, old - n), new - n):
+                self._index[tuple(committed[i:i + n])] = i
+        self.seen = list(committed)
+
+
+class NoDrafter:
+    """Proposes nothing: every step is one plain target pass."""
+
+    def propose(self, committed: list[int], k: int) -> tuple[list[int], mx.array | None]:
+        return [], None
+
+    def sync(self, committed: list[int]) -> None:
+        pass

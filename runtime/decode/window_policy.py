@@ -1,0 +1,217 @@
+"""How many tokens to draft next: a fixed window, or one that adapts, with a gate that turns
+drafting off when it costs more than it saves.
+
+Adaptive window rule, after a step that drafted `d > 0` tokens of which `n` were accepted
+(the window `w` always stays in [min_window, max_window]):
+
+- all accepted (`n == d`): `w += 2`. A full acceptance says only "at least w"; growing by a
+  constant (as Hugging Face's assisted generation does) probes upwards without betting a
+  long window on one lucky step.
+- rejected at `n < d`: `w = max(min_window, min(w - 1, ceil((w + n + 1) / 2)))`, halfway to
+  the `n + 1` positions that step could use, and at least one smaller. One early rejection
+  does not collapse a window that was earning (as jumping to `n + 1` would); repeated ones
+  shrink it geometrically (16 → 9 → 5 → 3 → 2), where `w - 1` would take 14 steps.
+
+The gate (adaptive policy only) compares the measured seconds per committed token while
+speculating, `(draft_s + verify_s) / tokens` over the recent steps, with the measured seconds
+of a plain one-token target pass:
+
+    speedup = plain_s_per_token / speculative_s_per_token
+            = tokens_per_pass * plain_s / (draft_s + verify_s)   (acceptance × relative cost)
+
+It needs a plain baseline, so after `measure_steps` speculative steps it runs
+`baseline_steps` plain ones (and again every `rebaseline_every` speculative steps, since both
+costs grow with the context). Below `min_speedup` drafting goes off for `off_steps` plain
+steps (doubling after each consecutive loss, up to `max_off_steps`), then a probe of
+`measure_steps` speculative steps decides again. The fixed policy measures the same numbers
+but never acts on them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from layerline.errors import LayerlineError
+from layerline.packager.window_spec import WindowSpec
+
+log = logging.getLogger("layerline.speculative")
+
+GROW_ON_FULL_ACCEPTANCE = 2
+SAMPLES_KEPT = 8  # recent steps of each kind the gate averages over
+
+
+@dataclass(frozen=True)
+class GateSettings:
+    """When the adaptive policy may switch drafting off because it loses time."""
+
+    min_speedup: float = 1.0  # drafting stays on while measured speedup >= this
+    measure_steps: int = 4  # speculative steps measured before a decision (and per probe)
+    baseline_steps: int = 2  # plain steps that measure the cost of one target pass
+    rebaseline_every: int = 64  # speculative steps between fresh baseline measurements
+    off_steps: int = 16  # plain steps after a loss before probing again
+    max_off_steps: int = 256  # cap of the doubling off period
+
+    def __post_init__(self) -> None:
+        if not (self.min_speedup > 0 and self.measure_steps >= 1 and self.baseline_steps >= 1
+                and self.rebaseline_every >= 1 and 1 <= self.off_steps <= self.max_off_steps):
+            raise LayerlineError(f"invalid speculation gate settings {self}",
+                                 hint="use min_speedup > 0, step counts >= 1, "
+                                      "off_steps <= max_off_steps")
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    """The gate's latest verdict and the measurements behind it (None: not measured yet)."""
+
+    drafting: bool
+    reason: str
+    accept_rate: float | None = None  # accepted / drafted over the recent speculative steps
+    tokens_per_pass: float | None = None  # committed tokens per speculative target pass
+    speculative_s_per_token: float | None = None  # (draft + verify seconds) / committed tokens
+    plain_s_per_token: float | None = None  # seconds of a plain one-token target pass
+    speedup: float | None = None  # plain_s_per_token / speculative_s_per_token
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class WindowPolicy:
+    """The draft window of one request (or of a stream of requests, carrying what it measured)."""
+
+    def __init__(self, spec: WindowSpec | None, gate: GateSettings | None = None) -> None:
+        """Follow `spec` (validated here); None never drafts. `gate` acts on adaptive specs only."""
+        self.spec = spec.validate() if spec is not None else None
+        self.kind = spec.policy if spec is not None else "off"
+        self.initial = spec.initial if spec is not None else 0
+        self.min_window = spec.min if spec is not None else 0
+        self.max_window = spec.max if spec is not None else 0
+        self.gate = gate if self.kind == "adaptive" else None
+        self.window = self.initial  # before clipping to what is left of the request
+        self._speculative: deque[tuple[float, int, int, int]] = deque(maxlen=SAMPLES_KEPT)
+        self._plain: deque[float] = deque(maxlen=SAMPLES_KEPT)
+        self._measured_since_decision = 0
+        self._since_baseline = 0
+        self._plain_due = 0  # baseline steps still to run
+        self._off_left = 0  # plain steps left in an off period
+        self._losses = 0  # consecutive decisions that switched drafting off
+        self.decision = GateDecision(self.kind != "off", {"fixed": "fixed window", "adaptive": "measuring",
+                                                          "off": "not speculating"}[self.kind])
+
+    @classmethod
+    def fixed(cls, window: int) -> WindowPolicy:
+        """Always draft `window` tokens (fewer only where the request or context ends)."""
+        return cls(WindowSpec.fixed(window))
+
+    @classmethod
+    def off(cls) -> WindowPolicy:
+        """Never draft: every step is one plain target pass."""
+        return cls(None)
+
+    @classmethod
+    def adaptive(cls, initial: int, min_window: int, max_window: int, *,
+                 gate: GateSettings | None = GateSettings()) -> WindowPolicy:
+        """Grow after full acceptance, shrink after rejection; `gate=None` never stops drafting."""
+        return cls(WindowSpec("adaptive", initial, min_window, max_window), gate)
+
+    @classmethod
+    def for_spec(cls, spec: WindowSpec) -> WindowPolicy:
+        """The policy a speculation setup names, the adaptive one with the default gate."""
+        return cls(spec, GateSettings())
+
+    def next_window(self, limit: int, *, gated: bool = True) -> int:
+        """Tokens to draft in the next step: 0 while the gate holds drafting off, never above `limit`.
+
+        `gated=False` ignores the gate (seeded sampled requests do, so that wall-clock
+        timings cannot change which steps speculate and so the text a seed gives).
+        """
+        if gated and self.gate is not None and (self._off_left or self._plain_due):
+            return 0
+        return max(0, min(self.window, limit))
+
+    def record(self, drafted: int, accepted: int, seconds: float, committed: int) -> None:
+        """Learn from one step: tokens drafted and accepted, its draft + verify seconds, tokens committed."""
+        if drafted > 0:
+            self._speculative.append((seconds, committed, drafted, accepted))
+            self._adapt(drafted, accepted)
+        elif committed > 0:
+            self._plain.append(seconds / committed)
+        if self.gate is not None:
+            self._step_gate(drafted > 0)
+        else:
+            self.decision = self._measure(True, self.decision.reason)
+
+    def _adapt(self, drafted: int, accepted: int) -> None:
+        if self.kind == "fixed":
+            return
+        if accepted >= drafted:
+            self.window = min(self.max_window, self.window + GROW_ON_FULL_ACCEPTANCE)
+        else:
+            halfway = math.ceil((self.window + accepted + 1) / 2)
+            self.window = max(self.min_window, min(self.window - 1, halfway))
+
+    def _step_gate(self, speculated: bool) -> None:
+        gate = self.gate
+        assert gate is not None
+        if not speculated:
+            if self._off_left:
+                self._off_left -= 1
+                if not self._off_left:  # probe: speculate again and measure afresh
+                    self._speculative.clear()
+                    self._measured_since_decision = 0
+                    self.window = self.initial
+                    self.decision = self._measure(True, "probing after an off period")
+            elif self._plain_due:
+                self._plain_due -= 1
+                if not self._plain_due:
+                    self._decide()
+            return
+        self._measured_since_decision += 1
+        self._since_baseline += 1
+        if self._measured_since_decision < gate.measure_steps:
+            return
+        if not self._plain or self._since_baseline >= gate.rebaseline_every:
+            self._plain_due = gate.baseline_steps
+            self._since_baseline = 0
+            return
+        self._decide()
+
+    def _decide(self) -> None:
+        gate = self.gate
+        assert gate is not None
+        measured = self._measure(True, "")
+        if measured.speedup is None:
+            return
+        if measured.speedup >= gate.min_speedup:
+            self._losses = 0
+            self.decision = self._measure(True, f"speculation wins ({measured.speedup:.2f}x)")
+            return
+        off = min(gate.max_off_steps, gate.off_steps * 2 ** self._losses)
+        self._losses += 1
+        self._off_left = off
+        self.decision = self._measure(
+            False, f"speculation loses ({measured.speedup:.2f}x < {gate.min_speedup:.2f}x); "
+                   f"off for {off} steps")
+        log.info("event=speculation_gate drafting=off accept_rate=%.2f tokens_per_pass=%.2f "
+                 "speculative_s_per_token=%.4f plain_s_per_token=%.4f speedup=%.2f off_steps=%d",
+                 measured.accept_rate or 0.0, measured.tokens_per_pass or 0.0,
+                 measured.speculative_s_per_token or 0.0, measured.plain_s_per_token or 0.0,
+                 measured.speedup, off)
+
+    def _measure(self, drafting: bool, reason: str) -> GateDecision:
+        accept_rate = tokens_per_pass = speculative = plain = speedup = None
+        if self._speculative:
+            seconds = sum(s for s, _, _, _ in self._speculative)
+            tokens = sum(c for _, c, _, _ in self._speculative)
+            drafted = sum(d for _, _, d, _ in self._speculative)
+            accept_rate = sum(a for _, _, _, a in self._speculative) / drafted
+            tokens_per_pass = tokens / len(self._speculative)
+            speculative = seconds / tokens
+        if self._plain:
+            plain = sum(self._plain) / len(self._plain)
+        if speculative and plain:
+            speedup = plain / speculative
+        return GateDecision(drafting, reason, accept_rate, tokens_per_pass, speculative, plain, speedup)

@@ -1,0 +1,1 @@
+"""One machine's model: layer ranges, the embedding and head, KV caches, weights, BLAS, tokenizer."""

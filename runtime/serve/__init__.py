@@ -1,0 +1,1 @@
+"""Stage 0's server: engine, OpenAI frontend, speculation settings, draft API, config, dashboard."""

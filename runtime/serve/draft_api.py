@@ -1,0 +1,77 @@
+"""`/v1/draft` on stage 0: read, replace or clear the draft model of a running server.
+
+`PUT` checks the draft (its reference, a local draft's tokenizer, the windows), then loads
+it in the background and answers 202; requests keep the settings they started with, and
+those that start after the draft is ready speculate with it. `DELETE` turns speculation
+off for the next requests. Changes live in this process only.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+
+from layerline.errors import LayerlineError, TokenizerMismatchError
+from layerline.packager.window_spec import WindowError
+
+from .admin_auth import AdminAuth
+from .openai_schema import ApiError
+from .speculation import Stage0Speculation
+
+log = logging.getLogger("layerline.draft_api")
+
+class DraftBody(BaseModel):
+    """The body of `PUT /v1/draft`; window settings left out keep their current values.
+
+    The window settings are checked by `WindowSpec`, as in a manifest or the config.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    draft_model: str = Field(min_length=1)
+    window_policy: str | None = None
+    initial_window: int | None = None
+    min_window: int | None = None
+    max_window: int | None = None
+
+    def window(self) -> dict[str, Any]:
+        """The window settings given, by their config names."""
+        return self.model_dump(exclude_none=True, exclude={"draft_model"})
+
+
+def draft_router(speculation: Stage0Speculation, admin: AdminAuth) -> APIRouter:
+    """GET, PUT and DELETE `/v1/draft`, each behind the admin token when one is set."""
+    router = APIRouter(dependencies=[Depends(admin.require)])
+
+    @router.get("/v1/draft")
+    async def get_draft() -> dict[str, Any]:
+        return speculation.to_json()
+
+    @router.put("/v1/draft")
+    async def put_draft(body: DraftBody) -> JSONResponse:
+        try:
+            # May read a GGUF's tokenizer from disk: off the event loop.
+            settings = await run_in_threadpool(speculation.with_draft, body.draft_model, body.window())
+        except TokenizerMismatchError as exc:
+            raise ApiError(400, str(exc), param="draft_model", code="tokenizer_mismatch") from exc
+        except WindowError as exc:
+            raise ApiError(400, str(exc), code="invalid_window") from exc
+        except LayerlineError as exc:
+            raise ApiError(400, str(exc), code="invalid_draft") from exc
+        speculation.replace(settings)
+        state = speculation.to_json()
+        log.info("event=draft_put reference=%s window=%r switched=%s", settings.draft_model,
+                 settings.window_spec.describe(), state["pending_draft"] is None)
+        return JSONResponse(state, status_code=202 if state["pending_draft"] is not None else 200)
+
+    @router.delete("/v1/draft")
+    async def delete_draft() -> dict[str, Any]:
+        speculation.clear()
+        log.info("event=draft_cleared")
+        return speculation.to_json()
+
+    return router

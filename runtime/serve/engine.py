@@ -1,0 +1,131 @@
+"""The frontend's Engine over the split pipeline: prompts in, streamed tokens out.
+
+One request is one session on every stage. Prefill goes through in chunks of
+at most `max_batch_tokens` positions; then each step sends the last token plus the
+request's drafts (none when it decodes plainly) through the pipeline in one frame.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from layerline.packager.manifest import Manifest
+
+from ..decode.sampling import SamplingParams
+from ..decode.speculative import (
+    SpeculationStats,
+    SpeculativeGeneration,
+    SpeculativeToken,
+    speculative_generate,
+)
+from ..decode.targets import PipelineTarget
+from ..model.chat import chat_prompt_tokens, text_prompt_tokens
+from ..model.tokenizer import TextStream
+from ..stage.pipeline import Pipeline
+from .frontend import GenerationEvent, TokenLogprob
+from .openai_schema import GenerationRequest
+from .speculation import SpeculationPlan, Stage0Speculation
+
+log = logging.getLogger("layerline.engine")
+
+
+class PipelineEngine:
+    def __init__(self, manifest: Manifest, tokenizer: Any, pipeline: Pipeline, *, context_length: int,
+                 end_ids: tuple[int, ...], max_batch_tokens: int, speculation: Stage0Speculation,
+                 status: Callable[[], dict[str, Any]], ready: Callable[[], bool]) -> None:
+        self.manifest = manifest
+        self.model_id = manifest.model.id
+        self.tokenizer = tokenizer
+        self.pipeline = pipeline
+        self.context_length = context_length
+        self.end_ids = end_ids
+        self.max_batch_tokens = max_batch_tokens
+        self.speculation = speculation
+        self._status = status
+        self._ready = ready
+
+    def encode(self, text: str) -> list[int]:
+        return text_prompt_tokens(self.tokenizer, text)
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        return chat_prompt_tokens(self.tokenizer, self.manifest, messages)
+
+    def status(self) -> dict[str, Any]:
+        return self._status()
+
+    def is_ready(self) -> bool:
+        return self._ready()
+
+    def generate(self, request: GenerationRequest) -> Iterator[GenerationEvent]:
+        """Tokens for one request, as text deltas; the last event says why it finished."""
+        s = request.sampling
+        params = SamplingParams(
+            max_tokens=request.max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+            min_p=s.min_p, repetition_penalty=s.repetition_penalty, seed=s.seed,
+            stop=tuple(request.stop), stop_token_ids=self.end_ids,
+            logprobs=request.logprobs is not None, top_logprobs=request.logprobs or 0)
+        plan = self.speculation.plan(request.speculative, params, context_length=self.context_length,
+                                     lock=self.pipeline.compute_lock)
+        session = self.pipeline.open(f"s-{uuid.uuid4().hex[:16]}")
+        tokens = speculative_generate(PipelineTarget(session), plan.drafter, request.prompt_tokens,
+                                      params, plan.policy, context_length=self.context_length,
+                                      prefill_step=self.max_batch_tokens)
+        stream = iter(tokens)
+        text = TextStream(self.tokenizer, params.stop)
+        started = time.monotonic()
+        try:
+            for token in stream:
+                logprobs = self._logprobs(token) if params.logprobs else None
+                if token.id in self.end_ids:
+                    yield self._last(GenerationEvent(text.finish(), [token.id], logprobs), "stop",
+                                     plan, tokens)
+                    return
+                delta = text.add(token.id)
+                if text.stopped:
+                    yield self._last(GenerationEvent(delta, [token.id], logprobs), "stop", plan, tokens)
+                    return
+                if len(tokens.tokens) == params.max_tokens:
+                    yield self._last(GenerationEvent(delta + text.finish(), [token.id], logprobs),
+                                     "length", plan, tokens)
+                    return
+                yield GenerationEvent(delta, [token.id], logprobs)
+            # The context ended the request before max_tokens.
+            yield self._last(GenerationEvent(text.finish(), []), "length", plan, tokens)
+        finally:
+            stream.close()  # rolls back what a stop string cut off
+            session.close()
+            self._record(plan, tokens.stats, time.monotonic() - started)
+
+    def _last(self, event: GenerationEvent, finish: str, plan: SpeculationPlan,
+              tokens: SpeculativeGeneration) -> GenerationEvent:
+        """The request's last event, with its speculation counters for `usage`."""
+        return dataclasses.replace(event, finish_reason=finish,
+                                   stats={"speculative": speculation_usage(plan, tokens.stats)})
+
+    def _record(self, plan: SpeculationPlan, stats: SpeculationStats, seconds: float) -> None:
+        mode = (f"strategy={plan.strategy} window_policy={plan.policy.kind} {stats.describe()}"
+                if plan.speculating else f"speculation=off reason={plan.reason!r}")
+        log.info("event=request_done prompt_tokens=%d tokens=%d seconds=%.2f tok_s=%.1f %s",
+                 stats.prompt_tokens, stats.tokens, seconds,
+                 stats.tokens / seconds if seconds > 0 else 0.0, mode)
+
+    def _logprobs(self, token: SpeculativeToken) -> list[TokenLogprob]:
+        decode = self.tokenizer.decode
+        alternatives = [(decode([i]), logprob) for i, logprob in token.top_logprobs]
+        return [TokenLogprob(decode([token.id]), float(token.logprob or 0.0), alternatives)]
+
+
+def speculation_usage(plan: SpeculationPlan, stats: SpeculationStats) -> dict[str, Any]:
+    """`usage.speculative` of a response: what was drafted, accepted, and what it cost."""
+    return {
+        "enabled": plan.speculating, "strategy": plan.strategy, "window_policy": plan.policy.kind,
+        "reason": plan.reason, "tokens": stats.tokens, "drafted": stats.drafted, "accepted": stats.accepted,
+        "accept_rate": round(stats.accept_rate, 4), "target_passes": stats.target_passes,
+        "tokens_per_pass": round(stats.tokens_per_pass, 4),
+        "draft_seconds": round(stats.draft_seconds, 6), "verify_seconds": round(stats.verify_seconds, 6),
+    }

@@ -1,0 +1,1 @@
+"""A split pipeline's stages: node, gRPC server and client, frames, claims, prepare, coordinator."""

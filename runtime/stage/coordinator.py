@@ -1,0 +1,276 @@
+"""Stage 0 as coordinator: plan the split, bring every peer to Ready, watch and repair them.
+
+Sequence per peer: Claim → Prepare(range) → Inventory (poll) → Load → Ready. If any
+stage fails, every stage claimed for the run is released and the error names the
+stage, its range and the cause. A heartbeat (Inventory, which renews the lease)
+watches each stage; a stage that comes back after dying is claimed and loaded again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from layerline.errors import LayerlineError, StageLoadError, StageUnavailableError
+from layerline.packager.manifest import MANIFEST_NAME
+from layerline.packager.package import LayerPackage, sha256_file
+from layerline.proto import activation_pb2 as act_pb
+from layerline.proto import stage_control_pb2 as pb
+
+from ..model.host_memory import host_memory
+from .client import StageClient
+from .split_plan import check_split, plan_split
+
+log = logging.getLogger("layerline.coordinator")
+
+
+@dataclass
+class PeerState:
+    index: int  # 1.. (stage 0 is this process)
+    endpoint: str
+    start: int
+    end: int
+    state: str = "planned"  # planned | preparing | loading | ready | down | failed
+    bytes_present: int = 0
+    bytes_total: int = 0
+    error: str = ""
+    since: float = field(default_factory=time.time)
+
+    def to_json(self) -> dict:
+        return {"stage": self.index, "endpoint": self.endpoint, "layers": [self.start, self.end],
+                "state": self.state, "bytes_present": self.bytes_present,
+                "bytes_total": self.bytes_total, "error": self.error or None}
+
+
+@dataclass(frozen=True)
+class CoordinatorOptions:
+    package_ref: str
+    peers: list[str]
+    split: list[tuple[int, int]] | None = None  # None: plan from free memory
+    wire_dtype: int = act_pb.WIRE_DTYPE_F32
+    token: str | None = None
+    term: int = 0  # 0: now in unix ms, so a restarted coordinator pre-empts its old self
+    lease_s: float = 30.0
+    heartbeat_s: float = 2.0
+    prepare_timeout_s: float = 1800.0
+    load_timeout_s: float = 600.0
+    context_length: int = 4096
+    max_sessions: int = 16
+    max_batch_tokens: int = 4096
+    weight_format: str = "auto"
+
+
+class Coordinator:
+    def __init__(self, package: LayerPackage, options: CoordinatorOptions,
+                 on_change: Callable[[], None] | None = None) -> None:
+        self.package = package
+        self.options = options
+        self.coordinator_id = f"coord-{uuid.uuid4().hex[:12]}"
+        self.term = options.term or int(time.time() * 1000)
+        self.run_id = f"run-{uuid.uuid4().hex[:12]}"
+        self.manifest_sha256 = sha256_file(package.root / MANIFEST_NAME)
+        self.clients = [StageClient(endpoint, coordinator_id=self.coordinator_id, term=self.term,
+                                    run_id=self.run_id, token=options.token)
+                        for endpoint in options.peers]
+        self.stage0_range: tuple[int, int] = (0, package.manifest.num_layers)
+        self.peers: list[PeerState] = []
+        self._on_change = on_change or (lambda: None)
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------ planning
+
+    def plan(self) -> list[tuple[int, int]]:
+        """The layer ranges of stage 0 and every peer, in order."""
+        n = self.package.manifest.num_layers
+        if self.options.split is not None:
+            ranges = list(self.options.split)
+            check_split(ranges, n)
+            if len(ranges) != len(self.clients) + 1:
+                raise LayerlineError(
+                    f"split has {len(ranges)} ranges for {len(self.clients) + 1} stages (stage 0 and "
+                    f"{len(self.clients)} peers)", hint="give one range per stage, stage 0 first")
+            return ranges
+        free = [host_memory().available]
+        for client in self.clients:
+            free.append(client.status().memory_free_bytes)
+        return plan_split(n, free)
+
+    # ------------------------------------------------------------ bring-up
+
+    def bring_up(self) -> None:
+        """Claim, prepare and load every peer; on any failure release them all and raise."""
+        ranges = self.plan()
+        self.stage0_range = ranges[0]
+        self.peers = [PeerState(i + 1, client.endpoint, *ranges[i + 1])
+                      for i, client in enumerate(self.clients)]
+        log.info("event=plan run=%s split=%s", self.run_id,
+                 ",".join(f"{s}:{e}" for s, e in ranges))
+        claimed: list[StageClient] = []
+        try:
+            for client, peer in zip(self.clients, self.peers, strict=True):
+                self._step(peer, "claim", lambda c=client: c.call(claim=self._claim_message()))
+                claimed.append(client)
+            # Every stage prepares in parallel; loading starts only once all files are verified.
+            with ThreadPoolExecutor(max_workers=max(1, len(self.peers))) as pool:
+                list(pool.map(self._prepare, self.clients, self.peers))
+                list(pool.map(self._load, self.clients, self.peers))
+        except LayerlineError as exc:
+            self._release(claimed)
+            raise StageLoadError(str(exc), hint="fix the named stage, then start stage 0 again") from exc
+        self._changed()
+
+    def _claim_message(self) -> pb.Claim:
+        return pb.Claim(package=pb.PackageIdentity(ref=self.options.package_ref,
+                                                   manifest_sha256=self.manifest_sha256),
+                        lease_duration_ms=int(self.options.lease_s * 1000))
+
+    def _step(self, peer: PeerState, what: str, call: Callable) -> object:
+        try:
+            return call()
+        except StageUnavailableError as exc:
+            peer.state, peer.error = "failed", str(exc)
+            self._changed()
+            raise StageLoadError(f"stage {peer.index} ({peer.endpoint}, layers {peer.start}..{peer.end}) "
+                                 f"failed to {what}: {exc.message}") from exc
+
+    def _prepare_and_load(self, client: StageClient, peer: PeerState) -> None:
+        self._prepare(client, peer)
+        self._load(client, peer)
+
+    def _prepare(self, client: StageClient, peer: PeerState) -> None:
+        peer.state = "preparing"
+        self._changed()
+        layers = pb.LayerRange(start=peer.start, end=peer.end)
+        self._step(peer, "prepare", lambda: client.call(prepare=pb.Prepare(layers=layers)))
+        deadline = time.monotonic() + self.options.prepare_timeout_s
+        while True:
+            inventory = self._step(peer, "report inventory",
+                                   lambda: client.call(inventory=pb.InventoryRequest())).inventory
+            peer.bytes_present, peer.bytes_total = inventory.bytes_present, inventory.bytes_total
+            self._changed()
+            if inventory.state == pb.INVENTORY_STATE_READY:
+                break
+            if inventory.state == pb.INVENTORY_STATE_FAILED:
+                peer.state, peer.error = "failed", inventory.error
+                self._changed()
+                raise StageLoadError(f"stage {peer.index} ({peer.endpoint}, layers {peer.start}.."
+                                     f"{peer.end}) failed to prepare: {inventory.error}")
+            if time.monotonic() > deadline:
+                raise StageLoadError(f"stage {peer.index} ({peer.endpoint}) still preparing after "
+                                     f"{self.options.prepare_timeout_s:.0f} s")
+            time.sleep(0.2)
+
+    def _load(self, client: StageClient, peer: PeerState) -> None:
+        layers = pb.LayerRange(start=peer.start, end=peer.end)
+        peer.state = "loading"
+        self._changed()
+        downstream = self.peers[peer.index].endpoint if peer.index < len(self.peers) else ""
+        load = pb.StageLoadRequest(
+            layers=layers, stage_index=peer.index, stage_count=len(self.peers) + 1,
+            upstream_peer=self.peers[peer.index - 2].endpoint if peer.index > 1 else "",
+            downstream_peer=downstream,
+            package=pb.PackageIdentity(ref=self.options.package_ref, manifest_sha256=self.manifest_sha256),
+            wire_dtype=self.options.wire_dtype,
+            kv_cache=pb.KvCacheConfig(context_length=self.options.context_length,
+                                      max_sessions=self.options.max_sessions),
+            batch=pb.BatchConfig(max_batch_tokens=self.options.max_batch_tokens),
+            weight_format=self.options.weight_format)
+        self._step(peer, "load", lambda: client.call(timeout_s=self.options.load_timeout_s, load=load))
+        peer.state, peer.error = "ready", ""
+        peer.since = time.time()
+        log.info("event=stage_ready stage=%d endpoint=%s layers=%d..%d", peer.index, peer.endpoint,
+                 peer.start, peer.end)
+        self._changed()
+
+    def _release(self, clients: list[StageClient]) -> None:
+        for client in clients:
+            try:
+                client.call(release=pb.Release())
+                log.info("event=released endpoint=%s run=%s", client.endpoint, self.run_id)
+            except StageUnavailableError as exc:
+                log.warning("event=release_failed endpoint=%s error=%s", client.endpoint, exc.message)
+
+    def _changed(self) -> None:
+        self._on_change()
+
+    # ------------------------------------------------------------ watching
+
+    @property
+    def ready(self) -> bool:
+        return all(p.state == "ready" for p in self.peers)
+
+    def first_endpoint(self) -> str | None:
+        return self.peers[0].endpoint if self.peers else None
+
+    def start_watching(self) -> None:
+        self._watcher = threading.Thread(target=self._watch, name="stage-watch", daemon=True)
+        self._watcher.start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.options.heartbeat_s):
+            for client, peer in zip(self.clients, self.peers, strict=True):
+                if self._stop.is_set():
+                    return
+                self._check(client, peer)
+
+    def _check(self, client: StageClient, peer: PeerState) -> None:
+        try:
+            status = client.status()  # unfenced: answers whether or not we hold the stage
+        except StageUnavailableError as exc:
+            if peer.state != "down":
+                log.error("event=stage_down stage=%d endpoint=%s error=%s", peer.index, peer.endpoint,
+                          exc.message)
+                peer.state, peer.error = "down", exc.message
+                self._changed()
+            return
+        ours = (status.holder_coordinator_id, status.holder_term) == (self.coordinator_id, self.term)
+        loaded = (status.loaded_layers.start, status.loaded_layers.end) == (peer.start, peer.end)
+        if ours and loaded and status.state == pb.STAGE_STATE_READY:
+            try:
+                client.call(timeout_s=2.0, inventory=pb.InventoryRequest())  # renews the lease
+            except StageUnavailableError:
+                return
+            if peer.state != "ready":
+                peer.state, peer.error = "ready", ""
+                self._changed()
+            return
+        if peer.state in ("ready", "down"):
+            # Alive again but without our claim or model (restarted, or its lease lapsed).
+            self.mark_down(peer.index, "stage lost its claim or model")
+            self._repair(client, peer)
+
+    def mark_down(self, index: int, error: str) -> None:
+        """Record that stage `index` failed (seen by a request before the heartbeat did)."""
+        peer = self.peers[index - 1]
+        if peer.state in ("ready", "down"):
+            peer.state, peer.error = "down", error or peer.error
+            self._changed()
+
+    def _repair(self, client: StageClient, peer: PeerState) -> None:
+        """A stage that answers again but lost its claim or model: claim and load it anew."""
+        log.info("event=stage_repair stage=%d endpoint=%s", peer.index, peer.endpoint)
+        try:
+            client.call(claim=self._claim_message())
+            self._prepare_and_load(client, peer)
+        except LayerlineError as exc:
+            peer.state, peer.error = "down", str(exc)
+            self._changed()
+
+    def status(self) -> list[dict]:
+        return [p.to_json() for p in self.peers]
+
+    def shutdown(self) -> None:
+        """Stop watching and release every peer."""
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=5)
+        self._release(self.clients)
+        for client in self.clients:
+            client.close()

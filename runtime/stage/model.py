@@ -1,0 +1,80 @@
+"""A stage's layers with one KV cache per session, as the activation path drives them.
+
+A frame at `start_pos` below a session's cache length first truncates the cache
+there (rejected draft positions roll back with no extra round trip); a frame
+past the end is a gap and is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import mlx.core as mx
+
+from layerline.packager.package import LayerPackage
+from layerline.proto import activation_pb2 as pb
+
+from ..model.kv_cache import SessionStore
+from ..model.layer_range import LayerRange
+from ..model.weights_policy import detect_device, plan_weights
+from .node import LoadOptions
+from .wire import FrameError
+
+log = logging.getLogger("layerline.stage")
+
+
+class StageModel:
+    """Layers [start, end) of a package over a store of per-session KV caches."""
+
+    def __init__(self, layers: LayerRange, sessions: SessionStore, context_length: int,
+                 compute_dtype: Any) -> None:
+        self.layers = layers
+        self.sessions = sessions
+        self.context_length = context_length
+        self.compute_dtype = compute_dtype
+        self.hidden_size = layers.hidden_size
+
+    def forward(self, session_id: str, start_pos: int, hidden: mx.array) -> mx.array:
+        """Run one frame's hidden states for `session_id` from absolute position `start_pos`."""
+        held = self.sessions.get(session_id).length if session_id in self.sessions else 0
+        if start_pos > held:
+            raise FrameError(pb.ACTIVATION_ERROR_CODE_POSITION_GAP,
+                             f"session {session_id} holds {held} positions here; a frame at "
+                             f"{start_pos} would leave a gap (re-send the prefix from position 0)")
+        cache = self.sessions.get_or_create(session_id)
+        _, length, _ = hidden.shape
+        if start_pos + length > self.context_length:
+            raise FrameError(pb.ACTIVATION_ERROR_CODE_CONTEXT_FULL,
+                             f"session {session_id} would reach position {start_pos + length}, past "
+                             f"the context length {self.context_length}")
+        if start_pos < cache.length:
+            cache.truncate(start_pos)
+        out = self.layers(hidden.astype(self.compute_dtype), cache.caches)
+        mx.eval(out)
+        return out
+
+    def drop_session(self, session_id: str) -> None:
+        self.sessions.drop(session_id)
+
+    def memory_bytes(self) -> int:
+        return int(sum(v.nbytes for _, v in _parameters(self.layers)))
+
+
+def _parameters(module: Any) -> list[tuple[str, mx.array]]:
+    from mlx.utils import tree_flatten
+
+    return tree_flatten(module.parameters())
+
+
+def load_stage_model(package: LayerPackage, options: LoadOptions) -> StageModel:
+    """Load a stage's range in the planned weight format, with its session store."""
+    manifest = package.manifest
+    files = manifest.layer_files(options.start, options.end)
+    plan = plan_weights(options.weight_format, manifest, files, detect_device())
+    layers = LayerRange.load(package, options.start, options.end, plan)
+    context = options.context_length or int(manifest.config.get("max_position_embeddings") or 4096)
+    sessions = SessionStore(layers.make_cache, max_sessions=options.max_sessions)
+    log.info("event=loaded layers=%d..%d context=%d sessions=%d %s", options.start, options.end,
+             context, options.max_sessions, plan.describe())
+    return StageModel(layers, sessions, context, getattr(mx, plan.compute_dtype))

@@ -1,0 +1,256 @@
+"""One stage's control state machine: Claim → Prepare → Inventory → Load → Ready, fenced.
+
+Plain Python over protobuf messages, so it is tested without gRPC; the servicers
+in stage_server.py only translate calls to it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from layerline import __version__
+from layerline.errors import LayerlineError
+from layerline.packager.package import LayerPackage
+from layerline.proto import stage_control_pb2 as pb
+
+from ..model.host_memory import host_memory
+from .claims import ClaimRejected, ClaimTable, RejectReason
+from .prepare import Preparation, PrepareState
+from .wire import FrameLimits
+
+log = logging.getLogger("layerline.stage")
+
+_REASONS = {
+    RejectReason.CLAIMED_BY_OTHER: pb.REJECT_REASON_CLAIMED_BY_OTHER,
+    RejectReason.STALE_TERM: pb.REJECT_REASON_STALE_TERM,
+    RejectReason.NOT_CLAIMED: pb.REJECT_REASON_NOT_CLAIMED,
+}
+_INVENTORY_STATES = {
+    PrepareState.PREPARING: pb.INVENTORY_STATE_PREPARING,
+    PrepareState.READY: pb.INVENTORY_STATE_READY,
+    PrepareState.FAILED: pb.INVENTORY_STATE_FAILED,
+}
+
+
+class RangeModel(Protocol):
+    """What a stage needs of the runtime: its layers over per-session KV caches."""
+
+    hidden_size: int
+
+    def forward(self, session_id: str, start_pos: int, hidden: Any) -> Any: ...
+    def drop_session(self, session_id: str) -> None: ...
+    def memory_bytes(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    start: int
+    end: int
+    stage_index: int
+    stage_count: int
+    downstream: str
+    wire_dtype: int
+    context_length: int
+    max_sessions: int
+    max_batch_tokens: int
+    weight_format: str
+
+
+ModelLoader = Callable[[LayerPackage, LoadOptions], RangeModel]
+
+
+@dataclass
+class LoadedStage:
+    model: RangeModel
+    options: LoadOptions
+    limits: FrameLimits
+
+
+class StageNode:
+    """A stage that waits to be claimed, then prepares and loads the range it is given."""
+
+    def __init__(self, endpoint: str, cache_dir: Path, loader: ModelLoader,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.endpoint = endpoint
+        self.cache_dir = cache_dir
+        self.loader = loader
+        self.claims = ClaimTable(clock)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self.preparation: Preparation | None = None
+        self.loaded: LoadedStage | None = None
+        self._loaded_run: str | None = None  # the run whose Load built `loaded`
+        self._loading = False
+        self._failure = ""
+        # Serializes compute: mlx evaluation from several threads at once gains nothing on one device.
+        self.compute_lock = threading.Lock()
+
+    # ------------------------------------------------------------ dispatch
+
+    def handle(self, request: pb.StageControlRequest) -> pb.StageControlResponse:
+        """Answer one control request."""
+        kind = request.WhichOneof("request")
+        try:
+            if kind == "status":
+                return pb.StageControlResponse(status=self.status())
+            if kind == "claim":
+                return self._claim(request)
+            self.claims.check(request.coordinator_id, request.term)
+            if kind == "prepare":
+                return self._prepare(request.prepare)
+            if kind == "inventory":
+                return pb.StageControlResponse(inventory=self.inventory())
+            if kind == "load":
+                return self._load(request.load)
+            if kind == "release":
+                self.unload()
+                self.claims.release(request.coordinator_id, request.term)
+                log.info("stage=%s event=released coordinator=%s", self.endpoint, request.coordinator_id)
+                return pb.StageControlResponse(released=pb.Released())
+            return self._reject(pb.REJECT_REASON_BAD_REQUEST, "empty control request: set one of "
+                                "claim, prepare, inventory, load, release, status")
+        except ClaimRejected as exc:
+            holder = exc.holder
+            remaining = max(0, int((holder.expires_at - self._clock()) * 1000)) if holder else 0
+            return pb.StageControlResponse(rejected=pb.Rejected(
+                reason=_REASONS[exc.reason], message=exc.message,
+                holder_coordinator_id=holder.coordinator_id if holder else "",
+                holder_term=holder.term if holder else 0, lease_remaining_ms=remaining))
+
+    @staticmethod
+    def _reject(reason: int, message: str) -> pb.StageControlResponse:
+        return pb.StageControlResponse(rejected=pb.Rejected(reason=reason, message=message))
+
+    # ------------------------------------------------------------ requests
+
+    def _claim(self, request: pb.StageControlRequest) -> pb.StageControlResponse:
+        claim = request.claim
+        if not request.coordinator_id or claim.lease_duration_ms == 0 or not claim.package.ref:
+            return self._reject(pb.REJECT_REASON_BAD_REQUEST,
+                                "Claim needs coordinator_id, package.ref and lease_duration_ms")
+        held, preempted = self.claims.claim(
+            request.coordinator_id, request.term, request.run_id, claim.package.ref,
+            claim.package.manifest_sha256, claim.lease_duration_ms / 1000)
+        if preempted is not None or (self.loaded and self._loaded_run != held.run_id):
+            self.unload()  # a new run owns the stage: drop the old one's model and files state
+        log.info("stage=%s event=claimed coordinator=%s term=%d run=%s", self.endpoint,
+                 held.coordinator_id, held.term, held.run_id)
+        return pb.StageControlResponse(claim_accepted=pb.ClaimAccepted(
+            lease_duration_ms=claim.lease_duration_ms,
+            lease_expires_unix_ms=int((time.time() + held.lease_s) * 1000),
+            preempted_coordinator_id=preempted.coordinator_id if preempted else ""))
+
+    def _prepare(self, prepare: pb.Prepare) -> pb.StageControlResponse:
+        claim = self.claims.holder
+        assert claim is not None
+        start, end = prepare.layers.start, prepare.layers.end
+        with self._lock:
+            current = self.preparation
+            same = (current is not None and current.ref == claim.package_ref
+                    and (current.layer_start, current.layer_end) == (start, end)
+                    and current.inventory().state is not PrepareState.FAILED)
+            if not same:
+                self.preparation = Preparation(
+                    claim.package_ref, start, end, stage0=prepare.include_stage0_files,
+                    cache_dir=self.cache_dir, manifest_sha256=claim.manifest_sha256 or None).start()
+        log.info("stage=%s event=prepare layers=%d..%d", self.endpoint, start, end)
+        return pb.StageControlResponse(prepare_accepted=pb.PrepareAccepted())
+
+    def inventory(self) -> pb.Inventory:
+        if self.preparation is None:
+            return pb.Inventory(state=pb.INVENTORY_STATE_FAILED, error="nothing prepared: send Prepare")
+        report = self.preparation.inventory()
+        return pb.Inventory(
+            state=_INVENTORY_STATES[report.state], bytes_present=report.bytes_present,
+            bytes_total=report.bytes_total, layers_ready=report.layers_ready, error=report.error,
+            layers=pb.LayerRange(start=self.preparation.layer_start, end=self.preparation.layer_end))
+
+    def _load(self, load: pb.StageLoadRequest) -> pb.StageControlResponse:
+        prep = self.preparation
+        start, end = load.layers.start, load.layers.end
+        if prep is None or (prep.layer_start, prep.layer_end) != (start, end) or \
+                prep.inventory().state is not PrepareState.READY or prep.package is None:
+            return self._reject(pb.REJECT_REASON_NOT_PREPARED,
+                                f"layers {start}..{end} are not prepared here; send Prepare and wait "
+                                "for Inventory READY first")
+        options = LoadOptions(
+            start=start, end=end, stage_index=load.stage_index, stage_count=load.stage_count,
+            downstream=load.downstream_peer, wire_dtype=load.wire_dtype,
+            context_length=load.kv_cache.context_length, max_sessions=load.kv_cache.max_sessions or 16,
+            max_batch_tokens=load.batch.max_batch_tokens or 4096,
+            weight_format=load.weight_format or "auto")
+        self.unload()
+        self._loading = True
+        try:
+            model = self.loader(prep.package, options)
+        except LayerlineError as exc:
+            self._failure = str(exc)
+            log.error("stage=%s event=load_failed layers=%d..%d error=%s", self.endpoint, start, end, exc)
+            return self._reject(pb.REJECT_REASON_LOAD_FAILED, str(exc))
+        except Exception as exc:  # a model that cannot load must not take the stage down
+            self._failure = f"{type(exc).__name__}: {exc}"
+            log.exception("stage=%s event=load_failed layers=%d..%d", self.endpoint, start, end)
+            return self._reject(pb.REJECT_REASON_LOAD_FAILED, self._failure)
+        finally:
+            self._loading = False
+        self._failure = ""
+        self.loaded = LoadedStage(model, options,
+                                  FrameLimits(model.hidden_size, options.max_batch_tokens))
+        holder = self.claims.holder
+        self._loaded_run = holder.run_id if holder else None
+        log.info("stage=%s event=ready layers=%d..%d index=%d downstream=%s", self.endpoint, start, end,
+                 options.stage_index, options.downstream or "-")
+        return pb.StageControlResponse(ready=pb.Ready(
+            activation_endpoint=self.endpoint, layers=pb.LayerRange(start=start, end=end),
+            memory_bytes_used=model.memory_bytes()))
+
+    def serving(self) -> LoadedStage | None:
+        """The loaded model while its run's claim is live; a lapsed lease frees the model."""
+        if self.loaded is not None and self.claims.holder is None:
+            log.warning("stage=%s event=lease_lapsed action=unload", self.endpoint)
+            self.unload()
+        return self.loaded
+
+    def unload(self) -> None:
+        """Drop the loaded model (if any); its sessions go with it."""
+        self.loaded = None
+        self._loaded_run = None
+
+    # ------------------------------------------------------------ status
+
+    def state(self) -> int:
+        self.serving()
+        if self._loading:
+            return pb.STAGE_STATE_LOADING
+        if self.loaded is not None:
+            return pb.STAGE_STATE_READY
+        if self._failure:
+            return pb.STAGE_STATE_FAILED
+        if self.claims.holder is None:
+            return pb.STAGE_STATE_FREE
+        if self.preparation is None:
+            return pb.STAGE_STATE_CLAIMED
+        state = self.preparation.inventory().state
+        return {PrepareState.PREPARING: pb.STAGE_STATE_PREPARING,
+                PrepareState.READY: pb.STAGE_STATE_PREPARED,
+                PrepareState.FAILED: pb.STAGE_STATE_FAILED}[state]
+
+    def status(self) -> pb.Status:
+        holder = self.claims.holder
+        total, free = host_memory()
+        loaded = self.loaded
+        return pb.Status(
+            state=self.state(), healthy=True, message=self._failure,
+            holder_coordinator_id=holder.coordinator_id if holder else "",
+            holder_term=holder.term if holder else 0, run_id=holder.run_id if holder else "",
+            lease_remaining_ms=max(0, int((holder.expires_at - self._clock()) * 1000)) if holder else 0,
+            loaded_layers=pb.LayerRange(start=loaded.options.start, end=loaded.options.end)
+            if loaded else None,
+            memory_total_bytes=total, memory_free_bytes=free,
+            activation_endpoint=self.endpoint, version=__version__)

@@ -1,0 +1,289 @@
+"""What several test modules use: tiny model writers, stage processes, a clock, a local target.
+
+Fixtures built on these live in conftest.py; no test module imports another.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import mlx.core as mx
+import numpy as np
+import openai
+
+from layerline.errors import ContextLengthError, SessionError
+from layerline.runtime.bench.processes import Process, free_port, wait_healthy, wait_listening
+from layerline.runtime.decode.generate import LogitsModel
+from layerline.runtime.decode.local_pipeline import LocalPipeline
+from layerline.runtime.model.kv_cache import RangeCache
+
+HF_TEST_TOKEN = "hf_secret_token"  # what the `logged_in` fixture makes huggingface_hub return
+
+# ---------------------------------------------------------------- tiny models
+
+TINY_LLAMA_CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 64,
+    "num_hidden_layers": 4,
+    "intermediate_size": 128,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-5,
+    "vocab_size": 49152,
+    "max_position_embeddings": 512,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+}
+
+
+def tiny_llama_weights(config: dict, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random float32 weights in Hugging Face layout for a llama config."""
+    rng = np.random.default_rng(seed)
+    h, i = config["hidden_size"], config["intermediate_size"]
+    head_dim = h // config["num_attention_heads"]
+    kv = config["num_key_value_heads"] * head_dim
+
+    def mat(rows: int, cols: int) -> np.ndarray:
+        return (rng.standard_normal((rows, cols)) * 0.05).astype(np.float32)
+
+    weights = {
+        "model.embed_tokens.weight": mat(config["vocab_size"], h),
+        "model.norm.weight": (1 + 0.1 * rng.standard_normal(h)).astype(np.float32),
+        "lm_head.weight": mat(config["vocab_size"], h),
+    }
+    for n in range(config["num_hidden_layers"]):
+        p = f"model.layers.{n}."
+        weights |= {
+            p + "self_attn.q_proj.weight": mat(h, h),
+            p + "self_attn.k_proj.weight": mat(kv, h),
+            p + "self_attn.v_proj.weight": mat(kv, h),
+            p + "self_attn.o_proj.weight": mat(h, h),
+            p + "mlp.gate_proj.weight": mat(i, h),
+            p + "mlp.up_proj.weight": mat(i, h),
+            p + "mlp.down_proj.weight": mat(h, i),
+            p + "input_layernorm.weight": (1 + 0.1 * rng.standard_normal(h)).astype(np.float32),
+            p + "post_attention_layernorm.weight": (1 + 0.1 * rng.standard_normal(h)).astype(
+                np.float32
+            ),
+        }
+    return weights
+
+
+def write_hf_folder(folder: Path, config: dict, weights: dict[str, np.ndarray],
+                    tokenizer_dir: Path) -> Path:
+    """Write a Hugging Face model folder: config.json, model.safetensors, tokenizer files."""
+    from safetensors.numpy import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    save_file(weights, str(folder / "model.safetensors"))
+    for f in tokenizer_dir.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    return folder
+
+
+def permute_qk(weight: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf permutation of Q/K rows (the inverse of the packager's)."""
+    return (
+        weight.reshape(n_heads, 2, weight.shape[0] // n_heads // 2, *weight.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weight.shape)
+    )
+
+
+def write_tiny_gguf(path: Path, config: dict, weights: dict[str, np.ndarray],
+                    tokenizer_gguf: Path) -> Path:
+    """Write a llama GGUF of the given float weights, as llama.cpp's converter would
+    (Q/K permuted, F32 tensors), with the tokenizer metadata of `tokenizer_gguf`."""
+    import gguf
+
+    source = gguf.GGUFReader(str(tokenizer_gguf))
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(config["num_attention_heads"])
+    writer.add_head_count_kv(config["num_key_value_heads"])
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_rope_freq_base(config["rope_theta"])
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("smollm")
+    f = source.fields
+    writer.add_token_list(f["tokenizer.ggml.tokens"].contents())
+    writer.add_token_types(f["tokenizer.ggml.token_type"].contents())
+    writer.add_token_merges(f["tokenizer.ggml.merges"].contents())
+    writer.add_bos_token_id(f["tokenizer.ggml.bos_token_id"].contents())
+    writer.add_eos_token_id(f["tokenizer.ggml.eos_token_id"].contents())
+    writer.add_chat_template(f["tokenizer.chat_template"].contents())
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config["num_hidden_layers"])
+    for hf_name, values in weights.items():
+        base, _, suffix = hf_name.rpartition(".")
+        if base.endswith("q_proj"):
+            values = permute_qk(values, config["num_attention_heads"])
+        elif base.endswith("k_proj"):
+            values = permute_qk(values, config["num_key_value_heads"])
+        writer.add_tensor(f"{names.get_name(base)}.{suffix}", np.ascontiguousarray(values))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+# ---------------------------------------------------------------- stage processes
+
+
+def _layerline(*args: str) -> list[str]:
+    return [sys.executable, "-m", "layerline", *args]
+
+
+class StageProcess:
+    """A `layerline stage serve` subprocess on loopback, waited on until it listens."""
+
+    def __init__(self, args: tuple[str, ...], cache_dir: Path, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.endpoint = f"127.0.0.1:{self.port}"
+        # A log of its own per start: a restarted stage must not be taken for listening already.
+        log = cache_dir / f"stage-{self.port}-{uuid.uuid4().hex[:6]}.log"
+        argv = _layerline("stage", "serve", "--listen", self.endpoint, "--cache-dir", str(cache_dir), *args)
+        self.process = Process.start(f"stage {self.endpoint}", argv, log)
+        try:
+            wait_listening(self.process, timeout_s=60)
+        except BaseException:
+            self.kill()
+            raise
+
+    def kill(self) -> None:
+        self.process.popen.kill()
+        self.process.popen.wait(timeout=10)
+
+    def stop(self) -> None:
+        self.process.stop(grace_s=10)
+
+
+class Stage0Process:
+    """`layerline stage serve --package …` in a subprocess, waited on until /health is ok."""
+
+    def __init__(self, package: Path, peers: list[str], cache: Path, *extra: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = cache / f"stage0-{self.port}.log"
+        argv = _layerline("stage", "serve", "--package", str(package), "--http", f"127.0.0.1:{self.port}",
+                          "--cache-dir", str(cache), *extra)
+        for peer in peers:
+            argv += ["--peer", peer]
+        self.process = Process.start("stage 0", argv, self.log)
+        try:
+            wait_healthy(self.url, [self.process], timeout_s=180, log=self.log)
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+    def status(self) -> dict:
+        return httpx.get(f"{self.url}/v1/status", timeout=10).json()
+
+    def stop(self) -> None:
+        self.process.stop(grace_s=15)
+
+
+@contextlib.contextmanager
+def admin_pipeline(package: Path, root: Path, split: str, admin_token: str
+                   ) -> Iterator[tuple[Stage0Process, StageProcess]]:
+    """Stage 0 (admin token set, empty config) over one peer process, stopped on the way out."""
+    (root / "admin-token").write_text(admin_token + "\n")
+    (root / "config.toml").write_text("")  # nothing from the user's own config
+    (root / "peer").mkdir()
+    peer = StageProcess((), root / "peer")
+    try:
+        stage0 = Stage0Process(package, [peer.endpoint], root, "--split", split,
+                               "--admin-token-file", str(root / "admin-token"),
+                               "--config", str(root / "config.toml"))
+    except BaseException:
+        peer.stop()
+        raise
+    try:
+        yield stage0, peer
+    finally:
+        stage0.stop()
+        peer.stop()
+
+
+def greedy_reference(package: Path, prompt: str, max_tokens: int) -> str:
+    """The answer of `layerline run`, one process, no split."""
+    done = subprocess.run(_layerline("run", str(package), "--prompt", prompt, "--max-tokens", str(max_tokens),
+                                     "--temperature", "0", "--quiet"),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.endswith("\n")
+    return done.stdout[:-1]  # `run` ends its output with one newline
+
+
+# ---------------------------------------------------------------- in-process helpers
+
+
+class Clock:
+    """A clock the test moves by hand: `clock.now += 5`."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class LocalTarget:
+    """A model in this process and the caches of one session, addressed by position."""
+
+    def __init__(self, model: LogitsModel, caches: list[RangeCache], *, vocab_size: int,
+                 context_length: int | None = None) -> None:
+        self.model = model
+        self.caches = caches
+        self.vocab_size = vocab_size
+        self.context_length = context_length
+
+    @classmethod
+    def open(cls, pipeline: LocalPipeline) -> LocalTarget:
+        """A fresh session of a whole package loaded in this process."""
+        return cls(pipeline, pipeline.make_cache(), vocab_size=pipeline.head.vocab_size,
+                   context_length=pipeline.context_length)
+
+    @property
+    def length(self) -> int:
+        """Positions the session's caches hold."""
+        return self.caches[0].length if self.caches else 0
+
+    def forward(self, tokens: list[int], start_pos: int) -> mx.array:
+        """Logits (L, vocab) for `tokens` at positions start_pos.., after truncating there."""
+        if start_pos > self.length:
+            raise SessionError(
+                f"this session holds {self.length} positions; tokens at {start_pos} would leave a gap",
+                hint=f"feed positions {self.length}..{start_pos - 1} first")
+        end = start_pos + len(tokens)
+        if self.context_length is not None and end > self.context_length:
+            raise ContextLengthError(
+                f"positions up to {end} are past the context length {self.context_length}",
+                hint="stop generating at the context length")
+        self.rewind(start_pos)
+        logits = self.model(mx.array([tokens], dtype=mx.uint32), self.caches)[0]
+        mx.eval(logits)
+        return logits
+
+    def rewind(self, position: int) -> None:
+        """Truncate every range's cache to `position` (nothing happens if it holds less)."""
+        for cache in self.caches:
+            if cache.length > position:
+                cache.truncate(position)
