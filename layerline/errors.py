@@ -75,5 +75,9 @@ class SessionError(LayerlineError):
     """A KV-cache session is unknown, or cannot be rolled back as asked."""
 
 
+class SessionLimitError(SessionError):
+    """A stage already holds as many sessions as it may; a new one must wait."""
+
+
 class ChatTemplateError(LayerlineError):
     """A package has no chat template, or its template fails to render the messages."""

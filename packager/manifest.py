@@ -228,6 +228,38 @@ def _parse_window(strategy: _Reader, schema_version: int) -> WindowSpec:
         raise ManifestError(f"{strategy.origin}: {strategy.where}: {exc.message}", hint=exc.hint) from exc
 
 
+# Model dimensions a manifest may declare: each a whole number in [1, most]. The bounds are far
+# above any real model's and keep a hostile manifest from allocating absurd arrays.
+CONFIG_LIMITS = {
+    "hidden_size": 1 << 17, "intermediate_size": 1 << 20, "num_hidden_layers": 1 << 12,
+    "num_attention_heads": 1 << 12, "num_key_value_heads": 1 << 12, "head_dim": 1 << 12,
+    "vocab_size": 1 << 23, "max_position_embeddings": 1 << 24,
+}
+REQUIRED_CONFIG = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+
+
+def _check_config(config: dict[str, Any], origin: str) -> None:
+    """Raise ManifestError naming the first missing, ill-typed or out-of-range model dimension."""
+    for key in REQUIRED_CONFIG:
+        if key not in config:
+            raise ManifestError(f"{origin}: field 'config.{key}' is missing",
+                                hint="rebuild the package with `layerline pkg build`")
+    for key, most in CONFIG_LIMITS.items():
+        value = config.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+            raise ManifestError(f"{origin}: field 'config.{key}' must be a whole number from 1 to {most}, "
+                                f"got {value!r}", hint="rebuild the package with `layerline pkg build`")
+    heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads")
+    if kv_heads is not None and heads % kv_heads:
+        raise ManifestError(f"{origin}: config.num_attention_heads {heads} is not a multiple of "
+                            f"config.num_key_value_heads {kv_heads}")
+    if "head_dim" not in config and config["hidden_size"] % heads:
+        raise ManifestError(f"{origin}: config.hidden_size {config['hidden_size']} is not a multiple of "
+                            f"config.num_attention_heads {heads}")
+
+
 def parse_speculative(raw: Any, origin: str, schema_version: int = SCHEMA_VERSION) -> SpeculativeDecoding:
     reader = _Reader(raw, "generation.speculative_decoding", origin)
     strategies_reader = reader.child("strategies")
@@ -286,6 +318,7 @@ def parse_manifest(raw: Any, origin: str = MANIFEST_NAME) -> Manifest:
     )
 
     config = top.get("config", dict)
+    _check_config(config, origin)
     dtype = top.get("dtype", str)
     quant_reader = top.child("quantization", optional=True)
     quantization = None
@@ -374,6 +407,9 @@ def read_manifest(package_dir: Path) -> Manifest:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ManifestError(f"{path} is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise ManifestError(f"{path} nests JSON too deeply to be a manifest",
+                            hint="rebuild the package with `layerline pkg build`") from exc
     return parse_manifest(raw, str(path))
 
 

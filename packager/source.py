@@ -13,11 +13,11 @@ from layerline.errors import SourceError
 
 from .architectures import LAYER_PREFIX
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w./-]+)?$")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?(:[\w./-]+)?$")
 
 
 def is_hub_id(reference: str) -> bool:
-    """Whether `reference` reads as a Hub repo id (`org/name`, `org/name:QUANT`), not a local path."""
+    """Whether `reference` reads as a Hub repo id (`org/name[@revision][:QUANT]`), not a local path."""
     return bool(_HUB_ID.match(reference)) and not reference.startswith((".", "/", "~"))
 
 

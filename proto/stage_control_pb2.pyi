@@ -186,7 +186,7 @@ class Inventory(_message.Message):
     def __init__(self, state: _Optional[_Union[InventoryState, str]] = ..., bytes_present: _Optional[int] = ..., bytes_total: _Optional[int] = ..., layers_ready: _Optional[int] = ..., error: _Optional[str] = ..., layers: _Optional[_Union[LayerRange, _Mapping]] = ...) -> None: ...
 
 class StageLoadRequest(_message.Message):
-    __slots__ = ("layers", "stage_index", "stage_count", "upstream_peer", "downstream_peer", "package", "wire_dtype", "kv_cache", "batch", "weight_format")
+    __slots__ = ("layers", "stage_index", "stage_count", "upstream_peer", "downstream_peer", "package", "wire_dtype", "kv_cache", "batch", "weight_format", "frame_timeout_ms")
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     STAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
     STAGE_COUNT_FIELD_NUMBER: _ClassVar[int]
@@ -197,6 +197,7 @@ class StageLoadRequest(_message.Message):
     KV_CACHE_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    FRAME_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     layers: LayerRange
     stage_index: int
     stage_count: int
@@ -207,7 +208,8 @@ class StageLoadRequest(_message.Message):
     kv_cache: KvCacheConfig
     batch: BatchConfig
     weight_format: str
-    def __init__(self, layers: _Optional[_Union[LayerRange, _Mapping]] = ..., stage_index: _Optional[int] = ..., stage_count: _Optional[int] = ..., upstream_peer: _Optional[str] = ..., downstream_peer: _Optional[str] = ..., package: _Optional[_Union[PackageIdentity, _Mapping]] = ..., wire_dtype: _Optional[_Union[_activation_pb2.WireDtype, str]] = ..., kv_cache: _Optional[_Union[KvCacheConfig, _Mapping]] = ..., batch: _Optional[_Union[BatchConfig, _Mapping]] = ..., weight_format: _Optional[str] = ...) -> None: ...
+    frame_timeout_ms: int
+    def __init__(self, layers: _Optional[_Union[LayerRange, _Mapping]] = ..., stage_index: _Optional[int] = ..., stage_count: _Optional[int] = ..., upstream_peer: _Optional[str] = ..., downstream_peer: _Optional[str] = ..., package: _Optional[_Union[PackageIdentity, _Mapping]] = ..., wire_dtype: _Optional[_Union[_activation_pb2.WireDtype, str]] = ..., kv_cache: _Optional[_Union[KvCacheConfig, _Mapping]] = ..., batch: _Optional[_Union[BatchConfig, _Mapping]] = ..., weight_format: _Optional[str] = ..., frame_timeout_ms: _Optional[int] = ...) -> None: ...
 
 class KvCacheConfig(_message.Message):
     __slots__ = ("context_length", "max_sessions")
@@ -246,7 +248,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Status(_message.Message):
-    __slots__ = ("state", "healthy", "message", "holder_coordinator_id", "holder_term", "run_id", "lease_remaining_ms", "loaded_layers", "memory_total_bytes", "memory_free_bytes", "activation_endpoint", "version")
+    __slots__ = ("state", "healthy", "message", "holder_coordinator_id", "holder_term", "run_id", "lease_remaining_ms", "loaded_layers", "memory_total_bytes", "memory_free_bytes", "activation_endpoint", "version", "active_sessions", "kv_cache_bytes")
     STATE_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
@@ -259,6 +261,8 @@ class Status(_message.Message):
     MEMORY_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
     ACTIVATION_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     state: StageState
     healthy: bool
     message: str
@@ -271,4 +275,6 @@ class Status(_message.Message):
     memory_free_bytes: int
     activation_endpoint: str
     version: str
-    def __init__(self, state: _Optional[_Union[StageState, str]] = ..., healthy: _Optional[bool] = ..., message: _Optional[str] = ..., holder_coordinator_id: _Optional[str] = ..., holder_term: _Optional[int] = ..., run_id: _Optional[str] = ..., lease_remaining_ms: _Optional[int] = ..., loaded_layers: _Optional[_Union[LayerRange, _Mapping]] = ..., memory_total_bytes: _Optional[int] = ..., memory_free_bytes: _Optional[int] = ..., activation_endpoint: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+    active_sessions: int
+    kv_cache_bytes: int
+    def __init__(self, state: _Optional[_Union[StageState, str]] = ..., healthy: _Optional[bool] = ..., message: _Optional[str] = ..., holder_coordinator_id: _Optional[str] = ..., holder_term: _Optional[int] = ..., run_id: _Optional[str] = ..., lease_remaining_ms: _Optional[int] = ..., loaded_layers: _Optional[_Union[LayerRange, _Mapping]] = ..., memory_total_bytes: _Optional[int] = ..., memory_free_bytes: _Optional[int] = ..., activation_endpoint: _Optional[str] = ..., version: _Optional[str] = ..., active_sessions: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ...) -> None: ...

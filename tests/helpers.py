@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import subprocess
 import sys
 import uuid
@@ -174,11 +175,12 @@ class StageProcess:
 class Stage0Process:
     """`layerline stage serve --package …` in a subprocess, waited on until /health is ok."""
 
-    def __init__(self, package: Path, peers: list[str], cache: Path, *extra: str) -> None:
+    def __init__(self, package: Path, peers: list[str], cache: Path, *extra: str,
+                 http_host: str = "127.0.0.1") -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = cache / f"stage0-{self.port}.log"
-        argv = _layerline("stage", "serve", "--package", str(package), "--http", f"127.0.0.1:{self.port}",
+        argv = _layerline("stage", "serve", "--package", str(package), "--http", f"{http_host}:{self.port}",
                           "--cache-dir", str(cache), *extra)
         for peer in peers:
             argv += ["--peer", peer]
@@ -196,6 +198,14 @@ class Stage0Process:
     def status(self) -> dict:
         return httpx.get(f"{self.url}/v1/status", timeout=10).json()
 
+    def metric(self, name: str, **labels: str) -> float:
+        """One sample of stage 0's Prometheus metrics (0 when it is not there yet)."""
+        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        pattern = "^" + re.escape(name) + (r"\{" + re.escape(want) + r"\}" if labels else "") + r" (\S+)$"
+        found = re.search(pattern, text, re.MULTILINE)
+        return float(found.group(1)) if found else 0.0
+
     def stop(self) -> None:
         self.process.stop(grace_s=15)
 
@@ -203,9 +213,14 @@ class Stage0Process:
 @contextlib.contextmanager
 def admin_pipeline(package: Path, root: Path, split: str, admin_token: str
                    ) -> Iterator[tuple[Stage0Process, StageProcess]]:
-    """Stage 0 (admin token set, empty config) over one peer process, stopped on the way out."""
+    """Stage 0 (admin token set) over one peer process, stopped on the way out.
+
+    Its config holds nothing from the user's own: `PUT /v1/draft` may load drafts from
+    anywhere in this test run's temporary folders, and Hub drafts of `layerline-tests/`.
+    """
     (root / "admin-token").write_text(admin_token + "\n")
-    (root / "config.toml").write_text("")  # nothing from the user's own config
+    (root / "config.toml").write_text(f'[admin]\ndraft_roots = ["{root.parent}"]\n'
+                                      'hub_drafts = ["layerline-tests/*"]\n')
     (root / "peer").mkdir()
     peer = StageProcess((), root / "peer")
     try:

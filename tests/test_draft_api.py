@@ -5,7 +5,6 @@ tokenizer and requests without the admin token are refused."""
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import time
 from pathlib import Path
@@ -69,20 +68,11 @@ def use_draft(stage0: Stage0Process, draft: Path, **windows: object) -> dict:
     return state
 
 
-def metric(stage0: Stage0Process, name: str, **labels: str) -> float:
-    """One sample of stage 0's Prometheus metrics (0 when it is not there yet)."""
-    text = httpx.get(f"{stage0.url}/metrics", timeout=10).text
-    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    pattern = "^" + re.escape(name) + (r"\{" + re.escape(want) + r"\}" if labels else "") + r" (\S+)$"
-    found = re.search(pattern, text, re.MULTILINE)
-    return float(found.group(1)) if found else 0.0
-
-
 def test_a_draft_set_mid_stream_leaves_that_request_unharmed_and_the_next_uses_it(
         stage0, smollm2_f32_package):
     assert draft_api(stage0, "DELETE").status_code == 200  # start without speculation
-    finished_before = metric(stage0, "layerline_requests_total", endpoint="/v1/completions", status="ok")
-    accepted_before = metric(stage0, "layerline_speculative_accepted_tokens_total")
+    finished_before = stage0.metric("layerline_requests_total", endpoint="/v1/completions", status="ok")
+    accepted_before = stage0.metric("layerline_speculative_accepted_tokens_total")
 
     stream = iter(stage0.client.completions.create(
         model=MODEL, prompt=PROMPT, max_tokens=96, temperature=0, stream=True,
@@ -93,7 +83,7 @@ def test_a_draft_set_mid_stream_leaves_that_request_unharmed_and_the_next_uses_i
     assert reply.status_code == 202, reply.text
     assert reply.json()["pending_draft"]["state"] == "loading" and not reply.json()["active"]
     state = wait_for_switch(stage0)
-    finished_at_switch = metric(stage0, "layerline_requests_total", endpoint="/v1/completions",
+    finished_at_switch = stage0.metric("layerline_requests_total", endpoint="/v1/completions",
                                 status="ok")
     chunks += list(stream)
 
@@ -111,8 +101,8 @@ def test_a_draft_set_mid_stream_leaves_that_request_unharmed_and_the_next_uses_i
     assert speculative["enabled"] and speculative["strategy"] == "smollm2-f32"
     assert speculative["accepted"] > 0 and speculative["tokens_per_pass"] > 1
     assert streamed.startswith(after.choices[0].text)  # greedy speculation changes only the speed
-    assert metric(stage0, "layerline_speculative_accepted_tokens_total") > accepted_before
-    assert metric(stage0, "layerline_speculative_accept_rate") > 0
+    assert stage0.metric("layerline_speculative_accepted_tokens_total") > accepted_before
+    assert stage0.metric("layerline_speculative_accept_rate") > 0
 
 
 def test_a_new_window_policy_for_the_loaded_draft_applies_at_once(stage0, smollm2_f32_package):
@@ -140,7 +130,7 @@ def test_prompt_lookup_drafting_needs_no_model_and_applies_at_once(stage0):
 
 def test_clearing_the_draft_turns_speculation_off_for_the_next_request(stage0, smollm2_f32_package):
     use_draft(stage0, smollm2_f32_package)
-    plain_before = metric(stage0, "layerline_speculative_requests_total", mode="plain")
+    plain_before = stage0.metric("layerline_speculative_requests_total", mode="plain")
 
     reply = draft_api(stage0, "DELETE")
     assert reply.status_code == 200
@@ -153,7 +143,7 @@ def test_clearing_the_draft_turns_speculation_off_for_the_next_request(stage0, s
                                                    temperature=0)
     assert answer.usage.speculative["enabled"] is False
     assert "DELETE /v1/draft" in answer.usage.speculative["reason"]
-    assert metric(stage0, "layerline_speculative_requests_total", mode="plain") == plain_before + 1
+    assert stage0.metric("layerline_speculative_requests_total", mode="plain") == plain_before + 1
 
 
 def test_a_draft_with_another_tokenizer_is_refused_with_the_reason(stage0, other_tokenizer_model,
@@ -201,7 +191,7 @@ def test_an_out_of_range_window_gets_the_same_message_everywhere(stage0, smollm2
 
 
 @pytest.mark.parametrize(("body", "says"), [
-    ({"draft_model": "./no/such/draft"}, "does not exist"),
+    ({"draft_model": "{draft}-missing"}, "does not exist"),
     ({"draft_model": "{draft}", "window_policy": "adaptive", "min_window": 9, "max_window": 4},
      "out of order: min_window 9"),
     ({"draft_model": "{draft}", "window_policy": "sometimes"}, "window policy 'sometimes' is unknown"),
@@ -209,10 +199,22 @@ def test_an_out_of_range_window_gets_the_same_message_everywhere(stage0, smollm2
     ({"window_policy": "fixed"}, "draft_model"),
 ])
 def test_bad_draft_requests_are_refused_with_400_and_the_fix(stage0, smollm2_f32_package, body, says):
-    body = {k: str(smollm2_f32_package) if v == "{draft}" else v for k, v in body.items()}
+    body = {k: v.replace("{draft}", str(smollm2_f32_package)) if isinstance(v, str) else v
+            for k, v in body.items()}
     reply = draft_api(stage0, "PUT", body)
     assert reply.status_code == 400, reply.text
     assert says in reply.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("reference", ["/etc/passwd", "/etc/no-such-file", "./no/such/draft",
+                                       "other-org/model"])
+def test_drafts_outside_the_roots_and_the_hub_allow_list_are_refused_alike(stage0, reference):
+    reply = draft_api(stage0, "PUT", {"draft_model": reference})
+    assert reply.status_code == 403, reply.text
+    error = reply.json()["error"]
+    assert error["code"] == "draft_not_allowed" and error["param"] == "draft_model"
+    assert "root:" not in reply.text and "b'" not in reply.text  # nothing of what the file holds
+    assert "exist" not in error["message"]
 
 
 def test_the_draft_api_and_the_dashboard_refuse_requests_without_the_admin_token(stage0):

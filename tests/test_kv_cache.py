@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from mlx_lm.models.cache import RotatingKVCache
 
-from layerline.errors import SessionError
+from layerline.errors import SessionError, SessionLimitError
 from layerline.runtime.decode.local_pipeline import LocalPipeline
 from layerline.runtime.model.kv_cache import RangeCache, SessionStore
 
@@ -96,31 +96,12 @@ def test_sessions_are_created_found_and_dropped(tiny):
         store.get("a")
 
 
-def test_least_recently_used_session_is_evicted_past_the_count_cap(tiny):
+def test_a_full_store_refuses_a_new_session_and_evicts_none(tiny):
     store = _store(tiny, max_sessions=2)
     store.create("a")
-    store.create("b")
-    store.get("a")  # b is now the least recently used
-    store.create("c")
-    assert "a" in store and "c" in store and "b" not in store
-
-
-def test_sessions_are_evicted_past_the_memory_cap_but_never_the_active_one(tiny):
-    layers = tiny.ranges[0]
-    h = tiny.head.embed(mx.array([PREFIX]))
-
-    def fill(cache: RangeCache) -> None:
-        mx.eval(layers(h, cache.caches))
-
-    probe = RangeCache(layers.make_cache())
-    fill(probe)
-    store = SessionStore(layers.make_cache, max_sessions=10, max_bytes=int(2.5 * probe.nbytes))
-    for name in ("a", "b", "c"):
-        fill(store.create(name))
-        store.enforce_caps(keep=name)
-    assert "a" not in store and "b" in store and "c" in store
-    assert store.nbytes <= 2.5 * probe.nbytes
-
-    tight = SessionStore(layers.make_cache, max_bytes=1)
-    fill(tight.create("only"))
-    assert tight.enforce_caps(keep="only") == [] and "only" in tight
+    store.get_or_create("b")
+    with pytest.raises(SessionLimitError, match="most sessions"):
+        store.get_or_create("c")
+    assert "a" in store and "b" in store and "c" not in store
+    store.drop("a")
+    assert store.create("c") is store.get("c")

@@ -95,7 +95,8 @@ def write_tiny_package(root: Path) -> Path:
             architecture="llama",
             source=SourceInfo(kind="gguf", file_name="tiny.gguf", sha256="0" * 64, bytes=1),
         ),
-        config={"model_type": "llama", "num_hidden_layers": 2},
+        config={"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+                "vocab_size": 8},
         dtype="float16",
         quantization=Quantization(mode="affine", bits=4, group_size=32),
         tokenizer=TokenizerInfo(

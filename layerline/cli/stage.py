@@ -7,6 +7,9 @@ from typing import Annotated
 
 import typer
 
+from layerline.runtime.serve.body_limit import DEFAULT_MAX_BODY_BYTES
+from layerline.runtime.stage.grpc_options import StreamLimits
+
 from .options import ConfigFileOpt, NoDraftOpt, WeightsChoice, WeightsOpt
 from .output import log_with_time
 
@@ -30,7 +33,15 @@ def stage_serve(
     wire_dtype: Annotated[str, typer.Option(help="Activation dtype on the wire: f32, f16, bf16.")] = "f32",
     weights: WeightsOpt = WeightsChoice.auto,
     context_length: Annotated[int | None, typer.Option(help="KV cache length (default: the model's, max 4096).")] = None,
-    max_sessions: Annotated[int, typer.Option(help="Concurrent sessions each stage keeps.")] = 16,
+    max_sessions: Annotated[int, typer.Option(help="Concurrent sessions each stage keeps; stage 0 decodes this many requests at once.")] = 16,
+    max_queue: Annotated[int, typer.Option(help="Requests that may wait for a slot (stage 0); more get 429.")] = 32,
+    max_body_bytes: Annotated[int, typer.Option(help="Largest HTTP request body (stage 0); larger gets 413.")] = DEFAULT_MAX_BODY_BYTES,
+    stage_timeout: Annotated[float, typer.Option(help="Seconds a stage may take per frame beyond its measured compute; then the request fails.")] = 10.0,
+    drain_seconds: Annotated[float, typer.Option(help="After SIGTERM, how long requests in flight may finish (stage 0).")] = 5.0,
+    lease_seconds: Annotated[float, typer.Option(help="How long peers keep stage 0's claim without hearing from it (at most 120).")] = 60.0,
+    max_streams: Annotated[int, typer.Option(help="Activation streams this stage serves at once; more are refused.")] = StreamLimits.max_streams,
+    stream_idle_seconds: Annotated[float, typer.Option(help="An activation stream idle this long is closed.")] = StreamLimits.idle_s,
+    insecure: Annotated[bool, typer.Option("--insecure", help="Serve beyond loopback without --auth-token-file.")] = False,
     log_level: Annotated[str, typer.Option(help="debug, info, warning.")] = "info",
 ) -> None:
     """Wait to be claimed; or, with --package, be stage 0: plan, load the peers, serve HTTP."""
@@ -43,7 +54,8 @@ def stage_serve(
     if package is None:
         from layerline.runtime.stage.main import run_stage
 
-        run_stage(listen, cache, auth_token_file)
+        run_stage(listen, cache, auth_token_file, insecure=insecure,
+                  limits=StreamLimits(max_streams=max_streams, idle_s=stream_idle_seconds))
         return
     from layerline.runtime.serve.stage0 import Stage0Options, run_stage0
 
@@ -51,4 +63,6 @@ def stage_serve(
         package=package, peers=peer or [], split=split, http=http or settings.stage.http,
         config=settings, no_draft=no_draft, wire_dtype=wire_dtype, weights=weights.value,
         context_length=context_length, max_sessions=max_sessions, cache_dir=cache,
-        auth_token_file=auth_token_file, admin_token_file=admin_token_file))
+        auth_token_file=auth_token_file, admin_token_file=admin_token_file, max_queue=max_queue,
+        max_body_bytes=max_body_bytes, stage_timeout_s=stage_timeout, drain_s=drain_seconds,
+        lease_s=lease_seconds))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from layerline.errors import ChatTemplateError
+from layerline.errors import ChatTemplateError, ContextLengthError
 from layerline.packager.manifest import Manifest
 
 Message = dict[str, Any]
@@ -40,11 +40,33 @@ def render_chat(tokenizer: Any, manifest: Manifest, messages: list[Message]) -> 
         ) from exc
 
 
-def chat_prompt_tokens(tokenizer: Any, manifest: Manifest, messages: list[Message]) -> list[int]:
-    """Token ids of the rendered chat (the template already holds any BOS it wants)."""
-    return list(tokenizer.encode(render_chat(tokenizer, manifest, messages), add_special_tokens=False))
+def chat_prompt_tokens(tokenizer: Any, manifest: Manifest, messages: list[Message], *,
+                       max_tokens: int | None = None) -> list[int]:
+    """Token ids of the rendered chat (the template already holds any BOS it wants).
+
+    With `max_tokens`, a text that has more tokens than that is refused (ContextLengthError)
+    after tokenizing little more of it than those tokens take.
+    """
+    text = render_chat(tokenizer, manifest, messages)
+    return _encode(tokenizer, text, add_special_tokens=False, max_tokens=max_tokens)
 
 
-def text_prompt_tokens(tokenizer: Any, text: str) -> list[int]:
+def text_prompt_tokens(tokenizer: Any, text: str, *, max_tokens: int | None = None) -> list[int]:
     """Token ids of a plain prompt, with the special tokens the tokenizer adds (e.g. BOS)."""
-    return list(tokenizer.encode(text, add_special_tokens=True))
+    return _encode(tokenizer, text, add_special_tokens=True, max_tokens=max_tokens)
+
+
+PREFIX_CHARS_PER_TOKEN = 8  # the first prefix checked holds this many characters per allowed token
+_CUT_SLACK = 8  # tokens a cut through the text may add at its end
+
+
+def _encode(tokenizer: Any, text: str, *, add_special_tokens: bool, max_tokens: int | None) -> list[int]:
+    if max_tokens is not None:
+        # Prefixes growing 4x: a huge text is refused once a prefix is too long, not tokenized whole.
+        size = max_tokens * PREFIX_CHARS_PER_TOKEN
+        while size < len(text):
+            if len(tokenizer.encode(text[:size], add_special_tokens=False)) > max_tokens + _CUT_SLACK:
+                raise ContextLengthError(f"the prompt has more than {max_tokens} tokens, the most the "
+                                         "context holds", hint="shorten the prompt")
+            size *= 4
+    return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))

@@ -1,4 +1,4 @@
-"""KV caches per session: rollback to any position, snapshot/restore, and an LRU store.
+"""KV caches per session: rollback to any position, snapshot/restore, and a bounded store.
 
 Rollback protocol, whatever the cache kind:
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import logging
 import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +25,7 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
-from layerline.errors import SessionError
+from layerline.errors import SessionError, SessionLimitError
 
 log = logging.getLogger("layerline.runtime")
 
@@ -122,21 +121,19 @@ class RangeCache:
 
 
 class SessionStore:
-    """The caches of many sessions on one layer range, least recently used evicted first."""
+    """The caches of many sessions on one layer range, at most `max_sessions` at once.
 
-    def __init__(
-        self,
-        make_caches: Callable[[], list[Any]],
-        *,
-        max_sessions: int = 16,
-        max_bytes: int | None = None,
-    ) -> None:
+    A full store refuses a new session (SessionLimitError) rather than evict one: a
+    session is in use until its request ends, and evicting it would fail that request
+    midway. Stage 0 admits no more requests than the stores hold.
+    """
+
+    def __init__(self, make_caches: Callable[[], list[Any]], *, max_sessions: int = 16) -> None:
         if max_sessions < 1:
             raise SessionError(f"max_sessions must be at least 1, got {max_sessions}")
         self._make_caches = make_caches
         self.max_sessions = max_sessions
-        self.max_bytes = max_bytes
-        self._sessions: OrderedDict[str, RangeCache] = OrderedDict()
+        self._sessions: dict[str, RangeCache] = {}
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -147,11 +144,12 @@ class SessionStore:
 
     @property
     def nbytes(self) -> int:
+        """Bytes every session's caches hold."""
         with self._lock:
             return sum(c.nbytes for c in self._sessions.values())
 
     def create(self, session_id: str) -> RangeCache:
-        """A fresh, empty cache for a new session (evicting others if over a cap)."""
+        """A fresh, empty cache for a new session."""
         with self._lock:
             if session_id in self._sessions:
                 raise SessionError(
@@ -161,54 +159,32 @@ class SessionStore:
             return self._add(session_id)
 
     def get(self, session_id: str) -> RangeCache:
-        """The cache of a live session, marked most recently used."""
+        """The cache of a live session."""
         with self._lock:
             cache = self._sessions.get(session_id)
             if cache is None:
                 raise SessionError(
-                    f"no session {session_id!r} here (never created, dropped, or evicted)",
+                    f"no session {session_id!r} here (never created, or dropped)",
                     hint="create the session again and re-feed its prefix from position 0",
                 )
-            self._sessions.move_to_end(session_id)
             return cache
 
     def get_or_create(self, session_id: str) -> RangeCache:
         """The session's cache, creating it if it does not exist."""
         with self._lock:
             cache = self._sessions.get(session_id)
-            if cache is not None:
-                self._sessions.move_to_end(session_id)
-                return cache
-            return self._add(session_id)
+            return cache if cache is not None else self._add(session_id)
 
     def drop(self, session_id: str) -> bool:
         """Forget a session; False if there was none."""
         with self._lock:
             return self._sessions.pop(session_id, None) is not None
 
-    def enforce_caps(self, keep: str | None = None) -> list[str]:
-        """Evict least recently used sessions (never `keep`) until within the caps."""
-        with self._lock:
-            return self._evict(keep)
-
     def _add(self, session_id: str) -> RangeCache:
+        if len(self._sessions) >= self.max_sessions:
+            raise SessionLimitError(
+                f"this stage holds its most sessions ({self.max_sessions}); session {session_id!r} "
+                "cannot start", hint="retry when a request ends, or raise --max-sessions")
         cache = RangeCache(self._make_caches())
         self._sessions[session_id] = cache
-        self._evict(keep=session_id)
         return cache
-
-    def _evict(self, keep: str | None) -> list[str]:
-        evicted = []
-        for session_id in list(self._sessions):
-            over_count = len(self._sessions) > self.max_sessions
-            over_bytes = self.max_bytes is not None and (
-                sum(c.nbytes for c in self._sessions.values()) > self.max_bytes
-            )
-            if not (over_count or over_bytes):
-                break
-            if session_id == keep:
-                continue
-            del self._sessions[session_id]
-            evicted.append(session_id)
-            log.info("session=%s evicted reason=%s", session_id, "count" if over_count else "bytes")
-        return evicted

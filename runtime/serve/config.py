@@ -11,6 +11,11 @@ draft_model = "./packages/smollm2-draft"
 
 [stage]
 listen = "127.0.0.1:7700"
+
+[admin]                                  # what PUT /v1/draft may load, and who may ask
+draft_roots = ["./packages"]
+hub_drafts = ["Qwen/*"]
+allowed_hosts = ["gpu-box.lan"]
 ```
 """
 
@@ -61,11 +66,23 @@ class StageSettings:
 
 
 @dataclass(frozen=True)
+class AdminSettings:
+    """What the admin API may do: `PUT /v1/draft` loads only local drafts under `draft_roots`
+    (default: the folder holding the served package) or Hub repos matching `hub_drafts` (shell
+    patterns, default none); requests must name one of `allowed_hosts` (besides loopback) in Host."""
+
+    draft_roots: tuple[str, ...] = ()
+    hub_drafts: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class LayerlineConfig:
     path: Path | None = None
     defaults: SpeculativeSettings = field(default_factory=SpeculativeSettings)
     models: dict[str, SpeculativeSettings] = field(default_factory=dict)
     stage: StageSettings = field(default_factory=StageSettings)
+    admin: AdminSettings = field(default_factory=AdminSettings)
 
 
 _TYPES = {"enabled": bool, "strategy": str, "type": str, "draft_model": str,
@@ -103,9 +120,10 @@ def _speculative(raw: Any, where: str) -> SpeculativeSettings:
 def parse_config(raw: dict[str, Any], path: Path | None = None) -> LayerlineConfig:
     """Validate a parsed TOML document."""
     where = str(path) if path else "config"
-    unknown = set(raw) - {"defaults", "models", "stage"}
+    unknown = set(raw) - {"defaults", "models", "stage", "admin"}
     if unknown:
-        raise ConfigError(f"{where}: unknown table(s) {sorted(unknown)}; known: defaults, models, stage")
+        raise ConfigError(f"{where}: unknown table(s) {sorted(unknown)}; known: defaults, models, stage, "
+                          "admin")
     defaults = _speculative(raw.get("defaults", {}).get("speculative", {}),
                             f"{where} [defaults.speculative]")
     models = {}
@@ -117,7 +135,22 @@ def parse_config(raw: dict[str, Any], path: Path | None = None) -> LayerlineConf
     if stage_unknown:
         raise ConfigError(f"{where} [stage]: unknown setting(s) {sorted(stage_unknown)}")
     stage = StageSettings(**stage_raw)
-    return LayerlineConfig(path=path, defaults=defaults, models=models, stage=stage)
+    return LayerlineConfig(path=path, defaults=defaults, models=models, stage=stage,
+                           admin=_admin(raw.get("admin", {}), f"{where} [admin]"))
+
+
+def _admin(raw: Any, where: str) -> AdminSettings:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a table")
+    known = {f.name for f in fields(AdminSettings)}
+    values = {}
+    for key, value in raw.items():
+        if key not in known:
+            raise ConfigError(f"{where}: unknown setting {key!r}; known: {', '.join(sorted(known))}")
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise ConfigError(f"{where}.{key} must be a list of non-empty strings, got {value!r}")
+        values[key] = tuple(value)
+    return AdminSettings(**values)
 
 
 def load_config(path: Path | str | None = None) -> LayerlineConfig:

@@ -31,23 +31,31 @@ def dashboard_router(admin: AdminAuth) -> APIRouter:
 
     @router.get("/", include_in_schema=False)
     async def index(request: Request) -> Response:
-        if not admin.allows(request):
+        refusal = admin.refusal(request)
+        if refusal is not None and refusal.status == 401:
             return _login_page("This dashboard needs the admin token (the file given to "
                                "<code>--admin-token-file</code>).")
+        if refusal is not None:
+            return PlainTextResponse(refusal.message, status_code=refusal.status)
         return FileResponse(STATIC / "index.html", headers={"cache-control": "no-store"})
 
     @router.get("/dashboard/{name}", include_in_schema=False)
     async def asset(name: str, request: Request) -> Response:
         if name not in ASSETS:
             return PlainTextResponse(f"no dashboard file {name!r}", status_code=404)
-        if not admin.allows(request):
-            return PlainTextResponse("sign in on / with the admin token first", status_code=401)
+        refusal = admin.refusal(request)
+        if refusal is not None:
+            message = "sign in on / with the admin token first" if refusal.status == 401 else refusal.message
+            return PlainTextResponse(message, status_code=refusal.status)
         return FileResponse(STATIC / name, media_type=ASSETS[name])
 
     @router.post("/dashboard/login", include_in_schema=False)
     async def login(request: Request) -> Response:
         body = (await request.body())[:MAX_LOGIN_BODY].decode("utf-8", "replace")
         token = parse_qs(body).get("token", [""])[0].strip()
+        refusal = admin.refusal(request)
+        if refusal is not None and refusal.status != 401:
+            return PlainTextResponse(refusal.message, status_code=refusal.status)
         if not admin.required:
             return RedirectResponse("/", status_code=303)
         if not token or not admin.accepts(token):

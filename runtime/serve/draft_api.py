@@ -4,11 +4,17 @@
 it in the background and answers 202; requests keep the settings they started with, and
 those that start after the draft is ready speculate with it. `DELETE` turns speculation
 off for the next requests. Changes live in this process only.
+
+`PUT` loads only what `DraftPolicy` allows: a local package, GGUF or model folder under
+the draft roots, a Hub repo matching the allowed patterns, or `ngram`. Its answers never
+say whether a path outside the roots exists, nor what a file holds.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import logging
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends
@@ -17,6 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from layerline.errors import LayerlineError, TokenizerMismatchError
+from layerline.packager.source import is_hub_id
+from layerline.packager.speculative import NGRAM
 from layerline.packager.window_spec import WindowError
 
 from .admin_auth import AdminAuth
@@ -43,8 +51,34 @@ class DraftBody(BaseModel):
         return self.model_dump(exclude_none=True, exclude={"draft_model"})
 
 
-def draft_router(speculation: Stage0Speculation, admin: AdminAuth) -> APIRouter:
-    """GET, PUT and DELETE `/v1/draft`, each behind the admin token when one is set."""
+class DraftPolicy:
+    """Which draft references `PUT /v1/draft` may load."""
+
+    def __init__(self, roots: list[Path], hub_patterns: tuple[str, ...] = ()) -> None:
+        self.roots = [root.expanduser().resolve() for root in roots]
+        self.hub_patterns = hub_patterns
+
+    def check(self, reference: str) -> None:
+        """Raise ApiError (403) unless `reference` is allowed."""
+        if reference == NGRAM:
+            return
+        if is_hub_id(reference) and not Path(reference).expanduser().exists():
+            repo = reference.partition("@")[0].partition(":")[0]
+            if any(fnmatch.fnmatchcase(repo, pattern) for pattern in self.hub_patterns):
+                return
+            raise ApiError(403, f"Hub draft {repo} is not allowed here; the admin may allow it in the "
+                                "config's [admin] hub_drafts", type="permission_error", param="draft_model",
+                           code="draft_not_allowed")
+        path = Path(reference).expanduser().resolve()
+        if not any(path.is_relative_to(root) for root in self.roots):
+            roots = ", ".join(str(r) for r in self.roots) or "none"
+            raise ApiError(403, f"draft {reference} is outside the draft roots ({roots}); the admin may add "
+                                "roots in the config's [admin] draft_roots", type="permission_error",
+                           param="draft_model", code="draft_not_allowed")
+
+
+def draft_router(speculation: Stage0Speculation, admin: AdminAuth, policy: DraftPolicy) -> APIRouter:
+    """GET, PUT and DELETE `/v1/draft`, each behind the admin gate."""
     router = APIRouter(dependencies=[Depends(admin.require)])
 
     @router.get("/v1/draft")
@@ -53,6 +87,7 @@ def draft_router(speculation: Stage0Speculation, admin: AdminAuth) -> APIRouter:
 
     @router.put("/v1/draft")
     async def put_draft(body: DraftBody) -> JSONResponse:
+        policy.check(body.draft_model)
         try:
             # May read a GGUF's tokenizer from disk: off the event loop.
             settings = await run_in_threadpool(speculation.with_draft, body.draft_model, body.window())

@@ -3,12 +3,18 @@
 One request is one session on every stage. Prefill goes through in chunks of
 at most `max_batch_tokens` positions; then each step sends the last token plus the
 request's drafts (none when it decodes plainly) through the pipeline in one frame.
+
+`generate` checks a request and admits it before it returns, so that a bad or
+unadmitted request is answered with an HTTP error before any token is streamed; its
+events must be closed (`Events.close`), which releases the request's session and slot
+at once, whether or not the client read to the end.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -27,6 +33,7 @@ from ..decode.targets import PipelineTarget
 from ..model.chat import chat_prompt_tokens, text_prompt_tokens
 from ..model.tokenizer import TextStream
 from ..stage.pipeline import Pipeline
+from .admission import Admission, ShuttingDownError, Ticket
 from .frontend import GenerationEvent, TokenLogprob
 from .openai_schema import GenerationRequest
 from .speculation import SpeculationPlan, Stage0Speculation
@@ -37,7 +44,8 @@ log = logging.getLogger("layerline.engine")
 class PipelineEngine:
     def __init__(self, manifest: Manifest, tokenizer: Any, pipeline: Pipeline, *, context_length: int,
                  end_ids: tuple[int, ...], max_batch_tokens: int, speculation: Stage0Speculation,
-                 status: Callable[[], dict[str, Any]], ready: Callable[[], bool]) -> None:
+                 status: Callable[[], dict[str, Any]], ready: Callable[[], bool],
+                 admission: Admission) -> None:
         self.manifest = manifest
         self.model_id = manifest.model.id
         self.tokenizer = tokenizer
@@ -48,12 +56,15 @@ class PipelineEngine:
         self.speculation = speculation
         self._status = status
         self._ready = ready
+        self.admission = admission
+        self.vocab_size = pipeline.head.vocab_size
+        self._stopping = threading.Event()
 
     def encode(self, text: str) -> list[int]:
-        return text_prompt_tokens(self.tokenizer, text)
+        return text_prompt_tokens(self.tokenizer, text, max_tokens=self.context_length)
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        return chat_prompt_tokens(self.tokenizer, self.manifest, messages)
+        return chat_prompt_tokens(self.tokenizer, self.manifest, messages, max_tokens=self.context_length)
 
     def status(self) -> dict[str, Any]:
         return self._status()
@@ -61,14 +72,33 @@ class PipelineEngine:
     def is_ready(self) -> bool:
         return self._ready()
 
-    def generate(self, request: GenerationRequest) -> Iterator[GenerationEvent]:
-        """Tokens for one request, as text deltas; the last event says why it finished."""
+    def shutdown(self) -> None:
+        """Admit nothing more; requests in flight end at their next token."""
+        self._stopping.set()
+        self.admission.close()
+
+    def generate(self, request: GenerationRequest) -> Events:
+        """Check and admit `request` (raising now if it cannot run), then its events."""
         s = request.sampling
         params = SamplingParams(
             max_tokens=request.max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
             min_p=s.min_p, repetition_penalty=s.repetition_penalty, seed=s.seed,
             stop=tuple(request.stop), stop_token_ids=self.end_ids,
             logprobs=request.logprobs is not None, top_logprobs=request.logprobs or 0)
+        self.pipeline.check_tokens(request.prompt_tokens)
+        ticket = self.admission.enter()
+        return Events(self._events(request, params, ticket), ticket)
+
+    def _events(self, request: GenerationRequest, params: SamplingParams,
+                ticket: Ticket) -> Iterator[GenerationEvent]:
+        """Tokens for one request, as text deltas; the last event says why it finished."""
+        try:
+            ticket.wait()
+            yield from self._decode(request, params)
+        finally:
+            ticket.release()
+
+    def _decode(self, request: GenerationRequest, params: SamplingParams) -> Iterator[GenerationEvent]:
         plan = self.speculation.plan(request.speculative, params, context_length=self.context_length,
                                      lock=self.pipeline.compute_lock)
         session = self.pipeline.open(f"s-{uuid.uuid4().hex[:16]}")
@@ -80,6 +110,9 @@ class PipelineEngine:
         started = time.monotonic()
         try:
             for token in stream:
+                if self._stopping.is_set():
+                    raise ShuttingDownError("the server is shutting down; the request was cut short",
+                                            hint="send it again to another server")
                 logprobs = self._logprobs(token) if params.logprobs else None
                 if token.id in self.end_ids:
                     yield self._last(GenerationEvent(text.finish(), [token.id], logprobs), "stop",
@@ -118,6 +151,24 @@ class PipelineEngine:
         decode = self.tokenizer.decode
         alternatives = [(decode([i]), logprob) for i, logprob in token.top_logprobs]
         return [TokenLogprob(decode([token.id]), float(token.logprob or 0.0), alternatives)]
+
+
+class Events:
+    """One admitted request's events; `close()` ends it and frees its slot, read to the end or not."""
+
+    def __init__(self, events: Iterator[GenerationEvent], ticket: Ticket) -> None:
+        self._events = events
+        self._ticket = ticket
+
+    def __iter__(self) -> Events:
+        return self
+
+    def __next__(self) -> GenerationEvent:
+        return next(self._events)
+
+    def close(self) -> None:
+        self._events.close()  # runs the request's `finally`: session closed on every stage
+        self._ticket.release()  # also when the events were never started
 
 
 def speculation_usage(plan: SpeculationPlan, stats: SpeculationStats) -> dict[str, Any]:

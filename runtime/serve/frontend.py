@@ -2,29 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
-from prometheus_client.core import GaugeMetricFamily
-from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from layerline.errors import LayerlineError, StageUnavailableError
+from layerline.errors import ContextLengthError, LayerlineError, StageUnavailableError
 
+from .admission import Admission, ServerBusyError, ShuttingDownError
+from .body_limit import DEFAULT_MAX_BODY_BYTES, BodyLimit
+from .metrics import Metrics, StageCollector, StageGauge
 from .openai_schema import (
     ApiError,
     ChatCompletionBody,
@@ -33,6 +32,9 @@ from .openai_schema import (
     sampling_of,
     stop_list,
 )
+from .request_checks import check_fields, check_text, check_token_ids, completion_budget
+
+log = logging.getLogger("layerline.frontend")
 
 
 @dataclass(frozen=True)
@@ -56,122 +58,101 @@ class GenerationEvent:
 class Engine(Protocol):
     model_id: str
     context_length: int
+    vocab_size: int  # token ids 0..vocab_size-1 have embeddings
 
     def encode(self, text: str) -> list[int]: ...
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]: ...
-    def generate(self, request: GenerationRequest) -> Iterator[GenerationEvent]: ...
+    def generate(self, request: GenerationRequest) -> Events: ...
     def status(self) -> dict[str, Any]: ...
     def is_ready(self) -> bool: ...
 
 
-class Metrics:
-    """The frontend's Prometheus metrics, in a registry of the app's own."""
+class Events(Protocol):
+    """A request's events; `close()` ends the request and frees what it holds."""
 
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.requests = Counter("layerline_requests", "HTTP generation requests",
-                                ["endpoint", "status"], registry=self.registry)
-        self.prompt_tokens = Counter("layerline_prompt_tokens", "Prompt tokens processed",
-                                     registry=self.registry)
-        self.completion_tokens = Counter("layerline_completion_tokens", "Tokens generated",
-                                         registry=self.registry)
-        self.latency = Histogram("layerline_request_seconds", "Request wall time",
-                                 ["endpoint"], registry=self.registry)
-        self.first_token = Histogram("layerline_time_to_first_token_seconds", "Time to first token",
-                                     ["endpoint"], registry=self.registry)
-        self.speculation = SpeculationMetrics(self.registry)
+    def __iter__(self) -> Iterator[GenerationEvent]: ...
+    def __next__(self) -> GenerationEvent: ...
+    def close(self) -> None: ...
 
 
-class SpeculationMetrics:
-    """Cumulative speculation counters, and the accept rate and tokens per pass they give."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.requests = Counter("layerline_speculative_requests", "Requests by decoding mode",
-                                ["mode"], registry=registry)
-        self.drafted = Counter("layerline_speculative_drafted_tokens", "Draft tokens sent for verification",
-                               registry=registry)
-        self.accepted = Counter("layerline_speculative_accepted_tokens", "Draft tokens accepted",
-                                registry=registry)
-        self.tokens = Counter("layerline_speculative_tokens", "Tokens emitted by speculating requests",
-                              registry=registry)
-        self.passes = Counter("layerline_speculative_target_passes",
-                              "Target passes (verification steps) of speculating requests", registry=registry)
-        self.draft_seconds = Counter("layerline_speculative_draft_seconds",
-                                     "Time the drafter spent proposing", registry=registry)
-        self.verify_seconds = Counter("layerline_speculative_verify_seconds",
-                                      "Time spent in target passes verifying drafts", registry=registry)
-        self._totals = {"drafted": 0.0, "accepted": 0.0, "tokens": 0.0, "passes": 0.0}
-        Gauge("layerline_speculative_accept_rate", "Accepted / drafted tokens, since start",
-              registry=registry).set_function(lambda: self._ratio("accepted", "drafted"))
-        Gauge("layerline_speculative_tokens_per_pass", "Tokens emitted per target pass, since start",
-              registry=registry).set_function(lambda: self._ratio("tokens", "passes"))
-
-    def _ratio(self, top: str, bottom: str) -> float:
-        return self._totals[top] / self._totals[bottom] if self._totals[bottom] else 0.0
-
-    def record(self, usage: dict[str, Any]) -> None:
-        """Count one finished request's `usage.speculative`."""
-        if not usage.get("enabled"):
-            self.requests.labels("plain").inc()
-            return
-        self.requests.labels("speculative").inc()
-        for key, counter, value in (("drafted", self.drafted, usage["drafted"]),
-                                    ("accepted", self.accepted, usage["accepted"]),
-                                    ("tokens", self.tokens, usage["tokens"]),
-                                    ("passes", self.passes, usage["target_passes"])):
-            counter.inc(value)
-            self._totals[key] += value
-        self.draft_seconds.inc(usage["draft_seconds"])
-        self.verify_seconds.inc(usage["verify_seconds"])
+GENERATION_ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
 
 
 def _error(exc: ApiError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
 def _from_layerline(exc: LayerlineError) -> ApiError:
+    if isinstance(exc, ServerBusyError):
+        return ApiError(429, str(exc), type="rate_limit_exceeded", code="rate_limit_exceeded",
+                        headers={"retry-after": str(exc.retry_after_s)})
+    if isinstance(exc, ShuttingDownError):
+        return ApiError(503, str(exc), type="server_error", code="shutting_down")
     if isinstance(exc, StageUnavailableError):
         return ApiError(503, str(exc), type="server_error", code="stage_unavailable")
+    if isinstance(exc, ContextLengthError):
+        return ApiError(400, str(exc), code="context_length_exceeded")
     return ApiError(400, str(exc))
 
 
-class _StageCollector:
-    """`layerline_stage_up{stage, endpoint}`: 1 while a stage is ready, read at scrape time."""
+def create_app(engine: Engine, *, stage_states: Callable[[], list[StageGauge]] | None = None,
+               admission: Admission | None = None,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+    """The HTTP app serving `engine`; `stage_states()` feeds the per-stage gauges."""
 
-    def __init__(self, states: Callable[[], list[tuple[str, str, bool]]]) -> None:
-        self.states = states
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if admission is not None:
+            # Queued requests wait for a slot in a worker thread, and decoding ones need threads
+            # to stream: enough threads for all of them, so that waiting never starves decoding.
+            limiter = anyio.to_thread.current_default_thread_limiter()
+            limiter.total_tokens = max(limiter.total_tokens, admission.max_active + admission.max_queue + 16)
+        yield
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        gauge = GaugeMetricFamily("layerline_stage_up", "1 if the stage is ready, else 0",
-                                  labels=["stage", "endpoint"])
-        for stage, endpoint, up in self.states():
-            gauge.add_metric([stage, endpoint], 1.0 if up else 0.0)
-        yield gauge
-
-
-def create_app(engine: Engine, *,
-               stage_states: Callable[[], list[tuple[str, str, bool]]] | None = None) -> FastAPI:
-    """The HTTP app serving `engine`; `stage_states()` feeds the per-stage gauge."""
-    app = FastAPI(title="layerline", docs_url=None, redoc_url=None)
+    app = FastAPI(title="layerline", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     metrics = Metrics()
     if stage_states is not None:
-        metrics.registry.register(_StageCollector(stage_states))
+        metrics.registry.register(StageCollector(stage_states))
+    if admission is not None:
+        metrics.watch_admission(lambda: admission.active, lambda: admission.waiting)
     app.state.metrics = metrics
+
+    def refuse(request: Request, error: ApiError) -> JSONResponse:
+        if request.url.path in GENERATION_ENDPOINTS:
+            metrics.requests.labels(request.url.path, str(error.status)).inc()
+        return _error(error)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"] if p != "body")
-        return _error(ApiError(400, f"{where}: {first['msg']}" if where else first["msg"],
-                               param=where or None))
+        message = str(first["msg"]).removeprefix("Value error, ")
+        return refuse(request, ApiError(400, f"{where}: {message}" if where else message,
+                                        param=where or None))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # FastAPI's own refusals (a body it cannot parse, an unknown path or method).
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        message = str(exc.detail)
+        if exc.status_code == 400:  # raised when the body is not UTF-8 JSON, or nested too deeply
+            message = f"the request body could not be read as JSON ({message.lower()})"
+        return refuse(request, ApiError(exc.status_code, message, type=kind))
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return _error(exc)
+        return refuse(request, exc)
 
     @app.exception_handler(LayerlineError)
     async def _layerline_error(request: Request, exc: LayerlineError) -> JSONResponse:
-        return _error(_from_layerline(exc))
+        return refuse(request, _from_layerline(exc))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("event=internal_error path=%s", request.url.path)
+        return refuse(request, ApiError(500, f"internal error: {type(exc).__name__}", type="server_error",
+                                        code="internal_error"))
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -196,7 +177,10 @@ def create_app(engine: Engine, *,
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionBody) -> Any:
         _check_model(engine, body.model)
+        check_fields(body)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        for i, message in enumerate(messages):
+            check_text(message["content"], f"messages[{i}].content")
         prompt = await run_in_threadpool(engine.encode_chat, messages)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         return await _serve(engine, metrics, "chat", body, prompt, logprobs)
@@ -204,12 +188,14 @@ def create_app(engine: Engine, *,
     @app.post("/v1/completions")
     async def completions(body: CompletionBody) -> Any:
         _check_model(engine, body.model)
-        if isinstance(body.prompt, str):
-            prompt = await run_in_threadpool(engine.encode, body.prompt)
-        elif isinstance(body.prompt[0], str):
-            prompt = await run_in_threadpool(engine.encode, body.prompt[0])
-        else:
+        check_fields(body)
+        if isinstance(body.prompt, list) and isinstance(body.prompt[0], int):
             prompt = list(body.prompt)  # token ids
+            check_token_ids(prompt, engine.vocab_size)
+        else:
+            text = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
+            check_text(text, "prompt")
+            prompt = await run_in_threadpool(engine.encode, text)
         return await _serve(engine, metrics, "completion", body, prompt, body.logprobs)
 
     return app
@@ -226,20 +212,17 @@ async def _serve(engine: Engine, metrics: Metrics, kind: str, body: Any, prompt:
     if not engine.is_ready():
         raise ApiError(503, "the pipeline is not ready: a stage is down or still loading",
                        type="server_error", code="stage_unavailable")
-    room = engine.context_length - len(prompt)
-    if room <= 0:
-        raise ApiError(400, f"the prompt has {len(prompt)} tokens; the context length is "
-                            f"{engine.context_length}", param="messages", code="context_length_exceeded")
     asked = body.max_completion_tokens or body.max_tokens
-    request = GenerationRequest(prompt_tokens=prompt, max_tokens=min(asked or room, room),
+    request = GenerationRequest(prompt_tokens=prompt,
+                                max_tokens=completion_budget(len(prompt), asked, engine.context_length),
                                 sampling=sampling_of(body), stop=stop_list(body),
                                 logprobs=logprobs, speculative=body.speculative)
-    reply = _Reply(kind, engine.model_id, len(prompt), metrics)
     endpoint = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
-    events = engine.generate(request)
+    events = await run_in_threadpool(engine.generate, request)  # refuses (400, 429) before any token
+    reply = _Reply(kind, engine.model_id, len(prompt), metrics)
     if body.stream:
         include_usage = bool((body.stream_options or {}).get("include_usage"))
-        return StreamingResponse(iterate_in_threadpool(reply.sse(events, include_usage, endpoint)),
+        return StreamingResponse(_drive(reply.sse(events, include_usage, endpoint)),
                                  media_type="text/event-stream")
     try:
         result = await run_in_threadpool(reply.collect, events)
@@ -249,6 +232,27 @@ async def _serve(engine: Engine, metrics: Metrics, kind: str, body: Any, prompt:
     metrics.requests.labels(endpoint, "ok").inc()
     metrics.latency.labels(endpoint).observe(time.monotonic() - reply.started)
     return result
+
+
+_DONE = object()
+
+
+async def _drive(chunks: Iterator[str]) -> AsyncIterator[str]:
+    """Stream a blocking generator's chunks, each computed in a worker thread.
+
+    When the client goes away, the response task is cancelled once the chunk being computed
+    is done; the generator is then closed at once (not whenever garbage collection runs),
+    which ends its request and frees its session on every stage.
+    """
+    try:
+        while True:
+            chunk = await run_in_threadpool(next, chunks, _DONE)
+            if chunk is _DONE:
+                return
+            yield chunk
+    finally:
+        with anyio.CancelScope(shield=True):
+            await run_in_threadpool(chunks.close)
 
 
 class _Reply:
@@ -291,15 +295,18 @@ class _Reply:
         return {"tokens": [t.token for t in items], "token_logprobs": [t.logprob for t in items],
                 "top_logprobs": [dict(t.top) for t in items]}
 
-    def collect(self, events: Iterator[GenerationEvent]) -> dict[str, Any]:
+    def collect(self, events: Events) -> dict[str, Any]:
         text, finish, logprobs = [], "length", []
         endpoint = "/v1/chat/completions" if self.kind == "chat" else "/v1/completions"
-        for event in events:
-            self._count(event, endpoint)
-            text.append(event.text)
-            logprobs += event.logprobs or []
-            if event.finish_reason:
-                finish = event.finish_reason
+        try:
+            for event in events:
+                self._count(event, endpoint)
+                text.append(event.text)
+                logprobs += event.logprobs or []
+                if event.finish_reason:
+                    finish = event.finish_reason
+        finally:
+            events.close()
         content = "".join(text)
         has_logprobs = any(True for _ in logprobs)
         if self.kind == "chat":
@@ -325,11 +332,11 @@ class _Reply:
                 "choices": [choice]}
         return f"data: {json.dumps(data)}\n\n"
 
-    def sse(self, events: Iterator[GenerationEvent], include_usage: bool, endpoint: str) -> Iterator[str]:
-        if self.kind == "chat":
-            yield self._chunk({"role": "assistant", "content": ""}, None)
-        status = "ok"
+    def sse(self, events: Events, include_usage: bool, endpoint: str) -> Iterator[str]:
+        status = "aborted"  # until the stream ends or fails
         try:
+            if self.kind == "chat":
+                yield self._chunk({"role": "assistant", "content": ""}, None)
             for event in events:
                 self._count(event, endpoint)
                 logprobs = self._logprobs_json(event.logprobs) if event.logprobs else None
@@ -343,10 +350,12 @@ class _Reply:
                         else "text_completion", "created": self.created, "model": self.model,
                         "choices": [], "usage": self.usage()}
                 yield f"data: {json.dumps(data)}\n\n"
+            status = "ok"
             yield "data: [DONE]\n\n"
         except LayerlineError as exc:
             status = "error"
             yield f"data: {json.dumps(_from_layerline(exc).body())}\n\n"
         finally:
+            events.close()
             self.metrics.requests.labels(endpoint, status).inc()
             self.metrics.latency.labels(endpoint).observe(time.monotonic() - self.started)

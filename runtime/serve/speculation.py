@@ -27,7 +27,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from layerline.errors import LayerlineError
+from layerline.errors import LayerlineError, SourceError
 from layerline.packager.source import is_hub_id
 from layerline.packager.speculative import (
     NGRAM,
@@ -191,7 +191,11 @@ class Stage0Speculation:
 
     def _check_draft(self, reference: str) -> str | None:
         """The draft's tokenizer fingerprint when it is local (None for a Hub draft); refuses a mismatch."""
-        fingerprint = local_draft_fingerprint(reference)
+        try:
+            fingerprint = local_draft_fingerprint(reference)
+        except SourceError as exc:  # its detail may quote the file: say only what it is not
+            raise LayerlineError(f"draft {reference} is not a layer package, GGUF file or Hugging Face "
+                                 "model folder", hint="give one of those, or a Hub repo id") from exc
         if fingerprint is None:
             if not is_hub_id(reference):
                 raise LayerlineError(f"draft {reference} does not exist on stage 0",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,15 +24,18 @@ from ..stage.coordinator import Coordinator, CoordinatorOptions
 from ..stage.model import StageModel
 from ..stage.pipeline import Pipeline
 from ..stage.prepare import Preparation, PrepareState, fetch_manifest
-from ..stage.server import auth_metadata, read_token
+from ..stage.server import auth_metadata, is_loopback, read_token
 from ..stage.split_plan import parse_split
 from ..stage.wire import wire_dtype
 from .admin_auth import AdminAuth
+from .admission import Admission
+from .body_limit import DEFAULT_MAX_BODY_BYTES
 from .config import LayerlineConfig
 from .dashboard import dashboard_router
-from .draft_api import draft_router
+from .draft_api import DraftPolicy, draft_router
 from .engine import PipelineEngine
 from .frontend import create_app
+from .metrics import StageGauge
 from .speculation import Stage0Speculation
 from .speculative_settings import ResolvedSpeculativeConfig, resolve_speculative
 
@@ -55,11 +60,25 @@ class Stage0Options:
     cache_dir: Path = Path("~/.cache/layerline/stage")
     auth_token_file: Path | None = None
     admin_token_file: Path | None = None  # guards /v1/draft and the dashboard
+    max_queue: int = 32  # requests that may wait for a slot beyond the max_sessions decoding
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    stage_timeout_s: float = 10.0  # what a stage may take per frame beyond its measured compute
+    drain_s: float = 5.0  # after SIGTERM, how long requests in flight may finish
+    lease_s: float = 60.0  # how long a peer keeps this stage 0's claim without hearing from it
 
 
 def _open_package(ref: str, cache_dir: Path) -> LayerPackage:
     """The package stage 0 plans from: the local folder, or the manifest fetched from the Hub."""
     return LayerPackage.open(fetch_manifest(ref, cache_dir))
+
+
+def _draft_roots(options: Stage0Options) -> list[Path]:
+    """Where `PUT /v1/draft` may load local drafts from: the config's roots, else the folder that
+    holds the served package (drafts usually sit beside it)."""
+    if options.config.admin.draft_roots:
+        return [Path(root) for root in options.config.admin.draft_roots]
+    package = Path(options.package).expanduser()
+    return [package.resolve().parent] if package.is_dir() else []
 
 
 def _materialize_stage0(ref: str, start: int, end: int, cache_dir: Path) -> LayerPackage:
@@ -79,8 +98,16 @@ class Stage0:
         self.cache_dir = options.cache_dir.expanduser()
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self.token = read_token(options.auth_token_file)
-        self.admin = AdminAuth(read_token(options.admin_token_file, "--admin-token-file"))
+        http_host = options.http.rpartition(":")[0]
+        admin_token = read_token(options.admin_token_file, "--admin-token-file")
+        self.admin = AdminAuth(admin_token, http_loopback=is_loopback(http_host),
+                               allowed_hosts=options.config.admin.allowed_hosts)
+        if not self.admin.enabled:
+            log.warning("event=admin_api_off http=%s reason=no --admin-token-file beyond loopback: "
+                        "/v1/draft and the dashboard answer 403", options.http)
+        self.admission = Admission(options.max_sessions, options.max_queue)
         self.package = _open_package(options.package, self.cache_dir)
+        self.draft_policy = DraftPolicy(_draft_roots(options), options.config.admin.hub_drafts)
         manifest = self.package.manifest
         self.speculative: ResolvedSpeculativeConfig = resolve_speculative(
             manifest.model.id, manifest.speculative_decoding, options.config, no_draft=options.no_draft)
@@ -93,7 +120,9 @@ class Stage0:
             package_ref=options.package, peers=list(options.peers), split=split,
             wire_dtype=wire_dtype(options.wire_dtype), token=self.token,
             context_length=self.context_length, max_sessions=options.max_sessions,
-            max_batch_tokens=MAX_BATCH_TOKENS, weight_format=options.weights))
+            max_batch_tokens=MAX_BATCH_TOKENS, weight_format=options.weights,
+            frame_timeout_s=options.stage_timeout_s, lease_s=options.lease_s,
+            heartbeat_s=min(2.0, options.lease_s / 4)))
         self.speculation = Stage0Speculation(
             self.speculative, target_fingerprint=manifest.tokenizer.fingerprint,
             cache_dir=self.cache_dir, weights=options.weights)
@@ -107,6 +136,8 @@ class Stage0:
         """
         self.speculation.start()
         self.coordinator.bring_up()
+        # Renew the peers' leases from now on: stage 0's own load may outlast a lease.
+        self.coordinator.start_watching()
         try:
             self._load_local()
         except BaseException:
@@ -128,20 +159,25 @@ class Stage0:
                             wire_dtype=wire_dtype(self.options.wire_dtype),
                             hidden_size=int(manifest.config["hidden_size"]), max_tokens=MAX_BATCH_TOKENS,
                             metadata=auth_metadata(self.token),
-                            on_stage_error=self.coordinator.mark_down)
+                            on_stage_error=self.coordinator.mark_down,
+                            frame_timeout_s=self.options.stage_timeout_s * max(1, len(self.options.peers)))
+        self.local = local
         self.engine = PipelineEngine(
             manifest, tokenizer, pipeline, context_length=self.context_length,
             end_ids=end_of_generation_ids(tokenizer, package), max_batch_tokens=MAX_BATCH_TOKENS,
-            speculation=self.speculation, status=self.status, ready=lambda: self.coordinator.ready)
-        self.coordinator.start_watching()
+            speculation=self.speculation, status=self.status, ready=lambda: self.coordinator.ready,
+            admission=self.admission)
         log.info("event=ready model=%s stage0_layers=%d..%d peers=%d %s", manifest.model.id, start, end,
                  len(self.options.peers), plan.describe())
 
     def status(self) -> dict[str, Any]:
         manifest = self.package.manifest
         start, end = self.coordinator.stage0_range
+        local = getattr(self, "local", None)
         stage0 = {"stage": 0, "endpoint": "local", "layers": [start, end],
-                  "state": "ready" if self.engine is not None else "loading"}
+                  "state": "ready" if self.engine is not None else "loading",
+                  "sessions": local.session_count() if local is not None else 0,
+                  "kv_cache_bytes": local.kv_cache_bytes() if local is not None else 0}
         return {
             "model": manifest.model.id,
             "package": self.options.package,
@@ -155,30 +191,58 @@ class Stage0:
             "wire_dtype": self.options.wire_dtype,
             "context_length": self.context_length,
             "speculative": self.speculation.to_json(),
+            "requests": {"active": self.admission.active, "queued": self.admission.waiting,
+                         "max_active": self.admission.max_active, "max_queue": self.admission.max_queue},
             "uptime_s": round(time.time() - self.started, 1),
         }
 
-    def stage_states(self) -> list[tuple[str, str, bool]]:
-        return [(str(s["stage"]), s["endpoint"], s["state"] == "ready") for s in self.status()["stages"]]
+    def stage_states(self) -> list[StageGauge]:
+        return [StageGauge(str(s["stage"]), s["endpoint"], s["state"] == "ready", s["sessions"],
+                           s["kv_cache_bytes"]) for s in self.status()["stages"]]
 
     def app(self) -> Any:
         """The HTTP app: the OpenAI API, the draft API and the dashboard."""
-        app = create_app(self.engine, stage_states=self.stage_states)
-        app.include_router(draft_router(self.speculation, self.admin))
+        app = create_app(self.engine, stage_states=self.stage_states, admission=self.admission,
+                         max_body_bytes=self.options.max_body_bytes)
+        app.include_router(draft_router(self.speculation, self.admin, self.draft_policy))
         app.include_router(dashboard_router(self.admin))
         return app
 
     def serve(self) -> None:
+        """Serve HTTP until SIGINT or SIGTERM; then drain, stop every request and release the peers."""
         import uvicorn
 
         host, _, port = self.options.http.rpartition(":")
         app = self.app()
+        admin = "required" if self.admin.required else ("off" if not self.admin.enabled else "loopback only")
         print(f"stage 0 serving {self.package.manifest.model.id} on http://{host}:{port} "
-              f"(dashboard at /, admin token {'required' if self.admin.required else 'off'})", flush=True)
+              f"(dashboard at /, admin token {admin})", flush=True)
+        server = uvicorn.Server(uvicorn.Config(app, host=host, port=int(port), log_level="warning",
+                                               timeout_graceful_shutdown=self.options.drain_s))
+        original_exit = server.handle_exit
+        cut_short = threading.Timer(self.options.drain_s, self.engine.shutdown)
+        cut_short.daemon = True
+
+        def handle_exit(sig: int, frame: Any) -> None:
+            # New requests are refused at once; those in flight get drain_s, then end.
+            log.info("event=stopping drain_s=%.1f active=%d", self.options.drain_s, self.admission.active)
+            self.admission.close()
+            if cut_short.ident is None:  # not started by an earlier signal
+                cut_short.start()
+            original_exit(sig, frame)
+
+        server.handle_exit = handle_exit  # type: ignore[method-assign]
+        # uvicorn raises the signal it stopped on again once it is done; by then the stop is
+        # clean, so that second delivery must not turn into a failing exit code.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: None)
         try:
-            uvicorn.run(app, host=host, port=int(port), log_level="warning")
+            server.run()
         finally:
+            cut_short.cancel()
+            self.engine.shutdown()
             self.coordinator.shutdown()
+            log.info("event=stopped")
 
 
 def run_stage0(options: Stage0Options) -> None:

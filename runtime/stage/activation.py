@@ -9,56 +9,83 @@ from __future__ import annotations
 
 import logging
 import queue
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import grpc
 
+from layerline.errors import StageUnavailableError
 from layerline.proto import activation_pb2 as pb
 from layerline.proto import activation_pb2_grpc as pb_grpc
 
+from .deadlines import Deadlines, FrameBudget
+from .grpc_options import CLIENT_OPTIONS
 from .node import LoadedStage, StageNode
 from .wire import FrameError, decode, encode
 
 log = logging.getLogger("layerline.stage")
 
-MAX_MESSAGE_BYTES = 64 << 20
-CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
-]
 _END = object()
 
 
-class FrameStream:
-    """A lockstep request/response Forward stream to one peer: send a frame, read its answer."""
+class FrameTimeoutError(StageUnavailableError):
+    """A downstream stage did not answer a frame within its budget."""
 
-    def __init__(self, endpoint: str, *, metadata: list[tuple[str, str]] | None = None,
-                 timeout_s: float = 120.0) -> None:
+
+class FrameStream:
+    """A lockstep request/response Forward stream to one peer: send a frame, read its answer.
+
+    Every frame has a deadline (`budget`); a peer that does not answer in time has its
+    stream cancelled and the call raises FrameTimeoutError.
+    """
+
+    def __init__(self, endpoint: str, *, deadlines: Deadlines, budget: FrameBudget,
+                 metadata: list[tuple[str, str]] | None = None) -> None:
         self.endpoint = endpoint
-        self._channel = grpc.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
+        self._deadlines = deadlines
+        self._budget = budget
+        self._channel = grpc.insecure_channel(endpoint, options=CLIENT_OPTIONS)
         self._requests: queue.Queue[Any] = queue.Queue()
         stub = pb_grpc.StageActivationStub(self._channel)
         self._responses = stub.Forward(iter(self._requests.get, _END), metadata=metadata,
                                        timeout=None, wait_for_ready=False)
-        self._timeout_s = timeout_s
+        self._expired = False
 
     def call(self, frame: pb.ActivationFrame) -> pb.ActivationFrame:
         """Send one frame and return the peer's answer; raises grpc.RpcError if the peer is gone."""
-        self._requests.put(frame)
-        return next(self._responses)
+        positions = frame.activations.token_count if frame.WhichOneof("body") == "activations" else 1
+        budget = self._budget.seconds(positions)
+        started = time.monotonic()
+        handle = self._deadlines.arm(budget, self._expire)
+        try:
+            self._requests.put(frame)
+            answer = next(self._responses)
+        except grpc.RpcError as exc:
+            if self._expired:
+                raise FrameTimeoutError(
+                    f"{self.endpoint} did not answer a frame of {positions} positions within "
+                    f"{budget:.1f} s", hint="check that stage; stage 0 marks it down") from exc
+            raise
+        finally:
+            self._deadlines.clear(handle)
+        self._budget.record(positions, time.monotonic() - started)
+        return answer
+
+    def _expire(self) -> None:
+        self._expired = True
+        self._responses.cancel()
 
     def close(self) -> None:
         self._requests.put(_END)
+        handle = self._deadlines.arm(self._budget.base_s, self._responses.cancel)
         try:
             for _ in self._responses:
                 pass
         except grpc.RpcError:
             pass
+        finally:
+            self._deadlines.clear(handle)
         self._channel.close()
 
 
@@ -71,8 +98,10 @@ def _error(frame: pb.ActivationFrame, code: int, message: str, stage_index: int)
 class ActivationRelay:
     """Serves one upstream Forward stream for a StageNode."""
 
-    def __init__(self, node: StageNode, metadata: list[tuple[str, str]] | None = None) -> None:
+    def __init__(self, node: StageNode, deadlines: Deadlines,
+                 metadata: list[tuple[str, str]] | None = None) -> None:
         self.node = node
+        self.deadlines = deadlines
         self.metadata = metadata
         self.downstream: FrameStream | None = None
         self.sessions: set[str] = set()
@@ -102,7 +131,9 @@ class ActivationRelay:
         if kind == "end_session":
             loaded.model.drop_session(frame.session_id)
             self.sessions.discard(frame.session_id)
-            return self._relay(loaded, frame) if loaded.options.downstream else frame
+            # Without a live stream downstream the session is gone there already (a closed
+            # stream drops its sessions): do not open one only to say so.
+            return self._relay(loaded, frame) if self.downstream is not None else frame
         if kind != "activations" or not frame.session_id:
             return _error(frame, pb.ACTIVATION_ERROR_CODE_BAD_FRAME,
                           "a request frame needs a session_id and activations or end_session", index)
@@ -124,13 +155,23 @@ class ActivationRelay:
         index = loaded.options.stage_index
         try:
             if self.downstream is None:
-                self.downstream = FrameStream(loaded.options.downstream, metadata=self.metadata)
+                self.downstream = FrameStream(loaded.options.downstream, deadlines=self.deadlines,
+                                              budget=loaded.downstream_budget, metadata=self.metadata)
             return self.downstream.call(frame)
-        except (grpc.RpcError, StopIteration) as exc:
+        except (grpc.RpcError, StopIteration, FrameTimeoutError) as exc:
             self.downstream = None
-            detail = exc.details() if isinstance(exc, grpc.RpcError) else "stream ended"
+            detail = stream_failure(exc)
             log.error("stage=%d event=downstream_failed peer=%s error=%s", index,
                       loaded.options.downstream, detail)
             return _error(frame, pb.ACTIVATION_ERROR_CODE_DOWNSTREAM_UNAVAILABLE,
                           f"stage {index + 1} at {loaded.options.downstream} is unavailable: {detail}",
                           index)
+
+
+def stream_failure(exc: BaseException) -> str:
+    """What went wrong on a Forward stream, in a few words."""
+    if isinstance(exc, FrameTimeoutError):
+        return exc.message
+    if isinstance(exc, grpc.RpcError):
+        return exc.details() or exc.code().name
+    return "stream ended"

@@ -15,6 +15,8 @@ from enum import Enum
 
 from layerline.errors import LayerlineError
 
+MAX_LEASE_S = 120.0  # the longest lease a stage grants: a dead holder's claim lapses within it
+
 
 class RejectReason(Enum):
     CLAIMED_BY_OTHER = "claimed_by_other"
@@ -63,8 +65,8 @@ class ClaimTable:
     def claim(self, coordinator_id: str, term: int, run_id: str, package_ref: str,
               manifest_sha256: str, lease_s: float) -> tuple[Claim, Claim | None]:
         """Take the stage; return the new claim and the one it pre-empted (if another run's)."""
-        if lease_s <= 0:
-            raise LayerlineError(f"lease must be positive, got {lease_s} s")
+        if not 0 < lease_s <= MAX_LEASE_S:
+            raise LayerlineError(f"lease must be above 0 and at most {MAX_LEASE_S:.0f} s, got {lease_s} s")
         with self._lock:
             holder = self._live_holder()
             if holder is not None and not self._may_take(holder, coordinator_id, term):

@@ -10,7 +10,7 @@ from layerline.errors import StageUnavailableError
 from layerline.proto import stage_control_pb2 as pb
 from layerline.proto import stage_control_pb2_grpc as pb_grpc
 
-from .activation import CHANNEL_OPTIONS
+from .grpc_options import CLIENT_OPTIONS
 from .server import auth_metadata
 
 
@@ -30,7 +30,7 @@ class StageClient:
         self.coordinator_id, self.term, self.run_id = coordinator_id, term, run_id
         self._metadata = auth_metadata(token)
         self._timeout_s = timeout_s
-        self._channel = grpc.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
+        self._channel = grpc.insecure_channel(endpoint, options=CLIENT_OPTIONS)
         self._stub = pb_grpc.StageControlStub(self._channel)
 
     def call(self, timeout_s: float | None = None, **request: Any) -> pb.StageControlResponse:
@@ -50,8 +50,8 @@ class StageClient:
             raise StageRejectedError(self.endpoint, response.rejected)
         return response
 
-    def status(self) -> pb.Status:
-        return self.call(status=pb.StatusRequest()).status
+    def status(self, timeout_s: float | None = None) -> pb.Status:
+        return self.call(timeout_s, status=pb.StatusRequest()).status
 
     def close(self) -> None:
         self._channel.close()

@@ -3,7 +3,9 @@
 Sequence per peer: Claim → Prepare(range) → Inventory (poll) → Load → Ready. If any
 stage fails, every stage claimed for the run is released and the error names the
 stage, its range and the cause. A heartbeat (Inventory, which renews the lease)
-watches each stage; a stage that comes back after dying is claimed and loaded again.
+watches each stage on a thread and channel of its own, so that renewals never wait
+behind compute or activation traffic; a stage that comes back after dying is claimed
+and loaded again.
 """
 
 from __future__ import annotations
@@ -40,11 +42,14 @@ class PeerState:
     bytes_total: int = 0
     error: str = ""
     since: float = field(default_factory=time.time)
+    sessions: int = 0  # KV-cache sessions the stage held at the last heartbeat
+    kv_cache_bytes: int = 0
 
     def to_json(self) -> dict:
         return {"stage": self.index, "endpoint": self.endpoint, "layers": [self.start, self.end],
                 "state": self.state, "bytes_present": self.bytes_present,
-                "bytes_total": self.bytes_total, "error": self.error or None}
+                "bytes_total": self.bytes_total, "error": self.error or None,
+                "sessions": self.sessions, "kv_cache_bytes": self.kv_cache_bytes}
 
 
 @dataclass(frozen=True)
@@ -55,7 +60,7 @@ class CoordinatorOptions:
     wire_dtype: int = act_pb.WIRE_DTYPE_F32
     token: str | None = None
     term: int = 0  # 0: now in unix ms, so a restarted coordinator pre-empts its old self
-    lease_s: float = 30.0
+    lease_s: float = 60.0  # renewed every heartbeat_s: a long pass never outlasts it
     heartbeat_s: float = 2.0
     prepare_timeout_s: float = 1800.0
     load_timeout_s: float = 600.0
@@ -63,6 +68,7 @@ class CoordinatorOptions:
     max_sessions: int = 16
     max_batch_tokens: int = 4096
     weight_format: str = "auto"
+    frame_timeout_s: float = 10.0  # each stage's budget for the next one, beyond the compute
 
 
 class Coordinator:
@@ -74,15 +80,18 @@ class Coordinator:
         self.term = options.term or int(time.time() * 1000)
         self.run_id = f"run-{uuid.uuid4().hex[:12]}"
         self.manifest_sha256 = sha256_file(package.root / MANIFEST_NAME)
-        self.clients = [StageClient(endpoint, coordinator_id=self.coordinator_id, term=self.term,
-                                    run_id=self.run_id, token=options.token)
-                        for endpoint in options.peers]
+        self.clients = [self._client(endpoint) for endpoint in options.peers]
+        self.heartbeat_clients = [self._client(endpoint) for endpoint in options.peers]
         self.stage0_range: tuple[int, int] = (0, package.manifest.num_layers)
         self.peers: list[PeerState] = []
         self._on_change = on_change or (lambda: None)
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
         self._lock = threading.Lock()
+
+    def _client(self, endpoint: str) -> StageClient:
+        return StageClient(endpoint, coordinator_id=self.coordinator_id, term=self.term,
+                           run_id=self.run_id, token=self.options.token)
 
     # ------------------------------------------------------------ planning
 
@@ -181,7 +190,8 @@ class Coordinator:
             kv_cache=pb.KvCacheConfig(context_length=self.options.context_length,
                                       max_sessions=self.options.max_sessions),
             batch=pb.BatchConfig(max_batch_tokens=self.options.max_batch_tokens),
-            weight_format=self.options.weight_format)
+            weight_format=self.options.weight_format,
+            frame_timeout_ms=int(self.options.frame_timeout_s * 1000))
         self._step(peer, "load", lambda: client.call(timeout_s=self.options.load_timeout_s, load=load))
         peer.state, peer.error = "ready", ""
         peer.since = time.time()
@@ -215,14 +225,14 @@ class Coordinator:
 
     def _watch(self) -> None:
         while not self._stop.wait(self.options.heartbeat_s):
-            for client, peer in zip(self.clients, self.peers, strict=True):
+            for client, peer in zip(self.heartbeat_clients, self.peers, strict=True):
                 if self._stop.is_set():
                     return
                 self._check(client, peer)
 
     def _check(self, client: StageClient, peer: PeerState) -> None:
         try:
-            status = client.status()  # unfenced: answers whether or not we hold the stage
+            status = client.status(timeout_s=self.options.heartbeat_s * 2)  # unfenced
         except StageUnavailableError as exc:
             if peer.state != "down":
                 log.error("event=stage_down stage=%d endpoint=%s error=%s", peer.index, peer.endpoint,
@@ -230,6 +240,7 @@ class Coordinator:
                 peer.state, peer.error = "down", exc.message
                 self._changed()
             return
+        peer.sessions, peer.kv_cache_bytes = status.active_sessions, status.kv_cache_bytes
         ours = (status.holder_coordinator_id, status.holder_term) == (self.coordinator_id, self.term)
         loaded = (status.loaded_layers.start, status.loaded_layers.end) == (peer.start, peer.end)
         if ours and loaded and status.state == pb.STAGE_STATE_READY:
@@ -272,5 +283,5 @@ class Coordinator:
         if self._watcher is not None:
             self._watcher.join(timeout=5)
         self._release(self.clients)
-        for client in self.clients:
+        for client in [*self.clients, *self.heartbeat_clients]:
             client.close()

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import sys
 import threading
 from pathlib import Path
 
+from layerline.errors import LayerlineError
 from layerline.packager.package import LayerPackage
 
+from .grpc_options import StreamLimits
 from .node import LoadOptions, RangeModel
-from .server import read_token, start_stage_server
+from .server import is_loopback, read_token, start_stage_server
 
 log = logging.getLogger("layerline.stage")
+
+STOP_GRACE_S = 5.0  # streams in flight get this long to finish after SIGTERM
 
 
 def load_range_model(package: LayerPackage, options: LoadOptions) -> RangeModel:
@@ -22,11 +28,31 @@ def load_range_model(package: LayerPackage, options: LoadOptions) -> RangeModel:
     return load_stage_model(package, options)
 
 
-def run_stage(listen: str, cache_dir: Path, auth_token_file: Path | None) -> None:
+def check_exposure(listen: str, token: str | None, insecure: bool) -> None:
+    """Refuse to serve beyond loopback without an auth token (unless `insecure`); warn on loopback."""
+    if token is not None:
+        return
+    host = listen.rpartition(":")[0]
+    if is_loopback(host):
+        log.warning("stage=%s event=no_auth_token: any local process may claim this stage; give every "
+                    "node --auth-token-file to require a shared secret", listen)
+        return
+    if not insecure:
+        raise LayerlineError(
+            f"--listen {listen} reaches beyond this machine, and without a token anyone who can reach "
+            "it can claim this stage and feed it frames",
+            hint="give every node the same --auth-token-file FILE, or pass --insecure on a network "
+                 "you trust")
+    log.warning("stage=%s event=insecure: serving without an auth token beyond loopback", listen)
+
+
+def run_stage(listen: str, cache_dir: Path, auth_token_file: Path | None, *, insecure: bool = False,
+              limits: StreamLimits = StreamLimits()) -> None:
     """Serve the control and activation services until SIGINT or SIGTERM."""
     token = read_token(auth_token_file)
+    check_exposure(listen, token, insecure)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    server, node = start_stage_server(listen, cache_dir, load_range_model, auth_token=token)
+    server, node = start_stage_server(listen, cache_dir, load_range_model, auth_token=token, limits=limits)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -34,4 +60,12 @@ def run_stage(listen: str, cache_dir: Path, auth_token_file: Path | None) -> Non
     print(f"stage listening on {node.endpoint}", flush=True)
     stop.wait()
     log.info("stage=%s event=stopping", node.endpoint)
-    server.stop(grace=2).wait()
+    server.stop(grace=STOP_GRACE_S).wait()
+    node.unload()
+    log.info("stage=%s event=stopped", node.endpoint)
+    logging.shutdown()
+    sys.stdout.flush()
+    # Native threads (gRPC's, mlx's) may still be alive at interpreter exit, and tearing them
+    # down from static destructors aborts the process ("terminate called without an active
+    # exception"); everything is stopped and flushed, so leave without running them.
+    os._exit(0)

@@ -12,6 +12,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from layerline.errors import SessionLimitError
 from layerline.packager.package import LayerPackage
 from layerline.proto import activation_pb2 as pb
 
@@ -42,12 +43,15 @@ class StageModel:
             raise FrameError(pb.ACTIVATION_ERROR_CODE_POSITION_GAP,
                              f"session {session_id} holds {held} positions here; a frame at "
                              f"{start_pos} would leave a gap (re-send the prefix from position 0)")
-        cache = self.sessions.get_or_create(session_id)
         _, length, _ = hidden.shape
         if start_pos + length > self.context_length:
             raise FrameError(pb.ACTIVATION_ERROR_CODE_CONTEXT_FULL,
                              f"session {session_id} would reach position {start_pos + length}, past "
                              f"the context length {self.context_length}")
+        try:
+            cache = self.sessions.get_or_create(session_id)
+        except SessionLimitError as exc:
+            raise FrameError(pb.ACTIVATION_ERROR_CODE_TOO_MANY_SESSIONS, exc.message) from exc
         if start_pos < cache.length:
             cache.truncate(start_pos)
         out = self.layers(hidden.astype(self.compute_dtype), cache.caches)
@@ -56,6 +60,12 @@ class StageModel:
 
     def drop_session(self, session_id: str) -> None:
         self.sessions.drop(session_id)
+
+    def session_count(self) -> int:
+        return len(self.sessions)
+
+    def kv_cache_bytes(self) -> int:
+        return self.sessions.nbytes
 
     def memory_bytes(self) -> int:
         return int(sum(v.nbytes for _, v in _parameters(self.layers)))

@@ -20,11 +20,19 @@ from layerline.packager.package import LayerPackage
 from layerline.proto import stage_control_pb2 as pb
 
 from ..model.host_memory import host_memory
-from .claims import ClaimRejected, ClaimTable, RejectReason
-from .prepare import Preparation, PrepareState
+from .claims import MAX_LEASE_S, ClaimRejected, ClaimTable, RejectReason
+from .deadlines import DEFAULT_FRAME_TIMEOUT_S, FrameBudget
+from .prepare import Preparation, PrepareState, local_layer_count
 from .wire import FrameLimits
 
 log = logging.getLogger("layerline.stage")
+
+MAX_CLOCK_SKEW_S = 600.0  # how far ahead of this stage's clock a coordinator's term may be
+
+
+def max_term(now_s: float) -> int:
+    """The highest term a Claim may carry now: terms are unix milliseconds (plus clock skew)."""
+    return int((now_s + MAX_CLOCK_SKEW_S) * 1000)
 
 _REASONS = {
     RejectReason.CLAIMED_BY_OTHER: pb.REJECT_REASON_CLAIMED_BY_OTHER,
@@ -46,6 +54,8 @@ class RangeModel(Protocol):
     def forward(self, session_id: str, start_pos: int, hidden: Any) -> Any: ...
     def drop_session(self, session_id: str) -> None: ...
     def memory_bytes(self) -> int: ...
+    def session_count(self) -> int: ...
+    def kv_cache_bytes(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -60,6 +70,7 @@ class LoadOptions:
     max_sessions: int
     max_batch_tokens: int
     weight_format: str
+    frame_timeout_s: float = DEFAULT_FRAME_TIMEOUT_S
 
 
 ModelLoader = Callable[[LayerPackage, LoadOptions], RangeModel]
@@ -70,6 +81,7 @@ class LoadedStage:
     model: RangeModel
     options: LoadOptions
     limits: FrameLimits
+    downstream_budget: FrameBudget  # how long the next stage may take per frame
 
 
 class StageNode:
@@ -88,6 +100,7 @@ class StageNode:
         self._loaded_run: str | None = None  # the run whose Load built `loaded`
         self._loading = False
         self._failure = ""
+        self._lapse_logged = False
         # Serializes compute: mlx evaluation from several threads at once gains nothing on one device.
         self.compute_lock = threading.Lock()
 
@@ -96,6 +109,9 @@ class StageNode:
     def handle(self, request: pb.StageControlRequest) -> pb.StageControlResponse:
         """Answer one control request."""
         kind = request.WhichOneof("request")
+        if kind is None:
+            return self._reject(pb.REJECT_REASON_BAD_REQUEST, "empty control request: set one of "
+                                "claim, prepare, inventory, load, release, status")
         try:
             if kind == "status":
                 return pb.StageControlResponse(status=self.status())
@@ -113,8 +129,7 @@ class StageNode:
                 self.claims.release(request.coordinator_id, request.term)
                 log.info("stage=%s event=released coordinator=%s", self.endpoint, request.coordinator_id)
                 return pb.StageControlResponse(released=pb.Released())
-            return self._reject(pb.REJECT_REASON_BAD_REQUEST, "empty control request: set one of "
-                                "claim, prepare, inventory, load, release, status")
+            raise AssertionError(f"unhandled control request {kind}")
         except ClaimRejected as exc:
             holder = exc.holder
             remaining = max(0, int((holder.expires_at - self._clock()) * 1000)) if holder else 0
@@ -134,6 +149,15 @@ class StageNode:
         if not request.coordinator_id or claim.lease_duration_ms == 0 or not claim.package.ref:
             return self._reject(pb.REJECT_REASON_BAD_REQUEST,
                                 "Claim needs coordinator_id, package.ref and lease_duration_ms")
+        if claim.lease_duration_ms > MAX_LEASE_S * 1000:
+            return self._reject(pb.REJECT_REASON_BAD_REQUEST,
+                                f"lease_duration_ms {claim.lease_duration_ms} is above the most a stage "
+                                f"grants, {int(MAX_LEASE_S * 1000)} ms")
+        latest = max_term(time.time())
+        if not 1 <= request.term <= latest:
+            return self._reject(pb.REJECT_REASON_BAD_REQUEST,
+                                f"term {request.term} is out of range: a term is 1 to {latest} (unix "
+                                f"milliseconds now plus {MAX_CLOCK_SKEW_S:.0f} s of clock skew)")
         held, preempted = self.claims.claim(
             request.coordinator_id, request.term, request.run_id, claim.package.ref,
             claim.package.manifest_sha256, claim.lease_duration_ms / 1000)
@@ -150,6 +174,12 @@ class StageNode:
         claim = self.claims.holder
         assert claim is not None
         start, end = prepare.layers.start, prepare.layers.end
+        layers = local_layer_count(claim.package_ref)
+        if not 0 <= start < end or (layers is not None and end > layers):
+            within = f" of its {layers} layers" if layers is not None else ""
+            return self._reject(pb.REJECT_REASON_BAD_REQUEST,
+                                f"layers {start}..{end} are not a range{within} of the package: "
+                                "need 0 <= start < end <= layers")
         with self._lock:
             current = self.preparation
             same = (current is not None and current.ref == claim.package_ref
@@ -179,12 +209,16 @@ class StageNode:
             return self._reject(pb.REJECT_REASON_NOT_PREPARED,
                                 f"layers {start}..{end} are not prepared here; send Prepare and wait "
                                 "for Inventory READY first")
+        if load.wire_dtype == 0:
+            return self._reject(pb.REJECT_REASON_BAD_REQUEST,
+                                "Load needs wire_dtype (WIRE_DTYPE_F32, _F16 or _BF16)")
         options = LoadOptions(
             start=start, end=end, stage_index=load.stage_index, stage_count=load.stage_count,
             downstream=load.downstream_peer, wire_dtype=load.wire_dtype,
             context_length=load.kv_cache.context_length, max_sessions=load.kv_cache.max_sessions or 16,
             max_batch_tokens=load.batch.max_batch_tokens or 4096,
-            weight_format=load.weight_format or "auto")
+            weight_format=load.weight_format or "auto",
+            frame_timeout_s=load.frame_timeout_ms / 1000 or DEFAULT_FRAME_TIMEOUT_S)
         self.unload()
         self._loading = True
         try:
@@ -200,8 +234,11 @@ class StageNode:
         finally:
             self._loading = False
         self._failure = ""
-        self.loaded = LoadedStage(model, options,
-                                  FrameLimits(model.hidden_size, options.max_batch_tokens))
+        # Each hop's budget covers every stage after it, so the stage nearest a stalled one
+        # times out first and the error names the right stage.
+        later_stages = max(1, options.stage_count - 1 - options.stage_index)
+        self.loaded = LoadedStage(model, options, FrameLimits(model.hidden_size, options.max_batch_tokens),
+                                  FrameBudget(options.frame_timeout_s * later_stages))
         holder = self.claims.holder
         self._loaded_run = holder.run_id if holder else None
         log.info("stage=%s event=ready layers=%d..%d index=%d downstream=%s", self.endpoint, start, end,
@@ -211,8 +248,20 @@ class StageNode:
             memory_bytes_used=model.memory_bytes()))
 
     def serving(self) -> LoadedStage | None:
-        """The loaded model while its run's claim is live; a lapsed lease frees the model."""
-        if self.loaded is not None and self.claims.holder is None:
+        """The loaded model while its run's claim is live.
+
+        A lapsed lease frees the model once its sessions are over: sessions in use keep
+        being served (their coordinator is alive: it sends them frames) until they end or
+        another coordinator claims the stage.
+        """
+        loaded = self.loaded
+        if loaded is not None and self.claims.holder is None:
+            if loaded.model.session_count():
+                if not self._lapse_logged:
+                    log.warning("stage=%s event=lease_lapsed action=keep sessions=%d", self.endpoint,
+                                loaded.model.session_count())
+                    self._lapse_logged = True
+                return loaded
             log.warning("stage=%s event=lease_lapsed action=unload", self.endpoint)
             self.unload()
         return self.loaded
@@ -221,6 +270,7 @@ class StageNode:
         """Drop the loaded model (if any); its sessions go with it."""
         self.loaded = None
         self._loaded_run = None
+        self._lapse_logged = False
 
     # ------------------------------------------------------------ status
 
@@ -253,4 +303,6 @@ class StageNode:
             loaded_layers=pb.LayerRange(start=loaded.options.start, end=loaded.options.end)
             if loaded else None,
             memory_total_bytes=total, memory_free_bytes=free,
-            activation_endpoint=self.endpoint, version=__version__)
+            activation_endpoint=self.endpoint, version=__version__,
+            active_sessions=loaded.model.session_count() if loaded else 0,
+            kv_cache_bytes=loaded.model.kv_cache_bytes() if loaded else 0)

@@ -15,6 +15,7 @@ from pathlib import Path
 from layerline.errors import LayerlineError, ManifestError
 from layerline.packager.manifest import MANIFEST_NAME
 from layerline.packager.package import LayerPackage, sha256_file
+from layerline.packager.source import is_hub_id
 
 
 class PrepareState(Enum):
@@ -39,10 +40,17 @@ def range_files(package: LayerPackage, start: int, end: int, stage0: bool) -> li
 
 
 def fetch_manifest(ref: str, cache_dir: Path) -> Path:
-    """The local root holding `ref`'s manifest: the folder itself, or a Hub download."""
+    """The local root holding `ref`'s manifest: the package folder itself, or a Hub download.
+
+    A ref that is neither says so in the same words whether or not such a path exists here:
+    a coordinator learns nothing of this machine's files from the error.
+    """
     local = Path(ref).expanduser()
-    if local.is_dir():
+    if (local / MANIFEST_NAME).is_file():
         return local
+    if not is_hub_id(ref):
+        raise LayerlineError(f"package {ref} is not a layer package folder on this machine, nor a Hub "
+                             "repo id", hint="pass the package folder path, or a Hub repo id (org/name)")
     from huggingface_hub import snapshot_download
 
     repo_id, _, revision = ref.partition("@")
@@ -51,9 +59,20 @@ def fetch_manifest(ref: str, cache_dir: Path) -> Path:
                                       allow_patterns=[MANIFEST_NAME], cache_dir=cache_dir))
     except Exception as exc:  # huggingface_hub raises many kinds; all mean "cannot fetch"
         raise LayerlineError(
-            f"package {ref} is neither a local folder nor a reachable Hub repo: {exc}",
-            hint="pass the package folder path, or a Hub repo id this stage can download",
+            f"package {ref} could not be fetched from the Hub: {exc}",
+            hint="check the repo id and this machine's network, or give a local package folder",
         ) from exc
+
+
+def local_layer_count(ref: str) -> int | None:
+    """How many layers the package at `ref` has, if `ref` is a readable local package; else None."""
+    local = Path(ref).expanduser()
+    if not (local / MANIFEST_NAME).is_file():
+        return None
+    try:
+        return LayerPackage.open(local).manifest.num_layers
+    except LayerlineError:
+        return None  # Prepare itself reports what is wrong with it
 
 
 class Preparation:

@@ -1,0 +1,197 @@
+"""A stage under hostile gRPC callers (issue 13, items 2, 4, 11, 13, 14, 15): bounded fencing,
+stream limits that keep control calls answered, protocol answers as documented, no serving
+beyond loopback without a token, and manifests that cannot crash a reader."""
+
+from __future__ import annotations
+
+import json
+import queue
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from layerline.proto import activation_pb2 as act_pb
+from layerline.proto import activation_pb2_grpc as act_grpc
+from layerline.proto import stage_control_pb2 as pb
+from layerline.runtime.bench.processes import free_port
+from layerline.runtime.stage.activation import ActivationRelay
+from layerline.runtime.stage.client import StageClient, StageRejectedError
+from layerline.runtime.stage.deadlines import Deadlines
+from layerline.runtime.stage.grpc_options import CLIENT_OPTIONS, SERVER_OPTIONS
+from layerline.runtime.stage.model import load_stage_model
+from layerline.runtime.stage.node import StageNode
+
+from helpers import Clock
+
+
+def client(endpoint: str, term: int, who: str = "coord-a") -> StageClient:
+    return StageClient(endpoint, coordinator_id=who, term=term, run_id=f"run-{who}")
+
+
+def rejected(call) -> pb.Rejected:
+    with pytest.raises(StageRejectedError) as caught:
+        call()
+    return caught.value.rejected
+
+
+@pytest.mark.parametrize(("term", "lease_ms"), [(2**64 - 1, 30_000), (1, 10**15), (1, 2**64 - 1),
+                                                (int(time.time() * 1000) + 3_600_000, 30_000)])
+def test_out_of_range_terms_and_leases_are_bad_requests_and_leave_the_stage_free(stage_process, term,
+                                                                                  lease_ms):
+    endpoint = stage_process()
+    attacker = client(endpoint, term, "attacker")
+    claim = pb.Claim(package=pb.PackageIdentity(ref="pkg"), lease_duration_ms=lease_ms)
+    refusal = rejected(lambda: attacker.call(claim=claim))
+    assert refusal.reason == pb.REJECT_REASON_BAD_REQUEST
+    status = attacker.status()
+    assert status.state == pb.STAGE_STATE_FREE and not status.holder_coordinator_id
+    legit = client(endpoint, int(time.time() * 1000))
+    assert legit.call(claim=pb.Claim(package=pb.PackageIdentity(ref="pkg"),
+                                     lease_duration_ms=60_000)).WhichOneof("response") == "claim_accepted"
+
+
+def test_requests_are_answered_as_the_protocol_says(stage_process, tiny_llama_package, tmp_path):
+    endpoint = stage_process()
+    coordinator = client(endpoint, 7)
+    refusal = rejected(lambda: coordinator.call())  # no variant set
+    assert refusal.reason == pb.REJECT_REASON_BAD_REQUEST
+    coordinator.call(claim=pb.Claim(package=pb.PackageIdentity(ref=str(tiny_llama_package)),
+                                    lease_duration_ms=30_000))
+    for start, end in ((3, 1), (2, 2), (0, 99)):
+        refusal = rejected(lambda s=start, e=end: coordinator.call(
+            prepare=pb.Prepare(layers=pb.LayerRange(start=s, end=e))))
+        assert refusal.reason == pb.REJECT_REASON_BAD_REQUEST, (start, end)
+    coordinator.call(prepare=pb.Prepare(layers=pb.LayerRange(start=1, end=3)))
+    deadline = time.monotonic() + 60
+    while coordinator.call(inventory=pb.InventoryRequest()).inventory.state != pb.INVENTORY_STATE_READY:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    load = pb.StageLoadRequest(layers=pb.LayerRange(start=1, end=3), stage_index=1, stage_count=2,
+                               kv_cache=pb.KvCacheConfig(context_length=64, max_sessions=2))
+    refusal = rejected(lambda: coordinator.call(load=load))  # wire_dtype left UNSPECIFIED
+    assert refusal.reason == pb.REJECT_REASON_BAD_REQUEST and "wire_dtype" in refusal.message
+
+
+def test_a_package_ref_error_says_nothing_of_which_paths_exist(stage_process, tmp_path):
+    endpoint = stage_process()
+    errors = []
+    for term, ref in ((1, str(tmp_path)), (2, str(tmp_path / "no-such-folder"))):
+        coordinator = client(endpoint, term, f"coord-{term}")
+        coordinator.call(claim=pb.Claim(package=pb.PackageIdentity(ref=ref), lease_duration_ms=30_000))
+        coordinator.call(prepare=pb.Prepare(layers=pb.LayerRange(start=0, end=1)))
+        deadline = time.monotonic() + 30
+        while (inventory := coordinator.call(inventory=pb.InventoryRequest()).inventory).state == \
+                pb.INVENTORY_STATE_PREPARING:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        errors.append(inventory.error.replace(ref, "REF"))
+    assert errors[0] == errors[1] and "REF" in errors[0]
+
+
+def test_idle_and_surplus_activation_streams_cannot_starve_control_calls(stage_process):
+    endpoint = stage_process("--max-streams", "4", "--stream-idle-seconds", "2")
+    channel = grpc.insecure_channel(endpoint, options=CLIENT_OPTIONS)
+    stub = act_grpc.StageActivationStub(channel)
+    held: list[queue.Queue] = []
+    outcomes: list[str] = []
+
+    def open_idle_stream() -> None:
+        frames: queue.Queue = queue.Queue()
+        held.append(frames)
+        try:
+            for _ in stub.Forward(iter(frames.get, None), timeout=30):
+                pass
+            outcomes.append("ended")
+        except grpc.RpcError as exc:
+            outcomes.append(exc.code().name)
+
+    threads = [threading.Thread(target=open_idle_stream) for _ in range(34)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.5)
+    started = time.monotonic()
+    assert client(endpoint, 1).status().state == pb.STAGE_STATE_FREE  # answered while 4 streams idle
+    assert time.monotonic() - started < 1.0
+    for thread in threads:
+        thread.join(timeout=10)  # the idle ones are cancelled after 2 s
+    assert not any(thread.is_alive() for thread in threads)
+    assert outcomes.count("RESOURCE_EXHAUSTED") == 30 and outcomes.count("CANCELLED") == 4, outcomes
+    channel.close()
+
+
+def test_a_stage_beyond_loopback_needs_a_token_or_insecure(tmp_path):
+    port = free_port()
+    command = [sys.executable, "-m", "layerline", "stage", "serve", "--listen", f"0.0.0.0:{port}",
+               "--cache-dir", str(tmp_path)]
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and "--auth-token-file" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    insecure = subprocess.Popen([*command, "--insecure"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+    try:
+        assert "listening on" in insecure.stdout.readline()
+    finally:
+        insecure.terminate()
+        assert insecure.wait(timeout=15) == 0
+    assert "event=insecure" in insecure.stderr.read()
+
+
+def test_keepalive_pings_are_never_faster_than_servers_accept():
+    client_ping = dict(CLIENT_OPTIONS)["grpc.keepalive_time_ms"]
+    server_floor = dict(SERVER_OPTIONS)["grpc.http2.min_recv_ping_interval_without_data_ms"]
+    assert server_floor <= client_ping and dict(SERVER_OPTIONS)["grpc.keepalive_permit_without_calls"]
+
+
+def test_a_lapsed_lease_never_unloads_a_model_while_its_sessions_run(tiny_llama_package, tmp_path):
+    clock = Clock()
+    node = StageNode("127.0.0.1:0", tmp_path, load_stage_model, clock=clock)
+    request = {"coordinator_id": "coord", "term": 1, "run_id": "run"}
+    claim = pb.Claim(package=pb.PackageIdentity(ref=str(tiny_llama_package)), lease_duration_ms=5000)
+    node.handle(pb.StageControlRequest(**request, claim=claim))
+    node.handle(pb.StageControlRequest(**request, prepare=pb.Prepare(layers=pb.LayerRange(start=1, end=4))))
+    node.preparation.wait(60)
+    node.handle(pb.StageControlRequest(**request, load=pb.StageLoadRequest(
+        layers=pb.LayerRange(start=1, end=4), stage_index=1, stage_count=2, wire_dtype=act_pb.WIRE_DTYPE_F32,
+        kv_cache=pb.KvCacheConfig(context_length=64, max_sessions=2))))
+    relay = ActivationRelay(node, Deadlines())
+    hidden = act_pb.Activations(start_pos=0, token_count=1, dtype=act_pb.WIRE_DTYPE_F32, shape=[1, 1, 64],
+                                data=b"\0" * 256)
+    assert relay.answer(act_pb.ActivationFrame(session_id="s", seq=1, activations=hidden)).WhichOneof(
+        "body") == "activations"
+    clock.now += 60  # the lease lapses while session s is open
+    hidden.start_pos = 1
+    assert relay.answer(act_pb.ActivationFrame(session_id="s", seq=2, activations=hidden)).WhichOneof(
+        "body") == "activations"
+    relay.answer(act_pb.ActivationFrame(session_id="s", seq=3, end_session=act_pb.EndSession()))
+    assert node.serving() is None  # no session left: now it unloads
+
+
+@pytest.mark.parametrize(("change", "says"), [
+    (lambda raw: raw["config"].update(num_attention_heads=0), "config.num_attention_heads"),
+    (lambda raw: raw["config"].update(hidden_size=10**9), "config.hidden_size"),
+    (lambda raw: raw["config"].update(vocab_size="many"), "config.vocab_size"),
+    (lambda raw: raw["config"].pop("hidden_size"), "config.hidden_size"),
+    (lambda raw: raw["config"].update(num_key_value_heads=3), "num_key_value_heads"),
+])
+def test_bad_model_dimensions_in_a_manifest_are_an_error_line(tiny_llama_package, tmp_path, change, says):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    raw = json.loads((tiny_llama_package / "model-package.json").read_text())
+    change(raw)
+    (bad / "model-package.json").write_text(json.dumps(raw))
+    done = subprocess.run([sys.executable, "-m", "layerline", "pkg", "inspect", str(bad)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "error:" in done.stderr and says in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_manifest_nested_too_deep_is_an_error_line(tmp_path: Path):
+    (tmp_path / "model-package.json").write_text("[" * 100_000 + "]" * 100_000)
+    done = subprocess.run([sys.executable, "-m", "layerline", "pkg", "inspect", str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "nests JSON too deeply" in done.stderr and "Traceback" not in done.stderr
