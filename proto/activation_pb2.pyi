@@ -24,6 +24,8 @@ class ActivationErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ACTIVATION_ERROR_CODE_TOO_MANY_SESSIONS: _ClassVar[ActivationErrorCode]
     ACTIVATION_ERROR_CODE_DOWNSTREAM_UNAVAILABLE: _ClassVar[ActivationErrorCode]
     ACTIVATION_ERROR_CODE_INTERNAL: _ClassVar[ActivationErrorCode]
+    ACTIVATION_ERROR_CODE_UNAUTHENTICATED: _ClassVar[ActivationErrorCode]
+    ACTIVATION_ERROR_CODE_TOO_MANY_CONNECTIONS: _ClassVar[ActivationErrorCode]
 WIRE_DTYPE_UNSPECIFIED: WireDtype
 WIRE_DTYPE_F32: WireDtype
 WIRE_DTYPE_F16: WireDtype
@@ -36,20 +38,46 @@ ACTIVATION_ERROR_CODE_CONTEXT_FULL: ActivationErrorCode
 ACTIVATION_ERROR_CODE_TOO_MANY_SESSIONS: ActivationErrorCode
 ACTIVATION_ERROR_CODE_DOWNSTREAM_UNAVAILABLE: ActivationErrorCode
 ACTIVATION_ERROR_CODE_INTERNAL: ActivationErrorCode
+ACTIVATION_ERROR_CODE_UNAUTHENTICATED: ActivationErrorCode
+ACTIVATION_ERROR_CODE_TOO_MANY_CONNECTIONS: ActivationErrorCode
+
+class ActivationHello(_message.Message):
+    __slots__ = ("auth_token", "error", "code")
+    AUTH_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    auth_token: str
+    error: str
+    code: ActivationErrorCode
+    def __init__(self, auth_token: _Optional[str] = ..., error: _Optional[str] = ..., code: _Optional[_Union[ActivationErrorCode, str]] = ...) -> None: ...
 
 class ActivationFrame(_message.Message):
-    __slots__ = ("session_id", "seq", "activations", "end_session", "error")
+    __slots__ = ("session_id", "seq", "activations", "end_session", "error", "timings")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
     END_SESSION_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     seq: int
     activations: Activations
     end_session: EndSession
     error: ActivationError
-    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., activations: _Optional[_Union[Activations, _Mapping]] = ..., end_session: _Optional[_Union[EndSession, _Mapping]] = ..., error: _Optional[_Union[ActivationError, _Mapping]] = ...) -> None: ...
+    timings: _containers.RepeatedCompositeFieldContainer[StageTiming]
+    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., activations: _Optional[_Union[Activations, _Mapping]] = ..., end_session: _Optional[_Union[EndSession, _Mapping]] = ..., error: _Optional[_Union[ActivationError, _Mapping]] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ...) -> None: ...
+
+class StageTiming(_message.Message):
+    __slots__ = ("stage_index", "total_ns", "compute_ns", "downstream_ns")
+    STAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_NS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_NS_FIELD_NUMBER: _ClassVar[int]
+    DOWNSTREAM_NS_FIELD_NUMBER: _ClassVar[int]
+    stage_index: int
+    total_ns: int
+    compute_ns: int
+    downstream_ns: int
+    def __init__(self, stage_index: _Optional[int] = ..., total_ns: _Optional[int] = ..., compute_ns: _Optional[int] = ..., downstream_ns: _Optional[int] = ...) -> None: ...
 
 class Activations(_message.Message):
     __slots__ = ("start_pos", "token_count", "dtype", "shape", "data")

@@ -24,6 +24,9 @@ from layerline.runtime.bench.processes import Process, free_port, wait_healthy, 
 from layerline.runtime.decode.generate import LogitsModel
 from layerline.runtime.decode.local_pipeline import LocalPipeline
 from layerline.runtime.model.kv_cache import RangeCache
+from layerline.runtime.stage.client import ActivationAddress
+from layerline.runtime.stage.frame_budget import FrameBudget
+from layerline.runtime.stage.frame_transport import FrameConnection
 
 HF_TEST_TOKEN = "hf_secret_token"  # what the `logged_in` fixture makes huggingface_hub return
 
@@ -245,6 +248,12 @@ def greedy_reference(package: Path, prompt: str, max_tokens: int) -> str:
     assert done.returncode == 0, done.stderr
     assert done.stdout.endswith("\n")
     return done.stdout[:-1]  # `run` ends its output with one newline
+
+
+def activation_connection(control_endpoint: str, token: str | None = None) -> FrameConnection:
+    """A raw activation connection to the stage whose control endpoint is given (60 s per frame)."""
+    address = ActivationAddress(control_endpoint, token).get()
+    return FrameConnection(address, budget=FrameBudget(60.0), token=token)
 
 
 # ---------------------------------------------------------------- in-process helpers

@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from layerline.runtime.bench.delay_proxy import DelayProxy
+from layerline.runtime.bench.processes import free_port
 
 from helpers import Stage0Process, StageProcess
 
@@ -110,7 +111,10 @@ def test_a_paused_peer_fails_the_request_within_the_stage_timeout_and_recovers(t
 def test_leases_stay_renewed_through_a_long_speculative_request_over_delayed_links(
         tiny_llama_package, smollm2_f32_package, tmp_path):
     (tmp_path / "peer").mkdir()
-    peer = StageProcess((), tmp_path / "peer")
+    frames_port = free_port()
+    frames_proxy = DelayProxy(f"127.0.0.1:{frames_port}", delay_ms=20).start()
+    peer = StageProcess(("--activation-listen", f"127.0.0.1:{frames_port}",
+                         "--activation-advertise", str(frames_proxy.address)), tmp_path / "peer")
     proxy = DelayProxy(peer.endpoint, delay_ms=20).start()
     (tmp_path / "config.toml").write_text(
         f'[defaults.speculative]\ndraft_model = "{smollm2_f32_package}"\n'
@@ -131,7 +135,9 @@ def test_leases_stay_renewed_through_a_long_speculative_request_over_delayed_lin
         assert drafted["choices"][0]["text"] == plain["choices"][0]["text"]
         assert took > 2, f"the request ({took:.1f} s) must outlast a lease to show renewals"
         assert "lease_lapsed" not in peer.process.log.read_text()
+        assert frames_proxy.traffic.bytes_to_target > 0  # the frames took the delayed link
     finally:
         stage0.stop()
         proxy.stop()
+        frames_proxy.stop()
         peer.stop()

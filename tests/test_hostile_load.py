@@ -33,7 +33,7 @@ def stream(url: str, prompt: str) -> tuple[int, str, dict]:
 
 def test_forty_clients_on_sixteen_sessions_none_fails_mid_stream(tiny_llama_package, tmp_path):
     (tmp_path / "peer").mkdir()
-    peer = StageProcess(("--max-streams", "24"), tmp_path / "peer")
+    peer = StageProcess(("--max-connections", "24"), tmp_path / "peer")
     stage0 = Stage0Process(tiny_llama_package, [peer.endpoint], tmp_path, "--split", "0:2,2:4", "--no-draft",
                            "--max-sessions", str(SESSIONS), "--max-queue", str(QUEUE))
     try:

@@ -5,23 +5,21 @@ beyond loopback without a token, and manifests that cannot crash a reader."""
 from __future__ import annotations
 
 import json
-import queue
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-import grpc
 import pytest
 
+from layerline.errors import StageUnavailableError
 from layerline.proto import activation_pb2 as act_pb
-from layerline.proto import activation_pb2_grpc as act_grpc
 from layerline.proto import stage_control_pb2 as pb
 from layerline.runtime.bench.processes import free_port
 from layerline.runtime.stage.activation import ActivationRelay
-from layerline.runtime.stage.client import StageClient, StageRejectedError
-from layerline.runtime.stage.deadlines import Deadlines
+from layerline.runtime.stage.client import ActivationAddress, StageClient, StageRejectedError
+from layerline.runtime.stage.frame_budget import FrameBudget
+from layerline.runtime.stage.frame_transport import ConnectionRefusedByStage, FrameConnection
 from layerline.runtime.stage.grpc_options import CLIENT_OPTIONS, SERVER_OPTIONS
 from layerline.runtime.stage.model import load_stage_model
 from layerline.runtime.stage.node import StageNode
@@ -93,35 +91,25 @@ def test_a_package_ref_error_says_nothing_of_which_paths_exist(stage_process, tm
     assert errors[0] == errors[1] and "REF" in errors[0]
 
 
-def test_idle_and_surplus_activation_streams_cannot_starve_control_calls(stage_process):
-    endpoint = stage_process("--max-streams", "4", "--stream-idle-seconds", "2")
-    channel = grpc.insecure_channel(endpoint, options=CLIENT_OPTIONS)
-    stub = act_grpc.StageActivationStub(channel)
-    held: list[queue.Queue] = []
-    outcomes: list[str] = []
-
-    def open_idle_stream() -> None:
-        frames: queue.Queue = queue.Queue()
-        held.append(frames)
+def test_idle_and_surplus_activation_connections_cannot_starve_control_calls(stage_process):
+    endpoint = stage_process("--max-connections", "4", "--connection-idle-seconds", "2")
+    address = ActivationAddress(endpoint).get()
+    held, refused = [], []
+    for _ in range(34):
         try:
-            for _ in stub.Forward(iter(frames.get, None), timeout=30):
-                pass
-            outcomes.append("ended")
-        except grpc.RpcError as exc:
-            outcomes.append(exc.code().name)
-
-    threads = [threading.Thread(target=open_idle_stream) for _ in range(34)]
-    for thread in threads:
-        thread.start()
-    time.sleep(0.5)
+            held.append(FrameConnection(address, budget=FrameBudget(10.0)))
+        except ConnectionRefusedByStage as exc:
+            refused.append(exc.code)
+    assert len(held) == 4 and refused == [act_pb.ACTIVATION_ERROR_CODE_TOO_MANY_CONNECTIONS] * 30
     started = time.monotonic()
-    assert client(endpoint, 1).status().state == pb.STAGE_STATE_FREE  # answered while 4 streams idle
+    assert client(endpoint, 1).status().state == pb.STAGE_STATE_FREE  # answered while 4 sit idle
     assert time.monotonic() - started < 1.0
-    for thread in threads:
-        thread.join(timeout=10)  # the idle ones are cancelled after 2 s
-    assert not any(thread.is_alive() for thread in threads)
-    assert outcomes.count("RESOURCE_EXHAUSTED") == 30 and outcomes.count("CANCELLED") == 4, outcomes
-    channel.close()
+    time.sleep(3)  # past the idle limit: the stage has closed them
+    frame = act_pb.ActivationFrame(session_id="s", seq=1, end_session=act_pb.EndSession())
+    for connection in held:
+        with pytest.raises(StageUnavailableError):
+            connection.call(frame)
+    FrameConnection(address, budget=FrameBudget(10.0)).close()  # room again
 
 
 def test_a_stage_beyond_loopback_needs_a_token_or_insecure(tmp_path):
@@ -158,7 +146,7 @@ def test_a_lapsed_lease_never_unloads_a_model_while_its_sessions_run(tiny_llama_
     node.handle(pb.StageControlRequest(**request, load=pb.StageLoadRequest(
         layers=pb.LayerRange(start=1, end=4), stage_index=1, stage_count=2, wire_dtype=act_pb.WIRE_DTYPE_F32,
         kv_cache=pb.KvCacheConfig(context_length=64, max_sessions=2))))
-    relay = ActivationRelay(node, Deadlines())
+    relay = ActivationRelay(node)
     hidden = act_pb.Activations(start_pos=0, token_count=1, dtype=act_pb.WIRE_DTYPE_F32, shape=[1, 1, 64],
                                 data=b"\0" * 256)
     assert relay.answer(act_pb.ActivationFrame(session_id="s", seq=1, activations=hidden)).WhichOneof(

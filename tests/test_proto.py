@@ -15,10 +15,11 @@ from google.protobuf.message import Message
 
 from layerline.proto import (
     activation_pb2,
-    activation_pb2_grpc,
     stage_control_pb2,
     stage_control_pb2_grpc,
 )
+from layerline.runtime.stage.frame_budget import FrameBudget
+from layerline.runtime.stage.frame_transport import FrameConnection, FrameServer
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_MESSAGE_BYTES = 64 << 20
@@ -310,19 +311,11 @@ class ClaimOnlyStage(stage_control_pb2_grpc.StageControlServicer):
         )
 
 
-class EchoStage(activation_pb2_grpc.StageActivationServicer):
-    """Answers every frame with itself, as a one-stage pipeline of identity layers would."""
-
-    def Forward(self, request_iterator, context):
-        yield from request_iterator
-
-
 @pytest.fixture
 def channel() -> Iterator[grpc.Channel]:
-    """A channel to a real gRPC server on 127.0.0.1 serving both services."""
+    """A channel to a real gRPC server on 127.0.0.1 serving the control service."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=GRPC_OPTIONS)
     stage_control_pb2_grpc.add_StageControlServicer_to_server(ClaimOnlyStage(), server)
-    activation_pb2_grpc.add_StageActivationServicer_to_server(EchoStage(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     assert port > 0
     server.start()
@@ -353,23 +346,38 @@ def test_stage_answers_an_unclaimed_prepare_with_rejected_over_grpc(channel):
     assert response.rejected.reason == pb.REJECT_REASON_NOT_CLAIMED
 
 
-def test_activation_stream_carries_a_frame_larger_than_grpcs_default_limit(channel):
-    stub = activation_pb2_grpc.StageActivationStub(channel)
-    hidden, tokens = 4096, 512  # 8 MiB of f32: above gRPC's 4 MiB default
-    frames = [
-        activation_pb2.ActivationFrame(
-            session_id="s-1",
-            seq=1,
-            activations=activation_pb2.Activations(
-                start_pos=0,
-                token_count=tokens,
-                dtype=activation_pb2.WIRE_DTYPE_F32,
-                shape=[1, tokens, hidden],
-                data=bytes(4 * tokens * hidden),
+class EchoHandler:
+    """Answers every frame with itself, as a one-stage pipeline of identity layers would."""
+
+    def answer(self, frame):
+        return frame
+
+    def close(self):
+        pass
+
+
+def test_an_activation_connection_carries_frames_larger_than_grpcs_default_limit():
+    server = FrameServer("127.0.0.1:0", EchoHandler).start()
+    try:
+        connection = FrameConnection(f"127.0.0.1:{server.port}", budget=FrameBudget(CALL_TIMEOUT_S))
+        hidden, tokens = 4096, 512  # 8 MiB of f32: above gRPC's 4 MiB default
+        frames = [
+            activation_pb2.ActivationFrame(
+                session_id="s-1",
+                seq=1,
+                activations=activation_pb2.Activations(
+                    start_pos=0,
+                    token_count=tokens,
+                    dtype=activation_pb2.WIRE_DTYPE_F32,
+                    shape=[1, tokens, hidden],
+                    data=bytes(4 * tokens * hidden),
+                ),
             ),
-        ),
-        activation_pb2.ActivationFrame(session_id="s-1", seq=2, end_session=activation_pb2.EndSession()),
-    ]
-    replies = list(stub.Forward(iter(frames), timeout=CALL_TIMEOUT_S))
+            activation_pb2.ActivationFrame(session_id="s-1", seq=2, end_session=activation_pb2.EndSession()),
+        ]
+        replies = [connection.call(frame) for frame in frames]
+        connection.close()
+    finally:
+        server.stop()
     assert [(r.seq, r.WhichOneof("body")) for r in replies] == [(1, "activations"), (2, "end_session")]
     assert len(replies[0].activations.data) == 4 * tokens * hidden

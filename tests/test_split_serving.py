@@ -8,16 +8,17 @@ import json
 import time
 from pathlib import Path
 
-import grpc
 import httpx
 import numpy as np
 import openai
 import pytest
 
 from layerline.proto import activation_pb2 as pb
-from layerline.proto import activation_pb2_grpc as pb_grpc
+from layerline.runtime.stage.client import ActivationAddress
+from layerline.runtime.stage.frame_budget import FrameBudget
+from layerline.runtime.stage.frame_transport import ConnectionRefusedByStage, FrameConnection
 
-from helpers import Stage0Process, greedy_reference
+from helpers import Stage0Process, activation_connection, greedy_reference
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 PROMPTS = ["The capital of France is", "Water boils at", "The largest planet is",
@@ -162,11 +163,11 @@ def test_auth_token_on_every_node(pipeline, smollm2_package, tmp_path):
                                              prompt="The capital of France is", max_tokens=4,
                                              temperature=0)
     assert reply.choices[0].text
-    channel = grpc.insecure_channel(stages[0].endpoint)
-    frame = pb.ActivationFrame(session_id="intruder", seq=1, end_session=pb.EndSession())
-    with pytest.raises(grpc.RpcError) as caught:
-        list(pb_grpc.StageActivationStub(channel).Forward(iter([frame]), timeout=10))
-    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    address = ActivationAddress(stages[0].endpoint, "let-me-in").get()  # Status needs the token too
+    for wrong in (None, "let-me-in-not"):
+        with pytest.raises(ConnectionRefusedByStage) as caught:
+            FrameConnection(address, budget=FrameBudget(10.0), token=wrong)
+        assert caught.value.code == pb.ACTIVATION_ERROR_CODE_UNAUTHENTICATED
 
 
 def frame(session: str, seq: int, array: np.ndarray, start_pos: int = 0,
@@ -189,9 +190,9 @@ def test_malformed_frames_are_refused_and_the_stage_keeps_serving(pipeline, smol
         pb.ActivationFrame(session_id="a", seq=6),                            # no body
         frame("b", 7, good),                                                  # a good one
     ]
-    channel = grpc.insecure_channel(stages[0].endpoint, options=[
-        ("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)])
-    answers = list(pb_grpc.StageActivationStub(channel).Forward(iter(frames), timeout=60))
+    connection = activation_connection(stages[0].endpoint)
+    answers = [connection.call(f) for f in frames]
+    connection.close()
     assert [a.seq for a in answers] == [1, 2, 3, 4, 5, 6, 7]
     kinds = [a.WhichOneof("body") for a in answers]
     assert kinds == ["error"] * 6 + ["activations"]

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import shutil
 
-import grpc
 import pytest
 
 from layerline.errors import StageLoadError, StageUnavailableError
 from layerline.packager.build import BuildOptions, build_package
 from layerline.packager.package import LayerPackage
 from layerline.proto import activation_pb2 as act_pb
-from layerline.proto import activation_pb2_grpc as act_grpc
 from layerline.proto import stage_control_pb2 as pb
-from layerline.runtime.stage.client import StageClient, StageRejectedError
+from layerline.runtime.stage.client import ActivationAddress, StageClient, StageRejectedError
 from layerline.runtime.stage.coordinator import Coordinator, CoordinatorOptions
+from layerline.runtime.stage.frame_budget import FrameBudget
+from layerline.runtime.stage.frame_transport import ConnectionRefusedByStage, FrameConnection
 
 
 def claim(client: StageClient, ref: str = "pkg") -> pb.StageControlResponse:
@@ -61,11 +61,10 @@ def test_calls_without_the_token_are_refused(stage_process, tmp_path):
         client(endpoint, "coord-a", 1, token="wrong").status()
     assert client(endpoint, "coord-a", 1, token="s3cret").status().healthy
 
-    channel = grpc.insecure_channel(endpoint)
-    frames = iter([act_pb.ActivationFrame(session_id="s", seq=1, end_session=act_pb.EndSession())])
-    with pytest.raises(grpc.RpcError) as caught:
-        list(act_grpc.StageActivationStub(channel).Forward(frames, timeout=10))
-    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    address = ActivationAddress(endpoint, "s3cret").get()
+    with pytest.raises(ConnectionRefusedByStage) as caught:
+        FrameConnection(address, budget=FrameBudget(10.0), token="wrong")
+    assert caught.value.code == act_pb.ACTIVATION_ERROR_CODE_UNAUTHENTICATED
     # The stage keeps serving after refusing.
     assert client(endpoint, "coord-a", 1, token="s3cret").status().healthy
 

@@ -7,7 +7,6 @@ import numpy as np
 from layerline.proto import activation_pb2 as act_pb
 from layerline.proto import stage_control_pb2 as pb
 from layerline.runtime.stage.activation import ActivationRelay
-from layerline.runtime.stage.deadlines import Deadlines
 from layerline.runtime.stage.model import load_stage_model
 from layerline.runtime.stage.node import StageNode
 
@@ -51,7 +50,7 @@ def test_load_before_prepare_is_rejected(tiny_llama_package, tmp_path):
 
 def test_a_lower_start_pos_rolls_the_session_back(tiny_llama_package, tmp_path):
     node = loaded_node(tiny_llama_package, tmp_path, Clock())
-    relay = ActivationRelay(node, Deadlines())
+    relay = ActivationRelay(node)
     first = relay.answer(activations("s", 1, 0, 5))
     extend = relay.answer(activations("s", 2, 5, 3))   # positions 5..7
     redo = relay.answer(activations("s", 2, 5, 3))     # the same positions again: rolled back first
@@ -66,6 +65,6 @@ def test_lapsed_lease_frees_the_stage_and_its_model(tiny_llama_package, tmp_path
     assert node.status().state == pb.STAGE_STATE_READY
     clock.now += 6
     assert node.status().state == pb.STAGE_STATE_FREE
-    answer = ActivationRelay(node, Deadlines()).answer(activations("s", 1, 0, 2))
+    answer = ActivationRelay(node).answer(activations("s", 1, 0, 2))
     assert answer.error.code == act_pb.ACTIVATION_ERROR_CODE_NOT_READY
     assert node.loaded is None

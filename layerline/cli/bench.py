@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from .options import PackageArg, QuantizeChoice, QuantizeOpt, WeightsChoice, WeightsOpt
+from .options import QuantizeChoice, QuantizeOpt, WeightsChoice, WeightsOpt
 from .output import err, log_to_stderr
 
 bench_app = typer.Typer(no_args_is_help=True, help="Measure layerline's speed on this machine.")
@@ -16,7 +16,7 @@ bench_app = typer.Typer(no_args_is_help=True, help="Measure layerline's speed on
 
 @bench_app.command("decode")
 def bench_decode(
-    package: PackageArg,
+    model: Annotated[str, typer.Argument(help="Package folder, GGUF file, shipped model name, or tiny-llama.")],
     weights: Annotated[
         list[WeightsChoice] | None, typer.Option(help="Formats to measure (default: all but auto).")
     ] = None,
@@ -27,9 +27,11 @@ def bench_decode(
     """Prefill and decode tok/s per weight format, beside a bare mlx-lm loop on the same weights."""
     from layerline.runtime.bench.decode import BENCH_FORMATS, auto_choice, render_rows
     from layerline.runtime.bench.decode import bench_decode as run_bench
+    from layerline.runtime.bench.models import BENCH_CACHE, resolve_package
     from layerline.runtime.model.blas import load_fast_blas
 
     log_to_stderr(quiet=True)
+    package = resolve_package(model, BENCH_CACHE.expanduser())
     formats = tuple(w.value for w in weights) if weights else BENCH_FORMATS
     rows = run_bench(package, formats, prompt_tokens=prompt_tokens, decode_tokens=tokens,
                      repeats=repeats)
@@ -43,7 +45,7 @@ def bench_decode(
 
 @bench_app.command("serve")
 def bench_serve(
-    target: Annotated[str, typer.Argument(help="Target: package folder, GGUF file or shipped model name.")],
+    target: Annotated[str, typer.Argument(help="Target: package folder, GGUF file, shipped model name, or tiny-llama.")],
     draft: Annotated[str | None, typer.Option(help="Draft: package, GGUF, shipped name, or 'ngram'.")] = None,
     stages: Annotated[list[int] | None, typer.Option(help="Stage counts to split over (repeat; default 2 and 3).")] = None,
     draft_stages: Annotated[list[int] | None, typer.Option(help="Stage counts to speculate over (repeat; default 2).")] = None,

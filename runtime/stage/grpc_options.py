@@ -1,5 +1,4 @@
-"""gRPC options every stage channel and server shares, set so that both ends agree, and the
-limits a stage puts on activation streams.
+"""gRPC options every stage channel and server shares, set so that both ends agree.
 
 Clients ping every 10 s so that a dead peer is noticed on an idle stream; servers
 accept pings that often (gRPC's default minimum is 5 minutes, and a client that pings
@@ -7,8 +6,6 @@ faster is sent GOAWAY `too_many_pings`).
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 MAX_MESSAGE_BYTES = 64 << 20
 KEEPALIVE_MS = 10_000
@@ -30,11 +27,3 @@ SERVER_OPTIONS = [
     ("grpc.http2.min_recv_ping_interval_without_data_ms", KEEPALIVE_MS // 2),
     ("grpc.http2.max_ping_strikes", 0),  # 0: never GOAWAY a client for pinging
 ]
-
-
-@dataclass(frozen=True)
-class StreamLimits:
-    """How many activation streams a stage serves at once, and how long one may sit idle."""
-
-    max_streams: int = 64
-    idle_s: float = 120.0  # between frames; stage 0 sends a session's frames seconds apart at most

@@ -12,13 +12,13 @@ from pathlib import Path
 from layerline.errors import LayerlineError
 from layerline.packager.package import LayerPackage
 
-from .grpc_options import StreamLimits
+from .frame_transport import ConnectionLimits
 from .node import LoadOptions, RangeModel
 from .server import is_loopback, read_token, start_stage_server
 
 log = logging.getLogger("layerline.stage")
 
-STOP_GRACE_S = 5.0  # streams in flight get this long to finish after SIGTERM
+STOP_GRACE_S = 5.0  # control calls in flight get this long to finish after SIGTERM
 
 
 def load_range_model(package: LayerPackage, options: LoadOptions) -> RangeModel:
@@ -47,12 +47,18 @@ def check_exposure(listen: str, token: str | None, insecure: bool) -> None:
 
 
 def run_stage(listen: str, cache_dir: Path, auth_token_file: Path | None, *, insecure: bool = False,
-              limits: StreamLimits = StreamLimits()) -> None:
-    """Serve the control and activation services until SIGINT or SIGTERM."""
+              limits: ConnectionLimits = ConnectionLimits(), activation_listen: str | None = None,
+              activation_advertise: str | None = None) -> None:
+    """Serve control and activations until SIGINT or SIGTERM."""
     token = read_token(auth_token_file)
     check_exposure(listen, token, insecure)
+    if activation_listen is not None:
+        check_exposure(activation_listen, token, insecure)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    server, node = start_stage_server(listen, cache_dir, load_range_model, auth_token=token, limits=limits)
+    server = start_stage_server(listen, cache_dir, load_range_model, auth_token=token, limits=limits,
+                                activation_listen=activation_listen,
+                                activation_advertise=activation_advertise)
+    node = server.node
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -60,7 +66,7 @@ def run_stage(listen: str, cache_dir: Path, auth_token_file: Path | None, *, ins
     print(f"stage listening on {node.endpoint}", flush=True)
     stop.wait()
     log.info("stage=%s event=stopping", node.endpoint)
-    server.stop(grace=STOP_GRACE_S).wait()
+    server.stop(STOP_GRACE_S)
     node.unload()
     log.info("stage=%s event=stopped", node.endpoint)
     logging.shutdown()

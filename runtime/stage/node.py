@@ -21,7 +21,8 @@ from layerline.proto import stage_control_pb2 as pb
 
 from ..model.host_memory import host_memory
 from .claims import MAX_LEASE_S, ClaimRejected, ClaimTable, RejectReason
-from .deadlines import DEFAULT_FRAME_TIMEOUT_S, FrameBudget
+from .client import ActivationAddress
+from .frame_budget import DEFAULT_FRAME_TIMEOUT_S, FrameBudget
 from .prepare import Preparation, PrepareState, local_layer_count
 from .wire import FrameLimits
 
@@ -82,14 +83,17 @@ class LoadedStage:
     options: LoadOptions
     limits: FrameLimits
     downstream_budget: FrameBudget  # how long the next stage may take per frame
+    downstream: ActivationAddress | None  # where the next stage takes frames; None on the last
 
 
 class StageNode:
     """A stage that waits to be claimed, then prepares and loads the range it is given."""
 
     def __init__(self, endpoint: str, cache_dir: Path, loader: ModelLoader,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, token: str | None = None) -> None:
         self.endpoint = endpoint
+        self.token = token  # the shared secret, presented to the next stage too
+        self.activation_endpoint = endpoint  # where activation frames go; the server sets it
         self.cache_dir = cache_dir
         self.loader = loader
         self.claims = ClaimTable(clock)
@@ -237,14 +241,15 @@ class StageNode:
         # Each hop's budget covers every stage after it, so the stage nearest a stalled one
         # times out first and the error names the right stage.
         later_stages = max(1, options.stage_count - 1 - options.stage_index)
+        downstream = ActivationAddress(options.downstream, self.token) if options.downstream else None
         self.loaded = LoadedStage(model, options, FrameLimits(model.hidden_size, options.max_batch_tokens),
-                                  FrameBudget(options.frame_timeout_s * later_stages))
+                                  FrameBudget(options.frame_timeout_s * later_stages), downstream)
         holder = self.claims.holder
         self._loaded_run = holder.run_id if holder else None
         log.info("stage=%s event=ready layers=%d..%d index=%d downstream=%s", self.endpoint, start, end,
                  options.stage_index, options.downstream or "-")
         return pb.StageControlResponse(ready=pb.Ready(
-            activation_endpoint=self.endpoint, layers=pb.LayerRange(start=start, end=end),
+            activation_endpoint=self.activation_endpoint, layers=pb.LayerRange(start=start, end=end),
             memory_bytes_used=model.memory_bytes()))
 
     def serving(self) -> LoadedStage | None:
@@ -303,6 +308,6 @@ class StageNode:
             loaded_layers=pb.LayerRange(start=loaded.options.start, end=loaded.options.end)
             if loaded else None,
             memory_total_bytes=total, memory_free_bytes=free,
-            activation_endpoint=self.endpoint, version=__version__,
+            activation_endpoint=self.activation_endpoint, version=__version__,
             active_sessions=loaded.model.session_count() if loaded else 0,
             kv_cache_bytes=loaded.model.kv_cache_bytes() if loaded else 0)

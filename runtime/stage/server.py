@@ -1,35 +1,31 @@
-"""The gRPC face of a stage: thin servicers over StageNode, an auth check, the server."""
+"""A stage's servers: gRPC control (a thin servicer over StageNode, with an auth check) and the
+activation endpoint, side by side."""
 
 from __future__ import annotations
 
 import hmac
 import ipaddress
 import logging
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent import futures
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 
 from layerline.errors import LayerlineError
-from layerline.proto import activation_pb2_grpc, stage_control_pb2_grpc
+from layerline.proto import stage_control_pb2_grpc
 
 from .activation import ActivationRelay
-from .deadlines import Deadlines
-from .grpc_options import SERVER_OPTIONS, StreamLimits
+from .client import AUTH_HEADER
+from .frame_transport import ConnectionLimits, FrameServer
+from .grpc_options import SERVER_OPTIONS
 from .node import ModelLoader, StageNode
 
 log = logging.getLogger("layerline.stage")
 
-AUTH_HEADER = "authorization"
-CONTROL_WORKERS = 8  # threads kept for control calls whatever the activation streams do
-
-
-def auth_metadata(token: str | None) -> list[tuple[str, str]] | None:
-    """The call metadata that carries `token`, for clients of an authenticated stage."""
-    return [(AUTH_HEADER, f"Bearer {token}")] if token else None
+CONTROL_WORKERS = 16  # control calls are short; activation frames have threads of their own
 
 
 def read_token(path: Path | str | None, option: str = "--auth-token-file") -> str | None:
@@ -87,65 +83,52 @@ class ControlServicer(stage_control_pb2_grpc.StageControlServicer):
         return self.node.handle(request)
 
 
-class ActivationServicer(activation_pb2_grpc.StageActivationServicer):
-    """Serves at most `limits.max_streams` Forward streams; a stream idle too long is cancelled."""
+@dataclass
+class StageServer:
+    """A running stage: its gRPC control server and its activation endpoint."""
 
-    def __init__(self, node: StageNode, downstream_token: str | None, limits: StreamLimits,
-                 deadlines: Deadlines) -> None:
-        self.node = node
-        self.metadata = auth_metadata(downstream_token)
-        self.limits = limits
-        self.deadlines = deadlines
-        self._open = 0
-        self._lock = threading.Lock()
+    control: grpc.Server
+    frames: FrameServer
+    node: StageNode
 
-    def Forward(self, request_iterator: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
-        with self._lock:
-            full = self._open >= self.limits.max_streams
-            if not full:
-                self._open += 1
-        if full:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"stage {self.node.endpoint} serves at most {self.limits.max_streams} activation "
-                          "streams at once; retry when one ends")
-        try:
-            frames = self._until_idle(request_iterator, context)
-            yield from ActivationRelay(self.node, self.deadlines, self.metadata).serve(frames)
-        finally:
-            with self._lock:
-                self._open -= 1
+    def stop(self, grace_s: float) -> None:
+        """Refuse new calls, give those in flight `grace_s`, then end every activation connection."""
+        self.control.stop(grace=grace_s).wait()
+        self.frames.stop()
 
-    def _until_idle(self, frames: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
-        """The stream's frames; waiting longer than `idle_s` for the next cancels the stream."""
-        while True:
-            handle = self.deadlines.arm(self.limits.idle_s, context.cancel)
-            try:
-                frame = next(frames, None)
-            finally:
-                self.deadlines.clear(handle)
-            if frame is None:
-                return
-            yield frame
+
+def advertised(listen_host: str, port: int) -> str:
+    """The activation endpoint to tell others: this host, or only the port when listening on
+    every address (the coordinator then puts the host it reaches this stage's control at)."""
+    wildcard = listen_host.strip("[]") in ("", "0.0.0.0", "::")
+    return f":{port}" if wildcard else f"{listen_host}:{port}"
 
 
 def start_stage_server(listen: str, cache_dir: Path, loader: ModelLoader, *, auth_token: str | None = None,
-                       limits: StreamLimits = StreamLimits()) -> tuple[grpc.Server, StageNode]:
-    """Start a stage's gRPC server on `listen` (host:port; port 0 picks one)."""
+                       limits: ConnectionLimits = ConnectionLimits(), activation_listen: str | None = None,
+                       activation_advertise: str | None = None) -> StageServer:
+    """Start a stage on `listen` (host:port; port 0 picks one): gRPC control there, activation
+    frames on `activation_listen` (default: the same host, a free port)."""
     interceptors = [TokenAuthInterceptor(auth_token)] if auth_token else []
-    # Streams beyond max_streams are refused at once, so CONTROL_WORKERS threads stay free.
-    workers = futures.ThreadPoolExecutor(max_workers=limits.max_streams + CONTROL_WORKERS,
-                                         thread_name_prefix="stage-rpc")
-    server = grpc.server(workers, interceptors=interceptors, options=SERVER_OPTIONS,
-                         maximum_concurrent_rpcs=limits.max_streams + CONTROL_WORKERS)
+    workers = futures.ThreadPoolExecutor(max_workers=CONTROL_WORKERS, thread_name_prefix="stage-rpc")
+    server = grpc.server(workers, interceptors=interceptors, options=SERVER_OPTIONS)
     host, _, port = listen.rpartition(":")
     bound = server.add_insecure_port(listen)
     if bound == 0:
         raise LayerlineError(f"cannot listen on {listen}", hint="choose a free port with --listen")
     endpoint = f"{host}:{bound}" if port == "0" else listen
-    node = StageNode(endpoint, cache_dir, loader)
+    node = StageNode(endpoint, cache_dir, loader, token=auth_token)
+    try:
+        frames = FrameServer(activation_listen or f"{host}:0", lambda: ActivationRelay(node),
+                             token=auth_token, limits=limits)
+    except OSError as exc:
+        raise LayerlineError(f"cannot listen for activations on {activation_listen or host}: {exc}",
+                             hint="choose a free address with --activation-listen") from exc
+    activation_host = (activation_listen or host).rpartition(":")[0] if activation_listen else host
+    node.activation_endpoint = activation_advertise or advertised(activation_host, frames.port)
     stage_control_pb2_grpc.add_StageControlServicer_to_server(ControlServicer(node), server)
-    activation_pb2_grpc.add_StageActivationServicer_to_server(
-        ActivationServicer(node, auth_token, limits, Deadlines()), server)
     server.start()
-    log.info("stage=%s event=listening auth=%s", endpoint, "token" if auth_token else "none")
-    return server, node
+    frames.start()
+    log.info("stage=%s event=listening activations=%s auth=%s", endpoint, node.activation_endpoint,
+             "token" if auth_token else "none")
+    return StageServer(server, frames, node)

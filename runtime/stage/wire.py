@@ -42,16 +42,17 @@ def encode(hidden, start_pos: int, dtype: int) -> pb.Activations:
     import mlx.core as mx
 
     if dtype == pb.WIRE_DTYPE_F32:
-        data = np.array(hidden.astype(mx.float32))
+        wire = hidden.astype(mx.float32)
     elif dtype == pb.WIRE_DTYPE_F16:
-        data = np.array(hidden.astype(mx.float16))
+        wire = hidden.astype(mx.float16)
     elif dtype == pb.WIRE_DTYPE_BF16:
-        data = np.array(hidden.astype(mx.bfloat16).view(mx.uint16))
+        wire = hidden.astype(mx.bfloat16).view(mx.uint16)
     else:
         raise LayerlineError(f"cannot encode activations as wire dtype {dtype}")
     _, length, _ = hidden.shape
+    # One copy: the bytes field is built straight from the array's buffer.
     return pb.Activations(start_pos=start_pos, token_count=length, dtype=dtype,
-                          shape=list(hidden.shape), data=data.tobytes())
+                          shape=list(hidden.shape), data=bytes(memoryview(wire)))
 
 
 def decode(message: pb.Activations, limits: FrameLimits):
