@@ -11,14 +11,13 @@ import pytest
 
 from layerline.packager.build import BuildOptions, build_package
 from layerline.pypi_models import fetch_model
+from layerline.runtime.bench.tiny_model import random_llama_weights, write_hf_folder
 from layerline.runtime.decode.local_pipeline import LocalPipeline
 
 from helpers import (
     HF_TEST_TOKEN,
     TINY_LLAMA_CONFIG,
     StageProcess,
-    tiny_llama_weights,
-    write_hf_folder,
     write_tiny_gguf,
 )
 
@@ -86,7 +85,7 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path,
                smollm2_tokenizer_dir: Path) -> dict:
     """One tiny random llama written twice: as an HF safetensors folder and as a GGUF."""
     root = tmp_path_factory.mktemp("tiny-llama")
-    weights = tiny_llama_weights(TINY_LLAMA_CONFIG)
+    weights = random_llama_weights(TINY_LLAMA_CONFIG)
     folder = write_hf_folder(root / "hf", TINY_LLAMA_CONFIG, weights, smollm2_tokenizer_dir)
     gguf_path = write_tiny_gguf(root / "tiny-llama.F32.gguf", TINY_LLAMA_CONFIG, weights,
                                 smollm2_gguf)

@@ -6,7 +6,6 @@ Fixtures built on these live in conftest.py; no test module imports another.
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 import subprocess
 import sys
@@ -15,15 +14,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import mlx.core as mx
 import numpy as np
 import openai
 
-from layerline.errors import ContextLengthError, SessionError
 from layerline.runtime.bench.processes import Process, free_port, wait_healthy, wait_listening
-from layerline.runtime.decode.generate import LogitsModel
-from layerline.runtime.decode.local_pipeline import LocalPipeline
-from layerline.runtime.model.kv_cache import RangeCache
+from layerline.runtime.bench.tiny_model import llama_config
 from layerline.runtime.stage.client import ActivationAddress
 from layerline.runtime.stage.frame_budget import FrameBudget
 from layerline.runtime.stage.frame_transport import FrameConnection
@@ -32,66 +27,8 @@ HF_TEST_TOKEN = "hf_secret_token"  # what the `logged_in` fixture makes huggingf
 
 # ---------------------------------------------------------------- tiny models
 
-TINY_LLAMA_CONFIG = {
-    "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
-    "hidden_size": 64,
-    "num_hidden_layers": 4,
-    "intermediate_size": 128,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "rms_norm_eps": 1e-5,
-    "vocab_size": 49152,
-    "max_position_embeddings": 512,
-    "rope_theta": 10000.0,
-    "tie_word_embeddings": False,
-}
-
-
-def tiny_llama_weights(config: dict, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random float32 weights in Hugging Face layout for a llama config."""
-    rng = np.random.default_rng(seed)
-    h, i = config["hidden_size"], config["intermediate_size"]
-    head_dim = h // config["num_attention_heads"]
-    kv = config["num_key_value_heads"] * head_dim
-
-    def mat(rows: int, cols: int) -> np.ndarray:
-        return (rng.standard_normal((rows, cols)) * 0.05).astype(np.float32)
-
-    weights = {
-        "model.embed_tokens.weight": mat(config["vocab_size"], h),
-        "model.norm.weight": (1 + 0.1 * rng.standard_normal(h)).astype(np.float32),
-        "lm_head.weight": mat(config["vocab_size"], h),
-    }
-    for n in range(config["num_hidden_layers"]):
-        p = f"model.layers.{n}."
-        weights |= {
-            p + "self_attn.q_proj.weight": mat(h, h),
-            p + "self_attn.k_proj.weight": mat(kv, h),
-            p + "self_attn.v_proj.weight": mat(kv, h),
-            p + "self_attn.o_proj.weight": mat(h, h),
-            p + "mlp.gate_proj.weight": mat(i, h),
-            p + "mlp.up_proj.weight": mat(i, h),
-            p + "mlp.down_proj.weight": mat(h, i),
-            p + "input_layernorm.weight": (1 + 0.1 * rng.standard_normal(h)).astype(np.float32),
-            p + "post_attention_layernorm.weight": (1 + 0.1 * rng.standard_normal(h)).astype(
-                np.float32
-            ),
-        }
-    return weights
-
-
-def write_hf_folder(folder: Path, config: dict, weights: dict[str, np.ndarray],
-                    tokenizer_dir: Path) -> Path:
-    """Write a Hugging Face model folder: config.json, model.safetensors, tokenizer files."""
-    from safetensors.numpy import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-    save_file(weights, str(folder / "model.safetensors"))
-    for f in tokenizer_dir.iterdir():
-        (folder / f.name).write_bytes(f.read_bytes())
-    return folder
+# The tests' tiny random llama: 4 layers, hidden 64, SmolLM2's vocabulary, context 512.
+TINY_LLAMA_CONFIG = llama_config(layers=4, hidden=64, intermediate=128, heads=4, kv_heads=2, context=512)
 
 
 def permute_qk(weight: np.ndarray, n_heads: int) -> np.ndarray:
@@ -267,47 +204,3 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-class LocalTarget:
-    """A model in this process and the caches of one session, addressed by position."""
-
-    def __init__(self, model: LogitsModel, caches: list[RangeCache], *, vocab_size: int,
-                 context_length: int | None = None) -> None:
-        self.model = model
-        self.caches = caches
-        self.vocab_size = vocab_size
-        self.context_length = context_length
-
-    @classmethod
-    def open(cls, pipeline: LocalPipeline) -> LocalTarget:
-        """A fresh session of a whole package loaded in this process."""
-        return cls(pipeline, pipeline.make_cache(), vocab_size=pipeline.head.vocab_size,
-                   context_length=pipeline.context_length)
-
-    @property
-    def length(self) -> int:
-        """Positions the session's caches hold."""
-        return self.caches[0].length if self.caches else 0
-
-    def forward(self, tokens: list[int], start_pos: int) -> mx.array:
-        """Logits (L, vocab) for `tokens` at positions start_pos.., after truncating there."""
-        if start_pos > self.length:
-            raise SessionError(
-                f"this session holds {self.length} positions; tokens at {start_pos} would leave a gap",
-                hint=f"feed positions {self.length}..{start_pos - 1} first")
-        end = start_pos + len(tokens)
-        if self.context_length is not None and end > self.context_length:
-            raise ContextLengthError(
-                f"positions up to {end} are past the context length {self.context_length}",
-                hint="stop generating at the context length")
-        self.rewind(start_pos)
-        logits = self.model(mx.array([tokens], dtype=mx.uint32), self.caches)[0]
-        mx.eval(logits)
-        return logits
-
-    def rewind(self, position: int) -> None:
-        """Truncate every range's cache to `position` (nothing happens if it holds less)."""
-        for cache in self.caches:
-            if cache.length > position:
-                cache.truncate(position)

@@ -131,3 +131,11 @@ def test_quick_benchmark_reports_every_condition_and_column_and_a_png_chart(tiny
 
     png = (out / "chart.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and png[12:16] == b"IHDR" and png.endswith(b"IEND\xaeB`\x82")
+
+
+def test_transport_benchmark_measures_both_transports_through_two_hops():
+    done = subprocess.run([sys.executable, "-m", "layerline", "bench", "transport", "--frames", "20",
+                           "--pause-ms", "1"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith(("| gRPC", "| TCP"))]
+    assert len(rows) == 4 and all(float(row.split("|")[4]) > 0 for row in rows)

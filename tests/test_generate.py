@@ -1,4 +1,5 @@
-"""Generation in one process: real answers, seeds, stops, logprobs, context limits, splits."""
+"""The decode loop in one process, decoding plainly: real answers, seeds, stops, logprobs,
+context limits, splits, text streaming."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ from dataclasses import replace
 import pytest
 
 from layerline.errors import ChatTemplateError, ContextLengthError
-from layerline.runtime.decode.generate import generate
 from layerline.runtime.decode.local_pipeline import LocalPipeline
+from layerline.runtime.decode.loop import generate
 from layerline.runtime.decode.sampling import SamplingParams
+from layerline.runtime.decode.targets import LocalTarget
+from layerline.runtime.decode.text import text_events
 from layerline.runtime.model.chat import chat_prompt_tokens, render_chat, text_prompt_tokens, user_messages
 from layerline.runtime.model.tokenizer import TextStream
 
@@ -19,11 +22,9 @@ CAPITAL = "What is the capital of France?"
 
 def answer(pipeline: LocalPipeline, prompt: list[int], **sampling) -> tuple[str, object]:
     params = SamplingParams(**{"stop_token_ids": pipeline.eos_token_ids, **sampling})
-    generation = generate(pipeline, pipeline.make_cache(), prompt, params,
-                          tokenizer=pipeline.tokenizer, context_length=pipeline.context_length)
-    tokens = list(generation)
-    assert "".join(t.text for t in tokens) == generation.text
-    return generation.text, generation
+    generation = generate(LocalTarget.open(pipeline), prompt, params, context_length=pipeline.context_length)
+    text = "".join(e.text for e in text_events(generation, pipeline.tokenizer, end_ids=params.stop_token_ids))
+    return text, generation
 
 
 def chat(pipeline: LocalPipeline, text: str) -> list[int]:
@@ -81,13 +82,12 @@ def test_stop_token_ends_generation(smollm2):
 
 def test_max_tokens_ends_generation_with_length(smollm2):
     _, generation = answer(smollm2, chat(smollm2, CAPITAL), max_tokens=3)
-    assert generation.stats.generated_tokens == 3 and generation.stats.finish_reason == "length"
+    assert generation.stats.tokens == 3 and generation.stats.finish_reason == "length"
 
 
 def test_logprobs_come_with_each_token_when_asked(smollm2):
     params = SamplingParams(max_tokens=5, logprobs=True, top_logprobs=3)
-    tokens = list(generate(smollm2, smollm2.make_cache(), chat(smollm2, CAPITAL), params,
-                           tokenizer=smollm2.tokenizer))
+    tokens = list(generate(LocalTarget.open(smollm2), chat(smollm2, CAPITAL), params))
     for token in tokens:
         assert token.logprob is not None and token.logprob <= 0
         assert len(token.top_logprobs) == 3
@@ -98,28 +98,25 @@ def test_logprobs_come_with_each_token_when_asked(smollm2):
 
 
 def test_cache_holds_prompt_and_all_but_the_last_token_after_generation(smollm2):
-    caches = smollm2.make_cache()
+    target = LocalTarget.open(smollm2)
     prompt = chat(smollm2, CAPITAL)
-    generation = generate(smollm2, caches, prompt, SamplingParams(max_tokens=6),
-                          tokenizer=smollm2.tokenizer)
-    list(generation)
-    assert all(c.length == len(prompt) + 6 - 1 for c in caches)
+    list(generate(target, prompt, SamplingParams(max_tokens=6)))  # the loop queued a 7th step ahead
+    assert all(c.length == len(prompt) + 6 - 1 for c in target.caches)
 
 
 def test_prompt_longer_than_the_context_is_refused(smollm2):
     too_long = [1] * smollm2.context_length
     with pytest.raises(ContextLengthError, match=f"context length is {smollm2.context_length}"):
-        generate(smollm2, smollm2.make_cache(), too_long, SamplingParams(),
-                 context_length=smollm2.context_length)
+        generate(LocalTarget.open(smollm2), too_long, SamplingParams(), context_length=smollm2.context_length)
 
 
 def test_generation_stops_at_the_context_length(tiny_llama_package):
     tiny = LocalPipeline.load(tiny_llama_package)
     prompt = [5] * (tiny.context_length - 4)
-    generation = generate(tiny, tiny.make_cache(), prompt, SamplingParams(max_tokens=50),
+    generation = generate(LocalTarget.open(tiny), prompt, SamplingParams(max_tokens=50),
                           context_length=tiny.context_length)
     list(generation)
-    assert generation.stats.generated_tokens == 5 and generation.stats.finish_reason == "length"
+    assert generation.stats.tokens == 5 and generation.stats.finish_reason == "length"
 
 
 def test_chat_template_renders_the_packages_format(smollm2):

@@ -14,16 +14,16 @@ import pytest
 
 from layerline.packager.build import BuildOptions, build_package
 from layerline.packager.window_spec import WindowError, WindowSpec
+from layerline.runtime.bench.tiny_model import random_llama_weights, write_hf_folder
 from layerline.runtime.decode.drafters import ModelDrafter, NgramDrafter
-from layerline.runtime.decode.generate import generate
 from layerline.runtime.decode.local_pipeline import LocalPipeline
+from layerline.runtime.decode.loop import generate
 from layerline.runtime.decode.sampling import SamplingParams
-from layerline.runtime.decode.speculative import speculative_generate
-from layerline.runtime.decode.targets import PipelineTarget
+from layerline.runtime.decode.targets import LocalTarget, PipelineTarget
 from layerline.runtime.decode.window_policy import GateSettings, WindowPolicy
 from layerline.runtime.model.chat import chat_prompt_tokens, text_prompt_tokens, user_messages
 
-from helpers import TINY_LLAMA_CONFIG, LocalTarget, tiny_llama_weights, write_hf_folder
+from helpers import TINY_LLAMA_CONFIG
 
 # ---------------------------------------------------------------- helpers
 
@@ -33,7 +33,7 @@ def run(pipeline: LocalPipeline, drafter, prompt: list[int], params: SamplingPar
     """Tokens (a final stop token left out, as generate() does) and the generation of one
     speculative request on a fresh target session."""
     target = LocalTarget.open(pipeline)
-    generation = speculative_generate(target, drafter, prompt, params, policy, **kwargs)
+    generation = generate(target, prompt, params, drafter=drafter, policy=policy, **kwargs)
     tokens = [t.id for t in generation]
     if generation.stats.finish_reason == "stop":
         assert tokens[-1] in params.stop_token_ids
@@ -42,7 +42,9 @@ def run(pipeline: LocalPipeline, drafter, prompt: list[int], params: SamplingPar
 
 
 def plain(pipeline: LocalPipeline, prompt: list[int], params: SamplingParams) -> list[int]:
-    return [t.id for t in generate(pipeline, pipeline.make_cache(), prompt, params)]
+    """Tokens of plain decoding, a final stop token left out (as `run` leaves it)."""
+    tokens = [t.id for t in generate(LocalTarget.open(pipeline), prompt, params)]
+    return tokens[:-1] if tokens and tokens[-1] in params.stop_token_ids else tokens
 
 
 POLICIES = {
@@ -116,10 +118,9 @@ def test_greedy_output_identical_with_repetition_penalty(smollm2, smollm2_draft,
 def test_logprobs_are_the_targets_own(smollm2, smollm2_draft, smollm2_prompts):
     params = SamplingParams(max_tokens=8, logprobs=True, top_logprobs=3)
     prompt = smollm2_prompts[0]
-    reference = list(generate(smollm2, smollm2.make_cache(), prompt, params))
-    generation = speculative_generate(LocalTarget.open(smollm2),
-                                      ModelDrafter(smollm2_draft, params), prompt, params,
-                                      WindowPolicy.fixed(4))
+    reference = list(generate(LocalTarget.open(smollm2), prompt, params))
+    generation = generate(LocalTarget.open(smollm2), prompt, params,
+                          drafter=ModelDrafter(smollm2_draft, params), policy=WindowPolicy.fixed(4))
     tokens = list(generation)
     assert [t.id for t in tokens] == [t.id for t in reference]
     assert any(t.drafted for t in tokens)
@@ -138,7 +139,7 @@ def tiny_pipeline(root: Path, tokenizer_dir: Path, seed: int, vocab: int = TINY_
     """A 2-layer random llama with a small vocabulary and a peaked output distribution;
     `noise` perturbs every weight (a draft close to the model of the same seed)."""
     config = {**TINY_LLAMA_CONFIG, "vocab_size": vocab, "num_hidden_layers": 2}
-    weights = tiny_llama_weights(config, seed)
+    weights = random_llama_weights(config, seed)
     weights["lm_head.weight"] = weights["lm_head.weight"] * head_scale
     rng = np.random.default_rng(1000 + seed)
     weights = {k: (v * (1 + noise * rng.standard_normal(v.shape))).astype(np.float32)
@@ -273,7 +274,9 @@ def test_sampled_tokens_follow_the_targets_distribution(case, tiny_models):
         else:
             draft = tiny_models[case.removesuffix("-filtered").removesuffix("-draft")]
             drafter = ModelDrafter(draft, seeded)
-        tokens, generation = run(target, drafter, prompt, seeded, WindowPolicy.fixed(2))
+        # The first step drafts too (no first token first): one pass can then accept both drafts.
+        tokens, generation = run(target, drafter, prompt, seeded, WindowPolicy.fixed(2),
+                                 first_token_first=False)
         counts[tuple(tokens)] += 1
         drafted += generation.stats.drafted
         accepted += generation.stats.accepted
@@ -335,12 +338,13 @@ def test_target_and_draft_hold_exactly_the_committed_tokens_after_rejections(tin
     params = SamplingParams(max_tokens=40)
     target = LocalTarget.open(target_model)
     checked = CheckedDrafter(ModelDrafter(draft, params), target)
-    generation = speculative_generate(target, checked, [1, 2, 3], params, WindowPolicy.fixed(6))
+    generation = generate(target, [1, 2, 3], params, drafter=checked, policy=WindowPolicy.fixed(6))
     tokens = [t.id for t in generation]
     assert tokens == plain(target_model, [1, 2, 3], params)
     stats = generation.stats
     assert 0 < stats.accepted < stats.drafted and stats.target_passes > 1
-    assert checked.steps >= stats.target_passes - 1  # a last step with no room drafts nothing
+    # The first step streams the prompt's token at once, and a last step with no room drafts nothing.
+    assert checked.steps >= stats.target_passes - 2
     assert target.length == 3 + len(tokens) - 1
 
 
@@ -350,12 +354,12 @@ def test_closing_mid_run_leaves_target_and_draft_consistent(tiny_models):
     prompt = [1, 2, 3]
     target = LocalTarget.open(model)
     drafter = ModelDrafter(model, params)  # the target itself: every draft is accepted
-    generation = speculative_generate(target, drafter, prompt, params, WindowPolicy.fixed(8))
+    generation = generate(target, prompt, params, drafter=drafter, policy=WindowPolicy.fixed(8))
     stream = iter(generation)
-    taken = [next(stream).id for _ in range(3)]  # inside the first step's run of 9
+    taken = [next(stream).id for _ in range(3)]  # the first step's token, then inside a run of 9
     stream.close()
     committed = prompt + taken
-    assert generation.stats.target_passes == 1 and generation.stats.accepted == 8
+    assert generation.stats.target_passes == 2 and generation.stats.accepted == 8
     assert target.length == len(committed) - 1
     assert drafter.fed == committed[:len(drafter.fed)] and drafter.length == len(drafter.fed)
     # What the caches hold is right: the next logits match a fresh computation.
@@ -372,7 +376,8 @@ def test_max_tokens_is_never_exceeded(max_tokens, tiny_models):
     tokens, generation = run(model, ModelDrafter(model, params), [1, 2, 3], params,
                              WindowPolicy.fixed(16))
     assert len(tokens) == max_tokens and generation.stats.finish_reason == "length"
-    assert generation.stats.drafted == max_tokens - 1  # windows shrink to what is left
+    # The first step drafts nothing (its token streams at once); then windows shrink to what is left.
+    assert generation.stats.drafted == max(0, max_tokens - 2)
 
 
 def test_generation_stops_at_the_context_length(tiny_models):
@@ -391,8 +396,8 @@ def test_a_stop_token_ends_the_generation_and_rolls_back(tiny_models):
     stop = free[4]
     params = SamplingParams(max_tokens=12, stop_token_ids=(stop,))
     target = LocalTarget.open(model)
-    generation = speculative_generate(target, ModelDrafter(model, params), [1, 2, 3], params,
-                                      WindowPolicy.fixed(8))
+    generation = generate(target, [1, 2, 3], params, drafter=ModelDrafter(model, params),
+                          policy=WindowPolicy.fixed(8))
     tokens = [t.id for t in generation]
     assert tokens == free[:free.index(stop) + 1] and generation.stats.finish_reason == "stop"
     assert target.length == 3 + len(tokens) - 1
@@ -424,8 +429,8 @@ def test_the_split_pipeline_session_is_a_target(tiny_models):
                         hidden_size=layers.hidden_size, max_tokens=512)
     params = SamplingParams(max_tokens=20)
     session = pipeline.open("spec-test")
-    generation = speculative_generate(PipelineTarget(session), ModelDrafter(tiny_models["bad"], params),
-                                      [1, 2, 3], params, WindowPolicy.fixed(4))
+    generation = generate(PipelineTarget(session), [1, 2, 3], params,
+                          drafter=ModelDrafter(tiny_models["bad"], params), policy=WindowPolicy.fixed(4))
     assert [t.id for t in generation] == plain(model, [1, 2, 3], params)
     assert generation.stats.accepted < generation.stats.drafted  # rolled back on every stage
 

@@ -14,14 +14,13 @@ import httpx
 import pytest
 
 from layerline.packager.build import BuildOptions, build_package
+from layerline.runtime.bench.tiny_model import random_llama_weights, write_hf_folder
 
 from helpers import (
     TINY_LLAMA_CONFIG,
     Stage0Process,
     StageProcess,
     greedy_reference,
-    tiny_llama_weights,
-    write_hf_folder,
 )
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -203,7 +202,7 @@ def foreign_tokenizer_draft(smollm2_tokenizer_dir, tmp_path_factory):
                                       "lstrip": False, "rstrip": False, "normalized": False,
                                       "special": True})
     (tokenizer_dir / "tokenizer.json").write_text(json.dumps(tokenizer))
-    folder = write_hf_folder(root / "hf", TINY_LLAMA_CONFIG, tiny_llama_weights(TINY_LLAMA_CONFIG),
+    folder = write_hf_folder(root / "hf", TINY_LLAMA_CONFIG, random_llama_weights(TINY_LLAMA_CONFIG),
                              tokenizer_dir)
     build_package(str(folder), root / "package", BuildOptions(quantize="f32", quiet=True))
     return root / "package"

@@ -91,3 +91,16 @@ def bench_serve(
     typer.echo(f"wrote {folder}/table.md, results.json, chart.png")
     if any(r.error for r in results):
         raise typer.Exit(1)
+
+
+@bench_app.command("transport")
+def bench_transport(
+    hidden: Annotated[int, typer.Option(help="Hidden size: a frame carries one position of this many f32.")] = 512,
+    frames: Annotated[int, typer.Option(help="Round trips measured per condition.")] = 500,
+    pause_ms: Annotated[float, typer.Option(help="Pause between frames, as between decode steps.")] = 5.0,
+) -> None:
+    """The floor of a hop: one frame through two hops and back (3 processes), gRPC streams vs TCP frames."""
+    from layerline.runtime.bench.transport import bench_transport as run_bench
+    from layerline.runtime.bench.transport import render_transport
+
+    typer.echo(render_transport(run_bench(hidden=hidden, frames=frames, pause_ms=pause_ms)))

@@ -7,7 +7,18 @@ from typing import Annotated
 
 import typer
 
-from .options import PackageArg, QuietOpt, WeightsChoice, WeightsOpt
+from .options import (
+    DEFAULT_WINDOW,
+    InitialWindowOpt,
+    MaxWindowOpt,
+    MinWindowOpt,
+    PackageArg,
+    QuietOpt,
+    WeightsChoice,
+    WeightsOpt,
+    WindowPolicyChoice,
+    WindowPolicyOpt,
+)
 from .output import err, log_to_stderr
 
 
@@ -26,9 +37,15 @@ def run(
     stop: Annotated[list[str] | None, typer.Option(help="Stop before this text (repeat for several).")] = None,
     weights: WeightsOpt = WeightsChoice.auto,
     split: Annotated[str | None, typer.Option(help="Layer ranges run in turn, e.g. 0:12,12:30.")] = None,
+    draft: Annotated[str | None, typer.Option(help="Speculate with this draft: a package, GGUF, model folder or Hub repo of the same tokenizer, or `ngram`.")] = None,
+    window_policy: WindowPolicyOpt = WindowPolicyChoice(DEFAULT_WINDOW.policy),
+    initial_window: InitialWindowOpt = DEFAULT_WINDOW.initial,
+    min_window: MinWindowOpt = DEFAULT_WINDOW.min,
+    max_window: MaxWindowOpt = DEFAULT_WINDOW.max,
     quiet: QuietOpt = False,
 ) -> None:
     """Answer a prompt from a layer package, streaming tokens; end with prefill and decode tok/s."""
+    from layerline.packager.window_spec import WindowSpec
     from layerline.runtime.decode.run_prompt import RunRequest, start_run
     from layerline.runtime.decode.sampling import SamplingParams
 
@@ -37,10 +54,11 @@ def run(
         max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
         repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop or ()),
     )
-    generation = start_run(RunRequest(package=package, prompt=prompt, chat=chat, system=system,
-                                      sampling=sampling, weights=weights.value, split=split))
-    for token in generation:
-        sys.stdout.write(token.text)
+    window = WindowSpec(window_policy.value, initial_window, min_window, max_window).validate()
+    run = start_run(RunRequest(package=package, prompt=prompt, chat=chat, system=system, sampling=sampling,
+                               weights=weights.value, split=split, draft=draft, window=window))
+    for event in run.events():
+        sys.stdout.write(event.text)
         sys.stdout.flush()
     sys.stdout.write("\n")
-    err.print(generation.stats.describe(), highlight=False)
+    err.print(run.generation.stats.describe(), highlight=False)

@@ -44,6 +44,7 @@ def stage_serve(
     max_connections: Annotated[int, typer.Option(help="Activation connections this stage serves at once; more are refused.")] = ConnectionLimits.max_connections,
     connection_idle_seconds: Annotated[float, typer.Option(help="An activation connection idle this long is closed.")] = ConnectionLimits.idle_s,
     insecure: Annotated[bool, typer.Option("--insecure", help="Serve beyond loopback without --auth-token-file.")] = False,
+    trace: Annotated[Path | None, typer.Option(help="Stage 0: write every step of every request to this file, one JSON line each.")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning.")] = "info",
 ) -> None:
     """Wait to be claimed; or, with --package, be stage 0: plan, load the peers, serve HTTP."""
@@ -68,4 +69,4 @@ def stage_serve(
         context_length=context_length, max_sessions=max_sessions, cache_dir=cache,
         auth_token_file=auth_token_file, admin_token_file=admin_token_file, max_queue=max_queue,
         max_body_bytes=max_body_bytes, stage_timeout_s=stage_timeout, drain_s=drain_seconds,
-        lease_s=lease_seconds))
+        lease_s=lease_seconds, trace_file=trace))

@@ -1,10 +1,11 @@
 """`layerline bench decode`: prefill and decode speed per weight format, beside bare mlx-lm.
 
 For each format the package is loaded twice, one after the other: as a
-layerline pipeline (stage 0 + one range of every layer) and as a whole mlx-lm
-model holding the very same converted tensors, driven by mlx-lm's own
-`generate_step`. Both decode greedily from the same prompt for the same number
-of tokens, ignoring end-of-sequence, and the best of `repeats` runs is kept.
+layerline pipeline (the head + one range of every layer) driven by the decode loop
+that serves (`decode.loop`, as `layerline run` uses it), and as a whole mlx-lm model
+holding the very same converted tensors, driven by mlx-lm's own `generate_step`.
+Both decode greedily from the same prompt for the same number of tokens, ignoring
+end-of-sequence, and the best of `repeats` runs is kept.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ import mlx.nn as nn
 from layerline.packager.architectures import model_module
 from layerline.packager.package import LayerPackage
 
-from ..decode.generate import generate
 from ..decode.local_pipeline import LocalPipeline
+from ..decode.loop import generate
 from ..decode.sampling import SamplingParams
+from ..decode.targets import LocalTarget
 from ..model.package_tensors import apply_plan, load_into, read_verified
 from ..model.weights_policy import WeightsPlan, detect_device, plan_weights
 
@@ -101,8 +103,7 @@ def _bench_layerline(package_dir: str | Path, weights: str, prompt_tokens: int, 
     prompt = bench_prompt(pipeline.tokenizer, prompt_tokens)
 
     def run(max_tokens: int = decode_tokens) -> tuple[float, float]:
-        generation = generate(pipeline, pipeline.make_cache(), prompt,
-                              SamplingParams(max_tokens=max_tokens))
+        generation = generate(LocalTarget.open(pipeline), prompt, SamplingParams(max_tokens=max_tokens))
         return _time_tokens(generation, len(prompt))
 
     run(4)  # warm-up

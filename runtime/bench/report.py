@@ -105,6 +105,26 @@ def render_profile(results: Sequence[ConditionResult]) -> str:
     return _table(PROFILE_COLUMNS, rows)
 
 
+def _part_order(name: str) -> tuple[int, int, str]:
+    """Parts in the order a pass runs them: draft, stage 0, each hop and stage down, head, decide."""
+    if name.startswith("stage"):
+        return (1, 2 * int(name.removeprefix("stage")), name)
+    if name.startswith("hop"):
+        return (1, 2 * int(name.removeprefix("hop").split("_")[0]) + 1, name)
+    return ({"draft": 0, "head": 2, "decide": 3, "target": 4}.get(name, 5), 0, name)
+
+
+def render_stage_profile(results: Sequence[ConditionResult]) -> str:
+    """Stage 0's trace of the measured passes: each stage's compute and each hop, in ms per pass."""
+    profiled = [r for r in results if r.profile]
+    if not profiled:
+        return ""
+    parts = sorted({part for r in profiled for part in r.profile}, key=_part_order)
+    columns = ["condition", *(f"{p.replace('_', '→')} ms" for p in parts)]
+    rows = [[r.condition.name, *(_cell(r.profile.get(p), ".2f") for p in parts)] for r in profiled]
+    return _table(columns, rows)
+
+
 def goal_lines(results: Sequence[ConditionResult]) -> list[str]:
     """How the run compares with the goals the issue set (reported, never asserted)."""
     rel = ratios(results)
@@ -156,6 +176,11 @@ def render_report(settings: BenchSettings, results: Sequence[ConditionResult]) -
         parts += ["Delayed links: " + "; ".join(methods), ""]
     parts += ["Where a target pass's time goes (ms per pass, measured requests):", "",
               render_profile(results), ""]
+    stage_profile = render_stage_profile(results)
+    if stage_profile:
+        parts += ["The same passes by stage and hop, from stage 0's trace (ms per pass; `target` is the "
+                  "whole pass, `hopA→B` the link both ways with (de)serialization and queueing):", "",
+                  stage_profile, ""]
     goals = goal_lines(results)
     if goals:
         parts += ["Goals:", *goals, ""]

@@ -155,6 +155,7 @@ class ConditionResult:
     link_note: str | None = None
     link_traffic: list[dict] = field(default_factory=list)  # during the measured runs
     server: dict[str, Any] = field(default_factory=dict)  # stage 0's status, or llama-server's argv
+    profile: dict[str, float] = field(default_factory=dict)  # ms per pass by part, measured requests
     seconds: float = 0.0  # the whole condition, start to stop
     error: str | None = None
 
@@ -162,7 +163,8 @@ class ConditionResult:
         return {"condition": self.condition.to_json(),
                 "stats": self.stats.to_json() if self.stats else None,
                 "link": {"method": self.link_method, "note": self.link_note, "traffic": self.link_traffic},
-                "server": self.server, "seconds": round(self.seconds, 2), "error": self.error,
+                "server": self.server, "profile_ms_per_pass": self.profile,
+                "seconds": round(self.seconds, 2), "error": self.error,
                 "requests": [s.to_json() for s in self.samples]}
 
 
@@ -207,6 +209,16 @@ def speculation_config(settings: BenchSettings, models: Models, condition: Condi
     assert condition.window_spec is not None
     lines += [f"{key} = {json.dumps(value)}" for key, value in condition.window_spec.to_json().items()]
     return "\n".join(lines) + "\n"
+
+
+def profile_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
+    """Milliseconds per target pass by part (stage 0's `profile`), over the passes between two reads."""
+    passes = after.get("passes", 0) - before.get("passes", 0)
+    if passes <= 0:
+        return {}
+    was = before.get("seconds", {})
+    return {name.removesuffix("_s"): 1000 * (total - was.get(name, 0.0)) / passes
+            for name, total in after.get("seconds", {}).items()}
 
 
 def _slug(name: str) -> str:
@@ -286,10 +298,11 @@ class Bench:
                                  config=config, draft=condition.draft, weights=settings.weights)
         try:
             server.start(settings.start_timeout_s)
-            before = links.traffic()
+            before, profile_before = links.traffic(), server.status().get("profile") or {}
             result.samples = self._measure(server.url, extra={})
             result.link_traffic = _traffic_delta(before, links.traffic())
             result.server = server.status()
+            result.profile = profile_delta(profile_before, result.server.get("profile") or {})
         finally:
             server.stop()
             links.close()

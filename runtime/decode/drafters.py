@@ -22,6 +22,7 @@ import mlx.core as mx
 
 from ..model.kv_cache import RangeCache
 from .sampling import SamplingParams
+from .targets import PREFILL_STEP
 from .token_distribution import probabilities, recent_tokens, request_key, scores
 
 if TYPE_CHECKING:
@@ -29,7 +30,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("layerline.speculative")
 
-PREFILL_STEP = 512  # positions per replay chunk
 
 
 class Drafter(Protocol):

@@ -1,16 +1,27 @@
-"""`layerline run`: one prompt answered by a package in one process, as a token stream."""
+"""`layerline run`: one prompt answered by a package in one process, as text deltas, with or
+without a draft (a draft model, or `ngram` prompt lookup)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from layerline.errors import LayerlineError
+from layerline.packager.speculative import NGRAM
+from layerline.packager.window_spec import WindowSpec
 
 from ..model.chat import chat_prompt_tokens, text_prompt_tokens, user_messages
-from .generate import Generation, generate
+from .draft_model import load_draft
+from .drafters import Drafter, ModelDrafter, NgramDrafter, NoDrafter
 from .local_pipeline import LocalPipeline
+from .loop import Generation, generate
 from .sampling import SamplingParams
+from .targets import LocalTarget
+from .text import TextEvent, text_events
+from .window_policy import WindowPolicy
+
+DRAFT_CACHE = Path("~/.cache/layerline/drafts")  # packages built from GGUF or Hub drafts
 
 
 @dataclass(frozen=True)
@@ -22,10 +33,24 @@ class RunRequest:
     sampling: SamplingParams = SamplingParams()
     weights: str = "auto"
     split: str | None = None  # "0:12,12:30": ranges run one after another
+    draft: str | None = None  # a draft model reference, or "ngram"; None decodes plainly
+    window: WindowSpec = field(default_factory=WindowSpec)  # the draft window, with a draft
 
 
-def start_run(request: RunRequest) -> Generation:
-    """Load the package (split as asked) and return the generation for the prompt or chat."""
+@dataclass
+class Run:
+    """A loaded run: iterate `events()` for the text, then read `generation.stats`."""
+
+    generation: Generation
+    tokenizer: object
+    end_ids: tuple[int, ...]
+
+    def events(self) -> Iterator[TextEvent]:
+        return text_events(self.generation, self.tokenizer, end_ids=self.end_ids)
+
+
+def start_run(request: RunRequest) -> Run:
+    """Load the package (split as asked) and its draft, and make the generation for the prompt."""
     if (request.prompt is None) == (request.chat is None):
         raise LayerlineError("give exactly one of --prompt and --chat",
                              hint='e.g. --chat "What is the capital of France?"')
@@ -40,5 +65,16 @@ def start_run(request: RunRequest) -> Generation:
     sampling = request.sampling
     if not sampling.stop_token_ids:
         sampling = replace(sampling, stop_token_ids=pipeline.eos_token_ids)
-    return generate(pipeline, pipeline.make_cache(), prompt, sampling, tokenizer=tokenizer,
-                    context_length=pipeline.context_length)
+    drafter: Drafter = NoDrafter()
+    policy = WindowPolicy.off()
+    if request.draft is not None:
+        policy = WindowPolicy.for_spec(request.window)
+        if request.draft == NGRAM:
+            drafter = NgramDrafter()
+        else:
+            draft, _ = load_draft(request.draft, manifest.tokenizer.fingerprint,
+                                  DRAFT_CACHE.expanduser(), request.weights)
+            drafter = ModelDrafter(draft, sampling, context_length=pipeline.context_length)
+    generation = generate(LocalTarget.open(pipeline), prompt, sampling, drafter=drafter, policy=policy,
+                          context_length=pipeline.context_length)
+    return Run(generation, tokenizer, pipeline.eos_token_ids)

@@ -96,10 +96,13 @@ class Sampler:
 
 
 def penalize(logits: mx.array, recent: mx.array, penalty: float) -> mx.array:
-    """Logits (B, V) with the recent tokens' logits pushed away from zero (CTRL's rule)."""
+    """Logits (B, V) with the recent tokens' logits pushed away from zero (CTRL's rule).
+
+    `recent` is one history (H,) for every row, or one per row (B, H).
+    """
     if penalty == 1.0 or recent.size == 0:
         return logits
-    index = mx.broadcast_to(recent, (logits.shape[0], recent.size))
+    index = recent if recent.ndim == 2 else mx.broadcast_to(recent, (logits.shape[0], recent.size))
     chosen = mx.take_along_axis(logits, index, axis=-1)
     chosen = mx.where(chosen < 0, chosen * penalty, chosen / penalty)
     return mx.put_along_axis(logits, index, chosen, axis=-1)

@@ -1,4 +1,4 @@
-"""What speculation verifies drafts with: one session of the target model, position-addressed.
+"""What the decode loop runs tokens through: one session of the target model, position-addressed.
 
 `forward(tokens, start_pos)` runs `tokens` at absolute positions `start_pos…` and returns
 their logits (L, vocab), first forgetting every cached position >= `start_pos`, exactly as
@@ -6,6 +6,8 @@ a split pipeline's stages do with a frame (so rolling back rejected drafts costs
 `rewind(position)` forgets positions >= `position` now; where the next forward would do it
 anyway (the split pipeline) it may do nothing.
 
+- `LocalTarget`: a whole model in this process (`LocalPipeline`) and one session's caches;
+  it also runs a token lazily (`forward_lazy`), for the plain loop's one-step lookahead.
 - `PipelineTarget`: stage 0's `PipelineSession` over the split pipeline.
 """
 
@@ -15,8 +17,22 @@ from typing import TYPE_CHECKING, Protocol
 
 import mlx.core as mx
 
+from layerline.errors import ContextLengthError, SessionError
+
+from ..model.kv_cache import RangeCache
+
 if TYPE_CHECKING:
     from ..stage.pipeline import PipelineSession
+    from .local_pipeline import LocalPipeline
+
+
+PREFILL_STEP = 512  # positions per call while a model catches up on a prompt (target or draft)
+
+
+class LogitsModel(Protocol):
+    """A whole model in this process: token ids (B, L) and per-range caches -> logits (B, L, vocab)."""
+
+    def __call__(self, tokens: mx.array, caches: list[RangeCache]) -> mx.array: ...
 
 
 class Target(Protocol):
@@ -31,6 +47,58 @@ class Target(Protocol):
         ...
 
 
+class LocalTarget:
+    """A model in this process and the caches of one session, addressed by position."""
+
+    def __init__(self, model: LogitsModel, caches: list[RangeCache], *, vocab_size: int,
+                 context_length: int | None = None) -> None:
+        self.model = model
+        self.caches = caches
+        self.vocab_size = vocab_size
+        self.context_length = context_length
+
+    @classmethod
+    def open(cls, pipeline: LocalPipeline) -> LocalTarget:
+        """A fresh session of a whole package loaded in this process."""
+        return cls(pipeline, pipeline.make_cache(), vocab_size=pipeline.head.vocab_size,
+                   context_length=pipeline.context_length)
+
+    @property
+    def length(self) -> int:
+        """Positions the session's caches hold."""
+        return self.caches[0].length if self.caches else 0
+
+    def forward(self, tokens: list[int], start_pos: int) -> mx.array:
+        """Logits (L, vocab) for `tokens` at positions start_pos.., after truncating there."""
+        if start_pos > self.length:
+            raise SessionError(
+                f"this session holds {self.length} positions; tokens at {start_pos} would leave a gap",
+                hint=f"feed positions {self.length}..{start_pos - 1} first")
+        end = start_pos + len(tokens)
+        if self.context_length is not None and end > self.context_length:
+            raise ContextLengthError(
+                f"positions up to {end} are past the context length {self.context_length}",
+                hint="stop generating at the context length")
+        self.rewind(start_pos)
+        logits = self.model(mx.array([tokens], dtype=mx.uint32), self.caches)[0]
+        mx.eval(logits)
+        return logits
+
+    def forward_lazy(self, token: mx.array, start_pos: int) -> mx.array:
+        """Logits (1, vocab) of one token (an mlx array) at `start_pos`, not yet evaluated.
+
+        The caches must hold exactly `start_pos` positions: the plain loop queues the next
+        step before it reads this one.
+        """
+        return self.model(token.reshape(1, 1).astype(mx.uint32), self.caches)[0]
+
+    def rewind(self, position: int) -> None:
+        """Truncate every range's cache to `position` (nothing happens if it holds less)."""
+        for cache in self.caches:
+            if cache.length > position:
+                cache.truncate(position)
+
+
 class PipelineTarget:
     """Stage 0's session over the split pipeline: stages truncate at each frame's start_pos."""
 
@@ -41,6 +109,11 @@ class PipelineTarget:
     def forward(self, tokens: list[int], start_pos: int) -> mx.array:
         """Logits (L, vocab) from the whole pipeline, one frame of `tokens` at `start_pos`."""
         return self.session.forward(tokens, start_pos)
+
+    @property
+    def last_trace(self) -> object:
+        """Where the last pass's time went on every stage (a PassTrace)."""
+        return self.session.last_trace
 
     def rewind(self, position: int) -> None:
         """Nothing to send: the next frame's start_pos truncates every stage's cache."""

@@ -21,6 +21,14 @@ def recent_tokens(history: list[int] | mx.array, params: SamplingParams) -> mx.a
     return mx.array(history[-params.repetition_context:], dtype=mx.uint32)
 
 
+def recent_rows(committed: list[int], drafts: list[int], params: SamplingParams) -> mx.array:
+    """The penalty's history of each verification row (len(drafts) + 1, H): row i follows
+    committed + drafts[:i]. Short rows repeat their first token (a repeat changes nothing)."""
+    histories = [(committed + drafts[:i])[-params.repetition_context:] for i in range(len(drafts) + 1)]
+    width = max(len(h) for h in histories)
+    return mx.array([[h[0]] * (width - len(h)) + h for h in histories], dtype=mx.uint32)
+
+
 def scores(logits: mx.array, recent: mx.array, params: SamplingParams) -> mx.array:
     """Float32 logits (B, V) after the repetition penalty: what greedy takes the argmax of."""
     # Penalized in the logits' own dtype, then cast, exactly as Sampler does.

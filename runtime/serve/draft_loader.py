@@ -1,15 +1,11 @@
-"""Stage 0's draft model: resolved from its reference, checked, loaded in the background.
+"""Stage 0's draft model, loaded in the background (`decode.draft_model` resolves and checks it).
 
-A reference is a local package folder, a local GGUF (built into a package in the
-cache first), a Hub package repo (`org/name[@revision]`) or a Hub GGUF repo
-(`org/name:QUANT`). A draft whose tokenizer fingerprint differs from the
-target's is refused. Nothing here ever stops the server: a draft that cannot be
-had leaves the state `failed` with the reason.
+Nothing here ever stops the server: a draft that cannot be had leaves the state `failed`
+with the reason.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -18,9 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from layerline.errors import LayerlineError
-from layerline.packager.manifest import MANIFEST_NAME, read_manifest
-from layerline.packager.source import is_hub_id
-from layerline.packager.speculative import require_same_tokenizer
+
+from ..decode.draft_model import load_draft
 
 log = logging.getLogger("layerline.draft")
 
@@ -36,39 +31,6 @@ class DraftState:
     def to_json(self) -> dict[str, Any]:
         return {"state": self.state, "reference": self.reference, "reason": self.reason,
                 "fingerprint": self.fingerprint, "load_seconds": self.load_seconds}
-
-
-def draft_package_dir(reference: str, cache_dir: Path) -> Path:
-    """A local package folder for `reference`, building or downloading it if needed."""
-    from layerline.packager.build import BuildOptions, build_package
-
-    path = Path(reference).expanduser()
-    if path.is_dir() and (path / MANIFEST_NAME).is_file():
-        return path
-    key = hashlib.sha256(str(path.resolve() if path.exists() else reference).encode()).hexdigest()[:16]
-    built = cache_dir / "drafts" / key
-    if (built / MANIFEST_NAME).is_file():
-        return built
-    if path.exists():
-        build_package(str(path), built, BuildOptions(quiet=True, force=True))
-        return built
-    if not is_hub_id(reference):
-        raise LayerlineError(f"draft {reference} does not exist",
-                             hint="give a package folder, a GGUF file, or a Hub repo id")
-    if ":" not in reference:
-        # A Hub package repo: fetch it whole (a draft runs entirely on stage 0).
-        from huggingface_hub import snapshot_download
-
-        repo_id, _, revision = reference.partition("@")
-        try:
-            local = Path(snapshot_download(repo_id, revision=revision or None,
-                                           cache_dir=cache_dir / "hub"))
-        except Exception as exc:  # huggingface_hub raises many kinds: all mean "cannot fetch"
-            raise LayerlineError(f"draft {reference} could not be downloaded: {exc}") from exc
-        if (local / MANIFEST_NAME).is_file():
-            return local
-    build_package(reference, built, BuildOptions(quiet=True, force=True))  # Hub model or GGUF repo
-    return built
 
 
 class DraftLoader:
@@ -96,14 +58,10 @@ class DraftLoader:
         return self._state
 
     def _load(self) -> None:
-        from ..decode.local_pipeline import LocalPipeline
-
         started = time.monotonic()
         try:
-            folder = draft_package_dir(self.reference, self.cache_dir)
-            fingerprint = read_manifest(folder).tokenizer.fingerprint
-            require_same_tokenizer(self.reference, fingerprint, self.target_fingerprint)
-            self.model = LocalPipeline.load(folder, weights=self.weights, tokenizer=False)
+            self.model, fingerprint = load_draft(self.reference, self.target_fingerprint, self.cache_dir,
+                                                 self.weights)
         except Exception as exc:  # any failure leaves the server serving without the draft
             reason = str(exc) if isinstance(exc, LayerlineError) else f"{type(exc).__name__}: {exc}"
             self._state = DraftState("failed", self.reference, reason=reason)

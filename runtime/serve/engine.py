@@ -22,20 +22,16 @@ from typing import Any
 
 from layerline.packager.manifest import Manifest
 
+from ..decode.loop import GenerationStats, Token, generate
 from ..decode.sampling import SamplingParams
-from ..decode.speculative import (
-    SpeculationStats,
-    SpeculativeGeneration,
-    SpeculativeToken,
-    speculative_generate,
-)
 from ..decode.targets import PipelineTarget
+from ..decode.text import text_events
 from ..model.chat import chat_prompt_tokens, text_prompt_tokens
-from ..model.tokenizer import TextStream
 from ..stage.pipeline import Pipeline
 from .admission import Admission, ShuttingDownError, Ticket
 from .frontend import GenerationEvent, TokenLogprob
 from .openai_schema import GenerationRequest
+from .profile import PassProfile
 from .speculation import SpeculationPlan, Stage0Speculation
 
 log = logging.getLogger("layerline.engine")
@@ -45,7 +41,7 @@ class PipelineEngine:
     def __init__(self, manifest: Manifest, tokenizer: Any, pipeline: Pipeline, *, context_length: int,
                  end_ids: tuple[int, ...], max_batch_tokens: int, speculation: Stage0Speculation,
                  status: Callable[[], dict[str, Any]], ready: Callable[[], bool],
-                 admission: Admission) -> None:
+                 admission: Admission, profile: PassProfile | None = None) -> None:
         self.manifest = manifest
         self.model_id = manifest.model.id
         self.tokenizer = tokenizer
@@ -57,6 +53,7 @@ class PipelineEngine:
         self._status = status
         self._ready = ready
         self.admission = admission
+        self.profile = profile or PassProfile()
         self.vocab_size = pipeline.head.vocab_size
         self._stopping = threading.Event()
 
@@ -102,52 +99,38 @@ class PipelineEngine:
         plan = self.speculation.plan(request.speculative, params, context_length=self.context_length,
                                      lock=self.pipeline.compute_lock)
         session = self.pipeline.open(f"s-{uuid.uuid4().hex[:16]}")
-        tokens = speculative_generate(PipelineTarget(session), plan.drafter, request.prompt_tokens,
-                                      params, plan.policy, context_length=self.context_length,
-                                      prefill_step=self.max_batch_tokens)
-        stream = iter(tokens)
-        text = TextStream(self.tokenizer, params.stop)
+        generation = generate(PipelineTarget(session), request.prompt_tokens, params, drafter=plan.drafter,
+                              policy=plan.policy, context_length=self.context_length,
+                              prefill_step=self.max_batch_tokens,
+                              on_step=lambda step: self.profile.record(session.session_id, step))
+        events = text_events(generation, self.tokenizer, end_ids=self.end_ids)
         started = time.monotonic()
         try:
-            for token in stream:
+            for event in events:
                 if self._stopping.is_set():
                     raise ShuttingDownError("the server is shutting down; the request was cut short",
                                             hint="send it again to another server")
-                logprobs = self._logprobs(token) if params.logprobs else None
-                if token.id in self.end_ids:
-                    yield self._last(GenerationEvent(text.finish(), [token.id], logprobs), "stop",
-                                     plan, tokens)
+                token = event.token
+                logprobs = self._logprobs(token) if params.logprobs and token is not None else None
+                out = GenerationEvent(event.text, [token.id] if token is not None else [], logprobs)
+                if event.finish_reason is not None:
+                    yield dataclasses.replace(out, finish_reason=event.finish_reason, stats={
+                        "speculative": speculation_usage(plan, generation.stats)})
                     return
-                delta = text.add(token.id)
-                if text.stopped:
-                    yield self._last(GenerationEvent(delta, [token.id], logprobs), "stop", plan, tokens)
-                    return
-                if len(tokens.tokens) == params.max_tokens:
-                    yield self._last(GenerationEvent(delta + text.finish(), [token.id], logprobs),
-                                     "length", plan, tokens)
-                    return
-                yield GenerationEvent(delta, [token.id], logprobs)
-            # The context ended the request before max_tokens.
-            yield self._last(GenerationEvent(text.finish(), []), "length", plan, tokens)
+                yield out
         finally:
-            stream.close()  # rolls back what a stop string cut off
+            events.close()  # rolls back what a stop string cut off
             session.close()
-            self._record(plan, tokens.stats, time.monotonic() - started)
+            self._record(plan, generation.stats, time.monotonic() - started)
 
-    def _last(self, event: GenerationEvent, finish: str, plan: SpeculationPlan,
-              tokens: SpeculativeGeneration) -> GenerationEvent:
-        """The request's last event, with its speculation counters for `usage`."""
-        return dataclasses.replace(event, finish_reason=finish,
-                                   stats={"speculative": speculation_usage(plan, tokens.stats)})
-
-    def _record(self, plan: SpeculationPlan, stats: SpeculationStats, seconds: float) -> None:
+    def _record(self, plan: SpeculationPlan, stats: GenerationStats, seconds: float) -> None:
         mode = (f"strategy={plan.strategy} window_policy={plan.policy.kind} {stats.describe()}"
                 if plan.speculating else f"speculation=off reason={plan.reason!r}")
         log.info("event=request_done prompt_tokens=%d tokens=%d seconds=%.2f tok_s=%.1f %s",
                  stats.prompt_tokens, stats.tokens, seconds,
                  stats.tokens / seconds if seconds > 0 else 0.0, mode)
 
-    def _logprobs(self, token: SpeculativeToken) -> list[TokenLogprob]:
+    def _logprobs(self, token: Token) -> list[TokenLogprob]:
         decode = self.tokenizer.decode
         alternatives = [(decode([i]), logprob) for i, logprob in token.top_logprobs]
         return [TokenLogprob(decode([token.id]), float(token.logprob or 0.0), alternatives)]
@@ -171,7 +154,7 @@ class Events:
         self._ticket.release()  # also when the events were never started
 
 
-def speculation_usage(plan: SpeculationPlan, stats: SpeculationStats) -> dict[str, Any]:
+def speculation_usage(plan: SpeculationPlan, stats: GenerationStats) -> dict[str, Any]:
     """`usage.speculative` of a response: what was drafted, accepted, and what it cost."""
     return {
         "enabled": plan.speculating, "strategy": plan.strategy, "window_policy": plan.policy.kind,

@@ -36,6 +36,7 @@ from .draft_api import DraftPolicy, draft_router
 from .engine import PipelineEngine
 from .frontend import create_app
 from .metrics import StageGauge
+from .profile import PassProfile
 from .speculation import Stage0Speculation
 from .speculative_settings import ResolvedSpeculativeConfig, resolve_speculative
 
@@ -65,6 +66,7 @@ class Stage0Options:
     stage_timeout_s: float = 10.0  # what a stage may take per frame beyond its measured compute
     drain_s: float = 5.0  # after SIGTERM, how long requests in flight may finish
     lease_s: float = 60.0  # how long a peer keeps this stage 0's claim without hearing from it
+    trace_file: Path | None = None  # every step of every request, one JSON line each
 
 
 def _open_package(ref: str, cache_dir: Path) -> LayerPackage:
@@ -106,6 +108,7 @@ class Stage0:
             log.warning("event=admin_api_off http=%s reason=no --admin-token-file beyond loopback: "
                         "/v1/draft and the dashboard answer 403", options.http)
         self.admission = Admission(options.max_sessions, options.max_queue)
+        self.profile = PassProfile(options.trace_file)
         self.package = _open_package(options.package, self.cache_dir)
         self.draft_policy = DraftPolicy(_draft_roots(options), options.config.admin.hub_drafts)
         manifest = self.package.manifest
@@ -165,7 +168,7 @@ class Stage0:
             manifest, tokenizer, pipeline, context_length=self.context_length,
             end_ids=end_of_generation_ids(tokenizer, package), max_batch_tokens=MAX_BATCH_TOKENS,
             speculation=self.speculation, status=self.status, ready=lambda: self.coordinator.ready,
-            admission=self.admission)
+            admission=self.admission, profile=self.profile)
         log.info("event=ready model=%s stage0_layers=%d..%d peers=%d %s", manifest.model.id, start, end,
                  len(self.options.peers), plan.describe())
 
@@ -190,6 +193,7 @@ class Stage0:
             "wire_dtype": self.options.wire_dtype,
             "context_length": self.context_length,
             "speculative": self.speculation.to_json(),
+            "profile": self.profile.to_json(),
             "requests": {"active": self.admission.active, "queued": self.admission.waiting,
                          "max_active": self.admission.max_active, "max_queue": self.admission.max_queue},
             "uptime_s": round(time.time() - self.started, 1),

@@ -1,0 +1,415 @@
+"""The one decode loop: plain decoding and speculative decoding, for `layerline run`,
+stage 0's serving and `layerline bench decode` alike. Plain decoding is a window of 0.
+
+One step, with `s` the committed sequence (prompt plus generated tokens):
+
+1. the window policy picks w (never more than is left of max_tokens or the context);
+2. the drafter proposes d1..dw (maybe fewer; none is a plain step);
+3. ONE target call `forward([s[-1], d1..dw], start_pos=len(s) - 1)` gives w + 1 rows of
+   logits: row i is the target's next-token distribution after d1..di;
+4. greedy: accept the longest prefix of drafts equal to the rows' argmax, then the argmax
+   of the first row not matched (or of the last row). Sampled (Leviathan et al. 2023):
+   accept di with probability min(1, p(di) / q(di)); at the first rejection draw from
+   norm(max(0, p - q)) and stop; after full acceptance draw one more token from p. p and q
+   are the request's own distributions (repetition penalty, top-k, top-p, min-p,
+   temperature), so the output follows exactly the target's sampling distribution. All
+   rows are scored in one batch of array operations;
+5. the target and the drafter forget the rejected positions.
+
+The first step drafts nothing (`first_token_first`): the token that ends the prompt's
+prefill streams at once, and speculation starts from the second token.
+
+When the request never drafts and the target runs in this process (`forward_lazy`), the
+loop queues step n+1 (`mx.async_eval`) before it reads token n, as mlx-lm's `generate_step`
+does, so building the next graph overlaps the compute.
+
+Tokens are yielded one at a time: the caller checks its stop strings and may close the
+generator in the middle of a step's accepted run; the `finally` then rolls the target and
+the drafter back to what was yielded. A stop token id ends the generation (it is yielded).
+The target holds every committed token but the last, which the next step feeds.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+
+from layerline.errors import ContextLengthError
+
+from .drafters import Drafter, NoDrafter
+from .sampling import SamplingParams, log_softmax
+from .targets import PREFILL_STEP, Target
+from .token_distribution import probabilities, recent_rows, recent_tokens, request_key, scores
+from .window_policy import GateDecision, WindowPolicy
+
+log = logging.getLogger("layerline.decode")
+
+_NO_HISTORY = mx.zeros((0,), dtype=mx.uint32)  # what the penalty looks at when it is off
+
+# A token's log-probability and the likeliest alternatives (id, log-probability), best first.
+TokenLogprobs = tuple[float, tuple[tuple[int, float], ...]]
+
+
+@dataclass(frozen=True)
+class Token:
+    id: int
+    logprob: float | None = None  # the target's log-probability of the token (raw logits)
+    top_logprobs: tuple[tuple[int, float], ...] = ()  # the likeliest alternatives, best first
+    drafted: bool = False  # proposed by the drafter and accepted, else chosen by the target
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One step of one request, for the per-pass profile (`--trace`)."""
+
+    positions: int  # fed to the target: the last token plus the drafts
+    drafted: int
+    accepted: int
+    tokens: int  # committed by the step
+    draft_s: float  # proposing
+    target_s: float  # the target pass
+    decide_s: float  # acceptance, sampling, rollback
+    trace: Any = None  # the target's own breakdown of its pass (a PassTrace), when it has one
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int
+    tokens: int = 0  # tokens yielded
+    drafted: int = 0  # draft tokens sent to the target for verification
+    accepted: int = 0  # of those, accepted (whether or not the caller read them all)
+    target_passes: int = 0  # target passes after prefill (one per step)
+    draft_seconds: float = 0.0  # in the drafter's propose()
+    verify_seconds: float = 0.0  # in target passes after prefill, and deciding on their logits
+    prefill_seconds: float = 0.0  # the prompt but its last token
+    first_token_seconds: float = 0.0  # from the start to the first token
+    decode_seconds: float = 0.0  # from the first token to the last
+    finish_reason: str = ""  # "stop" | "length" | "" (closed by the caller)
+    gate: GateDecision | None = None  # the window policy's verdict when the request ended
+
+    @property
+    def accept_rate(self) -> float:
+        """accepted / drafted (0 when nothing was drafted)."""
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_pass(self) -> float:
+        """Tokens yielded per target pass."""
+        return self.tokens / self.target_passes if self.target_passes else 0.0
+
+    @property
+    def prefill_tps(self) -> float:
+        """Prompt tokens per second, up to the first token."""
+        return self.prompt_tokens / self.first_token_seconds if self.first_token_seconds > 0 else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        """Tokens per second after the first."""
+        return (self.tokens - 1) / self.decode_seconds if self.tokens > 1 and self.decode_seconds > 0 else 0.0
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "prompt_tokens": self.prompt_tokens, "tokens": self.tokens, "drafted": self.drafted,
+            "accepted": self.accepted, "accept_rate": round(self.accept_rate, 4),
+            "target_passes": self.target_passes, "tokens_per_pass": round(self.tokens_per_pass, 4),
+            "draft_seconds": round(self.draft_seconds, 6),
+            "verify_seconds": round(self.verify_seconds, 6),
+            "prefill_seconds": round(self.prefill_seconds, 6), "finish_reason": self.finish_reason,
+            "gate": self.gate.to_json() if self.gate is not None else None,
+        }
+
+    def describe(self) -> str:
+        """`prefill 31 tok 412.3 tok/s, decode 64 tok 52.1 tok/s, finish=stop`, and the drafting."""
+        line = (f"prefill {self.prompt_tokens} tok {self.prefill_tps:.1f} tok/s, "
+                f"decode {self.tokens} tok {self.decode_tps:.1f} tok/s, finish={self.finish_reason}")
+        if self.drafted:
+            line += (f"; drafted {self.drafted} accepted {self.accepted} ({self.accept_rate:.0%}), "
+                     f"{self.tokens_per_pass:.1f} tok/pass, draft {self.draft_seconds:.2f}s "
+                     f"verify {self.verify_seconds:.2f}s")
+        return line
+
+
+def check_prompt(prompt: list[int], context_length: int | None) -> None:
+    """Raise ContextLengthError unless the prompt is non-empty and leaves room for a token."""
+    if not prompt:
+        raise ContextLengthError("the prompt is empty", hint="give at least one token of prompt")
+    if context_length is not None and len(prompt) >= context_length:
+        raise ContextLengthError(
+            f"the prompt has {len(prompt)} tokens, but the model's context length is {context_length}",
+            hint=f"shorten the prompt to fewer than {context_length} tokens")
+
+
+def plain_choice(logits: mx.array, recent: mx.array, params: SamplingParams,
+                 key: mx.array) -> tuple[mx.array, mx.array]:
+    """The target's own next token from one row of logits (1, V), lazily, and the next key.
+
+    Both paths of the loop choose plain tokens here, so a seed gives the same text whether a
+    request runs in one process or through the split pipeline.
+    """
+    key, _, draw_key = mx.random.split(key, 3)
+    if params.greedy:
+        return mx.argmax(scores(logits, recent, params), axis=-1), key
+    p = probabilities(logits, recent, params)
+    return mx.random.categorical(mx.log(p), key=draw_key), key
+
+
+def token_logprobs(logits: mx.array, tokens: list[int], k: int) -> list[TokenLogprobs]:
+    """Each token's log-probability under its row of raw logits (L, V), and the row's top k."""
+    values = log_softmax(logits)
+    out = []
+    for i, token in enumerate(tokens):
+        top: tuple[tuple[int, float], ...] = ()
+        if k:
+            best = mx.argpartition(-values[i], kth=k - 1)[:k]
+            chosen = values[i][best]
+            order = mx.argsort(-chosen)
+            top = tuple(zip(best[order].tolist(), chosen[order].tolist(), strict=True))
+        out.append((float(values[i, token].item()), top))
+    return out
+
+
+@dataclass
+class Generation:
+    """One request's token stream: iterate for tokens, then read `stats`."""
+
+    target: Target  # an empty session of the target model
+    prompt: list[int]
+    params: SamplingParams
+    drafter: Drafter = field(default_factory=NoDrafter)
+    policy: WindowPolicy = field(default_factory=WindowPolicy.off)
+    context_length: int | None = None
+    prefill_step: int = PREFILL_STEP
+    first_token_first: bool = True
+    on_step: Callable[[StepRecord], None] | None = None
+    stats: GenerationStats = field(init=False)
+    tokens: list[int] = field(init=False, default_factory=list)  # yielded, in order
+
+    def __post_init__(self) -> None:
+        check_prompt(self.prompt, self.context_length)
+        self.stats = GenerationStats(prompt_tokens=len(self.prompt))
+        self._key = request_key(self.params.seed, stream=0)
+        self._started = False
+
+    @property
+    def _limit(self) -> int:
+        limit = self.params.max_tokens
+        if self.context_length is not None:
+            # The last token is never fed: tokens may reach one past the last position.
+            limit = min(limit, self.context_length - len(self.prompt) + 1)
+        return limit
+
+    def __iter__(self) -> Iterator[Token]:
+        if self._started:
+            raise RuntimeError("a Generation runs once; make another for another run")
+        self._started = True
+        self._clock = time.perf_counter()
+        committed = list(self.prompt)
+        try:
+            self._prefill()
+            if self.policy.kind == "off" and hasattr(self.target, "forward_lazy"):
+                yield from self._plain_ahead(committed)
+            else:
+                yield from self._steps(committed)
+        finally:
+            # Closed mid-run or not: both sides keep exactly what was yielded.
+            self.target.rewind(len(committed) - 1)
+            self.drafter.sync(committed)
+            self.stats.gate = self.policy.decision
+            log.debug("event=generation_done tokens=%d drafted=%d accepted=%d passes=%d finish=%s",
+                      self.stats.tokens, self.stats.drafted, self.stats.accepted,
+                      self.stats.target_passes, self.stats.finish_reason or "closed")
+
+    def _emit(self, committed: list[int], token: Token) -> bool:
+        """Count a token about to be yielded; True when it ends the generation."""
+        stats = self.stats
+        now = time.perf_counter()
+        if stats.tokens == 0:
+            stats.first_token_seconds, self._first_at = now - self._clock, now
+        stats.decode_seconds = now - self._first_at
+        committed.append(token.id)
+        self.tokens.append(token.id)
+        stats.tokens += 1
+        if token.id in self.params.stop_token_ids:
+            stats.finish_reason = "stop"
+            return True
+        if stats.tokens >= self._limit:
+            stats.finish_reason = "length"
+            return True
+        return False
+
+    # ------------------------------------------------------------ plain, queued one ahead
+
+    def _plain_ahead(self, committed: list[int]) -> Iterator[Token]:
+        params, stats = self.params, self.stats
+        recent = recent_tokens(committed, params)
+        position = len(committed) - 1
+        pending = self._queue(mx.array([committed[-1]], dtype=mx.uint32), position, recent)
+        while True:
+            token, logits, recent = pending
+            position += 1
+            if stats.tokens + 1 < self._limit:
+                pending = self._queue(token, position, recent)  # computed while we read `token`
+            started = time.perf_counter()
+            token_id = int(token.item())
+            logprob, top = (None, ())
+            if params.logprobs:
+                logprob, top = token_logprobs(logits, [token_id], params.top_logprobs)[0]
+            stats.target_passes += 1
+            stats.verify_seconds += time.perf_counter() - started
+            done = self._emit(committed, Token(token_id, logprob, top))
+            yield Token(token_id, logprob, top)
+            if done:
+                return
+
+    def _queue(self, token: mx.array, position: int,
+               recent: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """The next token's graph, queued for evaluation: (token, its logits row, new history)."""
+        logits = self.target.forward_lazy(token, position)[-1:]
+        chosen, self._key = plain_choice(logits, recent, self.params, self._key)
+        if self.params.repetition_penalty != 1.0:
+            recent = recent_tokens(mx.concatenate([recent, chosen.astype(mx.uint32)]), self.params)
+        mx.async_eval(chosen, logits)
+        return chosen, logits, recent
+
+    # ------------------------------------------------------------ steps: draft, verify
+
+    def _steps(self, committed: list[int]) -> Iterator[Token]:
+        stats = self.stats
+        # Timings must not decide which steps speculate when a seed must reproduce the text.
+        gated = self.params.greedy or self.params.seed is None
+        while True:
+            room = self._limit - stats.tokens - 1  # drafts beyond the step's own token
+            window = self.policy.next_window(room, gated=gated)
+            if self.first_token_first and stats.target_passes == 0:
+                window = 0
+            out, accepted, logprobs = self._step(committed, window)
+            for i, token in enumerate(out):
+                logprob, top = logprobs[i] if logprobs is not None else (None, ())
+                emitted = Token(token, logprob, top, drafted=i < accepted)
+                done = self._emit(committed, emitted)
+                yield emitted
+                if done:
+                    return
+
+    def _step(self, committed: list[int], window: int) -> tuple[list[int], int, list[TokenLogprobs] | None]:
+        """Draft, verify in one target pass, roll back: tokens committed, how many were drafts."""
+        stats = self.stats
+        started = time.perf_counter()
+        drafts, q = self.drafter.propose(committed, window) if window > 0 else ([], None)
+        step = _Drafts.usable(drafts, q, window, self.target.vocab_size)
+        drafted_at = time.perf_counter()
+        logits = self.target.forward([committed[-1], *step.tokens], len(committed) - 1)
+        verified_at = time.perf_counter()
+        accepted, chosen = self._verify(logits, committed, step)
+        out = [*step.tokens[:accepted], chosen]
+        logprobs = (token_logprobs(logits[:len(out)], out, self.params.top_logprobs)
+                    if self.params.logprobs else None)
+        # Forget the rejected positions now: everything committed but the last is held.
+        self.target.rewind(len(committed) + len(out) - 1)
+        self.drafter.sync(committed + out)
+        done = time.perf_counter()
+        stats.draft_seconds += drafted_at - started
+        stats.verify_seconds += done - drafted_at
+        stats.target_passes += 1
+        stats.drafted += step.proposed
+        stats.accepted += accepted
+        self.policy.record(step.proposed, accepted, done - started, len(out))
+        if self.on_step is not None:
+            self.on_step(StepRecord(len(step.tokens) + 1, step.proposed, accepted, len(out),
+                                    drafted_at - started, verified_at - drafted_at, done - verified_at,
+                                    getattr(self.target, "last_trace", None)))
+        return out, accepted, logprobs
+
+    def _prefill(self) -> None:
+        """Feed the prompt but its last token, which the first step feeds."""
+        started = time.perf_counter()
+        head = self.prompt[:-1]
+        for start in range(0, len(head), self.prefill_step):
+            self.target.forward(head[start:start + self.prefill_step], start)
+        self.stats.prefill_seconds = time.perf_counter() - started
+
+    def _verify(self, logits: mx.array, committed: list[int], step: _Drafts) -> tuple[int, int]:
+        """How many drafts stand, and the token the target adds after them."""
+        params, drafts = self.params, step.tokens
+        if not drafts:
+            chosen, self._key = plain_choice(logits[-1:], recent_tokens(committed, params), params, self._key)
+            return 0, int(chosen.item())
+        # Row i follows committed + d1..di: the penalty looks at those tokens. One batch for all rows.
+        rows = recent_rows(committed, drafts, params) if params.repetition_penalty != 1.0 else _NO_HISTORY
+        if params.greedy:
+            best = mx.argmax(scores(logits, rows, params), axis=-1).tolist()
+            accepted = 0
+            while accepted < len(drafts) and drafts[accepted] == best[accepted]:
+                accepted += 1
+            return accepted, best[accepted]
+        p = probabilities(logits, rows, params)
+        self._key, accept_key, draw_key = mx.random.split(self._key, 3)
+        ids = mx.array(drafts, dtype=mx.uint32)[:, None]
+        p_d = mx.take_along_axis(p[:-1], ids, axis=-1)[:, 0]
+        q_d = mx.ones(len(drafts)) if step.q is None else mx.take_along_axis(step.q, ids, axis=-1)[:, 0]
+        u = mx.random.uniform(shape=(len(drafts),), key=accept_key)
+        rejected = (u * q_d >= p_d).tolist()  # accept with probability min(1, p/q)
+        accepted = rejected.index(True) if True in rejected else len(drafts)
+        target = p[accepted]
+        if accepted < len(drafts):
+            target = _residual(target, drafts[accepted], None if step.q is None else step.q[accepted])
+        elif step.cut_q is not None:  # the next draft was outside the vocabulary: a rejection
+            target = _residual(target, -1, step.cut_q)
+        chosen = mx.random.categorical(mx.log(target), key=draw_key)
+        return accepted, int(chosen.item())
+
+
+@dataclass(frozen=True)
+class _Drafts:
+    """The drafts a step verifies, their q rows, and what was cut off."""
+
+    tokens: list[int]
+    q: mx.array | None  # (len(tokens), target vocab), or None: q = 1 on each token
+    proposed: int  # drafts counted as proposed: the verified ones, plus one cut off
+    cut_q: mx.array | None = None  # q row of a draft cut off for being outside the vocabulary
+
+    @classmethod
+    def usable(cls, tokens: list[int], q: mx.array | None, window: int, vocab: int) -> _Drafts:
+        """At most `window` drafts, up to the first the target cannot embed (always rejected)."""
+        tokens = tokens[:window]
+        keep = next((i for i, t in enumerate(tokens) if not 0 <= t < vocab), len(tokens))
+        if q is not None:
+            q = _fit_vocab(q[:len(tokens)], vocab)
+        cut_q = q[keep] if q is not None and keep < len(tokens) else None
+        return cls(tokens[:keep], None if q is None else q[:keep],
+                   keep + (keep < len(tokens)), cut_q)
+
+
+def _residual(p: mx.array, draft: int, q: mx.array | None) -> mx.array:
+    """max(0, p - q), where the step draws from after rejecting `draft` (q None: 1 on it)."""
+    vocab = p.shape[-1]
+    if q is None:
+        residual = mx.where(mx.arange(vocab) == draft, 0.0, p)
+    else:
+        residual = mx.maximum(p - _fit_vocab(q, vocab), 0.0)
+    # Empty only through rounding (a rejection needs p(draft) < q(draft)); then p itself.
+    return residual if float(residual.sum().item()) > 0 else p
+
+
+def _fit_vocab(row: mx.array, vocab: int) -> mx.array:
+    """A draft distribution over the target's vocabulary: cut or zero-padded."""
+    size = row.shape[-1]
+    if size >= vocab:
+        return row[..., :vocab]
+    return mx.concatenate([row, mx.zeros((*row.shape[:-1], vocab - size), dtype=row.dtype)], axis=-1)
+
+
+def generate(target: Target, prompt: list[int], params: SamplingParams, *,
+             drafter: Drafter | None = None, policy: WindowPolicy | None = None,
+             context_length: int | None = None, prefill_step: int = PREFILL_STEP,
+             first_token_first: bool = True,
+             on_step: Callable[[StepRecord], None] | None = None) -> Generation:
+    """Stream tokens for `prompt` from `target` (an empty session), with drafts when a drafter
+    and a window policy are given, plainly otherwise."""
+    return Generation(target, list(prompt), params, drafter or NoDrafter(), policy or WindowPolicy.off(),
+                      context_length, prefill_step, first_token_first, on_step)

@@ -1,0 +1,71 @@
+"""Where stage 0's target passes spend their time, summed over every request since start.
+
+Each step of each request adds its drafting, its target pass (stage 0's own layers, every
+other stage's compute, every hop's wire and queueing, the head) and deciding on the
+logits. `/v1/status` shows the averages per pass; `--trace FILE` also writes every step as
+one JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, TextIO
+
+from ..decode.loop import StepRecord
+
+
+class PassProfile:
+    """Sums of step parts (seconds) and counts; thread-safe."""
+
+    def __init__(self, trace_file: Path | None = None) -> None:
+        self._lock = threading.Lock()
+        self._passes = 0
+        self._positions = 0
+        self._seconds: dict[str, float] = defaultdict(float)
+        self._trace: TextIO | None = open(trace_file, "a", encoding="utf-8") if trace_file else None
+
+    def record(self, request_id: str, step: StepRecord) -> None:
+        parts = self.parts(step)
+        with self._lock:
+            self._passes += 1
+            self._positions += step.positions
+            for name, seconds in parts.items():
+                self._seconds[name] += seconds
+            if self._trace is not None:
+                line = {"request": request_id, "positions": step.positions, "drafted": step.drafted,
+                        "accepted": step.accepted, "tokens": step.tokens,
+                        **{name: round(seconds, 6) for name, seconds in parts.items()}}
+                self._trace.write(json.dumps(line) + "\n")
+                self._trace.flush()
+
+    @staticmethod
+    def parts(step: StepRecord) -> dict[str, float]:
+        """A step's time by part, in seconds: `draft_s`, the target pass by stage and hop, `decide_s`."""
+        parts = {"draft_s": step.draft_s, "target_s": step.target_s, "decide_s": step.decide_s}
+        trace = step.trace
+        if trace is not None:
+            parts["stage0_s"] = trace.local_s
+            for index, seconds in trace.stage_compute_s.items():
+                parts[f"stage{index}_s"] = seconds
+            for index, seconds in enumerate(trace.hops_s):
+                parts[f"hop{index}_{index + 1}_s"] = seconds
+            parts["head_s"] = trace.head_s
+        return parts
+
+    def to_json(self) -> dict[str, Any]:
+        """Passes since start, positions per pass, and milliseconds per pass by part."""
+        with self._lock:
+            passes = self._passes
+            per_pass = {name.removesuffix("_s") + "_ms": round(1000 * total / passes, 3)
+                        for name, total in sorted(self._seconds.items())} if passes else {}
+            positions = round(self._positions / passes, 3) if passes else 0
+            return {"passes": passes, "positions": self._positions, "positions_per_pass": positions,
+                    "ms_per_pass": per_pass,
+                    "seconds": {name: round(total, 6) for name, total in sorted(self._seconds.items())}}
+
+    def close(self) -> None:
+        if self._trace is not None:
+            self._trace.close()
