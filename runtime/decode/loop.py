@@ -211,7 +211,7 @@ class Generation:
         committed = list(self.prompt)
         try:
             self._prefill()
-            if self.policy.kind == "off" and hasattr(self.target, "forward_lazy"):
+            if self.policy.kind == "off" and getattr(self.target, "lazy", False):
                 yield from self._plain_ahead(committed)
             else:
                 yield from self._steps(committed)

@@ -46,9 +46,14 @@ class Target(Protocol):
         """Forget every position >= `position` (the next forward starts there or before)."""
         ...
 
+    # Targets that set `lazy = True` also have `forward_lazy(token, start_pos)`: the logits of one
+    # token (an mlx array) at `start_pos`, not yet evaluated, for the plain loop's lookahead.
+
 
 class LocalTarget:
     """A model in this process and the caches of one session, addressed by position."""
+
+    lazy = True  # runs a token lazily (`forward_lazy`)
 
     def __init__(self, model: LogitsModel, caches: list[RangeCache], *, vocab_size: int,
                  context_length: int | None = None) -> None:
@@ -105,6 +110,10 @@ class PipelineTarget:
     def __init__(self, session: PipelineSession) -> None:
         self.session = session
         self.vocab_size = session.pipeline.head.vocab_size
+
+    # Not lazy: stage 0 serves requests from several threads and evaluates under its compute
+    # lock, which a step queued ahead (evaluated whenever it is read) would escape.
+    lazy = False
 
     def forward(self, tokens: list[int], start_pos: int) -> mx.array:
         """Logits (L, vocab) from the whole pipeline, one frame of `tokens` at `start_pos`."""
