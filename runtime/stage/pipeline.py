@@ -86,9 +86,9 @@ class PipelineSession:
         p = self.pipeline
         assert p.first_peer is not None
         self._seq += 1
+        sent = time.perf_counter()
         frame = pb.ActivationFrame(session_id=self.session_id, seq=self._seq,
                                    activations=encode(h, start_pos, p.wire_dtype))
-        sent = time.perf_counter()
         try:
             if self._connection is None:
                 self._connection = FrameConnection(p.first_peer.get(), budget=p.budget, token=p.token)
@@ -100,19 +100,22 @@ class PipelineSession:
             raise StageUnavailableError(f"stage 1 at {p.first_peer.control_endpoint} is unavailable: "
                                         f"{exc.message}",
                                         hint="restart that stage; stage 0 will reload it") from exc
-        waited = time.perf_counter() - sent
         if answer.WhichOneof("body") == "error":
             error = answer.error
             if error.code == pb.ACTIVATION_ERROR_CODE_DOWNSTREAM_UNAVAILABLE:
                 p.on_stage_error(error.stage_index + 1, error.message)
             raise StageUnavailableError(error.message)
-        # Timings come back last stage first; each stage's wait less the next one's total is its hop.
+        hidden = decode(answer.activations, p.limits).astype(p.compute_dtype)
+        waited = time.perf_counter() - sent
+        # Timings come back last stage first. A hop is all of a stage's wait for the next one that
+        # the next one did not spend computing or waiting further: the wire both ways and the
+        # (de)serialization at both ends, so the parts add up to the pass.
         timings = sorted(answer.timings, key=lambda t: t.stage_index)
         waits = [waited, *(t.downstream_ns / 1e9 for t in timings)]
         for i, timing in enumerate(timings):
             trace.stage_compute_s[timing.stage_index] = timing.compute_ns / 1e9
-            trace.hops_s.append(max(0.0, waits[i] - timing.total_ns / 1e9))
-        return decode(answer.activations, p.limits).astype(p.compute_dtype)
+            trace.hops_s.append(max(0.0, waits[i] - (timing.compute_ns + timing.downstream_ns) / 1e9))
+        return hidden
 
     def close(self) -> None:
         """Drop the session's caches here and on every stage."""
