@@ -11,6 +11,7 @@ from rich.progress import (
     DownloadColumn,
     MofNCompleteColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeRemainingColumn,
     TransferSpeedColumn,
@@ -43,3 +44,29 @@ def step_progress(label: str, total: int, *, quiet: bool = False) -> Iterator[Ca
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task(label, total=total)
         yield lambda n=1: progress.advance(task, n)
+
+
+class TransferBoard:
+    """Byte bars, one per named transfer (a stage preparing its layers), with rate and time left."""
+
+    def __init__(self, *, quiet: bool = False) -> None:
+        columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                   TransferSpeedColumn(), TimeRemainingColumn())
+        self._progress = None if quiet else Progress(*columns, console=console, transient=False)
+        self._tasks: dict[str, TaskID] = {}
+
+    def __enter__(self) -> TransferBoard:
+        if self._progress is not None:
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def show(self, key: str, label: str, completed: int, total: int) -> None:
+        if self._progress is None:
+            return
+        if key not in self._tasks:
+            self._tasks[key] = self._progress.add_task(label, total=total or None)
+        self._progress.update(self._tasks[key], description=label, completed=completed, total=total or None)

@@ -25,19 +25,19 @@ _sym_db = _symbol_database.Default()
 from layerline.proto import activation_pb2 as layerline_dot_proto_dot_activation__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#layerline/proto/stage_control.proto\x12\x12layerline.stage.v1\x1a layerline/proto/activation.proto\"\x88\x03\n\x13StageControlRequest\x12\x16\n\x0e\x63oordinator_id\x18\x01 \x01(\t\x12\x0c\n\x04term\x18\x02 \x01(\x04\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12*\n\x05\x63laim\x18\n \x01(\x0b\x32\x19.layerline.stage.v1.ClaimH\x00\x12.\n\x07prepare\x18\x0b \x01(\x0b\x32\x1b.layerline.stage.v1.PrepareH\x00\x12\x39\n\tinventory\x18\x0c \x01(\x0b\x32$.layerline.stage.v1.InventoryRequestH\x00\x12\x34\n\x04load\x18\r \x01(\x0b\x32$.layerline.stage.v1.StageLoadRequestH\x00\x12.\n\x07release\x18\x0e \x01(\x0b\x32\x1b.layerline.stage.v1.ReleaseH\x00\x12\x33\n\x06status\x18\x0f \x01(\x0b\x32!.layerline.stage.v1.StatusRequestH\x00\x42\t\n\x07request\"\x92\x03\n\x14StageControlResponse\x12;\n\x0e\x63laim_accepted\x18\n \x01(\x0b\x32!.layerline.stage.v1.ClaimAcceptedH\x00\x12?\n\x10prepare_accepted\x18\x0b \x01(\x0b\x32#.layerline.stage.v1.PrepareAcceptedH\x00\x12\x32\n\tinventory\x18\x0c \x01(\x0b\x32\x1d.layerline.stage.v1.InventoryH\x00\x12*\n\x05ready\x18\r \x01(\x0b\x32\x19.layerline.stage.v1.ReadyH\x00\x12\x30\n\x08released\x18\x0e \x01(\x0b\x32\x1c.layerline.stage.v1.ReleasedH\x00\x12,\n\x06status\x18\x0f \x01(\x0b\x32\x1a.layerline.stage.v1.StatusH\x00\x12\x30\n\x08rejected\x18\x10 \x01(\x0b\x32\x1c.layerline.stage.v1.RejectedH\x00\x42\n\n\x08response\"(\n\nLayerRange\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0b\n\x03\x65nd\x18\x02 \x01(\r\"7\n\x0fPackageIdentity\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\x17\n\x0fmanifest_sha256\x18\x02 \x01(\t\"X\n\x05\x43laim\x12\x34\n\x07package\x18\x01 \x01(\x0b\x32#.layerline.stage.v1.PackageIdentity\x12\x19\n\x11lease_duration_ms\x18\x02 \x01(\x04\"k\n\rClaimAccepted\x12\x19\n\x11lease_duration_ms\x18\x01 \x01(\x04\x12\x1d\n\x15lease_expires_unix_ms\x18\x02 \x01(\x03\x12 \n\x18preempted_coordinator_id\x18\x03 \x01(\t\"\x9d\x01\n\x08Rejected\x12\x30\n\x06reason\x18\x01 \x01(\x0e\x32 .layerline.stage.v1.RejectReason\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x1d\n\x15holder_coordinator_id\x18\x03 \x01(\t\x12\x13\n\x0bholder_term\x18\x04 \x01(\x04\x12\x1a\n\x12lease_remaining_ms\x18\x05 \x01(\x04\"W\n\x07Prepare\x12.\n\x06layers\x18\x01 \x01(\x0b\x32\x1e.layerline.stage.v1.LayerRange\x12\x1c\n\x14include_stage0_files\x18\x02 \x01(\x08\"5\n\x0fPrepareAccepted\x12\x13\n\x0b\x62ytes_total\x18\x01 \x01(\x04\x12\r\n\x05\x66iles\x18\x02 \x03(\t\"\x12\n\x10InventoryRequest\"\xbf\x01\n\tInventory\x12\x31\n\x05state\x18\x01 \x01(\x0e\x32\".layerline.stage.v1.InventoryState\x12\x15\n\rbytes_present\x18\x02 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x03 \x01(\x04\x12\x14\n\x0clayers_ready\x18\x04 \x01(\r\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12.\n\x06layers\x18\x06 \x01(\x0b\x32\x1e.layerline.stage.v1.LayerRange\"\x9b\x03\n\x10StageLoadRequest\x12.\n\x06layers\x18\x01 \x01(\x0b\x32\x1e.layerline.stage.v1.LayerRange\x12\x13\n\x0bstage_index\x18\x02 \x01(\r\x12\x13\n\x0bstage_count\x18\x03 \x01(\r\x12\x15\n\rupstream_peer\x18\x04 \x01(\t\x12\x17\n\x0f\x64ownstream_peer\x18\x05 \x01(\t\x12\x34\n\x07package\x18\x06 \x01(\x0b\x32#.layerline.stage.v1.PackageIdentity\x12\x31\n\nwire_dtype\x18\x07 \x01(\x0e\x32\x1d.layerline.stage.v1.WireDtype\x12\x33\n\x08kv_cache\x18\x08 \x01(\x0b\x32!.layerline.stage.v1.KvCacheConfig\x12.\n\x05\x62\x61tch\x18\t \x01(\x0b\x32\x1f.layerline.stage.v1.BatchConfig\x12\x15\n\rweight_format\x18\n \x01(\t\x12\x18\n\x10\x66rame_timeout_ms\x18\x0b \x01(\r\"=\n\rKvCacheConfig\x12\x16\n\x0e\x63ontext_length\x18\x01 \x01(\r\x12\x14\n\x0cmax_sessions\x18\x02 \x01(\r\"\'\n\x0b\x42\x61tchConfig\x12\x18\n\x10max_batch_tokens\x18\x01 \x01(\r\"o\n\x05Ready\x12\x1b\n\x13\x61\x63tivation_endpoint\x18\x01 \x01(\t\x12.\n\x06layers\x18\x02 \x01(\x0b\x32\x1e.layerline.stage.v1.LayerRange\x12\x19\n\x11memory_bytes_used\x18\x03 \x01(\x04\"\t\n\x07Release\"\n\n\x08Released\"\x0f\n\rStatusRequest\"\x86\x03\n\x06Status\x12-\n\x05state\x18\x01 \x01(\x0e\x32\x1e.layerline.stage.v1.StageState\x12\x0f\n\x07healthy\x18\x02 \x01(\x08\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x1d\n\x15holder_coordinator_id\x18\x04 \x01(\t\x12\x13\n\x0bholder_term\x18\x05 \x01(\x04\x12\x0e\n\x06run_id\x18\x06 \x01(\t\x12\x1a\n\x12lease_remaining_ms\x18\x07 \x01(\x04\x12\x35\n\rloaded_layers\x18\x08 \x01(\x0b\x32\x1e.layerline.stage.v1.LayerRange\x12\x1a\n\x12memory_total_bytes\x18\t \x01(\x04\x12\x19\n\x11memory_free_bytes\x18\n \x01(\x04\x12\x1b\n\x13\x61\x63tivation_endpoint\x18\x0b \x01(\t\x12\x0f\n\x07version\x18\x0c \x01(\t\x12\x17\n\x0f\x61\x63tive_sessions\x18\r \x01(\r\x12\x16\n\x0ekv_cache_bytes\x18\x0e \x01(\x04*\xcf\x02\n\x0cRejectReason\x12\x1d\n\x19REJECT_REASON_UNSPECIFIED\x10\x00\x12\"\n\x1eREJECT_REASON_CLAIMED_BY_OTHER\x10\x01\x12\x1c\n\x18REJECT_REASON_STALE_TERM\x10\x02\x12\x1d\n\x19REJECT_REASON_NOT_CLAIMED\x10\x03\x12\x1d\n\x19REJECT_REASON_BAD_REQUEST\x10\x04\x12!\n\x1dREJECT_REASON_UNAUTHENTICATED\x10\x05\x12\x1d\n\x19REJECT_REASON_LOAD_FAILED\x10\x06\x12\x1e\n\x1aREJECT_REASON_NOT_PREPARED\x10\x07\x12\"\n\x1eREJECT_REASON_PACKAGE_MISMATCH\x10\x08\x12\x1a\n\x16REJECT_REASON_INTERNAL\x10\t*\x87\x01\n\x0eInventoryState\x12\x1f\n\x1bINVENTORY_STATE_UNSPECIFIED\x10\x00\x12\x1d\n\x19INVENTORY_STATE_PREPARING\x10\x01\x12\x19\n\x15INVENTORY_STATE_READY\x10\x02\x12\x1a\n\x16INVENTORY_STATE_FAILED\x10\x03*\xd5\x01\n\nStageState\x12\x1b\n\x17STAGE_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10STAGE_STATE_FREE\x10\x01\x12\x17\n\x13STAGE_STATE_CLAIMED\x10\x02\x12\x19\n\x15STAGE_STATE_PREPARING\x10\x03\x12\x18\n\x14STAGE_STATE_PREPARED\x10\x04\x12\x17\n\x13STAGE_STATE_LOADING\x10\x05\x12\x15\n\x11STAGE_STATE_READY\x10\x06\x12\x16\n\x12STAGE_STATE_FAILED\x10\x07\x32l\n\x0cStageControl\x12\\\n\x07\x43ontrol\x12\'.layerline.stage.v1.StageControlRequest\x1a(.layerline.stage.v1.StageControlResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#layerline/proto/stage_control.proto\x12\x12layerline.stage.v1\x1a layerline/proto/activation.proto\"\x88\x03\n\x13StageControlRequest\x12\x16\n\x0e\x63oordinator_id\x18\x01 \x01(\t\x12\x0c\n\x04term\x18\x02 \x01(\x04\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12*\n\x05\x63laim\x18\n \x01(\x0b\x32\x19.layerline.stage.v1.ClaimH\x00\x12.\n\x07prepare\x18\x0b \x01(\x0b\x32\x1b.layerline.stage.v1.PrepareH\x00\x12\x39\n\tinventory\x18\x0c \x01(\x0b\x32$.layerline.stage.v1.InventoryRequestH\x00\x12\x34\n\x04load\x18\r \x01(\x0b\x32$.layerline.stage.v1.StageLoadRequestH\x00\x12.\n\x07release\x18\x0e \x01(\x0b\x32\x1b.layerline.stage.v1.ReleaseH\x00\x12\x33\n\x06status\x18\x0f \x01(\x0b\x32!.layerline.stage.v1.StatusRequestH\x00\x42\t\n\x07request\"\x92\x03\n\x14StageControlResponse\x12;\n\x0e\x63laim_accepted\x18\n \x01(\x0b\x32!.layerline.stage.v1.ClaimAcceptedH\x00\x12?\n\x10prepare_accepted\x18\x0b \x01(\x0b\x32#.layerline.stage.v1.PrepareAcceptedH\x00\x12\x32\n\tinventory\x18\x0c \x01(\x0b\x32\x1d.layerline.stage.v1.InventoryH\x00\x12*\n\x05ready\x18\r \x01(\x0b\x32\x19.layerline.stage.v1.ReadyH\x00\x12\x30\n\x08released\x18\x0e \x01(\x0b\x32\x1c.layerline.stage.v1.ReleasedH\x00\x12,\n\x06status\x18\x0f \x01(\x0b\x32\x1a.layerline.stage.v1.StatusH\x00\x12\x30\n\x08rejected\x18\x10 \x01(\x0b\x32\x1c.layerline.stage.v1.RejectedH\x00\x42\n\n\x08response\"(\n\nLayerRange\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0b\n\x03\x65nd\x18\x02 \x01(\r\"7\n\x0fPackageIdentity\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\x17\n\x0fmanifest_sha256\x18\x02 \x01(\t\"X\n\x05\x43laim\x12\x34\n\x07package\x18\x01 \x01(\x0b\x32#.layerline.stage.v1.PackageIdentity\x12\x19\n\x11lease_duration_ms\x18\x02 \x01(\x04\"k\n\rClaimAccepted\x12\x19\n\x11lease_duration_ms\x18\x01 \x01(\x04\x12\x1d\n\x15lease_expires_unix_ms\x18\x02 \x01(\x03\x12 \n\x18preempted_coordinator_id\x18\x03 \x01(\t\"\x9d\x01\n\x08Rejected\x12\x30\n\x06reason\x18\x01 \x01(\x0e\x32 .layerline.stage.v1.RejectReason\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x1d\n\x15holder_coordinator_id\x18\x03 \x01(\t\x12\x13\n\x0bholder_term\x18\x04 \x01(\x04\x12\x1a\n\x12lease_remaining_ms\x18\x05 \x01(\x04\"m\n\x07Prepare\x12.\n\x06layers\x18\x01 \x01(\x0b\x32\x1e.layerline.stage.v1.LayerRange\x12\x1c\n\x14include_stage0_files\x18\x02 \x01(\x08\x12\x14\n\x0c\x66ile_sources\x18\x03 \x03(\t\"5\n\x0fPrepareAccepted\x12\x13\n\x0b\x62ytes_total\x18\x01 \x01(\x04\x12\r\n\x05\x66iles\x18\x02 \x03(\t\"\x12\n\x10InventoryRequest\"\xb8\x02\n\tInventory\x12\x31\n\x05state\x18\x01 \x01(\x0e\x32\".layerline.stage.v1.InventoryState\x12\x15\n\rbytes_present\x18\x02 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x03 \x01(\x04\x12\x14\n\x0clayers_ready\x18\x04 \x01(\r\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12.\n\x06layers\x18\x06 \x01(\x0b\x32\x1e.layerline.stage.v1.LayerRange\x12\x30\n\x07sources\x18\x07 \x03(\x0b\x32\x1f.layerline.stage.v1.SourceBytes\x12\x14\n\x0c\x62ytes_hashed\x18\x08 \x01(\x04\x12/\n\x05\x66iles\x18\t \x03(\x0b\x32 .layerline.stage.v1.PreparedFile\";\n\x0bSourceBytes\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x12\r\n\x05\x66iles\x18\x03 \x01(\r\",\n\x0cPreparedFile\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\"U\n\x0c\x46\x65tchRequest\x12\x17\n\x0fmanifest_sha256\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x0e\n\x06offset\x18\x04 \x01(\x04\"=\n\tFileChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\nfile_bytes\x18\x03 \x01(\x04\"\x9b\x03\n\x10StageLoadRequest\x12.\n\x06layers\x18\x01 \x01(\x0b\x32\x1e.layerline.stage.v1.LayerRange\x12\x13\n\x0bstage_index\x18\x02 \x01(\r\x12\x13\n\x0bstage_count\x18\x03 \x01(\r\x12\x15\n\rupstream_peer\x18\x04 \x01(\t\x12\x17\n\x0f\x64ownstream_peer\x18\x05 \x01(\t\x12\x34\n\x07package\x18\x06 \x01(\x0b\x32#.layerline.stage.v1.PackageIdentity\x12\x31\n\nwire_dtype\x18\x07 \x01(\x0e\x32\x1d.layerline.stage.v1.WireDtype\x12\x33\n\x08kv_cache\x18\x08 \x01(\x0b\x32!.layerline.stage.v1.KvCacheConfig\x12.\n\x05\x62\x61tch\x18\t \x01(\x0b\x32\x1f.layerline.stage.v1.BatchConfig\x12\x15\n\rweight_format\x18\n \x01(\t\x12\x18\n\x10\x66rame_timeout_ms\x18\x0b \x01(\r\"=\n\rKvCacheConfig\x12\x16\n\x0e\x63ontext_length\x18\x01 \x01(\r\x12\x14\n\x0cmax_sessions\x18\x02 \x01(\r\"\'\n\x0b\x42\x61tchConfig\x12\x18\n\x10max_batch_tokens\x18\x01 \x01(\r\"o\n\x05Ready\x12\x1b\n\x13\x61\x63tivation_endpoint\x18\x01 \x01(\t\x12.\n\x06layers\x18\x02 \x01(\x0b\x32\x1e.layerline.stage.v1.LayerRange\x12\x19\n\x11memory_bytes_used\x18\x03 \x01(\x04\"\t\n\x07Release\"\n\n\x08Released\"\x0f\n\rStatusRequest\"\x86\x03\n\x06Status\x12-\n\x05state\x18\x01 \x01(\x0e\x32\x1e.layerline.stage.v1.StageState\x12\x0f\n\x07healthy\x18\x02 \x01(\x08\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x1d\n\x15holder_coordinator_id\x18\x04 \x01(\t\x12\x13\n\x0bholder_term\x18\x05 \x01(\x04\x12\x0e\n\x06run_id\x18\x06 \x01(\t\x12\x1a\n\x12lease_remaining_ms\x18\x07 \x01(\x04\x12\x35\n\rloaded_layers\x18\x08 \x01(\x0b\x32\x1e.layerline.stage.v1.LayerRange\x12\x1a\n\x12memory_total_bytes\x18\t \x01(\x04\x12\x19\n\x11memory_free_bytes\x18\n \x01(\x04\x12\x1b\n\x13\x61\x63tivation_endpoint\x18\x0b \x01(\t\x12\x0f\n\x07version\x18\x0c \x01(\t\x12\x17\n\x0f\x61\x63tive_sessions\x18\r \x01(\r\x12\x16\n\x0ekv_cache_bytes\x18\x0e \x01(\x04*\xcf\x02\n\x0cRejectReason\x12\x1d\n\x19REJECT_REASON_UNSPECIFIED\x10\x00\x12\"\n\x1eREJECT_REASON_CLAIMED_BY_OTHER\x10\x01\x12\x1c\n\x18REJECT_REASON_STALE_TERM\x10\x02\x12\x1d\n\x19REJECT_REASON_NOT_CLAIMED\x10\x03\x12\x1d\n\x19REJECT_REASON_BAD_REQUEST\x10\x04\x12!\n\x1dREJECT_REASON_UNAUTHENTICATED\x10\x05\x12\x1d\n\x19REJECT_REASON_LOAD_FAILED\x10\x06\x12\x1e\n\x1aREJECT_REASON_NOT_PREPARED\x10\x07\x12\"\n\x1eREJECT_REASON_PACKAGE_MISMATCH\x10\x08\x12\x1a\n\x16REJECT_REASON_INTERNAL\x10\t*\x87\x01\n\x0eInventoryState\x12\x1f\n\x1bINVENTORY_STATE_UNSPECIFIED\x10\x00\x12\x1d\n\x19INVENTORY_STATE_PREPARING\x10\x01\x12\x19\n\x15INVENTORY_STATE_READY\x10\x02\x12\x1a\n\x16INVENTORY_STATE_FAILED\x10\x03*\xd5\x01\n\nStageState\x12\x1b\n\x17STAGE_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10STAGE_STATE_FREE\x10\x01\x12\x17\n\x13STAGE_STATE_CLAIMED\x10\x02\x12\x19\n\x15STAGE_STATE_PREPARING\x10\x03\x12\x18\n\x14STAGE_STATE_PREPARED\x10\x04\x12\x17\n\x13STAGE_STATE_LOADING\x10\x05\x12\x15\n\x11STAGE_STATE_READY\x10\x06\x12\x16\n\x12STAGE_STATE_FAILED\x10\x07\x32l\n\x0cStageControl\x12\\\n\x07\x43ontrol\x12\'.layerline.stage.v1.StageControlRequest\x1a(.layerline.stage.v1.StageControlResponse2Z\n\x0cPackageFiles\x12J\n\x05\x46\x65tch\x12 .layerline.stage.v1.FetchRequest\x1a\x1d.layerline.stage.v1.FileChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'layerline.proto.stage_control_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REJECTREASON']._serialized_start=2774
-  _globals['_REJECTREASON']._serialized_end=3109
-  _globals['_INVENTORYSTATE']._serialized_start=3112
-  _globals['_INVENTORYSTATE']._serialized_end=3247
-  _globals['_STAGESTATE']._serialized_start=3250
-  _globals['_STAGESTATE']._serialized_end=3463
+  _globals['_REJECTREASON']._serialized_start=3174
+  _globals['_REJECTREASON']._serialized_end=3509
+  _globals['_INVENTORYSTATE']._serialized_start=3512
+  _globals['_INVENTORYSTATE']._serialized_end=3647
+  _globals['_STAGESTATE']._serialized_start=3650
+  _globals['_STAGESTATE']._serialized_end=3863
   _globals['_STAGECONTROLREQUEST']._serialized_start=94
   _globals['_STAGECONTROLREQUEST']._serialized_end=486
   _globals['_STAGECONTROLRESPONSE']._serialized_start=489
@@ -53,29 +53,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REJECTED']._serialized_start=1192
   _globals['_REJECTED']._serialized_end=1349
   _globals['_PREPARE']._serialized_start=1351
-  _globals['_PREPARE']._serialized_end=1438
-  _globals['_PREPAREACCEPTED']._serialized_start=1440
-  _globals['_PREPAREACCEPTED']._serialized_end=1493
-  _globals['_INVENTORYREQUEST']._serialized_start=1495
-  _globals['_INVENTORYREQUEST']._serialized_end=1513
-  _globals['_INVENTORY']._serialized_start=1516
-  _globals['_INVENTORY']._serialized_end=1707
-  _globals['_STAGELOADREQUEST']._serialized_start=1710
-  _globals['_STAGELOADREQUEST']._serialized_end=2121
-  _globals['_KVCACHECONFIG']._serialized_start=2123
-  _globals['_KVCACHECONFIG']._serialized_end=2184
-  _globals['_BATCHCONFIG']._serialized_start=2186
-  _globals['_BATCHCONFIG']._serialized_end=2225
-  _globals['_READY']._serialized_start=2227
-  _globals['_READY']._serialized_end=2338
-  _globals['_RELEASE']._serialized_start=2340
-  _globals['_RELEASE']._serialized_end=2349
-  _globals['_RELEASED']._serialized_start=2351
-  _globals['_RELEASED']._serialized_end=2361
-  _globals['_STATUSREQUEST']._serialized_start=2363
-  _globals['_STATUSREQUEST']._serialized_end=2378
-  _globals['_STATUS']._serialized_start=2381
-  _globals['_STATUS']._serialized_end=2771
-  _globals['_STAGECONTROL']._serialized_start=3465
-  _globals['_STAGECONTROL']._serialized_end=3573
+  _globals['_PREPARE']._serialized_end=1460
+  _globals['_PREPAREACCEPTED']._serialized_start=1462
+  _globals['_PREPAREACCEPTED']._serialized_end=1515
+  _globals['_INVENTORYREQUEST']._serialized_start=1517
+  _globals['_INVENTORYREQUEST']._serialized_end=1535
+  _globals['_INVENTORY']._serialized_start=1538
+  _globals['_INVENTORY']._serialized_end=1850
+  _globals['_SOURCEBYTES']._serialized_start=1852
+  _globals['_SOURCEBYTES']._serialized_end=1911
+  _globals['_PREPAREDFILE']._serialized_start=1913
+  _globals['_PREPAREDFILE']._serialized_end=1957
+  _globals['_FETCHREQUEST']._serialized_start=1959
+  _globals['_FETCHREQUEST']._serialized_end=2044
+  _globals['_FILECHUNK']._serialized_start=2046
+  _globals['_FILECHUNK']._serialized_end=2107
+  _globals['_STAGELOADREQUEST']._serialized_start=2110
+  _globals['_STAGELOADREQUEST']._serialized_end=2521
+  _globals['_KVCACHECONFIG']._serialized_start=2523
+  _globals['_KVCACHECONFIG']._serialized_end=2584
+  _globals['_BATCHCONFIG']._serialized_start=2586
+  _globals['_BATCHCONFIG']._serialized_end=2625
+  _globals['_READY']._serialized_start=2627
+  _globals['_READY']._serialized_end=2738
+  _globals['_RELEASE']._serialized_start=2740
+  _globals['_RELEASE']._serialized_end=2749
+  _globals['_RELEASED']._serialized_start=2751
+  _globals['_RELEASED']._serialized_end=2761
+  _globals['_STATUSREQUEST']._serialized_start=2763
+  _globals['_STATUSREQUEST']._serialized_end=2778
+  _globals['_STATUS']._serialized_start=2781
+  _globals['_STATUS']._serialized_end=3171
+  _globals['_STAGECONTROL']._serialized_start=3865
+  _globals['_STAGECONTROL']._serialized_end=3973
+  _globals['_PACKAGEFILES']._serialized_start=3975
+  _globals['_PACKAGEFILES']._serialized_end=4065
 # @@protoc_insertion_point(module_scope)

@@ -150,12 +150,14 @@ class Rejected(_message.Message):
     def __init__(self, reason: _Optional[_Union[RejectReason, str]] = ..., message: _Optional[str] = ..., holder_coordinator_id: _Optional[str] = ..., holder_term: _Optional[int] = ..., lease_remaining_ms: _Optional[int] = ...) -> None: ...
 
 class Prepare(_message.Message):
-    __slots__ = ("layers", "include_stage0_files")
+    __slots__ = ("layers", "include_stage0_files", "file_sources")
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_STAGE0_FILES_FIELD_NUMBER: _ClassVar[int]
+    FILE_SOURCES_FIELD_NUMBER: _ClassVar[int]
     layers: LayerRange
     include_stage0_files: bool
-    def __init__(self, layers: _Optional[_Union[LayerRange, _Mapping]] = ..., include_stage0_files: _Optional[bool] = ...) -> None: ...
+    file_sources: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, layers: _Optional[_Union[LayerRange, _Mapping]] = ..., include_stage0_files: _Optional[bool] = ..., file_sources: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PrepareAccepted(_message.Message):
     __slots__ = ("bytes_total", "files")
@@ -170,20 +172,66 @@ class InventoryRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Inventory(_message.Message):
-    __slots__ = ("state", "bytes_present", "bytes_total", "layers_ready", "error", "layers")
+    __slots__ = ("state", "bytes_present", "bytes_total", "layers_ready", "error", "layers", "sources", "bytes_hashed", "files")
     STATE_FIELD_NUMBER: _ClassVar[int]
     BYTES_PRESENT_FIELD_NUMBER: _ClassVar[int]
     BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
     LAYERS_READY_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
+    SOURCES_FIELD_NUMBER: _ClassVar[int]
+    BYTES_HASHED_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
     state: InventoryState
     bytes_present: int
     bytes_total: int
     layers_ready: int
     error: str
     layers: LayerRange
-    def __init__(self, state: _Optional[_Union[InventoryState, str]] = ..., bytes_present: _Optional[int] = ..., bytes_total: _Optional[int] = ..., layers_ready: _Optional[int] = ..., error: _Optional[str] = ..., layers: _Optional[_Union[LayerRange, _Mapping]] = ...) -> None: ...
+    sources: _containers.RepeatedCompositeFieldContainer[SourceBytes]
+    bytes_hashed: int
+    files: _containers.RepeatedCompositeFieldContainer[PreparedFile]
+    def __init__(self, state: _Optional[_Union[InventoryState, str]] = ..., bytes_present: _Optional[int] = ..., bytes_total: _Optional[int] = ..., layers_ready: _Optional[int] = ..., error: _Optional[str] = ..., layers: _Optional[_Union[LayerRange, _Mapping]] = ..., sources: _Optional[_Iterable[_Union[SourceBytes, _Mapping]]] = ..., bytes_hashed: _Optional[int] = ..., files: _Optional[_Iterable[_Union[PreparedFile, _Mapping]]] = ...) -> None: ...
+
+class SourceBytes(_message.Message):
+    __slots__ = ("source", "bytes", "files")
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    source: str
+    bytes: int
+    files: int
+    def __init__(self, source: _Optional[str] = ..., bytes: _Optional[int] = ..., files: _Optional[int] = ...) -> None: ...
+
+class PreparedFile(_message.Message):
+    __slots__ = ("path", "source")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    source: str
+    def __init__(self, path: _Optional[str] = ..., source: _Optional[str] = ...) -> None: ...
+
+class FetchRequest(_message.Message):
+    __slots__ = ("manifest_sha256", "path", "sha256", "offset")
+    MANIFEST_SHA256_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    manifest_sha256: str
+    path: str
+    sha256: str
+    offset: int
+    def __init__(self, manifest_sha256: _Optional[str] = ..., path: _Optional[str] = ..., sha256: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class FileChunk(_message.Message):
+    __slots__ = ("offset", "data", "file_bytes")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    FILE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    data: bytes
+    file_bytes: int
+    def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ..., file_bytes: _Optional[int] = ...) -> None: ...
 
 class StageLoadRequest(_message.Message):
     __slots__ = ("layers", "stage_index", "stage_count", "upstream_peer", "downstream_peer", "package", "wire_dtype", "kv_cache", "batch", "weight_format", "frame_timeout_ms")

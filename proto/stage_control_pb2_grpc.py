@@ -101,3 +101,97 @@ class StageControl:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class PackageFilesStub:
+    """Package files, served by every stage on its control address (stage 0 on its
+    --listen address) to the stages of the same run: a stage that can read a file
+    neither on its own machine nor from the Hub fetches it from one that holds it.
+    Authenticated like Control (the same token), unfenced: a stage serves only
+    files it has verified, named by their sha256, and a caller learns nothing it
+    could not read from the package.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Fetch = channel.unary_stream(
+                '/layerline.stage.v1.PackageFiles/Fetch',
+                request_serializer=layerline_dot_proto_dot_stage__control__pb2.FetchRequest.SerializeToString,
+                response_deserializer=layerline_dot_proto_dot_stage__control__pb2.FileChunk.FromString,
+                _registered_method=True)
+
+
+class PackageFilesServicer:
+    """Package files, served by every stage on its control address (stage 0 on its
+    --listen address) to the stages of the same run: a stage that can read a file
+    neither on its own machine nor from the Hub fetches it from one that holds it.
+    Authenticated like Control (the same token), unfenced: a stage serves only
+    files it has verified, named by their sha256, and a caller learns nothing it
+    could not read from the package.
+    """
+
+    def Fetch(self, request, context):
+        """A file's bytes from `offset` to its end, in chunks of at most 1 MiB. Errors
+        are gRPC statuses: NOT_FOUND (this stage holds no verified file with that
+        sha256 for that path), INVALID_ARGUMENT (a malformed path, sha256 or an
+        offset beyond the file's end).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_PackageFilesServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Fetch': grpc.unary_stream_rpc_method_handler(
+                    servicer.Fetch,
+                    request_deserializer=layerline_dot_proto_dot_stage__control__pb2.FetchRequest.FromString,
+                    response_serializer=layerline_dot_proto_dot_stage__control__pb2.FileChunk.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'layerline.stage.v1.PackageFiles', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('layerline.stage.v1.PackageFiles', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class PackageFiles:
+    """Package files, served by every stage on its control address (stage 0 on its
+    --listen address) to the stages of the same run: a stage that can read a file
+    neither on its own machine nor from the Hub fetches it from one that holds it.
+    Authenticated like Control (the same token), unfenced: a stage serves only
+    files it has verified, named by their sha256, and a caller learns nothing it
+    could not read from the package.
+    """
+
+    @staticmethod
+    def Fetch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/layerline.stage.v1.PackageFiles/Fetch',
+            layerline_dot_proto_dot_stage__control__pb2.FetchRequest.SerializeToString,
+            layerline_dot_proto_dot_stage__control__pb2.FileChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import re
+import socket
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -116,7 +118,7 @@ class Stage0Process:
     """`layerline stage serve --package …` in a subprocess, waited on until /health is ok."""
 
     def __init__(self, package: Path, peers: list[str], cache: Path, *extra: str,
-                 http_host: str = "127.0.0.1") -> None:
+                 http_host: str = "127.0.0.1", cwd: Path | None = None, wait: bool = True) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = cache / f"stage0-{self.port}.log"
@@ -124,7 +126,11 @@ class Stage0Process:
                           "--cache-dir", str(cache), *extra)
         for peer in peers:
             argv += ["--peer", peer]
-        self.process = Process.start("stage 0", argv, self.log)
+        self.process = Process.start("stage 0", argv, self.log, cwd)
+        if wait:
+            self.wait_healthy()
+
+    def wait_healthy(self) -> None:
         try:
             wait_healthy(self.url, [self.process], timeout_s=180, log=self.log)
         except BaseException:
@@ -204,3 +210,94 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
+
+
+# ---------------------------------------------------------------- a faulty link
+
+
+class FaultyLink:
+    """A TCP proxy to a gRPC server that breaks what comes back: it cuts every connection once
+    `cut_after` bytes have passed (then, with `refuse_after_cut`, takes no new ones), or flips a
+    byte in the middle of the first `corrupt_frames` large HTTP/2 DATA frames (a file chunk's
+    bytes, past every header) — a link that damages data in flight, which TCP alone cannot see."""
+
+    def __init__(self, target: str, *, cut_after: int | None = None, refuse_after_cut: bool = False,
+                 corrupt_frames: int = 0) -> None:
+        host, _, port = target.rpartition(":")
+        self.target = (host, int(port))
+        self.cut_after, self.refuse_after_cut = cut_after, refuse_after_cut
+        self.corrupt_frames = corrupt_frames
+        self.bytes_back = 0  # server -> client, over every connection
+        self.corrupted = 0
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+                server = socket.create_connection(self.target)
+            except OSError:
+                return
+            with self._lock:
+                self._sockets += [client, server]
+            threading.Thread(target=self._pump, args=(client, server, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, True), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, back: bool) -> None:
+        pending = b""
+        try:
+            while data := source.recv(1 << 16):
+                if not back:
+                    sink.sendall(data)
+                    continue
+                pending += data
+                frames, pending = self._frames(pending)
+                if self.cut_after is not None and self.bytes_back + len(frames) > self.cut_after:
+                    sink.sendall(frames[:max(0, self.cut_after - self.bytes_back)])
+                    self.bytes_back, self.cut_after = self.cut_after, None  # once
+                    self.cut()
+                    return
+                self.bytes_back += len(frames)
+                sink.sendall(frames)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def _frames(self, data: bytes) -> tuple[bytes, bytes]:
+        """The whole HTTP/2 frames at the start of `data` (some of them damaged), and the rest."""
+        out, at = bytearray(), 0
+        while len(data) - at >= 9:
+            length = int.from_bytes(data[at:at + 3], "big")
+            if len(data) - at < 9 + length:
+                break
+            frame = bytearray(data[at:at + 9 + length])
+            if frame[3] == 0 and length >= 4096 and self.corrupted < self.corrupt_frames:
+                frame[9 + length // 2] ^= 0xFF
+                self.corrupted += 1
+            out += frame
+            at += 9 + length
+        return bytes(out), data[at:]
+
+    def cut(self) -> None:
+        """Drop every connection now (and, with refuse_after_cut, every later one)."""
+        with self._lock:
+            sockets, self._sockets = self._sockets, []
+        if self.refuse_after_cut:
+            self.close()
+        for s in sockets:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
+        with contextlib.suppress(OSError):
+            self._listener.close()

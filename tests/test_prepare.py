@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import huggingface_hub
 
@@ -47,21 +48,24 @@ def test_other_package_version_is_refused(tiny_llama_package, tmp_path):
 
 def test_hub_package_downloads_only_the_ranges_files(tiny_llama_package, tmp_path, monkeypatch):
     calls = []
-    hub_copy = tmp_path / "hub"
 
-    def snapshot_download(repo_id, revision=None, allow_patterns=None, cache_dir=None):
-        # Behaves like the Hub: copies just the asked-for files into a local snapshot.
-        calls.append((repo_id, revision, sorted(allow_patterns)))
-        for pattern in allow_patterns:
-            target = hub_copy / pattern
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(tiny_llama_package / pattern, target)
-        return str(hub_copy)
+    def hf_hub_download(repo_id, filename, revision=None, cache_dir=None, local_dir=None):
+        # Behaves like the Hub: one file, into the local folder (or a snapshot of the cache).
+        calls.append((repo_id, revision, filename))
+        target = Path(local_dir or cache_dir / "snapshot") / filename
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(tiny_llama_package / filename, target)
+        return str(target)
 
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
     report = Preparation("acme/tiny-layers@v1", 2, 4, stage0=False, cache_dir=tmp_path).start().wait(60)
     assert report.state is PrepareState.READY, report.error
-    assert calls[0] == ("acme/tiny-layers", "v1", [MANIFEST_NAME])
-    assert calls[1] == ("acme/tiny-layers", "v1", sorted([
-        MANIFEST_NAME, "layers/00002.safetensors", "layers/00003.safetensors"]))
-    assert not (hub_copy / "layers/00000.safetensors").exists()
+    assert calls == [("acme/tiny-layers", "v1", name) for name in
+                     (MANIFEST_NAME, "layers/00002.safetensors", "layers/00003.safetensors")]
+    assert set(report.sources) == {"hub"} and report.files["layers/00002.safetensors"] == "hub"
+
+    # Prepared again: from the content cache, nothing downloaded or hashed.
+    calls.clear()
+    again = Preparation("acme/tiny-layers@v1", 2, 4, stage0=False, cache_dir=tmp_path).start().wait(60)
+    assert again.state is PrepareState.READY and set(again.sources) == {"cache"}
+    assert again.bytes_hashed == 0 and calls == [("acme/tiny-layers", "v1", MANIFEST_NAME)]

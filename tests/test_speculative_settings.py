@@ -126,4 +126,4 @@ def test_missing_explicit_config_is_an_error_but_missing_default_is_not(tmp_path
         load_config(tmp_path / "nope.toml")
     monkeypatch.setenv("HOME", str(tmp_path))
     assert load_config().path is None
-    assert parse_config({}).stage.listen == "127.0.0.1:7700"
+    assert parse_config({}).stage.listen is None  # each kind of stage has its own default

@@ -22,3 +22,7 @@ def log_with_time(level: str) -> None:
     """Timestamped log lines at `level` (debug, info, warning), as a long-running server logs."""
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+def format_bytes(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"

@@ -6,22 +6,37 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.table import Table
 
 from layerline.runtime.serve.body_limit import DEFAULT_MAX_BODY_BYTES
+from layerline.runtime.serve.config import LayerlineConfig
 from layerline.runtime.stage.frame_transport import ConnectionLimits
 
 from .options import ConfigFileOpt, NoDraftOpt, WeightsChoice, WeightsOpt
-from .output import log_with_time
+from .output import format_bytes, log_with_time, out
 
 stage_app = typer.Typer(no_args_is_help=True, help="Run a stage of a split pipeline.")
+cache_app = typer.Typer(no_args_is_help=True, help="A stage's content cache of package files.")
+stage_app.add_typer(cache_app, name="cache")
 
 DEFAULT_CACHE = Path("~/.cache/layerline/stage")
+PEER_LISTEN = "127.0.0.1:7700"
+STAGE0_LISTEN = "127.0.0.1:0"
+
+CacheDirOpt = Annotated[Path | None, typer.Option(help="The stage's cache (default: config, else ~/.cache/layerline/stage).")]
+
+
+def stage_cache(cache_dir: Path | None, settings: LayerlineConfig) -> Path:
+    return (cache_dir or Path(settings.stage.cache_dir or DEFAULT_CACHE)).expanduser()
 
 
 @stage_app.command("serve")
 def stage_serve(
-    listen: Annotated[str | None, typer.Option(help="gRPC host:port (default: config, else 127.0.0.1:7700).")] = None,
-    cache_dir: Annotated[Path | None, typer.Option(help="Where fetched package files go.")] = None,
+    listen: Annotated[str | None, typer.Option(help="gRPC host:port: a peer's control and files, stage 0's files (default: config, else 127.0.0.1:7700 for a peer, a free loopback port for stage 0).")] = None,
+    advertise: Annotated[str | None, typer.Option(help="Stage 0: HOST:PORT peers fetch package files at (behind NAT or a proxy).")] = None,
+    serve_files: Annotated[bool, typer.Option(help="Stage 0: serve the package's files to peers that cannot read it.")] = True,
+    file_rate_limit: Annotated[float, typer.Option(help="MB/s this stage sends package files to other stages at most, all together (0: no limit).")] = 0.0,
+    cache_dir: CacheDirOpt = None,
     auth_token_file: Annotated[Path | None, typer.Option(help="Shared secret every node uses.")] = None,
     admin_token_file: Annotated[Path | None, typer.Option(help="Secret guarding /v1/draft and the dashboard (stage 0).")] = None,
     package: Annotated[str | None, typer.Option(help="Package folder or Hub repo: makes this stage 0.")] = None,
@@ -53,13 +68,14 @@ def stage_serve(
     log_with_time(log_level)
     settings = load_config(config)
     listen = listen or settings.stage.listen
-    cache = (cache_dir or Path(settings.stage.cache_dir or DEFAULT_CACHE)).expanduser()
+    cache = stage_cache(cache_dir, settings)
     if package is None:
         from layerline.runtime.stage.main import run_stage
 
-        run_stage(listen, cache, auth_token_file, insecure=insecure,
+        run_stage(listen or PEER_LISTEN, cache, auth_token_file, insecure=insecure,
                   limits=ConnectionLimits(max_connections=max_connections, idle_s=connection_idle_seconds),
-                  activation_listen=activation_listen, activation_advertise=activation_advertise)
+                  activation_listen=activation_listen, activation_advertise=activation_advertise,
+                  file_rate_limit_mb_s=file_rate_limit)
         return
     from layerline.runtime.serve.stage0 import Stage0Options, run_stage0
 
@@ -69,4 +85,40 @@ def stage_serve(
         context_length=context_length, max_sessions=max_sessions, cache_dir=cache,
         auth_token_file=auth_token_file, admin_token_file=admin_token_file, max_queue=max_queue,
         max_body_bytes=max_body_bytes, stage_timeout_s=stage_timeout, drain_s=drain_seconds,
-        lease_s=lease_seconds, trace_file=trace))
+        lease_s=lease_seconds, trace_file=trace, listen=listen or STAGE0_LISTEN, advertise=advertise,
+        serve_files=serve_files, file_rate_limit_mb_s=file_rate_limit, insecure=insecure))
+
+
+@cache_app.command("list")
+def cache_list(cache_dir: CacheDirOpt = None, config: ConfigFileOpt = None) -> None:
+    """What a stage's content cache holds: package views, blobs, unused and partial bytes."""
+    from layerline.runtime.serve.config import load_config
+    from layerline.runtime.stage.content_cache import ContentCache
+
+    root = stage_cache(cache_dir, load_config(config))
+    summary = ContentCache(root).summary()
+    table = Table(title=f"packages in {root}")
+    for column in ("manifest sha256", "model", "files", "size"):
+        table.add_column(column)
+    for package in summary.packages:
+        table.add_row(package.manifest_sha256[:16], package.model_id, str(package.files),
+                      format_bytes(package.bytes))
+    out.print(table)
+    out.print(f"{summary.blobs} files ({format_bytes(summary.blob_bytes)}); {summary.unused_blobs} in no "
+              f"package ({format_bytes(summary.unused_bytes)}); {format_bytes(summary.partial_bytes)} of "
+              "broken-off transfers")
+
+
+@cache_app.command("prune")
+def cache_prune(
+    package: Annotated[list[str] | None, typer.Option(help="Also remove this package (its manifest sha256, as `list` shows it in full), or `all`.")] = None,
+    cache_dir: CacheDirOpt = None,
+    config: ConfigFileOpt = None,
+) -> None:
+    """Remove files no package in the cache uses, broken-off transfers and stale records."""
+    from layerline.runtime.serve.config import load_config
+    from layerline.runtime.stage.content_cache import ContentCache
+
+    root = stage_cache(cache_dir, load_config(config))
+    freed = ContentCache(root).prune(package)
+    out.print(f"freed {format_bytes(freed)} in {root}")

@@ -39,11 +39,11 @@ class Process:
     log: Path
 
     @classmethod
-    def start(cls, name: str, argv: Sequence[str], log: Path) -> Process:
+    def start(cls, name: str, argv: Sequence[str], log: Path, cwd: Path | None = None) -> Process:
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as out:
             popen = subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL)
+                                     stdin=subprocess.DEVNULL, cwd=cwd)
         return cls(name, popen, log)
 
     def tail(self, chars: int = 3000) -> str:

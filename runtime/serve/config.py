@@ -60,7 +60,7 @@ class SpeculativeSettings:
 
 @dataclass(frozen=True)
 class StageSettings:
-    listen: str = "127.0.0.1:7700"
+    listen: str | None = None  # a peer's default is 127.0.0.1:7700, stage 0's a free loopback port
     http: str = "127.0.0.1:8000"
     cache_dir: str | None = None
 

@@ -13,18 +13,23 @@ from typing import Any
 import mlx.core as mx
 
 from layerline.errors import LayerlineError
-from layerline.packager.package import LayerPackage
+from layerline.packager.manifest import MANIFEST_NAME
+from layerline.packager.package import LayerPackage, sha256_file
+from layerline.progress import TransferBoard
 
 from ..model.head import Head
 from ..model.kv_cache import SessionStore
 from ..model.layer_range import LayerRange
 from ..model.tokenizer import end_of_generation_ids, load_tokenizer
 from ..model.weights_policy import detect_device, plan_weights
+from ..stage.content_cache import ContentCache
 from ..stage.coordinator import Coordinator, CoordinatorOptions
+from ..stage.file_service import FileIndex
+from ..stage.main import check_exposure
 from ..stage.model import StageModel
 from ..stage.pipeline import Pipeline
 from ..stage.prepare import Preparation, PrepareState, fetch_manifest
-from ..stage.server import is_loopback, read_token
+from ..stage.server import advertised, grpc_server, is_loopback, read_token, serve_files
 from ..stage.split_plan import parse_split
 from ..stage.wire import wire_dtype
 from .admin_auth import AdminAuth
@@ -34,6 +39,7 @@ from .config import LayerlineConfig
 from .dashboard import dashboard_router
 from .draft_api import DraftPolicy, draft_router
 from .engine import PipelineEngine
+from .engine_slot import EngineSlot
 from .frontend import create_app
 from .metrics import StageGauge
 from .profile import PassProfile
@@ -67,6 +73,11 @@ class Stage0Options:
     drain_s: float = 5.0  # after SIGTERM, how long requests in flight may finish
     lease_s: float = 60.0  # how long a peer keeps this stage 0's claim without hearing from it
     trace_file: Path | None = None  # every step of every request, one JSON line each
+    listen: str = "127.0.0.1:0"  # where peers fetch package files from this stage
+    advertise: str | None = None  # the address peers are told for it (behind NAT or a proxy)
+    serve_files: bool = True
+    file_rate_limit_mb_s: float = 0.0  # 0: no limit
+    insecure: bool = False  # serve files beyond loopback without an auth token
 
 
 def _open_package(ref: str, cache_dir: Path) -> LayerPackage:
@@ -83,12 +94,17 @@ def _draft_roots(options: Stage0Options) -> list[Path]:
     return [package.resolve().parent] if package.is_dir() else []
 
 
-def _materialize_stage0(ref: str, start: int, end: int, cache_dir: Path) -> LayerPackage:
-    """Fetch and verify stage 0's own layers plus embedding, head and tokenizer."""
-    prep = Preparation(ref, start, end, stage0=True, cache_dir=cache_dir).start()
-    report = prep.wait()
+def _materialize_stage0(ref: str, start: int, end: int, cache_dir: Path, index: FileIndex) -> LayerPackage:
+    """Fetch and verify stage 0's own layers plus embedding, head and tokenizer, with a progress bar."""
+    prep = Preparation(ref, start, end, stage0=True, cache_dir=cache_dir, index=index).start()
+    with TransferBoard() as board:
+        while (report := prep.wait(0.2)).state is PrepareState.PREPARING:
+            board.show("stage 0", f"stage 0 layers {start}..{end}", report.bytes_present, report.bytes_total)
+        board.show("stage 0", f"stage 0 layers {start}..{end}", report.bytes_present, report.bytes_total)
     if report.state is not PrepareState.READY or prep.package is None:
         raise LayerlineError(f"stage 0 could not prepare layers {start}..{end}: {report.error}")
+    log.info("event=stage_prepared stage=0 bytes=%d hashed=%d sources=%s", report.bytes_total,
+             report.bytes_hashed, ",".join(f"{k}:{v[0]}" for k, v in report.sources.items()) or "-")
     return prep.package
 
 
@@ -110,6 +126,8 @@ class Stage0:
         self.admission = Admission(options.max_sessions, options.max_queue)
         self.profile = PassProfile(options.trace_file)
         self.package = _open_package(options.package, self.cache_dir)
+        self.files = FileIndex(ContentCache(self.cache_dir))
+        self.file_server, file_source = self._serve_files()
         self.draft_policy = DraftPolicy(_draft_roots(options), options.config.admin.hub_drafts)
         manifest = self.package.manifest
         self.speculative: ResolvedSpeculativeConfig = resolve_speculative(
@@ -125,12 +143,41 @@ class Stage0:
             context_length=self.context_length, max_sessions=options.max_sessions,
             max_batch_tokens=MAX_BATCH_TOKENS, weight_format=options.weights,
             frame_timeout_s=options.stage_timeout_s, lease_s=options.lease_s,
-            heartbeat_s=min(2.0, options.lease_s / 4)))
+            heartbeat_s=min(2.0, options.lease_s / 4), file_source=file_source),
+            on_change=self._show_progress)
+        self._board: TransferBoard | None = None  # the peers' preparation bars, during bring-up
         self.speculation = Stage0Speculation(
             self.speculative, target_fingerprint=manifest.tokenizer.fingerprint,
             cache_dir=self.cache_dir, weights=options.weights)
         self.started = time.time()
         self.engine: Any = None
+        self.slot = EngineSlot(manifest.model.id, self.context_length,
+                               int(manifest.config.get("vocab_size") or 0), self.status)
+
+    def _show_progress(self) -> None:
+        board = self._board
+        if board is None:
+            return
+        for peer in self.coordinator.peers:
+            if peer.bytes_total:
+                board.show(str(peer.index), f"stage {peer.index} layers {peer.start}..{peer.end}",
+                           peer.bytes_present, peer.bytes_total)
+
+    def _serve_files(self) -> tuple[Any, str]:
+        """Serve the package's files to the peers (PackageFiles on --listen); the server and the
+        address peers are told, or (None, "") with --no-serve-files."""
+        if not self.options.serve_files:
+            return None, ""
+        check_exposure(self.options.listen, self.token, self.options.insecure)
+        server, endpoint = grpc_server(self.options.listen, self.token)
+        self.files.serve_package(sha256_file(self.package.root / MANIFEST_NAME), self.package)
+        serve_files(server, self.files, "0", self.options.file_rate_limit_mb_s)
+        server.start()
+        host, _, port = endpoint.rpartition(":")
+        source = self.options.advertise or advertised(host, int(port))
+        log.info("event=serving_files listen=%s advertised=%s rate_limit_mb_s=%s", endpoint, source,
+                 self.options.file_rate_limit_mb_s or "none")
+        return server, source
 
     def bring_up(self) -> None:
         """Load every peer, then stage 0's own range, embedding, head and tokenizer.
@@ -138,7 +185,9 @@ class Stage0:
         The draft loads in the background meanwhile; requests speculate once it is ready.
         """
         self.speculation.start()
-        self.coordinator.bring_up()
+        with TransferBoard() as self._board:
+            self.coordinator.bring_up()
+        self._board = None
         # Renew the peers' leases from now on: stage 0's own load may outlast a lease.
         self.coordinator.start_watching()
         try:
@@ -149,7 +198,7 @@ class Stage0:
 
     def _load_local(self) -> None:
         start, end = self.coordinator.stage0_range
-        package = _materialize_stage0(self.options.package, start, end, self.cache_dir)
+        package = _materialize_stage0(self.options.package, start, end, self.cache_dir, self.files)
         manifest = package.manifest
         files = manifest.layer_files(start, end)
         plan = plan_weights(self.options.weights, manifest, files, detect_device())
@@ -205,25 +254,38 @@ class Stage0:
 
     def app(self) -> Any:
         """The HTTP app: the OpenAI API, the draft API and the dashboard."""
-        app = create_app(self.engine, stage_states=self.stage_states, admission=self.admission,
+        app = create_app(self.slot, stage_states=self.stage_states, admission=self.admission,
                          max_body_bytes=self.options.max_body_bytes)
         app.include_router(draft_router(self.speculation, self.admin, self.draft_policy))
         app.include_router(dashboard_router(self.admin))
         return app
 
     def serve(self) -> None:
-        """Serve HTTP until SIGINT or SIGTERM; then drain, stop every request and release the peers."""
+        """Serve HTTP at once and bring up the pipeline meanwhile; until SIGINT or SIGTERM, then drain,
+        stop every request and release the peers. A bring-up that fails stops HTTP and is raised."""
         import uvicorn
 
         host, _, port = self.options.http.rpartition(":")
         app = self.app()
-        admin = "required" if self.admin.required else ("off" if not self.admin.enabled else "loopback only")
-        print(f"stage 0 serving {self.package.manifest.model.id} on http://{host}:{port} "
-              f"(dashboard at /, admin token {admin})", flush=True)
         server = uvicorn.Server(uvicorn.Config(app, host=host, port=int(port), log_level="warning",
                                                timeout_graceful_shutdown=self.options.drain_s))
+        failure: list[BaseException] = []
+
+        def bring_up() -> None:
+            try:
+                self.bring_up()
+            except BaseException as exc:  # raised on the main thread once HTTP has stopped
+                failure.append(exc)
+                server.should_exit = True
+                return
+            self.slot.engine = self.engine
+            admin = ("required" if self.admin.required
+                     else "off" if not self.admin.enabled else "loopback only")
+            print(f"stage 0 serving {self.package.manifest.model.id} on http://{host}:{port} "
+                  f"(dashboard at /, admin token {admin})", flush=True)
+
         original_exit = server.handle_exit
-        cut_short = threading.Timer(self.options.drain_s, self.engine.shutdown)
+        cut_short = threading.Timer(self.options.drain_s, self._stop_engine)
         cut_short.daemon = True
 
         def handle_exit(sig: int, frame: Any) -> None:
@@ -239,17 +301,26 @@ class Stage0:
         # clean, so that second delivery must not turn into a failing exit code.
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: None)
+        log.info("event=bringing_up status=http://%s:%s/v1/status", host, port)
+        threading.Thread(target=bring_up, name="bring-up", daemon=True).start()
         try:
             server.run()
         finally:
             cut_short.cancel()
-            self.engine.shutdown()
-            self.coordinator.shutdown()
+            self._stop_engine()
+            if not failure:  # a failed bring-up has released every stage already
+                self.coordinator.shutdown()
+            if self.file_server is not None:
+                self.file_server.stop(grace=1.0)
             log.info("event=stopped")
+        if failure:
+            raise failure[0]
+
+    def _stop_engine(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
 
 
 def run_stage0(options: Stage0Options) -> None:
-    """Bring up the pipeline and serve until interrupted; on failure, every stage is released."""
-    stage0 = Stage0(options)
-    stage0.bring_up()
-    stage0.serve()
+    """Serve HTTP and bring up the pipeline until interrupted; on failure, every stage is released."""
+    Stage0(options).serve()

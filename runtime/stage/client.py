@@ -82,15 +82,15 @@ class ActivationAddress:
                 client.close()
             if not advertised:
                 raise StageUnavailableError(f"stage {self.control_endpoint} names no activation endpoint")
-            self._cached = resolve_activation_endpoint(advertised, self.control_endpoint)
+            self._cached = resolve_advertised(advertised, self.control_endpoint)
         return self._cached
 
     def forget(self) -> None:
         self._cached = None
 
 
-def resolve_activation_endpoint(advertised: str, control_endpoint: str) -> str:
-    """`host:port` as advertised, or the control endpoint's host when only `:port` is."""
+def resolve_advertised(advertised: str, reached_at: str) -> str:
+    """`host:port` as advertised, or the host of `reached_at` (host:port) when only `:port` is."""
     if advertised.startswith(":"):
-        return f"{control_endpoint.rpartition(':')[0]}{advertised}"
+        return f"{reached_at.rpartition(':')[0]}{advertised}"
     return advertised

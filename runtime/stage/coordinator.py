@@ -26,6 +26,7 @@ from layerline.proto import stage_control_pb2 as pb
 
 from ..model.host_memory import host_memory
 from .client import StageClient
+from .server import is_loopback
 from .split_plan import check_split, plan_split
 
 log = logging.getLogger("layerline.coordinator")
@@ -44,12 +45,53 @@ class PeerState:
     since: float = field(default_factory=time.time)
     sessions: int = 0  # KV-cache sessions the stage held at the last heartbeat
     kv_cache_bytes: int = 0
+    rate: TransferRate = field(default_factory=lambda: TransferRate())
+    sources: dict[str, int] = field(default_factory=dict)  # bytes per source of its last preparation
+    bytes_hashed: int = 0
 
     def to_json(self) -> dict:
         return {"stage": self.index, "endpoint": self.endpoint, "layers": [self.start, self.end],
                 "state": self.state, "bytes_present": self.bytes_present,
-                "bytes_total": self.bytes_total, "error": self.error or None,
-                "sessions": self.sessions, "kv_cache_bytes": self.kv_cache_bytes}
+                "bytes_total": self.bytes_total, "bytes_per_s": round(self.rate.bytes_per_s()),
+                "eta_s": self.rate.eta_s(self.bytes_total - self.bytes_present)
+                if self.state == "preparing" else None,
+                "sources": dict(self.sources), "bytes_hashed": self.bytes_hashed,
+                "error": self.error or None, "sessions": self.sessions,
+                "kv_cache_bytes": self.kv_cache_bytes}
+
+    def record(self, inventory: pb.Inventory) -> None:
+        self.bytes_present, self.bytes_total = inventory.bytes_present, inventory.bytes_total
+        self.sources = {s.source: s.bytes for s in inventory.sources}
+        self.bytes_hashed = inventory.bytes_hashed
+        self.rate.add(inventory.bytes_present)
+
+
+class TransferRate:
+    """Bytes per second over the last few seconds of samples, and the time left at that rate."""
+
+    WINDOW_S = 5.0
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._samples: list[tuple[float, int]] = []
+
+    def add(self, present: int) -> None:
+        now = self._clock()
+        if self._samples and present < self._samples[-1][1]:
+            self._samples.clear()  # a new preparation (or a file fetched again) starts the count anew
+        self._samples.append((now, present))
+        while len(self._samples) > 2 and now - self._samples[1][0] >= self.WINDOW_S:
+            self._samples.pop(0)
+
+    def bytes_per_s(self) -> float:
+        if len(self._samples) < 2:
+            return 0.0
+        (t0, b0), (t1, b1) = self._samples[0], self._samples[-1]
+        return (b1 - b0) / (t1 - t0) if t1 > t0 else 0.0
+
+    def eta_s(self, remaining: int) -> float | None:
+        rate = self.bytes_per_s()
+        return round(remaining / rate, 1) if rate > 0 else None
 
 
 @dataclass(frozen=True)
@@ -69,6 +111,7 @@ class CoordinatorOptions:
     max_batch_tokens: int = 4096
     weight_format: str = "auto"
     frame_timeout_s: float = 10.0  # each stage's budget for the next one, beyond the compute
+    file_source: str = ""  # where stage 0 serves the package's files ("" when it does not)
 
 
 class Coordinator:
@@ -153,18 +196,38 @@ class Coordinator:
         self._prepare(client, peer)
         self._load(client, peer)
 
+    def file_sources(self, peer: PeerState) -> list[str]:
+        """Where `peer` may fetch package files it cannot read itself: stage 0, then the other peers
+        (whose content caches may hold them from an earlier run)."""
+        sources = []
+        stage0 = self.options.file_source
+        if stage0:
+            # A loopback address reaches stage 0 only from its own machine.
+            if not is_loopback(stage0.rpartition(":")[0]) or is_loopback(peer.endpoint.rpartition(":")[0]):
+                sources.append(stage0)
+            else:
+                log.warning("event=files_not_offered stage=%d reason=stage 0 serves files on loopback (%s) "
+                            "only; give stage 0 --listen 0.0.0.0:PORT to serve them to %s", peer.index,
+                            stage0, peer.endpoint)
+        return sources + [other.endpoint for other in self.peers if other is not peer]
+
     def _prepare(self, client: StageClient, peer: PeerState) -> None:
         peer.state = "preparing"
+        peer.rate = TransferRate()
         self._changed()
-        layers = pb.LayerRange(start=peer.start, end=peer.end)
-        self._step(peer, "prepare", lambda: client.call(prepare=pb.Prepare(layers=layers)))
+        prepare = pb.Prepare(layers=pb.LayerRange(start=peer.start, end=peer.end),
+                             file_sources=self.file_sources(peer))
+        self._step(peer, "prepare", lambda: client.call(prepare=prepare))
         deadline = time.monotonic() + self.options.prepare_timeout_s
         while True:
             inventory = self._step(peer, "report inventory",
                                    lambda: client.call(inventory=pb.InventoryRequest())).inventory
-            peer.bytes_present, peer.bytes_total = inventory.bytes_present, inventory.bytes_total
+            peer.record(inventory)
             self._changed()
             if inventory.state == pb.INVENTORY_STATE_READY:
+                log.info("event=stage_prepared stage=%d bytes=%d hashed=%d sources=%s", peer.index,
+                         inventory.bytes_total, inventory.bytes_hashed,
+                         ",".join(f"{s.source}:{s.bytes}" for s in inventory.sources) or "-")
                 break
             if inventory.state == pb.INVENTORY_STATE_FAILED:
                 peer.state, peer.error = "failed", inventory.error

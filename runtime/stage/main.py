@@ -48,7 +48,7 @@ def check_exposure(listen: str, token: str | None, insecure: bool) -> None:
 
 def run_stage(listen: str, cache_dir: Path, auth_token_file: Path | None, *, insecure: bool = False,
               limits: ConnectionLimits = ConnectionLimits(), activation_listen: str | None = None,
-              activation_advertise: str | None = None) -> None:
+              activation_advertise: str | None = None, file_rate_limit_mb_s: float = 0.0) -> None:
     """Serve control and activations until SIGINT or SIGTERM."""
     token = read_token(auth_token_file)
     check_exposure(listen, token, insecure)
@@ -57,7 +57,8 @@ def run_stage(listen: str, cache_dir: Path, auth_token_file: Path | None, *, ins
     cache_dir.mkdir(parents=True, exist_ok=True)
     server = start_stage_server(listen, cache_dir, load_range_model, auth_token=token, limits=limits,
                                 activation_listen=activation_listen,
-                                activation_advertise=activation_advertise)
+                                activation_advertise=activation_advertise,
+                                file_rate_limit_mb_s=file_rate_limit_mb_s)
     node = server.node
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

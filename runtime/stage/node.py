@@ -21,7 +21,9 @@ from layerline.proto import stage_control_pb2 as pb
 
 from ..model.host_memory import host_memory
 from .claims import MAX_LEASE_S, ClaimRejected, ClaimTable, RejectReason
-from .client import ActivationAddress
+from .client import ActivationAddress, resolve_advertised
+from .content_cache import ContentCache
+from .file_service import FileIndex
 from .frame_budget import DEFAULT_FRAME_TIMEOUT_S, FrameBudget
 from .prepare import Preparation, PrepareState, local_layer_count
 from .wire import FrameLimits
@@ -95,6 +97,7 @@ class StageNode:
         self.token = token  # the shared secret, presented to the next stage too
         self.activation_endpoint = endpoint  # where activation frames go; the server sets it
         self.cache_dir = cache_dir
+        self.files = FileIndex(ContentCache(cache_dir))  # what this stage serves to other stages
         self.loader = loader
         self.claims = ClaimTable(clock)
         self._clock = clock
@@ -110,8 +113,8 @@ class StageNode:
 
     # ------------------------------------------------------------ dispatch
 
-    def handle(self, request: pb.StageControlRequest) -> pb.StageControlResponse:
-        """Answer one control request."""
+    def handle(self, request: pb.StageControlRequest, caller_host: str = "") -> pb.StageControlResponse:
+        """Answer one control request; `caller_host` is the address it came from (for ":port" sources)."""
         kind = request.WhichOneof("request")
         if kind is None:
             return self._reject(pb.REJECT_REASON_BAD_REQUEST, "empty control request: set one of "
@@ -123,7 +126,7 @@ class StageNode:
                 return self._claim(request)
             self.claims.check(request.coordinator_id, request.term)
             if kind == "prepare":
-                return self._prepare(request.prepare)
+                return self._prepare(request.prepare, caller_host)
             if kind == "inventory":
                 return pb.StageControlResponse(inventory=self.inventory())
             if kind == "load":
@@ -174,7 +177,7 @@ class StageNode:
             lease_expires_unix_ms=int((time.time() + held.lease_s) * 1000),
             preempted_coordinator_id=preempted.coordinator_id if preempted else ""))
 
-    def _prepare(self, prepare: pb.Prepare) -> pb.StageControlResponse:
+    def _prepare(self, prepare: pb.Prepare, caller_host: str) -> pb.StageControlResponse:
         claim = self.claims.holder
         assert claim is not None
         start, end = prepare.layers.start, prepare.layers.end
@@ -190,9 +193,12 @@ class StageNode:
                     and (current.layer_start, current.layer_end) == (start, end)
                     and current.inventory().state is not PrepareState.FAILED)
             if not same:
+                sources = [resolve_advertised(source, f"{caller_host}:0")
+                           for source in prepare.file_sources if source.lstrip(":")]
                 self.preparation = Preparation(
                     claim.package_ref, start, end, stage0=prepare.include_stage0_files,
-                    cache_dir=self.cache_dir, manifest_sha256=claim.manifest_sha256 or None).start()
+                    cache_dir=self.cache_dir, manifest_sha256=claim.manifest_sha256 or None,
+                    file_sources=sources, token=self.token, index=self.files).start()
         log.info("stage=%s event=prepare layers=%d..%d", self.endpoint, start, end)
         return pb.StageControlResponse(prepare_accepted=pb.PrepareAccepted())
 
@@ -203,7 +209,11 @@ class StageNode:
         return pb.Inventory(
             state=_INVENTORY_STATES[report.state], bytes_present=report.bytes_present,
             bytes_total=report.bytes_total, layers_ready=report.layers_ready, error=report.error,
-            layers=pb.LayerRange(start=self.preparation.layer_start, end=self.preparation.layer_end))
+            layers=pb.LayerRange(start=self.preparation.layer_start, end=self.preparation.layer_end),
+            sources=[pb.SourceBytes(source=name, bytes=n, files=files)
+                     for name, (n, files) in report.sources.items()],
+            bytes_hashed=report.bytes_hashed,
+            files=[pb.PreparedFile(path=path, source=source) for path, source in report.files.items()])
 
     def _load(self, load: pb.StageLoadRequest) -> pb.StageControlResponse:
         prep = self.preparation

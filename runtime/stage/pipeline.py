@@ -82,6 +82,17 @@ class PipelineSession:
         p.record(trace)
         return logits
 
+    def _connect(self) -> FrameConnection:
+        """A connection to stage 1; asked anew where it listens if the address known fails to
+        connect (a restarted stage listens on another port). Nothing was sent yet: safe to retry."""
+        p = self.pipeline
+        assert p.first_peer is not None
+        try:
+            return FrameConnection(p.first_peer.get(), budget=p.budget, token=p.token)
+        except StageUnavailableError:
+            p.first_peer.forget()
+            return FrameConnection(p.first_peer.get(), budget=p.budget, token=p.token)
+
     def _remote(self, h: mx.array, start_pos: int, trace: PassTrace) -> mx.array:
         p = self.pipeline
         assert p.first_peer is not None
@@ -91,7 +102,7 @@ class PipelineSession:
                                    activations=encode(h, start_pos, p.wire_dtype))
         try:
             if self._connection is None:
-                self._connection = FrameConnection(p.first_peer.get(), budget=p.budget, token=p.token)
+                self._connection = self._connect()
             answer = self._connection.call(frame)
         except StageUnavailableError as exc:
             self._connection = None

@@ -19,6 +19,7 @@ from layerline.proto import stage_control_pb2_grpc
 
 from .activation import ActivationRelay
 from .client import AUTH_HEADER
+from .file_service import FileIndex, PackageFilesServicer, RateLimit
 from .frame_transport import ConnectionLimits, FrameServer
 from .grpc_options import SERVER_OPTIONS
 from .node import ModelLoader, StageNode
@@ -72,7 +73,15 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
 
         if handler is not None and handler.request_streaming:
             return grpc.stream_stream_rpc_method_handler(deny)
+        if handler is not None and handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(deny)
         return grpc.unary_unary_rpc_method_handler(deny)
+
+
+def caller_host(peer: str) -> str:
+    """The host of a gRPC peer string ("ipv4:10.0.0.2:5123", "ipv6:[::1]:5123"); "" otherwise."""
+    kind, _, address = peer.partition(":")
+    return address.rpartition(":")[0] if kind in ("ipv4", "ipv6") else ""
 
 
 class ControlServicer(stage_control_pb2_grpc.StageControlServicer):
@@ -80,7 +89,7 @@ class ControlServicer(stage_control_pb2_grpc.StageControlServicer):
         self.node = node
 
     def Control(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
-        return self.node.handle(request)
+        return self.node.handle(request, caller_host(context.peer()))
 
 
 @dataclass
@@ -104,11 +113,8 @@ def advertised(listen_host: str, port: int) -> str:
     return f":{port}" if wildcard else f"{listen_host}:{port}"
 
 
-def start_stage_server(listen: str, cache_dir: Path, loader: ModelLoader, *, auth_token: str | None = None,
-                       limits: ConnectionLimits = ConnectionLimits(), activation_listen: str | None = None,
-                       activation_advertise: str | None = None) -> StageServer:
-    """Start a stage on `listen` (host:port; port 0 picks one): gRPC control there, activation
-    frames on `activation_listen` (default: the same host, a free port)."""
+def grpc_server(listen: str, auth_token: str | None) -> tuple[grpc.Server, str]:
+    """A gRPC server bound to `listen` (port 0 picks one), not started; and the endpoint it has."""
     interceptors = [TokenAuthInterceptor(auth_token)] if auth_token else []
     workers = futures.ThreadPoolExecutor(max_workers=CONTROL_WORKERS, thread_name_prefix="stage-rpc")
     server = grpc.server(workers, interceptors=interceptors, options=SERVER_OPTIONS)
@@ -116,7 +122,23 @@ def start_stage_server(listen: str, cache_dir: Path, loader: ModelLoader, *, aut
     bound = server.add_insecure_port(listen)
     if bound == 0:
         raise LayerlineError(f"cannot listen on {listen}", hint="choose a free port with --listen")
-    endpoint = f"{host}:{bound}" if port == "0" else listen
+    return server, (f"{host}:{bound}" if port == "0" else listen)
+
+
+def serve_files(server: grpc.Server, index: FileIndex, name: str, rate_limit_mb_s: float = 0.0) -> None:
+    """Add PackageFiles (what `index` holds, at most `rate_limit_mb_s` MB/s in all) to `server`."""
+    servicer = PackageFilesServicer(index, RateLimit(rate_limit_mb_s * 1e6), name)
+    stage_control_pb2_grpc.add_PackageFilesServicer_to_server(servicer, server)
+
+
+def start_stage_server(listen: str, cache_dir: Path, loader: ModelLoader, *, auth_token: str | None = None,
+                       limits: ConnectionLimits = ConnectionLimits(), activation_listen: str | None = None,
+                       activation_advertise: str | None = None, file_rate_limit_mb_s: float = 0.0
+                       ) -> StageServer:
+    """Start a stage on `listen` (host:port; port 0 picks one): gRPC control and package files
+    there, activation frames on `activation_listen` (default: the same host, a free port)."""
+    server, endpoint = grpc_server(listen, auth_token)
+    host = listen.rpartition(":")[0]
     node = StageNode(endpoint, cache_dir, loader, token=auth_token)
     try:
         frames = FrameServer(activation_listen or f"{host}:0", lambda: ActivationRelay(node),
@@ -127,6 +149,7 @@ def start_stage_server(listen: str, cache_dir: Path, loader: ModelLoader, *, aut
     activation_host = (activation_listen or host).rpartition(":")[0] if activation_listen else host
     node.activation_endpoint = activation_advertise or advertised(activation_host, frames.port)
     stage_control_pb2_grpc.add_StageControlServicer_to_server(ControlServicer(node), server)
+    serve_files(server, node.files, endpoint, file_rate_limit_mb_s)
     server.start()
     frames.start()
     log.info("stage=%s event=listening activations=%s auth=%s", endpoint, node.activation_endpoint,

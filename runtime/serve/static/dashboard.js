@@ -83,8 +83,14 @@ function progressCell(stage) {
   const share = total ? present / total : (stage.state === "ready" ? 1 : 0);
   const bar = el("div", { class: "progress", title: `${Math.round(share * 100)} %` },
                  el("span", { style: `width: ${(share * 100).toFixed(1)}%` }));
-  const label = el("span", { class: "progress-label" },
-                   total ? `${formatBytes(present)} of ${formatBytes(total)}` : "");
+  let text = total ? `${formatBytes(present)} of ${formatBytes(total)}` : "";
+  if (stage.state === "preparing" && stage.bytes_per_s) {
+    text += ` · ${formatBytes(stage.bytes_per_s)}/s`;
+    if (stage.eta_s !== null && stage.eta_s !== undefined) text += ` · ${Math.ceil(stage.eta_s)} s left`;
+  }
+  const sources = Object.entries(stage.sources || {})
+    .map(([source, n]) => `${source}: ${formatBytes(n)}`).join(", ");
+  const label = el("span", { class: "progress-label", title: sources ? `from ${sources}` : "" }, text);
   return el("div", {}, bar, label);
 }
 
