@@ -94,9 +94,9 @@ def test_peer_without_the_package_serves_from_files_fetched_from_stage0(tiny_lla
 
 def test_status_shows_each_stage_fetching_before_the_pipeline_is_up(tiny_llama_package, tmp_path):
     peer = StageProcess((), tmp_path / "peer")
-    # 0.1 MB/s: the range's ~0.3 MB take seconds, long enough to watch.
+    # 0.05 MB/s: the range's ~0.3 MB take six seconds, long enough to watch.
     stage0 = Stage0Process(Path(tiny_llama_package.name), [peer.endpoint], tmp_path / "stage0", "--split",
-                           "0:2,2:4", "--file-rate-limit", "0.1", cwd=tiny_llama_package.parent, wait=False)
+                           "0:2,2:4", "--file-rate-limit", "0.05", cwd=tiny_llama_package.parent, wait=False)
     try:
         seen = None
         deadline = time.monotonic() + 60
