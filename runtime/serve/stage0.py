@@ -13,8 +13,7 @@ from typing import Any
 import mlx.core as mx
 
 from layerline.errors import LayerlineError
-from layerline.packager.manifest import MANIFEST_NAME
-from layerline.packager.package import LayerPackage, sha256_file
+from layerline.packager.package import LayerPackage
 from layerline.progress import TransferBoard
 
 from ..model.head import Head
@@ -146,6 +145,7 @@ class Stage0:
             heartbeat_s=min(2.0, options.lease_s / 4), file_source=file_source),
             on_change=self._show_progress)
         self._board: TransferBoard | None = None  # the peers' preparation bars, during bring-up
+        self.files.serve_package(self.coordinator.manifest_sha256, self.package)
         self.speculation = Stage0Speculation(
             self.speculative, target_fingerprint=manifest.tokenizer.fingerprint,
             cache_dir=self.cache_dir, weights=options.weights)
@@ -170,7 +170,6 @@ class Stage0:
             return None, ""
         check_exposure(self.options.listen, self.token, self.options.insecure)
         server, endpoint = grpc_server(self.options.listen, self.token)
-        self.files.serve_package(sha256_file(self.package.root / MANIFEST_NAME), self.package)
         serve_files(server, self.files, "0", self.options.file_rate_limit_mb_s)
         server.start()
         host, _, port = endpoint.rpartition(":")

@@ -65,6 +65,10 @@ def split_hub_ref(ref: str) -> tuple[str, str | None]:
     return repo_id, revision or None
 
 
+def neither_folder_nor_hub(ref: str) -> str:
+    return f"package {ref} is not a layer package folder on this machine, nor a Hub repo id"
+
+
 def fetch_manifest(ref: str, cache_dir: Path) -> Path:
     """The local root holding `ref`'s manifest: the package folder itself, or a Hub download.
 
@@ -75,8 +79,8 @@ def fetch_manifest(ref: str, cache_dir: Path) -> Path:
     if (local / MANIFEST_NAME).is_file():
         return local
     if not is_hub_id(ref):
-        raise LayerlineError(f"package {ref} is not a layer package folder on this machine, nor a Hub "
-                             "repo id", hint="pass the package folder path, or a Hub repo id (org/name)")
+        raise LayerlineError(neither_folder_nor_hub(ref),
+                             hint="pass the package folder path, or a Hub repo id (org/name)")
     return _hub_manifest(ref, cache_dir).parent
 
 
@@ -238,8 +242,7 @@ class Preparation:
             except LayerlineError as exc:
                 reasons.append(exc.message)
         elif not reasons:
-            reasons.append(f"package {self.ref} is not a layer package folder on this machine, nor a "
-                           "Hub repo id")
+            reasons.append(neither_folder_nor_hub(self.ref))
         if expected is not None:
             want = WantedFile(MANIFEST_NAME, expected, None)
             for source in sources:
