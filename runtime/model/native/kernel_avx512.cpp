@@ -1,0 +1,42 @@
+// The AVX-512 path (16 floats a vector), compiled with -mavx512f -mavx512bw; used only when
+// the CPU reports both.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "kernel.h"
+
+namespace layerline {
+namespace {
+
+struct Simd {
+  using F = __m512;
+  using I = __m512i;
+  static constexpr int L = 16;
+  static constexpr int max_rows = 4;  // rows of x per pass: 4 rows of x (K <= ~1500) stay in L1
+  // Weight rows per pass: accumulators (weight rows x rows of x) stay within the registers.
+  static int weight_rows(int m) { return 4; }
+  static F zero() { return _mm512_setzero_ps(); }
+  static F set1(float v) { return _mm512_set1_ps(v); }
+  static F load(const float* p) { return _mm512_loadu_ps(p); }
+  static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static I load_int(const void* p) { return _mm512_load_si512(p); }
+  static I set1_int(int v) { return _mm512_set1_epi32(v); }
+  static F unpack(const uint8_t* p, I control, I shifts, I mask) {
+    const __m512i bytes = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const __m512i lanes = _mm512_shuffle_epi8(bytes, control);
+    return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(lanes, shifts), mask));
+  }
+  static float hsum(F v) { return _mm512_reduce_add_ps(v); }
+};
+
+#define SIMD_MAX_ROWS 4
+#include "kernel_simd.h"
+
+}  // namespace
+
+void qmm_columns_avx512(const QmmArgs& a, int n0, int n1) { columns(a, n0, n1); }
+
+}  // namespace layerline

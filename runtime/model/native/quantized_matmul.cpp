@@ -1,0 +1,174 @@
+#include "quantized_matmul.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <sstream>
+#include <stdexcept>
+
+#include "kernel.h"
+#include "mlx/allocator.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/ops.h"
+#include "mlx/utils.h"
+#include "pool.h"
+
+namespace layerline {
+
+namespace {
+
+// Below this many packed bytes a product runs on one thread: waking the others costs more.
+constexpr size_t kBytesPerExtraThread = 256 * 1024;
+
+struct Isa {
+  QmmColumns columns;
+  const char* name;
+};
+
+Isa choose_isa() {
+  // LAYERLINE_KERNEL_ISA=portable|avx2|avx512 forces a path (tests run each); an unsupported
+  // choice falls back to the best the CPU has.
+  const char* forced = std::getenv("LAYERLINE_KERNEL_ISA");
+  const std::string want = forced ? forced : "";
+  if (want == "portable") return {qmm_columns_portable, "portable"};
+#if defined(__x86_64__) || defined(_M_X64)
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+  if (avx512 && (want.empty() || want == "avx512")) return {qmm_columns_avx512, "avx512"};
+  if (avx2 && want != "avx512") return {qmm_columns_avx2, "avx2"};
+  if (avx512) return {qmm_columns_avx512, "avx512"};
+  if (avx2) return {qmm_columns_avx2, "avx2"};
+#endif
+  return {qmm_columns_portable, "portable"};
+}
+
+const Isa& isa() {
+  static const Isa chosen = choose_isa();
+  return chosen;
+}
+
+[[noreturn]] void refuse(const std::string& name, const std::string& what) {
+  throw std::invalid_argument(name + ": " + what);
+}
+
+std::string shape_of(const mx::array& a) {
+  std::ostringstream out;
+  out << "(";
+  for (int i = 0; i < a.ndim(); ++i) out << (i ? ", " : "") << a.shape(i);
+  out << ")";
+  return out.str();
+}
+
+}  // namespace
+
+std::string kernel_isa() { return isa().name; }
+
+int kernel_threads() { return kernel_pool().size(); }
+
+void PackedMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  const auto& x = inputs[0];
+  const auto& w = inputs[1];
+  const auto& scales = inputs[2];
+  const auto& biases = inputs[3];
+  for (const auto* a : {&x, &w, &scales, &biases}) {
+    if (!a->flags().row_contiguous) throw std::runtime_error("LayerlinePackedMatmul: input not contiguous");
+  }
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+
+  QmmArgs args{};
+  args.M = int(x.size() / x.shape(-1));
+  args.K = x.shape(-1);
+  args.N = w.shape(0);
+  args.bits = bits_;
+  args.group = group_size_;
+  args.w_row_bytes = size_t(args.K) * bits_ / 8;
+  args.w_total_bytes = size_t(args.N) * args.w_row_bytes;
+  args.x = x.data<float>();
+  args.w = reinterpret_cast<const uint8_t*>(w.data<uint32_t>());
+  args.scales = scales.data<float>();
+  args.biases = biases.data<float>();
+  args.y = out.data<float>();
+
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  encoder.set_input_array(x);
+  encoder.set_input_array(w);
+  encoder.set_input_array(scales);
+  encoder.set_input_array(biases);
+  encoder.set_output_array(out);
+  // The buffers stay alive until the task has run: mlx holds the inputs until then.
+  encoder.dispatch([args]() {
+    auto& pool = kernel_pool();
+    const int parts = int(std::clamp<size_t>(args.w_total_bytes / kBytesPerExtraThread, 1, pool.size()));
+    // Whole 4-row blocks per thread, so each walks its rows the way the kernel unpacks them.
+    const int quantum = 4;
+    const int blocks = (args.N + quantum - 1) / quantum;
+    const QmmColumns columns = isa().columns;
+    pool.run(parts, [&](int part) {
+      const int n0 = std::min(args.N, blocks * part / parts * quantum);
+      const int n1 = std::min(args.N, blocks * (part + 1) / parts * quantum);
+      if (n0 < n1) columns(args, n0, n1);
+    });
+  });
+}
+
+void PackedMatmul::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error("LayerlinePackedMatmul runs on the CPU only; GPUs keep mlx's kernels");
+}
+
+bool PackedMatmul::is_equivalent(const mx::Primitive& other) const {
+  const auto& o = static_cast<const PackedMatmul&>(other);
+  return group_size_ == o.group_size_ && bits_ == o.bits_;
+}
+
+std::vector<mx::Shape> PackedMatmul::output_shapes(const std::vector<mx::array>& inputs) {
+  auto shape = inputs[0].shape();
+  shape.back() = inputs[1].shape(0);
+  return {shape};
+}
+
+mx::array packed_matmul(const mx::array& x, const mx::array& w, const mx::array& scales,
+                        const mx::array& biases, int group_size, int bits, const std::string& name) {
+  if (bits != 2 && bits != 3 && bits != 4 && bits != 5 && bits != 6 && bits != 8) {
+    refuse(name, "bits=" + std::to_string(bits) + " is not supported (2, 3, 4, 5, 6 or 8)");
+  }
+  if (group_size != 32 && group_size != 64 && group_size != 128) {
+    refuse(name, "group_size=" + std::to_string(group_size) + " is not supported (32, 64 or 128)");
+  }
+  if (w.dtype() != mx::uint32 || w.ndim() != 2) {
+    refuse(name, "packed weight must be a 2-D uint32 array, got " + shape_of(w));
+  }
+  const int N = w.shape(0);
+  const long packed_bits = long(w.shape(1)) * 32;
+  if (packed_bits % bits != 0) {
+    refuse(name, "packed width " + std::to_string(w.shape(1)) + " words does not hold whole " +
+                     std::to_string(bits) + "-bit values");
+  }
+  const int K = int(packed_bits / bits);
+  if (K % group_size != 0) {
+    refuse(name, "input width " + std::to_string(K) + " does not divide into groups of " +
+                     std::to_string(group_size));
+  }
+  const mx::Shape groups_shape{N, K / group_size};
+  if (scales.shape() != groups_shape || biases.shape() != groups_shape) {
+    refuse(name, "scales " + shape_of(scales) + " and biases " + shape_of(biases) + " must both be (" +
+                     std::to_string(N) + ", " + std::to_string(K / group_size) + ") for a weight of " +
+                     std::to_string(N) + " rows of " + std::to_string(K) + " values");
+  }
+  if (x.ndim() < 1 || x.shape(-1) != K) {
+    refuse(name, "input " + shape_of(x) + " must end in " + std::to_string(K) + " (the weight's width)");
+  }
+  if (!mx::issubdtype(x.dtype(), mx::floating)) refuse(name, "input must be floating point");
+
+  const auto s = mx::to_stream(std::monostate{}, mx::Device::cpu);
+  auto xf = mx::contiguous(mx::astype(x, mx::float32, s), false, s);
+  auto out_shape = x.shape();
+  out_shape.back() = N;
+  auto out = mx::array(out_shape, mx::float32, std::make_shared<PackedMatmul>(s, group_size, bits),
+                       {xf, mx::contiguous(w, false, s),
+                        mx::contiguous(mx::astype(scales, mx::float32, s), false, s),
+                        mx::contiguous(mx::astype(biases, mx::float32, s), false, s)});
+  return x.dtype() == mx::float32 ? out : mx::astype(out, x.dtype(), s);
+}
+
+}  // namespace layerline

@@ -1,0 +1,37 @@
+// y = x @ dequant(W)^T for mlx's affine packing, as an mlx primitive evaluated on the CPU.
+#pragma once
+
+#include <string>
+
+#include "mlx/array.h"
+#include "mlx/primitives.h"
+
+namespace layerline {
+
+namespace mx = mlx::core;
+
+class PackedMatmul : public mx::UnaryPrimitive {
+ public:
+  PackedMatmul(mx::Stream stream, int group_size, int bits)
+      : mx::UnaryPrimitive(stream), group_size_(group_size), bits_(bits) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  const char* name() const override { return "LayerlinePackedMatmul"; }
+  bool is_equivalent(const mx::Primitive& other) const override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
+
+ private:
+  int group_size_, bits_;
+};
+
+// x (..., K) float; w (N, K*bits/32) uint32; scales, biases (N, K/group_size). `name` names the
+// weight in errors. Always evaluated on the CPU.
+mx::array packed_matmul(const mx::array& x, const mx::array& w, const mx::array& scales,
+                        const mx::array& biases, int group_size, int bits, const std::string& name);
+
+// The instruction set the kernel runs with: "avx512", "avx2" or "portable".
+std::string kernel_isa();
+int kernel_threads();
+
+}  // namespace layerline
