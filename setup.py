@@ -45,7 +45,8 @@ class OptionalCMakeBuild(build_ext):
         build_dir = Path(self.build_temp).resolve() / "cpu_kernel"
         build_dir.mkdir(parents=True, exist_ok=True)
         configure = [cmake, "-S", str(SOURCE_DIR), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
-                     f"-DPython_EXECUTABLE={sys.executable}", f"-DLAYERLINE_KERNEL_OUTPUT_DIR={target.parent}"]
+                     f"-DPython_EXECUTABLE={sys.executable}",
+                     f"-DLAYERLINE_KERNEL_OUTPUT_DIR={target.parent}"]
         for argv in (configure, [cmake, "--build", str(build_dir), "-j", str(min(os.cpu_count() or 1, 4))]):
             result = subprocess.run(argv, capture_output=True, text=True)
             if result.returncode != 0:

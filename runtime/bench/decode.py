@@ -73,7 +73,8 @@ def load_bare_mlx_lm(package: LayerPackage, plan: WeightsPlan) -> nn.Module:
             weights[f"model.layers.{index}.{name}"] = value
     if manifest.config.get("tie_word_embeddings"):
         weights = {k: v for k, v in weights.items() if not k.startswith("lm_head.")}
-    load_into(model, weights, manifest.quantization)
+    # mlx's own kernels: this is the reference layerline is compared with.
+    load_into(model, weights, manifest.quantization, cpu_kernel=False)
     return model
 
 

@@ -15,6 +15,7 @@ import mlx.core as mx
 from layerline.packager.package import LayerPackage
 
 from ..model.blas import load_fast_blas
+from ..model.cpu_kernel import cpu_kernel
 from ..model.head import Head
 from ..model.kv_cache import RangeCache
 from ..model.layer_range import LayerRange
@@ -54,7 +55,8 @@ class LocalPipeline:
                  manifest.shared["head"]]
         device = detect_device()
         plan = plan_weights(weights, manifest, files, device)
-        log.info("%s %s %s", load_fast_blas().describe(), device.describe(), plan.describe())
+        log.info("%s %s %s %s", load_fast_blas().describe(), cpu_kernel().describe(), device.describe(),
+                 plan.describe())
         loaded_tokenizer = load_tokenizer(package) if tokenizer else None
         head = Head.load(package, plan)
         layer_ranges = [LayerRange.load(package, start, end, plan) for start, end in ranges]

@@ -11,6 +11,8 @@ from layerline.errors import ManifestError
 from layerline.packager.manifest import Quantization
 from layerline.packager.package import LayerPackage
 
+from .cpu_kernel import use_cpu_kernel
+
 if TYPE_CHECKING:
     from .weights_policy import WeightsPlan
 
@@ -66,9 +68,14 @@ def _packed_base(name: str) -> str:
 
 
 def load_into(
-    module: nn.Module, weights: dict[str, mx.array], quantization: Quantization | None
+    module: nn.Module, weights: dict[str, mx.array], quantization: Quantization | None, *,
+    cpu_kernel: bool = True,
 ) -> None:
-    """Quantize the layers whose weights are packed, then load `weights` (all names must match)."""
+    """Quantize the layers whose weights are packed, then load `weights` (all names must match).
+
+    On the CPU, packed layers then compute with layerline's kernel (`cpu_kernel.py`) unless
+    `cpu_kernel` is False (a bare mlx-lm model for comparison).
+    """
     if quantization is not None and any(k.endswith(".scales") for k in weights):
         nn.quantize(
             module,
@@ -80,3 +87,5 @@ def load_into(
         )
     module.load_weights(list(weights.items()), strict=True)
     mx.eval(module.parameters())
+    if cpu_kernel:
+        use_cpu_kernel(module)

@@ -17,6 +17,7 @@ from layerline.errors import LayerlineError
 from layerline.packager.manifest import Manifest
 
 from .blas import load_fast_blas
+from .cpu_kernel import cpu_kernel
 from .host_memory import host_memory
 
 WEIGHT_CHOICES = ("auto", "packed", "f32", "bf16", "f16")
@@ -32,6 +33,7 @@ class Device:
     kind: str  # "cpu" | "metal" | "cuda"
     fast_blas: bool
     memory_available: int  # bytes
+    cpu_kernel: str | None = None  # the packed-weight kernel's path ("avx512", …) on CPU, if built
 
     def describe(self) -> str:
         gib = self.memory_available / (1 << 30)
@@ -61,7 +63,9 @@ def detect_device() -> Device:
     kind = "cpu"
     if mx.default_device() == mx.gpu:
         kind = "metal" if sys.platform == "darwin" else "cuda"
-    return Device(kind=kind, fast_blas=load_fast_blas().fast, memory_available=host_memory().available)
+    kernel = cpu_kernel() if kind == "cpu" else None
+    return Device(kind=kind, fast_blas=load_fast_blas().fast, memory_available=host_memory().available,
+                  cpu_kernel=kernel.isa if kernel is not None and kernel.available else None)
 
 
 def expanded_bytes(manifest: Manifest, files: list[str], dtype: str = "float32") -> int:
@@ -93,9 +97,13 @@ def plan_weights(requested: str, manifest: Manifest, files: list[str], device: D
         return WeightsPlan(stored, manifest.dtype, f"auto: {device.kind} runs stored weights fastest")
     if manifest.quantization is None and manifest.dtype == "float32":
         return WeightsPlan("f32", "float32", "auto: package stores f32")
+    if manifest.quantization and device.cpu_kernel:
+        return WeightsPlan("packed", "float32",
+                           f"auto: layerline's cpu kernel ({device.cpu_kernel}) reads packed weights fastest")
     if manifest.quantization and not device.fast_blas:
         return WeightsPlan(
-            "packed", "float32", "auto: no fast BLAS loaded, so f32 weights would not be faster"
+            "packed", "float32",
+            "auto: no cpu kernel and no fast BLAS loaded, so f32 weights would not be faster",
         )
     need = expanded_bytes(manifest, files)
     budget = int(device.memory_available * MEMORY_SHARE)
@@ -105,7 +113,9 @@ def plan_weights(requested: str, manifest: Manifest, files: list[str], device: D
             f"auto: f32 weights would take {need >> 20} MiB, over {MEMORY_SHARE:.0%} of the "
             f"{device.memory_available >> 20} MiB available",
         )
-    return WeightsPlan("f32", "float32", f"auto: cpu with {load_fast_blas().name} BLAS decodes f32 fastest")
+    why = "without layerline's cpu kernel, " if manifest.quantization else ""
+    return WeightsPlan("f32", "float32",
+                       f"auto: {why}cpu with {load_fast_blas().name} BLAS decodes f32 fastest")
 
 
 def _short(dtype: str) -> str:

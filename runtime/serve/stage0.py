@@ -16,6 +16,7 @@ from layerline.errors import LayerlineError
 from layerline.packager.package import LayerPackage
 from layerline.progress import TransferBoard
 
+from ..model.cpu_kernel import cpu_kernel
 from ..model.head import Head
 from ..model.kv_cache import SessionStore
 from ..model.layer_range import LayerRange
@@ -239,6 +240,7 @@ class Stage0:
             "split": [[s["layers"][0], s["layers"][1]] for s in [stage0, *self.coordinator.status()]],
             "stages": [stage0, *self.coordinator.status()],
             "wire_dtype": self.options.wire_dtype,
+            "cpu_kernel": cpu_kernel().to_json(),
             "context_length": self.context_length,
             "speculative": self.speculation.to_json(),
             "profile": self.profile.to_json(),
