@@ -1,0 +1,142 @@
+"""layerline's CPU kernel for packed weights: against mlx's own kernel on every bits, group and
+row count (each instruction-set path forced in turn), on SmolLM2's real layers, its errors, and
+a package decoding on it exactly as it does in f32."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+
+from layerline.packager.package import LayerPackage
+from layerline.runtime.decode.local_pipeline import LocalPipeline
+from layerline.runtime.decode.loop import generate
+from layerline.runtime.decode.sampling import SamplingParams
+from layerline.runtime.decode.targets import LocalTarget
+from layerline.runtime.model.cpu_kernel import (
+    ISA_ENV_VAR,
+    KernelQuantizedEmbedding,
+    KernelQuantizedLinear,
+    cpu_kernel,
+    packed_matmul,
+)
+from layerline.runtime.model.weights_policy import Device, plan_weights
+
+pytestmark = pytest.mark.skipif(not cpu_kernel().available, reason=f"no CPU kernel: {cpu_kernel().reason}")
+
+MAX_RELATIVE_ERROR = 1e-4
+
+# Run in a fresh process per path: the kernel picks its instruction set once per process.
+_SWEEP = r"""
+import json, sys
+import layerline
+import mlx.core as mx
+from layerline.runtime.model.cpu_kernel import cpu_kernel, packed_matmul
+
+mx.random.seed(7)
+worst = {}
+for bits in (2, 3, 4, 5, 6, 8):
+    for group in (32, 64, 128):
+        N, K = 37, group * 5  # odd row count; widths of several groups
+        q, s, b = mx.quantize(mx.random.normal((N, K)), group_size=group, bits=bits)
+        x = mx.random.normal((32, K))
+        for rows in range(1, 33):
+            ref = mx.quantized_matmul(x[:rows], q, s, b, transpose=True, group_size=group, bits=bits)
+            got = packed_matmul(x[:rows], q, s, b, group_size=group, bits=bits, name="random")
+            err = (mx.abs(got - ref).max() / mx.abs(ref).max()).item()
+            key = f"bits={bits} group={group}"
+            worst[key] = max(worst.get(key, 0.0), err)
+print(json.dumps({"isa": cpu_kernel().isa, "worst": worst}))
+"""
+
+
+def relative_error(got: mx.array, ref: mx.array) -> float:
+    return (mx.abs(got - ref).max() / mx.abs(ref).max()).item()
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "portable"])
+def test_kernel_matches_mlx_for_every_bits_group_and_row_count_on_each_path(isa):
+    env = {**os.environ, ISA_ENV_VAR: isa}
+    result = subprocess.run([sys.executable, "-c", _SWEEP], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    if report["isa"] != isa:
+        pytest.skip(f"this CPU has no {isa} (ran {report['isa']})")
+    bad = {k: v for k, v in report["worst"].items() if v > MAX_RELATIVE_ERROR}
+    assert not bad and len(report["worst"]) == 18
+
+
+def test_kernel_matches_mlx_on_smollm2_layers_and_tied_head(smollm2_package):
+    package = LayerPackage.open(smollm2_package)
+    manifest = package.manifest
+    q = manifest.quantization
+    tensors = mx.load(str(package.path(manifest.layer_files(5, 6)[0])))
+    tensors.update(mx.load(str(package.path(manifest.shared["embed"]))))
+    bases = [name.removesuffix(".scales") for name in tensors if name.endswith(".scales")]
+    assert len(bases) == 8  # q, k, v, o, gate, up, down, and the embedding (the tied head)
+    for base in bases:
+        w, s, b = tensors[f"{base}.weight"], tensors[f"{base}.scales"], tensors[f"{base}.biases"]
+        s, b = s.astype(mx.float32), b.astype(mx.float32)
+        K = w.shape[1] * 32 // q.bits
+        for rows in (1, 5, 8, 32):
+            x = mx.random.normal((rows, K))
+            ref = mx.quantized_matmul(x, w, s, b, transpose=True, group_size=q.group_size, bits=q.bits)
+            got = packed_matmul(x, w, s, b, group_size=q.group_size, bits=q.bits, name=base)
+            assert relative_error(got, ref) <= MAX_RELATIVE_ERROR, (base, rows)
+
+
+def test_bad_shapes_and_unsupported_bits_are_refused_naming_the_tensor():
+    q, s, b = mx.quantize(mx.random.normal((16, 128)), group_size=64, bits=4)
+    x = mx.random.normal((2, 128))
+    with pytest.raises(ValueError, match=r"layers\.3\.mlp\.up_proj: bits=7 is not supported"):
+        packed_matmul(x, q, s, b, group_size=64, bits=7, name="layers.3.mlp.up_proj")
+    with pytest.raises(ValueError, match=r"up_proj: input width 96 does not divide into groups of 64"):
+        # 12 packed words of 4-bit values hold 96 values: not whole groups of 64.
+        packed_matmul(mx.zeros((1, 96)), q[:, :12], s, b, group_size=64, bits=4, name="up_proj")
+    with pytest.raises(ValueError, match=r"embed_tokens: input \(2, 100\) must end in 128"):
+        packed_matmul(mx.zeros((2, 100)), q, s, b, group_size=64, bits=4, name="embed_tokens")
+    with pytest.raises(ValueError, match=r"o_proj: scales \(16, 2\) and biases \(16, 2\) must both be"):
+        packed_matmul(x, q, s, b, group_size=32, bits=4, name="o_proj")
+    with pytest.raises(ValueError, match="group_size=16 is not supported"):
+        packed_matmul(x, q, s, b, group_size=16, bits=4, name="o_proj")
+
+
+def test_packed_package_decodes_on_the_kernel_exactly_as_in_f32(smollm2_package):
+    packed = LocalPipeline.load(smollm2_package, weights="packed")
+    kinds = {type(m) for _, m in packed.ranges[0].named_modules()} | {type(packed.head.embed_tokens)}
+    assert {KernelQuantizedLinear, KernelQuantizedEmbedding} <= kinds and nn.QuantizedLinear not in kinds
+    expanded = LocalPipeline.load(smollm2_package, weights="f32")
+    prompt = list(packed.tokenizer.encode("The history of computing is a story of"))
+
+    def tokens(pipeline: LocalPipeline) -> list[int]:
+        return [t.id for t in generate(LocalTarget.open(pipeline), prompt, SamplingParams(max_tokens=24))]
+
+    assert tokens(packed) == tokens(expanded)
+
+
+def test_auto_keeps_packed_weights_on_a_cpu_with_the_kernel(smollm2_package):
+    manifest = LayerPackage.open(smollm2_package).manifest
+    files = manifest.layer_files(0, manifest.num_layers)
+    device = Device("cpu", fast_blas=True, memory_available=64 << 30, cpu_kernel="avx2")
+    chosen = plan_weights("auto", manifest, files, device)
+    assert (chosen.format, chosen.compute_dtype) == ("packed", "float32") and "cpu kernel" in chosen.reason
+    assert plan_weights("f32", manifest, files, device).format == "f32"  # f32 stays available
+
+
+def test_without_the_kernel_run_falls_back_to_mlx_and_says_so_first(smollm2_package):
+    env = {**os.environ, "LAYERLINE_CPU_KERNEL": "off"}
+    argv = [sys.executable, "-m", "layerline", "run", str(smollm2_package), "--chat",
+            "What is the capital of France?", "--max-tokens", "12"]
+    off = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    on = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert off.returncode == 0 and on.returncode == 0, off.stderr + on.stderr
+    assert "cpu_kernel=none (LAYERLINE_CPU_KERNEL=off" in off.stderr.splitlines()[0]
+    assert off.stderr.count("event=cpu_kernel_missing") == 1
+    assert "cpu_kernel=" in on.stderr and "weights=packed" in on.stderr and "cpu_kernel=none" not in on.stderr
+    assert off.stdout == on.stdout and "Paris" in on.stdout
