@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -23,24 +24,63 @@ def bench_decode(
     prompt_tokens: Annotated[int, typer.Option(help="Prompt length.")] = 128,
     tokens: Annotated[int, typer.Option(help="Tokens to decode per run.")] = 64,
     repeats: Annotated[int, typer.Option(help="Runs per format; the best is kept.")] = 2,
+    llama_bench: Annotated[Path | None, typer.Option(help="llama.cpp's llama-bench binary: also run it on the same GGUF and threads.")] = None,
+    llama_threads: Annotated[int | None, typer.Option(help="llama-bench -t (default: the threads layerline's CPU kernel uses).")] = None,
 ) -> None:
     """Prefill and decode tok/s per weight format, beside a bare mlx-lm loop on the same weights."""
     from layerline.runtime.bench.decode import BENCH_FORMATS, auto_choice, render_rows
     from layerline.runtime.bench.decode import bench_decode as run_bench
-    from layerline.runtime.bench.models import BENCH_CACHE, resolve_package
+    from layerline.runtime.bench.llama_bench import render_llama_bench, run_llama_bench
+    from layerline.runtime.bench.models import BENCH_CACHE, resolve_gguf, resolve_package
     from layerline.runtime.model.blas import load_fast_blas
+    from layerline.runtime.model.cpu_kernel import cpu_kernel
 
     log_to_stderr(quiet=True)
     package = resolve_package(model, BENCH_CACHE.expanduser())
+    gguf = resolve_gguf(model) if llama_bench is not None else None  # refused before any measuring
     formats = tuple(w.value for w in weights) if weights else BENCH_FORMATS
     rows = run_bench(package, formats, prompt_tokens=prompt_tokens, decode_tokens=tokens,
                      repeats=repeats)
+    llama = None
+    if llama_bench is not None and gguf is not None:
+        threads = llama_threads or cpu_kernel().threads or os.cpu_count() or 1
+        llama = run_llama_bench(llama_bench, gguf, threads=threads, prompt_tokens=prompt_tokens,
+                                tokens=tokens, repeats=repeats)
     # Plain text, not a rich table: it must not wrap when piped into a file or a doc.
     typer.echo(f"decode benchmark: {package}, {prompt_tokens} prompt tokens, {tokens} decoded, "
                f"best of {repeats}")
     typer.echo(render_rows(rows))
-    typer.echo(load_fast_blas().describe())
+    if llama is not None:
+        typer.echo(render_llama_bench(llama, {r.weights: r.layerline_decode_tps for r in rows}))
+    typer.echo(f"{load_fast_blas().describe()} {cpu_kernel().describe()}")
     typer.echo(f"--weights auto here: {auto_choice(package).describe()}")
+
+
+@bench_app.command("kernels")
+def bench_kernels(
+    shape: Annotated[str, typer.Option(help="Weight shape OUTxIN (default: Qwen2.5-1.5B's MLP).")] = "8960x1536",
+    bits: Annotated[int, typer.Option(help="Packed bits per weight.")] = 4,
+    group_size: Annotated[int, typer.Option(help="Weights per scale and bias.")] = 64,
+    rows: Annotated[list[int] | None, typer.Option(help="Rows of x (repeat; default 1, 8, 16, 32).")] = None,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Folder for table.md, results.json, chart.png.")] = None,
+) -> None:
+    """The packed-weight product on this CPU: layerline's kernel against the memory's read bandwidth, mlx's kernel and f32 BLAS."""
+    import time
+
+    from layerline.errors import LayerlineError
+    from layerline.runtime.bench.kernels import DEFAULT_ROWS, write_kernel_report
+    from layerline.runtime.bench.kernels import bench_kernels as run_bench
+
+    log_to_stderr(quiet=True)
+    try:
+        n, k = (int(v) for v in shape.lower().split("x"))
+    except ValueError:
+        raise LayerlineError(f"--shape {shape!r} is not OUTxIN", hint="e.g. --shape 8960x1536") from None
+    bench = run_bench(n, k, bits=bits, group_size=group_size, rows=tuple(rows or DEFAULT_ROWS))
+    folder = output or Path("bench-results") / time.strftime("kernels-%Y%m%d-%H%M%S")
+    typer.echo(write_kernel_report(folder, bench, sys.argv))
+    typer.echo(f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    typer.echo(f"wrote {folder}/table.md, results.json, chart.png")
 
 
 @bench_app.command("serve")

@@ -44,6 +44,8 @@ class DecodeBenchRow:
     layerline_decode_tps: float
     mlx_lm_prefill_tps: float
     mlx_lm_decode_tps: float
+    resident_bytes: int = 0  # the process's resident memory after layerline's runs, less before loading
+    files_bytes: int = 0  # the package files those weights were read from
 
     @property
     def decode_ratio(self) -> float:
@@ -98,8 +100,21 @@ def _best(run: Callable[[], tuple[float, float]], repeats: int) -> tuple[float, 
     return max(r[0] for r in results), max(r[1] for r in results)
 
 
+def resident_bytes() -> int:
+    """This process's resident memory (VmRSS), or 0 where /proc is missing."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def _bench_layerline(package_dir: str | Path, weights: str, prompt_tokens: int, decode_tokens: int,
-                     repeats: int) -> tuple[WeightsPlan, list[int], tuple[float, float]]:
+                     repeats: int) -> tuple[WeightsPlan, list[int], tuple[float, float], int]:
+    mx.clear_cache()
+    before = resident_bytes()
     pipeline = LocalPipeline.load(package_dir, None, weights)
     prompt = bench_prompt(pipeline.tokenizer, prompt_tokens)
 
@@ -108,7 +123,8 @@ def _bench_layerline(package_dir: str | Path, weights: str, prompt_tokens: int, 
         return _time_tokens(generation, len(prompt))
 
     run(4)  # warm-up
-    return pipeline.plan, prompt, _best(run, repeats)
+    best = _best(run, repeats)
+    return pipeline.plan, prompt, best, resident_bytes() - before
 
 
 def _bench_mlx_lm(package_dir: str | Path, plan: WeightsPlan, prompt: list[int], decode_tokens: int,
@@ -131,11 +147,15 @@ def bench_format(package_dir: str | Path, weights: str, *, prompt_tokens: int = 
                  decode_tokens: int = 64, repeats: int = 2) -> DecodeBenchRow:
     """Measure one weight format with layerline, then with bare mlx-lm on the same tensors."""
     # One model in memory at a time: each helper's model is freed when it returns.
-    plan, prompt, ours = _bench_layerline(package_dir, weights, prompt_tokens, decode_tokens, repeats)
+    plan, prompt, ours, resident = _bench_layerline(package_dir, weights, prompt_tokens, decode_tokens,
+                                                    repeats)
     gc.collect()
     bare = _bench_mlx_lm(package_dir, plan, prompt, decode_tokens, repeats)
     gc.collect()
-    return DecodeBenchRow(plan.format, plan.compute_dtype, ours[0], ours[1], bare[0], bare[1])
+    manifest = LayerPackage.open(package_dir).manifest
+    files = sum(f.bytes for f in manifest.files if f.path.endswith(".safetensors"))
+    return DecodeBenchRow(plan.format, plan.compute_dtype, ours[0], ours[1], bare[0], bare[1], resident,
+                          files)
 
 
 def bench_decode(package_dir: str | Path, formats: tuple[str, ...] = BENCH_FORMATS, *,
@@ -150,7 +170,7 @@ def bench_decode(package_dir: str | Path, formats: tuple[str, ...] = BENCH_FORMA
 
 
 COLUMNS = ("weights", "compute", "layerline prefill tok/s", "layerline decode tok/s",
-           "mlx-lm prefill tok/s", "mlx-lm decode tok/s", "decode vs mlx-lm")
+           "mlx-lm prefill tok/s", "mlx-lm decode tok/s", "decode vs mlx-lm", "resident MiB", "× files")
 
 
 def render_rows(rows: list[DecodeBenchRow]) -> str:
@@ -159,7 +179,8 @@ def render_rows(rows: list[DecodeBenchRow]) -> str:
     for r in rows:
         cells = (r.weights, r.compute_dtype, f"{r.layerline_prefill_tps:.1f}",
                  f"{r.layerline_decode_tps:.1f}", f"{r.mlx_lm_prefill_tps:.1f}",
-                 f"{r.mlx_lm_decode_tps:.1f}", f"{r.decode_ratio:.1%}")
+                 f"{r.mlx_lm_decode_tps:.1f}", f"{r.decode_ratio:.1%}", f"{r.resident_bytes / (1 << 20):.0f}",
+                 f"{r.resident_bytes / r.files_bytes:.2f}×" if r.files_bytes else "—")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
