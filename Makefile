@@ -8,7 +8,8 @@ DEMO_DIR ?= packages
 
 .PHONY: demo test lint proto clean
 
-$(VENV)/.installed: pyproject.toml
+# pip also builds the CPU kernel (setup.py, runtime/model/native) when a compiler and cmake are present.
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard runtime/model/native/*)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e ".[dev]"

@@ -24,17 +24,23 @@ BUILD_ERROR_FILE = "_cpu_kernel.build-error.txt"
 class OptionalCMakeBuild(build_ext):
     def build_extension(self, ext: Extension) -> None:
         target = Path(self.get_ext_fullpath(ext.name)).resolve()
-        error_file = target.parent / BUILD_ERROR_FILE
+        # An editable install builds elsewhere and copies the module into the source tree.
+        places = {target.parent}
+        if getattr(self, "editable_mode", False) or self.inplace:
+            places.add(SOURCE_DIR.parent)
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._cmake(target)
         except Exception as exc:  # noqa: BLE001 - any failure leaves mlx's kernels in use
             reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-            error_file.write_text(reason + "\n", encoding="utf-8")
+            for place in places:
+                (place / target.name).unlink(missing_ok=True)  # no stale kernel from an earlier build
+                (place / BUILD_ERROR_FILE).write_text(reason + "\n", encoding="utf-8")
             print(f"layerline: the CPU kernel was not built ({reason}); layerline will use mlx's "
                   "quantized kernels on CPU", file=sys.stderr)
             return
-        error_file.unlink(missing_ok=True)
+        for place in places:
+            (place / BUILD_ERROR_FILE).unlink(missing_ok=True)
 
     def _cmake(self, target: Path) -> None:
         if os.environ.get("LAYERLINE_BUILD_KERNEL", "1").lower() in ("0", "off", "no"):
@@ -50,11 +56,21 @@ class OptionalCMakeBuild(build_ext):
         for argv in (configure, [cmake, "--build", str(build_dir), "-j", str(min(os.cpu_count() or 1, 4))]):
             result = subprocess.run(argv, capture_output=True, text=True)
             if result.returncode != 0:
-                log = (result.stdout + result.stderr).strip().splitlines()
-                errors = [line for line in log if "error" in line.lower()] or log[-3:] or ["no output"]
-                raise RuntimeError(f"{Path(argv[0]).name} failed: {errors[0][:300]}")
+                why = _first_error(result.stderr + result.stdout)
+                raise RuntimeError(f"{Path(argv[0]).name} failed: {why}")
         if not target.exists():
             raise RuntimeError(f"cmake built no {target.name}")
 
 
-setup(ext_modules=[Extension(KERNEL, sources=[])], cmdclass={"build_ext": OptionalCMakeBuild})
+def _first_error(output: str) -> str:
+    """The first error in a build's output, with the line after a `CMake Error at …` header."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        if "error" in line.lower():
+            detail = lines[i + 1] if line.startswith("CMake Error") and i + 1 < len(lines) else ""
+            return f"{line} {detail}".strip()[:300]
+    return (lines[-1] if lines else "no output")[:300]
+
+
+# optional: setuptools copies no module that was not built.
+setup(ext_modules=[Extension(KERNEL, sources=[], optional=True)], cmdclass={"build_ext": OptionalCMakeBuild})

@@ -24,6 +24,7 @@ def bench_decode(
     prompt_tokens: Annotated[int, typer.Option(help="Prompt length.")] = 128,
     tokens: Annotated[int, typer.Option(help="Tokens to decode per run.")] = 64,
     repeats: Annotated[int, typer.Option(help="Runs per format; the best is kept.")] = 2,
+    mlx_lm: Annotated[bool, typer.Option(help="Also run a bare mlx-lm loop on the same weights.")] = True,
     llama_bench: Annotated[Path | None, typer.Option(help="llama.cpp's llama-bench binary: also run it on the same GGUF and threads.")] = None,
     llama_threads: Annotated[int | None, typer.Option(help="llama-bench -t (default: the threads layerline's CPU kernel uses).")] = None,
 ) -> None:
@@ -40,7 +41,7 @@ def bench_decode(
     gguf = resolve_gguf(model) if llama_bench is not None else None  # refused before any measuring
     formats = tuple(w.value for w in weights) if weights else BENCH_FORMATS
     rows = run_bench(package, formats, prompt_tokens=prompt_tokens, decode_tokens=tokens,
-                     repeats=repeats)
+                     repeats=repeats, mlx_lm=mlx_lm)
     llama = None
     if llama_bench is not None and gguf is not None:
         threads = llama_threads or cpu_kernel().threads or os.cpu_count() or 1

@@ -144,13 +144,13 @@ def _bench_mlx_lm(package_dir: str | Path, plan: WeightsPlan, prompt: list[int],
 
 
 def bench_format(package_dir: str | Path, weights: str, *, prompt_tokens: int = 128,
-                 decode_tokens: int = 64, repeats: int = 2) -> DecodeBenchRow:
-    """Measure one weight format with layerline, then with bare mlx-lm on the same tensors."""
+                 decode_tokens: int = 64, repeats: int = 2, mlx_lm: bool = True) -> DecodeBenchRow:
+    """Measure one weight format with layerline, then (unless not `mlx_lm`) with bare mlx-lm."""
     # One model in memory at a time: each helper's model is freed when it returns.
     plan, prompt, ours, resident = _bench_layerline(package_dir, weights, prompt_tokens, decode_tokens,
                                                     repeats)
     gc.collect()
-    bare = _bench_mlx_lm(package_dir, plan, prompt, decode_tokens, repeats)
+    bare = _bench_mlx_lm(package_dir, plan, prompt, decode_tokens, repeats) if mlx_lm else (0.0, 0.0)
     gc.collect()
     manifest = LayerPackage.open(package_dir).manifest
     files = sum(f.bytes for f in manifest.files if f.path.endswith(".safetensors"))
@@ -160,11 +160,11 @@ def bench_format(package_dir: str | Path, weights: str, *, prompt_tokens: int = 
 
 def bench_decode(package_dir: str | Path, formats: tuple[str, ...] = BENCH_FORMATS, *,
                  prompt_tokens: int = 128, decode_tokens: int = 64,
-                 repeats: int = 2) -> list[DecodeBenchRow]:
+                 repeats: int = 2, mlx_lm: bool = True) -> list[DecodeBenchRow]:
     """One row per weight format: layerline's and bare mlx-lm's prefill and decode tok/s."""
     return [
         bench_format(package_dir, fmt, prompt_tokens=prompt_tokens, decode_tokens=decode_tokens,
-                     repeats=repeats)
+                     repeats=repeats, mlx_lm=mlx_lm)
         for fmt in formats
     ]
 
@@ -177,9 +177,11 @@ def render_rows(rows: list[DecodeBenchRow]) -> str:
     """The rows as a Markdown table (readable in a terminal, pasteable into docs)."""
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
     for r in rows:
+        bare = r.mlx_lm_decode_tps > 0  # 0: not measured (--no-mlx-lm)
         cells = (r.weights, r.compute_dtype, f"{r.layerline_prefill_tps:.1f}",
-                 f"{r.layerline_decode_tps:.1f}", f"{r.mlx_lm_prefill_tps:.1f}",
-                 f"{r.mlx_lm_decode_tps:.1f}", f"{r.decode_ratio:.1%}", f"{r.resident_bytes / (1 << 20):.0f}",
+                 f"{r.layerline_decode_tps:.2f}", f"{r.mlx_lm_prefill_tps:.1f}" if bare else "—",
+                 f"{r.mlx_lm_decode_tps:.2f}" if bare else "—", f"{r.decode_ratio:.1%}" if bare else "—",
+                 f"{r.resident_bytes / (1 << 20):.0f}",
                  f"{r.resident_bytes / r.files_bytes:.2f}×" if r.files_bytes else "—")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
