@@ -29,6 +29,11 @@ struct Simd {
     const __m256i lanes = _mm256_shuffle_epi8(bytes, control);
     return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(lanes, shifts), mask));
   }
+  static I widen(const uint8_t* p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))); }
+  static I and_int(I a, I b) { return _mm256_and_si256(a, b); }
+  static I shift_right_4(I a) { return _mm256_srli_epi32(a, 4); }
+  static F to_float(I a) { return _mm256_cvtepi32_ps(a); }
+  static F add(F a, F b) { return _mm256_add_ps(a, b); }
   static float hsum(F v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));

@@ -29,6 +29,11 @@ struct Simd {
     const __m512i lanes = _mm512_shuffle_epi8(bytes, control);
     return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(lanes, shifts), mask));
   }
+  static I widen(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static I and_int(I a, I b) { return _mm512_and_si512(a, b); }
+  static I shift_right_4(I a) { return _mm512_srli_epi32(a, 4); }
+  static F to_float(I a) { return _mm512_cvtepi32_ps(a); }
+  static F add(F a, F b) { return _mm512_add_ps(a, b); }
   static float hsum(F v) { return _mm512_reduce_add_ps(v); }
 };
 
