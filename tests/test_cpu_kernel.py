@@ -46,11 +46,15 @@ for bits in (2, 3, 4, 5, 6, 8):
         q, s, b = mx.quantize(mx.random.normal((N, K)), group_size=group, bits=bits)
         x = mx.random.normal((32, K))
         for rows in range(1, 33):
-            ref = mx.quantized_matmul(x[:rows], q, s, b, transpose=True, group_size=group, bits=bits)
-            got = packed_matmul(x[:rows], q, s, b, group_size=group, bits=bits, name="random")
-            err = (mx.abs(got - ref).max() / mx.abs(ref).max()).item()
-            key = f"bits={bits} group={group}"
-            worst[key] = max(worst.get(key, 0.0), err)
+            # Scales and biases as f32, and (for a few row counts) as stored in f16 or bf16.
+            for dtype in (mx.float32, mx.float16, mx.bfloat16) if rows in (1, 5, 32) else (mx.float32,):
+                s_, b_ = s.astype(dtype), b.astype(dtype)
+                ref = mx.quantized_matmul(x[:rows], q, s_.astype(mx.float32), b_.astype(mx.float32),
+                                          transpose=True, group_size=group, bits=bits)
+                got = packed_matmul(x[:rows], q, s_, b_, group_size=group, bits=bits, name="random")
+                err = (mx.abs(got - ref).max() / mx.abs(ref).max()).item()
+                key = f"bits={bits} group={group}"
+                worst[key] = max(worst.get(key, 0.0), err)
 print(json.dumps({"isa": cpu_kernel().isa, "worst": worst}))
 """
 
@@ -82,13 +86,14 @@ def test_kernel_matches_mlx_on_smollm2_layers_and_tied_head(smollm2_package):
     assert len(bases) == 8  # q, k, v, o, gate, up, down, and the embedding (the tied head)
     for base in bases:
         w, s, b = tensors[f"{base}.weight"], tensors[f"{base}.scales"], tensors[f"{base}.biases"]
-        s, b = s.astype(mx.float32), b.astype(mx.float32)
         K = w.shape[1] * 32 // q.bits
         for rows in (1, 5, 8, 32):
             x = mx.random.normal((rows, K))
-            ref = mx.quantized_matmul(x, w, s, b, transpose=True, group_size=q.group_size, bits=q.bits)
+            ref = mx.quantized_matmul(x, w, s.astype(mx.float32), b.astype(mx.float32), transpose=True,
+                                      group_size=q.group_size, bits=q.bits)
+            # The package's own scales (f16), as the kernel reads them in a loaded model.
             got = packed_matmul(x, w, s, b, group_size=q.group_size, bits=q.bits, name=base)
-            assert relative_error(got, ref) <= MAX_RELATIVE_ERROR, (base, rows)
+            assert relative_error(got, ref) <= MAX_RELATIVE_ERROR, (base, rows, s.dtype)
 
 
 def test_bad_shapes_and_unsupported_bits_are_refused_naming_the_tensor():
@@ -111,6 +116,7 @@ def test_packed_package_decodes_on_the_kernel_exactly_as_in_f32(smollm2_package)
     packed = LocalPipeline.load(smollm2_package, weights="packed")
     kinds = {type(m) for _, m in packed.ranges[0].named_modules()} | {type(packed.head.embed_tokens)}
     assert {KernelQuantizedLinear, KernelQuantizedEmbedding} <= kinds and nn.QuantizedLinear not in kinds
+    assert packed.head.embed_tokens["scales"].dtype == mx.float16  # read as stored, not widened
     expanded = LocalPipeline.load(smollm2_package, weights="f32")
     prompt = list(packed.tokenizer.encode("The history of computing is a story of"))
 

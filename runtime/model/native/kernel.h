@@ -4,14 +4,19 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 
 namespace layerline {
+
+// Scales and biases stay in the package's type: f16 or bf16 halves the bytes they add per token.
+enum class ScaleType : int { f32 = 0, f16 = 1, bf16 = 2 };
 
 struct QmmArgs {
   const float* x;       // (M, K) row-major activations
   const uint8_t* w;     // (N, K * bits / 8) packed rows: a little-endian bit stream per row
-  const float* scales;  // (N, K / group)
-  const float* biases;  // (N, K / group)
+  const void* scales;   // (N, K / group) of scale_type
+  const void* biases;   // (N, K / group) of scale_type
+  ScaleType scale_type;
   float* y;             // (M, N) row-major output
   int M, N, K, bits, group;
   size_t w_row_bytes;   // K * bits / 8
@@ -25,6 +30,40 @@ void qmm_columns_portable(const QmmArgs& a, int n0, int n1);
 void qmm_columns_avx2(const QmmArgs& a, int n0, int n1);
 void qmm_columns_avx512(const QmmArgs& a, int n0, int n1);
 #endif
+
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000) << 16, exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff;
+  uint32_t bits;
+  if (exponent == 0x1f) {
+    bits = sign | 0x7f800000u | (mantissa << 13);  // inf, nan
+  } else if (exponent != 0) {
+    bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
+  } else if (mantissa == 0) {
+    bits = sign;
+  } else {  // subnormal: normalize
+    int e = -1;
+    uint32_t m = mantissa;
+    do {
+      ++e;
+      m <<= 1;
+    } while ((m & 0x400) == 0);
+    bits = sign | uint32_t(112 - e) << 23 | ((m & 0x3ff) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// Element i of a scales or biases array, as f32.
+inline float scale_at(const void* p, ScaleType type, size_t i) {
+  if (type == ScaleType::f32) return static_cast<const float*>(p)[i];
+  const uint16_t h = static_cast<const uint16_t*>(p)[i];
+  if (type == ScaleType::f16) return half_to_float(h);
+  const uint32_t bits = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
 
 // One packed value: bits [i*bits, (i+1)*bits) of the row's little-endian bit stream.
 inline uint32_t unpack_value(const uint8_t* row, int i, int bits) {

@@ -11,7 +11,8 @@ void qmm_columns_portable(const QmmArgs& a, int n0, int n1) {
   for (int n = n0; n < n1; ++n) {
     const uint8_t* packed = a.w + size_t(n) * a.w_row_bytes;
     for (int g = 0; g < groups; ++g) {
-      const float s = a.scales[size_t(n) * groups + g], b = a.biases[size_t(n) * groups + g];
+      const size_t i = size_t(n) * groups + g;
+      const float s = scale_at(a.scales, a.scale_type, i), b = scale_at(a.biases, a.scale_type, i);
       for (int k = g * a.group; k < (g + 1) * a.group; ++k) {
         row[k] = s * float(unpack_value(packed, k, a.bits)) + b;
       }

@@ -86,8 +86,11 @@ void PackedMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out
   args.w_total_bytes = size_t(args.N) * args.w_row_bytes;
   args.x = x.data<float>();
   args.w = reinterpret_cast<const uint8_t*>(w.data<uint32_t>());
-  args.scales = scales.data<float>();
-  args.biases = biases.data<float>();
+  args.scales = scales.data<void>();
+  args.biases = biases.data<void>();
+  args.scale_type = scales.dtype() == mx::float16    ? ScaleType::f16
+                    : scales.dtype() == mx::bfloat16 ? ScaleType::bf16
+                                                      : ScaleType::f32;
   args.y = out.data<float>();
 
   auto& encoder = mx::cpu::get_command_encoder(stream());
@@ -161,13 +164,18 @@ mx::array packed_matmul(const mx::array& x, const mx::array& w, const mx::array&
   if (!mx::issubdtype(x.dtype(), mx::floating)) refuse(name, "input must be floating point");
 
   const auto s = mx::to_stream(std::monostate{}, mx::Device::cpu);
+  // Scales and biases are read as they are stored when f32, f16 or bf16 (both the same type).
+  auto scale_type = scales.dtype();
+  if ((scale_type != mx::float16 && scale_type != mx::bfloat16) || biases.dtype() != scale_type) {
+    scale_type = mx::float32;
+  }
   auto xf = mx::contiguous(mx::astype(x, mx::float32, s), false, s);
   auto out_shape = x.shape();
   out_shape.back() = N;
   auto out = mx::array(out_shape, mx::float32, std::make_shared<PackedMatmul>(s, group_size, bits),
                        {xf, mx::contiguous(w, false, s),
-                        mx::contiguous(mx::astype(scales, mx::float32, s), false, s),
-                        mx::contiguous(mx::astype(biases, mx::float32, s), false, s)});
+                        mx::contiguous(mx::astype(scales, scale_type, s), false, s),
+                        mx::contiguous(mx::astype(biases, scale_type, s), false, s)});
   return x.dtype() == mx::float32 ? out : mx::astype(out, x.dtype(), s);
 }
 
