@@ -146,3 +146,25 @@ def test_without_the_kernel_run_falls_back_to_mlx_and_says_so_first(smollm2_pack
     assert off.stderr.count("event=cpu_kernel_missing") == 1
     assert "cpu_kernel=" in on.stderr and "weights=packed" in on.stderr and "cpu_kernel=none" not in on.stderr
     assert off.stdout == on.stdout and "Paris" in on.stdout
+
+
+def test_bench_kernels_writes_its_table_against_bandwidth_and_mlx(tmp_path):
+    argv = [sys.executable, "-m", "layerline", "bench", "kernels", "--shape", "512x256", "--rows", "1",
+            "--rows", "8", "--working-set-mib", "4", "-o", str(tmp_path)]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    header = next(line for line in result.stdout.splitlines() if line.startswith("| rows"))
+    assert "of read bandwidth" in header and "× mlx's kernel" in header and "× one row" in header
+    assert "8 rows cost" in result.stdout and "read bandwidth" in result.stdout
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert [r["rows"] for r in report["rows"]] == [1, 8] and report["read_gbps"] > 0
+    assert (tmp_path / "chart.png").stat().st_size > 0 and (tmp_path / "table.md").exists()
+
+
+def test_llama_bench_that_cannot_run_is_reported_with_how_to_build_it(tmp_path):
+    from layerline.errors import LayerlineError
+    from layerline.runtime.bench.llama_bench import run_llama_bench
+
+    with pytest.raises(LayerlineError, match="cannot run") as caught:
+        run_llama_bench(tmp_path / "llama-bench", tmp_path / "m.gguf", threads=2)
+    assert "llama-cpp-python" in (caught.value.hint or "")

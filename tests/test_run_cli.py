@@ -46,7 +46,7 @@ def test_bench_decode_reports_each_format_beside_bare_mlx_lm(tiny_llama_package)
     header = next(line for line in result.stdout.splitlines() if line.startswith("| weights"))
     assert [c.strip() for c in header.strip("|").split("|")] == [
         "weights", "compute", "layerline prefill tok/s", "layerline decode tok/s",
-        "mlx-lm prefill tok/s", "mlx-lm decode tok/s", "decode vs mlx-lm"]
+        "mlx-lm prefill tok/s", "mlx-lm decode tok/s", "decode vs mlx-lm", "resident MiB", "× files"]
     rows = [line for line in result.stdout.splitlines() if line.startswith(("| f32", "| bf16"))]
     assert len(rows) == 2, result.stdout
     assert "--weights auto here:" in result.stdout

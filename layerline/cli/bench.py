@@ -63,6 +63,7 @@ def bench_kernels(
     bits: Annotated[int, typer.Option(help="Packed bits per weight.")] = 4,
     group_size: Annotated[int, typer.Option(help="Weights per scale and bias.")] = 64,
     rows: Annotated[list[int] | None, typer.Option(help="Rows of x (repeat; default 1, 8, 16, 32).")] = None,
+    working_set_mib: Annotated[int, typer.Option(help="Packed weights cycled through, past the CPU's caches.")] = 384,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Folder for table.md, results.json, chart.png.")] = None,
 ) -> None:
     """The packed-weight product on this CPU: layerline's kernel against the memory's read bandwidth, mlx's kernel and f32 BLAS."""
@@ -77,7 +78,8 @@ def bench_kernels(
         n, k = (int(v) for v in shape.lower().split("x"))
     except ValueError:
         raise LayerlineError(f"--shape {shape!r} is not OUTxIN", hint="e.g. --shape 8960x1536") from None
-    bench = run_bench(n, k, bits=bits, group_size=group_size, rows=tuple(rows or DEFAULT_ROWS))
+    bench = run_bench(n, k, bits=bits, group_size=group_size, rows=tuple(rows or DEFAULT_ROWS),
+                      working_set_bytes=working_set_mib << 20)
     folder = output or Path("bench-results") / time.strftime("kernels-%Y%m%d-%H%M%S")
     typer.echo(write_kernel_report(folder, bench, sys.argv))
     typer.echo(f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")

@@ -92,8 +92,8 @@ def _median_ms(call: Callable[[int], mx.array], copies: int, calls: int) -> floa
 
 
 def bench_kernels(n: int = 8960, k: int = 1536, *, bits: int = 4, group_size: int = 64,
-                  rows: Sequence[int] = DEFAULT_ROWS, calls: int = 40,
-                  mlx_calls: int = 5) -> KernelBench:
+                  rows: Sequence[int] = DEFAULT_ROWS, calls: int = 40, mlx_calls: int = 5,
+                  working_set_bytes: int = WORKING_SET_BYTES) -> KernelBench:
     """Time layerline's kernel, mlx's kernel and the f32 BLAS product for each row count."""
     kernel = cpu_kernel()
     threads = kernel.threads or os.cpu_count() or 1
@@ -101,14 +101,17 @@ def bench_kernels(n: int = 8960, k: int = 1536, *, bits: int = 4, group_size: in
     many = read_bandwidth(threads=threads) if threads > 1 else single
     mx.random.seed(0)
     groups = k // group_size
-    one = n * k * bits // 8 + 2 * n * groups * 4  # packed weight + f32 scales and biases
-    copies = max(2, WORKING_SET_BYTES // one)
+    one = n * k * bits // 8 + 2 * n * groups * 2  # packed weight + f16 scales and biases, as packages hold
+    copies = max(2, working_set_bytes // one)
     weights = [(mx.random.randint(0, 2**31 - 1, (n, k * bits // 32)).astype(mx.uint32),
-                mx.random.uniform(0.001, 0.01, (n, groups)), mx.random.uniform(-0.05, 0.05, (n, groups)))
+                mx.random.uniform(0.001, 0.01, (n, groups)).astype(mx.float16),
+                mx.random.uniform(-0.05, 0.05, (n, groups)).astype(mx.float16))
                for _ in range(copies)]
-    mx.eval(weights)
+    # mlx's kernel gets f32 scales, as layerline gives it on CPU (f16 ones with f32 x are slower).
+    wide = [(s.astype(mx.float32), b.astype(mx.float32)) for _, s, b in weights]
+    mx.eval(weights, wide)
     # f32 weights are 8x larger at 4 bits: fewer copies cover the same bytes.
-    dense = [mx.dequantize(*weights[i], group_size=group_size, bits=bits)
+    dense = [mx.dequantize(weights[i][0], *wide[i], group_size=group_size, bits=bits)
              for i in range(max(2, copies * bits // 32))]
     mx.eval(dense)
     results = []
@@ -121,7 +124,7 @@ def bench_kernels(n: int = 8960, k: int = 1536, *, bits: int = 4, group_size: in
             return packed_matmul(x, w, s, b, group_size=group_size, bits=bits, name="bench")
 
         def theirs(i: int, x: mx.array = x) -> mx.array:
-            w, s, b = weights[i]
+            w, (s, b) = weights[i][0], wide[i]
             return mx.quantized_matmul(x, w, s, b, transpose=True, group_size=group_size, bits=bits)
 
         def f32(i: int, x: mx.array = x) -> mx.array:
