@@ -133,6 +133,8 @@ def use_cpu_kernel(module: nn.Module) -> int:
             layer.kernel_name = path or kind.kernel_name
             _narrow_scales(layer)
             moved += 1
+    if moved:
+        mx.clear_cache()  # the f32 scales just replaced would otherwise stay resident in mlx's cache
     return moved
 
 

@@ -34,6 +34,13 @@ struct Simd {
   static I shift_right_4(I a) { return _mm256_srli_epi32(a, 4); }
   static F to_float(I a) { return _mm256_cvtepi32_ps(a); }
   static F add(F a, F b) { return _mm256_add_ps(a, b); }
+  // Element i of scales or biases as f32: f16 through the F16C instruction, not in software.
+  static float scale(const void* p, ScaleType type, size_t i) {
+    if (type == ScaleType::f32) return static_cast<const float*>(p)[i];
+    const uint16_t h = static_cast<const uint16_t*>(p)[i];
+    if (type == ScaleType::f16) return _cvtsh_ss(h);
+    return _mm_cvtss_f32(_mm_castsi128_ps(_mm_cvtsi32_si128(int(uint32_t(h) << 16))));
+  }
   static float hsum(F v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));

@@ -54,8 +54,8 @@ inline void block(const QmmArgs& a, const uint8_t* const* rows, const Unpacker& 
     F s[NB], b[NB];
 #pragma GCC unroll 8
     for (int r = 0; r < NB; ++r) {
-      s[r] = Simd::set1(scale_at(a.scales, a.scale_type, size_t(n + r) * groups + g));
-      b[r] = Simd::set1(scale_at(a.biases, a.scale_type, size_t(n + r) * groups + g));
+      s[r] = Simd::set1(Simd::scale(a.scales, a.scale_type, size_t(n + r) * groups + g));
+      b[r] = Simd::set1(Simd::scale(a.biases, a.scale_type, size_t(n + r) * groups + g));
     }
     for (int c = 0; c < per_group; ++c) {
       F w[NB];
@@ -128,8 +128,8 @@ inline void gemv4_block(const QmmArgs& a, const uint8_t* const* rows, const floa
     }
 #pragma GCC unroll 4
     for (int r = 0; r < NB; ++r) {
-      total[r] = Simd::fma(Simd::add(lo[r], hi[r]), Simd::set1(scale_at(a.scales, a.scale_type, size_t(n + r) * groups + g)), total[r]);
-      bias[r] += scale_at(a.biases, a.scale_type, size_t(n + r) * groups + g) * xsum[g];
+      total[r] = Simd::fma(Simd::add(lo[r], hi[r]), Simd::set1(Simd::scale(a.scales, a.scale_type, size_t(n + r) * groups + g)), total[r]);
+      bias[r] += Simd::scale(a.biases, a.scale_type, size_t(n + r) * groups + g) * xsum[g];
     }
   }
 #pragma GCC unroll 4
