@@ -2,17 +2,16 @@
 
 Measured on a 2-core x86-64 Linux box (AMD EPYC with AVX-512, mlx 0.32 CPU,
 OpenBLAS, shared with other work; `layerline bench kernels`): a 4-bit
-8960x1536 product of one row takes 0.65 ms with layerline's CPU kernel
-(13 GB/s of packed bytes, the read bandwidth a numpy sum measures), 9.3 ms
-with the f32 weights through OpenBLAS and 35 ms with mlx's quantized kernel;
-8 rows cost the kernel about 2.8x one row, against 8x for mlx's. Qwen2.5-Coder-1.5B
-decodes 4-bit weights on the kernel at about 9 tok/s, where f32 weights gave
-1.7-3.3. So on Linux CPU `auto` keeps packed weights when the kernel is built
-(1/8 of f32's memory and bytes per token at 4 bits); without it, mlx's packed
-kernels are slower than f32 through a fast BLAS, so `auto` expands to f32 when
-one is loaded and the expanded range fits in memory. Activations are f32 on
-CPU whatever the weights (f16/bf16 arithmetic there is many times slower).
-On Metal and CUDA, packed weights with mlx's kernels are the fast path.
+8960x1536 product of one row takes 0.30-0.49 ms with layerline's CPU kernel
+(65-112 % of the read bandwidth a numpy sum measures), 6-10 ms with the f32
+weights through OpenBLAS and 14-24 ms with mlx's quantized kernel. Whole
+Qwen2.5-Coder-1.5B decodes packed weights on the kernel about 6x faster than
+f32 ones (10.5 tok/s), in 1/6 of the memory. So on Linux CPU `auto` keeps
+packed weights when the kernel is built; without it mlx's packed kernels are
+slower than f32 through a fast BLAS, so `auto` expands to f32 when one is
+loaded and the expanded range fits in memory. Activations are f32 on CPU
+whatever the weights (f16/bf16 arithmetic there is many times slower). On
+Metal and CUDA, packed weights with mlx's kernels are the fast path.
 """
 
 from __future__ import annotations
