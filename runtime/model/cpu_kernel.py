@@ -115,6 +115,13 @@ class KernelQuantizedEmbedding(nn.QuantizedEmbedding):
 
     kernel_name = "embed_tokens"
 
+    def __call__(self, x: mx.array) -> mx.array:
+        # Only the looked-up rows are dequantized; their f16 scales are widened first, so the
+        # embedding is exact in f32 (mlx would return the scales' f16).
+        return mx.dequantize(self["weight"][x], self["scales"][x].astype(mx.float32),
+                             self["biases"][x].astype(mx.float32), group_size=self.group_size,
+                             bits=self.bits, mode=self.mode)
+
     def as_linear(self, x: mx.array) -> mx.array:
         return packed_matmul(x, self["weight"], self["scales"], self["biases"], group_size=self.group_size,
                              bits=self.bits, name=self.kernel_name)
