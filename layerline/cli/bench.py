@@ -78,6 +78,11 @@ def bench_kernels(
         n, k = (int(v) for v in shape.lower().split("x"))
     except ValueError:
         raise LayerlineError(f"--shape {shape!r} is not OUTxIN", hint="e.g. --shape 8960x1536") from None
+    from layerline.runtime.model.cpu_kernel import SUPPORTED_BITS, SUPPORTED_GROUPS
+
+    if bits not in SUPPORTED_BITS or group_size not in SUPPORTED_GROUPS or k % group_size:
+        raise LayerlineError(f"cannot pack {shape} at {bits} bits in groups of {group_size}",
+                             hint=f"bits in {SUPPORTED_BITS}, groups in {SUPPORTED_GROUPS} dividing IN")
     bench = run_bench(n, k, bits=bits, group_size=group_size, rows=tuple(rows or DEFAULT_ROWS),
                       working_set_bytes=working_set_mib << 20)
     folder = output or Path("bench-results") / time.strftime("kernels-%Y%m%d-%H%M%S")
