@@ -4,9 +4,9 @@ Measured on a 2-core x86-64 Linux box (AMD EPYC with AVX-512, mlx 0.32 CPU,
 OpenBLAS, shared with other work; `layerline bench kernels`): a 4-bit
 8960x1536 product of one row takes 0.30-0.49 ms with layerline's CPU kernel
 (65-112 % of the read bandwidth a numpy sum measures), 6-10 ms with the f32
-weights through OpenBLAS and 14-24 ms with mlx's quantized kernel. Whole
-Qwen2.5-Coder-1.5B decodes packed weights on the kernel about 6x faster than
-f32 ones (10.5 tok/s), in 1/6 of the memory. So on Linux CPU `auto` keeps
+weights through OpenBLAS and 9-24 ms with mlx's quantized kernel. Whole
+Qwen2.5-Coder-1.5B decodes packed weights on the kernel 4-6x faster than f32
+ones (14.4 tok/s against 3.3), in under a quarter of the memory. So on Linux CPU `auto` keeps
 packed weights when the kernel is built; without it mlx's packed kernels are
 slower than f32 through a fast BLAS, so `auto` expands to f32 when one is
 loaded and the expanded range fits in memory. Activations are f32 on CPU
