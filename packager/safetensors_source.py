@@ -11,7 +11,7 @@ import numpy as np
 
 from layerline.errors import SourceError
 
-from .architectures import get_architecture, layer_tensor_names, model_module
+from .architectures import build_model, get_architecture, layer_tensor_names, model_module
 from .source import ModelSource
 
 
@@ -19,7 +19,12 @@ def mlx_config(raw: dict[str, Any]) -> dict[str, Any]:
     """The fields of a config.json that mlx-lm's ModelArgs for its architecture knows."""
     module = model_module(raw["model_type"])
     known = {f.name for f in dataclasses.fields(module.ModelArgs)}
-    return {k: v for k, v in raw.items() if k in known}
+    config = {k: v for k, v in raw.items() if k in known}
+    layer_types = raw.get("layer_types")
+    if "sliding_window_pattern" in known and "sliding_window_pattern" not in raw and layer_types:
+        # Newer Gemma 3 configs say which blocks attend globally by `layer_types` alone.
+        config["sliding_window_pattern"] = layer_types.index("full_attention") + 1
+    return config
 
 
 class SafetensorsSource(ModelSource):
@@ -59,7 +64,10 @@ class SafetensorsSource(ModelSource):
                     f"{file} is not a readable safetensors file: {exc}",
                     hint="the file is corrupt or truncated; download it again",
                 ) from exc
-        self._layer_names = layer_tensor_names(self.config)
+        # mlx-lm's own renames (e.g. stacking a mixture's experts), on lazy arrays: nothing is read yet.
+        skeleton = build_model(self.config)
+        self._weights = skeleton.sanitize(self._weights) if hasattr(skeleton, "sanitize") else self._weights
+        self._layer_names = [layer_tensor_names(skeleton, i) for i in range(self.num_layers)]
 
     @property
     def model_id(self) -> str:
@@ -73,8 +81,8 @@ class SafetensorsSource(ModelSource):
             raise SourceError(f"{self.folder} lacks tensor {name}")
         return np.array(self._weights[name].astype(mx.float32))
 
-    def layer_tensor_names(self) -> list[str]:
-        return self._layer_names
+    def layer_tensor_names(self, index: int) -> list[str]:
+        return self._layer_names[index]
 
     def tokenizer(self) -> Any:
         from .tokenizer import tokenizer_from_folder

@@ -1,0 +1,171 @@
+"""Tiny random-weight models of every supported architecture, written as llama.cpp and
+Hugging Face would: a safetensors folder (config.json + tokenizer) and a GGUF file.
+
+The weights' names and shapes come from mlx-lm's own model for the config (with a mixture's
+experts unstacked, as Hugging Face stores them); the GGUF writer is the inverse of the
+packager's reader, written from llama.cpp's converter: gguf's tensor names, llama's Q/K
+permutation, Gemma's norms stored as 1 + w, experts stacked per block.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from layerline.packager.architectures import build_model
+from layerline.runtime.bench.tiny_model import llama_config, write_hf_folder
+
+from helpers import permute_qk
+
+LAYERS = 4
+_BASE = llama_config(layers=LAYERS, hidden=64, intermediate=128, heads=4, kv_heads=2, context=512)
+
+
+def _config(model_type: str, architecture: str, **extra: Any) -> dict[str, Any]:
+    return {**_BASE, "model_type": model_type, "architectures": [architecture], **extra}
+
+
+# Hugging Face config.json of each architecture, as small as its mlx-lm model allows.
+CONFIGS: dict[str, dict[str, Any]] = {
+    "llama": _config("llama", "LlamaForCausalLM"),
+    # mlx-lm reads Mistral as llama; its sliding_window applies only with `layer_types`.
+    "mistral": _config("mistral", "MistralForCausalLM", sliding_window=4096),
+    "qwen2": _config("qwen2", "Qwen2ForCausalLM", tie_word_embeddings=True, rope_theta=1e6),
+    "qwen3": _config("qwen3", "Qwen3ForCausalLM", head_dim=32, rms_norm_eps=1e-6),
+    "qwen3_moe": _config("qwen3_moe", "Qwen3MoeForCausalLM", head_dim=16, num_experts=4,
+                         num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1,
+                         mlp_only_layers=[], norm_topk_prob=True, rms_norm_eps=1e-6),
+    "gemma2": _config("gemma2", "Gemma2ForCausalLM", head_dim=16, query_pre_attn_scalar=16,
+                      attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                      tie_word_embeddings=True, rms_norm_eps=1e-6),
+    # Every other block slides over 8 positions: windows are crossed within a short test.
+    "gemma3_text": _config("gemma3_text", "Gemma3ForCausalLM", head_dim=16, query_pre_attn_scalar=16,
+                           sliding_window=8, sliding_window_pattern=2, rope_theta=1e6,
+                           rope_local_base_freq=10000.0, tie_word_embeddings=True, rms_norm_eps=1e-6),
+    "phi3": _config("phi3", "Phi3ForCausalLM", original_max_position_embeddings=512),
+}
+
+_EXPERTS = re.compile(r"^(model\.layers\.\d+\.mlp)\.switch_mlp\.(\w+)\.weight$")
+
+
+def random_weights(config: dict[str, Any], seed: int = 0) -> dict[str, np.ndarray]:
+    """Random float32 weights in Hugging Face layout for any supported architecture."""
+    from mlx.utils import tree_flatten
+
+    rng = np.random.default_rng(seed)
+    gemma = config["model_type"].startswith("gemma")
+    model = build_model(config)  # lazy: only names and shapes are read
+    weights: dict[str, np.ndarray] = {}
+    for name, value in tree_flatten(model.parameters()):
+        if name == "lm_head.weight" and config.get("tie_word_embeddings"):
+            continue
+        shape = tuple(value.shape)
+        if name.endswith("norm.weight"):  # Gemma's norms scale by 1 + w, the others by w
+            values = (0.0 if gemma else 1.0) + 0.1 * rng.standard_normal(shape)
+        else:
+            values = 0.05 * rng.standard_normal(shape)
+        values = values.astype(np.float32)
+        experts = _EXPERTS.match(name)
+        if experts:  # Hugging Face stores each expert apart; mlx-lm's sanitize stacks them
+            for e in range(shape[0]):
+                weights[f"{experts[1]}.experts.{e}.{experts[2]}.weight"] = values[e]
+        else:
+            weights[name] = values
+    return weights
+
+
+def write_safetensors_model(folder: Path, config: dict[str, Any], weights: dict[str, np.ndarray],
+                            tokenizer_dir: Path) -> Path:
+    return write_hf_folder(folder, config, weights, tokenizer_dir)
+
+
+# GGUF general.architecture and gguf MODEL_ARCH of each; llama.cpp writes Mistral as llama.
+_GGUF_ARCH = {"llama": "LLAMA", "mistral": "LLAMA", "qwen2": "QWEN2", "qwen3": "QWEN3",
+              "qwen3_moe": "QWEN3MOE", "gemma2": "GEMMA2", "gemma3_text": "GEMMA3", "phi3": "PHI3"}
+
+
+def write_gguf_model(path: Path, config: dict[str, Any], weights: dict[str, np.ndarray],
+                     tokenizer_gguf: Path) -> Path:
+    """The model as llama.cpp's convert_hf_to_gguf.py writes it, in F32."""
+    import gguf
+
+    model_type = config["model_type"]
+    arch = getattr(gguf.MODEL_ARCH, _GGUF_ARCH[model_type])
+    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_rope_freq_base(config["rope_theta"])
+    writer.add_rope_dimension_count(head_dim)
+    if model_type in ("qwen3", "qwen3_moe", "gemma2", "gemma3_text"):
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    if model_type == "qwen3_moe":
+        writer.add_expert_count(config["num_experts"])
+        writer.add_expert_used_count(config["num_experts_per_tok"])
+        writer.add_expert_feed_forward_length(config["moe_intermediate_size"])
+    if model_type == "gemma2":
+        writer.add_attn_logit_softcapping(config["attn_logit_softcapping"])
+        writer.add_final_logit_softcapping(config["final_logit_softcapping"])
+    if model_type == "gemma3_text":
+        writer.add_sliding_window(config["sliding_window"])
+        pattern = config["sliding_window_pattern"]
+        writer.add_sliding_window_pattern(
+            [(i + 1) % pattern != 0 for i in range(config["num_hidden_layers"])])
+    if model_type == "phi3":
+        writer.add_rope_scaling_orig_ctx_len(config["original_max_position_embeddings"])
+    _add_tokenizer(writer, tokenizer_gguf)
+
+    names = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
+    for hf_name, values in _stack_experts(weights).items():
+        base, _, suffix = hf_name.rpartition(".")
+        if arch == gguf.MODEL_ARCH.LLAMA and base.endswith("q_proj"):
+            values = permute_qk(values, heads)
+        elif arch == gguf.MODEL_ARCH.LLAMA and base.endswith("k_proj"):
+            values = permute_qk(values, kv_heads)
+        elif model_type.startswith("gemma") and hf_name.endswith("norm.weight"):
+            values = values + np.float32(1.0)
+        writer.add_tensor(f"{names.get_name(base)}.{suffix}", np.ascontiguousarray(values))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _stack_experts(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`mlp.experts.E.gate_proj.weight` -> one `mlp.experts.gate_proj.weight` (E, out, in)."""
+    out: dict[str, np.ndarray] = {}
+    stacks: dict[str, dict[int, np.ndarray]] = {}
+    for name, values in weights.items():
+        match = re.match(r"^(.*\.mlp\.experts)\.(\d+)\.(\w+\.weight)$", name)
+        if match:
+            stacks.setdefault(f"{match[1]}.{match[3]}", {})[int(match[2])] = values
+        else:
+            out[name] = values
+    for name, experts in stacks.items():
+        out[name] = np.stack([experts[e] for e in sorted(experts)])
+    return out
+
+
+def _add_tokenizer(writer: Any, tokenizer_gguf: Path) -> None:
+    import gguf
+
+    f = gguf.GGUFReader(str(tokenizer_gguf)).fields
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("smollm")
+    writer.add_token_list(f["tokenizer.ggml.tokens"].contents())
+    writer.add_token_types(f["tokenizer.ggml.token_type"].contents())
+    writer.add_token_merges(f["tokenizer.ggml.merges"].contents())
+    writer.add_bos_token_id(f["tokenizer.ggml.bos_token_id"].contents())
+    writer.add_eos_token_id(f["tokenizer.ggml.eos_token_id"].contents())
+    writer.add_chat_template(f["tokenizer.chat_template"].contents())
