@@ -44,8 +44,9 @@ def parse_format(name: str, group_size: int = 32) -> WeightFormat:
 
 
 def is_quantizable(name: str, shape: tuple[int, ...], group_size: int) -> bool:
-    """Linear and embedding matrices whose rows split into whole groups, as mlx-lm quantizes."""
-    return name.endswith(".weight") and len(shape) == 2 and shape[-1] % group_size == 0
+    """Linear and embedding matrices (and a mixture's stacked expert matrices) whose rows split
+    into whole groups, as mlx-lm quantizes."""
+    return name.endswith(".weight") and len(shape) in (2, 3) and shape[-1] % group_size == 0
 
 
 def encode_tensors(tensors: dict[str, np.ndarray], fmt: WeightFormat) -> dict:

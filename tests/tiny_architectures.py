@@ -21,7 +21,9 @@ from layerline.runtime.bench.tiny_model import llama_config, write_hf_folder
 from helpers import permute_qk
 
 LAYERS = 4
-_BASE = llama_config(layers=LAYERS, hidden=64, intermediate=128, heads=4, kv_heads=2, context=512)
+VOCAB = 1024  # SmolLM2's first tokens: GGUF files of 49152 token strings take seconds to read
+_BASE = llama_config(layers=LAYERS, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=VOCAB,
+                     context=512)
 
 
 def _config(model_type: str, architecture: str, **extra: Any) -> dict[str, Any]:
@@ -88,7 +90,7 @@ _GGUF_ARCH = {"llama": "LLAMA", "mistral": "LLAMA", "qwen2": "QWEN2", "qwen3": "
 
 
 def write_gguf_model(path: Path, config: dict[str, Any], weights: dict[str, np.ndarray],
-                     tokenizer_gguf: Path) -> Path:
+                     tokenizer: dict[str, Any]) -> Path:
     """The model as llama.cpp's convert_hf_to_gguf.py writes it, in F32."""
     import gguf
 
@@ -123,7 +125,7 @@ def write_gguf_model(path: Path, config: dict[str, Any], weights: dict[str, np.n
             [(i + 1) % pattern != 0 for i in range(config["num_hidden_layers"])])
     if model_type == "phi3":
         writer.add_rope_scaling_orig_ctx_len(config["original_max_position_embeddings"])
-    _add_tokenizer(writer, tokenizer_gguf)
+    _add_tokenizer(writer, tokenizer)
 
     names = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
     for hf_name, values in _stack_experts(weights).items():
@@ -157,15 +159,40 @@ def _stack_experts(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def _add_tokenizer(writer: Any, tokenizer_gguf: Path) -> None:
+def small_tokenizer(tokenizer_gguf: Path, vocab: int = VOCAB) -> dict[str, Any]:
+    """SmolLM2's byte-level BPE cut to its first `vocab` tokens and the merges that make them,
+    as GGUF tokenizer fields: a real tokenizer, small enough to read fast."""
     import gguf
 
     f = gguf.GGUFReader(str(tokenizer_gguf)).fields
+    tokens = f["tokenizer.ggml.tokens"].contents()[:vocab]
+    kept = set(tokens)
+    merges = [m for m in f["tokenizer.ggml.merges"].contents()
+              if m.replace(" ", "", 1) in kept and all(part in kept for part in m.split(" ", 1))]
+    return {"tokens": tokens, "token_types": f["tokenizer.ggml.token_type"].contents()[:vocab],
+            "merges": merges, "bos": f["tokenizer.ggml.bos_token_id"].contents(),
+            "eos": f["tokenizer.ggml.eos_token_id"].contents(),
+            "chat_template": f["tokenizer.chat_template"].contents()}
+
+
+def small_tokenizer_dir(out: Path, fields: dict[str, Any]) -> Path:
+    """The small tokenizer as Hugging Face files, as a package built from its GGUF holds it."""
+    from layerline.packager.tokenizer import save_tokenizer, tokenizer_from_gguf
+
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "smollm",
+            "tokenizer.ggml.tokens": fields["tokens"], "tokenizer.ggml.token_type": fields["token_types"],
+            "tokenizer.ggml.merges": fields["merges"], "tokenizer.ggml.bos_token_id": fields["bos"],
+            "tokenizer.ggml.eos_token_id": fields["eos"], "tokenizer.chat_template": fields["chat_template"]}
+    save_tokenizer(tokenizer_from_gguf(meta, "llama", 512), out)
+    return out
+
+
+def _add_tokenizer(writer: Any, fields: dict[str, Any]) -> None:
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("smollm")
-    writer.add_token_list(f["tokenizer.ggml.tokens"].contents())
-    writer.add_token_types(f["tokenizer.ggml.token_type"].contents())
-    writer.add_token_merges(f["tokenizer.ggml.merges"].contents())
-    writer.add_bos_token_id(f["tokenizer.ggml.bos_token_id"].contents())
-    writer.add_eos_token_id(f["tokenizer.ggml.eos_token_id"].contents())
-    writer.add_chat_template(f["tokenizer.chat_template"].contents())
+    writer.add_token_list(fields["tokens"])
+    writer.add_token_types(fields["token_types"])
+    writer.add_token_merges(fields["merges"])
+    writer.add_bos_token_id(fields["bos"])
+    writer.add_eos_token_id(fields["eos"])
+    writer.add_chat_template(fields["chat_template"])
