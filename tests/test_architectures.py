@@ -6,7 +6,6 @@ llama.cpp writes it); the reference is mlx-lm's own loader on the folder.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import mlx.core as mx
@@ -16,7 +15,7 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.utils import load_model
 
-from layerline.errors import SessionError, SourceError, TokenizerMismatchError, UnsupportedArchitectureError
+from layerline.errors import SessionError, SourceError, TokenizerMismatchError
 from layerline.packager.architectures import ARCHITECTURES
 from layerline.packager.build import BuildOptions, build_package
 from layerline.packager.manifest import read_manifest
@@ -211,20 +210,6 @@ def test_drafts_of_another_family_share_a_tokenizer_or_are_refused(models, smoll
     assert draft_fingerprint == fingerprint
     with pytest.raises(TokenizerMismatchError, match="tokenizer"):
         load_draft(str(smollm2_package), fingerprint, tmp_path, "f32")
-
-
-def test_an_unsupported_architecture_names_itself_and_the_supported_ones(models, tmp_path):
-    folder = models["llama"]["sources"]["safetensors"]
-    other = tmp_path / "mamba"
-    other.mkdir()
-    for f in folder.iterdir():
-        (other / f.name).write_bytes(f.read_bytes())
-    config = json.loads((folder / "config.json").read_text())
-    (other / "config.json").write_text(json.dumps({**config, "model_type": "mamba"}))
-    with pytest.raises(UnsupportedArchitectureError) as error:
-        open_source(str(other))
-    assert "'mamba'" in error.value.message
-    assert all(name in error.value.message for name in ARCHITECTURES)
 
 
 def test_a_gguf_lacking_its_architectures_tensors_names_the_first_missing(tokenizer, tmp_path):
