@@ -33,6 +33,7 @@ from layerline.runtime.model.chat import text_prompt_tokens
 from layerline.runtime.model.kv_cache import RangeCache, SessionStore, SlidingWindowCache
 from layerline.runtime.stage.model import StageModel
 from layerline.runtime.stage.pipeline import Pipeline
+from layerline.runtime.stage.wire import FrameError
 
 from tiny_architectures import (
     CONFIGS,
@@ -168,6 +169,21 @@ def test_sliding_window_cache_decodes_like_mlx_lm_and_rolls_back(models, monkeyp
     for cache in caches:  # back to empty always works: a session restarts from position 0
         cache.truncate(0)
     np.testing.assert_allclose(feed(tokens[:12]), expected[:12], rtol=0, atol=1e-4)
+
+
+def test_a_stage_refuses_a_rollback_past_its_sliding_windows_reach(models, monkeypatch):
+    monkeypatch.setattr(SlidingWindowCache, "step", 4)  # rebuilt (and cut) on every 4th position
+    pipeline = LocalPipeline.load(models["gemma3_text"]["packages"]["gguf"], None, "f32", tokenizer=False)
+    layers = pipeline.ranges[0]
+    stage = StageModel(layers, SessionStore(layers.make_cache), 512, mx.float32)
+    hidden = mx.array(np.random.default_rng(0).standard_normal((1, 300, 64)).astype(np.float32))
+    stage.forward("s", 0, hidden)
+    stage.forward("s", 290, hidden[:, 290:])  # a rejected draft's rollback: fine
+    stage.forward("s", 300, hidden[:, :1])
+    with pytest.raises(FrameError, match="cannot roll back from 301 to 20 here"):
+        stage.forward("s", 20, hidden[:, 20:21])
+    again = stage.forward("s", 0, hidden[:, :4])  # a restart from position 0 always works
+    np.testing.assert_allclose(np.array(again), np.array(stage.forward("t", 0, hidden[:, :4])))
 
 
 GREEDY = SamplingParams(max_tokens=40)
