@@ -69,6 +69,11 @@ def _qwen3_moe(key: GGUFMeta, config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _mixtral(key: GGUFMeta, config: dict[str, Any]) -> dict[str, Any]:
+    return {**_llama(key, config), "num_local_experts": int(key("expert_count")),
+            "num_experts_per_tok": int(key("expert_used_count"))}
+
+
 def _gemma_attention_scalar(config: dict[str, Any], head_dim: int, big_layer_count: int) -> float:
     # llama.cpp hard-codes it too: the 27B models scale queries by hidden/heads, the rest by head_dim.
     if config["num_hidden_layers"] == big_layer_count:
@@ -125,6 +130,8 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture("llama", "llama", gguf_permutes_qk=True, gguf_config=_llama),
         # llama.cpp converts Mistral checkpoints to its `llama` architecture.
         Architecture("mistral", None),
+        # llama.cpp writes Mixtral as `llama` too, with expert tensors (see `gguf_architecture`).
+        Architecture("mixtral", None, gguf_permutes_qk=True, gguf_config=_mixtral),
         Architecture("qwen2", "qwen2"),
         Architecture("qwen3", "qwen3", gguf_config=_head_dim),
         Architecture("qwen3_moe", "qwen3moe", gguf_config=_qwen3_moe),
@@ -133,6 +140,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture("gemma3_text", "gemma3", gguf_norm_offset=1.0, embed_scale="sqrt_hidden_bf16",
                      gguf_config=_gemma3),
         Architecture("phi3", "phi3", gguf_config=_phi3),
+        Architecture("olmo2", "olmo2"),
     )
 }
 
@@ -146,6 +154,15 @@ def get_architecture(name: str) -> Architecture:
         f"unsupported architecture {name!r}; supported: {', '.join(sorted(ARCHITECTURES))}",
         hint="convert a model of a supported architecture, or add it to packager/architectures.py",
     )
+
+
+def gguf_architecture(meta: dict[str, Any]) -> Architecture:
+    """The architecture of a GGUF file, from `general.architecture` and, for llama.cpp's
+    `llama`, whether its blocks are mixtures of experts (Mixtral)."""
+    name = meta["general.architecture"]
+    if name == "llama" and meta.get("llama.expert_count"):
+        return ARCHITECTURES["mixtral"]
+    return get_architecture(name)
 
 
 def model_module(name: str) -> Any:
@@ -166,7 +183,7 @@ def build_model(config: dict[str, Any]) -> Any:
 def config_from_gguf(arch: Architecture, meta: dict[str, Any], vocab_size: int,
                      has_output: bool) -> dict[str, Any]:
     """mlx-lm ModelArgs for a GGUF file, from its `<arch>.*` metadata."""
-    prefix = arch.gguf_name or arch.name
+    prefix = meta["general.architecture"]
 
     def key(suffix: str, default: Any = None) -> Any:
         return meta.get(f"{prefix}.{suffix}", default)

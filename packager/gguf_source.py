@@ -15,7 +15,7 @@ from .architectures import (
     Architecture,
     build_model,
     config_from_gguf,
-    get_architecture,
+    gguf_architecture,
     layer_tensor_names,
 )
 from .source import ModelSource
@@ -24,7 +24,7 @@ GGUF_MAGIC = b"GGUF"
 _QUANT_SUFFIX = re.compile(r"[.-](I?Q\d\w*|F16|F32|BF16)$", re.IGNORECASE)
 # mlx-lm names that gguf's TensorNameMap knows by their Hugging Face spelling: mlx-lm stacks
 # the experts of a mixture-of-experts block (`switch_mlp`), as llama.cpp does (`ffn_*_exps`).
-_HF_SPELLING = (("mlp.switch_mlp.", "mlp.experts."),)
+_HF_SPELLING = (("mlp.switch_mlp.", "mlp.experts."), ("block_sparse_moe.switch_mlp.", "mlp.experts."))
 
 
 def _read_meta(reader: Any) -> dict[str, Any]:
@@ -67,7 +67,7 @@ class GGUFSource(ModelSource):
         arch_name = self.meta.get("general.architecture")
         if not isinstance(arch_name, str):
             raise SourceError(f"{self.path} has no general.architecture; not a model GGUF")
-        self.arch: Architecture = get_architecture(arch_name)
+        self.arch: Architecture = gguf_architecture(self.meta)
         self.tensors = {t.name: t for t in self.reader.tensors}
         _check_complete(self.path, self.reader)
 

@@ -35,6 +35,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "llama": _config("llama", "LlamaForCausalLM"),
     # mlx-lm reads Mistral as llama; its sliding_window applies only with `layer_types`.
     "mistral": _config("mistral", "MistralForCausalLM", sliding_window=4096),
+    "mixtral": _config("mixtral", "MixtralForCausalLM", num_local_experts=4, num_experts_per_tok=2,
+                       intermediate_size=32),
     "qwen2": _config("qwen2", "Qwen2ForCausalLM", tie_word_embeddings=True, rope_theta=1e6),
     "qwen3": _config("qwen3", "Qwen3ForCausalLM", head_dim=32, rms_norm_eps=1e-6),
     "qwen3_moe": _config("qwen3_moe", "Qwen3MoeForCausalLM", head_dim=16, num_experts=4,
@@ -48,9 +50,12 @@ CONFIGS: dict[str, dict[str, Any]] = {
                            sliding_window=8, sliding_window_pattern=2, rope_theta=1e6,
                            rope_local_base_freq=10000.0, tie_word_embeddings=True, rms_norm_eps=1e-6),
     "phi3": _config("phi3", "Phi3ForCausalLM", original_max_position_embeddings=512),
+    "olmo2": _config("olmo2", "Olmo2ForCausalLM", rms_norm_eps=1e-6),
 }
 
-_EXPERTS = re.compile(r"^(model\.layers\.\d+\.mlp)\.switch_mlp\.(\w+)\.weight$")
+_EXPERTS = re.compile(r"^(model\.layers\.\d+\.(?:mlp|block_sparse_moe))\.switch_mlp\.(\w+)\.weight$")
+# Mixtral's checkpoints name each expert's matrices w1 (gate), w2 (down), w3 (up).
+_MIXTRAL_EXPERT_NAMES = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
 
 
 def random_weights(config: dict[str, Any], seed: int = 0) -> dict[str, np.ndarray]:
@@ -72,8 +77,11 @@ def random_weights(config: dict[str, Any], seed: int = 0) -> dict[str, np.ndarra
         values = values.astype(np.float32)
         experts = _EXPERTS.match(name)
         if experts:  # Hugging Face stores each expert apart; mlx-lm's sanitize stacks them
+            matrix = experts[2]
+            if experts[1].endswith("block_sparse_moe"):
+                matrix = _MIXTRAL_EXPERT_NAMES[matrix]
             for e in range(shape[0]):
-                weights[f"{experts[1]}.experts.{e}.{experts[2]}.weight"] = values[e]
+                weights[f"{experts[1]}.experts.{e}.{matrix}.weight"] = values[e]
         else:
             weights[name] = values
     return weights
@@ -85,8 +93,9 @@ def write_safetensors_model(folder: Path, config: dict[str, Any], weights: dict[
 
 
 # GGUF general.architecture and gguf MODEL_ARCH of each; llama.cpp writes Mistral as llama.
-_GGUF_ARCH = {"llama": "LLAMA", "mistral": "LLAMA", "qwen2": "QWEN2", "qwen3": "QWEN3",
-              "qwen3_moe": "QWEN3MOE", "gemma2": "GEMMA2", "gemma3_text": "GEMMA3", "phi3": "PHI3"}
+_GGUF_ARCH = {"llama": "LLAMA", "mistral": "LLAMA", "mixtral": "LLAMA", "qwen2": "QWEN2",
+              "qwen3": "QWEN3", "qwen3_moe": "QWEN3MOE", "gemma2": "GEMMA2", "gemma3_text": "GEMMA3",
+              "phi3": "PHI3", "olmo2": "OLMO2"}
 
 
 def write_gguf_model(path: Path, config: dict[str, Any], weights: dict[str, np.ndarray],
@@ -115,6 +124,9 @@ def write_gguf_model(path: Path, config: dict[str, Any], weights: dict[str, np.n
         writer.add_expert_count(config["num_experts"])
         writer.add_expert_used_count(config["num_experts_per_tok"])
         writer.add_expert_feed_forward_length(config["moe_intermediate_size"])
+    if model_type == "mixtral":
+        writer.add_expert_count(config["num_local_experts"])
+        writer.add_expert_used_count(config["num_experts_per_tok"])
     if model_type == "gemma2":
         writer.add_attn_logit_softcapping(config["attn_logit_softcapping"])
         writer.add_final_logit_softcapping(config["final_logit_softcapping"])
@@ -145,11 +157,12 @@ def write_gguf_model(path: Path, config: dict[str, Any], weights: dict[str, np.n
 
 
 def _stack_experts(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """`mlp.experts.E.gate_proj.weight` -> one `mlp.experts.gate_proj.weight` (E, out, in)."""
+    """`mlp.experts.E.gate_proj.weight` -> one `mlp.experts.gate_proj.weight` (E, out, in)
+    (Mixtral's `block_sparse_moe.experts.E.w1.weight` alike)."""
     out: dict[str, np.ndarray] = {}
     stacks: dict[str, dict[int, np.ndarray]] = {}
     for name, values in weights.items():
-        match = re.match(r"^(.*\.mlp\.experts)\.(\d+)\.(\w+\.weight)$", name)
+        match = re.match(r"^(.*\.(?:mlp|block_sparse_moe)\.experts)\.(\d+)\.(\w+\.weight)$", name)
         if match:
             stacks.setdefault(f"{match[1]}.{match[3]}", {})[int(match[2])] = values
         else:
