@@ -5,8 +5,9 @@ mlx-lm; GGUF tensor names come from gguf's `TensorNameMap`. An `Architecture`
 only records where a model really differs from that common ground: how
 llama.cpp stored its weights (llama's rotary Q/K permutation, Gemma's norms
 stored as 1 + w), and what the whole model does around its blocks, which stage
-0 must repeat (Gemma's embedding scale, Gemma 2's final soft-capping, and
-Gemma 2's attention, which takes only array masks).
+0 must repeat (Gemma's and Granite's embedding scale, Gemma 2's final
+soft-capping, Granite's logit scaling, and Gemma 2's attention, which takes
+only array masks).
 """
 
 from __future__ import annotations
@@ -25,6 +26,18 @@ EMBED_KEYS = ("model.embed_tokens.weight",)
 HEAD_KEYS = ("model.norm.weight", "lm_head.weight")
 
 GGUFMeta = Callable[[str, Any], Any]  # key(suffix, default) -> the GGUF's `<arch>.<suffix>`
+FromArgs = Callable[[Any], float]  # a number from mlx-lm's ModelArgs
+
+
+def _sqrt_hidden(args: Any) -> float:
+    return args.hidden_size**0.5
+
+
+def _sqrt_hidden_bf16(args: Any) -> float:
+    import mlx.core as mx
+
+    # Gemma 3 rounds the scale to bf16 first, as mlx-lm does (and its checkpoints were trained).
+    return mx.array(args.hidden_size**0.5, mx.bfloat16).item()
 
 
 @dataclass(frozen=True)
@@ -35,9 +48,10 @@ class Architecture:
     gguf_permutes_qk: bool = False
     # llama.cpp stores Gemma's RMSNorm weights as 1 + w (mlx-lm's Gemma norms add the 1 themselves).
     gguf_norm_offset: float = 0.0
-    # What the whole model does before the first block and after the last (stage 0 repeats it).
-    embed_scale: str | None = None  # "sqrt_hidden" (h * sqrt(D)), "sqrt_hidden_bf16" (rounded to bf16)
-    final_softcap: str | None = None  # config field of the final logits' tanh soft-cap
+    # What the whole model does before the first block and after the last (stage 0 repeats it):
+    embed_multiplier: FromArgs | None = None  # embedding * m
+    logits_softcap: FromArgs | None = None  # c * tanh(logits / c)
+    logits_divisor: FromArgs | None = None  # logits / d
     array_masks: bool = False  # the block's attention needs a mask array, never the "causal" shortcut
     # mlx-lm ModelArgs fields from GGUF metadata, beyond those every architecture shares.
     gguf_config: Callable[[GGUFMeta, dict[str, Any]], dict[str, Any]] | None = None
@@ -72,6 +86,14 @@ def _qwen3_moe(key: GGUFMeta, config: dict[str, Any]) -> dict[str, Any]:
 def _mixtral(key: GGUFMeta, config: dict[str, Any]) -> dict[str, Any]:
     return {**_llama(key, config), "num_local_experts": int(key("expert_count")),
             "num_experts_per_tok": int(key("expert_used_count"))}
+
+
+def _granite(key: GGUFMeta, config: dict[str, Any]) -> dict[str, Any]:
+    return {"embedding_multiplier": float(key("embedding_scale", 1.0)),
+            "residual_multiplier": float(key("residual_scale", 1.0)),
+            "attention_multiplier": float(key("attention.scale", 1.0)),
+            "logits_scaling": float(key("logit_scale", 1.0)),
+            "attention_bias": False, "mlp_bias": False}
 
 
 def _gemma_attention_scalar(config: dict[str, Any], head_dim: int, big_layer_count: int) -> float:
@@ -135,12 +157,16 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture("qwen2", "qwen2"),
         Architecture("qwen3", "qwen3", gguf_config=_head_dim),
         Architecture("qwen3_moe", "qwen3moe", gguf_config=_qwen3_moe),
-        Architecture("gemma2", "gemma2", gguf_norm_offset=1.0, embed_scale="sqrt_hidden",
-                     final_softcap="final_logit_softcapping", array_masks=True, gguf_config=_gemma2),
-        Architecture("gemma3_text", "gemma3", gguf_norm_offset=1.0, embed_scale="sqrt_hidden_bf16",
+        Architecture("gemma2", "gemma2", gguf_norm_offset=1.0, embed_multiplier=_sqrt_hidden,
+                     logits_softcap=lambda args: args.final_logit_softcapping, array_masks=True,
+                     gguf_config=_gemma2),
+        Architecture("gemma3_text", "gemma3", gguf_norm_offset=1.0, embed_multiplier=_sqrt_hidden_bf16,
                      gguf_config=_gemma3),
         Architecture("phi3", "phi3", gguf_config=_phi3),
         Architecture("olmo2", "olmo2"),
+        Architecture("granite", "granite", gguf_permutes_qk=True,
+                     embed_multiplier=lambda args: args.embedding_multiplier,
+                     logits_divisor=lambda args: args.logits_scaling, gguf_config=_granite),
     )
 }
 

@@ -298,8 +298,8 @@ def test_unsupported_architecture_names_the_supported_ones(tiny_llama, tmp_path)
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "model_type": "gpt_neox"}))
     with pytest.raises(UnsupportedArchitectureError,
-                       match="unsupported architecture 'gpt_neox'; supported: gemma2, gemma3_text, llama, "
-                             "mistral, mixtral, olmo2, phi3, qwen2, qwen3, qwen3_moe"):
+                       match="unsupported architecture 'gpt_neox'; supported: gemma2, gemma3_text, granite, "
+                             "llama, mistral, mixtral, olmo2, phi3, qwen2, qwen3, qwen3_moe"):
         build_package(str(folder), tmp_path / "out")
 
 

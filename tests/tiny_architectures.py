@@ -51,6 +51,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
                            rope_local_base_freq=10000.0, tie_word_embeddings=True, rms_norm_eps=1e-6),
     "phi3": _config("phi3", "Phi3ForCausalLM", original_max_position_embeddings=512),
     "olmo2": _config("olmo2", "Olmo2ForCausalLM", rms_norm_eps=1e-6),
+    "granite": _config("granite", "GraniteForCausalLM", embedding_multiplier=12.0, residual_multiplier=0.22,
+                       attention_multiplier=0.0078125, logits_scaling=8.0, attention_bias=False,
+                       mlp_bias=False, tie_word_embeddings=True),
 }
 
 _EXPERTS = re.compile(r"^(model\.layers\.\d+\.(?:mlp|block_sparse_moe))\.switch_mlp\.(\w+)\.weight$")
@@ -95,7 +98,7 @@ def write_safetensors_model(folder: Path, config: dict[str, Any], weights: dict[
 # GGUF general.architecture and gguf MODEL_ARCH of each; llama.cpp writes Mistral as llama.
 _GGUF_ARCH = {"llama": "LLAMA", "mistral": "LLAMA", "mixtral": "LLAMA", "qwen2": "QWEN2",
               "qwen3": "QWEN3", "qwen3_moe": "QWEN3MOE", "gemma2": "GEMMA2", "gemma3_text": "GEMMA3",
-              "phi3": "PHI3", "olmo2": "OLMO2"}
+              "phi3": "PHI3", "olmo2": "OLMO2", "granite": "GRANITE"}
 
 
 def write_gguf_model(path: Path, config: dict[str, Any], weights: dict[str, np.ndarray],
@@ -132,9 +135,14 @@ def write_gguf_model(path: Path, config: dict[str, Any], weights: dict[str, np.n
         writer.add_final_logit_softcapping(config["final_logit_softcapping"])
     if model_type == "gemma3_text":
         writer.add_sliding_window(config["sliding_window"])
-        pattern = config["sliding_window_pattern"]
+        pattern = config["sliding_window_pattern"]  # llama.cpp assumes 6; ours has 4 blocks
         writer.add_sliding_window_pattern(
             [(i + 1) % pattern != 0 for i in range(config["num_hidden_layers"])])
+    if model_type == "granite":
+        writer.add_embedding_scale(config["embedding_multiplier"])
+        writer.add_residual_scale(config["residual_multiplier"])
+        writer.add_attention_scale(config["attention_multiplier"])
+        writer.add_logit_scale(config["logits_scaling"])
     if model_type == "phi3":
         writer.add_rope_scaling_orig_ctx_len(config["original_max_position_embeddings"])
     _add_tokenizer(writer, tokenizer)
@@ -142,9 +150,10 @@ def write_gguf_model(path: Path, config: dict[str, Any], weights: dict[str, np.n
     names = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
     for hf_name, values in _stack_experts(weights).items():
         base, _, suffix = hf_name.rpartition(".")
-        if arch == gguf.MODEL_ARCH.LLAMA and base.endswith("q_proj"):
+        permutes = arch in (gguf.MODEL_ARCH.LLAMA, gguf.MODEL_ARCH.GRANITE)
+        if permutes and base.endswith("q_proj"):
             values = permute_qk(values, heads)
-        elif arch == gguf.MODEL_ARCH.LLAMA and base.endswith("k_proj"):
+        elif permutes and base.endswith("k_proj"):
             values = permute_qk(values, kv_heads)
         elif model_type.startswith("gemma") and hf_name.endswith("norm.weight"):
             values = values + np.float32(1.0)

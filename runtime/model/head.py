@@ -2,7 +2,7 @@
 
 Stage 0 does what mlx-lm's whole model does before its first block and after its
 last; where architectures differ there (Gemma scales the embedding by sqrt(D),
-Gemma 2 soft-caps the logits) `Architecture` says so.
+Gemma 2 soft-caps the logits, Granite scales both) `Architecture` says so.
 """
 
 from __future__ import annotations
@@ -36,15 +36,10 @@ class Head(nn.Module):
             whole, "lm_head")
         if not self.tie_word_embeddings:
             self.lm_head = whole.lm_head
-        hidden = int(config["hidden_size"])
         # Plain floats, not arrays: a module's arrays are its parameters.
-        self._embed_scale = {
-            None: None,
-            "sqrt_hidden": hidden**0.5,
-            # Gemma 3 rounds the scale to bf16 first, as its checkpoints were trained.
-            "sqrt_hidden_bf16": mx.array(hidden**0.5, mx.bfloat16).item(),
-        }[arch.embed_scale]
-        self._softcap = float(getattr(whole.args, arch.final_softcap)) if arch.final_softcap else None
+        self._embed_multiplier = arch.embed_multiplier(whole.args) if arch.embed_multiplier else None
+        self._softcap = arch.logits_softcap(whole.args) if arch.logits_softcap else None
+        self._divisor = arch.logits_divisor(whole.args) if arch.logits_divisor else None
         self.vocab_size = int(config["vocab_size"])
         self.context_length = int(config.get("max_position_embeddings") or 0) or None
 
@@ -68,7 +63,7 @@ class Head(nn.Module):
     def embed(self, tokens: mx.array) -> mx.array:
         """Token ids (B, L) -> hidden states (B, L, D)."""
         h = self.embed_tokens(tokens)
-        return h if self._embed_scale is None else h * self._embed_scale
+        return h if self._embed_multiplier is None else h * self._embed_multiplier
 
     def logits(self, h: mx.array) -> mx.array:
         """Hidden states (B, L, D) from the last layer -> logits (B, L, vocab)."""
@@ -76,4 +71,6 @@ class Head(nn.Module):
         logits = self.embed_tokens.as_linear(h) if self.tie_word_embeddings else self.lm_head(h)
         if self._softcap is not None:
             logits = mx.tanh(logits / self._softcap) * self._softcap
+        if self._divisor is not None:
+            logits = logits / self._divisor
         return logits
