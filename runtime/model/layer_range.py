@@ -20,6 +20,7 @@ from layerline.errors import LayerRangeError
 from layerline.packager.architectures import model_module
 from layerline.packager.package import LayerPackage
 
+from .attention import use_small_query_attention
 from .package_tensors import apply_plan, load_into, read_verified
 from .weights_policy import WeightsPlan
 
@@ -48,6 +49,7 @@ class LayerRange(nn.Module):
         super().__init__()
         check_range(start, end, config["num_hidden_layers"])
         module = model_module(config["model_type"])
+        use_small_query_attention(module)
         args = module.ModelArgs.from_dict(range_config(config, start, end))
         # mlx arrays are lazy: the embedding and head this builds are never evaluated, and
         # are dropped with `whole`; only its blocks are kept.
