@@ -23,9 +23,10 @@ from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
 from layerline.errors import LayerRangeError
-from layerline.packager.architectures import build_model, get_architecture
+from layerline.packager.architectures import build_model, get_architecture, model_module
 from layerline.packager.package import LayerPackage
 
+from .attention import use_small_query_attention
 from .kv_cache import SlidingWindowCache
 from .package_tensors import apply_plan, load_into, read_verified
 from .weights_policy import WeightsPlan
@@ -64,6 +65,7 @@ class LayerRange(nn.Module):
     def __init__(self, config: dict[str, Any], start: int, end: int) -> None:
         super().__init__()
         check_range(start, end, config["num_hidden_layers"])
+        use_small_query_attention(model_module(config["model_type"]))
         # mlx arrays are lazy: the embedding, head and other blocks this builds are never
         # evaluated, and are dropped with `whole`; only the range's blocks are kept.
         whole = build_model(config)
