@@ -42,7 +42,12 @@ class SafetensorsSource(ModelSource):
             raise SourceError(f"{self.folder}/config.json is unreadable: {exc}") from exc
         if "model_type" not in raw:
             raise SourceError(f"{self.folder}/config.json has no model_type")
-        get_architecture(raw["model_type"])
+        if "text_config" in raw:
+            raise SourceError(
+                f"{self.folder} is a multimodal checkpoint ({raw['model_type']}); layer packages "
+                "hold text models",
+                hint="build from the model's GGUF (its text weights), or from a text-only checkpoint")
+        raw = {**raw, "model_type": get_architecture(raw["model_type"]).name}
         if raw.get("quantization") or raw.get("quantization_config"):
             raise SourceError(
                 f"{self.folder} holds quantized weights",

@@ -230,6 +230,18 @@ def test_drafts_of_another_family_share_a_tokenizer_or_are_refused(models, smoll
         load_draft(str(smollm2_package), fingerprint, tmp_path, "f32")
 
 
+def test_a_multimodal_checkpoint_is_refused_with_the_way_out(models, tmp_path):
+    import json
+    import shutil
+
+    folder = shutil.copytree(models["gemma3_text"]["sources"]["safetensors"], tmp_path / "gemma3")
+    text = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({"model_type": "gemma3", "text_config": text}))
+    with pytest.raises(SourceError, match="multimodal checkpoint") as error:
+        open_source(str(folder))
+    assert "GGUF" in error.value.hint
+
+
 def test_a_gguf_lacking_its_architectures_tensors_names_the_first_missing(tokenizer, tmp_path):
     config = CONFIGS["qwen3"]
     weights = {k: v for k, v in random_weights(config).items() if "q_norm" not in k}
