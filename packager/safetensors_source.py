@@ -18,10 +18,15 @@ from .source import ModelSource
 def mlx_config(raw: dict[str, Any]) -> dict[str, Any]:
     """The fields of a config.json that mlx-lm's ModelArgs for its architecture knows."""
     module = model_module(raw["model_type"])
-    known = {f.name for f in dataclasses.fields(module.ModelArgs)}
-    config = {k: v for k, v in raw.items() if k in known}
+    fields = {f.name: f for f in dataclasses.fields(module.ModelArgs)}
+    config = {k: v for k, v in raw.items() if k in fields}
+    if "tie_word_embeddings" not in config:
+        # Unsaid, it is what the architecture's own config defaults to (Phi-3: untied), else tied.
+        tie = fields.get("tie_word_embeddings")
+        config["tie_word_embeddings"] = (raw.get("tie_word_embeddings", True) if tie is None
+                                         or tie.default is dataclasses.MISSING else tie.default)
     layer_types = raw.get("layer_types")
-    if "sliding_window_pattern" in known and "sliding_window_pattern" not in raw and layer_types:
+    if "sliding_window_pattern" in fields and "sliding_window_pattern" not in raw and layer_types:
         # Newer Gemma 3 configs say which blocks attend globally by `layer_types` alone.
         config["sliding_window_pattern"] = layer_types.index("full_attention") + 1
     return config
@@ -55,7 +60,6 @@ class SafetensorsSource(ModelSource):
             )
         self._raw_config = raw
         self.config = mlx_config(raw)
-        self.config.setdefault("tie_word_embeddings", raw.get("tie_word_embeddings", True))
         self.num_layers = int(self.config["num_hidden_layers"])
         self._files = sorted(self.folder.glob("*.safetensors"))
         if not self._files:
