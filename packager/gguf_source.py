@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ from .architectures import (
     get_architecture,
     layer_tensor_names,
 )
+from .gguf_blocks import HeldTensor, hold
 from .source import ModelSource
 
 GGUF_MAGIC = b"GGUF"
@@ -31,8 +34,10 @@ def _read_meta(reader: Any) -> dict[str, Any]:
     return meta
 
 
-def unpermute_qk(weight: np.ndarray, n_heads: int) -> np.ndarray:
+def unpermute_qk(weight: np.ndarray | HeldTensor, n_heads: int) -> np.ndarray | HeldTensor:
     """Undo llama.cpp's rotary permutation of a Q or K weight (rows grouped by head)."""
+    if isinstance(weight, HeldTensor):  # packed rows move with their scales and biases
+        return weight.map_rows(lambda rows: unpermute_qk(rows, n_heads))
     rows = weight.shape[0]
     return (
         weight.reshape(n_heads, rows // n_heads // 2, 2, *weight.shape[1:])
@@ -45,6 +50,7 @@ class GGUFSource(ModelSource):
     """A GGUF file of a supported architecture, any quantization gguf can dequantize."""
 
     kind = "gguf"
+    holds_quantized_blocks = True
 
     def __init__(self, path: Path) -> None:
         from gguf import MODEL_ARCH_NAMES, GGUFReader, get_tensor_name_map
@@ -80,6 +86,7 @@ class GGUFSource(ModelSource):
         arch_enum = next(k for k, v in MODEL_ARCH_NAMES.items() if v == self.arch.gguf_name)
         self._names = get_tensor_name_map(arch_enum, self.num_layers)
         self._layer_names = layer_tensor_names(self.config)
+        self._held_group_size: int | None = None  # set while quantized_blocks() is open
 
     @property
     def model_id(self) -> str:
@@ -95,7 +102,15 @@ class GGUFSource(ModelSource):
             raise SourceError(f"{self.path}: no GGUF name for tensor {hf_name}")
         return f"{mapped}.{suffix}"
 
-    def tensor(self, hf_name: str) -> np.ndarray:
+    @contextmanager
+    def quantized_blocks(self, group_size: int) -> Iterator[None]:
+        self._held_group_size = group_size
+        try:
+            yield
+        finally:
+            self._held_group_size = None
+
+    def tensor(self, hf_name: str) -> np.ndarray | HeldTensor:  # type: ignore[override]
         from gguf.quants import dequantize
 
         gguf_name = self._gguf_name(hf_name)
@@ -105,6 +120,8 @@ class GGUFSource(ModelSource):
                 f"{self.path} lacks tensor {gguf_name} ({hf_name})",
                 hint="the file is incomplete or of another architecture variant",
             )
+        if self._held_group_size is not None:
+            return hold(tensor, f"{gguf_name} of {self.path.name}", self._held_group_size)
         try:
             values = dequantize(tensor.data, tensor.tensor_type)
         except NotImplementedError as exc:
