@@ -129,7 +129,8 @@ def _hf_shape(tensor: Any) -> tuple[int, ...]:
 def _pack_held(q: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int, gguf_type: str,
                held_as: str) -> HeldTensor:
     """Integer values, f32 scales and biases -> a HeldTensor with f16 scales where f16 holds them."""
-    scales16, biases16 = scales.astype(np.float16), biases.astype(np.float16)
+    with np.errstate(over="ignore"):  # an overflow is found below, and handled
+        scales16, biases16 = scales.astype(np.float16), biases.astype(np.float16)
     exact = held_as == EXACT
     fits = np.isfinite(scales16).all() and np.isfinite(biases16).all()
     if exact:  # f16 must give the same values back, else keep f32 (d near f16's top, say)
