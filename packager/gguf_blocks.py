@@ -87,7 +87,7 @@ def hold(tensor: Any, name: str, group_size: int = GROUP) -> HeldTensor | np.nda
                           hint="the GGUF file is truncated or corrupt; download it again")
     blocks = data.reshape(rows, cols // block_size, block_bytes)
     convert = _HELD.get(kind.name)
-    if convert is not None:
+    if convert is not None and len(tensor.shape) == 2:
         q, scales, biases, bits, held_as = convert(blocks)
         return _pack_held(q.reshape(rows, cols), scales.reshape(rows, -1), biases.reshape(rows, -1),
                           bits, kind.name, held_as)
@@ -98,9 +98,9 @@ def hold(tensor: Any, name: str, group_size: int = GROUP) -> HeldTensor | np.nda
             f"tensor {name} uses {kind.name}, which gguf cannot dequantize",
             hint="convert the model with a common quantization (Q4_K_M, Q8_0, F16 ...)",
         ) from exc
-    if kind.name == "BF16":
+    if kind.name == "BF16" or len(tensor.shape) != 2:  # mlx packs matrices only
         return values.reshape(_hf_shape(tensor))
-    if values.ndim != 2 or cols % group_size:
+    if cols % group_size:
         raise SourceError(f"tensor {name} ({kind.name}, shape {values.shape}) cannot be held in groups "
                           f"of {group_size}", hint="build with --quantize f16 or f32")
     bits = requantize_bits(block_bytes * 8 / block_size)
