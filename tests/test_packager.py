@@ -155,12 +155,6 @@ def test_exact_needs_a_gguf_source_and_other_sources_default_to_4bit(tiny_llama,
     assert manifest.fidelity is not None and manifest.fidelity.mean_kl > 0  # 4-bit loses a little
 
 
-def test_an_f32_gguf_builds_exactly_to_f32(tiny_llama, tmp_path):
-    manifest = build_package(str(tiny_llama["gguf"]), tmp_path / "pkg", BuildOptions(quiet=True))
-    assert manifest.quantization is None and manifest.dtype == "float32"
-    assert manifest.fidelity is not None and manifest.fidelity.mean_kl == 0.0
-
-
 @pytest.mark.slow
 def test_qwen05_q4_k_m_exact_package_is_within_the_kl_goal(qwen05_gguf, tmp_path):
     manifest = build_package(str(qwen05_gguf), tmp_path / "pkg", BuildOptions(quiet=True))
@@ -198,8 +192,10 @@ def test_qwen05_k_quant_package_matches_the_gguf(qwen05_gguf, qwen05_package):
 def test_gguf_and_safetensors_builds_hold_identical_tensors(tiny_llama, tmp_path):
     from_folder = build_package(str(tiny_llama["folder"]), tmp_path / "hf",
                                 BuildOptions(quantize="f32", quiet=True))
-    from_gguf = build_package(str(tiny_llama["gguf"]), tmp_path / "gguf",
-                              BuildOptions(quantize="f32", quiet=True))
+    # An F32 GGUF builds `exact` by default: its tensors stay f32, as they are.
+    from_gguf = build_package(str(tiny_llama["gguf"]), tmp_path / "gguf", BuildOptions(quiet=True))
+    assert (from_gguf.quantization, from_gguf.dtype) == (None, "float32")
+    assert from_gguf.fidelity is not None and from_gguf.fidelity.mean_kl == 0.0
     assert from_folder.config == from_gguf.config
     assert from_folder.tokenizer.fingerprint == from_gguf.tokenizer.fingerprint
     assert from_folder.model.source.kind == "safetensors"
