@@ -10,7 +10,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from layerline.errors import PackageExistsError
+from layerline.errors import PackageExistsError, SourceError
 from layerline.progress import byte_progress, step_progress
 
 from .architectures import LAYER_PREFIX
@@ -65,6 +65,11 @@ def build_package(source: str, output: Path | str, options: BuildOptions | None 
     model = open_source(source)
     fmt = parse_format(options.quantize or ("exact" if model.holds_quantized_blocks else "4bit"),
                        options.group_size)
+    if fmt.exact and not model.holds_quantized_blocks:
+        raise SourceError(
+            f"{model.source_name} is a {model.kind} source, which holds no quantized blocks to keep",
+            hint="--quantize exact applies to GGUF sources; choose 4bit, 8bit, f16, bf16 or f32",
+        )
     output.parent.mkdir(parents=True, exist_ok=True)
     # Built beside OUT and renamed at the end: an interrupted build never leaves a partial OUT.
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.building-", dir=output.parent))

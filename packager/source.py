@@ -45,10 +45,7 @@ class ModelSource(ABC):
     def quantized_blocks(self, group_size: int) -> Iterator[None]:
         """While open, `tensor` gives quantized tensors in mlx's affine format as stored
         (gguf_blocks.HeldTensor), re-quantizing with `group_size` only what mlx cannot hold."""
-        raise SourceError(
-            f"{self.source_name} is a {self.kind} source, which holds no quantized blocks to keep",
-            hint="--quantize exact applies to GGUF sources; choose 4bit, 8bit, f16, bf16 or f32",
-        )
+        raise SourceError(f"{self.source_name} is a {self.kind} source, which holds no quantized blocks")
         yield
 
     @abstractmethod
