@@ -67,8 +67,10 @@ def _logits(config: dict[str, Any], weights: dict, tokens: list[int]) -> np.ndar
         weights.pop("lm_head.weight", None)
     model.load_weights(list(weights.items()), strict=True)
     weights.clear()  # the model holds them now; nothing else should
-    logits = model(mx.array(tokens)[None])[0].astype(mx.float32)
-    return np.array(logits)
+    logits = np.array(model(mx.array(tokens)[None])[0].astype(mx.float32))
+    del model
+    mx.clear_cache()  # else mlx keeps the freed weights for reuse, and the next model comes on top
+    return logits
 
 
 def _source_weights(source: ModelSource, manifest: Manifest, advance: Callable[..., None]) -> dict:

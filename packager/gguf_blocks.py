@@ -18,7 +18,7 @@ powers of two too, short of overflow), and scale·q + bias in f32 equals GGUF's 
 Every other type (Q6_K and Q2_K/Q3_K have 16-value sub-blocks, which mlx's groups of 32+ cannot
 hold; the IQ types use non-linear grids) is dequantized by gguf and re-quantized by mlx with the
 fewest bits of 4, 5, 8 that are not fewer than the type spends per weight. Float tensors stay
-floats in their GGUF dtype.
+floats: F32 and F16 as they are, BF16 as f32 (numpy has no bfloat16).
 """
 
 from __future__ import annotations
