@@ -422,6 +422,10 @@ def test_manifest_paths_outside_the_package_are_refused(tiny_llama, tmp_path):
     (lambda m: m["model"].pop("architecture"), "field 'model.architecture' is missing"),
     (lambda m: m.update(format="something-else"), "format is 'something-else'"),
     (lambda m: m["files"][0].update(bytes="12"), "'files[0].bytes' must be an integer"),
+    (lambda m: m["quantization"].update(tensors={"lm_head": {"bits": 8}}),
+     "'quantization.tensors.lm_head.group_size' is missing"),
+    (lambda m: m.update(fidelity={"reference": "x", "text_tokens": 64, "mean_kl": "low",
+                                  "top1_agreement": 1.0}), "'fidelity.mean_kl' must be"),
 ])
 def test_malformed_manifests_are_refused_naming_the_field(smollm2_package, change, message):
     raw = json.loads((smollm2_package / MANIFEST_NAME).read_text())
