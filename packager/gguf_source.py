@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ from .architectures import (
     gguf_architecture,
     layer_tensor_names,
 )
+from .gguf_blocks import HeldTensor, hold
 from .source import ModelSource
 
 GGUF_MAGIC = b"GGUF"
@@ -36,8 +39,10 @@ def _read_meta(reader: Any) -> dict[str, Any]:
     return meta
 
 
-def unpermute_qk(weight: np.ndarray, n_heads: int) -> np.ndarray:
+def unpermute_qk(weight: np.ndarray | HeldTensor, n_heads: int) -> np.ndarray | HeldTensor:
     """Undo llama.cpp's rotary permutation of a Q or K weight (rows grouped by head)."""
+    if isinstance(weight, HeldTensor):  # packed rows move with their scales and biases
+        return weight.map_rows(lambda rows: unpermute_qk(rows, n_heads))
     rows = weight.shape[0]
     return (
         weight.reshape(n_heads, rows // n_heads // 2, 2, *weight.shape[1:])
@@ -50,6 +55,7 @@ class GGUFSource(ModelSource):
     """A GGUF file of a supported architecture, any quantization gguf can dequantize."""
 
     kind = "gguf"
+    holds_quantized_blocks = True
 
     def __init__(self, path: Path) -> None:
         from gguf import MODEL_ARCH_NAMES, GGUFReader, get_tensor_name_map
@@ -87,6 +93,7 @@ class GGUFSource(ModelSource):
         skeleton = build_model(self.config)
         self._layer_names = [layer_tensor_names(skeleton, i) for i in range(self.num_layers)]
         self._check_tensors()
+        self._held_group_size: int | None = None  # set while quantized_blocks() is open
 
     @property
     def model_id(self) -> str:
@@ -122,7 +129,15 @@ class GGUFSource(ModelSource):
                     "tensors; convert it again with llama.cpp",
                 )
 
-    def tensor(self, hf_name: str) -> np.ndarray:
+    @contextmanager
+    def quantized_blocks(self, group_size: int) -> Iterator[None]:
+        self._held_group_size = group_size
+        try:
+            yield
+        finally:
+            self._held_group_size = None
+
+    def tensor(self, hf_name: str) -> np.ndarray | HeldTensor:  # type: ignore[override]
         from gguf.quants import dequantize
 
         gguf_name = self._gguf_name(hf_name)
@@ -132,6 +147,9 @@ class GGUFSource(ModelSource):
                 f"{self.path} lacks tensor {gguf_name} ({hf_name})",
                 hint="the file is incomplete or of another architecture variant",
             )
+        if self._held_group_size is not None:
+            held = hold(tensor, f"{gguf_name} of {self.path.name}", self._held_group_size)
+            return self._as_stored_by_hf(hf_name, held)
         try:
             values = dequantize(tensor.data, tensor.tensor_type)
         except NotImplementedError as exc:
@@ -142,7 +160,7 @@ class GGUFSource(ModelSource):
             ) from exc
         return self._as_stored_by_hf(hf_name, np.asarray(values, dtype=np.float32))
 
-    def _as_stored_by_hf(self, hf_name: str, values: np.ndarray) -> np.ndarray:
+    def _as_stored_by_hf(self, hf_name: str, values: np.ndarray | HeldTensor) -> np.ndarray | HeldTensor:
         """Undo what llama.cpp's converter did to this architecture's tensor."""
         if self.arch.gguf_permutes_qk and hf_name.endswith(("self_attn.q_proj.weight",
                                                             "self_attn.q_proj.bias")):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ class ModelSource(ABC):
     config: dict[str, Any]
     num_layers: int
     hub_repo: str | None = None  # set when the source was downloaded from the Hub
+    holds_quantized_blocks = False  # whether `quantized_blocks` can keep them (GGUF files)
 
     @property
     @abstractmethod
@@ -37,6 +40,13 @@ class ModelSource(ABC):
     @abstractmethod
     def tensor(self, name: str) -> np.ndarray:
         """One tensor by its Hugging Face name (`model.layers.3.mlp.up_proj.weight`), float32."""
+
+    @contextmanager
+    def quantized_blocks(self, group_size: int) -> Iterator[None]:
+        """While open, `tensor` gives quantized tensors in mlx's affine format as stored
+        (gguf_blocks.HeldTensor), re-quantizing with `group_size` only what mlx cannot hold."""
+        raise SourceError(f"{self.source_name} is a {self.kind} source, which holds no quantized blocks")
+        yield
 
     @abstractmethod
     def layer_tensor_names(self, index: int) -> list[str]:

@@ -12,6 +12,7 @@ from layerline.packager.window_spec import WindowSpec
 
 
 class QuantizeChoice(str, Enum):
+    exact = "exact"
     q4 = "4bit"
     q8 = "8bit"
     f16 = "f16"

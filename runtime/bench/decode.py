@@ -68,8 +68,9 @@ def load_bare_mlx_lm(package: LayerPackage, plan: WeightsPlan) -> nn.Module:
         weights.update(apply_plan(tensors, plan, manifest.quantization))
     layer_files = manifest.layer_files(0, manifest.num_layers)
     for index, tensors in enumerate(read_verified(package, layer_files)):
-        for name, value in apply_plan(tensors, plan, manifest.quantization).items():
-            weights[f"model.layers.{index}.{name}"] = value
+        prefix = f"model.layers.{index}."
+        for name, value in apply_plan(tensors, plan, manifest.quantization, prefix).items():
+            weights[prefix + name] = value
     if manifest.config.get("tie_word_embeddings", True):
         weights = {k: v for k, v in weights.items() if not k.startswith("lm_head.")}
     if hasattr(model, "sanitize"):  # e.g. Gemma 3 drops its own head when tied

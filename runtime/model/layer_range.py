@@ -23,7 +23,7 @@ from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
 from layerline.errors import LayerRangeError
-from layerline.packager.architectures import build_model, get_architecture, model_module
+from layerline.packager.architectures import LAYER_PREFIX, build_model, get_architecture, model_module
 from layerline.packager.package import LayerPackage
 
 from .attention import use_small_query_attention
@@ -84,9 +84,15 @@ class LayerRange(nn.Module):
         weights: dict[str, mx.array] = {}
         files = manifest.layer_files(start, end)
         for local, tensors in enumerate(read_verified(package, files)):
-            for name, value in apply_plan(tensors, plan, manifest.quantization).items():
+            prefix = f"{LAYER_PREFIX}{start + local}."
+            for name, value in apply_plan(tensors, plan, manifest.quantization, prefix).items():
                 weights[f"layers.{local}.{name}"] = value
-        load_into(layer_range, weights, manifest.quantization)
+
+        def model_path(path: str) -> str:  # `layers.0.mlp.up_proj` -> `model.layers.START.mlp.up_proj`
+            _, local, rest = path.split(".", 2)
+            return f"{LAYER_PREFIX}{start + int(local)}.{rest}"
+
+        load_into(layer_range, weights, manifest.quantization, model_path)
         log.info("range=%d..%d layers=%d weights=%s", start, end, end - start, plan.format)
         return layer_range
 
