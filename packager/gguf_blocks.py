@@ -51,9 +51,16 @@ class HeldTensor:
     held_as: str  # EXACT | SCALES_ROUNDED | REQUANTIZED
 
     @property
-    def shape(self) -> tuple[int, int]:
-        rows, words = self.packed.shape
-        return rows, words * 32 // self.bits
+    def shape(self) -> tuple[int, ...]:
+        *rows, words = self.packed.shape
+        return *rows, words * 32 // self.bits
+
+    def stacked(self, shape: tuple[int, ...]) -> HeldTensor:
+        """The same rows as a stack of matrices (a mixture's experts: (experts, rows, cols))."""
+        lead = shape[:-1]
+        return HeldTensor(self.packed.reshape(*lead, -1), self.scales.reshape(*lead, -1),
+                          self.biases.reshape(*lead, -1), self.bits, self.group_size, self.gguf_type,
+                          self.held_as)
 
     def map_rows(self, permute: Callable[[np.ndarray], np.ndarray]) -> HeldTensor:
         """The same tensor with its rows reordered by `permute` (groups run along a row, so a
@@ -87,10 +94,11 @@ def hold(tensor: Any, name: str, group_size: int = GROUP) -> HeldTensor | np.nda
                           hint="the GGUF file is truncated or corrupt; download it again")
     blocks = data.reshape(rows, cols // block_size, block_bytes)
     convert = _HELD.get(kind.name)
-    if convert is not None and len(tensor.shape) == 2:
+    if convert is not None and len(tensor.shape) in (2, 3):  # a matrix, or a stack of experts'
         q, scales, biases, bits, held_as = convert(blocks)
-        return _pack_held(q.reshape(rows, cols), scales.reshape(rows, -1), biases.reshape(rows, -1),
+        held = _pack_held(q.reshape(rows, cols), scales.reshape(rows, -1), biases.reshape(rows, -1),
                           bits, kind.name, held_as)
+        return held.stacked(_hf_shape(tensor)) if len(tensor.shape) == 3 else held
     try:
         values = np.asarray(dequantize(data.reshape(rows, -1), kind), dtype=np.float32)
     except NotImplementedError as exc:
@@ -98,13 +106,13 @@ def hold(tensor: Any, name: str, group_size: int = GROUP) -> HeldTensor | np.nda
             f"tensor {name} uses {kind.name}, which gguf cannot dequantize",
             hint="convert the model with a common quantization (Q4_K_M, Q8_0, F16 ...)",
         ) from exc
-    if kind.name == "BF16" or len(tensor.shape) != 2:  # mlx packs matrices only
+    if kind.name == "BF16" or len(tensor.shape) not in (2, 3):  # mlx packs matrices (and stacks)
         return values.reshape(_hf_shape(tensor))
     if cols % group_size:
         raise SourceError(f"tensor {name} ({kind.name}, shape {values.shape}) cannot be held in groups "
                           f"of {group_size}", hint="build with --quantize f16 or f32")
     bits = requantize_bits(block_bytes * 8 / block_size)
-    return requantize(values, bits, group_size, kind.name)
+    return requantize(values.reshape(_hf_shape(tensor)), bits, group_size, kind.name)
 
 
 def requantize_bits(bits_per_weight: float) -> int:

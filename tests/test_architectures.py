@@ -135,6 +135,22 @@ def test_moe_experts_stay_packed_in_their_blocks_layer_file(models):
     assert manifest.layer_files(2, 3) == [manifest.layers[2]]
 
 
+def test_a_quantized_moe_gguf_keeps_its_expert_blocks_exactly(models, tokenizer, tmp_path):
+    config = CONFIGS["qwen3_moe"]
+    gguf_path = write_gguf_model(tmp_path / "qwen3_moe.Q8_0.gguf", config, random_weights(config),
+                                 tokenizer, quantize_as="Q8_0")
+    exact, floats = tmp_path / "exact", tmp_path / "f32"
+    build_package(str(gguf_path), exact, BuildOptions(quiet=True))  # a GGUF builds exact by default
+    build_package(str(gguf_path), floats, BuildOptions(quantize="f32", quiet=True, fidelity=False))
+    manifest = read_manifest(exact)
+    names = set(mx.load(str(exact / manifest.layers[2])))
+    assert {"mlp.switch_mlp.gate_proj.scales", "mlp.switch_mlp.down_proj.scales"} <= names
+    assert manifest.quantization.gguf_types["Q8_0"].held_as == "exact"
+    assert manifest.fidelity.mean_kl < 1e-9 and manifest.fidelity.top1_agreement == 1.0
+    expected = package_logits(floats, None, "f32", TOKENS)
+    assert_close(package_logits(exact, "0:2,2:4", "f32", TOKENS), expected, 1e-5)
+
+
 # ---------------------------------------------------------------- sliding windows
 
 

@@ -13,7 +13,15 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
 from layerline.errors import SourceError
-from layerline.packager.gguf_blocks import EXACT, REQUANTIZED, SCALES_ROUNDED, hold, pack, requantize_bits
+from layerline.packager.gguf_blocks import (
+    EXACT,
+    REQUANTIZED,
+    SCALES_ROUNDED,
+    HeldTensor,
+    hold,
+    pack,
+    requantize_bits,
+)
 
 ROWS, COLS = 48, 512
 
@@ -121,3 +129,21 @@ def test_a_type_gguf_cannot_read_is_refused_naming_the_tensor(tmp_path):
     tensor = gguf_tensor(tmp_path, GGMLQuantizationType.Q8_1, raw)
     with pytest.raises(SourceError, match=r"tensor blk\.0\.ffn_up\.weight uses Q8_1"):
         hold(tensor, tensor.name)
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_K", "Q6_K"])
+def test_a_stack_of_expert_matrices_is_held_per_expert(tmp_path, kind):
+    qtype = GGMLQuantizationType[kind]
+    experts = 3
+    raw = quantize(weights(), qtype) if kind == "Q8_0" else random_k_blocks(qtype)
+    stack = np.stack([np.roll(raw, e, axis=0) for e in range(experts)])  # (experts, rows, bytes)
+    tensor = gguf_tensor(tmp_path, qtype, stack)
+    held = hold(tensor, tensor.name)
+    assert held.shape == (experts, ROWS, COLS) and held.scales.shape[:2] == (experts, ROWS)
+    expected = dequantize(tensor.data, qtype).reshape(experts, ROWS, COLS)
+    got = np.stack([mlx_values(HeldTensor(held.packed[e], held.scales[e], held.biases[e], held.bits,
+                                          held.group_size, held.gguf_type, held.held_as))
+                    for e in range(experts)])
+    np.testing.assert_allclose(got, expected, rtol=0, atol=float(np.abs(expected).max()) * 2e-2)
+    if kind == "Q8_0":
+        np.testing.assert_array_equal(got, expected)

@@ -102,9 +102,11 @@ _GGUF_ARCH = {"llama": "LLAMA", "mistral": "LLAMA", "mixtral": "LLAMA", "qwen2":
 
 
 def write_gguf_model(path: Path, config: dict[str, Any], weights: dict[str, np.ndarray],
-                     tokenizer: dict[str, Any]) -> Path:
-    """The model as llama.cpp's convert_hf_to_gguf.py writes it, in F32."""
+                     tokenizer: dict[str, Any], quantize_as: str | None = None) -> Path:
+    """The model as llama.cpp's convert_hf_to_gguf.py writes it, in F32, or with its matrices
+    (expert stacks too) in the GGUF type `quantize_as` (e.g. "Q8_0")."""
     import gguf
+    from gguf.quants import quantize
 
     model_type = config["model_type"]
     arch = getattr(gguf.MODEL_ARCH, _GGUF_ARCH[model_type])
@@ -157,7 +159,12 @@ def write_gguf_model(path: Path, config: dict[str, Any], weights: dict[str, np.n
             values = permute_qk(values, kv_heads)
         elif model_type.startswith("gemma") and hf_name.endswith("norm.weight"):
             values = values + np.float32(1.0)
-        writer.add_tensor(f"{names.get_name(base)}.{suffix}", np.ascontiguousarray(values))
+        name = f"{names.get_name(base)}.{suffix}"
+        if quantize_as and values.ndim >= 2 and values.shape[-1] % 32 == 0:
+            kind = gguf.GGMLQuantizationType[quantize_as]
+            writer.add_tensor(name, quantize(np.ascontiguousarray(values), kind), raw_dtype=kind)
+        else:
+            writer.add_tensor(name, np.ascontiguousarray(values))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
