@@ -632,7 +632,8 @@ OVERLAP_MODES = {"overlap": {"overlap": True}, "run-ahead": {"run_ahead": True}}
 
 
 @pytest.mark.parametrize(("mode", "policy"), [
-    ("overlap", "fixed-4"), ("run-ahead", "auto"),
+    ("run-ahead", "auto"),
+    pytest.param("overlap", "fixed-4", marks=pytest.mark.slow),
     pytest.param("overlap", "adaptive", marks=pytest.mark.slow),
     pytest.param("run-ahead", "fixed-4", marks=pytest.mark.slow)])
 def test_greedy_output_identical_with_overlap(mode, policy, smollm2, smollm2_draft, smollm2_prompts,
