@@ -324,6 +324,12 @@ class Generation:
             # The last step's guess held: its prepared window continues exactly `committed`.
             step = prepared.step if ahead is not None else prepared.step.cut(window)
             drafted_tokens = 0
+            if ahead is None and len(step.tokens) < window and step.proposed == len(step.tokens):
+                # The pass ended before the whole window was drafted: draft the rest now.
+                more = window - len(step.tokens)
+                drafts, q = self.drafter.propose(committed + step.tokens, more)
+                step = step.extend(_Drafts.usable(drafts, q, more, self.target.vocab_size))
+                drafted_tokens = len(drafts)
         else:
             if ahead is not None:
                 ahead.discard()
@@ -333,7 +339,7 @@ class Generation:
             drafted_tokens = len(drafts)
         drafted_at = time.perf_counter()
         pending = ahead or self.target.submit([committed[-1], *step.tokens], len(committed) - 1)
-        upcoming = self._prepare(committed, step) if self.overlap else None
+        upcoming = self._prepare(committed, step, pending) if self.overlap else None
         prepared_at = time.perf_counter()
         logits = pending.result()
         verified_at = time.perf_counter()
@@ -381,16 +387,17 @@ class Generation:
                                     trace, prepared_at - drafted_at, guessed))
         return out, accepted, logprobs
 
-    def _prepare(self, committed: list[int], step: _Drafts) -> _Prepared | None:
+    def _prepare(self, committed: list[int], step: _Drafts, pending: PendingPass) -> _Prepared | None:
         """While the target verifies `step`: the next step's window, from the state where every
-        draft of `step` stands and the target's next token is the drafter's own guess."""
+        draft of `step` stands and the target's next token is the drafter's own guess. Drafting
+        stops when the pass's answer is there (the rest of the window is drafted if it is used)."""
         # What the next step may draft if this one commits all its drafts and one token more.
         room = self._limit - (self.stats.tokens + len(step.tokens) + 1) - 1
         window = self.policy.window_after_full_acceptance(room, gated=self._gated) if room > 0 else 0
         if window <= 0:
             return None
         base = committed + step.tokens
-        drafts, q = self.drafter.propose(base, window + 1)
+        drafts, q = self.drafter.propose(base, window + 1, until=pending.ready)
         vocab = self.target.vocab_size
         if len(drafts) < 2 or not 0 <= drafts[0] < vocab:
             return None
@@ -461,6 +468,13 @@ class _Drafts:
         cut_q = q[keep] if q is not None and keep < len(tokens) else None
         return cls(tokens[:keep], None if q is None else q[:keep],
                    keep + (keep < len(tokens)), cut_q)
+
+    def extend(self, more: _Drafts) -> _Drafts:
+        """These drafts, then `more` (drafted after them)."""
+        if (self.q is None) != (more.q is None):
+            raise AssertionError("a drafter returned q for some proposals and not for others")
+        q = None if self.q is None or more.q is None else mx.concatenate([self.q, more.q])
+        return _Drafts(self.tokens + more.tokens, q, len(self.tokens) + more.proposed, more.cut_q)
 
     def cut(self, window: int) -> _Drafts:
         """The first `window` drafts (all of them when there are no more)."""

@@ -48,6 +48,10 @@ class PendingPass(Protocol):
         """Give the pass up: its logits will not be read."""
         ...
 
+    def ready(self) -> bool:
+        """Whether `result()` would return without waiting on other machines."""
+        ...
+
 
 class Target(Protocol):
     vocab_size: int  # rows of the output head: token ids the target can embed and score
@@ -149,6 +153,9 @@ class _QueuedPass:
 
     def discard(self) -> None:
         pass  # the next pass's start_pos truncates its positions
+
+    def ready(self) -> bool:
+        return False  # the same processor computes it: drafting meanwhile never waits for it
 
 
 class PipelineTarget:

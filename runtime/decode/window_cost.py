@@ -13,11 +13,17 @@ request's own acceptance):
 
 For a window w:
 
-    tokens(w) = 1 + Σ_{k=1..w} Π_{i≤k} α_i                       expected tokens per pass
-    P_hit(w)  = β · Π_{i≤w} α_i                                   the next window drafted meanwhile is used
-    t(w)      = c·w + V(w+1)                                      without overlap
-    t(w)      = max(V(w+1), f·V(w+1) + c·(w+1)) + (1 − P_hit)·c·w   with overlap
-    gain(w)   = tokens(w) / t(w) · V(1)                           against plain decoding
+    tokens(w) = 1 + Σ_{k=1..w} Π_{i≤k} α_i          expected tokens per pass
+    t(w)      = c·w + V(w+1)                         seconds per pass without overlap
+    gain(w)   = tokens(w) / t(w) · V(1)              against plain decoding
+
+With overlap, stage 0 drafts the next window (the guess of the target's next token, then
+up to w drafts) during the part of the pass it does not compute, R = (1 − f)·V(w+1), until
+the answer is there, but at least the guess and one draft: k = min(w + 1, max(2, R / c))
+tokens. The window is used when every draft and the guess stood, with P_hit = β·Π_{i≤w} α_i;
+the rest of it (w + 1 − k drafts) is drafted then, and after a miss all w are:
+
+    t(w) = V(w+1) + max(0, f·V(w+1) + c·k − V(w+1)) + P_hit·c·(w + 1 − k) + (1 − P_hit)·c·w
 
 The policy drafts w* = argmax gain(w) over [min_window, max_window]. When gain(w*) < 1 it
 stops drafting for `off_steps` plain steps (doubling after each consecutive loss, up to
@@ -33,8 +39,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 FORMULA = ("gain(w) = tokens(w) / t(w) * V(1); tokens(w) = 1 + sum_{k<=w} prod_{i<=k} alpha_i; "
-           "t(w) = c*w + V(w+1) without overlap, max(V(w+1), f*V(w+1) + c*(w+1)) + "
-           "(1 - beta*prod_{i<=w} alpha_i)*c*w with overlap; V(n) = a + b*n")
+           "V(n) = a + b*n; t(w) = c*w + V(w+1) without overlap; with overlap "
+           "t(w) = V(w+1) + max(0, f*V(w+1) + c*k - V(w+1)) + hit*c*(w+1-k) + (1-hit)*c*w, "
+           "k = min(w+1, max(2, (1-f)*V(w+1)/c)), hit = beta*prod_{i<=w} alpha_i")
 
 PASS_SAMPLES = 48  # recent passes the fit of V(n) uses
 PER_POSITION_PRIOR = 0.1  # b = this x a while passes of one size only were measured
@@ -178,7 +185,10 @@ def expected(window: int, alphas: list[float], beta: float, draft_s: float, cost
     if not overlap:
         return tokens, draft_s * window + verify
     hit = beta * stood
-    seconds = max(verify, stage0_share * verify + draft_s * (window + 1)) + (1 - hit) * draft_s * window
+    away = (1 - stage0_share) * verify  # the part of the pass stage 0 does not compute
+    during = min(window + 1.0, max(2.0, away / draft_s)) if draft_s > 0 else window + 1.0
+    seconds = (verify + max(0.0, stage0_share * verify + draft_s * during - verify)
+               + hit * draft_s * (window + 1 - during) + (1 - hit) * draft_s * window)
     return tokens, seconds
 
 

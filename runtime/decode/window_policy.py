@@ -218,6 +218,8 @@ class WindowPolicy:
                 auto.probing = True
                 self.decision = GateDecision(True, f"probing at window {self.min_window} after an off period")
             return
+        if auto.probing and drafted == 0:
+            return  # the probe is still to come
         choice = choose_window(counts, self.costs, self.min_window, self.max_window, overlap=self.overlap,
                                min_gain=auto.gate.min_speedup)
         auto.probing = False
@@ -322,4 +324,6 @@ class _AutoState:
     choice: WindowChoice | None = None
     off_left: int = 0  # plain steps left in an off period
     losses: int = 0  # consecutive decisions that switched drafting off
-    probing: bool = False  # the next step drafts min_window to measure afresh
+    # The next speculative step drafts min_window to measure afresh: a request's first one too,
+    # so text the draft cannot guess costs one small window before the formula has its evidence.
+    probing: bool = True

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,9 +74,10 @@ class LockedDrafter:
         self.drafter = drafter
         self.lock = lock
 
-    def propose(self, committed: list[int], k: int) -> tuple[list[int], mx.array | None]:
+    def propose(self, committed: list[int], k: int, *,
+                until: Callable[[], bool] | None = None) -> tuple[list[int], mx.array | None]:
         with self.lock:
-            return self.drafter.propose(committed, k)
+            return self.drafter.propose(committed, k, until=until)
 
     def sync(self, committed: list[int]) -> None:
         self.drafter.sync(committed)

@@ -146,6 +146,12 @@ class FrameConnection:
             raise StageUnavailableError(f"the activation connection to {self.endpoint} broke: {exc}") from exc
         self._in_flight.append((positions, time.monotonic()))
 
+    def readable(self) -> bool:
+        """Whether bytes of an answer have arrived (a receive() would not wait for the stage)."""
+        try:
+            return bool(select.select([self._sock], [], [], 0)[0])
+        except (OSError, ValueError):
+            return True  # a closed socket: receive() says what went wrong
     @property
     def in_flight(self) -> int:
         """Frames sent whose answers are not read yet."""

@@ -154,6 +154,10 @@ class PipelineSession:
         p.record(trace)
         return logits
 
+    def _answer_waiting(self) -> bool:
+        connection = self._connection
+        return connection is None or connection.readable()
+
     def close(self) -> None:
         """Drop the session's caches here and on every stage."""
         p = self.pipeline
@@ -196,6 +200,10 @@ class PendingPass:
     def discard(self) -> None:
         """Give the pass up: its answer is read and dropped with the next pass's."""
         self.discarded = True
+
+    def ready(self) -> bool:
+        """Whether an answer is waiting to be read (this pass's, or one before it)."""
+        return self.hidden is not None or self.session._answer_waiting()
 
     def take(self, answer: pb.ActivationFrame) -> None:
         """Keep the answer to this pass (or drop it, for a discarded pass)."""
