@@ -16,6 +16,14 @@ One step, with `s` the committed sequence (prompt plus generated tokens):
    rows are scored in one batch of array operations;
 5. the target and the drafter forget the rejected positions.
 
+With `overlap`, step 3 is `submit` then `result`: while the target verifies, the drafter
+continues past its window from the state where every draft stands, its first token being its
+guess of the target's own token, until the pass's answer is there. When the step commits
+exactly that (all drafts and the guess), the next step verifies the window so prepared;
+otherwise it is discarded and the drafter rolls back. `run_ahead` also submits the prepared
+window before the verdict; a rejected one is discarded (a stage drops it unrun when the
+next frame overtakes it, or the next frame's start_pos rolls it back).
+
 The first step drafts nothing (`first_token_first`): the token that ends the prompt's
 prefill streams at once, and speculation starts from the second token.
 

@@ -1,5 +1,6 @@
-"""How many tokens to draft next: a fixed window, or one that adapts, with a gate that turns
-drafting off when it costs more than it saves.
+"""How many tokens to draft next: a fixed window, one that adapts, or one sized by measured
+cost (`auto`, window_cost.py), with a gate that turns drafting off when it costs more than
+it saves.
 
 Adaptive window rule, after a step that drafted `d > 0` tokens of which `n` were accepted
 (the window `w` always stays in [min_window, max_window]):
