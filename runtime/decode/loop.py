@@ -349,6 +349,10 @@ class Generation:
         pending = ahead or self.target.submit([committed[-1], *step.tokens], len(committed) - 1)
         upcoming = self._prepare(committed, step, pending) if self.overlap else None
         prepared_at = time.perf_counter()
+        if upcoming is not None and self.run_ahead:
+            # Into the pipeline before the verdict: a stage drops it if the verdict rejects it.
+            self._ahead = self.target.submit(upcoming.prefix[-1:] + upcoming.step.tokens,
+                                             len(upcoming.prefix) - 1)
         logits = pending.result()
         verified_at = time.perf_counter()
         accepted, chosen = self._verify(logits, committed, step)
@@ -381,8 +385,10 @@ class Generation:
         stats.accepted += accepted
         stats.windows.append(len(step.tokens))
         trace = getattr(self.target, "last_trace", None)
-        # The pass's own cost is known when the answer was not there yet once the drafting ended.
-        pass_s = verified_at - drafted_at if upcoming is None or verified_at - prepared_at > 0.002 else None
+        # The pass's own cost is known when it was sent in this step and its answer was not
+        # there yet once the drafting ended.
+        waited = upcoming is None or verified_at - prepared_at > 0.002
+        pass_s = verified_at - drafted_at if ahead is None and waited else None
         self.policy.record(step.proposed, accepted, done - started, len(out), positions=len(step.tokens) + 1,
                            draft_s=(drafted_at - started) if drafted_tokens else None,
                            draft_tokens=drafted_tokens, pass_s=pass_s, stage0_share=_stage0_share(trace),
@@ -412,11 +418,7 @@ class Generation:
         upcoming = _Drafts.usable(drafts[1:], None if q is None else q[1:], window, vocab)
         if not upcoming.tokens:
             return None
-        prepared = _Prepared([*base, drafts[0]], upcoming, len(drafts))
-        if self.run_ahead:
-            # Into the pipeline before the verdict: a stage drops it if the verdict rejects it.
-            self._ahead = self.target.submit([drafts[0], *upcoming.tokens], len(base))
-        return prepared
+        return _Prepared([*base, drafts[0]], upcoming, len(drafts))
 
     def _prefill(self) -> None:
         """Feed the prompt but its last token, which the first step feeds."""
