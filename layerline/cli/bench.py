@@ -55,6 +55,7 @@ def bench_serve(
     overlap: Annotated[list[str] | None, typer.Option(help="off, overlap (draft during verify) or run-ahead (repeat; default overlap).")] = None,
     link_delay_ms: Annotated[list[float] | None, typer.Option(help="One-way delay of every stage link (repeat; default 0).")] = None,
     link_method: Annotated[str, typer.Option(help="auto (netem, else a delaying proxy), netem or proxy.")] = "auto",
+    pin: Annotated[bool, typer.Option(help="Pin each stage process to a core of its own (one BLAS thread), as if on its own machine.")] = False,
     prompt: Annotated[list[str] | None, typer.Option(help="Prompt (repeat; default: three built in).")] = None,
     max_tokens: Annotated[int, typer.Option(help="Tokens per request.")] = 128,
     runs: Annotated[int, typer.Option(help="Measured passes over the prompts.")] = 3,
@@ -77,7 +78,7 @@ def bench_serve(
         target=target, draft=draft, stages=tuple(stages or (2, 3)), draft_stages=tuple(draft_stages or (2,)),
         windows=tuple(window or (4, 8, 16)), adaptive=adaptive, auto=auto,
         overlaps=tuple(overlap or ("overlap",)), delays_ms=tuple(link_delay_ms or (0.0,)),
-        link_method=link_method, prompts=tuple(prompt or DEFAULT_PROMPTS), max_tokens=max_tokens, runs=runs,
+        link_method=link_method, pin=pin, prompts=tuple(prompt or DEFAULT_PROMPTS), max_tokens=max_tokens, runs=runs,
         warmup=warmup, weights=weights.value, quantize=quantize.value, llama_server=llama_server,
         llama_threads=llama_threads, start_timeout_s=start_timeout)
     folder = output or Path("bench-results") / time.strftime("serve-%Y%m%d-%H%M%S")

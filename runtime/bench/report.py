@@ -193,7 +193,7 @@ def render_report(settings: BenchSettings, results: Sequence[ConditionResult]) -
     parts = [
         f"serve benchmark: {settings.target}" + (f", draft {settings.draft}" if settings.draft else "")
         + f"; {len(settings.prompts)} prompts × {settings.runs} runs, {settings.max_tokens} tokens max, "
-        f"greedy, {settings.warmup} warm-up",
+        f"greedy, {settings.warmup} warm-up" + ("; stages pinned to a core each" if settings.pin else ""),
         "",
         render_table(results),
         "",

@@ -89,6 +89,7 @@ class BenchSettings:
     overlaps: tuple[str, ...] = ("overlap",)  # how drafting meets verification, each a condition
     delays_ms: tuple[float, ...] = (0.0,)
     link_method: str = "auto"
+    pin: bool = False  # each stage process on a core of its own (emulates machines)
     prompts: tuple[str, ...] = DEFAULT_PROMPTS
     max_tokens: int = 128
     runs: int = 3
@@ -310,7 +311,8 @@ class Bench:
         result.link_method, result.link_note = links.method, links.note
         server = LayerlineServer(package=models.package, peers=condition.links, links=links,
                                  log_dir=folder, cache_dir=settings.cache_dir.expanduser() / "stage",
-                                 config=config, draft=condition.draft, weights=settings.weights)
+                                 config=config, draft=condition.draft, weights=settings.weights,
+                                 pin=settings.pin)
         try:
             server.start(settings.start_timeout_s)
             before, profile_before = links.traffic(), server.status().get("profile") or {}
