@@ -60,7 +60,7 @@ def _draft(r: ConditionResult) -> str:
         return "—"
     assert c.window_spec is not None
     label = f"w={c.fixed_window}" if c.fixed_window is not None else c.window_spec.policy
-    return label + {"off": ", serial", "overlap": "", "run-ahead": ", run-ahead"}.get(c.overlap, "")
+    return label + {"off": "", "overlap": ", overlap", "run-ahead": ", run-ahead"}.get(c.overlap, "")
 
 
 def _row(cells: Sequence[str]) -> str:

@@ -42,7 +42,7 @@ DEFAULT_PROMPTS = (
 )
 WARMUP_TOKENS = 16
 OVERLAP_MODES = ("off", "overlap", "run-ahead")
-OVERLAP_LABELS = {"off": " no-overlap", "overlap": "", "run-ahead": " run-ahead"}  # in condition names
+OVERLAP_LABELS = {"off": "", "overlap": " overlap", "run-ahead": " run-ahead"}  # in condition names
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class Condition:
     delay_ms: float = 0.0
     window_spec: WindowSpec | None = None  # None: no draft
     baseline: str | None = None  # the condition this one is compared with
-    overlap: str = "overlap"  # "off" | "overlap" | "run-ahead" (OVERLAP_MODES), when drafting
+    overlap: str = "off"  # "off" | "overlap" | "run-ahead" (OVERLAP_MODES), when drafting
 
     @property
     def draft(self) -> bool:
@@ -86,7 +86,7 @@ class BenchSettings:
     windows: tuple[int, ...] = (4, 8, 16)
     adaptive: bool = True
     auto: bool = False  # also the window sized by cost
-    overlaps: tuple[str, ...] = ("overlap",)  # how drafting meets verification, each a condition
+    overlaps: tuple[str, ...] = ("off",)  # how drafting meets verification, each a condition
     delays_ms: tuple[float, ...] = (0.0,)
     link_method: str = "auto"
     pin: bool = False  # each stage process on a core of its own (emulates machines)

@@ -50,7 +50,7 @@ class SpeculativeSettings:
     type: str | None = None  # "draft-model" | "ngram"
     draft_model: str | None = None
     window_policy: str | None = None  # "adaptive" | "fixed" | "auto"; the sizes are draft windows
-    overlap: bool | None = None  # draft the next window while the stages verify (default on)
+    overlap: bool | None = None  # draft the next window while the stages verify (default off)
     run_ahead: bool | None = None  # send that window before the verdict (default off)
     initial_window: int | None = None
     min_window: int | None = None

@@ -26,7 +26,7 @@ class ResolvedSpeculativeConfig:
     draft_model: str | None = None
     tokenizer_fingerprint: str | None = None
     window_spec: WindowSpec = field(default_factory=WindowSpec)
-    overlap: bool = True  # draft the next window while the stages verify this one
+    overlap: bool = False  # draft the next window while the stages verify this one (measured: opt in)
     run_ahead: bool = False  # and send it into the pipeline before the verdict
     sources: dict[str, str] = field(default_factory=dict)  # setting -> where its value came from
     reason: str | None = None  # why speculation is off, when it is
