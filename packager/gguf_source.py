@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -11,15 +13,21 @@ import numpy as np
 from layerline.errors import SourceError
 
 from .architectures import (
+    LAYER_PREFIX,
     Architecture,
+    build_model,
     config_from_gguf,
-    get_architecture,
+    gguf_architecture,
     layer_tensor_names,
 )
+from .gguf_blocks import HeldTensor, hold
 from .source import ModelSource
 
 GGUF_MAGIC = b"GGUF"
 _QUANT_SUFFIX = re.compile(r"[.-](I?Q\d\w*|F16|F32|BF16)$", re.IGNORECASE)
+# mlx-lm names that gguf's TensorNameMap knows by their Hugging Face spelling: mlx-lm stacks
+# the experts of a mixture-of-experts block (`switch_mlp`), as llama.cpp does (`ffn_*_exps`).
+_HF_SPELLING = (("mlp.switch_mlp.", "mlp.experts."), ("block_sparse_moe.switch_mlp.", "mlp.experts."))
 
 
 def _read_meta(reader: Any) -> dict[str, Any]:
@@ -31,8 +39,10 @@ def _read_meta(reader: Any) -> dict[str, Any]:
     return meta
 
 
-def unpermute_qk(weight: np.ndarray, n_heads: int) -> np.ndarray:
+def unpermute_qk(weight: np.ndarray | HeldTensor, n_heads: int) -> np.ndarray | HeldTensor:
     """Undo llama.cpp's rotary permutation of a Q or K weight (rows grouped by head)."""
+    if isinstance(weight, HeldTensor):  # packed rows move with their scales and biases
+        return weight.map_rows(lambda rows: unpermute_qk(rows, n_heads))
     rows = weight.shape[0]
     return (
         weight.reshape(n_heads, rows // n_heads // 2, 2, *weight.shape[1:])
@@ -45,6 +55,7 @@ class GGUFSource(ModelSource):
     """A GGUF file of a supported architecture, any quantization gguf can dequantize."""
 
     kind = "gguf"
+    holds_quantized_blocks = True
 
     def __init__(self, path: Path) -> None:
         from gguf import MODEL_ARCH_NAMES, GGUFReader, get_tensor_name_map
@@ -62,7 +73,7 @@ class GGUFSource(ModelSource):
         arch_name = self.meta.get("general.architecture")
         if not isinstance(arch_name, str):
             raise SourceError(f"{self.path} has no general.architecture; not a model GGUF")
-        self.arch: Architecture = get_architecture(arch_name)
+        self.arch: Architecture = gguf_architecture(self.meta)
         self.tensors = {t.name: t for t in self.reader.tensors}
         _check_complete(self.path, self.reader)
 
@@ -77,9 +88,12 @@ class GGUFSource(ModelSource):
         self.num_layers = self.config["num_hidden_layers"]
 
         # HF name -> GGUF name, from gguf's own table, for every tensor mlx-lm expects.
-        arch_enum = next(k for k, v in MODEL_ARCH_NAMES.items() if v == self.arch.gguf_name)
+        arch_enum = next(k for k, v in MODEL_ARCH_NAMES.items() if v == arch_name)
         self._names = get_tensor_name_map(arch_enum, self.num_layers)
-        self._layer_names = layer_tensor_names(self.config)
+        skeleton = build_model(self.config)
+        self._layer_names = [layer_tensor_names(skeleton, i) for i in range(self.num_layers)]
+        self._check_tensors()
+        self._held_group_size: int | None = None  # set while quantized_blocks() is open
 
     @property
     def model_id(self) -> str:
@@ -90,12 +104,40 @@ class GGUFSource(ModelSource):
 
     def _gguf_name(self, hf_name: str) -> str:
         base, _, suffix = hf_name.rpartition(".")
+        for mlx_part, hf_part in _HF_SPELLING:
+            base = base.replace(mlx_part, hf_part)
         mapped = self._names.get_name(base)
         if mapped is None:
             raise SourceError(f"{self.path}: no GGUF name for tensor {hf_name}")
         return f"{mapped}.{suffix}"
 
-    def tensor(self, hf_name: str) -> np.ndarray:
+    def _expected_names(self) -> list[str]:
+        names = list(self.embed_names())
+        for index, layer in enumerate(self._layer_names):
+            names += [f"{LAYER_PREFIX}{index}.{n}" for n in layer]
+        return names + list(self.head_names())
+
+    def _check_tensors(self) -> None:
+        """Refuse a file that lacks a tensor its declared architecture needs, naming the first."""
+        for hf_name in self._expected_names():
+            gguf_name = self._gguf_name(hf_name)
+            if gguf_name not in self.tensors:
+                raise SourceError(
+                    f"{self.path} declares architecture {self.meta['general.architecture']!r} but "
+                    f"lacks its tensor {gguf_name} ({hf_name})",
+                    hint="the file is incomplete, or its general.architecture does not match its "
+                    "tensors; convert it again with llama.cpp",
+                )
+
+    @contextmanager
+    def quantized_blocks(self, group_size: int) -> Iterator[None]:
+        self._held_group_size = group_size
+        try:
+            yield
+        finally:
+            self._held_group_size = None
+
+    def tensor(self, hf_name: str) -> np.ndarray | HeldTensor:  # type: ignore[override]
         from gguf.quants import dequantize
 
         gguf_name = self._gguf_name(hf_name)
@@ -105,6 +147,9 @@ class GGUFSource(ModelSource):
                 f"{self.path} lacks tensor {gguf_name} ({hf_name})",
                 hint="the file is incomplete or of another architecture variant",
             )
+        if self._held_group_size is not None:
+            held = hold(tensor, f"{gguf_name} of {self.path.name}", self._held_group_size)
+            return self._as_stored_by_hf(hf_name, held)
         try:
             values = dequantize(tensor.data, tensor.tensor_type)
         except NotImplementedError as exc:
@@ -113,26 +158,28 @@ class GGUFSource(ModelSource):
                 "cannot dequantize",
                 hint="convert the model with a common quantization (Q4_K, Q6_K, Q8_0, F16 ...)",
             ) from exc
-        values = np.asarray(values, dtype=np.float32)
+        return self._as_stored_by_hf(hf_name, np.asarray(values, dtype=np.float32))
+
+    def _as_stored_by_hf(self, hf_name: str, values: np.ndarray | HeldTensor) -> np.ndarray | HeldTensor:
+        """Undo what llama.cpp's converter did to this architecture's tensor."""
+        if self.arch.gguf_permutes_qk and hf_name.endswith(("self_attn.q_proj.weight",
+                                                            "self_attn.q_proj.bias")):
+            return unpermute_qk(values, self.config["num_attention_heads"])
+        if self.arch.gguf_permutes_qk and hf_name.endswith(("self_attn.k_proj.weight",
+                                                            "self_attn.k_proj.bias")):
+            return unpermute_qk(values, self.config["num_key_value_heads"])
+        if self.arch.gguf_norm_offset and hf_name.endswith("norm.weight"):
+            return values - np.float32(self.arch.gguf_norm_offset)
         return values
 
-    def layer_tensor_names(self) -> list[str]:
-        return self._layer_names
-
-    def layer_tensors(self, index: int) -> dict[str, np.ndarray]:
-        out = super().layer_tensors(index)
-        if self.arch.gguf_permutes_qk:
-            out["self_attn.q_proj.weight"] = unpermute_qk(out["self_attn.q_proj.weight"],
-                                                          self.config["num_attention_heads"])
-            out["self_attn.k_proj.weight"] = unpermute_qk(out["self_attn.k_proj.weight"],
-                                                          self.config["num_key_value_heads"])
-        return out
+    def layer_tensor_names(self, index: int) -> list[str]:
+        return self._layer_names[index]
 
     def tokenizer(self) -> Any:
         from .tokenizer import tokenizer_from_gguf
 
         return tokenizer_from_gguf(
-            self.meta, self.arch.gguf_name, self.config["max_position_embeddings"]
+            self.meta, self.meta["general.architecture"], self.config["max_position_embeddings"]
         )
 
     def source_files(self) -> list[Path]:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from .manifest import speculative_to_json
+from .manifest import Fidelity, Quantization, speculative_to_json
 from .package import LayerPackage
 from .window_spec import WindowSpec
 
@@ -32,9 +33,9 @@ def inspect_package(root: Path | str) -> dict[str, Any]:
         "layers": manifest.num_layers,
         "hidden_size": manifest.config.get("hidden_size"),
         "context_length": manifest.config.get("max_position_embeddings"),
-        "weights": (f"{quant.bits}-bit affine, group {quant.group_size}" if quant else manifest.dtype),
-        "quantization": None if quant is None else {
-            "mode": quant.mode, "bits": quant.bits, "group_size": quant.group_size},
+        "weights": describe_weights(quant) if quant else manifest.dtype,
+        "quantization": None if quant is None else quant.to_json(),
+        "fidelity": None if manifest.fidelity is None else asdict(manifest.fidelity),
         "dtype": manifest.dtype,
         "bytes": {
             "total": sum(sizes.values()),
@@ -59,6 +60,27 @@ def inspect_package(root: Path | str) -> dict[str, Any]:
     }
 
 
+def describe_weights(quant: Quantization) -> str:
+    """`4-bit affine, group 32`, and how many tensors are packed otherwise."""
+    text = f"{quant.bits}-bit affine, group {quant.group_size}"
+    others: dict[str, int] = {}
+    for fmt in quant.tensors.values():
+        key = f"{fmt.bits}-bit/{fmt.group_size}"
+        others[key] = others.get(key, 0) + 1
+    extra = ", ".join(f"{_tensors(n)} {key}" for key, n in sorted(others.items()))
+    return f"{text} ({extra})" if extra else text
+
+
+def describe_fidelity(fidelity: Fidelity) -> str:
+    """`mean KL 2.1e-05, top-1 agreement 98.4 % on 64 tokens (vs …)`."""
+    return (f"mean KL {fidelity.mean_kl:.3g}, top-1 agreement {fidelity.top1_agreement:.1%} on "
+            f"{fidelity.text_tokens} tokens (vs {fidelity.reference})")
+
+
+def _tensors(n: int) -> str:
+    return f"{n} tensor{'s' if n != 1 else ''}"
+
+
 def _mib(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
@@ -80,6 +102,10 @@ def render_summary(summary: dict[str, Any], console: Console) -> None:
         ("hidden size", str(summary["hidden_size"])),
         ("context length", str(summary["context_length"])),
         ("weights", summary["weights"]),
+        *[(f"  from {name}", f"{_tensors(t['tensors'])} as {t['bits']}-bit/{t['group_size']}, {t['held_as']}")
+          for name, t in ((summary["quantization"] or {}).get("gguf_types") or {}).items()],
+        ("fidelity", "not measured" if summary["fidelity"] is None
+         else describe_fidelity(Fidelity(**summary["fidelity"]))),
         ("size", f"{_mib(b['total'])} (layers {_mib(b['layers'])}, embed {_mib(b['embed'])}, "
                  f"head {_mib(b['head'])})"),
         ("tokenizer", f"{tok['vocab_size']} tokens, bos={tok['bos_token_id']} "

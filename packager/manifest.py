@@ -17,10 +17,12 @@ from layerline.errors import ManifestError
 from .window_spec import FIELDS, WindowError, WindowSpec
 
 FORMAT = "layerline.layer-package"
-# Version 2 names a strategy's window as the config does (`window_policy = "adaptive"`,
-# `initial_window`, …); version 1 nested them (`window_policy = {"default": "adaptive", …}`).
-SCHEMA_VERSION = 2
-READABLE_SCHEMA_VERSIONS = (1, 2)
+# Version 3 lets tensors differ from the package's quantization (`quantization.tensors`, as
+# exact GGUF builds write) and records `fidelity`; a reader of version 2 would load such a
+# package with the wrong bits. Version 2 names a strategy's window as the config does
+# (`window_policy = "adaptive"`, `initial_window`, …); version 1 nested them.
+SCHEMA_VERSION = 3
+READABLE_SCHEMA_VERSIONS = (1, 2, 3)
 MANIFEST_NAME = "model-package.json"
 
 STRATEGY_TYPES = ("draft-model", "ngram")
@@ -49,10 +51,53 @@ class ModelInfo:
 
 
 @dataclass(frozen=True)
-class Quantization:
-    mode: str  # mlx's "affine"
+class TensorFormat:
+    """The affine format of one packed tensor."""
+
     bits: int
     group_size: int
+
+
+@dataclass(frozen=True)
+class HeldType:
+    """How a package holds the tensors of one GGUF quantization type."""
+
+    tensors: int
+    bits: int
+    group_size: int
+    held_as: str  # "exact" | "scales rounded to f16" | "re-quantized"
+
+
+@dataclass(frozen=True)
+class Quantization:
+    mode: str  # mlx's "affine"
+    bits: int  # of every packed tensor not named in `tensors`
+    group_size: int
+    # Packed tensors in another format, by model path ("model.layers.3.mlp.down_proj", "lm_head").
+    tensors: dict[str, TensorFormat] = field(default_factory=dict)
+    gguf_types: dict[str, HeldType] = field(default_factory=dict)  # "Q4_K" -> how it is held
+
+    def format_of(self, path: str) -> TensorFormat:
+        """The format of the packed tensor at model path `path` (without `.weight`)."""
+        return self.tensors.get(path) or TensorFormat(self.bits, self.group_size)
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"mode": self.mode, "bits": self.bits, "group_size": self.group_size}
+        if self.tensors:
+            data["tensors"] = {k: asdict(v) for k, v in sorted(self.tensors.items())}
+        if self.gguf_types:
+            data["gguf_types"] = {k: asdict(v) for k, v in sorted(self.gguf_types.items())}
+        return data
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """How close the package's logits are to its source's, measured when it was built."""
+
+    reference: str  # what the logits were compared with, e.g. "source dequantized to float32"
+    text_tokens: int
+    mean_kl: float  # KL(reference || package) per position, nats
+    top1_agreement: float  # share of positions whose argmax agrees
 
 
 @dataclass(frozen=True)
@@ -92,6 +137,7 @@ class Manifest:
     layers: dict[int, str]
     shared: dict[str, str]  # "embed" and "head" -> file
     speculative_decoding: SpeculativeDecoding | None = None
+    fidelity: Fidelity | None = None
 
     @property
     def num_layers(self) -> int:
@@ -121,12 +167,14 @@ class Manifest:
             "model": asdict(self.model),
             "config": self.config,
             "dtype": self.dtype,
-            "quantization": asdict(self.quantization) if self.quantization else None,
+            "quantization": self.quantization.to_json() if self.quantization else None,
             "tokenizer": asdict(self.tokenizer),
             "files": [asdict(f) for f in self.files],
             "layers": {str(i): p for i, p in sorted(self.layers.items())},
             "shared": dict(self.shared),
         }
+        if self.fidelity is not None:
+            data["fidelity"] = asdict(self.fidelity)
         if self.speculative_decoding is not None:
             data["generation"] = {"speculative_decoding": speculative_to_json(self.speculative_decoding)}
         return data
@@ -321,12 +369,15 @@ def parse_manifest(raw: Any, origin: str = MANIFEST_NAME) -> Manifest:
     _check_config(config, origin)
     dtype = top.get("dtype", str)
     quant_reader = top.child("quantization", optional=True)
-    quantization = None
-    if quant_reader is not None:
-        quantization = Quantization(
-            mode=quant_reader.get("mode", str),
-            bits=quant_reader.get("bits", int),
-            group_size=quant_reader.get("group_size", int),
+    quantization = None if quant_reader is None else _parse_quantization(quant_reader)
+    fidelity_reader = top.child("fidelity", optional=True)
+    fidelity = None
+    if fidelity_reader is not None:
+        fidelity = Fidelity(
+            reference=fidelity_reader.get("reference", str),
+            text_tokens=fidelity_reader.get("text_tokens", int),
+            mean_kl=float(fidelity_reader.get("mean_kl", (int, float))),
+            top1_agreement=float(fidelity_reader.get("top1_agreement", (int, float))),
         )
 
     tok = top.child("tokenizer")
@@ -387,6 +438,31 @@ def parse_manifest(raw: Any, origin: str = MANIFEST_NAME) -> Manifest:
         layers=layers,
         shared=shared,
         speculative_decoding=speculative,
+        fidelity=fidelity,
+    )
+
+
+def _parse_quantization(reader: _Reader) -> Quantization:
+    tensors: dict[str, TensorFormat] = {}
+    tensors_reader = reader.child("tensors", optional=True)
+    for path in [] if tensors_reader is None else tensors_reader.data:
+        entry = tensors_reader.child(path)  # type: ignore[union-attr]
+        assert entry is not None
+        tensors[path] = TensorFormat(bits=entry.get("bits", int), group_size=entry.get("group_size", int))
+    gguf_types: dict[str, HeldType] = {}
+    types_reader = reader.child("gguf_types", optional=True)
+    for name in [] if types_reader is None else types_reader.data:
+        entry = types_reader.child(name)  # type: ignore[union-attr]
+        assert entry is not None
+        gguf_types[name] = HeldType(tensors=entry.get("tensors", int), bits=entry.get("bits", int),
+                                    group_size=entry.get("group_size", int),
+                                    held_as=entry.get("held_as", str))
+    return Quantization(
+        mode=reader.get("mode", str),
+        bits=reader.get("bits", int),
+        group_size=reader.get("group_size", int),
+        tensors=tensors,
+        gguf_types=gguf_types,
     )
 
 

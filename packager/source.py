@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +13,7 @@ import numpy as np
 
 from layerline.errors import SourceError
 
-from .architectures import LAYER_PREFIX
+from .architectures import EMBED_KEYS, HEAD_KEYS, LAYER_PREFIX
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?(:[\w./-]+)?$")
 
@@ -28,6 +30,7 @@ class ModelSource(ABC):
     config: dict[str, Any]
     num_layers: int
     hub_repo: str | None = None  # set when the source was downloaded from the Hub
+    holds_quantized_blocks = False  # whether `quantized_blocks` can keep them (GGUF files)
 
     @property
     @abstractmethod
@@ -38,24 +41,36 @@ class ModelSource(ABC):
     def tensor(self, name: str) -> np.ndarray:
         """One tensor by its Hugging Face name (`model.layers.3.mlp.up_proj.weight`), float32."""
 
+    @contextmanager
+    def quantized_blocks(self, group_size: int) -> Iterator[None]:
+        """While open, `tensor` gives quantized tensors in mlx's affine format as stored
+        (gguf_blocks.HeldTensor), re-quantizing with `group_size` only what mlx cannot hold."""
+        raise SourceError(f"{self.source_name} is a {self.kind} source, which holds no quantized blocks")
+        yield
+
     @abstractmethod
-    def layer_tensor_names(self) -> list[str]:
-        """The names a layer holds, locally (`self_attn.q_proj.weight`)."""
+    def layer_tensor_names(self, index: int) -> list[str]:
+        """The names layer `index` holds, locally (`self_attn.q_proj.weight`), as mlx-lm's block
+        has them (blocks of one model may differ, e.g. dense blocks among mixture-of-experts ones)."""
 
     def layer_tensors(self, index: int) -> dict[str, np.ndarray]:
         """Tensors of layer `index`, named locally (`self_attn.q_proj.weight`)."""
-        return {n: self.tensor(f"{LAYER_PREFIX}{index}.{n}") for n in self.layer_tensor_names()}
+        return {n: self.tensor(f"{LAYER_PREFIX}{index}.{n}") for n in self.layer_tensor_names(index)}
+
+    def embed_names(self) -> tuple[str, ...]:
+        return EMBED_KEYS
+
+    def head_names(self) -> tuple[str, ...]:
+        """`model.norm.weight`, and `lm_head.weight` unless tied to the embedding."""
+        return HEAD_KEYS if not self.config.get("tie_word_embeddings", True) else HEAD_KEYS[:1]
 
     def embed_tensors(self) -> dict[str, np.ndarray]:
         """`model.embed_tokens.weight`."""
-        return {"model.embed_tokens.weight": self.tensor("model.embed_tokens.weight")}
+        return {n: self.tensor(n) for n in self.embed_names()}
 
     def head_tensors(self) -> dict[str, np.ndarray]:
         """`model.norm.weight`, and `lm_head.weight` unless tied to the embedding."""
-        out = {"model.norm.weight": self.tensor("model.norm.weight")}
-        if not self.config["tie_word_embeddings"]:
-            out["lm_head.weight"] = self.tensor("lm_head.weight")
-        return out
+        return {n: self.tensor(n) for n in self.head_names()}
 
     @abstractmethod
     def tokenizer(self) -> Any:

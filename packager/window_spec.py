@@ -1,9 +1,11 @@
 """The draft window of a speculation setup: one type, one set of defaults, one validator.
 
-A `WindowSpec` names the policy (`fixed` or `adaptive`) and three sizes. The same four
+A `WindowSpec` names the policy (`fixed`, `adaptive`, or `auto`: sized by measured cost) and
+three sizes. The same four
 settings go by the same names in a package's strategies, the TOML config, `PUT /v1/draft`
 and `layerline config show` (`FIELDS`); a request's own `speculative.window` is one size,
-a fixed window. A fixed policy drafts `initial` tokens every step and ignores `min`/`max`.
+a fixed window. A fixed policy drafts `initial` tokens every step and ignores `min`/`max`;
+an auto policy chooses within [min, max] and drafts `initial` until it has measured costs.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 
 from layerline.errors import LayerlineError
 
-POLICIES = ("adaptive", "fixed")
+POLICIES = ("adaptive", "fixed", "auto")
 MAX_WINDOW = 64  # the most tokens one step may draft
 
 # WindowSpec field -> its name in manifests, config, the draft API and status JSON.
@@ -28,7 +30,7 @@ class WindowError(LayerlineError):
 
 @dataclass(frozen=True)
 class WindowSpec:
-    policy: str = "adaptive"  # "fixed" | "adaptive"
+    policy: str = "adaptive"  # "fixed" | "adaptive" | "auto"
     initial: int = 8  # tokens drafted by the first step (every step, when fixed)
     min: int = 2  # the adaptive window never shrinks below this
     max: int = 16  # nor grows above this
@@ -54,17 +56,19 @@ class WindowSpec:
         sizes = [self.initial] if self.policy == "fixed" else [self.min, self.initial, self.max]
         for size in sizes:
             check_window_size(size)
-        if self.policy == "adaptive" and not self.min <= self.initial <= self.max:
+        if self.policy != "fixed" and not self.min <= self.initial <= self.max:
             raise WindowError(
-                f"adaptive draft windows out of order: min_window {self.min}, initial_window "
+                f"{self.policy} draft windows out of order: min_window {self.min}, initial_window "
                 f"{self.initial}, max_window {self.max}",
                 hint="choose min_window <= initial_window <= max_window")
         return self
 
     def describe(self) -> str:
-        """`fixed window 4` or `adaptive window 8 in [2, 16]`."""
+        """`fixed window 4`, `adaptive window 8 in [2, 16]` or `auto window in [2, 16] (8 until measured)`."""
         if self.policy == "fixed":
             return f"fixed window {self.initial}"
+        if self.policy == "auto":
+            return f"auto window in [{self.min}, {self.max}] ({self.initial} until measured)"
         return f"adaptive window {self.initial} in [{self.min}, {self.max}]"
 
 

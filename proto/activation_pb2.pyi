@@ -52,20 +52,22 @@ class ActivationHello(_message.Message):
     def __init__(self, auth_token: _Optional[str] = ..., error: _Optional[str] = ..., code: _Optional[_Union[ActivationErrorCode, str]] = ...) -> None: ...
 
 class ActivationFrame(_message.Message):
-    __slots__ = ("session_id", "seq", "activations", "end_session", "error", "timings")
+    __slots__ = ("session_id", "seq", "activations", "end_session", "error", "superseded", "timings")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
     END_SESSION_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    SUPERSEDED_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     seq: int
     activations: Activations
     end_session: EndSession
     error: ActivationError
+    superseded: Superseded
     timings: _containers.RepeatedCompositeFieldContainer[StageTiming]
-    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., activations: _Optional[_Union[Activations, _Mapping]] = ..., end_session: _Optional[_Union[EndSession, _Mapping]] = ..., error: _Optional[_Union[ActivationError, _Mapping]] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ...) -> None: ...
+    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., activations: _Optional[_Union[Activations, _Mapping]] = ..., end_session: _Optional[_Union[EndSession, _Mapping]] = ..., error: _Optional[_Union[ActivationError, _Mapping]] = ..., superseded: _Optional[_Union[Superseded, _Mapping]] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ...) -> None: ...
 
 class StageTiming(_message.Message):
     __slots__ = ("stage_index", "total_ns", "compute_ns", "downstream_ns")
@@ -94,6 +96,10 @@ class Activations(_message.Message):
     def __init__(self, start_pos: _Optional[int] = ..., token_count: _Optional[int] = ..., dtype: _Optional[_Union[WireDtype, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class EndSession(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Superseded(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 

@@ -44,11 +44,23 @@ def packages_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("packages")
 
 
+# The shared real-model packages skip the fidelity measurement (two f32 forward passes of the
+# whole model at build time); smollm2_exact_package and test_packager measure it.
+
+
 @pytest.fixture(scope="session")
 def smollm2_package(smollm2_gguf: Path, packages_dir: Path) -> Path:
     """SmolLM2 as a 4-bit (group 32) layer package."""
     out = packages_dir / "smollm2-4bit"
-    build_package(str(smollm2_gguf), out, BuildOptions(quantize="4bit", quiet=True))
+    build_package(str(smollm2_gguf), out, BuildOptions(quantize="4bit", fidelity=False, quiet=True))
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_exact_package(smollm2_gguf: Path, packages_dir: Path) -> Path:
+    """SmolLM2 built as a GGUF builds by default: its Q4_1 and Q8_0 blocks held exactly."""
+    out = packages_dir / "smollm2-exact"
+    build_package(str(smollm2_gguf), out, BuildOptions(quiet=True))
     return out
 
 
@@ -56,7 +68,7 @@ def smollm2_package(smollm2_gguf: Path, packages_dir: Path) -> Path:
 def smollm2_f32_package(smollm2_gguf: Path, packages_dir: Path) -> Path:
     """SmolLM2 as an f32 layer package (exact dequantization of the GGUF)."""
     out = packages_dir / "smollm2-f32"
-    build_package(str(smollm2_gguf), out, BuildOptions(quantize="f32", quiet=True))
+    build_package(str(smollm2_gguf), out, BuildOptions(quantize="f32", fidelity=False, quiet=True))
     return out
 
 
@@ -64,7 +76,7 @@ def smollm2_f32_package(smollm2_gguf: Path, packages_dir: Path) -> Path:
 def qwen05_package(qwen05_gguf: Path, packages_dir: Path) -> Path:
     """Qwen2.5-Coder-0.5B as a 4-bit (group 32) layer package."""
     out = packages_dir / "qwen05-4bit"
-    build_package(str(qwen05_gguf), out, BuildOptions(quantize="4bit", quiet=True))
+    build_package(str(qwen05_gguf), out, BuildOptions(quantize="4bit", fidelity=False, quiet=True))
     return out
 
 

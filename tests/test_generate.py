@@ -38,6 +38,14 @@ def test_smollm2_greedy_chat_answers_paris(smollm2):
     assert generation.stats.prefill_tps > 0 and generation.stats.decode_tps > 0
 
 
+def test_smollm2_exact_package_answers_paris_packed_and_expanded(smollm2_exact_package):
+    texts = set()
+    for weights in ("packed", "auto"):
+        pipeline = LocalPipeline.load(smollm2_exact_package, weights=weights)
+        texts.add(answer(pipeline, chat(pipeline, CAPITAL), max_tokens=12)[0])
+    assert texts == {"The capital of France is Paris."}
+
+
 def test_split_ranges_answer_exactly_like_one_range(smollm2, smollm2_package):
     split = LocalPipeline.load(smollm2_package, "0:1,1:17,17:30")
     prompt = chat(smollm2, CAPITAL)

@@ -28,7 +28,7 @@ from layerline.errors import (
 from layerline.packager.build import BuildOptions, build_package
 from layerline.packager.gguf_source import unpermute_qk
 from layerline.packager.inspect import inspect_package
-from layerline.packager.manifest import MANIFEST_NAME, parse_manifest, read_manifest
+from layerline.packager.manifest import MANIFEST_NAME, SCHEMA_VERSION, parse_manifest, read_manifest
 from layerline.packager.package import LayerPackage, sha256_file
 from layerline.packager.speculative import DraftSpec
 from layerline.packager.verify import verify_package
@@ -49,8 +49,11 @@ def layer_weight(package: Path, layer: int, name: str) -> np.ndarray:
     if f"{base}.scales" in tensors:
         quant = read_manifest(package).quantization
         assert quant is not None
-        values = mx.dequantize(tensors[name], tensors[f"{base}.scales"], tensors[f"{base}.biases"],
-                               group_size=quant.group_size, bits=quant.bits)
+        fmt = quant.format_of(f"model.layers.{layer}.{base}")
+        # f32 scales, as the runtime expands them: f16 arithmetic would round the values.
+        values = mx.dequantize(tensors[name], tensors[f"{base}.scales"].astype(mx.float32),
+                               tensors[f"{base}.biases"].astype(mx.float32),
+                               group_size=fmt.group_size, bits=fmt.bits)
         return np.array(values.astype(mx.float32))
     return np.array(tensors[name].astype(mx.float32))
 
@@ -99,6 +102,69 @@ def test_smollm2_4bit_package_is_within_4bit_error_of_the_gguf(smollm2_gguf, smo
     np.testing.assert_allclose(norm, gguf_weight(reader, "blk.5.attn_norm.weight"), rtol=1e-3)
 
 
+def test_smollm2_exact_package_holds_the_gguf_blocks_bit_exactly(smollm2_gguf, smollm2_exact_package):
+    reader = GGUFReader(str(smollm2_gguf))
+    manifest = read_manifest(smollm2_exact_package)
+    heads, kv_heads = manifest.config["num_attention_heads"], manifest.config["num_key_value_heads"]
+    for layer in (0, 29):
+        # Q and K rows are unpermuted on the packed form, with their scales and biases.
+        for local, gguf_name, permuted_heads in [("self_attn.q_proj.weight", "attn_q", heads),
+                                                 ("self_attn.k_proj.weight", "attn_k", kv_heads),
+                                                 ("mlp.down_proj.weight", "ffn_down", None)]:
+            expected = gguf_weight(reader, f"blk.{layer}.{gguf_name}.weight")
+            if permuted_heads:
+                expected = unpermute_qk(expected, permuted_heads)
+            np.testing.assert_array_equal(layer_weight(smollm2_exact_package, layer, local), expected)
+    embed = mx.load(str(smollm2_exact_package / "shared/embed.safetensors"))
+    fmt = manifest.quantization.format_of("model.embed_tokens")
+    assert (fmt.bits, fmt.group_size) == (8, 32)  # the GGUF's token_embd is Q8_0
+    scales, biases = (embed[f"model.embed_tokens.{k}"].astype(mx.float32) for k in ("scales", "biases"))
+    values = mx.dequantize(embed["model.embed_tokens.weight"], scales, biases, group_size=32, bits=8)
+    np.testing.assert_array_equal(np.array(values), gguf_weight(reader, "token_embd.weight"))
+    # The logits of bit-exact weights are the reference's own, and inspect says so.
+    summary = inspect_package(smollm2_exact_package)
+    assert summary["fidelity"] == {"reference": "source dequantized to float32", "text_tokens": 64,
+                                   "mean_kl": 0.0, "top1_agreement": 1.0}
+    assert summary["quantization"]["gguf_types"] == {
+        "Q4_1": {"tensors": 210, "bits": 4, "group_size": 32, "held_as": "exact"},
+        "Q8_0": {"tensors": 1, "bits": 8, "group_size": 32, "held_as": "exact"}}
+    assert summary["weights"] == "4-bit affine, group 32 (1 tensor 8-bit/32)"
+
+
+def test_exact_package_logits_in_the_runtime_match_the_gguf_f32_reference(smollm2_exact_package,
+                                                                          smollm2_f32_package):
+    from layerline.runtime.decode.local_pipeline import LocalPipeline
+
+    reference = LocalPipeline.load(smollm2_f32_package, weights="f32", tokenizer=False)
+    tokens = mx.array([[1, 504, 3458, 282, 4649, 314, 2]])
+    expected = np.array(reference(tokens, reference.make_cache()))
+    for weights in ("packed", "f32"):  # mlx's quantized kernel, and the weights expanded
+        exact = LocalPipeline.load(smollm2_exact_package, "0:12,12:30", weights=weights, tokenizer=False)
+        got = np.array(exact(tokens, exact.make_cache()))
+        np.testing.assert_allclose(got, expected, atol=2e-3 * np.abs(expected).max())
+        assert (got.argmax(-1) == expected.argmax(-1)).all()
+
+
+def test_exact_needs_a_gguf_source_and_other_sources_default_to_4bit(tiny_llama, tmp_path):
+    with pytest.raises(SourceError, match="--quantize exact applies to GGUF sources"):
+        build_package(str(tiny_llama["folder"]), tmp_path / "exact",
+                      BuildOptions(quantize="exact", quiet=True))
+    assert not (tmp_path / "exact").exists()
+    manifest = build_package(str(tiny_llama["folder"]), tmp_path / "default", BuildOptions(quiet=True))
+    assert manifest.quantization is not None and manifest.quantization.bits == 4
+    assert manifest.fidelity is not None and manifest.fidelity.mean_kl > 0  # 4-bit loses a little
+
+
+@pytest.mark.slow
+def test_qwen05_q4_k_m_exact_package_is_within_the_kl_goal(qwen05_gguf, tmp_path):
+    manifest = build_package(str(qwen05_gguf), tmp_path / "pkg", BuildOptions(quiet=True))
+    quant = manifest.quantization
+    assert quant is not None and quant.gguf_types["Q4_K"].held_as == "scales rounded to f16"
+    assert quant.gguf_types["Q6_K"].bits == 8  # re-quantized with at least its 6.6 bits per weight
+    assert manifest.fidelity is not None
+    assert manifest.fidelity.mean_kl <= 1e-3 and manifest.fidelity.top1_agreement >= 0.9
+
+
 def test_qwen05_k_quant_package_matches_the_gguf(qwen05_gguf, qwen05_package):
     reader = GGUFReader(str(qwen05_gguf))
     manifest = read_manifest(qwen05_package)
@@ -126,8 +192,10 @@ def test_qwen05_k_quant_package_matches_the_gguf(qwen05_gguf, qwen05_package):
 def test_gguf_and_safetensors_builds_hold_identical_tensors(tiny_llama, tmp_path):
     from_folder = build_package(str(tiny_llama["folder"]), tmp_path / "hf",
                                 BuildOptions(quantize="f32", quiet=True))
-    from_gguf = build_package(str(tiny_llama["gguf"]), tmp_path / "gguf",
-                              BuildOptions(quantize="f32", quiet=True))
+    # An F32 GGUF builds `exact` by default: its tensors stay f32, as they are.
+    from_gguf = build_package(str(tiny_llama["gguf"]), tmp_path / "gguf", BuildOptions(quiet=True))
+    assert (from_gguf.quantization, from_gguf.dtype) == (None, "float32")
+    assert from_gguf.fidelity is not None and from_gguf.fidelity.mean_kl == 0.0
     assert from_folder.config == from_gguf.config
     assert from_folder.tokenizer.fingerprint == from_gguf.tokenizer.fingerprint
     assert from_folder.model.source.kind == "safetensors"
@@ -226,7 +294,7 @@ def test_matching_local_draft_is_written_and_read_back(tiny_llama, smollm2_packa
     assert (lookup.type, lookup.draft_model, lookup.tokenizer_fingerprint) == ("ngram", None, None)
     raw = json.loads((tmp_path / "pkg" / MANIFEST_NAME).read_text())
     block = raw["generation"]["speculative_decoding"]
-    assert raw["schema_version"] == 2
+    assert raw["schema_version"] == SCHEMA_VERSION
     smol_json = block["strategies"]["smol"]
     assert {k: smol_json[k] for k in ("window_policy", "initial_window", "min_window", "max_window")} == {
         "window_policy": "fixed", "initial_window": 4, "min_window": 2, "max_window": 8}
@@ -260,7 +328,7 @@ def test_version_1_manifests_are_still_read(tiny_llama, tmp_path):
     raw["schema_version"] = 1
     manifest = parse_manifest(raw)
     assert manifest.speculative_decoding.strategies["lookup"].window_spec == WindowSpec("fixed", 5, 2, 9)
-    assert manifest.to_json()["schema_version"] == 2  # written back in today's layout
+    assert manifest.to_json()["schema_version"] == SCHEMA_VERSION  # written back in today's layout
     del lookup["window_policy"]  # a version 1 strategy without one took the defaults
     assert parse_manifest(raw).speculative_decoding.strategies["lookup"].window_spec == WindowSpec()
 
@@ -298,7 +366,8 @@ def test_unsupported_architecture_names_the_supported_ones(tiny_llama, tmp_path)
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "model_type": "gpt_neox"}))
     with pytest.raises(UnsupportedArchitectureError,
-                       match="unsupported architecture 'gpt_neox'; supported: llama, qwen2"):
+                       match="unsupported architecture 'gpt_neox'; supported: gemma2, gemma3_text, granite, "
+                             "llama, mistral, mixtral, olmo2, phi3, qwen2, qwen3, qwen3_moe"):
         build_package(str(folder), tmp_path / "out")
 
 
@@ -354,6 +423,10 @@ def test_manifest_paths_outside_the_package_are_refused(tiny_llama, tmp_path):
     (lambda m: m["model"].pop("architecture"), "field 'model.architecture' is missing"),
     (lambda m: m.update(format="something-else"), "format is 'something-else'"),
     (lambda m: m["files"][0].update(bytes="12"), "'files[0].bytes' must be an integer"),
+    (lambda m: m["quantization"].update(tensors={"lm_head": {"bits": 8}}),
+     "'quantization.tensors.lm_head.group_size' is missing"),
+    (lambda m: m.update(fidelity={"reference": "x", "text_tokens": 64, "mean_kl": "low",
+                                  "top1_agreement": 1.0}), "'fidelity.mean_kl' must be"),
 ])
 def test_malformed_manifests_are_refused_naming_the_field(smollm2_package, change, message):
     raw = json.loads((smollm2_package / MANIFEST_NAME).read_text())

@@ -624,3 +624,88 @@ def test_ungated_requests_and_gateless_policies_never_stop_drafting():
     assert 0 not in drive(policy, 20, step_s=0.03, tokens=2, plain_s=0.01, gated=False)
     policy = WindowPolicy.adaptive(4, 2, 16, gate=None)
     assert 0 not in drive(policy, 20, step_s=0.03, tokens=2, plain_s=0.01)
+
+
+# ---------------------------------------------------------------- overlap and run-ahead
+
+OVERLAP_MODES = {"overlap": {"overlap": True}, "run-ahead": {"run_ahead": True}}
+
+
+@pytest.mark.parametrize(("mode", "policy"), [
+    ("run-ahead", "auto"),
+    pytest.param("overlap", "fixed-4", marks=pytest.mark.slow),
+    pytest.param("overlap", "adaptive", marks=pytest.mark.slow),
+    pytest.param("run-ahead", "fixed-4", marks=pytest.mark.slow)])
+def test_greedy_output_identical_with_overlap(mode, policy, smollm2, smollm2_draft, smollm2_prompts,
+                                              smollm2_greedy, smollm2_references):
+    hits = misses = 0
+    for prompt, reference in zip(smollm2_prompts, smollm2_references, strict=True):
+        drafter = ModelDrafter(smollm2_draft, smollm2_greedy)
+        made = (WindowPolicy.auto(4, 1, 8, overlap=True) if policy == "auto" else POLICIES[policy]())
+        tokens, generation = run(smollm2, drafter, prompt, smollm2_greedy, made, **OVERLAP_MODES[mode])
+        assert tokens == reference
+        hits += generation.stats.overlap_hits
+        misses += generation.stats.overlap_misses
+    assert hits > 0 and misses > 0  # prepared windows were used and discarded
+
+
+def test_sampled_tokens_follow_the_targets_distribution_with_overlap(tiny_models):
+    target, draft = tiny_models["target"], tiny_models["near"]
+    params = SamplingParams(max_tokens=4, temperature=1.0)
+    prompt = [3, 5, 3, 5, 3]
+    counts: Counter = Counter()
+    hits = misses = 0
+    for seed in range(SAMPLES):
+        seeded = replace(params, seed=seed)
+        # Window 1 from the first step, so the window drafted during the first pass has room; the
+        # first 3 of 4 tokens follow the target's joint distribution of 3.
+        tokens, generation = run(target, ModelDrafter(draft, seeded), prompt, seeded, WindowPolicy.fixed(1),
+                                 first_token_first=False, run_ahead=True)
+        counts[tuple(tokens[:3])] += 1
+        hits += generation.stats.overlap_hits
+        misses += generation.stats.overlap_misses
+    joint = exact_joint(target, prompt, params)
+    assert not [cell for cell in counts if joint[cell] == 0]
+    p_value, df = chi_square_p(counts, joint, SAMPLES)
+    assert p_value > SIGNIFICANCE, f"chi-square p={p_value:.2g} (df={df}) with overlap"
+    assert hits > 50 and misses > 50  # both the prepared window and a fresh one were verified
+
+
+def test_closing_mid_overlapped_step_leaves_target_and_draft_consistent(tiny_models):
+    model = tiny_models["target"]
+    params = SamplingParams(max_tokens=40)
+    prompt = [1, 2, 3]
+    target = LocalTarget.open(model)
+    drafter = ModelDrafter(model, params)  # the target itself: every draft and guess holds
+    generation = generate(target, prompt, params, drafter=drafter, policy=WindowPolicy.fixed(4),
+                          run_ahead=True)
+    stream = iter(generation)
+    taken = [next(stream).id for _ in range(8)]  # inside the second window: the third is out already
+    assert generation._ahead is not None and drafter.length > len(prompt) + len(taken)
+    stream.close()
+    committed = prompt + taken
+    assert generation.stats.overlap_hits >= 1
+    assert target.length == len(committed) - 1
+    assert drafter.fed == committed[:len(drafter.fed)] and drafter.length == len(drafter.fed)
+    fresh = LocalTarget.open(model).forward(committed, 0)[-1]
+    assert np.allclose(np.array(target.forward(committed[-1:], len(committed) - 1)[-1]),
+                       np.array(fresh), atol=1e-4)
+    assert drafter.propose(committed, 4)[0] == ModelDrafter(model, params).propose(committed, 4)[0]
+
+
+def test_overlap_through_the_split_pipeline_session(tiny_models):
+    from layerline.runtime.model.kv_cache import SessionStore
+    from layerline.runtime.stage.model import StageModel
+    from layerline.runtime.stage.pipeline import Pipeline
+
+    model = tiny_models["target"]
+    layers = model.ranges[0]
+    stage = StageModel(layers, SessionStore(layers.make_cache), 512, mx.float32)
+    pipeline = Pipeline(model.head, stage, first_peer=None, wire_dtype=0,
+                        hidden_size=layers.hidden_size, max_tokens=512)
+    params = SamplingParams(max_tokens=30)
+    generation = generate(PipelineTarget(pipeline.open("overlap-test")), [1, 2, 3], params,
+                          drafter=ModelDrafter(tiny_models["near"], params), policy=WindowPolicy.fixed(3),
+                          run_ahead=True)
+    assert [t.id for t in generation] == plain(model, [1, 2, 3], params)
+    assert generation.stats.overlap_hits > 0 and generation.stats.overlap_misses > 0

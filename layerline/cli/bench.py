@@ -99,8 +99,11 @@ def bench_serve(
     draft_stages: Annotated[list[int] | None, typer.Option(help="Stage counts to speculate over (repeat; default 2).")] = None,
     window: Annotated[list[int] | None, typer.Option(help="Fixed draft windows (repeat; default 4, 8, 16).")] = None,
     adaptive: Annotated[bool, typer.Option(help="Also run the adaptive window.")] = True,
+    auto: Annotated[bool, typer.Option(help="Also run the auto window (sized by measured cost).")] = False,
+    overlap: Annotated[list[str] | None, typer.Option(help="off, overlap (draft during verify) or run-ahead (repeat; default off).")] = None,
     link_delay_ms: Annotated[list[float] | None, typer.Option(help="One-way delay of every stage link (repeat; default 0).")] = None,
     link_method: Annotated[str, typer.Option(help="auto (netem, else a delaying proxy), netem or proxy.")] = "auto",
+    pin: Annotated[bool, typer.Option(help="Pin each stage process to a core of its own (one BLAS thread), as if on its own machine.")] = False,
     prompt: Annotated[list[str] | None, typer.Option(help="Prompt (repeat; default: three built in).")] = None,
     max_tokens: Annotated[int, typer.Option(help="Tokens per request.")] = 128,
     runs: Annotated[int, typer.Option(help="Measured passes over the prompts.")] = 3,
@@ -121,8 +124,9 @@ def bench_serve(
     log_to_stderr(quiet=False)
     settings = BenchSettings(
         target=target, draft=draft, stages=tuple(stages or (2, 3)), draft_stages=tuple(draft_stages or (2,)),
-        windows=tuple(window or (4, 8, 16)), adaptive=adaptive, delays_ms=tuple(link_delay_ms or (0.0,)),
-        link_method=link_method, prompts=tuple(prompt or DEFAULT_PROMPTS), max_tokens=max_tokens, runs=runs,
+        windows=tuple(window or (4, 8, 16)), adaptive=adaptive, auto=auto,
+        overlaps=tuple(overlap or ("off",)), delays_ms=tuple(link_delay_ms or (0.0,)),
+        link_method=link_method, pin=pin, prompts=tuple(prompt or DEFAULT_PROMPTS), max_tokens=max_tokens, runs=runs,
         warmup=warmup, weights=weights.value, quantize=quantize.value, llama_server=llama_server,
         llama_threads=llama_threads, start_timeout_s=start_timeout)
     folder = output or Path("bench-results") / time.strftime("serve-%Y%m%d-%H%M%S")

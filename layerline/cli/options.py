@@ -12,6 +12,7 @@ from layerline.packager.window_spec import WindowSpec
 
 
 class QuantizeChoice(str, Enum):
+    exact = "exact"
     q4 = "4bit"
     q8 = "8bit"
     f16 = "f16"
@@ -30,6 +31,7 @@ class WeightsChoice(str, Enum):
 class WindowPolicyChoice(str, Enum):
     adaptive = "adaptive"
     fixed = "fixed"
+    auto = "auto"
 
 
 PackageArg = Annotated[Path, typer.Argument(help="Package folder.")]
@@ -45,7 +47,8 @@ NoDraftOpt = Annotated[bool, typer.Option("--no-draft", help="Serve without spec
 AsJsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 DEFAULT_WINDOW = WindowSpec()
-WindowPolicyOpt = Annotated[WindowPolicyChoice, typer.Option(help="Draft window policy.")]
+WindowPolicyOpt = Annotated[WindowPolicyChoice, typer.Option(
+    help="Draft window policy (auto: the window that maximises measured tokens per second).")]
 InitialWindowOpt = Annotated[int, typer.Option(help="Tokens the first step drafts (every step, when fixed).")]
-MinWindowOpt = Annotated[int, typer.Option(help="Smallest adaptive window.")]
-MaxWindowOpt = Annotated[int, typer.Option(help="Largest adaptive window.")]
+MinWindowOpt = Annotated[int, typer.Option(help="Smallest adaptive or auto window.")]
+MaxWindowOpt = Annotated[int, typer.Option(help="Largest adaptive or auto window.")]

@@ -33,8 +33,13 @@ pkg_app = typer.Typer(no_args_is_help=True, help="Build, inspect, verify and pub
 def pkg_build(
     source: Annotated[str, typer.Argument(help="GGUF file, safetensors folder, or Hub repo id.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Package folder to write.")],
-    quantize: QuantizeOpt = QuantizeChoice.q4,
+    quantize: Annotated[QuantizeChoice | None, typer.Option(
+        help="Weight format of the package. exact (the default for a GGUF): keep its quantized blocks "
+             "where mlx holds them, re-quantize the rest; otherwise 4bit.", show_default=False)] = None,
     group_size: GroupSizeOpt = 32,
+    fidelity: Annotated[bool, typer.Option(
+        help="Measure the package's logits against the source's in float32 (needs memory for the "
+             "model in f32).")] = True,
     force: Annotated[bool, typer.Option(help="Replace an existing OUT.")] = False,
     model_id: Annotated[str | None, typer.Option(help="Model id (default: from source).")] = None,
     draft_model: Annotated[
@@ -55,6 +60,7 @@ def pkg_build(
 ) -> None:
     """Turn a model into a layer package."""
     from layerline.packager.build import BuildOptions, build_package
+    from layerline.packager.inspect import describe_fidelity
     from layerline.packager.speculative import DraftSpec
     from layerline.packager.window_spec import WindowSpec
 
@@ -63,10 +69,13 @@ def pkg_build(
     drafts = [DraftSpec(reference=ref, name=names[i] if i < len(names) else None,
                         window_spec=window)
               for i, ref in enumerate(draft_model or [])]
-    options = BuildOptions(quantize=quantize.value, group_size=group_size, force=force, model_id=model_id,
-                           drafts=drafts, default_strategy=default_strategy, quiet=quiet)
+    options = BuildOptions(quantize=quantize.value if quantize else None, group_size=group_size,
+                           fidelity=fidelity, force=force, model_id=model_id, drafts=drafts,
+                           default_strategy=default_strategy, quiet=quiet)
     manifest = build_package(source, output, options)
     out.print(f"built {output} ({manifest.num_layers} layers, {len(manifest.files)} files)")
+    if manifest.fidelity is not None:
+        out.print(f"fidelity: {describe_fidelity(manifest.fidelity)}")
     if publish:
         from layerline.packager.publish import publish_package
 

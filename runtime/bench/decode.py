@@ -19,7 +19,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from layerline.packager.architectures import model_module
+from layerline.packager.architectures import build_model
 from layerline.packager.package import LayerPackage
 
 from ..decode.local_pipeline import LocalPipeline
@@ -64,17 +64,19 @@ def bench_prompt(tokenizer: object, n_tokens: int) -> list[int]:
 def load_bare_mlx_lm(package: LayerPackage, plan: WeightsPlan) -> nn.Module:
     """The whole model as plain mlx-lm builds it, holding the tensors layerline would load."""
     manifest = package.manifest
-    module = model_module(manifest.config["model_type"])
-    model = module.Model(module.ModelArgs.from_dict(manifest.config))
+    model = build_model(manifest.config)
     weights: dict[str, mx.array] = {}
     for tensors in read_verified(package, [manifest.shared["embed"], manifest.shared["head"]]):
         weights.update(apply_plan(tensors, plan, manifest.quantization))
     layer_files = manifest.layer_files(0, manifest.num_layers)
     for index, tensors in enumerate(read_verified(package, layer_files)):
-        for name, value in apply_plan(tensors, plan, manifest.quantization).items():
-            weights[f"model.layers.{index}.{name}"] = value
-    if manifest.config.get("tie_word_embeddings"):
+        prefix = f"model.layers.{index}."
+        for name, value in apply_plan(tensors, plan, manifest.quantization, prefix).items():
+            weights[prefix + name] = value
+    if manifest.config.get("tie_word_embeddings", True):
         weights = {k: v for k, v in weights.items() if not k.startswith("lm_head.")}
+    if hasattr(model, "sanitize"):  # e.g. Gemma 3 drops its own head when tied
+        weights = model.sanitize(weights)
     # mlx's own kernels: this is the reference layerline is compared with.
     load_into(model, weights, manifest.quantization, cpu_kernel=False)
     return model

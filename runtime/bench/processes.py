@@ -6,6 +6,7 @@ with the end of its log.
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import time
@@ -39,11 +40,17 @@ class Process:
     log: Path
 
     @classmethod
-    def start(cls, name: str, argv: Sequence[str], log: Path, cwd: Path | None = None) -> Process:
+    def start(cls, name: str, argv: Sequence[str], log: Path, cwd: Path | None = None,
+              cpus: frozenset[int] | None = None) -> Process:
+        """Start `argv` logging to `log`; `cpus` pins it to those cores (one BLAS thread per core)."""
         log.parent.mkdir(parents=True, exist_ok=True)
+        env = None
+        if cpus:
+            env = {**os.environ, "OPENBLAS_NUM_THREADS": str(len(cpus))}
         with open(log, "ab") as out:
             popen = subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, cwd=cwd)
+                                     stdin=subprocess.DEVNULL, cwd=cwd, env=env,
+                                     preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
         return cls(name, popen, log)
 
     def tail(self, chars: int = 3000) -> str:

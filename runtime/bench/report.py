@@ -58,7 +58,9 @@ def _draft(r: ConditionResult) -> str:
     c = r.condition
     if not c.draft:
         return "—"
-    return f"w={c.fixed_window}" if c.fixed_window is not None else "adaptive"
+    assert c.window_spec is not None
+    label = f"w={c.fixed_window}" if c.fixed_window is not None else c.window_spec.policy
+    return label + {"off": "", "overlap": ", overlap", "run-ahead": ", run-ahead"}.get(c.overlap, "")
 
 
 def _row(cells: Sequence[str]) -> str:
@@ -103,6 +105,30 @@ def render_profile(results: Sequence[ConditionResult]) -> str:
                      _cell(s.verify_ms, ".1f"), _cell(s.link_ms, ".0f"), _cell(s.outside_ms, ".1f"),
                      _cell(s.tokens_per_pass, ".2f")])
     return _table(PROFILE_COLUMNS, rows)
+
+
+def _windows(runs: list[list[int]]) -> str:
+    """[[4, 3], [0, 16]] -> `4×3 0×16`."""
+    return " ".join(f"{w}×{n}" for w, n in runs)
+
+
+def render_overlap(results: Sequence[ConditionResult]) -> str:
+    """Per drafting condition: windows drafted during a pass and used or discarded, and the
+    windows each request chose step by step (`w×steps`, in order)."""
+    rows = []
+    for r in results:
+        if not r.condition.draft or r.condition.engine != "layerline" or not r.samples:
+            continue
+        usages = [s.speculative for s in r.samples]
+        used = sum(int(u.get("overlap_hits") or 0) for u in usages)
+        discarded = sum(int(u.get("overlap_misses") or 0) for u in usages)
+        share = f"{used / (used + discarded):.0%}" if used + discarded else "—"
+        timeline = "; ".join(_windows(u.get("windows") or []) for u in usages)
+        rows.append([r.condition.name, r.condition.overlap, str(used), str(discarded), share,
+                     timeline[:400].replace("|", "/")])
+    if not rows:
+        return ""
+    return _table(("condition", "overlap", "prepared used", "discarded", "used", "windows per request"), rows)
 
 
 def _part_order(name: str) -> tuple[int, int, str]:
@@ -167,7 +193,7 @@ def render_report(settings: BenchSettings, results: Sequence[ConditionResult]) -
     parts = [
         f"serve benchmark: {settings.target}" + (f", draft {settings.draft}" if settings.draft else "")
         + f"; {len(settings.prompts)} prompts × {settings.runs} runs, {settings.max_tokens} tokens max, "
-        f"greedy, {settings.warmup} warm-up",
+        f"greedy, {settings.warmup} warm-up" + ("; stages pinned to a core each" if settings.pin else ""),
         "",
         render_table(results),
         "",
@@ -181,6 +207,10 @@ def render_report(settings: BenchSettings, results: Sequence[ConditionResult]) -
         parts += ["The same passes by stage and hop, from stage 0's trace (ms per pass; `target` is the "
                   "whole pass, `hopA→B` the link both ways with (de)serialization and queueing):", "",
                   stage_profile, ""]
+    overlap = render_overlap(results)
+    if overlap:
+        parts += ["Windows drafted during a pass (used when every draft and the guessed next token stood), "
+                  "and the windows chosen step by step (`w×steps`; 0: a plain step):", "", overlap, ""]
     goals = goal_lines(results)
     if goals:
         parts += ["Goals:", *goals, ""]

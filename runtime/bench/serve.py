@@ -1,7 +1,8 @@
 """`layerline bench serve`: one model served under a matrix of conditions, the same prompts for each.
 
 Conditions: a single stage (the baseline); the split over N stages; the split
-with a draft model at fixed windows and with the adaptive window; each split
+with a draft model at fixed windows, the adaptive window and the auto window (sized by
+cost), each with drafting overlapped with verification or not, or run ahead; each split
 condition once per link delay; optionally llama.cpp's `llama-server` on the
 same GGUF files, without and with its draft. Every condition gets clean
 processes, warm-up requests, then `runs` passes over the prompts, greedy and
@@ -40,6 +41,8 @@ DEFAULT_PROMPTS = (
     "The three laws of thermodynamics say that",
 )
 WARMUP_TOKENS = 16
+OVERLAP_MODES = ("off", "overlap", "run-ahead")
+OVERLAP_LABELS = {"off": "", "overlap": " overlap", "run-ahead": " run-ahead"}  # in condition names
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,7 @@ class Condition:
     delay_ms: float = 0.0
     window_spec: WindowSpec | None = None  # None: no draft
     baseline: str | None = None  # the condition this one is compared with
+    overlap: str = "off"  # "off" | "overlap" | "run-ahead" (OVERLAP_MODES), when drafting
 
     @property
     def draft(self) -> bool:
@@ -69,7 +73,8 @@ class Condition:
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "engine": self.engine, "stages": self.stages, "delay_ms": self.delay_ms,
-                "window": self.window_spec.to_json() if self.window_spec else None, "baseline": self.baseline}
+                "window": self.window_spec.to_json() if self.window_spec else None, "baseline": self.baseline,
+                "overlap": self.overlap if self.draft else None}
 
 
 @dataclass(frozen=True)
@@ -80,8 +85,11 @@ class BenchSettings:
     draft_stages: tuple[int, ...] = (2,)
     windows: tuple[int, ...] = (4, 8, 16)
     adaptive: bool = True
+    auto: bool = False  # also the window sized by cost
+    overlaps: tuple[str, ...] = ("off",)  # how drafting meets verification, each a condition
     delays_ms: tuple[float, ...] = (0.0,)
     link_method: str = "auto"
+    pin: bool = False  # each stage process on a core of its own (emulates machines)
     prompts: tuple[str, ...] = DEFAULT_PROMPTS
     max_tokens: int = 128
     runs: int = 3
@@ -105,6 +113,8 @@ class BenchSettings:
             (self.runs >= 1 and self.max_tokens >= 1 and self.warmup >= 0, "runs or max-tokens below 1",
              "measure at least one run of at least one token"),
             (bool(self.prompts), "no prompts", "give at least one --prompt"),
+            (bool(self.overlaps) and all(m in OVERLAP_MODES for m in self.overlaps),
+             f"--overlap {', '.join(self.overlaps) or 'nothing'}", f"use {', '.join(OVERLAP_MODES)}"),
         ]
         for ok, what, fix in checks:
             if not ok:
@@ -120,10 +130,11 @@ def _suffix(delay_ms: float) -> str:
 def build_matrix(settings: BenchSettings) -> list[Condition]:
     """Every condition to run, baselines before the conditions compared with them."""
     conditions = [Condition("single", "layerline")]
-    windows = [WindowSpec.fixed(w) for w in settings.windows] + ([WindowSpec()] if settings.adaptive else [])
+    windows = ([WindowSpec.fixed(w) for w in settings.windows] + ([WindowSpec()] if settings.adaptive else [])
+               + ([WindowSpec("auto")] if settings.auto else []))
     drafting = settings.draft is not None
     if drafting and 1 in settings.draft_stages:
-        conditions += [_drafted(1, 0.0, w, "single") for w in windows]
+        conditions += [_drafted(1, 0.0, w, "single", m) for w in windows for m in settings.overlaps]
     split_counts = sorted({n for n in (*settings.stages, *settings.draft_stages) if n >= 2}
                           if drafting else {n for n in settings.stages if n >= 2})
     for delay in settings.delays_ms:
@@ -131,7 +142,8 @@ def build_matrix(settings: BenchSettings) -> list[Condition]:
             split = Condition(f"split{n}{_suffix(delay)}", "layerline", n, delay, baseline="single")
             conditions.append(split)
             if drafting and n in settings.draft_stages:
-                conditions += [_drafted(n, delay, w, split.name) for w in windows]
+                conditions += [_drafted(n, delay, w, split.name, mode)
+                               for w in windows for mode in settings.overlaps]
     if settings.llama_server is not None:
         conditions.append(Condition("llama.cpp", "llama.cpp", baseline="single"))
         if drafting and settings.draft != "ngram":
@@ -140,10 +152,12 @@ def build_matrix(settings: BenchSettings) -> list[Condition]:
     return conditions
 
 
-def _drafted(stages: int, delay: float, window: WindowSpec, baseline: str) -> Condition:
+def _drafted(stages: int, delay: float, window: WindowSpec, baseline: str, overlap: str) -> Condition:
     base = "single" if stages == 1 else f"split{stages}"
-    label = f"w={window.initial}" if window.policy == "fixed" else "adaptive"
-    return Condition(f"{base} + draft {label}{_suffix(delay)}", "layerline", stages, delay, window, baseline)
+    label = f"w={window.initial}" if window.policy == "fixed" else window.policy
+    mode = OVERLAP_LABELS[overlap]
+    return Condition(f"{base} + draft {label}{mode}{_suffix(delay)}", "layerline", stages, delay, window,
+                     baseline, overlap)
 
 
 @dataclass
@@ -208,6 +222,8 @@ def speculation_config(settings: BenchSettings, models: Models, condition: Condi
         lines.append(f'draft_model = "{models.draft_package}"')
     assert condition.window_spec is not None
     lines += [f"{key} = {json.dumps(value)}" for key, value in condition.window_spec.to_json().items()]
+    lines += [f"overlap = {json.dumps(condition.overlap != 'off')}",
+              f"run_ahead = {json.dumps(condition.overlap == 'run-ahead')}"]
     return "\n".join(lines) + "\n"
 
 
@@ -295,7 +311,8 @@ class Bench:
         result.link_method, result.link_note = links.method, links.note
         server = LayerlineServer(package=models.package, peers=condition.links, links=links,
                                  log_dir=folder, cache_dir=settings.cache_dir.expanduser() / "stage",
-                                 config=config, draft=condition.draft, weights=settings.weights)
+                                 config=config, draft=condition.draft, weights=settings.weights,
+                                 pin=settings.pin)
         try:
             server.start(settings.start_timeout_s)
             before, profile_before = links.traffic(), server.status().get("profile") or {}

@@ -8,6 +8,7 @@ reported with the end of its log.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -31,8 +32,9 @@ class LayerlineServer:
 
     def __init__(self, *, package: Path, peers: int, links: StageLinks, log_dir: Path, cache_dir: Path,
                  config: Path | None, draft: bool, weights: str = "auto",
-                 python: str = sys.executable) -> None:
+                 python: str = sys.executable, pin: bool = False) -> None:
         self.package, self.peers, self.links = package, peers, links
+        self.pin = pin  # each stage process on a core of its own, as if on its own machine
         self.log_dir, self.cache_dir, self.config = log_dir, cache_dir, config
         self.draft, self.weights, self.python = draft, weights, python
         self.port = free_port()
@@ -48,7 +50,7 @@ class LayerlineServer:
                 log = self.log_dir / f"stage{i}.log"
                 argv = self.links.command(i, [*layerline, "--listen", self.links.listen(i),
                                               "--cache-dir", str(self.cache_dir)])
-                stage = Process.start(f"stage {i}", argv, log)
+                stage = Process.start(f"stage {i}", argv, log, cpus=self._cpus(i))
                 self.processes.append(stage)
                 wait_listening(stage, deadline - time.monotonic())
             argv = [*layerline, "--package", str(self.package), "--http", f"127.0.0.1:{self.port}",
@@ -60,7 +62,7 @@ class LayerlineServer:
             if not self.draft:
                 argv.append("--no-draft")
             log = self.log_dir / "stage0.log"
-            self.processes.insert(0, Process.start("stage 0", argv, log))
+            self.processes.insert(0, Process.start("stage 0", argv, log, cpus=self._cpus(0)))
             wait_healthy(self.url, self.processes, deadline - time.monotonic(), log)
             if self.draft:
                 wait_until("the draft model", self._draft_ready, self.processes, deadline, log)
@@ -68,6 +70,13 @@ class LayerlineServer:
         except BaseException:
             self.stop()
             raise
+
+    def _cpus(self, stage: int) -> frozenset[int] | None:
+        """Stage i's core when pinning (round robin over the cores this process may use)."""
+        if not self.pin:
+            return None
+        cores = sorted(os.sched_getaffinity(0))
+        return frozenset({cores[stage % len(cores)]})
 
     def _draft_ready(self) -> bool:
         status = get_json(f"{self.url}/v1/status") or {}

@@ -16,6 +16,7 @@ processed yet are replayed.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 import mlx.core as mx
@@ -35,11 +36,14 @@ log = logging.getLogger("layerline.speculative")
 class Drafter(Protocol):
     """Proposes up to k tokens that continue `committed`."""
 
-    def propose(self, committed: list[int], k: int) -> tuple[list[int], mx.array | None]:
+    def propose(self, committed: list[int], k: int, *,
+                until: Callable[[], bool] | None = None) -> tuple[list[int], mx.array | None]:
         """Up to k draft tokens and, for a random proposal, their distributions q (len, vocab).
 
         A drafter whose proposal is random must return the q it drew each token from; None
-        means the proposal is a function of `committed` alone (q = 1 on each token).
+        means the proposal is a function of `committed` alone (q = 1 on each token). A
+        drafter that spends time per token may stop after 2 once `until()` is true (the
+        loop drafts the next window while a pass runs, until its answer is there).
         """
         ...
 
@@ -91,8 +95,10 @@ class ModelDrafter:
         """Roll the caches back to the longest prefix they share with `committed`."""
         self._truncate(_common_prefix(self.fed, committed))
 
-    def propose(self, committed: list[int], k: int) -> tuple[list[int], mx.array | None]:
-        """Draft up to k tokens after `committed` with the request's sampling rule."""
+    def propose(self, committed: list[int], k: int, *,
+                until: Callable[[], bool] | None = None) -> tuple[list[int], mx.array | None]:
+        """Draft up to k tokens after `committed` with the request's sampling rule (fewer, but at
+        least 2, once `until()` is true)."""
         if self.context_length is not None:
             # Drafting k tokens feeds positions up to len(committed) + k - 2.
             k = min(k, self.context_length - len(committed) + 1)
@@ -118,6 +124,10 @@ class ModelDrafter:
             token = token.astype(mx.uint32)
             tokens.append(token)
             mx.async_eval(token)
+            if until is not None and i >= 1:
+                mx.eval(token)  # so that `until` is asked as the compute goes, not as the graph grows
+                if until():
+                    break
             if i + 1 < k:
                 if self.params.repetition_penalty != 1.0:
                     history = recent_tokens(mx.concatenate([history, token]), self.params)
@@ -179,7 +189,8 @@ class NgramDrafter:
             self.seen = []
             self._index = {}
 
-    def propose(self, committed: list[int], k: int) -> tuple[list[int], mx.array | None]:
+    def propose(self, committed: list[int], k: int, *,
+                until: Callable[[], bool] | None = None) -> tuple[list[int], mx.array | None]:
         """Up to k tokens that followed the latest match of the longest n-gram suffix."""
         self.sync(committed)
         self._extend(committed)
@@ -210,7 +221,8 @@ class NgramDrafter:
 class NoDrafter:
     """Proposes nothing: every step is one plain target pass."""
 
-    def propose(self, committed: list[int], k: int) -> tuple[list[int], mx.array | None]:
+    def propose(self, committed: list[int], k: int, *,
+                until: Callable[[], bool] | None = None) -> tuple[list[int], mx.array | None]:
         return [], None
 
     def sync(self, committed: list[int]) -> None:

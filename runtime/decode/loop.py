@@ -16,6 +16,14 @@ One step, with `s` the committed sequence (prompt plus generated tokens):
    rows are scored in one batch of array operations;
 5. the target and the drafter forget the rejected positions.
 
+With `overlap`, step 3 is `submit` then `result`: while the target verifies, the drafter
+continues past its window from the state where every draft stands, its first token being its
+guess of the target's own token, until the pass's answer is there. When the step commits
+exactly that (all drafts and the guess), the next step verifies the window so prepared;
+otherwise it is discarded and the drafter rolls back. `run_ahead` also submits the prepared
+window before the verdict; a rejected one is discarded (a stage drops it unrun when the
+next frame overtakes it, or the next frame's start_pos rolls it back).
+
 The first step drafts nothing (`first_token_first`): the token that ends the prompt's
 prefill streams at once, and speculation starts from the second token.
 
@@ -43,7 +51,7 @@ from layerline.errors import ContextLengthError
 
 from .drafters import Drafter, NoDrafter
 from .sampling import SamplingParams, log_softmax
-from .targets import PREFILL_STEP, Target
+from .targets import PREFILL_STEP, PendingPass, Target
 from .token_distribution import probabilities, recent_rows, recent_tokens, request_key, scores
 from .window_policy import GateDecision, WindowPolicy
 
@@ -75,6 +83,8 @@ class StepRecord:
     target_s: float  # the target pass
     decide_s: float  # acceptance, sampling, rollback
     trace: Any = None  # the target's own breakdown of its pass (a PassTrace), when it has one
+    overlap_s: float = 0.0  # of target_s, drafting the next window while the pass ran
+    guessed: bool | None = None  # the window prepared meanwhile was used (None: none prepared)
 
 
 @dataclass
@@ -86,6 +96,10 @@ class GenerationStats:
     target_passes: int = 0  # target passes after prefill (one per step)
     draft_seconds: float = 0.0  # in the drafter's propose()
     verify_seconds: float = 0.0  # in target passes after prefill, and deciding on their logits
+    overlap_draft_seconds: float = 0.0  # of verify_seconds, drafting the next window meanwhile
+    overlap_hits: int = 0  # windows drafted during a pass and used (every draft and the guess stood)
+    overlap_misses: int = 0  # windows drafted during a pass and discarded
+    windows: list[int] = field(default_factory=list)  # drafts verified by each step, in order
     prefill_seconds: float = 0.0  # the prompt but its last token
     first_token_seconds: float = 0.0  # from the start to the first token
     decode_seconds: float = 0.0  # from the first token to the last
@@ -119,6 +133,9 @@ class GenerationStats:
             "target_passes": self.target_passes, "tokens_per_pass": round(self.tokens_per_pass, 4),
             "draft_seconds": round(self.draft_seconds, 6),
             "verify_seconds": round(self.verify_seconds, 6),
+            "overlap_draft_seconds": round(self.overlap_draft_seconds, 6),
+            "overlap_hits": self.overlap_hits, "overlap_misses": self.overlap_misses,
+            "windows": compress_windows(self.windows),
             "prefill_seconds": round(self.prefill_seconds, 6), "finish_reason": self.finish_reason,
             "gate": self.gate.to_json() if self.gate is not None else None,
         }
@@ -186,6 +203,8 @@ class Generation:
     prefill_step: int = PREFILL_STEP
     first_token_first: bool = True
     on_step: Callable[[StepRecord], None] | None = None
+    overlap: bool = False  # draft the next window while the target verifies this one
+    run_ahead: bool = False  # and send it into the target before the verdict (needs overlap)
     stats: GenerationStats = field(init=False)
     tokens: list[int] = field(init=False, default_factory=list)  # yielded, in order
 
@@ -194,6 +213,10 @@ class Generation:
         self.stats = GenerationStats(prompt_tokens=len(self.prompt))
         self._key = request_key(self.params.seed, stream=0)
         self._started = False
+        # Timings must not decide which steps speculate when a seed must reproduce the text.
+        self._gated = self.params.greedy or self.params.seed is None
+        self._prepared: _Prepared | None = None  # the next step's window, drafted during a pass
+        self._ahead: PendingPass | None = None  # the pass of `_prepared`, sent before the verdict
 
     @property
     def _limit(self) -> int:
@@ -217,6 +240,10 @@ class Generation:
                 yield from self._steps(committed)
         finally:
             # Closed mid-run or not: both sides keep exactly what was yielded.
+            if self._ahead is not None:
+                self._ahead.discard()
+                self._ahead = None
+            self._prepared = None
             self.target.rewind(len(committed) - 1)
             self.drafter.sync(committed)
             self.stats.gate = self.policy.decision
@@ -280,11 +307,9 @@ class Generation:
 
     def _steps(self, committed: list[int]) -> Iterator[Token]:
         stats = self.stats
-        # Timings must not decide which steps speculate when a seed must reproduce the text.
-        gated = self.params.greedy or self.params.seed is None
         while True:
             room = self._limit - stats.tokens - 1  # drafts beyond the step's own token
-            window = self.policy.next_window(room, gated=gated)
+            window = self.policy.next_window(room, gated=self._gated)
             if self.first_token_first and stats.target_passes == 0:
                 window = 0
             out, accepted, logprobs = self._step(committed, window)
@@ -297,33 +322,103 @@ class Generation:
                     return
 
     def _step(self, committed: list[int], window: int) -> tuple[list[int], int, list[TokenLogprobs] | None]:
-        """Draft, verify in one target pass, roll back: tokens committed, how many were drafts."""
+        """Draft (or take the window prepared during the last pass), verify in one target pass,
+        prepare the next window meanwhile, roll back: tokens committed, how many were drafts."""
         stats = self.stats
         started = time.perf_counter()
-        drafts, q = self.drafter.propose(committed, window) if window > 0 else ([], None)
-        step = _Drafts.usable(drafts, q, window, self.target.vocab_size)
+        prepared, ahead = self._prepared, self._ahead
+        self._prepared = self._ahead = None
+        if prepared is not None and window > 0:
+            # The last step's guess held: its prepared window continues exactly `committed`.
+            step = prepared.step if ahead is not None else prepared.step.cut(window)
+            drafted_tokens = 0
+            if ahead is None and len(step.tokens) < window and step.proposed == len(step.tokens):
+                # The pass ended before the whole window was drafted: draft the rest now.
+                more = window - len(step.tokens)
+                drafts, q = self.drafter.propose(committed + step.tokens, more)
+                step = step.extend(_Drafts.usable(drafts, q, more, self.target.vocab_size))
+                drafted_tokens = len(drafts)
+        else:
+            if ahead is not None:
+                ahead.discard()
+                ahead = None
+            drafts, q = self.drafter.propose(committed, window) if window > 0 else ([], None)
+            step = _Drafts.usable(drafts, q, window, self.target.vocab_size)
+            drafted_tokens = len(drafts)
         drafted_at = time.perf_counter()
-        logits = self.target.forward([committed[-1], *step.tokens], len(committed) - 1)
+        pending = ahead or self.target.submit([committed[-1], *step.tokens], len(committed) - 1)
+        upcoming = self._prepare(committed, step, pending) if self.overlap else None
+        prepared_at = time.perf_counter()
+        if upcoming is not None and self.run_ahead:
+            # Into the pipeline before the verdict: a stage drops it if the verdict rejects it.
+            self._ahead = self.target.submit(upcoming.prefix[-1:] + upcoming.step.tokens,
+                                             len(upcoming.prefix) - 1)
+        logits = pending.result()
         verified_at = time.perf_counter()
         accepted, chosen = self._verify(logits, committed, step)
         out = [*step.tokens[:accepted], chosen]
         logprobs = (token_logprobs(logits[:len(out)], out, self.params.top_logprobs)
                     if self.params.logprobs else None)
-        # Forget the rejected positions now: everything committed but the last is held.
-        self.target.rewind(len(committed) + len(out) - 1)
-        self.drafter.sync(committed + out)
+        now_committed = committed + out
+        guessed = None
+        if upcoming is not None:
+            guessed = upcoming.prefix == now_committed
+            if guessed:
+                self._prepared = upcoming
+                stats.overlap_hits += 1
+            else:
+                stats.overlap_misses += 1
+                if self._ahead is not None:
+                    self._ahead.discard()  # a stage drops it unrun when the next frame overtakes it
+                    self._ahead = None
+        if self._ahead is None:
+            # Forget the rejected positions now: everything committed but the last is held.
+            self.target.rewind(len(now_committed) - 1)
+        if self._prepared is None:
+            self.drafter.sync(now_committed)  # after a hit it holds the prepared window: keep it
         done = time.perf_counter()
         stats.draft_seconds += drafted_at - started
+        stats.overlap_draft_seconds += prepared_at - drafted_at if upcoming is not None else 0.0
         stats.verify_seconds += done - drafted_at
         stats.target_passes += 1
         stats.drafted += step.proposed
         stats.accepted += accepted
-        self.policy.record(step.proposed, accepted, done - started, len(out))
+        stats.windows.append(len(step.tokens))
+        trace = getattr(self.target, "last_trace", None)
+        # The pass's own cost is known when it was sent in this step and its answer was not
+        # there yet once the drafting ended.
+        waited = upcoming is None or verified_at - prepared_at > 0.002
+        pass_s = verified_at - drafted_at if ahead is None and waited else None
+        self.policy.record(step.proposed, accepted, done - started, len(out), positions=len(step.tokens) + 1,
+                           draft_s=(drafted_at - started) if drafted_tokens else None,
+                           draft_tokens=drafted_tokens, pass_s=pass_s, stage0_share=_stage0_share(trace),
+                           guessed=guessed if accepted == len(step.tokens) else None,
+                           prepare_s=prepared_at - drafted_at if upcoming is not None else None,
+                           prepare_tokens=upcoming.drafted if upcoming is not None else 0)
         if self.on_step is not None:
             self.on_step(StepRecord(len(step.tokens) + 1, step.proposed, accepted, len(out),
                                     drafted_at - started, verified_at - drafted_at, done - verified_at,
-                                    getattr(self.target, "last_trace", None)))
+                                    trace, prepared_at - drafted_at, guessed))
         return out, accepted, logprobs
+
+    def _prepare(self, committed: list[int], step: _Drafts, pending: PendingPass) -> _Prepared | None:
+        """While the target verifies `step`: the next step's window, from the state where every
+        draft of `step` stands and the target's next token is the drafter's own guess. Drafting
+        stops when the pass's answer is there (the rest of the window is drafted if it is used)."""
+        # What the next step may draft if this one commits all its drafts and one token more.
+        room = self._limit - (self.stats.tokens + len(step.tokens) + 1) - 1
+        window = self.policy.window_after_full_acceptance(room, gated=self._gated) if room > 0 else 0
+        if window <= 0:
+            return None
+        base = committed + step.tokens
+        drafts, q = self.drafter.propose(base, window + 1, until=pending.ready)
+        vocab = self.target.vocab_size
+        if len(drafts) < 2 or not 0 <= drafts[0] < vocab:
+            return None
+        upcoming = _Drafts.usable(drafts[1:], None if q is None else q[1:], window, vocab)
+        if not upcoming.tokens:
+            return None
+        return _Prepared([*base, drafts[0]], upcoming, len(drafts))
 
     def _prefill(self) -> None:
         """Feed the prompt but its last token, which the first step feeds."""
@@ -384,6 +479,35 @@ class _Drafts:
         return cls(tokens[:keep], None if q is None else q[:keep],
                    keep + (keep < len(tokens)), cut_q)
 
+    def extend(self, more: _Drafts) -> _Drafts:
+        """These drafts, then `more` (drafted after them)."""
+        if (self.q is None) != (more.q is None):
+            raise AssertionError("a drafter returned q for some proposals and not for others")
+        q = None if self.q is None or more.q is None else mx.concatenate([self.q, more.q])
+        return _Drafts(self.tokens + more.tokens, q, len(self.tokens) + more.proposed, more.cut_q)
+
+    def cut(self, window: int) -> _Drafts:
+        """The first `window` drafts (all of them when there are no more)."""
+        if window >= len(self.tokens):
+            return self
+        return _Drafts(self.tokens[:window], None if self.q is None else self.q[:window], window)
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A window drafted during the last pass, for the step after it if its guess holds."""
+
+    prefix: list[int]  # the committed sequence it continues: every draft stood, then the guess
+    step: _Drafts
+    drafted: int  # tokens the drafter proposed for it (the guess included)
+
+
+def _stage0_share(trace: Any) -> float | None:
+    """The part of a pass stage 0 computes itself (its layers and the head), from its trace."""
+    if trace is None or not getattr(trace, "total_s", 0):
+        return None
+    return min(1.0, (trace.local_s + trace.head_s) / trace.total_s)
+
 
 def _residual(p: mx.array, draft: int, q: mx.array | None) -> mx.array:
     """max(0, p - q), where the step draws from after rejecting `draft` (q None: 1 on it)."""
@@ -408,8 +532,22 @@ def generate(target: Target, prompt: list[int], params: SamplingParams, *,
              drafter: Drafter | None = None, policy: WindowPolicy | None = None,
              context_length: int | None = None, prefill_step: int = PREFILL_STEP,
              first_token_first: bool = True,
-             on_step: Callable[[StepRecord], None] | None = None) -> Generation:
+             on_step: Callable[[StepRecord], None] | None = None, overlap: bool = False,
+             run_ahead: bool = False) -> Generation:
     """Stream tokens for `prompt` from `target` (an empty session), with drafts when a drafter
-    and a window policy are given, plainly otherwise."""
+    and a window policy are given, plainly otherwise; `overlap` drafts each next window while
+    the target verifies, `run_ahead` also sends it before the verdict."""
     return Generation(target, list(prompt), params, drafter or NoDrafter(), policy or WindowPolicy.off(),
-                      context_length, prefill_step, first_token_first, on_step)
+                      context_length, prefill_step, first_token_first, on_step, overlap or run_ahead,
+                      run_ahead)
+
+
+def compress_windows(windows: list[int]) -> list[list[int]]:
+    """Windows step by step as [window, steps in a row] pairs: [4, 4, 4, 0] -> [[4, 3], [0, 1]]."""
+    runs: list[list[int]] = []
+    for window in windows:
+        if runs and runs[-1][0] == window:
+            runs[-1][1] += 1
+        else:
+            runs.append([window, 1])
+    return runs

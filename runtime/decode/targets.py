@@ -4,7 +4,9 @@
 their logits (L, vocab), first forgetting every cached position >= `start_pos`, exactly as
 a split pipeline's stages do with a frame (so rolling back rejected drafts costs nothing).
 `rewind(position)` forgets positions >= `position` now; where the next forward would do it
-anyway (the split pipeline) it may do nothing.
+anyway (the split pipeline) it may do nothing. `submit(tokens, start_pos)` starts the same
+pass and returns at once: the split pipeline runs stage 0's layers and sends the frame, so
+stage 0 can draft while the other stages verify, and read the logits afterwards.
 
 - `LocalTarget`: a whole model in this process (`LocalPipeline`) and one session's caches;
   it also runs a token lazily (`forward_lazy`), for the plain loop's one-step lookahead.
@@ -35,11 +37,35 @@ class LogitsModel(Protocol):
     def __call__(self, tokens: mx.array, caches: list[RangeCache]) -> mx.array: ...
 
 
+class PendingPass(Protocol):
+    """A target pass under way: its logits when they are read, or given up."""
+
+    def result(self) -> mx.array:
+        """Logits (L, vocab) of the pass (waits for them)."""
+        ...
+
+    def discard(self) -> None:
+        """Give the pass up: its logits will not be read."""
+        ...
+
+    def ready(self) -> bool:
+        """Whether `result()` would return without waiting on other machines."""
+        ...
+
+
 class Target(Protocol):
     vocab_size: int  # rows of the output head: token ids the target can embed and score
 
     def forward(self, tokens: list[int], start_pos: int) -> mx.array:
         """Logits (L, vocab) for `tokens` placed at absolute positions start_pos.."""
+        ...
+
+    def submit(self, tokens: list[int], start_pos: int) -> PendingPass:
+        """Start `forward(tokens, start_pos)`; the caller may work meanwhile, then read `result()`.
+
+        Passes may be submitted before earlier ones are read (run-ahead); each submit
+        truncates at its start_pos first, as `forward` does.
+        """
         ...
 
     def rewind(self, position: int) -> None:
@@ -89,6 +115,17 @@ class LocalTarget:
         mx.eval(logits)
         return logits
 
+    def submit(self, tokens: list[int], start_pos: int) -> PendingPass:
+        """The pass's graph, queued for evaluation; its logits are read by `result()`."""
+        if start_pos > self.length:
+            raise SessionError(
+                f"this session holds {self.length} positions; tokens at {start_pos} would leave a gap",
+                hint=f"feed positions {self.length}..{start_pos - 1} first")
+        self.rewind(start_pos)
+        logits = self.model(mx.array([tokens], dtype=mx.uint32), self.caches)[0]
+        mx.async_eval(logits)
+        return _QueuedPass(logits)
+
     def forward_lazy(self, token: mx.array, start_pos: int) -> mx.array:
         """Logits (1, vocab) of one token (an mlx array) at `start_pos`, not yet evaluated.
 
@@ -102,6 +139,23 @@ class LocalTarget:
         for cache in self.caches:
             if cache.length > position:
                 cache.truncate(position)
+
+
+class _QueuedPass:
+    """A pass of a target in this process: its logits, queued for evaluation."""
+
+    def __init__(self, logits: mx.array) -> None:
+        self.logits = logits
+
+    def result(self) -> mx.array:
+        mx.eval(self.logits)
+        return self.logits
+
+    def discard(self) -> None:
+        pass  # the next pass's start_pos truncates its positions
+
+    def ready(self) -> bool:
+        return False  # the same processor computes it: drafting meanwhile never waits for it
 
 
 class PipelineTarget:
@@ -118,6 +172,10 @@ class PipelineTarget:
     def forward(self, tokens: list[int], start_pos: int) -> mx.array:
         """Logits (L, vocab) from the whole pipeline, one frame of `tokens` at `start_pos`."""
         return self.session.forward(tokens, start_pos)
+
+    def submit(self, tokens: list[int], start_pos: int) -> PendingPass:
+        """Stage 0's layers now, the other stages meanwhile: read the logits with `result()`."""
+        return self.session.submit(tokens, start_pos)
 
     @property
     def last_trace(self) -> object:

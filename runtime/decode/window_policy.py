@@ -1,5 +1,6 @@
-"""How many tokens to draft next: a fixed window, or one that adapts, with a gate that turns
-drafting off when it costs more than it saves.
+"""How many tokens to draft next: a fixed window, one that adapts, or one sized by measured
+cost (`auto`, window_cost.py), with a gate that turns drafting off when it costs more than
+it saves.
 
 Adaptive window rule, after a step that drafted `d > 0` tokens of which `n` were accepted
 (the window `w` always stays in [min_window, max_window]):
@@ -37,6 +38,8 @@ from typing import Any
 
 from layerline.errors import LayerlineError
 from layerline.packager.window_spec import WindowSpec
+
+from .window_cost import AcceptCounts, SpeculationCosts, WindowChoice, choose_window
 
 log = logging.getLogger("layerline.speculative")
 
@@ -82,14 +85,22 @@ class GateDecision:
 class WindowPolicy:
     """The draft window of one request (or of a stream of requests, carrying what it measured)."""
 
-    def __init__(self, spec: WindowSpec | None, gate: GateSettings | None = None) -> None:
-        """Follow `spec` (validated here); None never drafts. `gate` acts on adaptive specs only."""
+    def __init__(self, spec: WindowSpec | None, gate: GateSettings | None = None, *,
+                 costs: SpeculationCosts | None = None, overlap: bool = False) -> None:
+        """Follow `spec` (validated here); None never drafts. `gate` acts on adaptive specs only
+        (an auto spec takes its min_speedup and off periods); `costs` are the measurements shared
+        with other requests (the auto policy decides by them), `overlap` whether the loop drafts
+        each next window during the pass."""
         self.spec = spec.validate() if spec is not None else None
         self.kind = spec.policy if spec is not None else "off"
         self.initial = spec.initial if spec is not None else 0
         self.min_window = spec.min if spec is not None else 0
         self.max_window = spec.max if spec is not None else 0
         self.gate = gate if self.kind == "adaptive" else None
+        self.costs = costs if costs is not None else SpeculationCosts()
+        self.overlap = overlap
+        self._auto = _AutoState(gate or GateSettings(), AcceptCounts(self.costs.accept_prior)) \
+            if self.kind == "auto" else None
         self.window = self.initial  # before clipping to what is left of the request
         self._speculative: deque[tuple[float, int, int, int]] = deque(maxlen=SAMPLES_KEPT)
         self._plain: deque[float] = deque(maxlen=SAMPLES_KEPT)
@@ -99,6 +110,7 @@ class WindowPolicy:
         self._off_left = 0  # plain steps left in an off period
         self._losses = 0  # consecutive decisions that switched drafting off
         self.decision = GateDecision(self.kind != "off", {"fixed": "fixed window", "adaptive": "measuring",
+                                                          "auto": "measuring costs",
                                                           "off": "not speculating"}[self.kind])
 
     @classmethod
@@ -118,9 +130,16 @@ class WindowPolicy:
         return cls(WindowSpec("adaptive", initial, min_window, max_window), gate)
 
     @classmethod
-    def for_spec(cls, spec: WindowSpec) -> WindowPolicy:
+    def auto(cls, initial: int, min_window: int, max_window: int, *, costs: SpeculationCosts | None = None,
+             overlap: bool = False, gate: GateSettings = GateSettings()) -> WindowPolicy:
+        """The window that maximises expected tokens per second from measured costs (window_cost.py)."""
+        return cls(WindowSpec("auto", initial, min_window, max_window), gate, costs=costs, overlap=overlap)
+
+    @classmethod
+    def for_spec(cls, spec: WindowSpec, *, costs: SpeculationCosts | None = None,
+                 overlap: bool = False) -> WindowPolicy:
         """The policy a speculation setup names, the adaptive one with the default gate."""
-        return cls(spec, GateSettings())
+        return cls(spec, GateSettings(), costs=costs, overlap=overlap)
 
     def next_window(self, limit: int, *, gated: bool = True) -> int:
         """Tokens to draft in the next step: 0 while the gate holds drafting off, never above `limit`.
@@ -130,10 +149,50 @@ class WindowPolicy:
         """
         if gated and self.gate is not None and (self._off_left or self._plain_due):
             return 0
+        auto = self._auto
+        if auto is not None:
+            if not gated:
+                return max(0, min(self.initial, limit))
+            if auto.off_left:
+                return 0
+            return max(0, min(self._auto_window(), limit))
         return max(0, min(self.window, limit))
 
-    def record(self, drafted: int, accepted: int, seconds: float, committed: int) -> None:
-        """Learn from one step: tokens drafted and accepted, its draft + verify seconds, tokens committed."""
+    def _auto_window(self) -> int:
+        auto = self._auto
+        assert auto is not None
+        if auto.probing:
+            return self.min_window
+        return auto.choice.window if auto.choice is not None else self.initial
+
+    def window_after_full_acceptance(self, limit: int, *, gated: bool = True) -> int:
+        """The window the next step will draft if the step under way accepts every draft."""
+        if self.kind == "adaptive" and not (gated and self.gate is not None
+                                            and (self._off_left or self._plain_due)):
+            return max(0, min(self.window + GROW_ON_FULL_ACCEPTANCE, self.max_window, limit))
+        return self.next_window(limit, gated=gated)
+
+    def record(self, drafted: int, accepted: int, seconds: float, committed: int, *,
+               positions: int = 0, draft_s: float | None = None, draft_tokens: int = 0,
+               pass_s: float | None = None, stage0_share: float | None = None,
+               guessed: bool | None = None, prepare_s: float | None = None,
+               prepare_tokens: int = 0) -> None:
+        """Learn from one step: tokens drafted and accepted, its draft + verify seconds, tokens committed.
+
+        The keywords feed the cost model: the drafter's seconds for `draft_tokens` (and, while
+        the pass ran, `prepare_s` for `prepare_tokens`), the pass's own seconds over
+        `positions` when nothing hid them, stage 0's share of it, and whether the guess of
+        the target's next token held (None: no guess was tested).
+        """
+        if draft_s is not None:
+            self.costs.record_draft(draft_tokens, draft_s)
+        if prepare_s is not None:
+            self.costs.record_draft(prepare_tokens, prepare_s)
+        if pass_s is not None:
+            self.costs.record_pass(positions, pass_s, stage0_share)
+        if self._auto is not None:
+            self._record_auto(drafted, accepted, guessed)
+            return
         if drafted > 0:
             self._speculative.append((seconds, committed, drafted, accepted))
             self._adapt(drafted, accepted)
@@ -143,6 +202,46 @@ class WindowPolicy:
             self._step_gate(drafted > 0)
         else:
             self.decision = self._measure(True, self.decision.reason)
+
+    def _record_auto(self, drafted: int, accepted: int, guessed: bool | None) -> None:
+        auto = self._auto
+        assert auto is not None
+        counts = auto.counts
+        counts.decay()
+        if drafted > 0:
+            counts.add(drafted, accepted)
+            self.costs.record_accept_rate(accepted / min(drafted, accepted + 1))
+        if guessed is not None:
+            counts.add_guess(guessed)
+        if auto.off_left:
+            auto.off_left -= 1
+            if not auto.off_left:
+                auto.probing = True
+                self.decision = GateDecision(True, f"probing at window {self.min_window} after an off period")
+            return
+        if auto.probing and drafted == 0:
+            return  # the probe is still to come
+        choice = choose_window(counts, self.costs, self.min_window, self.max_window, overlap=self.overlap,
+                               min_gain=auto.gate.min_speedup)
+        auto.probing = False
+        if choice is None:
+            return  # costs not measured yet: the initial window meanwhile
+        auto.choice = choice
+        self.costs.last_choice = choice
+        if choice.window == 0:
+            auto.off_left = min(auto.gate.max_off_steps, auto.gate.off_steps * 2 ** auto.losses)
+            auto.losses += 1
+            log.info("event=speculation_gate policy=auto drafting=off gain=%.2f off_steps=%d",
+                     choice.gain or 0.0, auto.off_left)
+        else:
+            auto.losses = 0
+        cost = self.costs.pass_cost()
+        plain = cost(1) if cost is not None else None
+        per_token = (choice.seconds_per_pass / choice.tokens_per_pass
+                     if choice.seconds_per_pass and choice.tokens_per_pass else None)
+        reason = choice.reason + (f"; off for {auto.off_left} steps" if choice.window == 0 else "")
+        self.decision = GateDecision(choice.window > 0, reason, counts.mean(), choice.tokens_per_pass,
+                                     per_token, plain, choice.gain)
 
     def _adapt(self, drafted: int, accepted: int) -> None:
         if self.kind == "fixed":
@@ -215,3 +314,17 @@ class WindowPolicy:
         if speculative and plain:
             speedup = plain / speculative
         return GateDecision(drafting, reason, accept_rate, tokens_per_pass, speculative, plain, speedup)
+
+
+@dataclass
+class _AutoState:
+    """What the auto policy keeps between steps."""
+
+    gate: GateSettings
+    counts: AcceptCounts
+    choice: WindowChoice | None = None
+    off_left: int = 0  # plain steps left in an off period
+    losses: int = 0  # consecutive decisions that switched drafting off
+    # The next speculative step drafts min_window to measure afresh: a request's first one too,
+    # so text the draft cannot guess costs one small window before the formula has its evidence.
+    probing: bool = True

@@ -8,9 +8,12 @@ Rollback protocol, whatever the cache kind:
   step copy the whole cache, on every rejected draft. The stale rows past
   `offset` never come back, because nothing here round-trips a cache through
   mlx-lm's `state` setter: snapshots copy only `[:offset]`.
-- Caches that cannot trim (a `RotatingKVCache` that has wrapped around its
-  window) refuse `truncate`; take `snapshot()` before the positions that may be
-  rejected, then `restore()` and replay the accepted tokens.
+- Sliding-window layers (Gemma 2/3, Mistral) use `SlidingWindowCache`: it keeps
+  the window plus the most positions one speculation step can reject, so it
+  rolls back like any cache, and so does a stage given a frame's `start_pos`.
+- Caches that cannot trim (mlx-lm's `RotatingKVCache` once it has wrapped
+  around its window) refuse `truncate`; take `snapshot()` before the positions
+  that may be rejected, then `restore()` and replay the accepted tokens.
 """
 
 from __future__ import annotations
@@ -26,8 +29,98 @@ import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
 from layerline.errors import SessionError, SessionLimitError
+from layerline.packager.window_spec import MAX_WINDOW
 
 log = logging.getLogger("layerline.runtime")
+
+# Positions a sliding-window cache keeps beyond its window, so that it can roll back: more than
+# one speculation step can reject (a frame verifies at most MAX_WINDOW drafts + 1 positions).
+ROLLBACK_POSITIONS = 2 * MAX_WINDOW
+
+
+class SlidingWindowCache:
+    """Keys and values of a sliding-window attention layer that, unlike mlx-lm's
+    `RotatingKVCache`, can roll back.
+
+    It holds positions [start, offset) in order, in a buffer that grows by `step`
+    rows; when the buffer is full it keeps only the last `window - 1 + rollback`
+    positions (all the window can still reach after a rollback of `rollback`), so
+    memory stays bounded by the window while `trim` stays exact. Its mask lets each
+    query see the `window` positions ending at its own, as mlx-lm's sliding masks do.
+    """
+
+    step = 256
+
+    def __init__(self, window: int, rollback: int = ROLLBACK_POSITIONS) -> None:
+        self.window = window
+        self.rollback = rollback
+        self.keys: mx.array | None = None
+        self.values: mx.array | None = None
+        self.offset = 0  # absolute position of the next token
+        self.start = 0  # absolute position of the buffer's first row
+
+    def _start_after(self, length: int) -> tuple[int, bool]:
+        """(first position held once `length` more are added, whether the buffer is rebuilt)."""
+        held = self.offset - self.start
+        if self.keys is None or held + length > self.keys.shape[2]:
+            return self.offset - min(held, self.window - 1 + self.rollback), True
+        return self.start, False
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        B, H, S, _ = keys.shape
+        start, rebuild = self._start_after(S)
+        if rebuild:
+            kept = self.offset - start
+            rows = (kept + S + self.step - 1) // self.step * self.step
+            new_keys = mx.zeros((B, H, rows, keys.shape[3]), keys.dtype)
+            new_values = mx.zeros((B, H, rows, values.shape[3]), values.dtype)
+            if kept:
+                held = self.offset - self.start
+                new_keys[..., :kept, :] = self.keys[..., held - kept:held, :]
+                new_values[..., :kept, :] = self.values[..., held - kept:held, :]
+            self.keys, self.values, self.start = new_keys, new_values, start
+        held = self.offset - self.start
+        self.keys[..., held:held + S, :] = keys
+        self.values[..., held:held + S, :] = values
+        self.offset += S
+        return self.keys[..., :held + S, :], self.values[..., :held + S, :]
+
+    def make_mask(self, N: int, window_size: int | None = None, return_array: bool = False) -> Any:
+        """The mask of N queries from `offset` over the keys the next update returns."""
+        window = window_size or self.window
+        start, _ = self._start_after(N)
+        if N == 1 and self.offset + 1 - start <= window:
+            return None  # one query that sees every position held
+        queries = mx.arange(self.offset, self.offset + N)[:, None]
+        keys = mx.arange(start, self.offset + N)[None]
+        return (keys <= queries) & (keys > queries - window)
+
+    def can_trim(self, n: int) -> bool:
+        """Whether the window of the position `n` back is still held in full (or n empties it)."""
+        return n == self.offset or 0 <= n <= self.offset - self.start and (
+            self.start == 0 or self.offset - n - self.window + 1 >= self.start)
+
+    def is_trimmable(self) -> bool:
+        return self.can_trim(min(self.rollback, self.offset - self.start))
+
+    def trim(self, n: int) -> int:
+        if not self.can_trim(n):
+            raise SessionError(f"a sliding-window cache at position {self.offset} cannot roll back "
+                               f"{n} positions (it keeps {self.rollback} beyond its window)")
+        self.offset -= n
+        if self.offset == 0:
+            self.keys = self.values = None
+            self.start = 0
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else int(self.keys.nbytes + self.values.nbytes)
+
+
+def _can_trim(cache: Any, n: int) -> bool:
+    can_trim = getattr(cache, "can_trim", None)
+    return can_trim(n) if can_trim is not None else cache.is_trimmable()
 
 
 @dataclass(frozen=True)
@@ -81,7 +174,7 @@ class RangeCache:
         """Whether `truncate(position)` would succeed."""
         if not 0 <= position <= self.length:
             return False
-        return position == self.length or all(c.is_trimmable() for c in self.caches)
+        return position == self.length or all(_can_trim(c, c.offset - position) for c in self.caches)
 
     def truncate(self, position: int) -> None:
         """Forget every position >= `position`, so the next token is fed at `position`."""
@@ -92,9 +185,9 @@ class RangeCache:
             )
         if position == self.length:
             return
-        if not all(c.is_trimmable() for c in self.caches):
+        if not all(_can_trim(c, c.offset - position) for c in self.caches):
             raise SessionError(
-                f"this session's rotating cache has wrapped past its window ({self.length} "
+                f"this session's sliding-window cache has moved past its window ({self.length} "
                 f"positions), so it cannot roll back to {position}",
                 hint="snapshot() before feeding tokens that may be rejected, then restore() and "
                 "replay the accepted ones",

@@ -4,6 +4,12 @@ A range takes hidden states (B, L, D) and its KV caches and returns hidden
 states; embedding, final norm and head belong to stage 0 (`head.py`). Only
 the range's layer files are read and verified, and nothing of the other layers
 is ever allocated, so memory grows with the range, not the model.
+
+The blocks are mlx-lm's own, cut from the whole model it builds (lazily), so a
+block keeps its global index (Gemma 3 picks its attention kind and RoPE base by
+it). Which blocks attend within a sliding window, and how wide, comes from the
+model's `make_cache`; their caches here are `SlidingWindowCache`s, which, unlike
+mlx-lm's rotating ones, can roll back rejected draft positions.
 """
 
 from __future__ import annotations
@@ -17,9 +23,11 @@ from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
 from layerline.errors import LayerRangeError
-from layerline.packager.architectures import model_module
+from layerline.packager.architectures import LAYER_PREFIX, build_model, get_architecture, model_module
 from layerline.packager.package import LayerPackage
 
+from .attention import use_small_query_attention
+from .kv_cache import SlidingWindowCache
 from .package_tensors import apply_plan, load_into, read_verified
 from .weights_policy import WeightsPlan
 
@@ -35,27 +43,37 @@ def check_range(start: int, end: int, num_layers: int) -> None:
         )
 
 
-def range_config(config: dict[str, Any], start: int, end: int) -> dict[str, Any]:
-    """The model's mlx-lm config narrowed to layers [start, end)."""
-    narrowed = {**config, "num_hidden_layers": end - start}
-    if isinstance(config.get("layer_types"), list):  # per-layer attention kinds follow the layers
-        narrowed["layer_types"] = config["layer_types"][start:end]
-    return narrowed
+def attention_windows(model: Any) -> list[int | None]:
+    """Per block of an mlx-lm model: its sliding attention window, or None where it attends to
+    every position, read from the caches the model makes for itself."""
+    if not hasattr(model, "make_cache"):
+        return [None] * len(model.layers)
+    windows: list[int | None] = []
+    for cache in model.make_cache():
+        if isinstance(cache, RotatingKVCache):
+            windows.append(int(cache.max_size))
+        elif isinstance(cache, KVCache):
+            windows.append(None)
+        else:
+            raise LayerRangeError(
+                f"{type(model).__module__} keeps a {type(cache).__name__} per block, which layer "
+                "ranges cannot split yet", hint="use a transformer with attention caches only")
+    return windows
 
 
 class LayerRange(nn.Module):
     def __init__(self, config: dict[str, Any], start: int, end: int) -> None:
         super().__init__()
         check_range(start, end, config["num_hidden_layers"])
-        module = model_module(config["model_type"])
-        args = module.ModelArgs.from_dict(range_config(config, start, end))
-        # mlx arrays are lazy: the embedding and head this builds are never evaluated, and
-        # are dropped with `whole`; only its blocks are kept.
-        whole = module.Model(args)
-        self.layers = list(whole.layers)
+        use_small_query_attention(model_module(config["model_type"]))
+        # mlx arrays are lazy: the embedding, head and other blocks this builds are never
+        # evaluated, and are dropped with `whole`; only the range's blocks are kept.
+        whole = build_model(config)
+        self.layers = list(whole.layers[start:end])
         self.start, self.end = start, end
         self.hidden_size = int(config["hidden_size"])
-        self._sliding_window = getattr(args, "sliding_window", None)
+        self._windows = attention_windows(whole)[start:end]
+        self._array_masks = get_architecture(config["model_type"]).array_masks
 
     @classmethod
     def load(cls, package: LayerPackage, start: int, end: int, plan: WeightsPlan) -> LayerRange:
@@ -66,9 +84,15 @@ class LayerRange(nn.Module):
         weights: dict[str, mx.array] = {}
         files = manifest.layer_files(start, end)
         for local, tensors in enumerate(read_verified(package, files)):
-            for name, value in apply_plan(tensors, plan, manifest.quantization).items():
+            prefix = f"{LAYER_PREFIX}{start + local}."
+            for name, value in apply_plan(tensors, plan, manifest.quantization, prefix).items():
                 weights[f"layers.{local}.{name}"] = value
-        load_into(layer_range, weights, manifest.quantization)
+
+        def model_path(path: str) -> str:  # `layers.0.mlp.up_proj` -> `model.layers.START.mlp.up_proj`
+            _, local, rest = path.split(".", 2)
+            return f"{LAYER_PREFIX}{start + int(local)}.{rest}"
+
+        load_into(layer_range, weights, manifest.quantization, model_path)
         log.info("range=%d..%d layers=%d weights=%s", start, end, end - start, plan.format)
         return layer_range
 
@@ -77,9 +101,8 @@ class LayerRange(nn.Module):
         return len(self.layers)
 
     def make_cache(self) -> list[Any]:
-        """Fresh per-layer caches: rotating windows for sliding-window layers, else growing."""
-        return [RotatingKVCache(max_size=self._sliding_window) if getattr(layer, "use_sliding", False)
-                else KVCache() for layer in self.layers]
+        """Fresh per-layer caches: windowed for sliding-window layers, else growing."""
+        return [KVCache() if window is None else SlidingWindowCache(window) for window in self._windows]
 
     def __call__(self, h: mx.array, cache: list[Any] | None = None) -> mx.array:
         """Run hidden states (B, L, D) through the range, extending `cache` by L positions."""
@@ -92,12 +115,12 @@ class LayerRange(nn.Module):
             )
         if cache is None:
             cache = [None] * len(self.layers)
-        masks: dict[bool, Any] = {}
-        for layer, layer_cache in zip(self.layers, cache, strict=True):
-            sliding = bool(getattr(layer, "use_sliding", False))
-            if sliding not in masks:
-                window = self._sliding_window if sliding else None
-                masks[sliding] = create_attention_mask(h, layer_cache, window_size=window)
-            h = layer(h, masks[sliding], cache=layer_cache)
+        # One mask per attention kind, from the first cache of that kind, as mlx-lm's models do.
+        masks: dict[int | None, Any] = {}
+        for layer, layer_cache, window in zip(self.layers, cache, self._windows, strict=True):
+            if window not in masks:
+                masks[window] = create_attention_mask(h, layer_cache, window_size=window,
+                                                      return_array=self._array_masks)
+            h = layer(h, masks[window], cache=layer_cache)
         return h
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import mlx.core as mx
@@ -25,9 +26,12 @@ def read_verified(package: LayerPackage, files: list[str]) -> list[dict[str, mx.
 
 
 def apply_plan(
-    tensors: dict[str, mx.array], plan: WeightsPlan, quantization: Quantization | None
+    tensors: dict[str, mx.array], plan: WeightsPlan, quantization: Quantization | None, prefix: str = ""
 ) -> dict[str, mx.array]:
-    """The tensors in the plan's format: packed ones kept or expanded, floats in compute dtype."""
+    """The tensors in the plan's format: packed ones kept or expanded, floats in compute dtype.
+
+    `prefix` makes a file's tensor names model paths (`model.layers.3.`), by which the manifest
+    names tensors packed in a format of their own."""
     dtype = getattr(mx, plan.compute_dtype)
     out: dict[str, mx.array] = {}
     for name, value in tensors.items():
@@ -44,11 +48,11 @@ def apply_plan(
             biases = tensors.get(f"{base}.biases")
             if plan.expands:
                 # Dequantized with f32 scales, so f32 weights hold exactly the packed values.
+                fmt = quantization.format_of(prefix + base)
                 full = mx.dequantize(
                     value, scales.astype(mx.float32),
                     None if biases is None else biases.astype(mx.float32),
-                    group_size=quantization.group_size, bits=quantization.bits,
-                    mode=quantization.mode,
+                    group_size=fmt.group_size, bits=fmt.bits, mode=quantization.mode,
                 )
                 out[name] = full.astype(dtype)
             else:
@@ -68,23 +72,25 @@ def _packed_base(name: str) -> str:
 
 
 def load_into(
-    module: nn.Module, weights: dict[str, mx.array], quantization: Quantization | None, *,
-    cpu_kernel: bool = True,
+    module: nn.Module, weights: dict[str, mx.array], quantization: Quantization | None,
+    model_path: Callable[[str], str] = lambda path: path, *, cpu_kernel: bool = True,
 ) -> None:
     """Quantize the layers whose weights are packed, then load `weights` (all names must match).
 
-    On the CPU, packed layers then compute with layerline's kernel (`cpu_kernel.py`) unless
+    `model_path` turns a module path here into the model path the manifest names it by. On the
+    CPU, packed layers then compute with layerline's kernel (`cpu_kernel.py`) unless
     `cpu_kernel` is False (a bare mlx-lm model for comparison).
     """
     if quantization is not None and any(k.endswith(".scales") for k in weights):
-        nn.quantize(
-            module,
-            group_size=quantization.group_size,
-            bits=quantization.bits,
-            mode=quantization.mode,
+
+        def packed_format(path: str, _: nn.Module) -> dict | bool:
             # A tensor is packed exactly when its scales exist, as mlx-lm decides.
-            class_predicate=lambda path, _: f"{path}.scales" in weights,
-        )
+            if f"{path}.scales" not in weights:
+                return False
+            fmt = quantization.format_of(model_path(path))
+            return {"group_size": fmt.group_size, "bits": fmt.bits, "mode": quantization.mode}
+
+        nn.quantize(module, class_predicate=packed_format)
     module.load_weights(list(weights.items()), strict=True)
     mx.eval(module.parameters())
     if cpu_kernel:

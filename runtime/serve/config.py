@@ -49,7 +49,9 @@ class SpeculativeSettings:
     strategy: str | None = None  # a strategy of the package's generation block, by name
     type: str | None = None  # "draft-model" | "ngram"
     draft_model: str | None = None
-    window_policy: str | None = None  # "adaptive" | "fixed"; the sizes are draft windows
+    window_policy: str | None = None  # "adaptive" | "fixed" | "auto"; the sizes are draft windows
+    overlap: bool | None = None  # draft the next window while the stages verify (default off)
+    run_ahead: bool | None = None  # send that window before the verdict (default off)
     initial_window: int | None = None
     min_window: int | None = None
     max_window: int | None = None
@@ -85,7 +87,8 @@ class LayerlineConfig:
     admin: AdminSettings = field(default_factory=AdminSettings)
 
 
-_TYPES = {"enabled": bool, "strategy": str, "type": str, "draft_model": str,
+_TYPES = {"enabled": bool, "strategy": str, "type": str, "draft_model": str, "overlap": bool,
+          "run_ahead": bool,
           **{name: str if field == "policy" else int for field, name in FIELDS.items()}}
 _CHOICES = {"type": ("draft-model", "ngram")}
 _RENAMED = {"window": "window_policy"}  # keys of earlier versions, and what they are now

@@ -22,7 +22,7 @@ from typing import Any
 
 from layerline.packager.manifest import Manifest
 
-from ..decode.loop import GenerationStats, Token, generate
+from ..decode.loop import GenerationStats, Token, compress_windows, generate
 from ..decode.sampling import SamplingParams
 from ..decode.targets import PipelineTarget
 from ..decode.text import text_events
@@ -102,7 +102,8 @@ class PipelineEngine:
         generation = generate(PipelineTarget(session), request.prompt_tokens, params, drafter=plan.drafter,
                               policy=plan.policy, context_length=self.context_length,
                               prefill_step=self.max_batch_tokens,
-                              on_step=lambda step: self.profile.record(session.session_id, step))
+                              on_step=lambda step: self.profile.record(session.session_id, step),
+                              overlap=plan.overlap, run_ahead=plan.run_ahead)
         events = text_events(generation, self.tokenizer, end_ids=self.end_ids)
         started = time.monotonic()
         try:
@@ -162,4 +163,8 @@ def speculation_usage(plan: SpeculationPlan, stats: GenerationStats) -> dict[str
         "accept_rate": round(stats.accept_rate, 4), "target_passes": stats.target_passes,
         "tokens_per_pass": round(stats.tokens_per_pass, 4),
         "draft_seconds": round(stats.draft_seconds, 6), "verify_seconds": round(stats.verify_seconds, 6),
+        "overlap": plan.overlap, "run_ahead": plan.run_ahead,
+        "overlap_draft_seconds": round(stats.overlap_draft_seconds, 6),
+        "overlap_hits": stats.overlap_hits, "overlap_misses": stats.overlap_misses,
+        "windows": compress_windows(stats.windows),
     }

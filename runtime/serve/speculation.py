@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ from layerline.packager.window_spec import WindowSpec
 
 from ..decode.drafters import Drafter, ModelDrafter, NgramDrafter, NoDrafter
 from ..decode.sampling import SamplingParams
+from ..decode.window_cost import SpeculationCosts
 from ..decode.window_policy import WindowPolicy
 from .draft_loader import DraftLoader, DraftState
 from .openai_schema import SpeculativeOverride
@@ -58,6 +59,8 @@ class SpeculationPlan:
     policy: WindowPolicy
     strategy: str | None  # the strategy it speculates with; None when plain
     reason: str | None = None  # why the request decodes plainly
+    overlap: bool = False  # draft each next window while the stages verify
+    run_ahead: bool = False  # send it before the verdict
 
     @property
     def speculating(self) -> bool:
@@ -71,9 +74,10 @@ class LockedDrafter:
         self.drafter = drafter
         self.lock = lock
 
-    def propose(self, committed: list[int], k: int) -> tuple[list[int], mx.array | None]:
+    def propose(self, committed: list[int], k: int, *,
+                until: Callable[[], bool] | None = None) -> tuple[list[int], mx.array | None]:
         with self.lock:
-            return self.drafter.propose(committed, k)
+            return self.drafter.propose(committed, k, until=until)
 
     def sync(self, committed: list[int]) -> None:
         self.drafter.sync(committed)
@@ -92,6 +96,8 @@ class Stage0Speculation:
         self._loader: DraftLoader | None = None
         self._pending: tuple[ResolvedSpeculativeConfig, DraftLoader] | None = None
         self._failed: DraftState | None = None  # the last replacement that failed to load
+        # What drafting and target passes cost here: the auto window decides by it.
+        self.costs = SpeculationCosts()
 
     def start(self) -> Stage0Speculation:
         """Begin loading the draft the settings name (in the background)."""
@@ -181,13 +187,15 @@ class Stage0Speculation:
         spec = WindowSpec.from_json({**current.window_spec.to_json(), **window}).validate()
         changed = [*window, "enabled", "strategy", "type", "draft_model", "tokenizer_fingerprint"]
         sources = {**current.sources, **dict.fromkeys(changed, SOURCE_PUT)}
+        timing = {"overlap": current.overlap, "run_ahead": current.run_ahead}
         if draft_model == NGRAM:  # prompt-lookup drafting: no model to load
             return ResolvedSpeculativeConfig(enabled=True, strategy=NGRAM, type="ngram", window_spec=spec,
-                                             sources=sources)
+                                             sources=sources, **timing)
         fingerprint = self._check_draft(draft_model)
         return ResolvedSpeculativeConfig(
             enabled=True, strategy=strategy_name_for(draft_model), type="draft-model",
-            draft_model=draft_model, tokenizer_fingerprint=fingerprint, window_spec=spec, sources=sources)
+            draft_model=draft_model, tokenizer_fingerprint=fingerprint, window_spec=spec, sources=sources,
+            **timing)
 
     def _check_draft(self, reference: str) -> str | None:
         """The draft's tokenizer fingerprint when it is local (None for a Hub draft); refuses a mismatch."""
@@ -225,7 +233,7 @@ class Stage0Speculation:
         if override is not None and override.window is not None:
             policy = WindowPolicy.fixed(override.window)
         else:
-            policy = WindowPolicy.for_spec(settings.window_spec)
+            policy = WindowPolicy.for_spec(settings.window_spec, costs=self.costs, overlap=settings.overlap)
         drafter: Drafter
         if settings.type == "ngram":
             drafter = NgramDrafter()
@@ -233,7 +241,8 @@ class Stage0Speculation:
             assert loader is not None and loader.model is not None
             drafter = LockedDrafter(ModelDrafter(loader.model, params, context_length=context_length),
                                     lock)
-        return SpeculationPlan(drafter, policy, settings.strategy or settings.type)
+        return SpeculationPlan(drafter, policy, settings.strategy or settings.type,
+                               overlap=settings.overlap, run_ahead=settings.run_ahead)
 
     def to_json(self) -> dict[str, Any]:
         """The settings with their sources, the draft's state, and whether speculation is active."""
@@ -243,7 +252,8 @@ class Stage0Speculation:
         return {**self._settings.to_json(), "active": reason is None, "inactive_reason": reason,
                 "draft": self.draft_state().to_json(),
                 "pending_draft": pending.to_json() if pending is not None else None,
-                "failed_draft": failed.to_json() if failed is not None else None}
+                "failed_draft": failed.to_json() if failed is not None else None,
+                "costs": self.costs.to_json()}
 
 
 def _plain(reason: str) -> SpeculationPlan:

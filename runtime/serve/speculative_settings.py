@@ -26,6 +26,8 @@ class ResolvedSpeculativeConfig:
     draft_model: str | None = None
     tokenizer_fingerprint: str | None = None
     window_spec: WindowSpec = field(default_factory=WindowSpec)
+    overlap: bool = False  # draft the next window while the stages verify this one (measured: opt in)
+    run_ahead: bool = False  # and send it into the pipeline before the verdict
     sources: dict[str, str] = field(default_factory=dict)  # setting -> where its value came from
     reason: str | None = None  # why speculation is off, when it is
 
@@ -87,7 +89,7 @@ def resolve_speculative(
     if "enabled" not in values:
         values["enabled"] = "type" in values
         sources["enabled"] = sources.get("type", SOURCE_BUILTIN)
-    for key in FIELDS.values():
+    for key in (*FIELDS.values(), "overlap", "run_ahead"):
         if key not in values:
             sources[key] = SOURCE_BUILTIN
 

@@ -2,7 +2,9 @@
 
 Framing (docs/protocol.md): a 4-byte little-endian length, then the serialized message.
 A connection opens with an ActivationHello each way (the client's carries the auth
-token), then goes lockstep: one ActivationFrame request, one ActivationFrame answer.
+token); then every ActivationFrame request gets one ActivationFrame answer, in order. The
+client may send a frame before the previous one is answered (stage 0's run-ahead); a stage
+answers a frame that a later one, already arrived, makes stale (`superseded`) without running it.
 
 The calling thread reads and writes the socket itself, so a frame crosses no thread on
 its way (Python's gRPC hands every message between threads: ~0.4 ms more per hop here).
@@ -13,10 +15,12 @@ from __future__ import annotations
 
 import hmac
 import logging
+import select
 import socket
 import struct
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -106,6 +110,7 @@ class FrameConnection:
     def __init__(self, endpoint: str, *, budget: FrameBudget, token: str | None = None) -> None:
         self.endpoint = endpoint
         self._budget = budget
+        self._in_flight: deque[tuple[int, float]] = deque()  # (positions, sent at) per frame unanswered
         try:
             self._sock = _connect(endpoint, HELLO_TIMEOUT_S)
             write_message(self._sock, pb.ActivationHello(auth_token=token or ""))
@@ -121,12 +126,43 @@ class FrameConnection:
 
     def call(self, frame: pb.ActivationFrame) -> pb.ActivationFrame:
         """Send one frame and return the stage's answer, within the frame's budget."""
+        self.send(frame)
+        return self.receive()
+
+    def send(self, frame: pb.ActivationFrame) -> None:
+        """Send one frame; its answer is read by a later `receive()` (answers come in order)."""
         positions = frame.activations.token_count if frame.WhichOneof("body") == "activations" else 1
         budget = self._budget.seconds(positions)
-        started = time.monotonic()
         try:
             self._sock.settimeout(budget)
             write_message(self._sock, frame)
+        except TimeoutError as exc:
+            self.close()
+            raise FrameTimeoutError(f"{self.endpoint} took no frame of {positions} positions within "
+                                    f"{budget:.1f} s",
+                                    hint="check that stage; stage 0 marks it down") from exc
+        except OSError as exc:
+            self.close()
+            raise StageUnavailableError(f"the activation connection to {self.endpoint} broke: {exc}") from exc
+        self._in_flight.append((positions, time.monotonic()))
+
+    def readable(self) -> bool:
+        """Whether bytes of an answer have arrived (a receive() would not wait for the stage)."""
+        try:
+            return bool(select.select([self._sock], [], [], 0)[0])
+        except (OSError, ValueError):
+            return True  # a closed socket: receive() says what went wrong
+    @property
+    def in_flight(self) -> int:
+        """Frames sent whose answers are not read yet."""
+        return len(self._in_flight)
+
+    def receive(self) -> pb.ActivationFrame:
+        """The answer to the oldest frame sent and not answered, within that frame's budget."""
+        positions, started = self._in_flight.popleft()
+        budget = self._budget.seconds(positions)
+        try:
+            self._sock.settimeout(max(0.001, started + budget - time.monotonic()))
             answer = read_message(self._sock, pb.ActivationFrame)
         except TimeoutError as exc:
             self.close()
@@ -237,16 +273,60 @@ class FrameServer:
 
     def _frames(self, connection: socket.socket) -> None:
         handler = self._open_handler()
+        arrived: deque[pb.ActivationFrame] = deque()  # read, not answered yet
         try:
             while True:
-                connection.settimeout(self.limits.idle_s)
-                try:
-                    frame = read_message(connection, pb.ActivationFrame)
-                except TimeoutError:
-                    log.info("event=activation_connection_idle seconds=%.0f", self.limits.idle_s)
-                    return
-                if frame is None:
-                    return
+                if not arrived:
+                    connection.settimeout(self.limits.idle_s)
+                    try:
+                        frame = read_message(connection, pb.ActivationFrame)
+                    except TimeoutError:
+                        log.info("event=activation_connection_idle seconds=%.0f", self.limits.idle_s)
+                        return
+                    if frame is None:
+                        return
+                    arrived.append(frame)
+                if not _read_arrived(connection, arrived):
+                    return  # the client left: nobody reads the answers
+                frame = arrived.popleft()
+                if superseded(frame, arrived):
+                    log.debug("event=stale_window_dropped session=%s start_pos=%d", frame.session_id,
+                              frame.activations.start_pos)
+                    write_message(connection, pb.ActivationFrame(session_id=frame.session_id, seq=frame.seq,
+                                                                 superseded=pb.Superseded()))
+                    continue
                 write_message(connection, handler.answer(frame))
         finally:
             handler.close()
+
+
+def _read_arrived(connection: socket.socket, arrived: deque[pb.ActivationFrame]) -> bool:
+    """Read the frames that have already arrived (without waiting); False at the connection's end."""
+    while select.select([connection], [], [], 0)[0]:
+        connection.settimeout(HELLO_TIMEOUT_S)  # a frame that began arriving ends soon
+        frame = read_message(connection, pb.ActivationFrame)
+        if frame is None:
+            return False
+        arrived.append(frame)
+    return True
+
+
+def superseded(frame: pb.ActivationFrame, later: deque[pb.ActivationFrame]) -> bool:
+    """Whether a frame already received after `frame` makes it stale, so it need not run.
+
+    Stage 0 sends a speculative window ahead of the verdict on the one before (run-ahead);
+    when that verdict rejects it, the next frame of the session starts at or before the
+    stale window's start_pos (every frame that follows a kept window starts after it), and
+    ending the session makes every frame before it moot.
+    """
+    if frame.WhichOneof("body") != "activations":
+        return False
+    for other in later:
+        if other.session_id != frame.session_id:
+            continue
+        kind = other.WhichOneof("body")
+        if kind == "end_session":
+            return True
+        if kind == "activations" and other.activations.start_pos <= frame.activations.start_pos:
+            return True
+    return False

@@ -53,6 +53,11 @@ class StageModel:
         except SessionLimitError as exc:
             raise FrameError(pb.ACTIVATION_ERROR_CODE_TOO_MANY_SESSIONS, exc.message) from exc
         if start_pos < cache.length:
+            if not cache.can_truncate(start_pos):  # past a sliding window's reach: start again
+                raise FrameError(pb.ACTIVATION_ERROR_CODE_POSITION_GAP,
+                                 f"session {session_id} cannot roll back from {cache.length} to "
+                                 f"{start_pos} here (a sliding-window cache keeps only so many "
+                                 "positions past its window); re-send the prefix from position 0")
             cache.truncate(start_pos)
         out = self.layers(hidden.astype(self.compute_dtype), cache.caches)
         mx.eval(out)
