@@ -417,16 +417,21 @@ def test_stats_count_drafts_acceptances_and_passes(tiny_models):
     assert stats.gate is not None
 
 
-def test_the_split_pipeline_session_is_a_target(tiny_models):
+def one_stage_pipeline(model):
+    """Stage 0's pipeline over the model's one range, in this process (no peers)."""
     from layerline.runtime.model.kv_cache import SessionStore
     from layerline.runtime.stage.model import StageModel
     from layerline.runtime.stage.pipeline import Pipeline
 
-    model = tiny_models["target"]
     layers = model.ranges[0]
     stage = StageModel(layers, SessionStore(layers.make_cache), 512, mx.float32)
-    pipeline = Pipeline(model.head, stage, first_peer=None, wire_dtype=0,
-                        hidden_size=layers.hidden_size, max_tokens=512)
+    return Pipeline(model.head, stage, first_peer=None, wire_dtype=0,
+                    hidden_size=layers.hidden_size, max_tokens=512)
+
+
+def test_the_split_pipeline_session_is_a_target(tiny_models):
+    model = tiny_models["target"]
+    pipeline = one_stage_pipeline(model)
     params = SamplingParams(max_tokens=20)
     session = pipeline.open("spec-test")
     generation = generate(PipelineTarget(session), [1, 2, 3], params,
@@ -694,15 +699,8 @@ def test_closing_mid_overlapped_step_leaves_target_and_draft_consistent(tiny_mod
 
 
 def test_overlap_through_the_split_pipeline_session(tiny_models):
-    from layerline.runtime.model.kv_cache import SessionStore
-    from layerline.runtime.stage.model import StageModel
-    from layerline.runtime.stage.pipeline import Pipeline
-
     model = tiny_models["target"]
-    layers = model.ranges[0]
-    stage = StageModel(layers, SessionStore(layers.make_cache), 512, mx.float32)
-    pipeline = Pipeline(model.head, stage, first_peer=None, wire_dtype=0,
-                        hidden_size=layers.hidden_size, max_tokens=512)
+    pipeline = one_stage_pipeline(model)
     params = SamplingParams(max_tokens=30)
     generation = generate(PipelineTarget(pipeline.open("overlap-test")), [1, 2, 3], params,
                           drafter=ModelDrafter(tiny_models["near"], params), policy=WindowPolicy.fixed(3),
