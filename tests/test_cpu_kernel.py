@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -63,7 +65,7 @@ def relative_error(got: mx.array, ref: mx.array) -> float:
     return (mx.abs(got - ref).max() / mx.abs(ref).max()).item()
 
 
-@pytest.mark.parametrize("isa", ["avx512", "avx2", "portable"])
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "neon", "portable"])
 def test_kernel_matches_mlx_for_every_bits_group_and_row_count_on_each_path(isa):
     env = {**os.environ, ISA_ENV_VAR: isa}
     result = subprocess.run([sys.executable, "-c", _SWEEP], env=env, capture_output=True, text=True,
@@ -74,6 +76,23 @@ def test_kernel_matches_mlx_for_every_bits_group_and_row_count_on_each_path(isa)
         pytest.skip(f"this CPU has no {isa} (ran {report['isa']})")
     bad = {k: v for k, v in report["worst"].items() if v > MAX_RELATIVE_ERROR}
     assert not bad and len(report["worst"]) == 18
+
+
+CHECK_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "check_cpu_kernel.sh"
+
+
+@pytest.mark.parametrize("target", ["native", "arm64"])
+def test_vector_paths_match_portable_path_without_mlx(target):
+    """The kernel's own sources, built apart from mlx: natively (AVX2/AVX-512 here), and NEON
+    cross-compiled for arm64 and run under qemu where the tools are installed."""
+    cross = ["aarch64-linux-gnu-g++", "qemu-aarch64"]
+    needed = cross if target == "arm64" else [os.environ.get("CXX", "c++")]
+    missing = [tool for tool in needed if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not on PATH (apt-get install g++-aarch64-linux-gnu qemu-user)")
+    result = subprocess.run(["bash", str(CHECK_SCRIPT), target], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip().endswith(" 0 failed") or "no vector path" in result.stdout, result.stdout
 
 
 def test_kernel_matches_mlx_on_smollm2_layers_and_tied_head(smollm2_package):

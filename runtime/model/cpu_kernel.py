@@ -1,9 +1,9 @@
 """layerline's CPU kernel for packed weights, and moving a loaded model's packed layers onto it.
 
 mlx's CPU `quantized_matmul` reads packed weights at about 1.2 GB/s and costs about
-rows x one row. The kernel in `native/` (an mlx primitive built by `pip install`,
-AVX-512, AVX2 or portable code chosen at run time) reads each packed weight once per
-call, whatever the number of rows, at memory speed. After a range or the head is
+rows x one row. The kernel in `native/` (an mlx primitive built by `pip install`;
+AVX-512, AVX2, NEON on arm64, or portable code chosen at run time) reads each packed
+weight once per call, whatever the number of rows, at memory speed. After a range or the head is
 loaded on the CPU, `use_cpu_kernel` swaps mlx-lm's `QuantizedLinear` layers (and a
 tied head's `as_linear`) onto it; Metal and CUDA keep mlx's kernels. The embedding
 lookup stays mlx's: it dequantizes only the rows of the tokens asked for.
@@ -28,7 +28,7 @@ import mlx.nn as nn
 log = logging.getLogger("layerline.runtime")
 
 ENV_VAR = "LAYERLINE_CPU_KERNEL"  # "off" runs mlx's kernels even where the kernel is built
-ISA_ENV_VAR = "LAYERLINE_KERNEL_ISA"  # portable | avx2 | avx512: force one path (read by the kernel)
+ISA_ENV_VAR = "LAYERLINE_KERNEL_ISA"  # portable | avx2 | avx512 | neon: force one path (read by the kernel)
 THREADS_ENV_VAR = "LAYERLINE_KERNEL_THREADS"  # threads per product (default: the CPUs this process may use)
 BUILD_ERROR_FILE = Path(__file__).with_name("_cpu_kernel.build-error.txt")  # written by setup.py
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
@@ -40,7 +40,7 @@ _BUILD_HINT = ("install a C++ compiler and cmake (apt-get install build-essentia
 @dataclass(frozen=True)
 class CpuKernel:
     available: bool
-    isa: str  # "avx512", "avx2", "portable", or "none"
+    isa: str  # "avx512", "avx2", "neon", "portable", or "none"
     threads: int
     reason: str
 

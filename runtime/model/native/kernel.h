@@ -30,6 +30,9 @@ void qmm_columns_portable(const QmmArgs& a, int n0, int n1);
 void qmm_columns_avx2(const QmmArgs& a, int n0, int n1);
 void qmm_columns_avx512(const QmmArgs& a, int n0, int n1);
 #endif
+#if defined(__aarch64__)
+void qmm_columns_neon(const QmmArgs& a, int n0, int n1);
+#endif
 
 inline float half_to_float(uint16_t h) {
   const uint32_t sign = uint32_t(h & 0x8000) << 16, exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff;

@@ -41,6 +41,7 @@ struct Simd {
     if (type == ScaleType::f16) return _cvtsh_ss(h);
     return _mm_cvtss_f32(_mm_castsi128_ps(_mm_cvtsi32_si128(int(uint32_t(h) << 16))));
   }
+  static void prefetch(const uint8_t* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
   static float hsum(F v) { return _mm512_reduce_add_ps(v); }
 };
 

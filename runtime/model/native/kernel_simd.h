@@ -154,7 +154,7 @@ inline void gemv4(const QmmArgs& a, int n0, int n1) {
     // The rows two blocks ahead, as in the general path.
     const size_t block_bytes = 4 * a.w_row_bytes, ahead = size_t(n) * a.w_row_bytes + 2 * block_bytes;
     for (size_t line = 0; line < block_bytes && ahead + line < a.w_total_bytes; line += 64) {
-      _mm_prefetch(reinterpret_cast<const char*>(a.w + ahead + line), _MM_HINT_T0);
+      Simd::prefetch(a.w + ahead + line);
     }
     if (nb == 4) {
       gemv4_block<4>(a, rows, xp.data(), xsum.data(), n);
@@ -190,7 +190,7 @@ inline void columns(const QmmArgs& a, int n0, int n1) {
     const size_t block_bytes = size_t(step) * a.w_row_bytes;
     const size_t ahead = start + 2 * block_bytes;
     for (size_t line = 0; line < block_bytes && ahead + line < a.w_total_bytes; line += 64) {
-      _mm_prefetch(reinterpret_cast<const char*>(a.w + ahead + line), _MM_HINT_T0);
+      Simd::prefetch(a.w + ahead + line);
     }
     for (int m0 = 0; m0 < a.M; m0 += kMaxRowsPerPass) {
       const int mb = std::min(kMaxRowsPerPass, a.M - m0);

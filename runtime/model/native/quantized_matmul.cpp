@@ -26,7 +26,7 @@ struct Isa {
 };
 
 Isa choose_isa() {
-  // LAYERLINE_KERNEL_ISA=portable|avx2|avx512 forces a path (tests run each); an unsupported
+  // LAYERLINE_KERNEL_ISA=portable|avx2|avx512|neon forces a path (tests run each); an unsupported
   // choice falls back to the best the CPU has.
   const char* forced = std::getenv("LAYERLINE_KERNEL_ISA");
   const std::string want = forced ? forced : "";
@@ -39,6 +39,10 @@ Isa choose_isa() {
   if (avx2 && want != "avx512") return {qmm_columns_avx2, "avx2"};
   if (avx512) return {qmm_columns_avx512, "avx512"};
   if (avx2) return {qmm_columns_avx2, "avx2"};
+#endif
+#if defined(__aarch64__)
+  // Every arm64 CPU has NEON: the only choice is forcing the portable path above.
+  return {qmm_columns_neon, "neon"};
 #endif
   return {qmm_columns_portable, "portable"};
 }

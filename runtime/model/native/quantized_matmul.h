@@ -30,7 +30,7 @@ class PackedMatmul : public mx::UnaryPrimitive {
 mx::array packed_matmul(const mx::array& x, const mx::array& w, const mx::array& scales,
                         const mx::array& biases, int group_size, int bits, const std::string& name);
 
-// The instruction set the kernel runs with: "avx512", "avx2" or "portable".
+// The instruction set the kernel runs with: "avx512", "avx2", "neon" or "portable".
 std::string kernel_isa();
 int kernel_threads();
 

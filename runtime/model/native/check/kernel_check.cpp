@@ -1,0 +1,151 @@
+// Every vector path compiled for this machine against the portable path, without mlx: random
+// packed weights for every bits, group, scale type and 1..32 rows of x, an odd number of
+// weight rows (tails of every block size), split in two column ranges as two threads would.
+// Built and run by scripts/check_cpu_kernel.sh, natively or cross-compiled for arm64 under qemu.
+// Exit status 0 when every path is within 1e-4 relative error of the portable one.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "../kernel.h"
+
+namespace {
+
+using namespace layerline;
+
+constexpr double kMaxRelativeError = 1e-4;
+
+struct Path {
+  const char* name;
+  QmmColumns columns;
+};
+
+std::vector<Path> vector_paths() {
+  std::vector<Path> paths;
+#if defined(__x86_64__) || defined(_M_X64)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) paths.push_back({"avx2", qmm_columns_avx2});
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) {
+    paths.push_back({"avx512", qmm_columns_avx512});
+  }
+#endif
+#if defined(__aarch64__)
+  paths.push_back({"neon", qmm_columns_neon});
+#endif
+  return paths;
+}
+
+// A half with a random sign and mantissa and a magnitude in [2^-5, 1).
+uint16_t random_half(std::mt19937& rng) {
+  const uint32_t sign = rng() & 1u, exponent = 10 + rng() % 5, mantissa = rng() & 0x3ffu;
+  return uint16_t(sign << 15 | exponent << 10 | mantissa);
+}
+
+// The top half of a float's bits: a bf16 value near it.
+uint16_t bf16_of(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  return uint16_t(bits >> 16);
+}
+
+struct Case {
+  int N, K, M, bits, group;
+  ScaleType type;
+  std::vector<uint8_t> w;
+  std::vector<float> x, scales32, biases32;
+  std::vector<uint16_t> scales16, biases16;
+
+  QmmArgs args(float* y) const {
+    QmmArgs a{};
+    a.x = x.data();
+    a.w = w.data();
+    a.scale_type = type;
+    a.scales = type == ScaleType::f32 ? static_cast<const void*>(scales32.data()) : scales16.data();
+    a.biases = type == ScaleType::f32 ? static_cast<const void*>(biases32.data()) : biases16.data();
+    a.y = y;
+    a.M = M, a.N = N, a.K = K, a.bits = bits, a.group = group;
+    a.w_row_bytes = size_t(K) * bits / 8;
+    a.w_total_bytes = size_t(N) * a.w_row_bytes;
+    return a;
+  }
+};
+
+Case make_case(std::mt19937& rng, int N, int K, int M, int bits, int group, ScaleType type) {
+  Case c{N, K, M, bits, group, type, {}, {}, {}, {}, {}, {}};
+  // Exactly the packed bytes, no slack: a path that reads past the weights reads past the buffer.
+  c.w.resize(size_t(N) * K * bits / 8);
+  for (auto& b : c.w) b = uint8_t(rng());
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  c.x.resize(size_t(M) * K);
+  for (auto& v : c.x) v = normal(rng);
+  const size_t groups = size_t(N) * K / group;
+  for (size_t i = 0; i < groups; ++i) {
+    const float s = half_to_float(random_half(rng)), b = half_to_float(random_half(rng));
+    c.scales32.push_back(s);
+    c.biases32.push_back(b);
+    c.scales16.push_back(type == ScaleType::bf16 ? bf16_of(s) : random_half(rng));
+    c.biases16.push_back(type == ScaleType::bf16 ? bf16_of(b) : random_half(rng));
+  }
+  return c;
+}
+
+// Columns [0, split) and [split, N) as two threads would take them (split on a 4-row block).
+std::vector<float> run(QmmColumns columns, const Case& c) {
+  std::vector<float> y(size_t(c.M) * c.N, NAN);
+  const QmmArgs a = c.args(y.data());
+  const int split = (c.N / 2) / 4 * 4;
+  columns(a, 0, split);
+  columns(a, split, c.N);
+  return y;
+}
+
+double relative_error(const std::vector<float>& got, const std::vector<float>& ref) {
+  double diff = 0.0, scale = 0.0;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    if (!std::isfinite(got[i])) return INFINITY;
+    diff = std::max(diff, double(std::fabs(got[i] - ref[i])));
+    scale = std::max(scale, double(std::fabs(ref[i])));
+  }
+  return diff / scale;
+}
+
+}  // namespace
+
+int main() {
+  const auto paths = vector_paths();
+  if (paths.empty()) {
+    std::printf("no vector path on this CPU: nothing to compare\n");
+    return 0;
+  }
+  std::mt19937 rng(15);
+  const ScaleType types[] = {ScaleType::f32, ScaleType::f16, ScaleType::bf16};
+  const char* type_names[] = {"f32", "f16", "bf16"};
+  int failures = 0, cases = 0;
+  for (const Path& path : paths) {
+    double worst = 0.0;
+    for (int bits : {2, 3, 4, 5, 6, 8}) {
+      for (int group : {32, 64, 128}) {
+        for (int M = 1; M <= 32; ++M) {
+          const int t = (M + bits + group / 32) % 3;
+          const Case c = make_case(rng, 37, 384, M, bits, group, types[t]);
+          const double err = relative_error(run(path.columns, c), run(qmm_columns_portable, c));
+          worst = std::max(worst, err);
+          ++cases;
+          if (!(err <= kMaxRelativeError)) {
+            ++failures;
+            std::printf("FAIL %s bits=%d group=%d rows=%d scales=%s: relative error %.3g\n", path.name, bits,
+                        group, M, type_names[t], err);
+          }
+        }
+      }
+    }
+    std::printf("%s: worst relative error %.3g against portable\n", path.name, worst);
+  }
+  std::printf("%d cases, %d failed\n", cases, failures);
+  return failures ? 1 : 0;
+}

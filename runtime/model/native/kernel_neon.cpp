@@ -1,0 +1,73 @@
+// The NEON path for arm64 (always present there): 4 floats a register, used in pairs as one
+// 8-lane vector, because 4 values of 3 or 5 bits do not end on a byte and 8 always do.
+#include <arm_neon.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "kernel.h"
+
+namespace layerline {
+namespace {
+
+struct Simd {
+  using F = float32x4x2_t;
+  using I = uint32x4x2_t;
+  static constexpr int L = 8;
+  static constexpr int max_rows = 4;  // rows of x per pass
+  // Weight rows per pass: 32 registers hold as many 8-lane pairs as AVX2 has 8-lane registers.
+  static int weight_rows(int m) { return m <= 2 ? 4 : 2; }
+  static F zero() { return {vdupq_n_f32(0.0f), vdupq_n_f32(0.0f)}; }
+  static F set1(float v) { return {vdupq_n_f32(v), vdupq_n_f32(v)}; }
+  static F load(const float* p) { return {vld1q_f32(p), vld1q_f32(p + 4)}; }
+  static F fma(F a, F b, F c) {
+    return {vfmaq_f32(c.val[0], a.val[0], b.val[0]), vfmaq_f32(c.val[1], a.val[1], b.val[1])};
+  }
+  static I load_int(const void* p) {
+    const uint32_t* q = static_cast<const uint32_t*>(p);
+    return {vld1q_u32(q), vld1q_u32(q + 4)};
+  }
+  static I set1_int(int v) { return {vdupq_n_u32(uint32_t(v)), vdupq_n_u32(uint32_t(v))}; }
+  // A table lookup places each value's bytes in its lane (index 0x80 is out of the table: 0),
+  // as AVX2's byte shuffle does; a negative shift count shifts right.
+  static F unpack(const uint8_t* p, I control, I shifts, I mask) {
+    const uint8x16_t bytes = vld1q_u8(p);
+    F out;
+    for (int h = 0; h < 2; ++h) {
+      const uint32x4_t lanes = vreinterpretq_u32_u8(vqtbl1q_u8(bytes, vreinterpretq_u8_u32(control.val[h])));
+      const uint32x4_t v = vandq_u32(vshlq_u32(lanes, vnegq_s32(vreinterpretq_s32_u32(shifts.val[h]))), mask.val[h]);
+      out.val[h] = vcvtq_f32_u32(v);
+    }
+    return out;
+  }
+  static I widen(const uint8_t* p) {
+    const uint16x8_t wide = vmovl_u8(vld1_u8(p));
+    return {vmovl_u16(vget_low_u16(wide)), vmovl_u16(vget_high_u16(wide))};
+  }
+  static I and_int(I a, I b) { return {vandq_u32(a.val[0], b.val[0]), vandq_u32(a.val[1], b.val[1])}; }
+  static I shift_right_4(I a) { return {vshrq_n_u32(a.val[0], 4), vshrq_n_u32(a.val[1], 4)}; }
+  static F to_float(I a) { return {vcvtq_f32_u32(a.val[0]), vcvtq_f32_u32(a.val[1])}; }
+  static F add(F a, F b) { return {vaddq_f32(a.val[0], b.val[0]), vaddq_f32(a.val[1], b.val[1])}; }
+  // Element i of scales or biases as f32: f16 through the hardware conversion, not in software.
+  static float scale(const void* p, ScaleType type, size_t i) {
+    if (type == ScaleType::f32) return static_cast<const float*>(p)[i];
+    const uint16_t h = static_cast<const uint16_t*>(p)[i];
+    if (type == ScaleType::f16) return vgetq_lane_f32(vcvt_f32_f16(vreinterpret_f16_u16(vdup_n_u16(h))), 0);
+    const uint32_t bits = uint32_t(h) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+  }
+  static void prefetch(const uint8_t* p) { __builtin_prefetch(p, 0, 3); }
+  static float hsum(F v) { return vaddvq_f32(vaddq_f32(v.val[0], v.val[1])); }
+};
+
+#define SIMD_MAX_ROWS 4
+#include "kernel_simd.h"
+
+}  // namespace
+
+void qmm_columns_neon(const QmmArgs& a, int n0, int n1) { columns(a, n0, n1); }
+
+}  // namespace layerline
