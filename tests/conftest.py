@@ -18,8 +18,8 @@ from helpers import (
     HF_TEST_TOKEN,
     TINY_LLAMA_CONFIG,
     StageProcess,
-    write_tiny_gguf,
 )
+from tiny_architectures import small_tokenizer, write_gguf_model
 
 # The Hub is out of reach on test machines: stage processes must fail fast, not wait on it.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -99,8 +99,8 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path,
     root = tmp_path_factory.mktemp("tiny-llama")
     weights = random_llama_weights(TINY_LLAMA_CONFIG)
     folder = write_hf_folder(root / "hf", TINY_LLAMA_CONFIG, weights, smollm2_tokenizer_dir)
-    gguf_path = write_tiny_gguf(root / "tiny-llama.F32.gguf", TINY_LLAMA_CONFIG, weights,
-                                smollm2_gguf)
+    tokenizer = small_tokenizer(smollm2_gguf, vocab=TINY_LLAMA_CONFIG["vocab_size"])
+    gguf_path = write_gguf_model(root / "tiny-llama.F32.gguf", TINY_LLAMA_CONFIG, weights, tokenizer)
     return {"config": TINY_LLAMA_CONFIG, "weights": weights, "folder": folder, "gguf": gguf_path}
 
 

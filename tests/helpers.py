@@ -42,49 +42,6 @@ def permute_qk(weight: np.ndarray, n_heads: int) -> np.ndarray:
     )
 
 
-def write_tiny_gguf(path: Path, config: dict, weights: dict[str, np.ndarray],
-                    tokenizer_gguf: Path) -> Path:
-    """Write a llama GGUF of the given float weights, as llama.cpp's converter would
-    (Q/K permuted, F32 tensors), with the tokenizer metadata of `tokenizer_gguf`."""
-    import gguf
-
-    source = gguf.GGUFReader(str(tokenizer_gguf))
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_block_count(config["num_hidden_layers"])
-    writer.add_context_length(config["max_position_embeddings"])
-    writer.add_embedding_length(config["hidden_size"])
-    writer.add_feed_forward_length(config["intermediate_size"])
-    writer.add_head_count(config["num_attention_heads"])
-    writer.add_head_count_kv(config["num_key_value_heads"])
-    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    writer.add_rope_freq_base(config["rope_theta"])
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("smollm")
-    f = source.fields
-    writer.add_token_list(f["tokenizer.ggml.tokens"].contents())
-    writer.add_token_types(f["tokenizer.ggml.token_type"].contents())
-    writer.add_token_merges(f["tokenizer.ggml.merges"].contents())
-    writer.add_bos_token_id(f["tokenizer.ggml.bos_token_id"].contents())
-    writer.add_eos_token_id(f["tokenizer.ggml.eos_token_id"].contents())
-    writer.add_chat_template(f["tokenizer.chat_template"].contents())
-
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config["num_hidden_layers"])
-    for hf_name, values in weights.items():
-        base, _, suffix = hf_name.rpartition(".")
-        if base.endswith("q_proj"):
-            values = permute_qk(values, config["num_attention_heads"])
-        elif base.endswith("k_proj"):
-            values = permute_qk(values, config["num_key_value_heads"])
-        writer.add_tensor(f"{names.get_name(base)}.{suffix}", np.ascontiguousarray(values))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
-
-
-# ---------------------------------------------------------------- stage processes
-
 
 def _layerline(*args: str) -> list[str]:
     return [sys.executable, "-m", "layerline", *args]
