@@ -348,6 +348,17 @@ def test_target_and_draft_hold_exactly_the_committed_tokens_after_rejections(tin
     assert target.length == 3 + len(tokens) - 1
 
 
+def assert_caches_hold(committed, target, drafter, model, params) -> None:
+    """After a closed generation both caches hold `committed` (the target all but its last
+    token): the next logits and drafts match a fresh computation."""
+    assert target.length == len(committed) - 1
+    assert drafter.fed == committed[:len(drafter.fed)] and drafter.length == len(drafter.fed)
+    fresh = LocalTarget.open(model).forward(committed, 0)[-1]
+    assert np.allclose(np.array(target.forward(committed[-1:], len(committed) - 1)[-1]),
+                       np.array(fresh), atol=1e-4)
+    assert drafter.propose(committed, 4)[0] == ModelDrafter(model, params).propose(committed, 4)[0]
+
+
 def test_closing_mid_run_leaves_target_and_draft_consistent(tiny_models):
     model = tiny_models["target"]
     params = SamplingParams(max_tokens=30)
@@ -360,13 +371,7 @@ def test_closing_mid_run_leaves_target_and_draft_consistent(tiny_models):
     stream.close()
     committed = prompt + taken
     assert generation.stats.target_passes == 2 and generation.stats.accepted == 8
-    assert target.length == len(committed) - 1
-    assert drafter.fed == committed[:len(drafter.fed)] and drafter.length == len(drafter.fed)
-    # What the caches hold is right: the next logits match a fresh computation.
-    fresh = LocalTarget.open(model).forward(committed, 0)[-1]
-    assert np.allclose(np.array(target.forward(committed[-1:], len(committed) - 1)[-1]),
-                       np.array(fresh), atol=1e-4)
-    assert drafter.propose(committed, 4)[0] == ModelDrafter(model, params).propose(committed, 4)[0]
+    assert_caches_hold(committed, target, drafter, model, params)
 
 
 @pytest.mark.parametrize("max_tokens", [1, 2, 5, 17])
@@ -690,12 +695,7 @@ def test_closing_mid_overlapped_step_leaves_target_and_draft_consistent(tiny_mod
     stream.close()
     committed = prompt + taken
     assert generation.stats.overlap_hits >= 1
-    assert target.length == len(committed) - 1
-    assert drafter.fed == committed[:len(drafter.fed)] and drafter.length == len(drafter.fed)
-    fresh = LocalTarget.open(model).forward(committed, 0)[-1]
-    assert np.allclose(np.array(target.forward(committed[-1:], len(committed) - 1)[-1]),
-                       np.array(fresh), atol=1e-4)
-    assert drafter.propose(committed, 4)[0] == ModelDrafter(model, params).propose(committed, 4)[0]
+    assert_caches_hold(committed, target, drafter, model, params)
 
 
 def test_overlap_through_the_split_pipeline_session(tiny_models):
