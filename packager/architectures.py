@@ -206,6 +206,14 @@ def build_model(config: dict[str, Any]) -> Any:
     return module.Model(module.ModelArgs.from_dict(config))
 
 
+def whole_model_weights(model: Any, config: dict[str, Any], weights: dict[str, Any]) -> dict[str, Any]:
+    """`weights` as the whole mlx-lm `model` loads them: a tied head's `lm_head` dropped, then
+    mlx-lm's own `sanitize` (e.g. Gemma 3 ties its head there)."""
+    if config.get("tie_word_embeddings", True):
+        weights = {k: v for k, v in weights.items() if not k.startswith("lm_head.")}
+    return model.sanitize(weights) if hasattr(model, "sanitize") else weights
+
+
 def config_from_gguf(arch: Architecture, meta: dict[str, Any], vocab_size: int,
                      has_output: bool) -> dict[str, Any]:
     """mlx-lm ModelArgs for a GGUF file, from its `<arch>.*` metadata."""

@@ -16,7 +16,7 @@ import numpy as np
 
 from layerline.progress import step_progress
 
-from .architectures import LAYER_PREFIX, build_model
+from .architectures import LAYER_PREFIX, build_model, whole_model_weights
 from .manifest import Fidelity, Manifest
 from .source import ModelSource
 
@@ -62,10 +62,7 @@ def _logits(config: dict[str, Any], weights: dict, tokens: list[int]) -> np.ndar
     import mlx.core as mx
 
     model = build_model(config)
-    if config.get("tie_word_embeddings", True):
-        weights.pop("lm_head.weight", None)
-    if hasattr(model, "sanitize"):  # e.g. Gemma 3 ties its head here
-        weights = model.sanitize(weights)
+    weights = whole_model_weights(model, config, weights)
     model.load_weights(list(weights.items()), strict=True)
     weights.clear()  # the model holds them now; nothing else should
     logits = np.array(model(mx.array(tokens)[None])[0].astype(mx.float32))

@@ -19,7 +19,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from layerline.packager.architectures import build_model
+from layerline.packager.architectures import build_model, whole_model_weights
 from layerline.packager.package import LayerPackage
 
 from ..decode.local_pipeline import LocalPipeline
@@ -73,10 +73,7 @@ def load_bare_mlx_lm(package: LayerPackage, plan: WeightsPlan) -> nn.Module:
         prefix = f"model.layers.{index}."
         for name, value in apply_plan(tensors, plan, manifest.quantization, prefix).items():
             weights[prefix + name] = value
-    if manifest.config.get("tie_word_embeddings", True):
-        weights = {k: v for k, v in weights.items() if not k.startswith("lm_head.")}
-    if hasattr(model, "sanitize"):  # e.g. Gemma 3 drops its own head when tied
-        weights = model.sanitize(weights)
+    weights = whole_model_weights(model, manifest.config, weights)
     # mlx's own kernels: this is the reference layerline is compared with.
     load_into(model, weights, manifest.quantization, cpu_kernel=False)
     return model
