@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import queue
 import threading
 import time
 import uuid
@@ -25,7 +26,7 @@ from typing import Any
 from layerline.packager.manifest import Manifest
 
 from ..decode.batch_window import window_cap
-from ..decode.loop import GenerationStats, Token, compress_windows, generate
+from ..decode.loop import GenerationStats, StepRecord, Token, compress_windows, generate
 from ..decode.sampling import SamplingParams
 from ..decode.targets import PipelineTarget
 from ..decode.text import text_events
@@ -62,6 +63,16 @@ class PipelineEngine:
         self.profile = profile or PassProfile()
         self.vocab_size = pipeline.head.vocab_size
         self._stopping = threading.Event()
+        self._drafting: dict[str, bool] = {}  # request session -> its last step drafted
+
+    @property
+    def speculating(self) -> int:
+        """Requests whose last step drafted."""
+        return sum(self._drafting.values())
+
+    def _on_step(self, session_id: str, step: StepRecord) -> None:
+        self._drafting[session_id] = step.drafted > 0
+        self.profile.record(session_id, step)
 
     def encode(self, text: str) -> list[int]:
         return text_prompt_tokens(self.tokenizer, text, max_tokens=self.context_length)
@@ -91,16 +102,7 @@ class PipelineEngine:
             logprobs=request.logprobs is not None, top_logprobs=request.logprobs or 0)
         self.pipeline.check_tokens(request.prompt_tokens)
         ticket = self.admission.enter()
-        return Events(self._events(request, params, ticket), ticket)
-
-    def _events(self, request: GenerationRequest, params: SamplingParams,
-                ticket: Ticket) -> Iterator[GenerationEvent]:
-        """Tokens for one request, as text deltas; the last event says why it finished."""
-        try:
-            ticket.wait()
-            yield from self._decode(request, params)
-        finally:
-            ticket.release()
+        return Events(lambda: self._decode(request, params), ticket)
 
     def _decode(self, request: GenerationRequest, params: SamplingParams) -> Iterator[GenerationEvent]:
         plan = self.speculation.plan(request.speculative, params, context_length=self.context_length,
@@ -111,7 +113,7 @@ class PipelineEngine:
         generation = generate(PipelineTarget(session), request.prompt_tokens, params, drafter=plan.drafter,
                               policy=plan.policy, context_length=self.context_length,
                               prefill_step=self.max_batch_tokens,
-                              on_step=lambda step: self.profile.record(session.session_id, step),
+                              on_step=lambda step: self._on_step(session.session_id, step),
                               overlap=plan.overlap, run_ahead=plan.run_ahead, window_cap=cap)
         events = text_events(generation, self.tokenizer, end_ids=self.end_ids)
         started = time.monotonic()
@@ -130,6 +132,7 @@ class PipelineEngine:
                 yield out
         finally:
             events.close()  # rolls back what a stop string cut off
+            self._drafting.pop(session.session_id, None)
             session.close()
             self._record(plan, generation.stats, time.monotonic() - started)
 
@@ -147,20 +150,57 @@ class PipelineEngine:
 
 
 class Events:
-    """One admitted request's events; `close()` ends it and frees its slot, read to the end or not."""
+    """One admitted request's events; `close()` ends it and frees its slot, read to the end or not.
 
-    def __init__(self, events: Iterator[GenerationEvent], ticket: Ticket) -> None:
-        self._events = events
+    The first read waits for a decoding slot; then the request decodes on a thread of its own,
+    which hands its events over: mlx evaluates a graph only on the thread that built it, and
+    the HTTP server reads a stream from whichever worker thread is free.
+    """
+
+    def __init__(self, decode: Callable[[], Iterator[GenerationEvent]], ticket: Ticket) -> None:
+        self._decode = decode
         self._ticket = ticket
+        self._events: queue.Queue[GenerationEvent | BaseException | None] = queue.Queue()
+        self._stop = threading.Event()
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def __iter__(self) -> Events:
         return self
 
     def __next__(self) -> GenerationEvent:
-        return next(self._events)
+        if self._thread is None:
+            self._ticket.wait()  # queued requests wait here, before any model work
+            self._thread = threading.Thread(target=self._run, name="decode", daemon=True)
+            self._thread.start()
+        item = self._events.get()
+        if item is None:
+            self._events.put(None)  # ended: so it stays
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self._events.put(None)
+            raise item
+        return item
+
+    def _run(self) -> None:
+        events = self._decode()
+        try:
+            for event in events:
+                self._events.put(event)
+                if self._stop.is_set():
+                    break
+            self._events.put(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the reader, who raises it
+            self._events.put(exc)
+        finally:
+            events.close()  # here, on the thread that built its arrays: the session closes everywhere
+            self._done.set()
 
     def close(self) -> None:
-        self._events.close()  # runs the request's `finally`: session closed on every stage
+        """End the request (the step under way finishes first) and free its slot."""
+        self._stop.set()
+        if self._thread is not None:
+            self._done.wait()
         self._ticket.release()  # also when the events were never started
 
 

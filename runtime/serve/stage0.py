@@ -252,9 +252,15 @@ class Stage0:
             "profile": self.profile.to_json(),
             "requests": {"active": self.admission.active, "queued": self.admission.waiting,
                          "max_active": self.admission.max_active, "max_queue": self.admission.max_queue},
-            "batching": self.scheduler.to_json() if self.scheduler is not None else None,
+            "batching": self.batch_state(),
             "uptime_s": round(time.time() - self.started, 1),
         }
+
+    def batch_state(self) -> dict[str, Any] | None:
+        """The scheduler's passes and queue, and how many requests speculate (None until it runs)."""
+        if self.scheduler is None or self.engine is None:
+            return None
+        return {**self.scheduler.to_json(), "speculating": self.engine.speculating}
 
     def stage_states(self) -> list[StageGauge]:
         return [StageGauge(str(s["stage"]), s["endpoint"], s["state"] == "ready", s["sessions"],
@@ -263,7 +269,7 @@ class Stage0:
     def app(self) -> Any:
         """The HTTP app: the OpenAI API, the draft API and the dashboard."""
         app = create_app(self.slot, stage_states=self.stage_states, admission=self.admission,
-                         max_body_bytes=self.options.max_body_bytes)
+                         batching=self.batch_state, max_body_bytes=self.options.max_body_bytes)
         app.include_router(draft_router(self.speculation, self.admin, self.draft_policy))
         app.include_router(dashboard_router(self.admin))
         return app
