@@ -222,6 +222,7 @@ class Generation:
         self._gated = self.params.greedy or self.params.seed is None
         self._prepared: _Prepared | None = None  # the next step's window, drafted during a pass
         self._ahead: PendingPass | None = None  # the pass of `_prepared`, sent before the verdict
+        self._tail: list[int] = []  # the prompt's last chunk, fed with the first step
 
     @property
     def _limit(self) -> int:
@@ -238,8 +239,9 @@ class Generation:
         self._clock = time.perf_counter()
         committed = list(self.prompt)
         try:
-            self._prefill()
-            if self.policy.kind == "off" and getattr(self.target, "lazy", False):
+            plain_ahead = self.policy.kind == "off" and getattr(self.target, "lazy", False)
+            self._prefill(keep_tail=not plain_ahead)
+            if plain_ahead:
                 yield from self._plain_ahead(committed)
             else:
                 yield from self._steps(committed)
@@ -355,14 +357,19 @@ class Generation:
             step = _Drafts.usable(drafts, q, window, self.target.vocab_size)
             drafted_tokens = len(drafts)
         drafted_at = time.perf_counter()
-        pending = ahead or self.target.submit([committed[-1], *step.tokens], len(committed) - 1)
+        tail, self._tail = self._tail, []  # the prompt's last chunk rides with the first step
+        if len(tail) + 1 + len(step.tokens) > self.prefill_step:
+            self.target.forward(tail, len(committed) - 1 - len(tail))
+            tail = []
+        pending = ahead or self.target.submit([*tail, committed[-1], *step.tokens],
+                                              len(committed) - 1 - len(tail))
         upcoming = self._prepare(committed, step, pending) if self.overlap else None
         prepared_at = time.perf_counter()
         if upcoming is not None and self.run_ahead:
             # Into the pipeline before the verdict: a stage drops it if the verdict rejects it.
             self._ahead = self.target.submit(upcoming.prefix[-1:] + upcoming.step.tokens,
                                              len(upcoming.prefix) - 1)
-        logits = pending.result()
+        logits = pending.result()[len(tail):]
         verified_at = time.perf_counter()
         accepted, chosen = self._verify(logits, committed, step)
         out = [*step.tokens[:accepted], chosen]
@@ -397,7 +404,7 @@ class Generation:
         # The pass's own cost is known when it was sent in this step and its answer was not
         # there yet once the drafting ended.
         waited = upcoming is None or verified_at - prepared_at > 0.002
-        pass_s = verified_at - drafted_at if ahead is None and waited else None
+        pass_s = verified_at - drafted_at if ahead is None and waited and not tail else None
         self.policy.record(step.proposed, accepted, done - started, len(out), positions=len(step.tokens) + 1,
                            draft_s=(drafted_at - started) if drafted_tokens else None,
                            draft_tokens=drafted_tokens, pass_s=pass_s, stage0_share=_stage0_share(trace),
@@ -437,11 +444,15 @@ class Generation:
             return window
         return self.window_cap(window, accept_estimate(self.stats.drafted, self.stats.accepted))
 
-    def _prefill(self) -> None:
-        """Feed the prompt but its last token, which the first step feeds."""
+    def _prefill(self, keep_tail: bool) -> None:
+        """Feed the prompt but its last token, which the first step feeds; with `keep_tail`, the
+        first step also feeds the last chunk, so that a short prompt takes one pass, not two."""
         started = time.perf_counter()
         head = self.prompt[:-1]
-        for start in range(0, len(head), self.prefill_step):
+        starts = list(range(0, len(head), self.prefill_step))
+        if keep_tail and starts:
+            self._tail = head[starts.pop():]
+        for start in starts:
             self.target.forward(head[start:start + self.prefill_step], start)
         self.stats.prefill_seconds = time.perf_counter() - started
 
