@@ -97,7 +97,8 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_running_steps(tiny_models)
     done = threading.Event()
 
     def long_prompt() -> None:
-        list(generate(PipelineTarget(long_session), [4 + i % 20 for i in range(300)], SamplingParams(max_tokens=2)))
+        prompt = [4 + i % 20 for i in range(300)]
+        list(generate(PipelineTarget(long_session), prompt, SamplingParams(max_tokens=2)))
         done.set()
 
     thread = threading.Thread(target=long_prompt)
@@ -135,7 +136,8 @@ def batched_pipeline(smollm2_package, smollm2_f32_package, tmp_path):
     """SmolLM2 over stage 0 and one peer process, its f32 package as the draft."""
     stage = StageProcess((), tmp_path)
     config = tmp_path / "config.toml"
-    config.write_text(f'[defaults.speculative]\ndraft_model = "{smollm2_f32_package}"\nwindow_policy = "fixed"\ninitial_window = 3\n')
+    config.write_text(f'[defaults.speculative]\ndraft_model = "{smollm2_f32_package}"\n'
+                      'window_policy = "fixed"\ninitial_window = 3\n')
     try:
         stage0 = Stage0Process(smollm2_package, [stage.endpoint], tmp_path, "--config", str(config),
                                "--max-queue", "64")

@@ -1,9 +1,9 @@
 """Where stage 0's target passes spend their time, summed over every request since start.
 
 Each step of each request adds its drafting, its target pass (stage 0's own layers, every
-other stage's compute, every hop's wire and queueing, the head) and deciding on the
-logits. `/v1/status` shows the averages per pass; `--trace FILE` also writes every step as
-one JSON line.
+other stage's compute, every hop's wire and queueing, the head, and the wait for the batch
+pass that carried it) and deciding on the logits. `/v1/status` shows the averages per
+pass; `--trace FILE` also writes every step as one JSON line.
 """
 
 from __future__ import annotations
@@ -53,6 +53,8 @@ class PassProfile:
             for index, seconds in enumerate(trace.hops_s):
                 parts[f"hop{index}_{index + 1}_s"] = seconds
             parts["head_s"] = trace.head_s
+            if trace.queue_s:
+                parts["queue_s"] = trace.queue_s  # waiting for the batch pass, and the hand-over
         return parts
 
     def to_json(self) -> dict[str, Any]:

@@ -23,6 +23,7 @@ fewest sessions.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -81,7 +82,9 @@ class BatchPass:
         sub.finished.wait()
         if sub.error is not None:
             raise sub.error
-        sub.session.last_trace = sub.trace
+        if sub.trace is not None:
+            waited = time.perf_counter() - sub.queued_at - sub.trace.total_s
+            sub.session.last_trace = dataclasses.replace(sub.trace, queue_s=max(0.0, waited))
         if sub.logits is None:
             # A prompt's logits: built lazily here, in the caller's thread (mlx evaluates a graph
             # on the thread that built it), and computed only if read, which prefill never does.
@@ -273,7 +276,7 @@ class Lane:
         started = time.perf_counter()
         rows = [Rows(sub.session.session_id, sub.start_pos + sub.done, take) for sub, take in picks]
         tokens = [t for sub, take in picks for t in sub.tokens[sub.done:sub.done + take]]
-        trace = PassTrace(len(tokens))
+        trace = PassTrace(len(tokens), sessions=len(picks))
         with p.compute_lock:
             h = p.head.embed(mx.array([tokens]))
             if p.local is not None:

@@ -40,9 +40,12 @@ class PassTrace:
     stage_compute_s: dict[int, float] = field(default_factory=dict)  # stage index -> its layers
     hops_s: list[float] = field(default_factory=list)
     total_s: float = 0.0
+    queue_s: float = 0.0  # stage 0: waiting for the batch pass to start and hand the logits over
+    sessions: int = 1  # sessions whose rows the pass carried
 
     def to_json(self) -> dict:
         return {"positions": self.positions, "total_s": round(self.total_s, 6),
+                "queue_s": round(self.queue_s, 6), "sessions": self.sessions,
                 "local_s": round(self.local_s, 6), "head_s": round(self.head_s, 6),
                 "stage_compute_s": {str(k): round(v, 6) for k, v in sorted(self.stage_compute_s.items())},
                 "hops_s": [round(h, 6) for h in self.hops_s]}
