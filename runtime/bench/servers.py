@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +33,12 @@ class LayerlineServer:
 
     def __init__(self, *, package: Path, peers: int, links: StageLinks, log_dir: Path, cache_dir: Path,
                  config: Path | None, draft: bool, weights: str = "auto",
-                 python: str = sys.executable, pin: bool = False) -> None:
+                 python: str = sys.executable, pin: bool = False, stage0_args: Sequence[str] = ()) -> None:
         self.package, self.peers, self.links = package, peers, links
         self.pin = pin  # each stage process on a core of its own, as if on its own machine
         self.log_dir, self.cache_dir, self.config = log_dir, cache_dir, config
         self.draft, self.weights, self.python = draft, weights, python
+        self.stage0_args = list(stage0_args)  # more options for stage 0's command line
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.processes: list[Process] = []
@@ -61,6 +63,7 @@ class LayerlineServer:
                 argv += ["--config", str(self.config)]
             if not self.draft:
                 argv.append("--no-draft")
+            argv += self.stage0_args
             log = self.log_dir / "stage0.log"
             self.processes.insert(0, Process.start("stage 0", argv, log, cpus=self._cpus(0)))
             wait_healthy(self.url, self.processes, deadline - time.monotonic(), log)
