@@ -19,6 +19,7 @@ from layerline.errors import LayerlineError
 from layerline.runtime.bench.client import RequestSample
 from layerline.runtime.bench.report import LOAD_COLUMNS, PROFILE_COLUMNS, TABLE_COLUMNS
 from layerline.runtime.bench.serve import BenchSettings, build_matrix, stage0_args
+from layerline.runtime.bench.servers import check_stage_serve_accepts
 from layerline.runtime.bench.stats import (
     acceptance_counts,
     expected_passes,
@@ -124,6 +125,13 @@ def test_stage0_gets_room_for_every_client_and_max_batch_only_when_asked():
         "--max-queue", "64", "--max-sessions", "32", "--max-batch", "8"]
     with pytest.raises(LayerlineError, match="--clients"):
         BenchSettings(target="t", clients=(0, 4))
+
+
+def test_an_option_stage_serve_lacks_is_refused_before_any_condition_runs():
+    check_stage_serve_accepts(["--max-queue", "--max-sessions"])
+    with pytest.raises(LayerlineError, match="has no --max-batch-of-nothing") as refused:
+        check_stage_serve_accepts(["--max-queue", "--max-batch-of-nothing"])
+    assert "leave the option out" in (refused.value.hint or "")
 
 
 # ---------------------------------------------------------------- a real quick run

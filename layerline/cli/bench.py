@@ -148,7 +148,7 @@ def bench_serve(
     results = Bench(settings, folder).run(conditions, on_result=save)  # the last save wrote them all
     typer.echo(render_report(settings, results))
     typer.echo(f"wrote {folder}/table.md, results.json, chart.png"
-               + (", concurrency.png" if settings.client_levels else ""))
+               + (", concurrency.png" if (folder / "concurrency.png").exists() else ""))
     if any(r.error for r in results):
         raise typer.Exit(1)
 

@@ -36,7 +36,7 @@ from .client import RequestSample, stream_completion
 from .clients import run_clients
 from .link_delay import LINK_METHODS, StageLinks, open_links
 from .models import BENCH_CACHE, resolve_gguf, resolve_package
-from .servers import LayerlineServer, LlamaServer
+from .servers import LayerlineServer, LlamaServer, check_stage_serve_accepts
 from .stats import ConditionStats, LoadStats, solo_answers, summarize, summarize_load
 
 log = logging.getLogger("layerline.bench")
@@ -333,6 +333,8 @@ class Bench:
 
     def run(self, conditions: list[Condition],
             on_result: Callable[[ConditionResult], None] | None = None) -> list[ConditionResult]:
+        if self.settings.max_batch is not None:  # before any package is built
+            check_stage_serve_accepts(["--max-batch"])
         self.models = resolve_models(self.settings)
         results = []
         for condition in conditions:

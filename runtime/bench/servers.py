@@ -9,6 +9,7 @@ reported with the end of its log.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -102,6 +103,21 @@ class LayerlineServer:
         for process in self.processes:
             process.stop()
         self.processes = []
+
+
+def check_stage_serve_accepts(options: Sequence[str], python: str = sys.executable) -> None:
+    """Refuse at once, not once per condition, options this `layerline stage serve` does not know."""
+    env = {**os.environ, "COLUMNS": "200"}  # the help table must not cut option names
+    try:
+        help_text = subprocess.run([python, "-m", "layerline", "stage", "serve", "--help"],
+                                   capture_output=True, text=True, timeout=120, env=env).stdout
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ServerStartError(f"cannot run layerline stage serve --help: {exc}") from exc
+    unknown = [option for option in options
+               if not re.search(rf"{re.escape(option)}(?![\w-])", help_text)]  # not --max-batch-tokens
+    if unknown:
+        raise ServerStartError(f"this layerline's `stage serve` has no {', '.join(unknown)}",
+                               hint="leave the option out, or install a layerline whose stage 0 has it")
 
 
 def llama_server_draft_args(binary: Path, draft: Path, window: int) -> list[str]:
