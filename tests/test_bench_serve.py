@@ -17,8 +17,21 @@ import pytest
 
 from layerline.errors import LayerlineError
 from layerline.runtime.bench.client import RequestSample
-from layerline.runtime.bench.report import LOAD_COLUMNS, PROFILE_COLUMNS, TABLE_COLUMNS
-from layerline.runtime.bench.serve import BenchSettings, build_matrix, stage0_args
+from layerline.runtime.bench.report import (
+    LOAD_COLUMNS,
+    MEAN_BATCH_COLUMN,
+    PROFILE_COLUMNS,
+    TABLE_COLUMNS,
+    render_load,
+)
+from layerline.runtime.bench.serve import (
+    BenchSettings,
+    Condition,
+    ConditionResult,
+    LoadLevel,
+    build_matrix,
+    stage0_args,
+)
 from layerline.runtime.bench.servers import check_stage_serve_accepts
 from layerline.runtime.bench.stats import (
     acceptance_counts,
@@ -125,6 +138,20 @@ def test_stage0_gets_room_for_every_client_and_max_batch_only_when_asked():
         "--max-queue", "64", "--max-sessions", "32", "--max-batch", "8"]
     with pytest.raises(LayerlineError, match="--clients"):
         BenchSettings(target="t", clients=(0, 4))
+
+
+def test_load_table_shows_mean_batch_only_when_stage0_reports_it():
+    samples = [_sample(0, 0, 1.0, [0.1, 0.2], "Paris")]
+    load = summarize_load(samples, clients=1, solo={0: "Paris"})
+    plain = ConditionResult(Condition("split2", "layerline", 2), load=[LoadLevel(1, load, samples, 1.0)])
+    assert MEAN_BATCH_COLUMN not in render_load([plain])
+    batched = ConditionResult(Condition("split2", "layerline", 2), load=[
+        LoadLevel(1, load, samples, 1.0, {"mean_batch": 1.0}),
+        LoadLevel(4, None, error="4 of 4 clients failed; client 0: 429")])
+    table = render_load([batched]).splitlines()
+    assert table[0].endswith(f"| same text | {MEAN_BATCH_COLUMN} |")
+    assert table[2].endswith("| 100% | 1.00 |") and "failed: 4 of 4 clients failed" in table[3]
+    assert all(line.count(" | ") == len(LOAD_COLUMNS) for line in [table[0], *table[2:]])
 
 
 def test_an_option_stage_serve_lacks_is_refused_before_any_condition_runs():
