@@ -30,6 +30,7 @@ from layerline.runtime.bench.serve import (
     ConditionResult,
     LoadLevel,
     build_matrix,
+    level_mean_batch,
     stage0_args,
 )
 from layerline.runtime.bench.servers import check_stage_serve_accepts
@@ -152,6 +153,14 @@ def test_load_table_shows_mean_batch_only_when_stage0_reports_it():
     assert table[0].endswith(f"| same text | {MEAN_BATCH_COLUMN} |")
     assert table[2].endswith("| 100% | 1.00 |") and "failed: 4 of 4 clients failed" in table[3]
     assert all(line.count(" | ") == len(LOAD_COLUMNS) for line in [table[0], *table[2:]])
+
+
+def test_mean_batch_of_a_level_counts_only_the_passes_during_it():
+    before = {"batch_sizes": {"1": 10}, "mean_batch": 1.0}
+    after = {"batch_sizes": {"1": 12, "4": 6}, "mean_batch": 2.0}
+    assert level_mean_batch(before, after) == pytest.approx((2 * 1 + 6 * 4) / 8)
+    assert level_mean_batch(None, {"mean_batch": 3.5}) == 3.5  # no histogram: the server's own mean
+    assert level_mean_batch(None, None) is None
 
 
 def test_an_option_stage_serve_lacks_is_refused_before_any_condition_runs():

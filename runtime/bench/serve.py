@@ -192,6 +192,21 @@ def _drafted(stages: int, delay: float, window: WindowSpec, baseline: str, overl
                      baseline, overlap)
 
 
+def level_mean_batch(before: dict[str, Any] | None, after: dict[str, Any] | None) -> float | None:
+    """Mean sessions per pass between two reads of `batching`: from its `batch_sizes` histogram
+    ({size: passes}) when both reads have one, else the later read's own `mean_batch`."""
+    if after is None:
+        return None
+    sizes_after, sizes_before = after.get("batch_sizes"), (before or {}).get("batch_sizes", {})
+    if isinstance(sizes_after, dict) and isinstance(sizes_before, dict):
+        passes = {int(size): n - sizes_before.get(size, 0) for size, n in sizes_after.items()}
+        total = sum(passes.values())
+        if total > 0:
+            return sum(size * n for size, n in passes.items()) / total
+    value = after.get("mean_batch")
+    return float(value) if isinstance(value, (int, float)) else None
+
+
 @dataclass
 class LoadLevel:
     """One point of the concurrency axis: C clients at once on a condition's servers."""
@@ -201,17 +216,19 @@ class LoadLevel:
     samples: list[RequestSample] = field(default_factory=list)
     vs_one_client: float | None = None  # aggregate tok/s over the 1-client level's
     batching: dict[str, Any] | None = None  # stage 0's `/v1/status` -> `batching` after the level, if any
+    batching_before: dict[str, Any] | None = None  # the same, read before the level
     seconds: float = 0.0
     error: str | None = None
 
     @property
     def mean_batch(self) -> float | None:
-        value = (self.batching or {}).get("mean_batch")
-        return float(value) if isinstance(value, (int, float)) else None
+        """Sessions per batched pass during this level (stage 0's counters are since its start)."""
+        return level_mean_batch(self.batching_before, self.batching)
 
     def to_json(self) -> dict[str, Any]:
         return {"clients": self.clients, "stats": self.stats.to_json() if self.stats else None,
-                "vs_one_client": self.vs_one_client, "batching": self.batching,
+                "vs_one_client": self.vs_one_client, "mean_batch": self.mean_batch,
+                "batching": self.batching, "batching_before": self.batching_before,
                 "seconds": round(self.seconds, 2), "error": self.error,
                 "requests": [s.to_json() for s in self.samples]}
 
@@ -375,13 +392,14 @@ class Bench:
                                  pin=settings.pin, stage0_args=stage0_args(settings))
         try:
             server.start(settings.start_timeout_s)
-            before, profile_before = links.traffic(), server.status().get("profile") or {}
+            status_before = server.status()
+            before, profile_before = links.traffic(), status_before.get("profile") or {}
             result.samples = self._measure(server.url, extra={})
             result.link_traffic = _traffic_delta(before, links.traffic())
             result.server = server.status()
             result.profile = profile_delta(profile_before, result.server.get("profile") or {})
             if settings.client_levels:
-                result.load = self._measure_load(server, result.samples, result.server)
+                result.load = self._measure_load(server, result.samples, status_before, result.server)
         finally:
             server.stop()
             links.close()
@@ -392,19 +410,20 @@ class Bench:
             check_links_carried(result.link_traffic, result.stats.tokens, models.hidden_size)
 
     def _measure_load(self, server: LayerlineServer, solo_samples: list[RequestSample],
-                      solo_status: dict[str, Any]) -> list[LoadLevel]:
+                      solo_before: dict[str, Any], solo_after: dict[str, Any]) -> list[LoadLevel]:
         """The concurrency axis: the measured runs as the 1-client level, then C clients for each C."""
         settings = self.settings
         solo = solo_answers(solo_samples)
         one = LoadLevel(1, summarize_load(solo_samples, clients=1, solo=solo), solo_samples, 1.0,
-                        solo_status.get("batching"))
+                        solo_after.get("batching"), solo_before.get("batching"))
         levels = [one]
         for clients in settings.client_levels[1:]:
             log.info("event=clients_start clients=%d", clients)
+            batching_before = server.status().get("batching")
             run = run_clients(server.url, settings.prompts, clients=clients, runs=settings.runs,
                               max_tokens=settings.max_tokens, timeout_s=settings.request_timeout_s)
             level = LoadLevel(clients, samples=run.samples, seconds=run.seconds,
-                              batching=server.status().get("batching"))
+                              batching=server.status().get("batching"), batching_before=batching_before)
             if run.errors:
                 level.error = f"{len(run.errors)} of {clients} clients failed; {run.errors[0]}"
             if run.samples:
