@@ -52,13 +52,14 @@ class ActivationHello(_message.Message):
     def __init__(self, auth_token: _Optional[str] = ..., error: _Optional[str] = ..., code: _Optional[_Union[ActivationErrorCode, str]] = ...) -> None: ...
 
 class ActivationFrame(_message.Message):
-    __slots__ = ("session_id", "seq", "activations", "end_session", "error", "superseded", "timings")
+    __slots__ = ("session_id", "seq", "activations", "end_session", "error", "superseded", "batch", "timings")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
     END_SESSION_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     SUPERSEDED_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     seq: int
@@ -66,8 +67,9 @@ class ActivationFrame(_message.Message):
     end_session: EndSession
     error: ActivationError
     superseded: Superseded
+    batch: BatchActivations
     timings: _containers.RepeatedCompositeFieldContainer[StageTiming]
-    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., activations: _Optional[_Union[Activations, _Mapping]] = ..., end_session: _Optional[_Union[EndSession, _Mapping]] = ..., error: _Optional[_Union[ActivationError, _Mapping]] = ..., superseded: _Optional[_Union[Superseded, _Mapping]] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ...) -> None: ...
+    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., activations: _Optional[_Union[Activations, _Mapping]] = ..., end_session: _Optional[_Union[EndSession, _Mapping]] = ..., error: _Optional[_Union[ActivationError, _Mapping]] = ..., superseded: _Optional[_Union[Superseded, _Mapping]] = ..., batch: _Optional[_Union[BatchActivations, _Mapping]] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ...) -> None: ...
 
 class StageTiming(_message.Message):
     __slots__ = ("stage_index", "total_ns", "compute_ns", "downstream_ns")
@@ -94,6 +96,24 @@ class Activations(_message.Message):
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
     def __init__(self, start_pos: _Optional[int] = ..., token_count: _Optional[int] = ..., dtype: _Optional[_Union[WireDtype, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class BatchActivations(_message.Message):
+    __slots__ = ("sessions", "activations")
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
+    sessions: _containers.RepeatedCompositeFieldContainer[SessionRows]
+    activations: Activations
+    def __init__(self, sessions: _Optional[_Iterable[_Union[SessionRows, _Mapping]]] = ..., activations: _Optional[_Union[Activations, _Mapping]] = ...) -> None: ...
+
+class SessionRows(_message.Message):
+    __slots__ = ("session_id", "start_pos", "token_count")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    START_POS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_COUNT_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    start_pos: int
+    token_count: int
+    def __init__(self, session_id: _Optional[str] = ..., start_pos: _Optional[int] = ..., token_count: _Optional[int] = ...) -> None: ...
 
 class EndSession(_message.Message):
     __slots__ = ()

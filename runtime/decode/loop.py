@@ -49,6 +49,7 @@ import mlx.core as mx
 
 from layerline.errors import ContextLengthError
 
+from .batch_window import accept_estimate
 from .drafters import Drafter, NoDrafter
 from .sampling import SamplingParams, log_softmax
 from .targets import PREFILL_STEP, PendingPass, Target
@@ -100,6 +101,7 @@ class GenerationStats:
     overlap_hits: int = 0  # windows drafted during a pass and used (every draft and the guess stood)
     overlap_misses: int = 0  # windows drafted during a pass and discarded
     windows: list[int] = field(default_factory=list)  # drafts verified by each step, in order
+    yielded_steps: int = 0  # steps that drafted less than the policy's window, for the batch's sake
     prefill_seconds: float = 0.0  # the prompt but its last token
     first_token_seconds: float = 0.0  # from the start to the first token
     decode_seconds: float = 0.0  # from the first token to the last
@@ -135,7 +137,7 @@ class GenerationStats:
             "verify_seconds": round(self.verify_seconds, 6),
             "overlap_draft_seconds": round(self.overlap_draft_seconds, 6),
             "overlap_hits": self.overlap_hits, "overlap_misses": self.overlap_misses,
-            "windows": compress_windows(self.windows),
+            "windows": compress_windows(self.windows), "yielded_steps": self.yielded_steps,
             "prefill_seconds": round(self.prefill_seconds, 6), "finish_reason": self.finish_reason,
             "gate": self.gate.to_json() if self.gate is not None else None,
         }
@@ -205,6 +207,9 @@ class Generation:
     on_step: Callable[[StepRecord], None] | None = None
     overlap: bool = False  # draft the next window while the target verifies this one
     run_ahead: bool = False  # and send it into the target before the verdict (needs overlap)
+    # (policy's window, accept rate) -> the window worth drafting while other requests share the
+    # passes (batch_window.py); None: the policy's window stands.
+    window_cap: Callable[[int, float], int] | None = None
     stats: GenerationStats = field(init=False)
     tokens: list[int] = field(init=False, default_factory=list)  # yielded, in order
 
@@ -312,6 +317,10 @@ class Generation:
             window = self.policy.next_window(room, gated=self._gated)
             if self.first_token_first and stats.target_passes == 0:
                 window = 0
+            capped = self._capped(window)
+            if capped < window:
+                stats.yielded_steps += 1
+                window = capped
             out, accepted, logprobs = self._step(committed, window)
             for i, token in enumerate(out):
                 logprob, top = logprobs[i] if logprobs is not None else (None, ())
@@ -408,6 +417,7 @@ class Generation:
         # What the next step may draft if this one commits all its drafts and one token more.
         room = self._limit - (self.stats.tokens + len(step.tokens) + 1) - 1
         window = self.policy.window_after_full_acceptance(room, gated=self._gated) if room > 0 else 0
+        window = self._capped(window)
         if window <= 0:
             return None
         base = committed + step.tokens
@@ -419,6 +429,13 @@ class Generation:
         if not upcoming.tokens:
             return None
         return _Prepared([*base, drafts[0]], upcoming, len(drafts))
+
+    def _capped(self, window: int) -> int:
+        """The window worth drafting with the load the target shares (timings never decide
+        for a seeded sampled request, whose text must reproduce)."""
+        if window <= 0 or self.window_cap is None or not self._gated:
+            return window
+        return self.window_cap(window, accept_estimate(self.stats.drafted, self.stats.accepted))
 
     def _prefill(self) -> None:
         """Feed the prompt but its last token, which the first step feeds."""
@@ -533,13 +550,13 @@ def generate(target: Target, prompt: list[int], params: SamplingParams, *,
              context_length: int | None = None, prefill_step: int = PREFILL_STEP,
              first_token_first: bool = True,
              on_step: Callable[[StepRecord], None] | None = None, overlap: bool = False,
-             run_ahead: bool = False) -> Generation:
+             run_ahead: bool = False, window_cap: Callable[[int, float], int] | None = None) -> Generation:
     """Stream tokens for `prompt` from `target` (an empty session), with drafts when a drafter
     and a window policy are given, plainly otherwise; `overlap` drafts each next window while
     the target verifies, `run_ahead` also sends it before the verdict."""
     return Generation(target, list(prompt), params, drafter or NoDrafter(), policy or WindowPolicy.off(),
                       context_length, prefill_step, first_token_first, on_step, overlap or run_ahead,
-                      run_ahead)
+                      run_ahead, window_cap)
 
 
 def compress_windows(windows: list[int]) -> list[list[int]]:

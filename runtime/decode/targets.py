@@ -10,7 +10,7 @@ stage 0 can draft while the other stages verify, and read the logits afterwards.
 
 - `LocalTarget`: a whole model in this process (`LocalPipeline`) and one session's caches;
   it also runs a token lazily (`forward_lazy`), for the plain loop's one-step lookahead.
-- `PipelineTarget`: stage 0's `PipelineSession` over the split pipeline.
+- `PipelineTarget`: stage 0's session over the split pipeline (alone, or in batch passes).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from layerline.errors import ContextLengthError, SessionError
 from ..model.kv_cache import RangeCache
 
 if TYPE_CHECKING:
+    from ..stage.batching import BatchSession
     from ..stage.pipeline import PipelineSession
     from .local_pipeline import LocalPipeline
 
@@ -159,9 +160,10 @@ class _QueuedPass:
 
 
 class PipelineTarget:
-    """Stage 0's session over the split pipeline: stages truncate at each frame's start_pos."""
+    """Stage 0's session over the split pipeline: stages truncate at each frame's start_pos.
+    A `BatchSession` runs its passes in the scheduler's batch passes, a `PipelineSession` alone."""
 
-    def __init__(self, session: PipelineSession) -> None:
+    def __init__(self, session: PipelineSession | BatchSession) -> None:
         self.session = session
         self.vocab_size = session.pipeline.head.vocab_size
 

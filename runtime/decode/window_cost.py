@@ -117,22 +117,7 @@ class SpeculationCosts:
         """V(n) fitted by least squares to the mean of each size measured; None before any pass."""
         with self._lock:
             samples = list(self._passes)
-        if not samples:
-            return None
-        by_size: dict[int, list[float]] = {}
-        for n, seconds in samples:
-            by_size.setdefault(n, []).append(seconds)
-        points = [(n, sum(v) / len(v)) for n, v in by_size.items()]
-        if len(points) == 1:
-            n, seconds = points[0]
-            fixed = seconds / (1 + PER_POSITION_PRIOR * n)
-            return PassCost(fixed, PER_POSITION_PRIOR * fixed)
-        mean_n = sum(n for n, _ in points) / len(points)
-        mean_s = sum(s for _, s in points) / len(points)
-        slope = (sum((n - mean_n) * (s - mean_s) for n, s in points)
-                 / sum((n - mean_n) ** 2 for n, _ in points))
-        slope = max(0.0, slope)  # noise must not make longer passes look cheaper
-        return PassCost(max(1e-6, mean_s - slope * mean_n), slope)
+        return fit_pass_cost(samples)
 
     def to_json(self) -> dict[str, Any]:
         cost = self.pass_cost()
@@ -143,6 +128,27 @@ class SpeculationCosts:
                 "pass_per_position_s": _round(cost.per_position_s if cost else None),
                 "stage0_share": round(self.stage0_share, 4), "accept_prior": round(self.accept_prior, 4),
                 "last_choice": choice.to_json() if choice is not None else None}
+
+
+def fit_pass_cost(samples: list[tuple[int, float]]) -> PassCost | None:
+    """V(n) = a + b·n fitted by least squares to the mean seconds of each size n measured (None
+    before any); from passes of one size only, b is PER_POSITION_PRIOR·a."""
+    if not samples:
+        return None
+    by_size: dict[int, list[float]] = {}
+    for n, seconds in samples:
+        by_size.setdefault(n, []).append(seconds)
+    points = [(n, sum(v) / len(v)) for n, v in by_size.items()]
+    if len(points) == 1:
+        n, seconds = points[0]
+        fixed = seconds / (1 + PER_POSITION_PRIOR * n)
+        return PassCost(fixed, PER_POSITION_PRIOR * fixed)
+    mean_n = sum(n for n, _ in points) / len(points)
+    mean_s = sum(s for _, s in points) / len(points)
+    slope = (sum((n - mean_n) * (s - mean_s) for n, s in points)
+             / sum((n - mean_n) ** 2 for n, _ in points))
+    slope = max(0.0, slope)  # noise must not make longer passes look cheaper
+    return PassCost(max(1e-6, mean_s - slope * mean_n), slope)
 
 
 def _round(value: float | None) -> float | None:

@@ -1,4 +1,5 @@
-"""Attention for a few query rows on CUDA, without a graph build for every key length.
+"""Attention as layer ranges run it: per session in a batch pass (`session_rows.py`), and for a
+few query rows on CUDA without a graph build for every key length.
 
 mlx 0.32's CUDA `scaled_dot_product_attention` sends more than one query row to cuDNN, which
 builds a graph per (query length, key length). Measured on an H100 (mlx 0.32.4): 45-65 ms
@@ -17,7 +18,11 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.models import base
 
+from .session_rows import SessionRows
+
 SMALL_QUERY_ROWS = 64  # at most a verify window's rows; prefill chunks stay on cuDNN
+
+_small_query = False  # route 2..SMALL_QUERY_ROWS query rows through matmuls (on CUDA, or forced)
 
 
 def on_cuda() -> bool:
@@ -26,9 +31,13 @@ def on_cuda() -> bool:
 
 def attention(queries: mx.array, keys: mx.array, values: mx.array, cache: Any, scale: float,
               mask: Any, sinks: mx.array | None = None) -> mx.array:
-    """mlx-lm's `scaled_dot_product_attention`, as plain matmuls when few rows ask."""
+    """mlx-lm's `scaled_dot_product_attention`, per session for a batch pass's rows, and as plain
+    matmuls when few rows ask on CUDA."""
+    if isinstance(cache, SessionRows):
+        return cache.attend(attention, queries, scale, sinks)
     rows = queries.shape[2]
-    if rows == 1 or rows > SMALL_QUERY_ROWS or sinks is not None or hasattr(cache, "bits"):
+    if (not _small_query or rows == 1 or rows > SMALL_QUERY_ROWS or sinks is not None
+            or hasattr(cache, "bits")):
         return base.scaled_dot_product_attention(queries, keys, values, cache, scale=scale,
                                                  mask=mask, sinks=sinks)
     B, heads, _, D = queries.shape
@@ -51,14 +60,27 @@ def attention(queries: mx.array, keys: mx.array, values: mx.array, cache: Any, s
     return out.reshape(B, heads, rows, values.shape[-1])
 
 
-def use_small_query_attention(module: ModuleType, *, force: bool = False) -> None:
-    """Route an mlx-lm model module's attention through `attention` (on CUDA, or `force`d)."""
-    if (force or on_cuda()) and getattr(module, "scaled_dot_product_attention", None) is \
-            base.scaled_dot_product_attention:
+def route_attention(module: ModuleType) -> bool:
+    """Route an mlx-lm model module's attention through `attention`; False when the module does
+    not call `scaled_dot_product_attention` (its batch passes then run session by session)."""
+    global _small_query
+    _small_query = _small_query or on_cuda()
+    current = getattr(module, "scaled_dot_product_attention", None)
+    if current is base.scaled_dot_product_attention:
         module.scaled_dot_product_attention = attention
+    return getattr(module, "scaled_dot_product_attention", None) is attention
+
+
+def use_small_query_attention(module: ModuleType, *, force: bool = False) -> None:
+    """Route a module's attention through `attention`, few rows as matmuls (on CUDA, or `force`d)."""
+    global _small_query
+    _small_query = force or on_cuda()
+    route_attention(module)
 
 
 def restore_attention(module: ModuleType) -> None:
     """Undo `use_small_query_attention` (for tests)."""
+    global _small_query
+    _small_query = on_cuda()
     if getattr(module, "scaled_dot_product_attention", None) is attention:
         module.scaled_dot_product_attention = base.scaled_dot_product_attention

@@ -15,20 +15,23 @@ mlx-lm's rotating ones, can roll back rejected draft positions.
 from __future__ import annotations
 
 import logging
+from itertools import accumulate
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache, RotatingKVCache
+from mlx_lm.models.rope_utils import DynamicNTKScalingRoPE
 
 from layerline.errors import LayerRangeError
 from layerline.packager.architectures import LAYER_PREFIX, build_model, get_architecture, model_module
 from layerline.packager.package import LayerPackage
 
-from .attention import use_small_query_attention
+from .attention import attention, route_attention
 from .kv_cache import SlidingWindowCache
 from .package_tensors import apply_plan, load_into, read_verified
+from .session_rows import SessionRows
 from .weights_policy import WeightsPlan
 
 log = logging.getLogger("layerline.runtime")
@@ -65,7 +68,8 @@ class LayerRange(nn.Module):
     def __init__(self, config: dict[str, Any], start: int, end: int) -> None:
         super().__init__()
         check_range(start, end, config["num_hidden_layers"])
-        use_small_query_attention(model_module(config["model_type"]))
+        self._module = model_module(config["model_type"])
+        route_attention(self._module)
         # mlx arrays are lazy: the embedding, head and other blocks this builds are never
         # evaluated, and are dropped with `whole`; only the range's blocks are kept.
         whole = build_model(config)
@@ -74,6 +78,8 @@ class LayerRange(nn.Module):
         self.hidden_size = int(config["hidden_size"])
         self._windows = attention_windows(whole)[start:end]
         self._array_masks = get_architecture(config["model_type"]).array_masks
+        self._rows_batch = not any(isinstance(getattr(getattr(layer, "self_attn", None), "rope", None),
+                                              DynamicNTKScalingRoPE) for layer in self.layers)
 
     @classmethod
     def load(cls, package: LayerPackage, start: int, end: int, plan: WeightsPlan) -> LayerRange:
@@ -123,4 +129,25 @@ class LayerRange(nn.Module):
                                                       return_array=self._array_masks)
             h = layer(h, masks[window], cache=layer_cache)
         return h
+
+
+    def forward_rows(self, h: mx.array, caches: list[list[Any]], counts: list[int]) -> mx.array:
+        """Rows of several sessions (1, N, D) in one pass: `counts[i]` consecutive rows of the
+        session whose per-layer caches are `caches[i]`, extending each by its rows."""
+        _, N, D = h.shape
+        if sum(counts) != N or len(caches) != len(counts):
+            raise LayerRangeError(f"a batch of {N} rows cannot be {counts} rows of {len(caches)} sessions")
+        if len(counts) == 1:
+            return self(h, caches[0])
+        routed = getattr(self._module, "scaled_dot_product_attention", None) is attention
+        if not self._rows_batch or not routed:
+            # Attention this module computes itself (Gemma 2's soft-cap) or a RoPE that needs one
+            # offset: session by session, still in one evaluation.
+            pieces = mx.split(h, list(accumulate(counts))[:-1], axis=1)
+            return mx.concatenate([self(piece, cache) for piece, cache in zip(pieces, caches, strict=True)],
+                                  axis=1)
+        h = h.reshape(N, 1, D)
+        for i, (layer, window) in enumerate(zip(self.layers, self._windows, strict=True)):
+            h = layer(h, None, cache=SessionRows([cache[i] for cache in caches], counts, window))
+        return h.reshape(1, N, D)
 

@@ -1,8 +1,10 @@
 """The frontend's Engine over the split pipeline: prompts in, streamed tokens out.
 
-One request is one session on every stage. Prefill goes through in chunks of
-at most `max_batch_tokens` positions; then each step sends the last token plus the
-request's drafts (none when it decodes plainly) through the pipeline in one frame.
+One request is one session on every stage, and runs its own decode loop. Prefill goes
+through in chunks of at most `max_batch_tokens` positions; then each step submits the last
+token plus the request's drafts (none when it decodes plainly). The scheduler
+(`stage/batching.py`) runs the submissions of every request in batch passes; while others
+share them, a request drafts only the window worth its rows (`decode/batch_window.py`).
 
 `generate` checks a request and admits it before it returns, so that a bad or
 unadmitted request is answered with an HTTP error before any token is streamed; its
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import queue
 import threading
 import time
 import uuid
@@ -22,11 +25,13 @@ from typing import Any
 
 from layerline.packager.manifest import Manifest
 
-from ..decode.loop import GenerationStats, Token, compress_windows, generate
+from ..decode.batch_window import window_cap
+from ..decode.loop import GenerationStats, StepRecord, Token, compress_windows, generate
 from ..decode.sampling import SamplingParams
 from ..decode.targets import PipelineTarget
 from ..decode.text import text_events
 from ..model.chat import chat_prompt_tokens, text_prompt_tokens
+from ..stage.batching import BatchScheduler, BatchSession
 from ..stage.pipeline import Pipeline
 from .admission import Admission, ShuttingDownError, Ticket
 from .frontend import GenerationEvent, TokenLogprob
@@ -41,7 +46,8 @@ class PipelineEngine:
     def __init__(self, manifest: Manifest, tokenizer: Any, pipeline: Pipeline, *, context_length: int,
                  end_ids: tuple[int, ...], max_batch_tokens: int, speculation: Stage0Speculation,
                  status: Callable[[], dict[str, Any]], ready: Callable[[], bool],
-                 admission: Admission, profile: PassProfile | None = None) -> None:
+                 admission: Admission, scheduler: BatchScheduler,
+                 profile: PassProfile | None = None) -> None:
         self.manifest = manifest
         self.model_id = manifest.model.id
         self.tokenizer = tokenizer
@@ -53,9 +59,20 @@ class PipelineEngine:
         self._status = status
         self._ready = ready
         self.admission = admission
+        self.scheduler = scheduler
         self.profile = profile or PassProfile()
         self.vocab_size = pipeline.head.vocab_size
         self._stopping = threading.Event()
+        self._drafting: dict[str, bool] = {}  # request session -> its last step drafted
+
+    @property
+    def speculating(self) -> int:
+        """Requests whose last step drafted."""
+        return sum(self._drafting.values())
+
+    def _on_step(self, session_id: str, step: StepRecord) -> None:
+        self._drafting[session_id] = step.drafted > 0
+        self.profile.record(session_id, step)
 
     def encode(self, text: str) -> list[int]:
         return text_prompt_tokens(self.tokenizer, text, max_tokens=self.context_length)
@@ -73,6 +90,7 @@ class PipelineEngine:
         """Admit nothing more; requests in flight end at their next token."""
         self._stopping.set()
         self.admission.close()
+        self.scheduler.close()
 
     def generate(self, request: GenerationRequest) -> Events:
         """Check and admit `request` (raising now if it cannot run), then its events."""
@@ -84,26 +102,19 @@ class PipelineEngine:
             logprobs=request.logprobs is not None, top_logprobs=request.logprobs or 0)
         self.pipeline.check_tokens(request.prompt_tokens)
         ticket = self.admission.enter()
-        return Events(self._events(request, params, ticket), ticket)
-
-    def _events(self, request: GenerationRequest, params: SamplingParams,
-                ticket: Ticket) -> Iterator[GenerationEvent]:
-        """Tokens for one request, as text deltas; the last event says why it finished."""
-        try:
-            ticket.wait()
-            yield from self._decode(request, params)
-        finally:
-            ticket.release()
+        return Events(lambda: self._decode(request, params), ticket)
 
     def _decode(self, request: GenerationRequest, params: SamplingParams) -> Iterator[GenerationEvent]:
         plan = self.speculation.plan(request.speculative, params, context_length=self.context_length,
                                      lock=self.pipeline.compute_lock)
-        session = self.pipeline.open(f"s-{uuid.uuid4().hex[:16]}")
+        session = self.scheduler.open(f"s-{uuid.uuid4().hex[:16]}")
+        cap = window_cap(lambda: session.sessions_sharing, self.scheduler.pass_samples,
+                         lambda: self.speculation.costs.draft_s_per_token)
         generation = generate(PipelineTarget(session), request.prompt_tokens, params, drafter=plan.drafter,
                               policy=plan.policy, context_length=self.context_length,
                               prefill_step=self.max_batch_tokens,
-                              on_step=lambda step: self.profile.record(session.session_id, step),
-                              overlap=plan.overlap, run_ahead=plan.run_ahead)
+                              on_step=lambda step: self._on_step(session.session_id, step),
+                              overlap=plan.overlap, run_ahead=plan.run_ahead, window_cap=cap)
         events = text_events(generation, self.tokenizer, end_ids=self.end_ids)
         started = time.monotonic()
         try:
@@ -116,11 +127,12 @@ class PipelineEngine:
                 out = GenerationEvent(event.text, [token.id] if token is not None else [], logprobs)
                 if event.finish_reason is not None:
                     yield dataclasses.replace(out, finish_reason=event.finish_reason, stats={
-                        "speculative": speculation_usage(plan, generation.stats)})
+                        "speculative": speculation_usage(plan, generation.stats, session)})
                     return
                 yield out
         finally:
             events.close()  # rolls back what a stop string cut off
+            self._drafting.pop(session.session_id, None)
             session.close()
             self._record(plan, generation.stats, time.monotonic() - started)
 
@@ -138,25 +150,68 @@ class PipelineEngine:
 
 
 class Events:
-    """One admitted request's events; `close()` ends it and frees its slot, read to the end or not."""
+    """One admitted request's events; `close()` ends it and frees its slot, read to the end or not.
 
-    def __init__(self, events: Iterator[GenerationEvent], ticket: Ticket) -> None:
-        self._events = events
+    The first read waits for a decoding slot; then the request decodes on a thread of its own,
+    which hands its events over: mlx evaluates a graph only on the thread that built it, and
+    the HTTP server reads a stream from whichever worker thread is free.
+    """
+
+    def __init__(self, decode: Callable[[], Iterator[GenerationEvent]], ticket: Ticket) -> None:
+        self._decode = decode
         self._ticket = ticket
+        self._events: queue.Queue[GenerationEvent | BaseException | None] = queue.Queue()
+        self._stop = threading.Event()
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def __iter__(self) -> Events:
         return self
 
     def __next__(self) -> GenerationEvent:
-        return next(self._events)
+        if self._thread is None:
+            self._ticket.wait()  # queued requests wait here, before any model work
+            self._thread = threading.Thread(target=self._run, name="decode", daemon=True)
+            self._thread.start()
+        item = self._events.get()
+        if item is None:
+            self._events.put(None)  # ended: so it stays
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self._events.put(None)
+            raise item
+        return item
+
+    def _run(self) -> None:
+        events = self._decode()
+        try:
+            for event in events:
+                self._events.put(event)
+                if self._stop.is_set():
+                    break
+            self._events.put(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the reader, who raises it
+            self._events.put(exc)
+        finally:
+            events.close()  # here, on the thread that built its arrays: the session closes everywhere
+            self._done.set()
 
     def close(self) -> None:
-        self._events.close()  # runs the request's `finally`: session closed on every stage
+        """End the request (the step under way finishes first) and free its slot."""
+        self._stop.set()
+        if self._thread is not None:
+            self._done.wait()
         self._ticket.release()  # also when the events were never started
 
 
-def speculation_usage(plan: SpeculationPlan, stats: GenerationStats) -> dict[str, Any]:
-    """`usage.speculative` of a response: what was drafted, accepted, and what it cost."""
+def speculation_usage(plan: SpeculationPlan, stats: GenerationStats,
+                      session: BatchSession | None = None) -> dict[str, Any]:
+    """`usage.speculative` of a response: what was drafted, accepted, what it cost, and the
+    batches it ran in (`yielded_steps`: steps that drafted less for the batch's sake)."""
+    batch = None
+    if session is not None:
+        batch = {"passes": session.passes,
+                 "mean_sessions": round(session.batched_with / session.passes, 3) if session.passes else 0.0}
     return {
         "enabled": plan.speculating, "strategy": plan.strategy, "window_policy": plan.policy.kind,
         "reason": plan.reason, "tokens": stats.tokens, "drafted": stats.drafted, "accepted": stats.accepted,
@@ -166,5 +221,5 @@ def speculation_usage(plan: SpeculationPlan, stats: GenerationStats) -> dict[str
         "overlap": plan.overlap, "run_ahead": plan.run_ahead,
         "overlap_draft_seconds": round(stats.overlap_draft_seconds, 6),
         "overlap_hits": stats.overlap_hits, "overlap_misses": stats.overlap_misses,
-        "windows": compress_windows(stats.windows),
+        "windows": compress_windows(stats.windows), "yielded_steps": stats.yielded_steps, "batch": batch,
     }

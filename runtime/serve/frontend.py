@@ -23,7 +23,7 @@ from layerline.errors import ContextLengthError, LayerlineError, StageUnavailabl
 
 from .admission import Admission, ServerBusyError, ShuttingDownError
 from .body_limit import DEFAULT_MAX_BODY_BYTES, BodyLimit
-from .metrics import Metrics, StageCollector, StageGauge
+from .metrics import BatchCollector, Metrics, StageCollector, StageGauge
 from .openai_schema import (
     ApiError,
     ChatCompletionBody,
@@ -97,8 +97,10 @@ def _from_layerline(exc: LayerlineError) -> ApiError:
 
 def create_app(engine: Engine, *, stage_states: Callable[[], list[StageGauge]] | None = None,
                admission: Admission | None = None,
+               batching: Callable[[], dict[str, Any] | None] | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
-    """The HTTP app serving `engine`; `stage_states()` feeds the per-stage gauges."""
+    """The HTTP app serving `engine`; `stage_states()` feeds the per-stage gauges, `batching()`
+    the batch passes' (the scheduler's state, once it runs)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -114,6 +116,8 @@ def create_app(engine: Engine, *, stage_states: Callable[[], list[StageGauge]] |
     metrics = Metrics()
     if stage_states is not None:
         metrics.registry.register(StageCollector(stage_states))
+    if batching is not None:
+        metrics.registry.register(BatchCollector(batching))
     if admission is not None:
         metrics.watch_admission(lambda: admission.active, lambda: admission.waiting)
     app.state.metrics = metrics

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 
 
 @dataclass(frozen=True)
@@ -110,3 +110,32 @@ class StageCollector:
             sessions.add_metric(labels, float(state.sessions))
             kv_bytes.add_metric(labels, float(state.kv_cache_bytes))
         yield from (up, sessions, kv_bytes)
+
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+class BatchCollector:
+    """The scheduler's passes: `layerline_batch_sessions` (a histogram of sessions per pass),
+    `layerline_batch_queued` (submissions waiting for a pass), `layerline_sessions_speculating`
+    (requests whose last step drafted), read at scrape time from `batching()` (None: not up yet)."""
+
+    def __init__(self, batching: Callable[[], dict[str, Any] | None]) -> None:
+        self.batching = batching
+
+    def collect(self) -> Iterator[GaugeMetricFamily | HistogramMetricFamily]:
+        state = self.batching() or {}
+        sizes = {int(k): v for k, v in state.get("batch_sizes", {}).items()}
+        buckets, below = [], 0
+        for bound in BATCH_BUCKETS:
+            below = sum(n for size, n in sizes.items() if size <= bound)
+            buckets.append((str(bound), float(below)))
+        passes = float(sum(sizes.values()))
+        buckets.append(("+Inf", passes))
+        histogram = HistogramMetricFamily("layerline_batch_sessions", "Sessions per batch pass")
+        histogram.add_metric([], buckets, sum_value=float(sum(size * n for size, n in sizes.items())))
+        yield histogram
+        yield GaugeMetricFamily("layerline_batch_queued", "Submissions waiting for a batch pass",
+                                value=float(state.get("queued", 0)))
+        yield GaugeMetricFamily("layerline_sessions_speculating", "Requests whose last step drafted",
+                                value=float(state.get("speculating", 0)))

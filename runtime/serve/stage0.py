@@ -22,6 +22,7 @@ from ..model.kv_cache import SessionStore
 from ..model.layer_range import LayerRange
 from ..model.tokenizer import end_of_generation_ids, load_tokenizer
 from ..model.weights_policy import detect_device, plan_weights
+from ..stage.batching import BatchScheduler
 from ..stage.content_cache import ContentCache
 from ..stage.coordinator import Coordinator, CoordinatorOptions
 from ..stage.file_service import FileIndex
@@ -64,6 +65,8 @@ class Stage0Options:
     weights: str = "auto"
     context_length: int | None = None
     max_sessions: int = 16
+    max_batch: int = 16  # requests decoding at once, their steps batched in each pass
+    lanes: int | None = None  # batches in flight through the stages at once (None: one per stage)
     cache_dir: Path = Path("~/.cache/layerline/stage")
     auth_token_file: Path | None = None
     admin_token_file: Path | None = None  # guards /v1/draft and the dashboard
@@ -123,7 +126,7 @@ class Stage0:
         if not self.admin.enabled:
             log.warning("event=admin_api_off http=%s reason=no --admin-token-file beyond loopback: "
                         "/v1/draft and the dashboard answer 403", options.http)
-        self.admission = Admission(options.max_sessions, options.max_queue)
+        self.admission = Admission(min(options.max_batch, options.max_sessions), options.max_queue)
         self.profile = PassProfile(options.trace_file)
         self.package = _open_package(options.package, self.cache_dir)
         self.files = FileIndex(ContentCache(self.cache_dir))
@@ -152,6 +155,7 @@ class Stage0:
             cache_dir=self.cache_dir, weights=options.weights)
         self.started = time.time()
         self.engine: Any = None
+        self.scheduler: BatchScheduler | None = None
         self.slot = EngineSlot(manifest.model.id, self.context_length,
                                int(manifest.config.get("vocab_size") or 0), self.status)
 
@@ -213,11 +217,13 @@ class Stage0:
                             token=self.token, on_stage_error=self.coordinator.mark_down,
                             frame_timeout_s=self.options.stage_timeout_s * max(1, len(self.options.peers)))
         self.local = local
+        self.scheduler = BatchScheduler(pipeline, lanes=self.options.lanes or 1 + len(self.options.peers),
+                                        max_batch=self.admission.max_active, max_rows=MAX_BATCH_TOKENS)
         self.engine = PipelineEngine(
             manifest, tokenizer, pipeline, context_length=self.context_length,
             end_ids=end_of_generation_ids(tokenizer, package), max_batch_tokens=MAX_BATCH_TOKENS,
             speculation=self.speculation, status=self.status, ready=lambda: self.coordinator.ready,
-            admission=self.admission, profile=self.profile)
+            admission=self.admission, scheduler=self.scheduler, profile=self.profile)
         log.info("event=ready model=%s stage0_layers=%d..%d peers=%d %s", manifest.model.id, start, end,
                  len(self.options.peers), plan.describe())
 
@@ -246,8 +252,15 @@ class Stage0:
             "profile": self.profile.to_json(),
             "requests": {"active": self.admission.active, "queued": self.admission.waiting,
                          "max_active": self.admission.max_active, "max_queue": self.admission.max_queue},
+            "batching": self.batch_state(),
             "uptime_s": round(time.time() - self.started, 1),
         }
+
+    def batch_state(self) -> dict[str, Any] | None:
+        """The scheduler's passes and queue, and how many requests speculate (None until it runs)."""
+        if self.scheduler is None or self.engine is None:
+            return None
+        return {**self.scheduler.to_json(), "speculating": self.engine.speculating}
 
     def stage_states(self) -> list[StageGauge]:
         return [StageGauge(str(s["stage"]), s["endpoint"], s["state"] == "ready", s["sessions"],
@@ -256,7 +269,7 @@ class Stage0:
     def app(self) -> Any:
         """The HTTP app: the OpenAI API, the draft API and the dashboard."""
         app = create_app(self.slot, stage_states=self.stage_states, admission=self.admission,
-                         max_body_bytes=self.options.max_body_bytes)
+                         batching=self.batch_state, max_body_bytes=self.options.max_body_bytes)
         app.include_router(draft_router(self.speculation, self.admin, self.draft_policy))
         app.include_router(dashboard_router(self.admin))
         return app

@@ -15,7 +15,7 @@ from layerline.proto import activation_pb2 as pb
 
 from .frame_transport import FrameConnection
 from .node import LoadedStage, StageNode
-from .wire import FrameError, decode, encode
+from .wire import FrameError, Rows, decode, decode_batch, encode, encode_batch
 
 log = logging.getLogger("layerline.stage")
 
@@ -44,7 +44,6 @@ class ActivationRelay:
             self.downstream.close()
 
     def answer(self, frame: pb.ActivationFrame) -> pb.ActivationFrame:
-        received = time.perf_counter_ns()
         loaded = self.node.serving()
         index = loaded.options.stage_index if loaded else 0
         if loaded is None:
@@ -57,21 +56,37 @@ class ActivationRelay:
             # Without a live connection downstream the session is gone there already (a closed
             # connection drops its sessions): do not open one only to say so.
             return self._relay(loaded, frame) if self.downstream is not None else frame
+        if kind == "batch":
+            return self._compute(loaded, frame, index)
         if kind != "activations" or not frame.session_id:
             return _error(frame, pb.ACTIVATION_ERROR_CODE_BAD_FRAME,
-                          "a request frame needs a session_id and activations or end_session", index)
+                          "a request frame needs a session_id and activations, a batch or end_session",
+                          index)
+        return self._compute(loaded, frame, index)
+
+    def _compute(self, loaded: LoadedStage, frame: pb.ActivationFrame, index: int) -> pb.ActivationFrame:
+        """Run a frame (one session's positions, or a batch of several sessions' rows) through
+        this stage's layers, relay it downstream, and add this stage's timing to the answer."""
+        received = time.perf_counter_ns()
         try:
-            hidden = decode(frame.activations, loaded.limits)
+            if frame.WhichOneof("body") == "batch":
+                rows, hidden = decode_batch(frame.batch, loaded.limits)
+                dtype = frame.batch.activations.dtype
+            else:
+                rows = [Rows(frame.session_id, frame.activations.start_pos, frame.activations.token_count)]
+                hidden, dtype = decode(frame.activations, loaded.limits), frame.activations.dtype
             with self.node.compute_lock:
                 computing = time.perf_counter_ns()
-                out = loaded.model.forward(frame.session_id, frame.activations.start_pos, hidden)
+                out = loaded.model.forward_batch(rows, hidden)
                 computed = time.perf_counter_ns()
         except FrameError as exc:
             return _error(frame, exc.code, f"stage {index}: {exc.message}", index)
-        self.sessions.add(frame.session_id)
-        outgoing = pb.ActivationFrame(
-            session_id=frame.session_id, seq=frame.seq,
-            activations=encode(out, frame.activations.start_pos, frame.activations.dtype))
+        self.sessions.update(r.session_id for r in rows)
+        if frame.WhichOneof("body") == "batch":
+            outgoing = pb.ActivationFrame(seq=frame.seq, batch=encode_batch(out, rows, dtype))
+        else:
+            outgoing = pb.ActivationFrame(session_id=frame.session_id, seq=frame.seq,
+                                          activations=encode(out, frame.activations.start_pos, dtype))
         answer = outgoing
         downstream_ns = 0
         if loaded.downstream is not None:

@@ -31,6 +31,7 @@ from layerline.errors import LayerlineError, StageUnavailableError
 from layerline.proto import activation_pb2 as pb
 
 from .frame_budget import FrameBudget
+from .wire import frame_positions
 
 log = logging.getLogger("layerline.stage")
 
@@ -131,7 +132,7 @@ class FrameConnection:
 
     def send(self, frame: pb.ActivationFrame) -> None:
         """Send one frame; its answer is read by a later `receive()` (answers come in order)."""
-        positions = frame.activations.token_count if frame.WhichOneof("body") == "activations" else 1
+        positions = frame_positions(frame)
         budget = self._budget.seconds(positions)
         try:
             self._sock.settimeout(budget)

@@ -20,7 +20,7 @@ from ..model.kv_cache import SessionStore
 from ..model.layer_range import LayerRange
 from ..model.weights_policy import detect_device, plan_weights
 from .node import LoadOptions
-from .wire import FrameError
+from .wire import FrameError, Rows
 
 log = logging.getLogger("layerline.stage")
 
@@ -38,30 +38,50 @@ class StageModel:
 
     def forward(self, session_id: str, start_pos: int, hidden: mx.array) -> mx.array:
         """Run one frame's hidden states for `session_id` from absolute position `start_pos`."""
-        held = self.sessions.get(session_id).length if session_id in self.sessions else 0
+        return self.forward_batch([Rows(session_id, start_pos, hidden.shape[1])], hidden)
+
+    def forward_batch(self, rows: list[Rows], hidden: mx.array) -> mx.array:
+        """Run the rows of several sessions (1, total rows, D) in one pass; every session is
+        checked before any cache changes, so a refused batch leaves them all as they were."""
+        new = [r.session_id for r in rows if r.session_id not in self.sessions]
+        if len(self.sessions) + len(new) > self.sessions.max_sessions:
+            raise FrameError(pb.ACTIVATION_ERROR_CODE_TOO_MANY_SESSIONS,
+                             f"this stage holds {len(self.sessions)} of its {self.sessions.max_sessions} "
+                             f"sessions; {len(new)} more cannot start (retry when a request ends, or "
+                             "raise --max-sessions)")
+        for r in rows:
+            self._check(r)
+        caches = []
+        for r in rows:
+            try:
+                cache = self.sessions.get_or_create(r.session_id)
+            except SessionLimitError as exc:
+                raise FrameError(pb.ACTIVATION_ERROR_CODE_TOO_MANY_SESSIONS, exc.message) from exc
+            cache.truncate(min(r.start_pos, cache.length))
+            caches.append(cache.caches)
+        out = self.layers.forward_rows(hidden.astype(self.compute_dtype), caches, [r.count for r in rows])
+        mx.eval(out)
+        return out
+
+    def _check(self, rows: Rows) -> None:
+        """Refuse rows that would skip positions, pass the context, or roll back out of reach."""
+        session_id, start_pos = rows.session_id, rows.start_pos
+        cache = self.sessions.get(session_id) if session_id in self.sessions else None
+        held = cache.length if cache is not None else 0
         if start_pos > held:
             raise FrameError(pb.ACTIVATION_ERROR_CODE_POSITION_GAP,
                              f"session {session_id} holds {held} positions here; a frame at "
                              f"{start_pos} would leave a gap (re-send the prefix from position 0)")
-        _, length, _ = hidden.shape
-        if start_pos + length > self.context_length:
+        if start_pos + rows.count > self.context_length:
             raise FrameError(pb.ACTIVATION_ERROR_CODE_CONTEXT_FULL,
-                             f"session {session_id} would reach position {start_pos + length}, past "
+                             f"session {session_id} would reach position {start_pos + rows.count}, past "
                              f"the context length {self.context_length}")
-        try:
-            cache = self.sessions.get_or_create(session_id)
-        except SessionLimitError as exc:
-            raise FrameError(pb.ACTIVATION_ERROR_CODE_TOO_MANY_SESSIONS, exc.message) from exc
-        if start_pos < cache.length:
-            if not cache.can_truncate(start_pos):  # past a sliding window's reach: start again
-                raise FrameError(pb.ACTIVATION_ERROR_CODE_POSITION_GAP,
-                                 f"session {session_id} cannot roll back from {cache.length} to "
-                                 f"{start_pos} here (a sliding-window cache keeps only so many "
-                                 "positions past its window); re-send the prefix from position 0")
-            cache.truncate(start_pos)
-        out = self.layers(hidden.astype(self.compute_dtype), cache.caches)
-        mx.eval(out)
-        return out
+        if cache is not None and start_pos < held and not cache.can_truncate(start_pos):
+            # Past a sliding window's reach: start again.
+            raise FrameError(pb.ACTIVATION_ERROR_CODE_POSITION_GAP,
+                             f"session {session_id} cannot roll back from {held} to "
+                             f"{start_pos} here (a sliding-window cache keeps only so many "
+                             "positions past its window); re-send the prefix from position 0")
 
     def drop_session(self, session_id: str) -> None:
         self.sessions.drop(session_id)

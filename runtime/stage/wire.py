@@ -83,3 +83,48 @@ def decode(message: pb.Activations, limits: FrameLimits):
     else:
         array = mx.array(np.frombuffer(message.data, dtype=np.uint16).reshape(shape)).view(mx.bfloat16)
     return array
+
+
+@dataclass(frozen=True)
+class Rows:
+    """One session's consecutive rows in a batch frame."""
+
+    session_id: str
+    start_pos: int
+    count: int
+
+
+def encode_batch(hidden, rows: list[Rows], dtype: int) -> pb.BatchActivations:
+    """Rows of several sessions, (1, total rows, D), as a BatchActivations message."""
+    return pb.BatchActivations(
+        sessions=[pb.SessionRows(session_id=r.session_id, start_pos=r.start_pos, token_count=r.count)
+                  for r in rows],
+        activations=encode(hidden, 0, dtype))
+
+
+def decode_batch(message: pb.BatchActivations, limits: FrameLimits):
+    """The rows of a BatchActivations message, and its tensor, after checking both."""
+    rows = [Rows(s.session_id, int(s.start_pos), int(s.token_count)) for s in message.sessions]
+    if not rows:
+        raise FrameError(pb.ACTIVATION_ERROR_CODE_BAD_FRAME, "a batch frame names no session")
+    if any(not r.session_id or r.count < 1 for r in rows):
+        raise FrameError(pb.ACTIVATION_ERROR_CODE_BAD_FRAME,
+                         "every session of a batch frame needs a session_id and at least one row")
+    if len({r.session_id for r in rows}) != len(rows):
+        raise FrameError(pb.ACTIVATION_ERROR_CODE_BAD_FRAME, "a session appears twice in one batch frame")
+    total = sum(r.count for r in rows)
+    if total != message.activations.token_count:
+        raise FrameError(pb.ACTIVATION_ERROR_CODE_BAD_FRAME,
+                         f"a batch frame's sessions have {total} rows but its activations carry "
+                         f"{message.activations.token_count}")
+    return rows, decode(message.activations, limits)
+
+
+def frame_positions(frame: pb.ActivationFrame) -> int:
+    """Positions a request frame makes the stages compute (what its time budget grows with)."""
+    kind = frame.WhichOneof("body")
+    if kind == "activations":
+        return frame.activations.token_count
+    if kind == "batch":
+        return frame.batch.activations.token_count
+    return 1

@@ -1,0 +1,493 @@
+"""Stage 0's scheduler: every request's passes through the split pipeline, run as batch passes.
+
+Each request still runs its own decode loop (drafting, verifying, sampling) on its own
+thread. What it submits — a prompt chunk, one position, a draft window — waits in its
+lane's queue for the lane's next pass, which carries the rows of every waiting session at
+once (continuous batching): stage 0 embeds them, runs its layers over all of them, sends
+one batch frame down the pipeline, and applies the head to the rows that come back. Each
+stage runs the rows of all sessions in one forward pass (`LayerRange.forward_rows`).
+
+When a lane passes: as soon as every session it serves has submitted (none is between
+passes, deciding or drafting), or the oldest submission has waited half a pass (at most
+`MAX_PATIENCE_S`), so that one slow session does not hold the others up.
+
+What a pass takes, first come first served: the oldest submission of each session, at
+most `max_batch` sessions and `max_rows` rows; decode steps and draft windows first, then
+prompts, cut to the rows left, the rest of a prompt going in the next passes; so a long
+prompt is prefilled in chunks between the running streams' steps, and nobody waits on it.
+
+Lanes pipeline the stages: each lane has its own connection through them, so while stage
+1 computes lane A's pass, stage 0 computes lane B's. A new session joins the lane with the
+fewest sessions.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+
+from layerline.errors import LayerlineError, StageUnavailableError
+from layerline.proto import activation_pb2 as pb
+
+from .frame_transport import FrameConnection
+from .pipeline import PassTrace, Pipeline
+from .wire import Rows, decode_batch, encode_batch
+
+log = logging.getLogger("layerline.batching")
+
+MAX_PATIENCE_S = 0.05  # the longest a submission waits for the lane's other sessions
+STEP_ROWS = 64  # a submission of at most this many rows is a step (its logits are computed at once)
+COST_SAMPLES = 64  # recent passes (rows, seconds) kept for the cost fit
+END_TIMEOUT_S = 30.0  # how long closing a session waits for its lane to end it on every stage
+
+
+@dataclass(eq=False)
+class _Submission:
+    """One submitted pass of one session, possibly run over several batch passes (a long prompt)."""
+
+    session: BatchSession
+    tokens: list[int]
+    start_pos: int
+    queued_at: float
+    done: int = 0  # rows already run
+    pieces: list[mx.array] = field(default_factory=list)  # the last stage's hidden rows, per pass
+    logits: mx.array | None = None
+    error: BaseException | None = None
+    discarded: bool = False
+    trace: PassTrace | None = None
+    finished: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def left(self) -> int:
+        return len(self.tokens) - self.done
+
+
+class BatchPass:
+    """A pass submitted to the scheduler whose logits are not read yet (a decode loop's PendingPass)."""
+
+    def __init__(self, submission: _Submission) -> None:
+        self._submission = submission
+
+    def result(self) -> mx.array:
+        """Logits (L, vocab) of the pass: waits for the batch pass that completes it."""
+        sub = self._submission
+        if sub.discarded:
+            raise RuntimeError("this pass was discarded")
+        sub.finished.wait()
+        if sub.error is not None:
+            raise sub.error
+        sub.session.last_trace = sub.trace
+        if sub.logits is None:
+            # A prompt's logits: built lazily here, in the caller's thread (mlx evaluates a graph
+            # on the thread that built it), and computed only if read, which prefill never does.
+            head = sub.session.pipeline.head
+            return head.logits(mx.concatenate(sub.pieces)[None])[0]
+        return sub.logits
+
+    def discard(self) -> None:
+        """Give the pass up: dropped from the queue if it has not run yet."""
+        self._submission.discarded = True
+        self._submission.session.lane.withdraw(self._submission)
+
+    def ready(self) -> bool:
+        return self._submission.finished.is_set()
+
+
+class BatchSession:
+    """One request's session: its KV caches on every stage, its passes run in its lane's batches."""
+
+    def __init__(self, lane: Lane, session_id: str) -> None:
+        self.lane = lane
+        self.session_id = session_id
+        self.pipeline = lane.scheduler.pipeline
+        self.last_trace: PassTrace | None = None
+        self.passes = 0  # batch passes that carried this session's rows
+        self.batched_with = 0  # sessions in those passes, summed (mean = batched_with / passes)
+
+    def forward(self, tokens: list[int], start_pos: int) -> mx.array:
+        """Logits (L, vocab) for `tokens` placed at absolute positions start_pos.. on every stage."""
+        return self.submit(tokens, start_pos).result()
+
+    def submit(self, tokens: list[int], start_pos: int) -> BatchPass:
+        """Queue `tokens` at `start_pos` for the lane's next pass; the logits come from `.result()`."""
+        self.pipeline.check_tokens(tokens)
+        return BatchPass(self.lane.submit(self, list(tokens), start_pos))
+
+    @property
+    def sessions_sharing(self) -> int:
+        """Sessions that share this session's passes now (itself included)."""
+        return self.lane.session_count
+
+    def close(self) -> None:
+        """Drop the session's caches here and on every stage (waits for its lane to do so)."""
+        self.lane.end(self)
+
+
+class Lane:
+    """A queue of submissions, one connection through the stages and the thread that runs its passes."""
+
+    def __init__(self, scheduler: BatchScheduler, index: int) -> None:
+        self.scheduler = scheduler
+        self.index = index
+        self._cond = threading.Condition()
+        self._sessions: set[BatchSession] = set()
+        self._queue: list[_Submission] = []
+        self._ending: list[tuple[str, threading.Event]] = []
+        self._lost: set[str] = set()  # sessions whose caches a broken connection took away
+        self._connection: FrameConnection | None = None
+        self._seq = 0
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=f"batch-lane-{index}", daemon=True)
+        self._thread.start()
+
+    @property
+    def session_count(self) -> int:
+        return len(self._sessions)
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def join(self, session: BatchSession) -> None:
+        with self._cond:
+            self._sessions.add(session)
+
+    def submit(self, session: BatchSession, tokens: list[int], start_pos: int) -> _Submission:
+        sub = _Submission(session, tokens, start_pos, time.perf_counter())
+        with self._cond:
+            if session.session_id in self._lost:
+                raise StageUnavailableError("this request's caches on the other stages were lost with "
+                                            "their connection", hint="send the request again")
+            if self._closed:
+                raise StageUnavailableError("the pipeline is shutting down", hint="send the request again")
+            self._queue.append(sub)
+            self._cond.notify_all()
+        return sub
+
+    def withdraw(self, sub: _Submission) -> None:
+        """Take a discarded submission out of the queue if no row of it has run."""
+        with self._cond:
+            if sub.done == 0 and sub in self._queue:
+                self._queue.remove(sub)
+                self._cond.notify_all()
+
+    def end(self, session: BatchSession) -> None:
+        """Forget `session`: its queued passes are dropped, its caches dropped on every stage."""
+        ended = threading.Event()
+        with self._cond:
+            if self._closed:
+                return  # the connection closes with the lane: every stage drops its sessions
+            self._sessions.discard(session)
+            self._queue = [s for s in self._queue if s.session is not session]
+            self._ending.append((session.session_id, ended))
+            self._cond.notify_all()
+        if not ended.wait(END_TIMEOUT_S):
+            log.warning("event=session_end_slow session=%s lane=%d", session.session_id, self.index)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout=5)
+        if self._connection is not None:
+            self._connection.close()
+
+    # ------------------------------------------------------------------ the lane's thread
+
+    def _run(self) -> None:
+        while True:
+            work = self._next()
+            if work is None:
+                return
+            ending, picks = work
+            try:
+                self._pass(ending, picks)
+            except Exception as exc:  # noqa: BLE001 - every waiting request must hear of it
+                self._fail(picks, exc)
+            finally:
+                for _, ended in ending:
+                    ended.set()
+
+    def _next(self) -> tuple[list[tuple[str, threading.Event]], list[tuple[_Submission, int]]] | None:
+        """Wait for the next pass's work: sessions to end, and (submission, rows) to run."""
+        with self._cond:
+            while True:
+                if self._closed:
+                    for sub in self._queue:
+                        sub.error = StageUnavailableError("the pipeline is shutting down")
+                        sub.finished.set()
+                    for _, ended in self._ending:
+                        ended.set()
+                    return None
+                if self._queue:
+                    waiting = {s.session for s in self._queue}
+                    oldest = min(s.queued_at for s in self._queue)
+                    wait = oldest + self.scheduler.patience() - time.perf_counter()
+                    if self._sessions <= waiting or wait <= 0:
+                        ending, self._ending = self._ending, []
+                        return ending, self._pick()
+                    self._cond.wait(wait)
+                elif self._ending:
+                    ending, self._ending = self._ending, []
+                    return ending, []
+                else:
+                    self._cond.wait()
+
+    def _pick(self) -> list[tuple[_Submission, int]]:
+        """The oldest submission of each session, steps first, then prompts cut to the rows left."""
+        scheduler = self.scheduler
+        firsts: dict[BatchSession, _Submission] = {}
+        for sub in sorted(self._queue, key=lambda s: s.queued_at):
+            firsts.setdefault(sub.session, sub)
+        picks: list[tuple[_Submission, int]] = []
+        rows = 0
+        for steps in (True, False):
+            for sub in firsts.values():
+                if (sub.left <= STEP_ROWS) != steps or len(picks) >= scheduler.max_batch:
+                    continue
+                room = scheduler.max_rows - rows
+                take = sub.left if steps else min(sub.left, room)
+                if take <= 0 or take > room:
+                    continue
+                picks.append((sub, take))
+                rows += take
+        return picks
+
+    def _pass(self, ending: list[tuple[str, threading.Event]], picks: list[tuple[_Submission, int]]) -> None:
+        p = self.scheduler.pipeline
+        for session_id, _ in ending:
+            if p.local is not None:
+                p.local.drop_session(session_id)
+        ends = [pb.ActivationFrame(session_id=session_id, seq=self._next_seq(), end_session=pb.EndSession())
+                for session_id, _ in ending if session_id not in self._lost]
+        with self._cond:
+            self._lost.difference_update(session_id for session_id, _ in ending)
+        if not picks:
+            self._send_ends(ends)
+            return
+        started = time.perf_counter()
+        rows = [Rows(sub.session.session_id, sub.start_pos + sub.done, take) for sub, take in picks]
+        tokens = [t for sub, take in picks for t in sub.tokens[sub.done:sub.done + take]]
+        trace = PassTrace(len(tokens))
+        with p.compute_lock:
+            h = p.head.embed(mx.array([tokens]))
+            if p.local is not None:
+                h = p.local.forward_batch(rows, h)
+            else:
+                mx.eval(h)
+        trace.local_s = time.perf_counter() - started
+        if p.first_peer is not None:
+            h = self._through_stages(ends, h, rows, trace)
+        offsets = [0]
+        for _, take in picks:
+            offsets.append(offsets[-1] + take)
+        finished = []
+        pieces = [h[0, offsets[i]:offsets[i + 1]] for i in range(len(picks))]
+        mx.eval(pieces)  # here: mlx evaluates a graph only on the thread that built it
+        for (sub, take), piece in zip(picks, pieces, strict=True):
+            sub.pieces.append(piece)
+            sub.done += take
+            sub.session.passes += 1
+            sub.session.batched_with += len(picks)
+            if sub.left == 0:
+                finished.append(sub)
+        self._logits(finished, trace)
+        with self._cond:
+            for sub in finished:
+                if sub in self._queue:
+                    self._queue.remove(sub)
+        for sub in finished:
+            sub.trace = trace
+            sub.finished.set()
+        trace.total_s = time.perf_counter() - started
+        self.scheduler.record(len(picks), len(tokens), trace)
+
+    def _logits(self, finished: list[_Submission], trace: PassTrace) -> None:
+        """The head over every finished step's rows in one call (a prompt's logits are left to
+        `BatchPass.result`, which its decode loop never reads)."""
+        p = self.scheduler.pipeline
+        steps = [sub for sub in finished if len(sub.tokens) <= STEP_ROWS]
+        if not steps:
+            return
+        head_started = time.perf_counter()
+        hidden = mx.concatenate([piece for sub in steps for piece in sub.pieces])
+        with p.compute_lock:
+            logits = p.head.logits(hidden[None])[0]
+            mx.eval(logits)
+        trace.head_s = time.perf_counter() - head_started
+        start = 0
+        for sub in steps:
+            sub.logits = logits[start:start + len(sub.tokens)]
+            start += len(sub.tokens)
+        mx.eval([sub.logits for sub in steps])
+
+    def _through_stages(self, ends: list[pb.ActivationFrame], h: mx.array, rows: list[Rows],
+                        trace: PassTrace) -> mx.array:
+        """Send the lane's pending session ends and the batch to stage 1; the last stage's rows."""
+        p = self.scheduler.pipeline
+        frame = pb.ActivationFrame(seq=self._next_seq(), batch=encode_batch(h, rows, p.wire_dtype))
+        sent = time.perf_counter()
+        try:
+            connection = self._connect()
+            for end in ends:
+                connection.send(end)
+            connection.send(frame)
+            for _ in ends:
+                connection.receive()  # a failed end is moot: the session is over
+            answer = connection.receive()
+        except StageUnavailableError as exc:
+            self._broken()
+            assert p.first_peer is not None
+            p.on_stage_error(1, exc.message)
+            raise StageUnavailableError(f"stage 1 at {p.first_peer.control_endpoint} is unavailable: "
+                                        f"{exc.message}",
+                                        hint="restart that stage; stage 0 will reload it") from exc
+        kind = answer.WhichOneof("body")
+        if kind == "error":
+            error = answer.error
+            if error.code == pb.ACTIVATION_ERROR_CODE_DOWNSTREAM_UNAVAILABLE:
+                p.on_stage_error(error.stage_index + 1, error.message)
+            raise StageUnavailableError(error.message, hint="send the request again")
+        if kind != "batch":
+            raise StageUnavailableError(f"stage 1 answered a batch with {kind or 'nothing'}",
+                                        hint="stage 0 and stage 1 run different versions; update both")
+        answered, hidden = decode_batch(answer.batch, p.limits)
+        if answered != rows:
+            raise StageUnavailableError("stage 1 answered a batch with other sessions' rows",
+                                        hint="stage 0 and stage 1 run different versions; update both")
+        _add_timings(trace, answer, time.perf_counter() - sent)
+        return hidden.astype(p.compute_dtype)
+
+    def _send_ends(self, ends: list[pb.ActivationFrame]) -> None:
+        if not ends or self._connection is None:
+            return  # without a connection the sessions are gone from the stages already
+        try:
+            for end in ends:
+                self._connection.send(end)
+            for _ in ends:
+                self._connection.receive()
+        except StageUnavailableError:
+            self._broken()
+
+    def _connect(self) -> FrameConnection:
+        """The lane's connection to stage 1; asked anew where it listens if the known address fails
+        (a restarted stage listens on another port). Nothing was sent yet: safe to retry."""
+        if self._connection is not None:
+            return self._connection
+        p = self.scheduler.pipeline
+        assert p.first_peer is not None
+        try:
+            self._connection = FrameConnection(p.first_peer.get(), budget=p.budget, token=p.token)
+        except StageUnavailableError:
+            p.first_peer.forget()
+            self._connection = FrameConnection(p.first_peer.get(), budget=p.budget, token=p.token)
+        return self._connection
+
+    def _broken(self) -> None:
+        """The connection to stage 1 broke: every session of the lane lost its caches there."""
+        p = self.scheduler.pipeline
+        if self._connection is not None:
+            self._connection.close()
+        self._connection = None
+        with self._cond:
+            self._lost.update(s.session_id for s in self._sessions)
+        assert p.first_peer is not None
+        p.first_peer.forget()  # it may have restarted on another port
+
+    def _fail(self, picks: list[tuple[_Submission, int]], exc: Exception) -> None:
+        if not isinstance(exc, LayerlineError):
+            log.exception("event=batch_pass_failed lane=%d", self.index)
+        with self._cond:
+            for sub, _ in picks:
+                if sub in self._queue:
+                    self._queue.remove(sub)
+        for sub, _ in picks:
+            sub.error = exc
+            sub.finished.set()
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+
+def _add_timings(trace: PassTrace, answer: pb.ActivationFrame, waited: float) -> None:
+    """Each stage's compute and each hop's time, from the timings the answer carries."""
+    timings = sorted(answer.timings, key=lambda t: t.stage_index)
+    waits = [waited, *(t.downstream_ns / 1e9 for t in timings)]
+    for i, timing in enumerate(timings):
+        trace.stage_compute_s[timing.stage_index] = timing.compute_ns / 1e9
+        trace.hops_s.append(max(0.0, waits[i] - (timing.compute_ns + timing.downstream_ns) / 1e9))
+
+
+class BatchScheduler:
+    """Stage 0's lanes over one pipeline, and what their passes measured."""
+
+    def __init__(self, pipeline: Pipeline, *, lanes: int, max_batch: int, max_rows: int) -> None:
+        if lanes < 1 or max_batch < 1 or max_rows < 1:
+            raise LayerlineError(f"lanes, max_batch and max_rows must be at least 1 (got {lanes}, "
+                                 f"{max_batch}, {max_rows})")
+        self.pipeline = pipeline
+        self.max_batch = max_batch
+        self.max_rows = max_rows
+        self._lock = threading.Lock()
+        self._sizes: Counter[int] = Counter()  # sessions per pass -> passes
+        self._rows = 0
+        self._costs: deque[tuple[int, float]] = deque(maxlen=COST_SAMPLES)  # (rows, seconds) per pass
+        self._pass_s = 0.0
+        self._ids = 0
+        self.lanes = [Lane(self, i) for i in range(lanes)]
+
+    def open(self, session_id: str) -> BatchSession:
+        """A new session, in the lane with the fewest."""
+        with self._lock:
+            lane = min(self.lanes, key=lambda lane: lane.session_count)
+            session = BatchSession(lane, session_id)
+            lane.join(session)
+        return session
+
+    def patience(self) -> float:
+        """How long a submission waits for the rest of its lane: half a pass, at most MAX_PATIENCE_S."""
+        return min(MAX_PATIENCE_S, 0.5 * self._pass_s)
+
+    def record(self, sessions: int, rows: int, trace: PassTrace) -> None:
+        with self._lock:
+            self._sizes[sessions] += 1
+            self._rows += rows
+            self._costs.append((rows, trace.total_s))
+            self._pass_s = trace.total_s if not self._pass_s else 0.8 * self._pass_s + 0.2 * trace.total_s
+        self.pipeline.record(trace)
+
+    def pass_samples(self) -> list[tuple[int, float]]:
+        """Recent passes as (rows, seconds), for the cost of a pass by its rows."""
+        with self._lock:
+            return list(self._costs)
+
+    @property
+    def queued(self) -> int:
+        """Submissions waiting for a pass (prompt chunks and steps)."""
+        return sum(lane.queued for lane in self.lanes)
+
+    @property
+    def sessions(self) -> int:
+        return sum(lane.session_count for lane in self.lanes)
+
+    def to_json(self) -> dict[str, object]:
+        with self._lock:
+            passes = sum(self._sizes.values())
+            sessions = sum(size * n for size, n in self._sizes.items())
+            return {"lanes": len(self.lanes), "max_batch": self.max_batch, "max_rows": self.max_rows,
+                    "passes": passes, "batch_sizes": {str(k): v for k, v in sorted(self._sizes.items())},
+                    "mean_batch": round(sessions / passes, 3) if passes else 0.0,
+                    "mean_rows": round(self._rows / passes, 3) if passes else 0.0,
+                    "max_seen": max(self._sizes, default=0),
+                    "sessions": self.sessions, "queued": self.queued,
+                    "pass_ms": round(self._pass_s * 1000, 3)}
+
+    def close(self) -> None:
+        for lane in self.lanes:
+            lane.close()

@@ -1,0 +1,199 @@
+"""Continuous batching: many requests' passes run together, and every answer stays its own.
+
+In one process, the scheduler over a whole tiny model: sampled tokens of requests that share
+batch passes follow the target's distribution. Through real stage processes with the
+official `openai` client: concurrent streams mixing greedy, seeded sampling, speculation on
+and off, and clients that leave mid-stream; every greedy text equals its answer alone.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+import time
+from collections import Counter
+from dataclasses import replace
+
+import mlx.core as mx
+import pytest
+import test_speculative as spec
+
+from layerline.proto import activation_pb2 as pb
+from layerline.runtime.decode.batch_window import batch_window
+from layerline.runtime.decode.drafters import ModelDrafter
+from layerline.runtime.decode.loop import generate
+from layerline.runtime.decode.sampling import SamplingParams
+from layerline.runtime.decode.targets import PipelineTarget
+from layerline.runtime.decode.window_policy import WindowPolicy
+from layerline.runtime.model.kv_cache import SessionStore
+from layerline.runtime.stage.batching import BatchScheduler
+from layerline.runtime.stage.model import StageModel
+from layerline.runtime.stage.pipeline import Pipeline
+
+from helpers import Stage0Process, StageProcess
+
+MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory, smollm2_tokenizer_dir):
+    root = tmp_path_factory.mktemp("batching-tiny")
+    return {"target": spec.tiny_pipeline(root, smollm2_tokenizer_dir, seed=1),
+            "near": spec.tiny_pipeline(root, smollm2_tokenizer_dir, seed=1, noise=0.05)}
+
+
+def local_scheduler(model, lanes: int = 1, max_batch: int = 16) -> BatchScheduler:
+    """The scheduler over a whole model in this process (stage 0 with no peers)."""
+    (layers,) = model.ranges
+    local = StageModel(layers, SessionStore(layers.make_cache, max_sessions=64), 512, mx.float32)
+    pipeline = Pipeline(model.head, local, first_peer=None, wire_dtype=pb.WIRE_DTYPE_F32,
+                        hidden_size=layers.hidden_size, max_tokens=512)
+    return BatchScheduler(pipeline, lanes=lanes, max_batch=max_batch, max_rows=512)
+
+
+def test_sampled_tokens_follow_the_targets_distribution_under_batching(tiny_models):
+    target, draft = tiny_models["target"], tiny_models["near"]
+    scheduler = local_scheduler(target)
+    params = SamplingParams(max_tokens=3, temperature=1.0)
+    prompt = [3, 5, 3, 5, 3]
+    counts: Counter = Counter()
+    lock = threading.Lock()
+
+    def sample(seed: int) -> None:
+        seeded = replace(params, seed=seed)
+        session = scheduler.open(f"s{seed}")
+        try:
+            # Every other request drafts: drafted windows and plain steps share the passes.
+            drafter = ModelDrafter(draft, seeded) if seed % 2 else None
+            generation = generate(PipelineTarget(session), prompt, seeded, drafter=drafter,
+                                  policy=WindowPolicy.fixed(2) if drafter else None, first_token_first=False)
+            tokens = [t.id for t in generation]
+        finally:
+            session.close()
+        with lock:
+            counts[tuple(tokens)] += 1
+
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        list(pool.map(sample, range(spec.SAMPLES)))
+    scheduler.close()
+    joint = spec.exact_joint(target, prompt, params)
+    assert not [cell for cell in counts if joint[cell] == 0]
+    p_value, df = spec.chi_square_p(counts, joint, spec.SAMPLES)
+    assert p_value > spec.SIGNIFICANCE, f"chi-square p={p_value:.2g} (df={df}) under batching"
+    batching = scheduler.to_json()
+    assert batching["max_seen"] >= 4 and batching["mean_batch"] > 1.5, batching
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_between_running_steps(tiny_models):
+    target = tiny_models["target"]
+    scheduler = local_scheduler(target)
+    scheduler.max_rows = 64  # a prompt of 300 positions takes several passes
+    params = SamplingParams(max_tokens=40)
+    short = generate(PipelineTarget(scheduler.open("short")), [1, 2, 3], params)
+    stream = iter(short)
+    reference = [t.id for t in generate(PipelineTarget(local_scheduler(target).open("r")), [1, 2, 3], params)]
+    got = [next(stream).id]  # the short request decodes...
+    long_session = scheduler.open("long")
+    done = threading.Event()
+
+    def long_prompt() -> None:
+        list(generate(PipelineTarget(long_session), [4 + i % 20 for i in range(300)], SamplingParams(max_tokens=2)))
+        done.set()
+
+    thread = threading.Thread(target=long_prompt)
+    thread.start()
+    for token in stream:  # ...and keeps decoding while the long prompt goes through in pieces
+        got.append(token.id)
+    thread.join(timeout=60)
+    assert done.is_set() and got == reference
+    sizes = scheduler.to_json()["batch_sizes"]
+    assert int(sizes.get("2", 0)) >= 2, sizes  # passes that carried a prompt piece and a step
+    scheduler.close()
+
+
+def test_speculation_yields_as_the_batch_grows():
+    # A pass costs 10 ms plus 1 ms a row: alone, drafting 4 at a 0.8 accept rate pays...
+    samples = [(n, 0.010 + 0.001 * n) for n in (1, 5, 8, 16, 32)]
+    assert batch_window(4, 0.8, 1, samples, 0.002) == 4
+    # ...shared by two, a shorter window pays more; by 16, or at a poor accept rate, none does.
+    assert 0 < batch_window(4, 0.8, 2, samples, 0.002) < 4
+    assert batch_window(4, 0.8, 16, samples, 0.002) == 0
+    assert batch_window(4, 0.2, 2, samples, 0.002) == 0
+    # With rows that cost nothing next to the pass (a GPU), drafting keeps paying.
+    flat = [(n, 0.010) for n in (1, 8, 32)]
+    assert batch_window(4, 0.8, 16, flat, 0.0) == 4
+
+
+# ---------------------------------------------------------------- through real stage processes
+
+PROMPTS = ["The capital of France is", "def add(a, b):\n    return", "Once upon a time, a small dog",
+           "The three primary colours are", "import numpy as np\n\n", "My favourite fruit is"]
+
+
+@pytest.fixture
+def batched_pipeline(smollm2_package, smollm2_f32_package, tmp_path):
+    """SmolLM2 over stage 0 and one peer process, its f32 package as the draft."""
+    stage = StageProcess((), tmp_path)
+    config = tmp_path / "config.toml"
+    config.write_text(f'[defaults.speculative]\ndraft_model = "{smollm2_f32_package}"\nwindow_policy = "fixed"\ninitial_window = 3\n')
+    try:
+        stage0 = Stage0Process(smollm2_package, [stage.endpoint], tmp_path, "--config", str(config),
+                               "--max-queue", "64")
+    except BaseException:
+        stage.stop()
+        raise
+    deadline = time.monotonic() + 120
+    while stage0.status()["speculative"]["draft"]["state"] != "ready":
+        assert time.monotonic() < deadline, "the draft never loaded"
+        time.sleep(0.2)
+    yield stage0
+    stage0.stop()
+    stage.stop()
+
+
+def test_concurrent_streams_mixing_everything_get_their_solo_answers(batched_pipeline):
+    stage0 = batched_pipeline
+    client = stage0.client
+
+    def stream(prompt: str, *, leave_after: int | None = None, speculate: bool = True,
+               **sampling) -> tuple[str, dict | None]:
+        extra = {} if speculate else {"speculative": {"enabled": False}}
+        chunks = client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, stream=True,
+                                           stream_options={"include_usage": True}, extra_body=extra,
+                                           **({"temperature": 0} | sampling))
+        text, usage = "", None
+        for i, chunk in enumerate(chunks):
+            if leave_after is not None and i >= leave_after:
+                chunks.close()  # the client leaves mid-stream
+                return text, None
+            if chunk.choices:
+                text += chunk.choices[0].text
+            if chunk.usage is not None:
+                usage = chunk.model_dump()["usage"]
+        return text, usage
+
+    solo = {prompt: stream(prompt, speculate=False)[0] for prompt in PROMPTS}
+    jobs = [(p, {}) for p in PROMPTS]  # greedy, speculating
+    jobs += [(p, {"speculate": False}) for p in PROMPTS[:4]]  # greedy, plain
+    jobs += [(p, {"temperature": 0.8, "seed": i}) for i, p in enumerate(PROMPTS[:3])]  # sampled
+    jobs += [(p, {"leave_after": 2}) for p in PROMPTS[:3]]  # clients that leave
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+        results = list(pool.map(lambda job: stream(job[0], **job[1]), jobs))
+    for (prompt, kind), (text, usage) in zip(jobs, results, strict=True):
+        if "leave_after" in kind:
+            continue
+        assert usage is not None and text, (prompt, kind)
+        if "temperature" not in kind:
+            assert text == solo[prompt], (prompt, kind)
+        speculative = usage["speculative"]
+        assert speculative["batch"]["passes"] > 0
+        if kind.get("speculate") is False:
+            assert speculative["enabled"] is False and speculative["drafted"] == 0
+    batching = stage0.status()["batching"]
+    assert batching["max_seen"] >= 4 and batching["mean_batch"] > 1, batching
+    # The clients that left, and everyone else, hold no session anywhere once done.
+    deadline = time.monotonic() + 10
+    while any(s["sessions"] for s in stage0.status()["stages"]):
+        assert time.monotonic() < deadline, stage0.status()["stages"]
+        time.sleep(0.1)
+    assert stage0.metric("layerline_batch_sessions_count") == batching["passes"]
