@@ -113,22 +113,29 @@ def bench_serve(
     llama_server: Annotated[Path | None, typer.Option(help="llama.cpp's llama-server binary: also run it.")] = None,
     llama_threads: Annotated[int, typer.Option(help="llama-server -t.")] = 2,
     start_timeout: Annotated[float, typer.Option(help="Seconds a condition's servers may take to start.")] = 900,
-    output: Annotated[Path | None, typer.Option("-o", "--output", help="Folder for table.md, results.json, chart.png.")] = None,
+    clients: Annotated[str, typer.Option(help="Concurrent clients, comma-separated (e.g. 1,4,8,16): beyond 1, each layerline condition also serves that many at once.")] = "1",
+    max_batch: Annotated[int | None, typer.Option(help="Stage 0's --max-batch (requests decoding together), passed only when given.")] = None,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Folder for table.md, results.json, chart.png (and concurrency.png).")] = None,
 ) -> None:
-    """Serve one model under a matrix of conditions and compare them: split, draft, delayed links, llama.cpp."""
+    """Serve one model under a matrix of conditions and compare them: split, draft, delayed links, many clients, llama.cpp."""
     import time
 
+    from layerline.errors import LayerlineError
     from layerline.runtime.bench.report import render_report, write_report
     from layerline.runtime.bench.serve import DEFAULT_PROMPTS, Bench, BenchSettings, build_matrix
 
     log_to_stderr(quiet=False)
+    try:
+        client_counts = tuple(int(c) for c in clients.split(",") if c.strip())
+    except ValueError:
+        raise LayerlineError(f"--clients {clients!r} is not a list of counts", hint="e.g. --clients 1,4,8,16") from None
     settings = BenchSettings(
         target=target, draft=draft, stages=tuple(stages or (2, 3)), draft_stages=tuple(draft_stages or (2,)),
         windows=tuple(window or (4, 8, 16)), adaptive=adaptive, auto=auto,
         overlaps=tuple(overlap or ("off",)), delays_ms=tuple(link_delay_ms or (0.0,)),
         link_method=link_method, pin=pin, prompts=tuple(prompt or DEFAULT_PROMPTS), max_tokens=max_tokens, runs=runs,
         warmup=warmup, weights=weights.value, quantize=quantize.value, llama_server=llama_server,
-        llama_threads=llama_threads, start_timeout_s=start_timeout)
+        llama_threads=llama_threads, start_timeout_s=start_timeout, clients=client_counts, max_batch=max_batch)
     folder = output or Path("bench-results") / time.strftime("serve-%Y%m%d-%H%M%S")
     conditions = build_matrix(settings)
     err.print(f"{len(conditions)} conditions: {', '.join(c.name for c in conditions)}", highlight=False)
@@ -140,7 +147,8 @@ def bench_serve(
 
     results = Bench(settings, folder).run(conditions, on_result=save)  # the last save wrote them all
     typer.echo(render_report(settings, results))
-    typer.echo(f"wrote {folder}/table.md, results.json, chart.png")
+    typer.echo(f"wrote {folder}/table.md, results.json, chart.png"
+               + (", concurrency.png" if (folder / "concurrency.png").exists() else ""))
     if any(r.error for r in results):
         raise typer.Exit(1)
 

@@ -31,6 +31,13 @@ class RequestSample:
     text: str = ""
     usage: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, Any] | None = None  # llama-server's own counters, when it sends them
+    client: int = 0  # which of several concurrent clients sent it
+    sent_at: float = 0.0  # time.perf_counter() when it was sent: orders requests of several clients
+
+    @property
+    def last_token_at(self) -> float:
+        """time.perf_counter() when its last token arrived (the stream's end if none did)."""
+        return self.sent_at + (self.arrivals[-1] if self.arrivals else self.wall_s)
 
     @property
     def tokens_per_s(self) -> float:
@@ -49,7 +56,8 @@ class RequestSample:
         return self.usage.get("speculative") or {}
 
     def to_json(self) -> dict[str, Any]:
-        return {"prompt_index": self.prompt_index, "run": self.run, "ttft_s": round(self.ttft_s, 5),
+        return {"prompt_index": self.prompt_index, "run": self.run, "client": self.client,
+                "ttft_s": round(self.ttft_s, 5),
                 "wall_s": round(self.wall_s, 5), "tokens": self.tokens,
                 "tokens_per_s": round(self.tokens_per_s, 3),
                 "decode_tokens_per_s": round(self.decode_tokens_per_s, 3),
@@ -58,7 +66,7 @@ class RequestSample:
 
 
 def stream_completion(client: httpx.Client, url: str, body: dict[str, Any], *, prompt_index: int,
-                      run: int, timeout_s: float) -> RequestSample:
+                      run: int, timeout_s: float, client_index: int = 0) -> RequestSample:
     """POST `body` (streamed) to `url`/v1/completions and time every chunk."""
     body = {**body, "stream": True, "stream_options": {"include_usage": True}}
     texts: list[str] = []
@@ -101,4 +109,4 @@ def stream_completion(client: httpx.Client, url: str, body: dict[str, Any], *, p
         arrivals.append(finish_at)  # the end-of-text token has no text of its own
     ttft = arrivals[0] if arrivals else wall
     return RequestSample(prompt_index, run, ttft, wall, tokens, arrivals, finish, "".join(texts), usage,
-                         timings)
+                         timings, client_index, started)

@@ -1,7 +1,8 @@
 """The serving benchmark's output: Markdown tables, the goals it reports against, JSON, a PNG chart.
 
 Everything lands in one folder: `table.md` (what the command prints),
-`results.json` (settings, machine, every request's raw figures), `chart.png`.
+`results.json` (settings, machine, every request's raw figures), `chart.png`,
+and with several client counts `concurrency.png`.
 Files are written to a temporary name and renamed, so a folder never holds a
 half-written report, even when the run is stopped between conditions.
 """
@@ -26,6 +27,11 @@ PROFILE_COLUMNS = ("condition", "ms/pass", "draft ms", "verify ms", "link delay 
 SPLIT_GOAL = 0.97  # 2-stage split on loopback, against the single stage
 SPECULATION_GOAL = 2.0  # speculation over a delayed 2-stage split, against that split
 PASS_GOAL = 0.10  # tokens per pass, against (1 - a^(w+1)) / (1 - a)
+LOAD_COLUMNS = ("condition", "clients", "requests", "aggregate tok/s", "× 1 client", "client decode tok/s",
+                "TTFT p50 s", "TTFT p90 s", "same text")
+MEAN_BATCH_COLUMN = "mean batch"  # shown when stage 0's `/v1/status` -> `batching` has `mean_batch`
+CLIENT_GOALS = {8: 4.0, 16: 6.0}  # 2-stage split: aggregate tok/s at C clients over one client's
+TTFT_GOAL = (8, 2.0)  # 2-stage split: p50 time to first token at 8 clients over one client's
 
 
 def _cell(value: float | None, fmt: str) -> str:
@@ -107,6 +113,29 @@ def render_profile(results: Sequence[ConditionResult]) -> str:
     return _table(PROFILE_COLUMNS, rows)
 
 
+def render_load(results: Sequence[ConditionResult]) -> str:
+    """The concurrency axis: per condition and client count, the aggregate and what each client saw."""
+    loaded = [r for r in results if r.load]
+    if not loaded:
+        return ""
+    batched = any(level.mean_batch is not None for r in loaded for level in r.load)
+    rows = []
+    for r in loaded:
+        for level in r.load:
+            s = level.stats
+            if s is None:
+                failure = "failed: " + (level.error or "?").splitlines()[0][:60].replace("|", "/")
+                rows.append([r.condition.name, str(level.clients), "0", failure,
+                             *["—"] * (len(LOAD_COLUMNS) - 4 + batched)])
+                continue
+            same = _cell(s.same_text, ".0%") + (" (errors)" if level.error else "")
+            row = [r.condition.name, str(level.clients), str(s.requests), f"{s.aggregate_tokens_per_s:.2f}",
+                   _cell(level.vs_one_client, ".2f") + ("×" if level.vs_one_client is not None else ""),
+                   f"{s.client_decode_tokens_per_s:.2f}", f"{s.ttft_p50_s:.3f}", f"{s.ttft_p90_s:.3f}", same]
+            rows.append(row + ([_cell(level.mean_batch, ".2f")] if batched else []))
+    return _table((*LOAD_COLUMNS, *((MEAN_BATCH_COLUMN,) if batched else ())), rows)
+
+
 def _windows(runs: list[list[int]]) -> str:
     """[[4, 3], [0, 16]] -> `4×3 0×16`."""
     return " ".join(f"{w}×{n}" for w, n in runs)
@@ -174,6 +203,7 @@ def goal_lines(results: Sequence[ConditionResult]) -> list[str]:
             lines.append(f"- speculation over 2 stages with {delay:g} ms links ≥ {SPECULATION_GOAL:g}× the "
                          f"split: best {best.condition.name} {ratio:.2f}× — "
                          f"{verdict(ratio >= SPECULATION_GOAL, f'{SPECULATION_GOAL - ratio:.2f}×')}")
+    lines += load_goal_lines(results)
     for r in results:
         s = r.stats
         if s is None or s.expected_tokens_per_pass is None or s.tokens_per_pass is None:
@@ -186,6 +216,41 @@ def goal_lines(results: Sequence[ConditionResult]) -> list[str]:
     return lines
 
 
+def load_goal_lines(results: Sequence[ConditionResult]) -> list[str]:
+    """The concurrency goals: the 2-stage split's scaling and TTFT under load, and answers left unchanged."""
+    lines = []
+    for r in results:
+        c = r.condition
+        if not r.load or c.engine != "layerline" or c.stages != 2 or c.draft or c.delay_ms:
+            continue
+        by_clients = {level.clients: level for level in r.load if level.stats is not None}
+        for clients, goal in CLIENT_GOALS.items():
+            ratio = by_clients[clients].vs_one_client if clients in by_clients else None
+            if ratio is not None:
+                verdict = "met" if ratio >= goal else f"missed by {goal - ratio:.2f}×"
+                lines.append(f"- {c.name}, {clients} clients ≥ {goal:g}× the aggregate tok/s of 1: "
+                             f"{ratio:.2f}× — {verdict}")
+        clients, goal = TTFT_GOAL
+        if clients in by_clients and 1 in by_clients:
+            many, one = by_clients[clients].stats, by_clients[1].stats
+            assert many is not None and one is not None
+            ratio = many.ttft_p50_s / one.ttft_p50_s if one.ttft_p50_s else float("inf")
+            lines.append(f"- {c.name}, p50 TTFT at {clients} clients ≤ {goal:g}× 1 client's: "
+                         f"{many.ttft_p50_s:.2f} s vs {one.ttft_p50_s:.2f} s ({ratio:.2f}×) — "
+                         + ("met" if ratio <= goal else f"missed by {ratio - goal:.2f}×"))
+    compared = differ = 0
+    for r in results:
+        for level in r.load:
+            if level.clients > 1 and level.stats is not None and level.stats.same_text is not None:
+                n = level.stats.requests
+                compared += n
+                differ += len(level.stats.mismatches)
+    if compared:
+        lines.append(f"- every concurrent answer equal to its solo greedy answer: {compared - differ} of "
+                     f"{compared} — " + ("met" if not differ else f"missed by {differ}"))
+    return lines
+
+
 def render_report(settings: BenchSettings, results: Sequence[ConditionResult]) -> str:
     """All the Markdown the command prints and writes to table.md."""
     methods = sorted({f"{r.link_method} ({r.link_note})" for r in results
@@ -193,7 +258,9 @@ def render_report(settings: BenchSettings, results: Sequence[ConditionResult]) -
     parts = [
         f"serve benchmark: {settings.target}" + (f", draft {settings.draft}" if settings.draft else "")
         + f"; {len(settings.prompts)} prompts × {settings.runs} runs, {settings.max_tokens} tokens max, "
-        f"greedy, {settings.warmup} warm-up" + ("; stages pinned to a core each" if settings.pin else ""),
+        f"greedy, {settings.warmup} warm-up" + ("; stages pinned to a core each" if settings.pin else "")
+        + (f"; clients {', '.join(map(str, settings.client_levels))}" if settings.client_levels else "")
+        + (f", --max-batch {settings.max_batch}" if settings.max_batch is not None else ""),
         "",
         render_table(results),
         "",
@@ -211,12 +278,21 @@ def render_report(settings: BenchSettings, results: Sequence[ConditionResult]) -
     if overlap:
         parts += ["Windows drafted during a pass (used when every draft and the guessed next token stood), "
                   "and the windows chosen step by step (`w×steps`; 0: a plain step):", "", overlap, ""]
+    load = render_load(results)
+    if load:
+        parts += ["Many clients at once (each sends every prompt in turn, all released together; 1 client: "
+                  "the measured runs above; aggregate: every token over the first request to the last token; "
+                  "same text: answers equal to the 1-client answer of their prompt):", "", load, ""]
     goals = goal_lines(results)
     if goals:
         parts += ["Goals:", *goals, ""]
     failed = [r for r in results if r.error]
     for r in failed:
         parts.append(f"FAILED {r.condition.name}: {r.error}")
+    for r in results:
+        for level in r.load:
+            if level.error:
+                parts.append(f"FAILED {r.condition.name} with {level.clients} clients: {level.error}")
     return "\n".join(parts).rstrip() + "\n"
 
 
@@ -296,12 +372,50 @@ def write_chart(path: Path, results: Sequence[ConditionResult], title: str) -> N
     plt.close(fig)
 
 
+def write_load_chart(path: Path, results: Sequence[ConditionResult], title: str) -> None:
+    """Aggregate tok/s and p50 time to first token against the number of clients, a line per condition."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: files only
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    counts: set[int] = set()
+    for r in results:
+        levels = [level for level in r.load if level.stats is not None]
+        if not levels:
+            continue
+        xs = [level.clients for level in levels]
+        counts.update(xs)
+        style = {"linestyle": "--" if r.condition.draft else "-", "marker": "o"}
+        left.plot(xs, [level.stats.aggregate_tokens_per_s for level in levels if level.stats],
+                  label=r.condition.name, **style)
+        right.plot(xs, [level.stats.ttft_p50_s for level in levels if level.stats], label=r.condition.name,
+                   **style)
+    for ax, label in ((left, "aggregate tok/s (all clients' tokens / wall time)"),
+                      (right, "p50 time to first token (s)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted(counts), [str(c) for c in sorted(counts)])
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylabel(label)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    _write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
 def write_report(output: Path, settings: BenchSettings, results: Sequence[ConditionResult],
                  command: Sequence[str]) -> str:
-    """Write table.md, results.json and chart.png into `output`; return the Markdown."""
+    """Write table.md, results.json and chart.png (and concurrency.png) into `output`; return the Markdown."""
     output.mkdir(parents=True, exist_ok=True)
     markdown = render_report(settings, results)
     _write_atomic(output / "table.md", lambda tmp: tmp.write_text(markdown))
     write_json(output / "results.json", settings, results, command)
     write_chart(output / "chart.png", results, f"layerline bench serve: {Path(settings.target).name}")
+    if any(r.load for r in results):
+        write_load_chart(output / "concurrency.png", results,
+                         f"layerline bench serve: {Path(settings.target).name}, many clients at once")
     return markdown

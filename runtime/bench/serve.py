@@ -8,6 +8,11 @@ same GGUF files, without and with its draft. Every condition gets clean
 processes, warm-up requests, then `runs` passes over the prompts, greedy and
 streamed. A split condition is compared with the single stage; a draft
 condition with the split it speculates over (same stages, same links).
+
+With `clients` beyond 1, every layerline condition then serves C concurrent
+clients for each C on the same processes (the concurrency axis): aggregate
+tok/s against one client's, time to first token under load, and whether every
+answer is still the solo answer of its prompt.
 """
 
 from __future__ import annotations
@@ -28,10 +33,11 @@ from layerline.packager.package import LayerPackage
 from layerline.packager.window_spec import WindowSpec
 
 from .client import RequestSample, stream_completion
+from .clients import run_clients
 from .link_delay import LINK_METHODS, StageLinks, open_links
 from .models import BENCH_CACHE, resolve_gguf, resolve_package
-from .servers import LayerlineServer, LlamaServer
-from .stats import ConditionStats, summarize
+from .servers import LayerlineServer, LlamaServer, check_stage_serve_accepts
+from .stats import ConditionStats, LoadStats, solo_answers, summarize, summarize_load
 
 log = logging.getLogger("layerline.bench")
 
@@ -43,6 +49,8 @@ DEFAULT_PROMPTS = (
 WARMUP_TOKENS = 16
 OVERLAP_MODES = ("off", "overlap", "run-ahead")
 OVERLAP_LABELS = {"off": "", "overlap": " overlap", "run-ahead": " run-ahead"}  # in condition names
+STAGE0_MAX_QUEUE = 32  # `layerline stage serve --max-queue`'s default
+STAGE0_MAX_SESSIONS = 16  # `--max-sessions`'s default
 
 
 @dataclass(frozen=True)
@@ -102,6 +110,14 @@ class BenchSettings:
     start_timeout_s: float = 900.0
     request_timeout_s: float = 900.0
     cache_dir: Path = BENCH_CACHE
+    clients: tuple[int, ...] = (1,)  # concurrent clients per level; beyond 1, each layerline condition's axis
+    max_batch: int | None = None  # stage 0's --max-batch, passed only when given
+
+    @property
+    def client_levels(self) -> tuple[int, ...]:
+        """The concurrency axis: 1 (the baseline, measured anyway) and every other count; () for 1 alone."""
+        levels = sorted({1, *self.clients})
+        return tuple(levels) if len(levels) > 1 else ()
 
     def __post_init__(self) -> None:
         checks = [
@@ -115,12 +131,28 @@ class BenchSettings:
             (bool(self.prompts), "no prompts", "give at least one --prompt"),
             (bool(self.overlaps) and all(m in OVERLAP_MODES for m in self.overlaps),
              f"--overlap {', '.join(self.overlaps) or 'nothing'}", f"use {', '.join(OVERLAP_MODES)}"),
+            (bool(self.clients) and all(c >= 1 for c in self.clients),
+             f"--clients {','.join(map(str, self.clients)) or 'nothing'}",
+             "give client counts like 1,4,8,16"),
+            (self.max_batch is None or self.max_batch >= 1, f"--max-batch {self.max_batch}",
+             "let at least 1 request decode at a time"),
         ]
         for ok, what, fix in checks:
             if not ok:
                 raise LayerlineError(f"bench serve cannot run with {what}", hint=fix)
         for window in self.windows:
             WindowSpec.fixed(window).validate()
+
+
+def stage0_args(settings: BenchSettings) -> list[str]:
+    """Stage 0's options for the concurrency axis: room for every client, and --max-batch when given."""
+    biggest = max(settings.clients)
+    args = ["--max-queue", str(max(STAGE0_MAX_QUEUE, 2 * biggest))]
+    if biggest > STAGE0_MAX_SESSIONS:  # else clients past 16 would wait in the queue, not decode
+        args += ["--max-sessions", str(biggest)]
+    if settings.max_batch is not None:  # only when asked: a server without the option refuses it
+        args += ["--max-batch", str(settings.max_batch)]
+    return args
 
 
 def _suffix(delay_ms: float) -> str:
@@ -160,6 +192,47 @@ def _drafted(stages: int, delay: float, window: WindowSpec, baseline: str, overl
                      baseline, overlap)
 
 
+def level_mean_batch(before: dict[str, Any] | None, after: dict[str, Any] | None) -> float | None:
+    """Mean sessions per pass between two reads of `batching`: from its `batch_sizes` histogram
+    ({size: passes}) when both reads have one, else the later read's own `mean_batch`."""
+    if after is None:
+        return None
+    sizes_after, sizes_before = after.get("batch_sizes"), (before or {}).get("batch_sizes", {})
+    if isinstance(sizes_after, dict) and isinstance(sizes_before, dict):
+        passes = {int(size): n - sizes_before.get(size, 0) for size, n in sizes_after.items()}
+        total = sum(passes.values())
+        if total > 0:
+            return sum(size * n for size, n in passes.items()) / total
+    value = after.get("mean_batch")
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+@dataclass
+class LoadLevel:
+    """One point of the concurrency axis: C clients at once on a condition's servers."""
+
+    clients: int
+    stats: LoadStats | None = None
+    samples: list[RequestSample] = field(default_factory=list)
+    vs_one_client: float | None = None  # aggregate tok/s over the 1-client level's
+    batching: dict[str, Any] | None = None  # stage 0's `/v1/status` -> `batching` after the level, if any
+    batching_before: dict[str, Any] | None = None  # the same, read before the level
+    seconds: float = 0.0
+    error: str | None = None
+
+    @property
+    def mean_batch(self) -> float | None:
+        """Sessions per batched pass during this level (stage 0's counters are since its start)."""
+        return level_mean_batch(self.batching_before, self.batching)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"clients": self.clients, "stats": self.stats.to_json() if self.stats else None,
+                "vs_one_client": self.vs_one_client, "mean_batch": self.mean_batch,
+                "batching": self.batching, "batching_before": self.batching_before,
+                "seconds": round(self.seconds, 2), "error": self.error,
+                "requests": [s.to_json() for s in self.samples]}
+
+
 @dataclass
 class ConditionResult:
     condition: Condition
@@ -172,6 +245,7 @@ class ConditionResult:
     profile: dict[str, float] = field(default_factory=dict)  # ms per pass by part, measured requests
     seconds: float = 0.0  # the whole condition, start to stop
     error: str | None = None
+    load: list[LoadLevel] = field(default_factory=list)  # the concurrency axis, 1 client first
 
     def to_json(self) -> dict[str, Any]:
         return {"condition": self.condition.to_json(),
@@ -179,7 +253,8 @@ class ConditionResult:
                 "link": {"method": self.link_method, "note": self.link_note, "traffic": self.link_traffic},
                 "server": self.server, "profile_ms_per_pass": self.profile,
                 "seconds": round(self.seconds, 2), "error": self.error,
-                "requests": [s.to_json() for s in self.samples]}
+                "requests": [s.to_json() for s in self.samples],
+                "concurrency": [level.to_json() for level in self.load]}
 
 
 @dataclass(frozen=True)
@@ -275,6 +350,8 @@ class Bench:
 
     def run(self, conditions: list[Condition],
             on_result: Callable[[ConditionResult], None] | None = None) -> list[ConditionResult]:
+        if self.settings.max_batch is not None:  # before any package is built
+            check_stage_serve_accepts(["--max-batch"])
         self.models = resolve_models(self.settings)
         results = []
         for condition in conditions:
@@ -312,14 +389,17 @@ class Bench:
         server = LayerlineServer(package=models.package, peers=condition.links, links=links,
                                  log_dir=folder, cache_dir=settings.cache_dir.expanduser() / "stage",
                                  config=config, draft=condition.draft, weights=settings.weights,
-                                 pin=settings.pin)
+                                 pin=settings.pin, stage0_args=stage0_args(settings))
         try:
             server.start(settings.start_timeout_s)
-            before, profile_before = links.traffic(), server.status().get("profile") or {}
+            status_before = server.status()
+            before, profile_before = links.traffic(), status_before.get("profile") or {}
             result.samples = self._measure(server.url, extra={})
             result.link_traffic = _traffic_delta(before, links.traffic())
             result.server = server.status()
             result.profile = profile_delta(profile_before, result.server.get("profile") or {})
+            if settings.client_levels:
+                result.load = self._measure_load(server, result.samples, status_before, result.server)
         finally:
             server.stop()
             links.close()
@@ -328,6 +408,32 @@ class Bench:
                                  max_tokens=settings.max_tokens, link_round_trip_ms=round_trip)
         if condition.delay_ms and condition.links:
             check_links_carried(result.link_traffic, result.stats.tokens, models.hidden_size)
+
+    def _measure_load(self, server: LayerlineServer, solo_samples: list[RequestSample],
+                      solo_before: dict[str, Any], solo_after: dict[str, Any]) -> list[LoadLevel]:
+        """The concurrency axis: the measured runs as the 1-client level, then C clients for each C."""
+        settings = self.settings
+        solo = solo_answers(solo_samples)
+        one = LoadLevel(1, summarize_load(solo_samples, clients=1, solo=solo), solo_samples, 1.0,
+                        solo_after.get("batching"), solo_before.get("batching"))
+        levels = [one]
+        for clients in settings.client_levels[1:]:
+            log.info("event=clients_start clients=%d", clients)
+            batching_before = server.status().get("batching")
+            run = run_clients(server.url, settings.prompts, clients=clients, runs=settings.runs,
+                              max_tokens=settings.max_tokens, timeout_s=settings.request_timeout_s)
+            level = LoadLevel(clients, samples=run.samples, seconds=run.seconds,
+                              batching=server.status().get("batching"), batching_before=batching_before)
+            if run.errors:
+                level.error = f"{len(run.errors)} of {clients} clients failed; {run.errors[0]}"
+            if run.samples:
+                level.stats = summarize_load(run.samples, clients=clients, solo=solo)
+                base = one.stats.aggregate_tokens_per_s if one.stats is not None else 0.0
+                level.vs_one_client = level.stats.aggregate_tokens_per_s / base if base else None
+            log.info("event=clients_done clients=%d seconds=%.1f error=%s", clients, level.seconds,
+                     level.error)
+            levels.append(level)
+        return levels
 
     def _run_llama(self, condition: Condition, result: ConditionResult) -> None:
         settings, models = self.settings, self.models

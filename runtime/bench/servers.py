@@ -9,9 +9,11 @@ reported with the end of its log.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +34,12 @@ class LayerlineServer:
 
     def __init__(self, *, package: Path, peers: int, links: StageLinks, log_dir: Path, cache_dir: Path,
                  config: Path | None, draft: bool, weights: str = "auto",
-                 python: str = sys.executable, pin: bool = False) -> None:
+                 python: str = sys.executable, pin: bool = False, stage0_args: Sequence[str] = ()) -> None:
         self.package, self.peers, self.links = package, peers, links
         self.pin = pin  # each stage process on a core of its own, as if on its own machine
         self.log_dir, self.cache_dir, self.config = log_dir, cache_dir, config
         self.draft, self.weights, self.python = draft, weights, python
+        self.stage0_args = list(stage0_args)  # more options for stage 0's command line
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.processes: list[Process] = []
@@ -61,6 +64,7 @@ class LayerlineServer:
                 argv += ["--config", str(self.config)]
             if not self.draft:
                 argv.append("--no-draft")
+            argv += self.stage0_args
             log = self.log_dir / "stage0.log"
             self.processes.insert(0, Process.start("stage 0", argv, log, cpus=self._cpus(0)))
             wait_healthy(self.url, self.processes, deadline - time.monotonic(), log)
@@ -99,6 +103,21 @@ class LayerlineServer:
         for process in self.processes:
             process.stop()
         self.processes = []
+
+
+def check_stage_serve_accepts(options: Sequence[str], python: str = sys.executable) -> None:
+    """Refuse at once, not once per condition, options this `layerline stage serve` does not know."""
+    env = {**os.environ, "COLUMNS": "200"}  # the help table must not cut option names
+    try:
+        help_text = subprocess.run([python, "-m", "layerline", "stage", "serve", "--help"],
+                                   capture_output=True, text=True, timeout=120, env=env).stdout
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ServerStartError(f"cannot run layerline stage serve --help: {exc}") from exc
+    unknown = [option for option in options
+               if not re.search(rf"{re.escape(option)}(?![\w-])", help_text)]  # not --max-batch-tokens
+    if unknown:
+        raise ServerStartError(f"this layerline's `stage serve` has no {', '.join(unknown)}",
+                               hint="leave the option out, or install a layerline whose stage 0 has it")
 
 
 def llama_server_draft_args(binary: Path, draft: Path, window: int) -> list[str]:

@@ -169,3 +169,64 @@ def summarize(samples: Sequence[RequestSample], *, window: int | None, max_token
         pass_ms=per_pass(draft_s + verify_s), draft_ms=per_pass(draft_s), verify_ms=per_pass(verify_s),
         link_ms=link_round_trip_ms if passes else None,
         outside_ms=per_pass(wall - draft_s - verify_s))
+
+
+# ---------------------------------------------------------------- many clients at once
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100) of `values`, interpolated between the nearest ranks."""
+    if not values:
+        raise ValueError("no values")
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def solo_answers(samples: Sequence[RequestSample]) -> dict[int, str]:
+    """Each prompt's greedy text as one client alone got it (its first measured answer)."""
+    answers: dict[int, str] = {}
+    for s in sorted(samples, key=lambda s: (s.run, s.sent_at)):
+        answers.setdefault(s.prompt_index, s.text)
+    return answers
+
+
+@dataclass(frozen=True)
+class LoadStats:
+    """C clients at once: what they got together, and what each of them saw."""
+
+    clients: int
+    requests: int
+    tokens: int
+    wall_s: float  # the first request sent -> the last token received, over every client
+    aggregate_tokens_per_s: float  # every client's completion tokens / wall_s
+    client_decode_tokens_per_s: float  # median over requests of (tokens - 1) / (wall - ttft)
+    ttft_p50_s: float
+    ttft_p90_s: float
+    same_text: float | None  # share of answers equal to the solo answer of the same prompt
+    mismatches: tuple[tuple[int, int, int], ...] = ()  # (client, run, prompt) of the answers that differ
+
+    def to_json(self) -> dict[str, Any]:
+        body = {k: (round(v, 5) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+        body["mismatches"] = [{"client": c, "run": r, "prompt_index": p} for c, r, p in self.mismatches]
+        return body
+
+
+def summarize_load(samples: Sequence[RequestSample], *, clients: int,
+                   solo: dict[int, str]) -> LoadStats:
+    """The figures of `clients` concurrent clients from their requests; `solo` from solo_answers()."""
+    if not samples:
+        raise ValueError("no measured requests to summarize")
+    wall = max(s.last_token_at for s in samples) - min(s.sent_at for s in samples)
+    tokens = sum(s.tokens for s in samples)
+    compared = [s for s in samples if s.prompt_index in solo]
+    mismatches = tuple((s.client, s.run, s.prompt_index) for s in compared if s.text != solo[s.prompt_index])
+    ttfts = [s.ttft_s for s in samples]
+    return LoadStats(
+        clients=clients, requests=len(samples), tokens=tokens, wall_s=wall,
+        aggregate_tokens_per_s=tokens / wall if wall > 0 else 0.0,
+        client_decode_tokens_per_s=statistics.median(s.decode_tokens_per_s for s in samples),
+        ttft_p50_s=percentile(ttfts, 50), ttft_p90_s=percentile(ttfts, 90),
+        same_text=1 - len(mismatches) / len(compared) if compared else None, mismatches=mismatches)
