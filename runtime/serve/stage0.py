@@ -217,8 +217,8 @@ class Stage0:
                             token=self.token, on_stage_error=self.coordinator.mark_down,
                             frame_timeout_s=self.options.stage_timeout_s * max(1, len(self.options.peers)))
         self.local = local
-        self.scheduler = BatchScheduler(pipeline, lanes=self.options.lanes or 1 + len(self.options.peers),
-                                        max_batch=self.admission.max_active, max_rows=MAX_BATCH_TOKENS)
+        self.scheduler = BatchScheduler(pipeline, lanes=self._lanes(), max_batch=self.admission.max_active,
+                                        max_rows=MAX_BATCH_TOKENS)
         self.engine = PipelineEngine(
             manifest, tokenizer, pipeline, context_length=self.context_length,
             end_ids=end_of_generation_ids(tokenizer, package), max_batch_tokens=MAX_BATCH_TOKENS,
@@ -226,6 +226,17 @@ class Stage0:
             admission=self.admission, scheduler=self.scheduler, profile=self.profile)
         log.info("event=ready model=%s stage0_layers=%d..%d peers=%d %s", manifest.model.id, start, end,
                  len(self.options.peers), plan.describe())
+
+    def _lanes(self) -> int:
+        """Batches in flight at once: one per stage, so that every stage computes one; but one
+        when every stage runs on this machine, whose cores they share (a second batch would
+        only split the first)."""
+        if self.options.lanes:
+            return self.options.lanes
+        peers = self.options.peers
+        if all(is_loopback(peer.rpartition(":")[0]) for peer in peers):
+            return 1
+        return 1 + len(peers)
 
     def status(self) -> dict[str, Any]:
         manifest = self.package.manifest

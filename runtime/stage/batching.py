@@ -232,6 +232,7 @@ class Lane:
                     oldest = min(s.queued_at for s in self._queue)
                     wait = oldest + self.scheduler.patience() - time.perf_counter()
                     if self._sessions <= waiting or wait <= 0:
+                        self.scheduler.count_start(everyone=self._sessions <= waiting)
                         ending, self._ending = self._ending, []
                         return ending, self._pick()
                     self._cond.wait(wait)
@@ -439,6 +440,7 @@ class BatchScheduler:
         self.max_rows = max_rows
         self._lock = threading.Lock()
         self._sizes: Counter[int] = Counter()  # sessions per pass -> passes
+        self._starts: Counter[str] = Counter()  # why passes started: "everyone" waited, or "patience"
         self._rows = 0
         self._costs: deque[tuple[int, float]] = deque(maxlen=COST_SAMPLES)  # (rows, seconds) per pass
         self._pass_s = 0.0
@@ -452,6 +454,11 @@ class BatchScheduler:
             session = BatchSession(lane, session_id)
             lane.join(session)
         return session
+
+    def count_start(self, everyone: bool) -> None:
+        """A pass starts: with every session of its lane (or after the patience ran out)."""
+        with self._lock:
+            self._starts["everyone" if everyone else "patience"] += 1
 
     def patience(self) -> float:
         """How long a submission waits for the rest of its lane: half a pass, at most MAX_PATIENCE_S."""
@@ -489,7 +496,7 @@ class BatchScheduler:
                     "mean_rows": round(self._rows / passes, 3) if passes else 0.0,
                     "max_seen": max(self._sizes, default=0),
                     "sessions": self.sessions, "queued": self.queued,
-                    "pass_ms": round(self._pass_s * 1000, 3)}
+                    "pass_ms": round(self._pass_s * 1000, 3), "started": dict(self._starts)}
 
     def close(self) -> None:
         for lane in self.lanes:
