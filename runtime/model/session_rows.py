@@ -17,6 +17,7 @@ mlx-lm's blocks run unchanged: their attention rotates by `cache.offset`, calls
 from __future__ import annotations
 
 from collections.abc import Callable
+from itertools import accumulate
 from typing import Any
 
 import mlx.core as mx
@@ -39,24 +40,32 @@ class SessionRows:
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         """Write each session's rows (rows, kv_heads, 1, D) into its own cache; `attend` reads them."""
         self._fetched = []
-        start = 0
-        for cache, n in zip(self.caches, self.counts, strict=True):
+        for cache, n, k, v in zip(self.caches, self.counts, self._split(keys), self._split(values),
+                                  strict=True):
             mask = cache.make_mask(n, window_size=self.window, return_array=False)  # before the update
-            k = keys[start:start + n].swapaxes(0, 2)  # (1, kv_heads, n, D)
-            v = values[start:start + n].swapaxes(0, 2)
-            k, v = cache.update_and_fetch(k, v)
+            k, v = cache.update_and_fetch(_to_session(k, n), _to_session(v, n))
             self._fetched.append((k, v, mask))
-            start += n
         return keys, values
 
     def attend(self, attention: Attend, queries: mx.array, scale: float, sinks: mx.array | None) -> mx.array:
         """Each session's queries (its rows of (rows, heads, 1, D)) against its own keys."""
         outs = []
-        start = 0
-        for cache, n, (keys, values, mask) in zip(self.caches, self.counts, self._fetched, strict=True):
-            q = queries[start:start + n].swapaxes(0, 2)  # (1, heads, n, D)
-            out = attention(q, keys, values, cache, scale, mask, sinks)
-            outs.append(out.swapaxes(0, 2))
-            start += n
+        for cache, n, q, (keys, values, mask) in zip(self.caches, self.counts, self._split(queries),
+                                                     self._fetched, strict=True):
+            out = attention(_to_session(q, n), keys, values, cache, scale, mask, sinks)
+            outs.append(_to_session(out, n))  # (1, heads, n, D) -> (n, heads, 1, D): the same swap
         self._fetched = []
         return mx.concatenate(outs, axis=0)
+
+    def _split(self, rows: mx.array) -> list[mx.array]:
+        """Each session's rows of a (rows, ...) array, in one split."""
+        return mx.split(rows, self._bounds, axis=0) if self._bounds else [rows]
+
+    @property
+    def _bounds(self) -> list[int]:
+        return list(accumulate(self.counts))[:-1]
+
+
+def _to_session(rows: mx.array, n: int) -> mx.array:
+    """A session's n rows laid out as a batch (n, H, 1, D) <-> as positions (1, H, n, D)."""
+    return rows if n == 1 else rows.swapaxes(0, 2)
