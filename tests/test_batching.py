@@ -18,17 +18,13 @@ import mlx.core as mx
 import pytest
 import test_speculative as spec
 
-from layerline.proto import activation_pb2 as pb
 from layerline.runtime.decode.batch_window import batch_window
-from layerline.runtime.decode.drafters import ModelDrafter
 from layerline.runtime.decode.loop import generate
 from layerline.runtime.decode.sampling import SamplingParams
+from layerline.runtime.decode.scheduled_drafter import ScheduledDrafter
 from layerline.runtime.decode.targets import PipelineTarget
 from layerline.runtime.decode.window_policy import WindowPolicy
-from layerline.runtime.model.kv_cache import SessionStore
 from layerline.runtime.stage.batching import BatchScheduler
-from layerline.runtime.stage.model import StageModel
-from layerline.runtime.stage.pipeline import Pipeline
 
 from helpers import Stage0Process, StageProcess
 
@@ -42,18 +38,16 @@ def tiny_models(tmp_path_factory, smollm2_tokenizer_dir):
             "near": spec.tiny_pipeline(root, smollm2_tokenizer_dir, seed=1, noise=0.05)}
 
 
-def local_scheduler(model, lanes: int = 1, max_batch: int = 16) -> BatchScheduler:
+def local_scheduler(model) -> BatchScheduler:
     """The scheduler over a whole model in this process (stage 0 with no peers)."""
     (layers,) = model.ranges
-    local = StageModel(layers, SessionStore(layers.make_cache, max_sessions=64), 512, mx.float32)
-    pipeline = Pipeline(model.head, local, first_peer=None, wire_dtype=pb.WIRE_DTYPE_F32,
-                        hidden_size=layers.hidden_size, max_tokens=512)
-    return BatchScheduler(pipeline, lanes=lanes, max_batch=max_batch, max_rows=512)
+    return BatchScheduler.local(model.head, layers, context_length=512, compute_dtype=mx.float32,
+                                max_sessions=64, max_rows=512)
 
 
 def test_sampled_tokens_follow_the_targets_distribution_under_batching(tiny_models):
     target, draft = tiny_models["target"], tiny_models["near"]
-    scheduler = local_scheduler(target)
+    scheduler, drafts = local_scheduler(target), local_scheduler(draft)
     params = SamplingParams(max_tokens=3, temperature=1.0)
     prompt = [3, 5, 3, 5, 3]
     counts: Counter = Counter()
@@ -61,27 +55,30 @@ def test_sampled_tokens_follow_the_targets_distribution_under_batching(tiny_mode
 
     def sample(seed: int) -> None:
         seeded = replace(params, seed=seed)
-        session = scheduler.open(f"s{seed}")
+        session, draft_session = scheduler.open(f"s{seed}"), drafts.open(f"d{seed}")
         try:
-            # Every other request drafts: drafted windows and plain steps share the passes.
-            drafter = ModelDrafter(draft, seeded) if seed % 2 else None
+            # Every other request drafts, its draft steps batched with the others': drafted
+            # windows and plain steps share the target's passes.
+            drafter = ScheduledDrafter(draft_session, draft.head.vocab_size, seeded) if seed % 2 else None
             generation = generate(PipelineTarget(session), prompt, seeded, drafter=drafter,
                                   policy=WindowPolicy.fixed(2) if drafter else None, first_token_first=False)
             tokens = [t.id for t in generation]
         finally:
             session.close()
+            draft_session.close()
         with lock:
             counts[tuple(tokens)] += 1
 
     with concurrent.futures.ThreadPoolExecutor(12) as pool:
         list(pool.map(sample, range(spec.SAMPLES)))
     scheduler.close()
+    drafts.close()
     joint = spec.exact_joint(target, prompt, params)
     assert not [cell for cell in counts if joint[cell] == 0]
     p_value, df = spec.chi_square_p(counts, joint, spec.SAMPLES)
     assert p_value > spec.SIGNIFICANCE, f"chi-square p={p_value:.2g} (df={df}) under batching"
-    batching = scheduler.to_json()
-    assert batching["max_seen"] >= 4 and batching["mean_batch"] > 1.5, batching
+    for batches in (scheduler.to_json(), drafts.to_json()):
+        assert batches["max_seen"] >= 4 and batches["mean_batch"] > 1.5, batches
 
 
 def test_a_long_prompt_is_prefilled_in_chunks_between_running_steps(tiny_models):
@@ -91,7 +88,9 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_running_steps(tiny_models)
     params = SamplingParams(max_tokens=40)
     short = generate(PipelineTarget(scheduler.open("short")), [1, 2, 3], params)
     stream = iter(short)
-    reference = [t.id for t in generate(PipelineTarget(local_scheduler(target).open("r")), [1, 2, 3], params)]
+    alone = local_scheduler(target)
+    reference = [t.id for t in generate(PipelineTarget(alone.open("r")), [1, 2, 3], params)]
+    alone.close()
     got = [next(stream).id]  # the short request decodes...
     long_session = scheduler.open("long")
     done = threading.Event()

@@ -62,7 +62,19 @@ class DraftModel(Protocol):
     def make_cache(self) -> list[RangeCache]: ...
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def draw(logits: mx.array, history: mx.array, params: SamplingParams,
+         key: mx.array) -> tuple[mx.array, mx.array | None, mx.array]:
+    """A draft token from one row of logits (1, vocab) by the request's rule, lazily: (token,
+    q the distribution it was drawn from or None when greedy, the next key)."""
+    if params.greedy:
+        return mx.argmax(scores(logits, history, params), axis=-1).astype(mx.uint32), None, key
+    q = probabilities(logits, history, params)
+    key, draw_key = mx.random.split(key)
+    return mx.random.categorical(mx.log(q), axis=-1, key=draw_key).astype(mx.uint32), q, key
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens `a` and `b` share."""
     n = min(len(a), len(b))
     if a[:n] == b[:n]:
         return n
@@ -93,7 +105,7 @@ class ModelDrafter:
 
     def sync(self, committed: list[int]) -> None:
         """Roll the caches back to the longest prefix they share with `committed`."""
-        self._truncate(_common_prefix(self.fed, committed))
+        self._truncate(common_prefix(self.fed, committed))
 
     def propose(self, committed: list[int], k: int, *,
                 until: Callable[[], bool] | None = None) -> tuple[list[int], mx.array | None]:
@@ -106,22 +118,16 @@ class ModelDrafter:
             return [], None
         # Replay what the caches lack; the last committed token is always fed again, since
         # its logits are what the first draft comes from (after full acceptance: [d_K, bonus]).
-        self._truncate(min(_common_prefix(self.fed, committed), len(committed) - 1))
+        self._truncate(min(common_prefix(self.fed, committed), len(committed) - 1))
         logits = self._replay(committed[len(self.fed):])
         self.fed = list(committed)
-        greedy = self.params.greedy
         history = recent_tokens(committed, self.params)
         tokens: list[mx.array] = []
         dists: list[mx.array] = []
         for i in range(k):
-            if greedy:
-                token = mx.argmax(scores(logits, history, self.params), axis=-1)
-            else:
-                q = probabilities(logits, history, self.params)
-                self._key, key = mx.random.split(self._key)
-                token = mx.random.categorical(mx.log(q), axis=-1, key=key)
+            token, q, self._key = draw(logits, history, self.params, self._key)
+            if q is not None:
                 dists.append(q)
-            token = token.astype(mx.uint32)
             tokens.append(token)
             mx.async_eval(token)
             if until is not None and i >= 1:
@@ -185,7 +191,7 @@ class NgramDrafter:
 
     def sync(self, committed: list[int]) -> None:
         """Drop the index if `committed` does not extend what it covers."""
-        if _common_prefix(self.seen, committed) < len(self.seen):
+        if common_prefix(self.seen, committed) < len(self.seen):
             self.seen = []
             self._index = {}
 

@@ -134,6 +134,8 @@ class PipelineEngine:
             events.close()  # rolls back what a stop string cut off
             self._drafting.pop(session.session_id, None)
             session.close()
+            if plan.close is not None:
+                plan.close()
             self._record(plan, generation.stats, time.monotonic() - started)
 
     def _record(self, plan: SpeculationPlan, stats: GenerationStats, seconds: float) -> None:

@@ -10,9 +10,10 @@ keeps it to the end, so replacing the draft (`replace`, `clear`) switches betwee
 never inside one. `with_draft` builds the settings of a runtime change (`PUT /v1/draft`);
 such changes live in this process only: a restart resolves the settings afresh.
 
-Concurrency rule: every request speculates on its own, with its own draft caches; stage 0's
-compute lock serializes the draft model with the target's local layers, so concurrent
-requests interleave step by step and none waits for another to finish.
+Concurrency rule: every request speculates on its own, with its own draft caches, held by a
+scheduler over the draft model (one per loaded draft) that runs the draft steps of every
+request drafting at the moment in one forward pass; it computes under stage 0's compute
+lock, which serializes the draft model with the target's local layers.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,10 +39,13 @@ from layerline.packager.speculative import (
 )
 from layerline.packager.window_spec import WindowSpec
 
-from ..decode.drafters import Drafter, ModelDrafter, NgramDrafter, NoDrafter
+from ..decode.drafters import Drafter, NgramDrafter, NoDrafter
 from ..decode.sampling import SamplingParams
+from ..decode.scheduled_drafter import ScheduledDrafter
+from ..decode.targets import PREFILL_STEP
 from ..decode.window_cost import SpeculationCosts
 from ..decode.window_policy import WindowPolicy
+from ..stage.batching import BatchScheduler, BatchSession
 from .draft_loader import DraftLoader, DraftState
 from .openai_schema import SpeculativeOverride
 from .speculative_settings import ResolvedSpeculativeConfig
@@ -48,6 +53,7 @@ from .speculative_settings import ResolvedSpeculativeConfig
 log = logging.getLogger("layerline.speculative")
 
 SOURCE_PUT = "runtime PUT /v1/draft"
+DRAFT_SESSIONS = 256  # draft sessions a draft's scheduler keeps (one per request speculating)
 SOURCE_DELETE = "runtime DELETE /v1/draft"
 
 
@@ -61,26 +67,11 @@ class SpeculationPlan:
     reason: str | None = None  # why the request decodes plainly
     overlap: bool = False  # draft each next window while the stages verify
     run_ahead: bool = False  # send it before the verdict
+    close: Callable[[], None] | None = None  # when the request ends: frees its draft session
 
     @property
     def speculating(self) -> bool:
         return self.strategy is not None
-
-
-class LockedDrafter:
-    """A drafter whose proposals run under stage 0's compute lock (they share its device)."""
-
-    def __init__(self, drafter: Drafter, lock: threading.Lock) -> None:
-        self.drafter = drafter
-        self.lock = lock
-
-    def propose(self, committed: list[int], k: int, *,
-                until: Callable[[], bool] | None = None) -> tuple[list[int], mx.array | None]:
-        with self.lock:
-            return self.drafter.propose(committed, k, until=until)
-
-    def sync(self, committed: list[int]) -> None:
-        self.drafter.sync(committed)
 
 
 class Stage0Speculation:
@@ -98,6 +89,7 @@ class Stage0Speculation:
         self._failed: DraftState | None = None  # the last replacement that failed to load
         # What drafting and target passes cost here: the auto window decides by it.
         self.costs = SpeculationCosts()
+        self._schedulers: dict[DraftLoader, BatchScheduler] = {}  # per loaded draft: its batch passes
 
     def start(self) -> Stage0Speculation:
         """Begin loading the draft the settings name (in the background)."""
@@ -234,15 +226,41 @@ class Stage0Speculation:
             policy = WindowPolicy.fixed(override.window)
         else:
             policy = WindowPolicy.for_spec(settings.window_spec, costs=self.costs, overlap=settings.overlap)
-        drafter: Drafter
+        strategy = settings.strategy or settings.type
         if settings.type == "ngram":
-            drafter = NgramDrafter()
-        else:
-            assert loader is not None and loader.model is not None
-            drafter = LockedDrafter(ModelDrafter(loader.model, params, context_length=context_length),
-                                    lock)
-        return SpeculationPlan(drafter, policy, settings.strategy or settings.type,
-                               overlap=settings.overlap, run_ahead=settings.run_ahead)
+            return SpeculationPlan(NgramDrafter(), policy, strategy, overlap=settings.overlap,
+                                   run_ahead=settings.run_ahead)
+        assert loader is not None and loader.model is not None
+        session = self._scheduler(loader, lock, context_length).open(f"d-{uuid.uuid4().hex[:16]}")
+        drafter = ScheduledDrafter(session, loader.model.head.vocab_size, params,
+                                   context_length=context_length)
+        return SpeculationPlan(drafter, policy, strategy, overlap=settings.overlap,
+                               run_ahead=settings.run_ahead, close=lambda: self._release(loader, session))
+
+    def _scheduler(self, loader: DraftLoader, lock: threading.Lock, context_length: int) -> BatchScheduler:
+        """The scheduler of a loaded draft's passes (made at its first request)."""
+        with self._lock:
+            scheduler = self._schedulers.get(loader)
+            if scheduler is None:
+                model = loader.model
+                (layers,) = model.ranges
+                scheduler = BatchScheduler.local(
+                    model.head, layers, context_length=context_length,
+                    compute_dtype=getattr(mx, model.plan.compute_dtype), max_sessions=DRAFT_SESSIONS,
+                    max_rows=PREFILL_STEP, lock=lock)
+                self._schedulers[loader] = scheduler
+            return scheduler
+
+    def _release(self, loader: DraftLoader, session: BatchSession) -> None:
+        """A request ended: its draft session goes; a replaced draft's scheduler goes with its last."""
+        session.close()
+        with self._lock:
+            scheduler = self._schedulers.get(loader)
+            retired = loader is not self._loader and scheduler is not None and scheduler.sessions == 0
+            if retired:
+                del self._schedulers[loader]
+        if retired:
+            scheduler.close()
 
     def to_json(self) -> dict[str, Any]:
         """The settings with their sources, the draft's state, and whether speculation is active."""

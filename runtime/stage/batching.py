@@ -29,13 +29,18 @@ import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import mlx.core as mx
 
 from layerline.errors import LayerlineError, StageUnavailableError
 from layerline.proto import activation_pb2 as pb
 
+from ..model.head import Head
+from ..model.kv_cache import SessionStore
+from ..model.layer_range import LayerRange
 from .frame_transport import FrameConnection
+from .model import StageModel
 from .pipeline import PassTrace, Pipeline
 from .wire import Rows, decode_batch, encode_batch
 
@@ -446,6 +451,19 @@ class BatchScheduler:
         self._pass_s = 0.0
         self._ids = 0
         self.lanes = [Lane(self, i) for i in range(lanes)]
+
+    @classmethod
+    def local(cls, head: Head, layers: LayerRange, *, context_length: int, compute_dtype: Any,
+              max_sessions: int, max_rows: int, lock: threading.Lock | None = None) -> BatchScheduler:
+        """One lane over a whole model in this process (a draft model; stage 0 without peers),
+        computing under `lock` when it shares a device with other work."""
+        sessions = SessionStore(layers.make_cache, max_sessions=max_sessions)
+        local = StageModel(layers, sessions, context_length, compute_dtype)
+        pipeline = Pipeline(head, local, first_peer=None, wire_dtype=pb.WIRE_DTYPE_F32,
+                            hidden_size=layers.hidden_size, max_tokens=max_rows)
+        if lock is not None:
+            pipeline.compute_lock = lock
+        return cls(pipeline, lanes=1, max_batch=max_sessions, max_rows=max_rows)
 
     def open(self, session_id: str) -> BatchSession:
         """A new session, in the lane with the fewest."""
