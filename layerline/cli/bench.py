@@ -115,6 +115,7 @@ def bench_serve(
     start_timeout: Annotated[float, typer.Option(help="Seconds a condition's servers may take to start.")] = 900,
     clients: Annotated[str, typer.Option(help="Concurrent clients, comma-separated (e.g. 1,4,8,16): beyond 1, each layerline condition also serves that many at once.")] = "1",
     max_batch: Annotated[int | None, typer.Option(help="Stage 0's --max-batch (requests decoding together), passed only when given.")] = None,
+    lanes: Annotated[int | None, typer.Option(help="Stage 0's --lanes (batches in flight through the stages), passed only when given.")] = None,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Folder for table.md, results.json, chart.png (and concurrency.png).")] = None,
 ) -> None:
     """Serve one model under a matrix of conditions and compare them: split, draft, delayed links, many clients, llama.cpp."""
@@ -135,7 +136,8 @@ def bench_serve(
         overlaps=tuple(overlap or ("off",)), delays_ms=tuple(link_delay_ms or (0.0,)),
         link_method=link_method, pin=pin, prompts=tuple(prompt or DEFAULT_PROMPTS), max_tokens=max_tokens, runs=runs,
         warmup=warmup, weights=weights.value, quantize=quantize.value, llama_server=llama_server,
-        llama_threads=llama_threads, start_timeout_s=start_timeout, clients=client_counts, max_batch=max_batch)
+        llama_threads=llama_threads, start_timeout_s=start_timeout, clients=client_counts, max_batch=max_batch,
+        lanes=lanes)
     folder = output or Path("bench-results") / time.strftime("serve-%Y%m%d-%H%M%S")
     conditions = build_matrix(settings)
     err.print(f"{len(conditions)} conditions: {', '.join(c.name for c in conditions)}", highlight=False)

@@ -260,7 +260,8 @@ def render_report(settings: BenchSettings, results: Sequence[ConditionResult]) -
         + f"; {len(settings.prompts)} prompts × {settings.runs} runs, {settings.max_tokens} tokens max, "
         f"greedy, {settings.warmup} warm-up" + ("; stages pinned to a core each" if settings.pin else "")
         + (f"; clients {', '.join(map(str, settings.client_levels))}" if settings.client_levels else "")
-        + (f", --max-batch {settings.max_batch}" if settings.max_batch is not None else ""),
+        + (f", --max-batch {settings.max_batch}" if settings.max_batch is not None else "")
+        + (f", --lanes {settings.lanes}" if settings.lanes is not None else ""),
         "",
         render_table(results),
         "",

@@ -112,6 +112,7 @@ class BenchSettings:
     cache_dir: Path = BENCH_CACHE
     clients: tuple[int, ...] = (1,)  # concurrent clients per level; beyond 1, each layerline condition's axis
     max_batch: int | None = None  # stage 0's --max-batch, passed only when given
+    lanes: int | None = None  # stage 0's --lanes, passed only when given
 
     @property
     def client_levels(self) -> tuple[int, ...]:
@@ -136,6 +137,7 @@ class BenchSettings:
              "give client counts like 1,4,8,16"),
             (self.max_batch is None or self.max_batch >= 1, f"--max-batch {self.max_batch}",
              "let at least 1 request decode at a time"),
+            (self.lanes is None or self.lanes >= 1, f"--lanes {self.lanes}", "give at least 1 lane"),
         ]
         for ok, what, fix in checks:
             if not ok:
@@ -145,13 +147,16 @@ class BenchSettings:
 
 
 def stage0_args(settings: BenchSettings) -> list[str]:
-    """Stage 0's options for the concurrency axis: room for every client, and --max-batch when given."""
+    """Stage 0's options for the concurrency axis: room for every client, and --max-batch and
+    --lanes when given."""
     biggest = max(settings.clients)
     args = ["--max-queue", str(max(STAGE0_MAX_QUEUE, 2 * biggest))]
     if biggest > STAGE0_MAX_SESSIONS:  # else clients past 16 would wait in the queue, not decode
         args += ["--max-sessions", str(biggest)]
     if settings.max_batch is not None:  # only when asked: a server without the option refuses it
         args += ["--max-batch", str(settings.max_batch)]
+    if settings.lanes is not None:
+        args += ["--lanes", str(settings.lanes)]
     return args
 
 

@@ -7,9 +7,10 @@ once (continuous batching): stage 0 embeds them, runs its layers over all of the
 one batch frame down the pipeline, and applies the head to the rows that come back. Each
 stage runs the rows of all sessions in one forward pass (`LayerRange.forward_rows`).
 
-When a lane passes: as soon as every session it serves has submitted (none is between
-passes, deciding or drafting), or the oldest submission has waited half a pass (at most
-`MAX_PATIENCE_S`), so that one slow session does not hold the others up.
+When a lane passes: as soon as every session it serves has submitted, or is late — not
+back within twice its usual time between passes (deciding, streaming, drafting) — and at
+the latest when the oldest submission has waited `MAX_PATIENCE_S`, so that one slow
+session does not hold the others up.
 
 What a pass takes, first come first served: the oldest submission of each session, at
 most `max_batch` sessions and `max_rows` rows; decode steps and draft windows first, then
@@ -47,6 +48,7 @@ from .wire import Rows, decode_batch, encode_batch
 log = logging.getLogger("layerline.batching")
 
 MAX_PATIENCE_S = 0.05  # the longest a submission waits for the lane's other sessions
+FIRST_TURNAROUND_S = 0.005  # a new session's time between passes, until it was measured
 STEP_ROWS = 64  # a submission of at most this many rows is a step (its logits are computed at once)
 COST_SAMPLES = 64  # recent passes (rows, seconds) kept for the cost fit
 END_TIMEOUT_S = 30.0  # how long closing a session waits for its lane to end it on every stage
@@ -116,6 +118,15 @@ class BatchSession:
         self.last_trace: PassTrace | None = None
         self.passes = 0  # batch passes that carried this session's rows
         self.batched_with = 0  # sessions in those passes, summed (mean = batched_with / passes)
+        # Between passes: when the last answer was handed over, and how long this session takes
+        # to submit again (deciding, streaming, drafting), for its lane to wait that long for it.
+        self.answered_at = time.perf_counter()
+        self.turnaround_s = FIRST_TURNAROUND_S
+
+    @property
+    def expected_back(self) -> float:
+        """When this session's next submission is due (twice its usual turnaround after its answer)."""
+        return self.answered_at + 2 * self.turnaround_s
 
     def forward(self, tokens: list[int], start_pos: int) -> mx.array:
         """Logits (L, vocab) for `tokens` placed at absolute positions start_pos.. on every stage."""
@@ -167,6 +178,7 @@ class Lane:
 
     def submit(self, session: BatchSession, tokens: list[int], start_pos: int) -> _Submission:
         sub = _Submission(session, tokens, start_pos, time.perf_counter())
+        session.turnaround_s = 0.8 * session.turnaround_s + 0.2 * (sub.queued_at - session.answered_at)
         with self._cond:
             if session.session_id in self._lost:
                 raise StageUnavailableError("this request's caches on the other stages were lost with "
@@ -233,14 +245,16 @@ class Lane:
                         ended.set()
                     return None
                 if self._queue:
+                    now = time.perf_counter()
                     waiting = {s.session for s in self._queue}
-                    oldest = min(s.queued_at for s in self._queue)
-                    wait = oldest + self.scheduler.patience() - time.perf_counter()
-                    if self._sessions <= waiting or wait <= 0:
+                    # Wait for the sessions expected back soon; not past MAX_PATIENCE_S.
+                    expected = [s.expected_back for s in self._sessions - waiting if s.expected_back > now]
+                    give_up = min(s.queued_at for s in self._queue) + MAX_PATIENCE_S
+                    if not expected or now >= give_up:
                         self.scheduler.count_start(everyone=self._sessions <= waiting)
                         ending, self._ending = self._ending, []
                         return ending, self._pick()
-                    self._cond.wait(wait)
+                    self._cond.wait(min(max(expected), give_up) - now)
                 elif self._ending:
                     ending, self._ending = self._ending, []
                     return ending, []
@@ -310,8 +324,10 @@ class Lane:
             for sub in finished:
                 if sub in self._queue:
                     self._queue.remove(sub)
+        answered = time.perf_counter()
         for sub in finished:
             sub.trace = trace
+            sub.session.answered_at = answered
             sub.finished.set()
         trace.total_s = time.perf_counter() - started
         self.scheduler.record(len(picks), len(tokens), trace)
@@ -477,10 +493,6 @@ class BatchScheduler:
         """A pass starts: with every session of its lane (or after the patience ran out)."""
         with self._lock:
             self._starts["everyone" if everyone else "patience"] += 1
-
-    def patience(self) -> float:
-        """How long a submission waits for the rest of its lane: half a pass, at most MAX_PATIENCE_S."""
-        return min(MAX_PATIENCE_S, 0.5 * self._pass_s)
 
     def record(self, sessions: int, rows: int, trace: PassTrace) -> None:
         with self._lock:
