@@ -15,9 +15,11 @@ from collections import Counter
 from dataclasses import replace
 
 import mlx.core as mx
+import numpy as np
 import pytest
 import test_speculative as spec
 
+from layerline.proto import activation_pb2 as pb
 from layerline.runtime.decode.batch_window import batch_window
 from layerline.runtime.decode.loop import generate
 from layerline.runtime.decode.sampling import SamplingParams
@@ -26,7 +28,7 @@ from layerline.runtime.decode.targets import PipelineTarget
 from layerline.runtime.decode.window_policy import WindowPolicy
 from layerline.runtime.stage.batching import BatchScheduler
 
-from helpers import Stage0Process, StageProcess
+from helpers import Stage0Process, StageProcess, activation_connection
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -130,15 +132,16 @@ PROMPTS = ["The capital of France is", "def add(a, b):\n    return", "Once upon 
            "The three primary colours are", "import numpy as np\n\n", "My favourite fruit is"]
 
 
-@pytest.fixture
-def batched_pipeline(smollm2_package, smollm2_f32_package, tmp_path):
+@pytest.fixture(scope="module")
+def batched_pipeline(smollm2_package, smollm2_f32_package, tmp_path_factory):
     """SmolLM2 over stage 0 and one peer process, its f32 package as the draft."""
-    stage = StageProcess((), tmp_path)
-    config = tmp_path / "config.toml"
+    cache = tmp_path_factory.mktemp("batched")
+    stage = StageProcess((), cache)
+    config = cache / "config.toml"
     config.write_text(f'[defaults.speculative]\ndraft_model = "{smollm2_f32_package}"\n'
                       'window_policy = "fixed"\ninitial_window = 3\n')
     try:
-        stage0 = Stage0Process(smollm2_package, [stage.endpoint], tmp_path, "--config", str(config),
+        stage0 = Stage0Process(smollm2_package, [stage.endpoint], cache, "--config", str(config),
                                "--max-queue", "64")
     except BaseException:
         stage.stop()
@@ -147,13 +150,51 @@ def batched_pipeline(smollm2_package, smollm2_f32_package, tmp_path):
     while stage0.status()["speculative"]["draft"]["state"] != "ready":
         assert time.monotonic() < deadline, "the draft never loaded"
         time.sleep(0.2)
-    yield stage0
+    yield stage0, stage
     stage0.stop()
     stage.stop()
 
 
+def _batch(seq: int, rows: list[tuple[str, int, np.ndarray]]) -> pb.ActivationFrame:
+    data = np.concatenate([array for _, _, array in rows], axis=1)
+    return pb.ActivationFrame(seq=seq, batch=pb.BatchActivations(
+        sessions=[pb.SessionRows(session_id=sid, start_pos=start, token_count=array.shape[1])
+                  for sid, start, array in rows],
+        activations=pb.Activations(token_count=data.shape[1], dtype=pb.WIRE_DTYPE_F32, shape=list(data.shape),
+                                   data=data.tobytes())))
+
+
+def test_a_stage_runs_a_batch_as_its_sessions_alone_and_checks_every_session_first(batched_pipeline):
+    _, stage = batched_pipeline
+    hidden = 576
+    rng = np.random.default_rng(0)
+    a, b, more = (rng.standard_normal((1, n, hidden)).astype(np.float32) for n in (3, 2, 1))
+    connection = activation_connection(stage.endpoint)
+    try:
+        answer = connection.call(_batch(1, [("a", 0, a), ("b", 0, b)]))
+        assert answer.WhichOneof("body") == "batch"
+        assert [(r.session_id, r.start_pos, r.token_count) for r in answer.batch.sessions] == [("a", 0, 3),
+                                                                                                ("b", 0, 2)]
+        alone = connection.call(pb.ActivationFrame(session_id="alone", seq=2, activations=pb.Activations(
+            start_pos=0, token_count=3, dtype=pb.WIRE_DTYPE_F32, shape=[1, 3, hidden], data=a.tobytes())))
+        batched = np.frombuffer(answer.batch.activations.data, dtype=np.float32).reshape(5, hidden)
+        by_itself = np.frombuffer(alone.activations.data, np.float32).reshape(3, hidden)
+        np.testing.assert_allclose(batched[:3], by_itself, rtol=1e-3, atol=1e-3)
+        # b would skip a position: nothing runs, a's cache stays at 3 positions.
+        refused = connection.call(_batch(3, [("a", 3, more), ("b", 5, more)]))
+        assert refused.error.code == pb.ACTIVATION_ERROR_CODE_POSITION_GAP
+        assert "session b" in refused.error.message
+        gap = connection.call(_batch(4, [("a", 4, more)]))
+        assert gap.error.code == pb.ACTIVATION_ERROR_CODE_POSITION_GAP
+        twice = connection.call(_batch(5, [("a", 3, more), ("a", 3, more)]))
+        assert twice.error.code == pb.ACTIVATION_ERROR_CODE_BAD_FRAME and "twice" in twice.error.message
+        assert connection.call(_batch(6, [("a", 3, more), ("b", 2, more)])).WhichOneof("body") == "batch"
+    finally:
+        connection.close()
+
+
 def test_concurrent_streams_mixing_everything_get_their_solo_answers(batched_pipeline):
-    stage0 = batched_pipeline
+    stage0, _ = batched_pipeline
     client = stage0.client
 
     def stream(prompt: str, *, leave_after: int | None = None, speculate: bool = True,
