@@ -8,9 +8,9 @@ one batch frame down the pipeline, and applies the head to the rows that come ba
 stage runs the rows of all sessions in one forward pass (`LayerRange.forward_rows`).
 
 When a lane passes: as soon as every session it serves has submitted, or is late — not
-back within twice its usual time between passes (deciding, streaming, drafting) — and at
-the latest when the oldest submission has waited `MAX_PATIENCE_S`, so that one slow
-session does not hold the others up.
+back within twice its usual time between passes (deciding, streaming, drafting), nor
+within a quarter of a pass of its answer — and at the latest when the oldest submission
+has waited `MAX_PATIENCE_S`, so that one slow session does not hold the others up.
 
 What a pass takes, first come first served: the oldest submission of each session, at
 most `max_batch` sessions and `max_rows` rows; decode steps and draft windows first, then
@@ -49,6 +49,7 @@ log = logging.getLogger("layerline.batching")
 
 MAX_PATIENCE_S = 0.05  # the longest a submission waits for the lane's other sessions
 FIRST_TURNAROUND_S = 0.005  # a new session's time between passes, until it was measured
+STRAGGLER_SHARE = 0.25  # a pass waits at least this share of a pass for a session it answered
 STEP_ROWS = 64  # a submission of at most this many rows is a step (its logits are computed at once)
 COST_SAMPLES = 64  # recent passes (rows, seconds) kept for the cost fit
 END_TIMEOUT_S = 30.0  # how long closing a session waits for its lane to end it on every stage
@@ -123,10 +124,10 @@ class BatchSession:
         self.answered_at = time.perf_counter()
         self.turnaround_s = FIRST_TURNAROUND_S
 
-    @property
-    def expected_back(self) -> float:
-        """When this session's next submission is due (twice its usual turnaround after its answer)."""
-        return self.answered_at + 2 * self.turnaround_s
+    def expected_back(self, slack: float) -> float:
+        """When this session's next submission is due: twice its usual turnaround after its
+        answer, or `slack` (a share of a pass: waiting less for it would cost it a whole pass)."""
+        return self.answered_at + max(2 * self.turnaround_s, slack)
 
     def forward(self, tokens: list[int], start_pos: int) -> mx.array:
         """Logits (L, vocab) for `tokens` placed at absolute positions start_pos.. on every stage."""
@@ -248,7 +249,9 @@ class Lane:
                     now = time.perf_counter()
                     waiting = {s.session for s in self._queue}
                     # Wait for the sessions expected back soon; not past MAX_PATIENCE_S.
-                    expected = [s.expected_back for s in self._sessions - waiting if s.expected_back > now]
+                    slack = STRAGGLER_SHARE * self.scheduler.pass_s
+                    due = [s.expected_back(slack) for s in self._sessions - waiting]
+                    expected = [back for back in due if back > now]
                     give_up = min(s.queued_at for s in self._queue) + MAX_PATIENCE_S
                     if not expected or now >= give_up:
                         self.scheduler.count_start(everyone=self._sessions <= waiting)
@@ -464,7 +467,7 @@ class BatchScheduler:
         self._starts: Counter[str] = Counter()  # why passes started: "everyone" waited, or "patience"
         self._rows = 0
         self._costs: deque[tuple[int, float]] = deque(maxlen=COST_SAMPLES)  # (rows, seconds) per pass
-        self._pass_s = 0.0
+        self.pass_s = 0.0  # recent seconds per pass
         self._ids = 0
         self.lanes = [Lane(self, i) for i in range(lanes)]
 
@@ -499,7 +502,7 @@ class BatchScheduler:
             self._sizes[sessions] += 1
             self._rows += rows
             self._costs.append((rows, trace.total_s))
-            self._pass_s = trace.total_s if not self._pass_s else 0.8 * self._pass_s + 0.2 * trace.total_s
+            self.pass_s = trace.total_s if not self.pass_s else 0.8 * self.pass_s + 0.2 * trace.total_s
         self.pipeline.record(trace)
 
     def pass_samples(self) -> list[tuple[int, float]]:
@@ -526,7 +529,7 @@ class BatchScheduler:
                     "mean_rows": round(self._rows / passes, 3) if passes else 0.0,
                     "max_seen": max(self._sizes, default=0),
                     "sessions": self.sessions, "queued": self.queued,
-                    "pass_ms": round(self._pass_s * 1000, 3), "started": dict(self._starts)}
+                    "pass_ms": round(self.pass_s * 1000, 3), "started": dict(self._starts)}
 
     def close(self) -> None:
         for lane in self.lanes:
