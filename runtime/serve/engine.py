@@ -173,6 +173,8 @@ class Events:
     def __next__(self) -> GenerationEvent:
         if self._thread is None:
             self._ticket.wait()  # queued requests wait here, before any model work
+            if self._stop.is_set():
+                raise StopIteration  # closed while it waited
             self._thread = threading.Thread(target=self._run, name="decode", daemon=True)
             self._thread.start()
         item = self._events.get()
