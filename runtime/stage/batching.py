@@ -14,8 +14,9 @@ has waited `MAX_PATIENCE_S`, so that one slow session does not hold the others u
 
 What a pass takes, first come first served: the oldest submission of each session, at
 most `max_batch` sessions and `max_rows` rows; decode steps and draft windows first, then
-prompts, cut to the rows left, the rest of a prompt going in the next passes; so a long
-prompt is prefilled in chunks between the running streams' steps, and nobody waits on it.
+prompts, cut to the rows left (at most `PROMPT_ROWS_BESIDE_STEPS` beside steps), the rest
+of a prompt going in the next passes; so a long prompt is prefilled in chunks between the
+running streams' steps, which keep flowing, and nobody waits on it.
 
 Lanes pipeline the stages: each lane has its own connection through them, so while stage
 1 computes lane A's pass, stage 0 computes lane B's. A new session joins the lane with the
@@ -49,6 +50,7 @@ log = logging.getLogger("layerline.batching")
 
 MAX_PATIENCE_S = 0.05  # the longest a submission waits for the lane's other sessions
 FIRST_TURNAROUND_S = 0.005  # a new session's time between passes, until it was measured
+PROMPT_ROWS_BESIDE_STEPS = 128  # prompt rows a pass takes beside other sessions' steps
 STRAGGLER_SHARE = 0.25  # a pass waits at least this share of a pass for a session it answered
 STEP_ROWS = 64  # a submission of at most this many rows is a step (its logits are computed at once)
 COST_SAMPLES = 64  # recent passes (rows, seconds) kept for the cost fit
@@ -272,11 +274,15 @@ class Lane:
             firsts.setdefault(sub.session, sub)
         picks: list[tuple[_Submission, int]] = []
         rows = 0
+        limit = scheduler.max_rows
         for steps in (True, False):
+            if not steps and picks:
+                # Beside running streams a pass takes a bounded prompt chunk, so they keep flowing.
+                limit = min(limit, rows + PROMPT_ROWS_BESIDE_STEPS)
             for sub in firsts.values():
                 if (sub.left <= STEP_ROWS) != steps or len(picks) >= scheduler.max_batch:
                     continue
-                room = scheduler.max_rows - rows
+                room = limit - rows
                 take = sub.left if steps else min(sub.left, room)
                 if take <= 0 or take > room:
                     continue
