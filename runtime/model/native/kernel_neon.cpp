@@ -70,6 +70,9 @@ struct Simd {
     std::memcpy(&f, &bits, sizeof f);
     return f;
   }
+  static void hsum4(F a, F b, F c, F d, float* out) {
+    out[0] = hsum(a), out[1] = hsum(b), out[2] = hsum(c), out[3] = hsum(d);
+  }
   static void prefetch(const uint8_t* p) { __builtin_prefetch(p, 0, 3); }
   static float hsum(F v) { return vaddvq_f32(vaddq_f32(v.val[0], v.val[1])); }
 };

@@ -208,10 +208,16 @@ inline void rows_pass(const QmmArgs& a, const uint8_t* const* rows, const Unpack
       for (int r = 0; r < NB; ++r) reader[r].advance(u);
     }
   }
+  if constexpr (NB == 4) {
+    // The 4 sums of a row of y at once: they are adjacent there.
 #pragma GCC unroll 8
-  for (int r = 0; r < NB; ++r)
+    for (int j = 0; j < MB; ++j) Simd::hsum4(acc[0][j], acc[1][j], acc[2][j], acc[3][j], a.y + size_t(m0 + j) * a.N + n);
+  } else {
 #pragma GCC unroll 8
-    for (int j = 0; j < MB; ++j) a.y[size_t(m0 + j) * a.N + n + r] = Simd::hsum(acc[r][j]);
+    for (int r = 0; r < NB; ++r)
+#pragma GCC unroll 8
+      for (int j = 0; j < MB; ++j) a.y[size_t(m0 + j) * a.N + n + r] = Simd::hsum(acc[r][j]);
+  }
 }
 
 template <int BITS, int NB>
