@@ -1,5 +1,8 @@
 // The AVX-512 path (16 floats a vector), compiled with -mavx512f -mavx512bw; used only when
 // the CPU reports both.
+// GCC 12 warns inside its own AVX-512 headers (their _mm512_undefined_* placeholders) once
+// those intrinsics inline into this file's templates: the warning is about the header.
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #include <immintrin.h>
 
 #include <algorithm>

@@ -296,8 +296,7 @@ inline void columns(const QmmArgs& a, int n0, int n1) {
   if (a.bits != 4) return rows_product<0>(a, n0, n1, a.x);
   // x in the 4-bit order: per 2L values, the even ones, then the odd ones.
   constexpr int L = Simd::L;
-  thread_local std::vector<float> x_buffer;
-  x_buffer.resize(size_t(a.M) * a.K);
+  std::vector<float> x_buffer(size_t(a.M) * a.K);  // not kept: a prefill chunk's x can be large
   for (int m = 0; m < a.M; ++m) {
     const float* from = a.x + size_t(m) * a.K;
     float* to = x_buffer.data() + size_t(m) * a.K;
