@@ -101,7 +101,7 @@ inline void gemv4(const QmmArgs& a, int n0, int n1) {
     const int nb = std::min(4, n1 - n);
     const uint8_t* rows[4];
     for (int r = 0; r < nb; ++r) rows[r] = a.w + size_t(n + r) * a.w_row_bytes;
-    // The rows two blocks ahead, as in the general path.
+    // The rows two blocks ahead, as in rows_product.
     const size_t block_bytes = 4 * a.w_row_bytes, ahead = size_t(n) * a.w_row_bytes + 2 * block_bytes;
     for (size_t line = 0; line < block_bytes && ahead + line < a.w_total_bytes; line += 64) {
       Simd::prefetch(a.w + ahead + line);
@@ -244,28 +244,28 @@ inline void rows_product(const QmmArgs& a, int n0, int n1, const float* x) {
   thread_local std::vector<float> scale_buffer;
   std::vector<uint8_t> tail;
   for (int c0 = n0; c0 < n1; c0 += chunk) {
-    const int c1 = std::min(n1, c0 + chunk), blocks = (c1 - c0 + NB - 1) / NB;
+    const int c1 = std::min(n1, c0 + chunk);
     scale_buffer.resize(2 * size_t(c1 - c0) * groups);
     float *s = scale_buffer.data(), *b = s + size_t(c1 - c0) * groups;
     scales_f32(a.scales, a.scale_type, size_t(c0) * groups, (c1 - c0) * groups, s);
     scales_f32(a.biases, a.scale_type, size_t(c0) * groups, (c1 - c0) * groups, b);
-    // The byte-shuffle unpacker reads 16 bytes at a time: the matrix's last block is copied
-    // with padding, so no load reads past the weight buffer.
-    const int last = c0 + (blocks - 1) * NB;
-    const size_t end = size_t(c1) * a.w_row_bytes, last_start = size_t(last) * a.w_row_bytes;
-    const bool padded = end + 16 > a.w_total_bytes;
-    if (padded) {
-      tail.assign(end - last_start + 16, 0);
-      std::memcpy(tail.data(), a.w + last_start, end - last_start);
+    // The byte-shuffle unpacker reads 16 bytes from a row's last step: the rows that end
+    // within 16 bytes of the weight buffer's end are read from a copy with padding.
+    const size_t row_bytes = a.w_row_bytes;
+    const int padded = std::max(c0, a.w_total_bytes < 16 ? 0 : int((a.w_total_bytes - 16) / row_bytes));
+    if (padded < c1) {
+      tail.assign(size_t(c1 - padded) * row_bytes + 16, 0);
+      std::memcpy(tail.data(), a.w + size_t(padded) * row_bytes, size_t(c1 - padded) * row_bytes);
     }
     for (int p = 0, m0 = 0; p < passes; ++p) {
       const int m1 = a.M * (p + 1) / passes;
       for (int n = c0; n < c1; n += NB) {
         const int nb = std::min(NB, c1 - n);
         const size_t start = size_t(n) * a.w_row_bytes;
-        const uint8_t* first = padded && n == last ? tail.data() : a.w + start;
         const uint8_t* rows[NB];
-        for (int r = 0; r < nb; ++r) rows[r] = first + size_t(r) * a.w_row_bytes;
+        for (int r = 0; r < nb; ++r) {
+          rows[r] = n + r >= padded ? tail.data() + size_t(n + r - padded) * row_bytes : a.w + start + r * row_bytes;
+        }
         if (p == 0) {
           // Ask for the rows two blocks ahead now: the hardware prefetcher alone leaves a GEMV
           // waiting on memory (measured at a fifth of the read bandwidth without this).
