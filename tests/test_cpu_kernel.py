@@ -57,6 +57,16 @@ for bits in (2, 3, 4, 5, 6, 8):
                 err = (mx.abs(got - ref).max() / mx.abs(ref).max()).item()
                 key = f"bits={bits} group={group}"
                 worst[key] = max(worst.get(key, 0.0), err)
+    # Taller and wider: each thread's rows span several of the kernel's L2 chunks, ending off a block.
+    q, s, b = mx.quantize(mx.random.normal((413, 2048)), group_size=64, bits=bits)
+    x = mx.random.normal((9, 2048))
+    s16, b16 = s.astype(mx.float16), b.astype(mx.float16)
+    for rows in (1, 5, 9):
+        got = packed_matmul(x[:rows], q, s16, b16, group_size=64, bits=bits, name="tall")
+        ref = mx.quantized_matmul(x[:rows], q, s16.astype(mx.float32), b16.astype(mx.float32), transpose=True,
+                                  group_size=64, bits=bits)
+        key = f"bits={bits} group=64"
+        worst[key] = max(worst[key], (mx.abs(got - ref).max() / mx.abs(ref).max()).item())
 print(json.dumps({"isa": cpu_kernel().isa, "worst": worst}))
 """
 

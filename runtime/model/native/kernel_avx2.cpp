@@ -15,12 +15,13 @@ struct Simd {
   using F = __m256;
   using I = __m256i;
   static constexpr int L = 8;
-  static constexpr int max_rows = 4;  // rows of x per pass
-  // Weight rows per pass: accumulators (weight rows x rows of x) stay within the registers.
-  static int weight_rows(int m) { return m <= 2 ? 4 : 2; }
+  // Several rows of x: 2 weight rows x up to 4 rows of x of sums in registers (8 of 16).
+  static constexpr int block_weight_rows = 2, pass_rows = 4;
   static F zero() { return _mm256_setzero_ps(); }
   static F set1(float v) { return _mm256_set1_ps(v); }
   static F load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
+  static F load_f16(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
   static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
   static I load_int(const void* p) { return _mm256_load_si256(static_cast<const __m256i*>(p)); }
   static I set1_int(int v) { return _mm256_set1_epi32(v); }
@@ -33,6 +34,9 @@ struct Simd {
   static I and_int(I a, I b) { return _mm256_and_si256(a, b); }
   static I shift_right_4(I a) { return _mm256_srli_epi32(a, 4); }
   static F to_float(I a) { return _mm256_cvtepi32_ps(a); }
+  static constexpr bool has_lookup16 = false;  // no 16-lane permute
+  static F lookup16(I, F table) { return table; }
+  static F iota() { return zero(); }
   static F add(F a, F b) { return _mm256_add_ps(a, b); }
   // Element i of scales or biases as f32: f16 through the F16C instruction, not in software.
   static float scale(const void* p, ScaleType type, size_t i) {
@@ -40,6 +44,9 @@ struct Simd {
     const uint16_t h = static_cast<const uint16_t*>(p)[i];
     if (type == ScaleType::f16) return _cvtsh_ss(h);
     return _mm_cvtss_f32(_mm_castsi128_ps(_mm_cvtsi32_si128(int(uint32_t(h) << 16))));
+  }
+  static void hsum4(F a, F b, F c, F d, float* out) {
+    out[0] = hsum(a), out[1] = hsum(b), out[2] = hsum(c), out[3] = hsum(d);
   }
   static void prefetch(const uint8_t* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
   static float hsum(F v) {
@@ -50,7 +57,6 @@ struct Simd {
   }
 };
 
-#define SIMD_MAX_ROWS 4
 #include "kernel_simd.h"
 
 }  // namespace

@@ -15,12 +15,20 @@ struct Simd {
   using F = float32x4x2_t;
   using I = uint32x4x2_t;
   static constexpr int L = 8;
-  static constexpr int max_rows = 4;  // rows of x per pass
-  // Weight rows per pass: 32 registers hold as many 8-lane pairs as AVX2 has 8-lane registers.
-  static int weight_rows(int m) { return m <= 2 ? 4 : 2; }
+  // Several rows of x: 2 weight rows x up to 4 rows of x of sums in registers, as on AVX2 (32
+  // registers hold as many 8-lane pairs as AVX2 has 8-lane registers).
+  static constexpr int block_weight_rows = 2, pass_rows = 4;
   static F zero() { return {vdupq_n_f32(0.0f), vdupq_n_f32(0.0f)}; }
   static F set1(float v) { return {vdupq_n_f32(v), vdupq_n_f32(v)}; }
   static F load(const float* p) { return {vld1q_f32(p), vld1q_f32(p + 4)}; }
+  static void store(float* p, F v) {
+    vst1q_f32(p, v.val[0]);
+    vst1q_f32(p + 4, v.val[1]);
+  }
+  static F load_f16(const uint16_t* p) {
+    const float16x8_t h = vreinterpretq_f16_u16(vld1q_u16(p));
+    return {vcvt_f32_f16(vget_low_f16(h)), vcvt_f32_f16(vget_high_f16(h))};
+  }
   static F fma(F a, F b, F c) {
     return {vfmaq_f32(c.val[0], a.val[0], b.val[0]), vfmaq_f32(c.val[1], a.val[1], b.val[1])};
   }
@@ -48,6 +56,9 @@ struct Simd {
   static I and_int(I a, I b) { return {vandq_u32(a.val[0], b.val[0]), vandq_u32(a.val[1], b.val[1])}; }
   static I shift_right_4(I a) { return {vshrq_n_u32(a.val[0], 4), vshrq_n_u32(a.val[1], 4)}; }
   static F to_float(I a) { return {vcvtq_f32_u32(a.val[0]), vcvtq_f32_u32(a.val[1])}; }
+  static constexpr bool has_lookup16 = false;  // no 16-lane permute
+  static F lookup16(I, F table) { return table; }
+  static F iota() { return zero(); }
   static F add(F a, F b) { return {vaddq_f32(a.val[0], b.val[0]), vaddq_f32(a.val[1], b.val[1])}; }
   // Element i of scales or biases as f32: f16 through the hardware conversion, not in software.
   static float scale(const void* p, ScaleType type, size_t i) {
@@ -59,11 +70,13 @@ struct Simd {
     std::memcpy(&f, &bits, sizeof f);
     return f;
   }
+  static void hsum4(F a, F b, F c, F d, float* out) {
+    out[0] = hsum(a), out[1] = hsum(b), out[2] = hsum(c), out[3] = hsum(d);
+  }
   static void prefetch(const uint8_t* p) { __builtin_prefetch(p, 0, 3); }
   static float hsum(F v) { return vaddvq_f32(vaddq_f32(v.val[0], v.val[1])); }
 };
 
-#define SIMD_MAX_ROWS 4
 #include "kernel_simd.h"
 
 }  // namespace

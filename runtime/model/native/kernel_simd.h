@@ -2,14 +2,18 @@
 // before including this header inside its own anonymous namespace (so no two files share
 // an instantiation compiled for different instructions).
 //
-// Memory-bound by design: each thread walks its own contiguous block of packed weight rows
-// once; a few rows (NB) at a time are unpacked to floats in registers and applied to up to
-// MB rows of x, so a call with M rows still reads each weight once from memory. Every
-// packed width 2..8 unpacks the same way: a vector of L values spans L*bits/8 <= 16 bytes,
-// a byte shuffle puts each value's (at most two) bytes in its 32-bit lane, then a shift
-// and a mask leave the value.
-
-constexpr int kMaxRowsPerPass = Simd::max_rows;
+// Each thread walks its own contiguous block of packed weight rows. One row of x (a decode
+// step) is memory bound: the 4-bit GEMV below reads each weight once at the memory's speed.
+// Several rows make the product compute bound, so the work per weight is what counts: NB
+// weight rows at a time are unpacked and dequantized in registers once per pass of up to MB
+// rows of x, whose sums all stay in registers, and the weight rows come in chunks that stay
+// in L2 while every pass goes over them (so a call with M rows still reads each weight once
+// from memory, and each pass's rows of x stay in L1).
+//
+// Unpacking: 4-bit and 8-bit rows widen bytes to 32-bit lanes (a 4-bit lane then holds two
+// values: low and high nibble). The other widths 2..8 unpack the same general way: a vector
+// of L values spans L*bits/8 <= 16 bytes, a byte shuffle puts each value's (at most two)
+// bytes in its 32-bit lane, then a shift and a mask leave the value.
 
 struct Unpacker {
   typename Simd::I control, shifts, mask;
@@ -36,60 +40,6 @@ struct Unpacker {
     return Simd::unpack(p, control, shifts, mask);
   }
 };
-
-// NB packed rows (n..n+NB) against MB rows of x (m0..m0+MB).
-template <int NB, int MB>
-inline void block(const QmmArgs& a, const uint8_t* const* rows, const Unpacker& u, int n, int m0) {
-  using F = typename Simd::F;
-  F acc[NB][MB];
-#pragma GCC unroll 8
-  for (int r = 0; r < NB; ++r)
-#pragma GCC unroll 8
-    for (int j = 0; j < MB; ++j) acc[r][j] = Simd::zero();
-  const int groups = a.K / a.group, per_group = a.group / Simd::L;
-  const float* x = a.x + size_t(m0) * a.K;
-  size_t offset = 0;
-  int k = 0;
-  for (int g = 0; g < groups; ++g) {
-    F s[NB], b[NB];
-#pragma GCC unroll 8
-    for (int r = 0; r < NB; ++r) {
-      s[r] = Simd::set1(Simd::scale(a.scales, a.scale_type, size_t(n + r) * groups + g));
-      b[r] = Simd::set1(Simd::scale(a.biases, a.scale_type, size_t(n + r) * groups + g));
-    }
-    for (int c = 0; c < per_group; ++c) {
-      F w[NB];
-#pragma GCC unroll 8
-      for (int r = 0; r < NB; ++r) w[r] = Simd::fma(u.unpack(rows[r] + offset), s[r], b[r]);
-#pragma GCC unroll 8
-      for (int j = 0; j < MB; ++j) {
-        const F xv = Simd::load(x + size_t(j) * a.K + k);
-#pragma GCC unroll 8
-        for (int r = 0; r < NB; ++r) acc[r][j] = Simd::fma(w[r], xv, acc[r][j]);
-      }
-      offset += u.chunk_bytes;
-      k += Simd::L;
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < NB; ++r)
-#pragma GCC unroll 8
-    for (int j = 0; j < MB; ++j) a.y[size_t(m0 + j) * a.N + n + r] = Simd::hsum(acc[r][j]);
-}
-
-template <int NB>
-inline void pass_rows(const QmmArgs& a, const uint8_t* const* rows, const Unpacker& u, int n, int m0, int mb) {
-  switch (mb) {
-#define LAYERLINE_CASE(R) \
-  case R:                 \
-    return block<NB, R>(a, rows, u, n, m0);
-    LAYERLINE_CASE(1) LAYERLINE_CASE(2) LAYERLINE_CASE(3) LAYERLINE_CASE(4)
-#if SIMD_MAX_ROWS > 4
-    LAYERLINE_CASE(5) LAYERLINE_CASE(6) LAYERLINE_CASE(7) LAYERLINE_CASE(8)
-#endif
-#undef LAYERLINE_CASE
-  }
-}
 
 // One row of x against 4-bit weights (a decode step): L packed bytes widen to L lanes whose low
 // nibbles are the even values and high nibbles the odd ones, so x is reordered to match once
@@ -151,7 +101,7 @@ inline void gemv4(const QmmArgs& a, int n0, int n1) {
     const int nb = std::min(4, n1 - n);
     const uint8_t* rows[4];
     for (int r = 0; r < nb; ++r) rows[r] = a.w + size_t(n + r) * a.w_row_bytes;
-    // The rows two blocks ahead, as in the general path.
+    // The rows two blocks ahead, as in rows_product.
     const size_t block_bytes = 4 * a.w_row_bytes, ahead = size_t(n) * a.w_row_bytes + 2 * block_bytes;
     for (size_t line = 0; line < block_bytes && ahead + line < a.w_total_bytes; line += 64) {
       Simd::prefetch(a.w + ahead + line);
@@ -164,43 +114,201 @@ inline void gemv4(const QmmArgs& a, int n0, int n1) {
   }
 }
 
-inline void columns(const QmmArgs& a, int n0, int n1) {
-  if (a.M == 1 && a.bits == 4) return gemv4(a, n0, n1);
+// Several rows of x: a draft to verify, a batch of sessions, a prefill chunk.
+
+// Scales or biases [first, first + count) as f32.
+inline void scales_f32(const void* p, ScaleType type, size_t first, int count, float* out) {
+  int i = 0;
+  if (type == ScaleType::f16) {
+    for (; i + Simd::L <= count; i += Simd::L) {
+      Simd::store(out + i, Simd::load_f16(static_cast<const uint16_t*>(p) + first + i));
+    }
+  }
+  for (; i < count; ++i) out[i] = Simd::scale(p, type, first + i);
+}
+
+// One packed row, read a step at a time: L bytes (2L values) of a 4-bit row, L bytes (L
+// values) of an 8-bit row, or L values of another width through the byte-shuffle unpacker.
+// A 4-bit step's vectors are its low nibbles, then its high ones: values 0, 2, 4.. then
+// 1, 3, 5.., so the rows of x are copied into that order once per call (as the GEMV does).
+template <int BITS>
+struct RowReader {
+  static constexpr int vectors_per_step = BITS == 4 ? 2 : 1;
+  const uint8_t* p;
+
+  // Vector v of the current step as floats, without scale and bias.
+  inline typename Simd::F vector(int v, const Unpacker& u) const {
+    if constexpr (BITS == 4) {
+      const typename Simd::I packed = Simd::widen(p);
+      return Simd::to_float(v == 0 ? Simd::and_int(packed, Simd::set1_int(15)) : Simd::shift_right_4(packed));
+    } else if constexpr (BITS == 8) {
+      return Simd::to_float(Simd::widen(p));
+    } else {
+      return u.unpack(p);
+    }
+  }
+
+  inline void advance(const Unpacker& u) { p += BITS == 4 || BITS == 8 ? Simd::L : u.chunk_bytes; }
+};
+
+// NB weight rows from n (packed at rows[r]; s and b: their f32 scales and biases, `groups` a
+// row) against MB rows of x from m0, into y. Each weight vector is dequantized once and
+// serves MB rows of x; NB x MB sums stay in registers over the whole row.
+template <int BITS, int NB, int MB>
+inline void rows_pass(const QmmArgs& a, const uint8_t* const* rows, const Unpacker& u, const float* __restrict s,
+                      const float* __restrict b, const float* __restrict x, int n, int m0) {
+  using F = typename Simd::F;
+  constexpr int V = RowReader<BITS>::vectors_per_step, L = Simd::L;
+  constexpr bool lookup = BITS == 4 && Simd::has_lookup16;
+  const size_t K = size_t(a.K);
+  const int groups = a.K / a.group, steps = a.group / (V * L);
+  RowReader<BITS> reader[NB];
+#pragma GCC unroll 8
+  for (int r = 0; r < NB; ++r) reader[r].p = rows[r];
+  F acc[NB][MB];
+#pragma GCC unroll 8
+  for (int r = 0; r < NB; ++r)
+#pragma GCC unroll 8
+    for (int j = 0; j < MB; ++j) acc[r][j] = Simd::zero();
+  x += size_t(m0) * K;
+  size_t k = 0;
+  for (int g = 0; g < groups; ++g) {
+    // With a 16-lane permute, a 4-bit group's 16 possible weights fit in one register: s*q + b
+    // for q = 0..15, computed once per group (the same floats as dequantizing each weight), and
+    // each weight is then a lookup instead of a conversion and a multiply-add.
+    [[maybe_unused]] F table[NB];
+    if constexpr (lookup) {
+#pragma GCC unroll 8
+      for (int r = 0; r < NB; ++r) {
+        table[r] = Simd::fma(Simd::iota(), Simd::set1(s[r * groups + g]), Simd::set1(b[r * groups + g]));
+      }
+    }
+    for (int c = 0; c < steps; ++c) {
+#pragma GCC unroll 2
+      for (int v = 0; v < V; ++v) {
+        F w[NB];
+#pragma GCC unroll 8
+        for (int r = 0; r < NB; ++r) {
+          if constexpr (lookup) {
+            const typename Simd::I packed = Simd::widen(reader[r].p);
+            w[r] = Simd::lookup16(v == 0 ? packed : Simd::shift_right_4(packed), table[r]);
+          } else {
+            w[r] = Simd::fma(reader[r].vector(v, u), Simd::set1(s[r * groups + g]), Simd::set1(b[r * groups + g]));
+          }
+        }
+#pragma GCC unroll 8
+        for (int j = 0; j < MB; ++j) {
+          const F xv = Simd::load(x + j * K + k);
+#pragma GCC unroll 8
+          for (int r = 0; r < NB; ++r) acc[r][j] = Simd::fma(w[r], xv, acc[r][j]);
+        }
+        k += L;
+      }
+#pragma GCC unroll 8
+      for (int r = 0; r < NB; ++r) reader[r].advance(u);
+    }
+  }
+  if constexpr (NB == 4) {
+    // The 4 sums of a row of y at once: they are adjacent there.
+#pragma GCC unroll 8
+    for (int j = 0; j < MB; ++j) Simd::hsum4(acc[0][j], acc[1][j], acc[2][j], acc[3][j], a.y + size_t(m0 + j) * a.N + n);
+  } else {
+#pragma GCC unroll 8
+    for (int r = 0; r < NB; ++r)
+#pragma GCC unroll 8
+      for (int j = 0; j < MB; ++j) a.y[size_t(m0 + j) * a.N + n + r] = Simd::hsum(acc[r][j]);
+  }
+}
+
+template <int BITS, int NB>
+inline void rows_pass_for(const QmmArgs& a, const uint8_t* const* rows, const Unpacker& u, const float* s,
+                          const float* b, const float* x, int n, int m0, int mb) {
+  static_assert(Simd::pass_rows <= 4, "rows_pass_for instantiates up to 4 rows of x");
+  switch (mb) {
+    case 1: return rows_pass<BITS, NB, 1>(a, rows, u, s, b, x, n, m0);
+    case 2: return rows_pass<BITS, NB, 2>(a, rows, u, s, b, x, n, m0);
+    case 3: return rows_pass<BITS, NB, 3>(a, rows, u, s, b, x, n, m0);
+    case 4: return rows_pass<BITS, NB, 4>(a, rows, u, s, b, x, n, m0);
+  }
+}
+
+template <int BITS, int NB = Simd::block_weight_rows>
+inline void rows_product(const QmmArgs& a, int n0, int n1, const float* x) {
+  constexpr int MB = Simd::pass_rows;
   const Unpacker u(a.bits);
-  // Several weight rows at once: each x vector loaded serves all of them (x of many rows
-  // does not fit L1), and one row of x still has independent FMA chains in flight.
-  const int step = Simd::weight_rows(a.M);
-  // The last rows of the matrix are copied with 16 bytes of padding, so a vector load at
-  // their end never reads past the weight buffer.
+  const int groups = a.K / a.group;
+  // Chunks of about 128 KiB of packed weights: each pass after the first finds the chunk in L2.
+  const int chunk = std::max(NB, int((size_t(128) << 10) / a.w_row_bytes) / NB * NB);
+  // Rows of x split evenly into passes of at most MB (7 rows: 4 + 3; 9 rows: 3 + 3 + 3).
+  const int passes = (a.M + MB - 1) / MB;
+  thread_local std::vector<float> scale_buffer;
   std::vector<uint8_t> tail;
-  for (int n = n0; n < n1; n += step) {
-    const int nb = std::min(step, n1 - n);
-    const uint8_t* rows[4];
-    const size_t start = size_t(n) * a.w_row_bytes;
-    const bool near_end = start + size_t(nb) * a.w_row_bytes + 16 > a.w_total_bytes;
-    if (near_end) {
-      tail.assign(size_t(nb) * a.w_row_bytes + 16, 0);
-      std::memcpy(tail.data(), a.w + start, size_t(nb) * a.w_row_bytes);
+  for (int c0 = n0; c0 < n1; c0 += chunk) {
+    const int c1 = std::min(n1, c0 + chunk);
+    scale_buffer.resize(2 * size_t(c1 - c0) * groups);
+    float *s = scale_buffer.data(), *b = s + size_t(c1 - c0) * groups;
+    scales_f32(a.scales, a.scale_type, size_t(c0) * groups, (c1 - c0) * groups, s);
+    scales_f32(a.biases, a.scale_type, size_t(c0) * groups, (c1 - c0) * groups, b);
+    // The byte-shuffle unpacker reads 16 bytes from a row's last step: the rows that end
+    // within 16 bytes of the weight buffer's end are read from a copy with padding.
+    const size_t row_bytes = a.w_row_bytes;
+    const int padded = std::max(c0, a.w_total_bytes < 16 ? 0 : int((a.w_total_bytes - 16) / row_bytes));
+    if (padded < c1) {
+      tail.assign(size_t(c1 - padded) * row_bytes + 16, 0);
+      std::memcpy(tail.data(), a.w + size_t(padded) * row_bytes, size_t(c1 - padded) * row_bytes);
     }
-    for (int r = 0; r < nb; ++r) {
-      rows[r] = (near_end ? tail.data() : a.w + start) + size_t(r) * a.w_row_bytes;
+    for (int p = 0, m0 = 0; p < passes; ++p) {
+      const int m1 = a.M * (p + 1) / passes;
+      for (int n = c0; n < c1; n += NB) {
+        const int nb = std::min(NB, c1 - n);
+        const size_t start = size_t(n) * a.w_row_bytes;
+        const uint8_t* rows[NB];
+        for (int r = 0; r < nb; ++r) {
+          rows[r] = n + r >= padded ? tail.data() + size_t(n + r - padded) * row_bytes : a.w + start + r * row_bytes;
+        }
+        if (p == 0) {
+          // Ask for the rows two blocks ahead now: the hardware prefetcher alone leaves a GEMV
+          // waiting on memory (measured at a fifth of the read bandwidth without this).
+          const size_t block_bytes = size_t(NB) * a.w_row_bytes, ahead = start + 2 * block_bytes;
+          for (size_t line = 0; line < block_bytes && ahead + line < a.w_total_bytes; line += 64) {
+            Simd::prefetch(a.w + ahead + line);
+          }
+        }
+        const float *sn = s + size_t(n - c0) * groups, *bn = b + size_t(n - c0) * groups;
+        if (nb == NB) {
+          rows_pass_for<BITS, NB>(a, rows, u, sn, bn, x, n, m0, m1 - m0);
+        } else {
+          for (int r = 0; r < nb; ++r) {
+            rows_pass_for<BITS, 1>(a, rows + r, u, sn + r * groups, bn + r * groups, x, n + r, m0, m1 - m0);
+          }
+        }
+      }
+      m0 = m1;
     }
-    // Ask for the rows two blocks ahead now: the hardware prefetcher alone leaves a GEMV
-    // waiting on memory (measured at a fifth of the read bandwidth without this).
-    const size_t block_bytes = size_t(step) * a.w_row_bytes;
-    const size_t ahead = start + 2 * block_bytes;
-    for (size_t line = 0; line < block_bytes && ahead + line < a.w_total_bytes; line += 64) {
-      Simd::prefetch(a.w + ahead + line);
-    }
-    for (int m0 = 0; m0 < a.M; m0 += kMaxRowsPerPass) {
-      const int mb = std::min(kMaxRowsPerPass, a.M - m0);
-      if (nb == 4) {
-        pass_rows<4>(a, rows, u, n, m0, mb);
-      } else if (nb == 2) {
-        pass_rows<2>(a, rows, u, n, m0, mb);
-      } else {
-        for (int r = 0; r < nb; ++r) pass_rows<1>(a, rows + r, u, n + r, m0, mb);
+  }
+}
+
+inline void columns(const QmmArgs& a, int n0, int n1) {
+  // One row of 4-bit weights: the GEMV, unless a lookup table dequantizes (AVX-512), which
+  // measured as fast from memory and a quarter faster in cache.
+  if (a.bits == 4 && a.M == 1 && !Simd::has_lookup16) return gemv4(a, n0, n1);
+  if (a.bits == 8) return rows_product<8>(a, n0, n1, a.x);
+  if (a.bits != 4) return rows_product<0>(a, n0, n1, a.x);
+  // x in the 4-bit order: per 2L values, the even ones, then the odd ones.
+  constexpr int L = Simd::L;
+  std::vector<float> x_buffer(size_t(a.M) * a.K);  // not kept: a prefill chunk's x can be large
+  for (int m = 0; m < a.M; ++m) {
+    const float* from = a.x + size_t(m) * a.K;
+    float* to = x_buffer.data() + size_t(m) * a.K;
+    for (int k0 = 0; k0 < a.K; k0 += 2 * L) {
+      for (int i = 0; i < L; ++i) {
+        to[k0 + i] = from[k0 + 2 * i];
+        to[k0 + L + i] = from[k0 + 2 * i + 1];
       }
     }
   }
+  // One row (on AVX-512): 8 weight rows a block, for 8 independent sums in flight; measured
+  // slower for the other widths.
+  if (a.M == 1) return rows_product<4, 2 * Simd::block_weight_rows>(a, n0, n1, x_buffer.data());
+  rows_product<4>(a, n0, n1, x_buffer.data());
 }

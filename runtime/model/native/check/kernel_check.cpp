@@ -144,6 +144,32 @@ int main() {
         }
       }
     }
+    // Wider and taller matrices: several L2 chunks of weight rows per thread, ending off a block.
+    for (int bits : {3, 4, 8}) {
+      for (int M : {1, 5, 9}) {
+        const Case c = make_case(rng, 413, 2048, M, bits, 64, ScaleType::f16);
+        const double err = relative_error(run(path.columns, c), run(qmm_columns_portable, c));
+        worst = std::max(worst, err);
+        ++cases;
+        if (!(err <= kMaxRelativeError)) {
+          ++failures;
+          std::printf("FAIL %s 413x2048 bits=%d rows=%d: relative error %.3g\n", path.name, bits, M, err);
+        }
+      }
+    }
+    // One group a row (32 values, 8 or 12 bytes): the unpacker's 16-byte loads near the end.
+    for (int bits : {2, 3, 5}) {
+      for (int M : {1, 3, 6}) {
+        const Case c = make_case(rng, 37, 32, M, bits, 32, ScaleType::f32);
+        const double err = relative_error(run(path.columns, c), run(qmm_columns_portable, c));
+        worst = std::max(worst, err);
+        ++cases;
+        if (!(err <= kMaxRelativeError)) {
+          ++failures;
+          std::printf("FAIL %s 37x32 bits=%d rows=%d: relative error %.3g\n", path.name, bits, M, err);
+        }
+      }
+    }
     std::printf("%s: worst relative error %.3g against portable\n", path.name, worst);
   }
   std::printf("%d cases, %d failed\n", cases, failures);
