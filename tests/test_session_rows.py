@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from layerline.errors import LayerRangeError
+from layerline.runtime.model import session_rows
 from layerline.runtime.model.layer_range import LayerRange
 
 from tiny_architectures import CONFIGS, LAYERS
@@ -26,8 +27,11 @@ def _sessions(layers: LayerRange, seed: int) -> list[list]:
     return caches
 
 
+@pytest.mark.parametrize("joint", [True, False], ids=["one-call", "call-per-session"])
 @pytest.mark.parametrize("arch", sorted(CONFIGS))
-def test_a_batch_pass_equals_each_sessions_own_pass(arch):
+def test_a_batch_pass_equals_each_sessions_own_pass(arch, joint, monkeypatch):
+    # Sessions attend in one call (as on a GPU), or one call each (a CPU, or batches too big).
+    monkeypatch.setattr(session_rows, "JOINT_ON_CPU", joint)
     layers = LayerRange(CONFIGS[arch], 0, LAYERS)
     mx.eval(layers.parameters())
     batched, alone = _sessions(layers, seed=1), _sessions(layers, seed=1)

@@ -85,6 +85,10 @@ class SlidingWindowCache:
         self.offset += S
         return self.keys[..., :held + S, :], self.values[..., :held + S, :]
 
+    def key_start(self, N: int) -> int:
+        """The position of the first key the next update of N positions returns."""
+        return self._start_after(N)[0]
+
     def make_mask(self, N: int, window_size: int | None = None, return_array: bool = False) -> Any:
         """The mask of N queries from `offset` over the keys the next update returns."""
         window = window_size or self.window

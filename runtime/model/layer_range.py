@@ -31,7 +31,7 @@ from layerline.packager.package import LayerPackage
 from .attention import attention, route_attention
 from .kv_cache import SlidingWindowCache
 from .package_tensors import apply_plan, load_into, read_verified
-from .session_rows import SessionRows
+from .session_rows import SessionRows, joint_mask
 from .weights_policy import WeightsPlan
 
 log = logging.getLogger("layerline.runtime")
@@ -146,8 +146,13 @@ class LayerRange(nn.Module):
             pieces = mx.split(h, list(accumulate(counts))[:-1], axis=1)
             return mx.concatenate([self(piece, cache) for piece, cache in zip(pieces, caches, strict=True)],
                                   axis=1)
+        joint: dict[int | None, Any] = {}  # per attention window: the joint mask, from its first layer
+        for i, window in enumerate(self._windows):
+            if window not in joint:
+                joint[window] = joint_mask([cache[i] for cache in caches], counts, window)
         h = h.reshape(N, 1, D)
         for i, (layer, window) in enumerate(zip(self.layers, self._windows, strict=True)):
-            h = layer(h, None, cache=SessionRows([cache[i] for cache in caches], counts, window))
+            rows = SessionRows([cache[i] for cache in caches], counts, window, joint[window])
+            h = layer(h, None, cache=rows)
         return h.reshape(1, N, D)
 

@@ -5,9 +5,12 @@ plainly, a draft window for those speculating, a chunk of prompt for those prefi
 The rows are laid out as a batch of single positions, (rows, 1, hidden), so every linear
 layer, norm and MLP runs once over all of them and nothing is padded; RoPE takes one
 offset per batch entry, each row's own position. Attention is the only per-session part:
-`SessionRows` stands in for a layer's cache, writes each session's keys and values into
-that session's own cache, and `attend` gives each session's queries its own keys, under
-its own mask, one attention call per session.
+`SessionRows` stands in for a layer's cache and writes each session's keys and values into
+that session's own cache; `attend` gives each session's queries its own keys. While the
+batch is small (rows x keys), that is one attention call over every session's keys side by
+side, under a mask that keeps each row to its own session's (`joint_mask`), on a GPU where
+a call per session costs its launch whatever its size. On a CPU, and beyond that size, one
+call per session, under its own mask.
 
 mlx-lm's blocks run unchanged: their attention rotates by `cache.offset`, calls
 `cache.update_and_fetch`, then the module's `scaled_dot_product_attention`, which
@@ -21,17 +24,50 @@ from itertools import accumulate
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
 
 Attend = Callable[..., mx.array]  # attention(queries, keys, values, cache, scale, mask, sinks)
+
+
+JOINT_CELLS = 1 << 20  # rows x keys of every session, up to which sessions attend in one call
+# On a CPU each score costs its arithmetic (mlx's CPU softmax and small matmuls run at a few
+# GFLOP/s), and one call over every session's keys computes each row against all of them:
+# measured slower than a call per session (16 sessions of 41 keys: 4.7 ms against 0.6 ms a layer).
+JOINT_ON_CPU = False
+
+
+def joint_mask(caches: list[Any], counts: list[int], window: int | None) -> mx.array | None:
+    """Which of every session's keys each row of a batch pass may see, for attention in one call
+    over all sessions' keys side by side: its own session's, up to its own position (and within
+    `window`). None when that many scores would cost more than a call per session.
+
+    Read before the pass's updates (from `caches`, one layer's): it holds for every layer of
+    the same window, whose caches are at the same positions."""
+    sessions = list(zip(caches, counts, strict=True))
+    offsets = [int(cache.offset) for cache in caches]
+    starts = [cache.key_start(n) if hasattr(cache, "key_start") else 0 for cache, n in sessions]
+    lengths = [offset + n - start for offset, n, start in zip(offsets, counts, starts, strict=True)]
+    if sum(counts) * sum(lengths) > JOINT_CELLS or (mx.default_device() == mx.cpu and not JOINT_ON_CPU):
+        return None
+    key_session = np.repeat(np.arange(len(counts)), lengths)
+    key_pos = np.concatenate([np.arange(s, s + k) for s, k in zip(starts, lengths, strict=True)])
+    row_session = np.repeat(np.arange(len(counts)), counts)
+    row_pos = np.concatenate([np.arange(o, o + n) for o, n in zip(offsets, counts, strict=True)])
+    mask = (key_session[None] == row_session[:, None]) & (key_pos[None] <= row_pos[:, None])
+    if window is not None:
+        mask &= key_pos[None] > row_pos[:, None] - window
+    return mx.array(mask)
 
 
 class SessionRows:
     """One layer's caches of several sessions, standing in for a single cache during a batch pass."""
 
-    def __init__(self, caches: list[Any], counts: list[int], window: int | None) -> None:
+    def __init__(self, caches: list[Any], counts: list[int], window: int | None,
+                 joint: mx.array | None = None) -> None:
         self.caches = caches
         self.counts = counts
         self.window = window  # the layer's sliding attention window, None where it sees every position
+        self.joint = joint  # `joint_mask`: every session attends in one call (None: one call each)
         # Each row's absolute position: RoPE rotates batch entry i by offset[i].
         self.offset = mx.array([int(c.offset) + j for c, n in zip(caches, counts, strict=True)
                                 for j in range(n)], dtype=mx.int32)
@@ -42,13 +78,23 @@ class SessionRows:
         self._fetched = []
         for cache, n, k, v in zip(self.caches, self.counts, self._split(keys), self._split(values),
                                   strict=True):
-            mask = cache.make_mask(n, window_size=self.window, return_array=False)  # before the update
+            # The mask before the update, which moves the cache on (the joint mask covers all).
+            mask = None if self.joint is not None else cache.make_mask(n, window_size=self.window,
+                                                                         return_array=False)
             k, v = cache.update_and_fetch(_to_session(k, n), _to_session(v, n))
             self._fetched.append((k, v, mask))
         return keys, values
 
-    def attend(self, attention: Attend, queries: mx.array, scale: float, sinks: mx.array | None) -> mx.array:
-        """Each session's queries (its rows of (rows, heads, 1, D)) against its own keys."""
+    def attend(self, attention: Attend, joint_attention: Attend, queries: mx.array, scale: float,
+               sinks: mx.array | None) -> mx.array:
+        """Each session's queries (its rows of (rows, heads, 1, D)) against its own keys: in one
+        call over all sessions' keys side by side under the joint mask, or one call each."""
+        if self.joint is not None and sinks is None:
+            keys = mx.concatenate([k for k, _, _ in self._fetched], axis=2)
+            values = mx.concatenate([v for _, v, _ in self._fetched], axis=2)
+            self._fetched = []
+            out = joint_attention(queries.swapaxes(0, 2), keys, values, scale, self.joint)
+            return out.swapaxes(0, 2)
         outs = []
         for cache, n, q, (keys, values, mask) in zip(self.caches, self.counts, self._split(queries),
                                                      self._fetched, strict=True):
