@@ -394,7 +394,7 @@ class Lane:
         if answered != rows:
             raise StageUnavailableError("stage 1 answered a batch with other sessions' rows",
                                         hint="stage 0 and stage 1 run different versions; update both")
-        _add_timings(trace, answer, time.perf_counter() - sent)
+        trace.add_timings(answer, time.perf_counter() - sent)
         return hidden.astype(p.compute_dtype)
 
     def _send_ends(self, ends: list[pb.ActivationFrame]) -> None:
@@ -447,15 +447,6 @@ class Lane:
     def _next_seq(self) -> int:
         self._seq += 1
         return self._seq
-
-
-def _add_timings(trace: PassTrace, answer: pb.ActivationFrame, waited: float) -> None:
-    """Each stage's compute and each hop's time, from the timings the answer carries."""
-    timings = sorted(answer.timings, key=lambda t: t.stage_index)
-    waits = [waited, *(t.downstream_ns / 1e9 for t in timings)]
-    for i, timing in enumerate(timings):
-        trace.stage_compute_s[timing.stage_index] = timing.compute_ns / 1e9
-        trace.hops_s.append(max(0.0, waits[i] - (timing.compute_ns + timing.downstream_ns) / 1e9))
 
 
 class BatchScheduler:

@@ -43,6 +43,19 @@ class PassTrace:
     queue_s: float = 0.0  # stage 0: waiting for the batch pass to start and hand the logits over
     sessions: int = 1  # sessions whose rows the pass carried
 
+    def add_timings(self, answer: pb.ActivationFrame, waited: float) -> None:
+        """Each stage's compute and each hop's time, from the timings an answer carries, `waited`
+        seconds after its frame was sent.
+
+        Timings come back last stage first. A hop is all of a stage's wait for the next one that
+        the next one did not spend computing or waiting further: the wire both ways and the
+        (de)serialization at both ends, so the parts add up to the pass."""
+        timings = sorted(answer.timings, key=lambda t: t.stage_index)
+        waits = [waited, *(t.downstream_ns / 1e9 for t in timings)]
+        for i, timing in enumerate(timings):
+            self.stage_compute_s[timing.stage_index] = timing.compute_ns / 1e9
+            self.hops_s.append(max(0.0, waits[i] - (timing.compute_ns + timing.downstream_ns) / 1e9))
+
     def to_json(self) -> dict:
         return {"positions": self.positions, "total_s": round(self.total_s, 6),
                 "queue_s": round(self.queue_s, 6), "sessions": self.sessions,
@@ -226,17 +239,8 @@ class PendingPass:
                                         f"{kind or 'nothing'} instead of activations",
                                         hint="stage 0 sent a frame that overtook it; report this bug")
         self.hidden = decode(answer.activations, p.limits).astype(p.compute_dtype)
-        waited = time.perf_counter() - self.sent
-        # Timings come back last stage first. A hop is all of a stage's wait for the next one that
-        # the next one did not spend computing or waiting further: the wire both ways and the
-        # (de)serialization at both ends, so the parts add up to the pass. (While stage 0 drafts
-        # during the pass, an answer that waits to be read counts in hop 0→1.)
-        trace = self.trace
-        timings = sorted(answer.timings, key=lambda t: t.stage_index)
-        waits = [waited, *(t.downstream_ns / 1e9 for t in timings)]
-        for i, timing in enumerate(timings):
-            trace.stage_compute_s[timing.stage_index] = timing.compute_ns / 1e9
-            trace.hops_s.append(max(0.0, waits[i] - (timing.compute_ns + timing.downstream_ns) / 1e9))
+        # While stage 0 drafts during the pass, an answer that waits to be read counts in hop 0→1.
+        self.trace.add_timings(answer, time.perf_counter() - self.sent)
 
 
 class Pipeline:
