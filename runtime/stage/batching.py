@@ -161,6 +161,7 @@ class Lane:
         self._queue: list[_Submission] = []
         self._ending: list[tuple[str, threading.Event]] = []
         self._lost: set[str] = set()  # sessions whose caches a broken connection took away
+        self._carried: set[str] = set()  # sessions with rows sent on the current connection
         self._connection: FrameConnection | None = None
         self._seq = 0
         self._closed = False
@@ -299,6 +300,7 @@ class Lane:
                 for session_id, _ in ending if session_id not in self._lost]
         with self._cond:
             self._lost.difference_update(session_id for session_id, _ in ending)
+        self._carried.difference_update(session_id for session_id, _ in ending)
         if not picks:
             self._send_ends(ends)
             return
@@ -365,22 +367,27 @@ class Lane:
         """Send the lane's pending session ends and the batch to stage 1; the last stage's rows."""
         p = self.scheduler.pipeline
         frame = pb.ActivationFrame(seq=self._next_seq(), batch=encode_batch(h, rows, p.wire_dtype))
-        sent = time.perf_counter()
-        try:
-            connection = self._connect()
-            for end in ends:
-                connection.send(end)
-            connection.send(frame)
-            for _ in ends:
-                connection.receive()  # a failed end is moot: the session is over
-            answer = connection.receive()
-        except StageUnavailableError as exc:
-            self._broken()
-            assert p.first_peer is not None
-            p.on_stage_error(1, exc.message)
-            raise StageUnavailableError(f"stage 1 at {p.first_peer.control_endpoint} is unavailable: "
-                                        f"{exc.message}",
-                                        hint="restart that stage; stage 0 will reload it") from exc
+        sessions = {r.session_id for r in rows}
+        while True:
+            sent = time.perf_counter()
+            # A connection kept from earlier passes may lead to a stage that has restarted since:
+            # when no session of this pass had rows on it, the pass runs anew on a new one.
+            retry = self._connection is not None and not sessions & self._carried
+            try:
+                answer = self._exchange(ends, frame, sessions)
+                break
+            except StageUnavailableError as exc:
+                self._broken()
+                if retry:
+                    with self._cond:
+                        self._lost -= sessions  # their first rows: sent again on the new connection
+                    ends = []  # moot: the sessions they end were on the broken connection
+                    continue
+                assert p.first_peer is not None
+                p.on_stage_error(1, exc.message)
+                raise StageUnavailableError(f"stage 1 at {p.first_peer.control_endpoint} is unavailable: "
+                                            f"{exc.message}",
+                                            hint="restart that stage; stage 0 will reload it") from exc
         kind = answer.WhichOneof("body")
         if kind == "error":
             error = answer.error
@@ -396,6 +403,18 @@ class Lane:
                                         hint="stage 0 and stage 1 run different versions; update both")
         trace.add_timings(answer, time.perf_counter() - sent)
         return hidden.astype(p.compute_dtype)
+
+    def _exchange(self, ends: list[pb.ActivationFrame], frame: pb.ActivationFrame,
+                  sessions: set[str]) -> pb.ActivationFrame:
+        """Send session ends and a batch on the lane's connection; the batch's answer."""
+        connection = self._connect()
+        for end in ends:
+            connection.send(end)
+        connection.send(frame)
+        self._carried |= sessions
+        for _ in ends:
+            connection.receive()  # a failed end is moot: the session is over
+        return connection.receive()
 
     def _send_ends(self, ends: list[pb.ActivationFrame]) -> None:
         if not ends or self._connection is None:
@@ -423,13 +442,14 @@ class Lane:
         return self._connection
 
     def _broken(self) -> None:
-        """The connection to stage 1 broke: every session of the lane lost its caches there."""
+        """The connection to stage 1 broke: the sessions it carried lost their caches there."""
         p = self.scheduler.pipeline
         if self._connection is not None:
             self._connection.close()
         self._connection = None
         with self._cond:
-            self._lost.update(s.session_id for s in self._sessions)
+            self._lost.update(s.session_id for s in self._sessions if s.session_id in self._carried)
+        self._carried = set()
         assert p.first_peer is not None
         p.first_peer.forget()  # it may have restarted on another port
 
