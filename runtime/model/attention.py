@@ -34,7 +34,8 @@ def attention(queries: mx.array, keys: mx.array, values: mx.array, cache: Any, s
     """mlx-lm's `scaled_dot_product_attention`, per session for a batch pass's rows, and as plain
     matmuls when few rows ask on CUDA."""
     if isinstance(cache, SessionRows):
-        return cache.attend(attention, joint_attention, queries, scale, sinks)
+        # Sessions side by side attend as matmuls: on CUDA a cuDNN graph per key length costs 50 ms.
+        return cache.attend(attention, matmul_attention, queries, scale, sinks)
     rows = queries.shape[2]
     if (not _small_query or rows == 1 or rows > SMALL_QUERY_ROWS or sinks is not None
             or hasattr(cache, "bits")):
@@ -64,16 +65,6 @@ def matmul_attention(queries: mx.array, keys: mx.array, values: mx.array, scale:
     weights = mx.softmax(scores, axis=-1, precise=True)
     out = weights @ values[:, :, None]
     return out.reshape(B, heads, rows, values.shape[-1])
-
-
-def joint_attention(queries: mx.array, keys: mx.array, values: mx.array, scale: float,
-                    mask: mx.array) -> mx.array:
-    """Every session's rows against every session's keys side by side, masked to their own (a
-    batch pass, `session_rows.py`): matmuls on CUDA (a cuDNN graph per key length costs 50 ms),
-    mlx's fused kernel elsewhere."""
-    if on_cuda():
-        return matmul_attention(queries, keys, values, scale, mask)
-    return matmul_attention(queries, keys, values, scale, mask)
 
 
 def route_attention(module: ModuleType) -> bool:

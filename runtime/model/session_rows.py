@@ -85,8 +85,8 @@ class SessionRows:
             self._fetched.append((k, v, mask))
         return keys, values
 
-    def attend(self, attention: Attend, joint_attention: Attend, queries: mx.array, scale: float,
-               sinks: mx.array | None) -> mx.array:
+    def attend(self, attention: Attend, joint_attention: Callable[..., mx.array], queries: mx.array,
+               scale: float, sinks: mx.array | None) -> mx.array:
         """Each session's queries (its rows of (rows, heads, 1, D)) against its own keys: in one
         call over all sessions' keys side by side under the joint mask, or one call each."""
         if self.joint is not None and sinks is None:
