@@ -317,6 +317,7 @@ class Lane:
         trace.local_s = time.perf_counter() - started
         if p.first_peer is not None:
             h = self._through_stages(ends, h, rows, trace)
+        answered = time.perf_counter()
         offsets = [0]
         for _, take in picks:
             offsets.append(offsets[-1] + take)
@@ -330,32 +331,32 @@ class Lane:
             sub.session.batched_with += len(picks)
             if sub.left == 0:
                 finished.append(sub)
-        self._logits(finished, trace)
+        self._logits(finished)
         with self._cond:
             for sub in finished:
                 if sub in self._queue:
                     self._queue.remove(sub)
-        answered = time.perf_counter()
+        # The head, and handing each session its rows, from the answer on; set before any waiter
+        # reads the trace.
+        done = time.perf_counter()
+        trace.head_s, trace.total_s = done - answered, done - started
         for sub in finished:
             sub.trace = trace
-            sub.session.answered_at = answered
+            sub.session.answered_at = done
             sub.finished.set()
-        trace.total_s = time.perf_counter() - started
         self.scheduler.record(len(picks), len(tokens), trace)
 
-    def _logits(self, finished: list[_Submission], trace: PassTrace) -> None:
+    def _logits(self, finished: list[_Submission]) -> None:
         """The head over every finished step's rows in one call (a prompt's logits are left to
         `BatchPass.result`, which its decode loop never reads)."""
         p = self.scheduler.pipeline
         steps = [sub for sub in finished if len(sub.tokens) <= STEP_ROWS]
         if not steps:
             return
-        head_started = time.perf_counter()
         hidden = mx.concatenate([piece for sub in steps for piece in sub.pieces])
         with p.compute_lock:
             logits = p.head.logits(hidden[None])[0]
             mx.eval(logits)
-        trace.head_s = time.perf_counter() - head_started
         start = 0
         for sub in steps:
             sub.logits = logits[start:start + len(sub.tokens)]
@@ -366,10 +367,10 @@ class Lane:
                         trace: PassTrace) -> mx.array:
         """Send the lane's pending session ends and the batch to stage 1; the last stage's rows."""
         p = self.scheduler.pipeline
+        sent = time.perf_counter()  # the hop counts the frame's encoding, as the stages' timings do not
         frame = pb.ActivationFrame(seq=self._next_seq(), batch=encode_batch(h, rows, p.wire_dtype))
         sessions = {r.session_id for r in rows}
         while True:
-            sent = time.perf_counter()
             # A connection kept from earlier passes may lead to a stage that has restarted since:
             # when no session of this pass had rows on it, the pass runs anew on a new one.
             retry = self._connection is not None and not sessions & self._carried
