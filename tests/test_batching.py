@@ -14,7 +14,6 @@ import time
 from collections import Counter
 from dataclasses import replace
 
-import mlx.core as mx
 import numpy as np
 import pytest
 import test_speculative as spec
@@ -26,7 +25,6 @@ from layerline.runtime.decode.sampling import SamplingParams
 from layerline.runtime.decode.scheduled_drafter import ScheduledDrafter
 from layerline.runtime.decode.targets import PipelineTarget
 from layerline.runtime.decode.window_policy import WindowPolicy
-from layerline.runtime.stage.batching import BatchScheduler
 
 from helpers import Stage0Process, StageProcess, activation_connection
 
@@ -40,16 +38,9 @@ def tiny_models(tmp_path_factory, smollm2_tokenizer_dir):
             "near": spec.tiny_pipeline(root, smollm2_tokenizer_dir, seed=1, noise=0.05)}
 
 
-def local_scheduler(model) -> BatchScheduler:
-    """The scheduler over a whole model in this process (stage 0 with no peers)."""
-    (layers,) = model.ranges
-    return BatchScheduler.local(model.head, layers, context_length=512, compute_dtype=mx.float32,
-                                max_sessions=64, max_rows=512)
-
-
 def test_sampled_tokens_follow_the_targets_distribution_under_batching(tiny_models):
     target, draft = tiny_models["target"], tiny_models["near"]
-    scheduler, drafts = local_scheduler(target), local_scheduler(draft)
+    scheduler, drafts = spec.one_stage_scheduler(target), spec.one_stage_scheduler(draft)
     params = SamplingParams(max_tokens=3, temperature=1.0)
     prompt = [3, 5, 3, 5, 3]
     counts: Counter = Counter()
@@ -85,12 +76,12 @@ def test_sampled_tokens_follow_the_targets_distribution_under_batching(tiny_mode
 
 def test_a_long_prompt_is_prefilled_in_chunks_between_running_steps(tiny_models):
     target = tiny_models["target"]
-    scheduler = local_scheduler(target)
+    scheduler = spec.one_stage_scheduler(target)
     scheduler.max_rows = 64  # a prompt of 300 positions takes several passes
     params = SamplingParams(max_tokens=40)
     short = generate(PipelineTarget(scheduler.open("short")), [1, 2, 3], params)
     stream = iter(short)
-    alone = local_scheduler(target)
+    alone = spec.one_stage_scheduler(target)
     reference = [t.id for t in generate(PipelineTarget(alone.open("r")), [1, 2, 3], params)]
     alone.close()
     got = [next(stream).id]  # the short request decodes...

@@ -422,27 +422,25 @@ def test_stats_count_drafts_acceptances_and_passes(tiny_models):
     assert stats.gate is not None
 
 
-def one_stage_pipeline(model):
-    """Stage 0's pipeline over the model's one range, in this process (no peers)."""
-    from layerline.runtime.model.kv_cache import SessionStore
-    from layerline.runtime.stage.model import StageModel
-    from layerline.runtime.stage.pipeline import Pipeline
+def one_stage_scheduler(model):
+    """Stage 0's scheduler over the model's one range, in this process (no peers)."""
+    from layerline.runtime.stage.batching import BatchScheduler
 
-    layers = model.ranges[0]
-    stage = StageModel(layers, SessionStore(layers.make_cache), 512, mx.float32)
-    return Pipeline(model.head, stage, first_peer=None, wire_dtype=0,
-                    hidden_size=layers.hidden_size, max_tokens=512)
+    (layers,) = model.ranges
+    return BatchScheduler.local(model.head, layers, context_length=512, compute_dtype=mx.float32,
+                                max_sessions=64, max_rows=512)
 
 
 def test_the_split_pipeline_session_is_a_target(tiny_models):
     model = tiny_models["target"]
-    pipeline = one_stage_pipeline(model)
+    scheduler = one_stage_scheduler(model)
     params = SamplingParams(max_tokens=20)
-    session = pipeline.open("spec-test")
+    session = scheduler.open("spec-test")
     generation = generate(PipelineTarget(session), [1, 2, 3], params,
                           drafter=ModelDrafter(tiny_models["bad"], params), policy=WindowPolicy.fixed(4))
     assert [t.id for t in generation] == plain(model, [1, 2, 3], params)
     assert generation.stats.accepted < generation.stats.drafted  # rolled back on every stage
+    scheduler.close()
 
 
 # ---------------------------------------------------------------- model drafter
@@ -700,10 +698,11 @@ def test_closing_mid_overlapped_step_leaves_target_and_draft_consistent(tiny_mod
 
 def test_overlap_through_the_split_pipeline_session(tiny_models):
     model = tiny_models["target"]
-    pipeline = one_stage_pipeline(model)
+    scheduler = one_stage_scheduler(model)
     params = SamplingParams(max_tokens=30)
-    generation = generate(PipelineTarget(pipeline.open("overlap-test")), [1, 2, 3], params,
+    generation = generate(PipelineTarget(scheduler.open("overlap-test")), [1, 2, 3], params,
                           drafter=ModelDrafter(tiny_models["near"], params), policy=WindowPolicy.fixed(3),
                           run_ahead=True)
     assert [t.id for t in generation] == plain(model, [1, 2, 3], params)
     assert generation.stats.overlap_hits > 0 and generation.stats.overlap_misses > 0
+    scheduler.close()

@@ -21,8 +21,8 @@ continues past its window from the state where every draft stands, its first tok
 guess of the target's own token, until the pass's answer is there. When the step commits
 exactly that (all drafts and the guess), the next step verifies the window so prepared;
 otherwise it is discarded and the drafter rolls back. `run_ahead` also submits the prepared
-window before the verdict; a rejected one is discarded (a stage drops it unrun when the
-next frame overtakes it, or the next frame's start_pos rolls it back).
+window before the verdict; a rejected one is discarded (dropped unrun if its pass has not
+started, else the next pass's start_pos rolls it back).
 
 The first step drafts nothing (`first_token_first`): the token that ends the prompt's
 prefill streams at once, and speculation starts from the second token.
@@ -385,7 +385,7 @@ class Generation:
             else:
                 stats.overlap_misses += 1
                 if self._ahead is not None:
-                    self._ahead.discard()  # a stage drops it unrun when the next frame overtakes it
+                    self._ahead.discard()  # dropped unrun if its pass has not started
                     self._ahead = None
         if self._ahead is None:
             # Forget the rejected positions now: everything committed but the last is held.

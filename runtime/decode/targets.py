@@ -10,7 +10,7 @@ stage 0 can draft while the other stages verify, and read the logits afterwards.
 
 - `LocalTarget`: a whole model in this process (`LocalPipeline`) and one session's caches;
   it also runs a token lazily (`forward_lazy`), for the plain loop's one-step lookahead.
-- `PipelineTarget`: stage 0's session over the split pipeline (alone, or in batch passes).
+- `PipelineTarget`: stage 0's session over the split pipeline, in the scheduler's batch passes.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from ..model.kv_cache import RangeCache
 
 if TYPE_CHECKING:
     from ..stage.batching import BatchSession
-    from ..stage.pipeline import PipelineSession
     from .local_pipeline import LocalPipeline
 
 
@@ -160,10 +159,10 @@ class _QueuedPass:
 
 
 class PipelineTarget:
-    """Stage 0's session over the split pipeline: stages truncate at each frame's start_pos.
-    A `BatchSession` runs its passes in the scheduler's batch passes, a `PipelineSession` alone."""
+    """Stage 0's session over the split pipeline, its passes run in the scheduler's batch passes:
+    stages truncate at each pass's start_pos."""
 
-    def __init__(self, session: PipelineSession | BatchSession) -> None:
+    def __init__(self, session: BatchSession) -> None:
         self.session = session
         self.vocab_size = session.pipeline.head.vocab_size
 

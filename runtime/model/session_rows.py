@@ -68,6 +68,7 @@ class SessionRows:
         self.counts = counts
         self.window = window  # the layer's sliding attention window, None where it sees every position
         self.joint = joint  # `joint_mask`: every session attends in one call (None: one call each)
+        self._bounds = list(accumulate(counts))[:-1]  # where each session's rows end but the last
         # Each row's absolute position: RoPE rotates batch entry i by offset[i].
         self.offset = mx.array([int(c.offset) + j for c, n in zip(caches, counts, strict=True)
                                 for j in range(n)], dtype=mx.int32)
@@ -106,10 +107,6 @@ class SessionRows:
     def _split(self, rows: mx.array) -> list[mx.array]:
         """Each session's rows of a (rows, ...) array, in one split."""
         return mx.split(rows, self._bounds, axis=0) if self._bounds else [rows]
-
-    @property
-    def _bounds(self) -> list[int]:
-        return list(accumulate(self.counts))[:-1]
 
 
 def _to_session(rows: mx.array, n: int) -> mx.array:

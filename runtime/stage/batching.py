@@ -486,7 +486,6 @@ class BatchScheduler:
         self._rows = 0
         self._costs: deque[tuple[int, float]] = deque(maxlen=COST_SAMPLES)  # (rows, seconds) per pass
         self.pass_s = 0.0  # recent seconds per pass
-        self._ids = 0
         self.lanes = [Lane(self, i) for i in range(lanes)]
 
     @classmethod
