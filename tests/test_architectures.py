@@ -31,8 +31,8 @@ from layerline.runtime.decode.targets import LocalTarget, PipelineTarget
 from layerline.runtime.decode.window_policy import WindowPolicy
 from layerline.runtime.model.chat import text_prompt_tokens
 from layerline.runtime.model.kv_cache import RangeCache, SessionStore, SlidingWindowCache
+from layerline.runtime.stage.batching import BatchScheduler
 from layerline.runtime.stage.model import StageModel
-from layerline.runtime.stage.pipeline import Pipeline
 from layerline.runtime.stage.wire import FrameError
 
 from tiny_architectures import (
@@ -223,12 +223,12 @@ def test_greedy_output_identical_with_the_ngram_drafter_split_and_staged(models,
 
     # A stage rolls back by each frame's start_pos, sliding-window caches included.
     layers = whole.ranges[0]
-    stage = StageModel(layers, SessionStore(layers.make_cache), 512, mx.float32)
-    pipeline = Pipeline(whole.head, stage, first_peer=None, wire_dtype=0,
-                        hidden_size=layers.hidden_size, max_tokens=512)
-    generation = generate(PipelineTarget(pipeline.open(f"{arch}-spec")), PROMPT, GREEDY,
+    scheduler = BatchScheduler.local(whole.head, layers, context_length=512, compute_dtype=mx.float32,
+                                     max_sessions=16, max_rows=512)
+    generation = generate(PipelineTarget(scheduler.open(f"{arch}-spec")), PROMPT, GREEDY,
                           drafter=NgramDrafter(min_ngram=1), policy=WindowPolicy.fixed(4))
     assert [t.id for t in generation] == reference
+    scheduler.close()
     accepted += generation.stats.accepted
     assert accepted > 0
 
