@@ -23,7 +23,7 @@ def config_show(
     """Print the resolved speculation settings and where each value came from."""
     from layerline.packager.package import LayerPackage
     from layerline.runtime.serve.config import load_config
-    from layerline.runtime.serve.speculative_settings import resolve_speculative
+    from layerline.runtime.stage0.speculation.resolve import resolve_speculative
 
     manifest = LayerPackage.open(package).manifest
     resolved = resolve_speculative(manifest.model.id, manifest.speculative_decoding,

@@ -1,7 +1,7 @@
 """A draft model whose steps run in batch passes with the other requests' (stage 0 serving).
 
 `ModelDrafter` runs its own forward per draft token. Serving many requests, each one's
-draft steps go instead to a scheduler over the draft model (`stage/batching.py`, stage 0
+draft steps go instead to a scheduler over the draft model (`stage0/scheduler.py`, stage 0
 with no peers): the k-th draft step of every request drafting at the moment runs in one
 forward pass, as the target's steps do. The caches live in the scheduler, addressed by
 position, so forgetting rejected drafts is the next pass's start_pos, as on the stages.
@@ -23,7 +23,7 @@ from .token_distribution import recent_tokens, request_key
 
 
 class DraftSession(Protocol):
-    """One request's session of the draft model's scheduler (a `stage.batching.BatchSession`)."""
+    """One request's session of the draft model's scheduler (a `stage0.scheduler.BatchSession`)."""
 
     def forward(self, tokens: list[int], start_pos: int) -> mx.array: ...
 

@@ -10,7 +10,8 @@ stage 0 can draft while the other stages verify, and read the logits afterwards.
 
 - `LocalTarget`: a whole model in this process (`LocalPipeline`) and one session's caches;
   it also runs a token lazily (`forward_lazy`), for the plain loop's one-step lookahead.
-- `PipelineTarget`: stage 0's session over the split pipeline, in the scheduler's batch passes.
+- `stage0.target.PipelineTarget`: stage 0's session over the split pipeline, in the scheduler's
+  batch passes.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from layerline.errors import ContextLengthError, SessionError
 from ..model.kv_cache import RangeCache
 
 if TYPE_CHECKING:
-    from ..stage.batching import BatchSession
     from .local_pipeline import LocalPipeline
 
 
@@ -156,32 +156,3 @@ class _QueuedPass:
 
     def ready(self) -> bool:
         return False  # the same processor computes it: drafting meanwhile never waits for it
-
-
-class PipelineTarget:
-    """Stage 0's session over the split pipeline, its passes run in the scheduler's batch passes:
-    stages truncate at each pass's start_pos."""
-
-    def __init__(self, session: BatchSession) -> None:
-        self.session = session
-        self.vocab_size = session.pipeline.head.vocab_size
-
-    # Not lazy: stage 0 serves requests from several threads and evaluates under its compute
-    # lock, which a step queued ahead (evaluated whenever it is read) would escape.
-    lazy = False
-
-    def forward(self, tokens: list[int], start_pos: int) -> mx.array:
-        """Logits (L, vocab) from the whole pipeline, one frame of `tokens` at `start_pos`."""
-        return self.session.forward(tokens, start_pos)
-
-    def submit(self, tokens: list[int], start_pos: int) -> PendingPass:
-        """Stage 0's layers now, the other stages meanwhile: read the logits with `result()`."""
-        return self.session.submit(tokens, start_pos)
-
-    @property
-    def last_trace(self) -> object:
-        """Where the last pass's time went on every stage (a PassTrace)."""
-        return self.session.last_trace
-
-    def rewind(self, position: int) -> None:
-        """Nothing to send: the next frame's start_pos truncates every stage's cache."""

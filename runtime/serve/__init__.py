@@ -1,1 +1,1 @@
-"""Stage 0's server: engine, OpenAI frontend, speculation settings, draft API, config, dashboard."""
+"""Stage 0's server: bring-up, engine, OpenAI frontend, draft API, config, dashboard."""

@@ -26,8 +26,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from layerline.errors import LayerlineError
-from layerline.packager.window_spec import FIELDS, WindowError, check_policy, check_window_size
+from ..stage0.speculation.config import ConfigError, SpeculativeSettings, parse_speculative_table
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -35,29 +34,6 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 DEFAULT_CONFIG_PATH = Path("~/.config/layerline/config.toml")
-
-
-class ConfigError(LayerlineError):
-    """The TOML config is unreadable or holds an unknown or ill-typed setting."""
-
-
-@dataclass(frozen=True)
-class SpeculativeSettings:
-    """One `[...speculative]` table; None means "not set here"."""
-
-    enabled: bool | None = None
-    strategy: str | None = None  # a strategy of the package's generation block, by name
-    type: str | None = None  # "draft-model" | "ngram"
-    draft_model: str | None = None
-    window_policy: str | None = None  # "adaptive" | "fixed" | "auto"; the sizes are draft windows
-    overlap: bool | None = None  # draft the next window while the stages verify (default off)
-    run_ahead: bool | None = None  # send that window before the verdict (default off)
-    initial_window: int | None = None
-    min_window: int | None = None
-    max_window: int | None = None
-
-    def set_fields(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
 
 @dataclass(frozen=True)
@@ -86,38 +62,15 @@ class LayerlineConfig:
     stage: StageSettings = field(default_factory=StageSettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
 
-
-_TYPES = {"enabled": bool, "strategy": str, "type": str, "draft_model": str, "overlap": bool,
-          "run_ahead": bool,
-          **{name: str if field == "policy" else int for field, name in FIELDS.items()}}
-_CHOICES = {"type": ("draft-model", "ngram")}
-_RENAMED = {"window": "window_policy"}  # keys of earlier versions, and what they are now
-
-
-def _speculative(raw: Any, where: str) -> SpeculativeSettings:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where} must be a table")
-    values = {}
-    for key, value in raw.items():
-        if key in _RENAMED:
-            raise ConfigError(f"{where}: setting {key!r} is now called {_RENAMED[key]!r}",
-                              hint=f"write {_RENAMED[key]} = {value!r}")
-        if key not in _TYPES:
-            raise ConfigError(f"{where}: unknown setting {key!r}; known: {', '.join(_TYPES)}")
-        kind = _TYPES[key]
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise ConfigError(f"{where}.{key} must be {kind.__name__}, got {value!r}")
-        if key in _CHOICES and value not in _CHOICES[key]:
-            raise ConfigError(f"{where}.{key} must be one of {_CHOICES[key]}, got {value!r}")
-        try:
-            if key == FIELDS["policy"]:
-                check_policy(value)
-            elif key in FIELDS.values():
-                check_window_size(value)
-        except WindowError as exc:
-            raise ConfigError(f"{where}.{key}: {exc.message}", hint=exc.hint) from exc
-        values[key] = value
-    return SpeculativeSettings(**values)
+    def speculative_tables(self, model_id: str) -> list[tuple[str, SpeculativeSettings]]:
+        """The `[...speculative]` tables that apply to `model_id`, most specific first, each with
+        where it is written."""
+        name = str(self.path) if self.path else "config"
+        tables = []
+        if model_id in self.models:
+            tables.append((f'{name} [models."{model_id}".speculative]', self.models[model_id]))
+        tables.append((f"{name} [defaults.speculative]", self.defaults))
+        return tables
 
 
 def parse_config(raw: dict[str, Any], path: Path | None = None) -> LayerlineConfig:
@@ -127,11 +80,11 @@ def parse_config(raw: dict[str, Any], path: Path | None = None) -> LayerlineConf
     if unknown:
         raise ConfigError(f"{where}: unknown table(s) {sorted(unknown)}; known: defaults, models, stage, "
                           "admin")
-    defaults = _speculative(raw.get("defaults", {}).get("speculative", {}),
+    defaults = parse_speculative_table(raw.get("defaults", {}).get("speculative", {}),
                             f"{where} [defaults.speculative]")
     models = {}
     for model_id, table in raw.get("models", {}).items():
-        models[model_id] = _speculative(table.get("speculative", {}),
+        models[model_id] = parse_speculative_table(table.get("speculative", {}),
                                         f'{where} [models."{model_id}".speculative]')
     stage_raw = raw.get("stage", {})
     stage_unknown = set(stage_raw) - {"listen", "http", "cache_dir"}

@@ -27,9 +27,9 @@ from layerline.packager.source import is_hub_id
 from layerline.packager.speculative import NGRAM
 from layerline.packager.window_spec import WindowError
 
+from ..stage0.speculation.plan import Stage0Speculation
 from .admin_auth import AdminAuth
 from .openai_schema import ApiError
-from .speculation import Stage0Speculation
 
 log = logging.getLogger("layerline.draft_api")
 

@@ -3,7 +3,7 @@
 One request is one session on every stage, and runs its own decode loop. Prefill goes
 through in chunks of at most `max_batch_tokens` positions; then each step submits the last
 token plus the request's drafts (none when it decodes plainly). The scheduler
-(`stage/batching.py`) runs the submissions of every request in batch passes; while others
+(`stage0/scheduler.py`) runs the submissions of every request in batch passes; while others
 share them, a request drafts only the window worth its rows (`decode/batch_window.py`).
 
 `generate` checks a request and admits it before it returns, so that a bad or
@@ -28,16 +28,16 @@ from layerline.packager.manifest import Manifest
 from ..decode.batch_window import window_cap
 from ..decode.loop import GenerationStats, StepRecord, Token, compress_windows, generate
 from ..decode.sampling import SamplingParams
-from ..decode.targets import PipelineTarget
 from ..decode.text import text_events
 from ..model.chat import chat_prompt_tokens, text_prompt_tokens
-from ..stage.batching import BatchScheduler, BatchSession
-from ..stage.pipeline import Pipeline
+from ..stage0.pipeline import Pipeline
+from ..stage0.scheduler import BatchScheduler, BatchSession
+from ..stage0.speculation.plan import SpeculationPlan, Stage0Speculation
+from ..stage0.target import PipelineTarget
 from .admission import Admission, ShuttingDownError, Ticket
 from .frontend import GenerationEvent, TokenLogprob
 from .openai_schema import GenerationRequest
 from .profile import PassProfile
-from .speculation import SpeculationPlan, Stage0Speculation
 
 log = logging.getLogger("layerline.engine")
 

@@ -22,17 +22,19 @@ from ..model.kv_cache import SessionStore
 from ..model.layer_range import LayerRange
 from ..model.tokenizer import end_of_generation_ids, load_tokenizer
 from ..model.weights_policy import detect_device, plan_weights
-from ..stage.batching import BatchScheduler
 from ..stage.content_cache import ContentCache
-from ..stage.coordinator import Coordinator, CoordinatorOptions
 from ..stage.file_service import FileIndex
 from ..stage.main import check_exposure
 from ..stage.model import StageModel
-from ..stage.pipeline import Pipeline
 from ..stage.prepare import Preparation, PrepareState, fetch_manifest
 from ..stage.server import advertised, grpc_server, is_loopback, read_token, serve_files
 from ..stage.split_plan import parse_split
 from ..stage.wire import wire_dtype
+from ..stage0.coordinator import Coordinator, CoordinatorOptions
+from ..stage0.pipeline import Pipeline
+from ..stage0.scheduler import BatchScheduler
+from ..stage0.speculation.plan import Stage0Speculation
+from ..stage0.speculation.resolve import ResolvedSpeculativeConfig, resolve_speculative
 from .admin_auth import AdminAuth
 from .admission import Admission
 from .body_limit import DEFAULT_MAX_BODY_BYTES
@@ -44,8 +46,6 @@ from .engine_slot import EngineSlot
 from .frontend import create_app
 from .metrics import StageGauge
 from .profile import PassProfile
-from .speculation import Stage0Speculation
-from .speculative_settings import ResolvedSpeculativeConfig, resolve_speculative
 
 log = logging.getLogger("layerline.stage0")
 

@@ -1,1 +1,1 @@
-"""A split pipeline's stages: node, gRPC server and client, frames, claims, prepare, coordinator."""
+"""A split pipeline's peer side: node, gRPC server and client, frames, claims, prepare, file service."""

@@ -21,7 +21,7 @@ from layerline.proto import (
 from layerline.runtime.stage.frame_budget import FrameBudget
 from layerline.runtime.stage.frame_transport import FrameConnection, FrameServer
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[3]
 MAX_MESSAGE_BYTES = 64 << 20
 CALL_TIMEOUT_S = 10.0
 GRPC_OPTIONS = [

@@ -15,7 +15,7 @@ from typing import Any
 
 from layerline.errors import LayerlineError
 
-from ..decode.draft_model import load_draft
+from ...decode.draft_model import load_draft
 
 log = logging.getLogger("layerline.draft")
 

@@ -27,13 +27,14 @@ from layerline.runtime.decode.drafters import NgramDrafter
 from layerline.runtime.decode.local_pipeline import LocalPipeline
 from layerline.runtime.decode.loop import generate
 from layerline.runtime.decode.sampling import SamplingParams
-from layerline.runtime.decode.targets import LocalTarget, PipelineTarget
+from layerline.runtime.decode.targets import LocalTarget
 from layerline.runtime.decode.window_policy import WindowPolicy
 from layerline.runtime.model.chat import text_prompt_tokens
 from layerline.runtime.model.kv_cache import RangeCache, SessionStore, SlidingWindowCache
-from layerline.runtime.stage.batching import BatchScheduler
 from layerline.runtime.stage.model import StageModel
 from layerline.runtime.stage.wire import FrameError
+from layerline.runtime.stage0.scheduler import BatchScheduler
+from layerline.runtime.stage0.target import PipelineTarget
 
 from tiny_architectures import (
     CONFIGS,

@@ -7,7 +7,7 @@ import pytest
 from layerline.packager.manifest import SpeculativeDecoding, Strategy
 from layerline.packager.window_spec import WindowSpec
 from layerline.runtime.serve.config import ConfigError, load_config, parse_config
-from layerline.runtime.serve.speculative_settings import SOURCE_BUILTIN, SOURCE_FLAG, resolve_speculative
+from layerline.runtime.stage0.speculation.resolve import SOURCE_BUILTIN, SOURCE_FLAG, resolve_speculative
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 PACKAGE = SpeculativeDecoding(

@@ -25,9 +25,9 @@ from layerline.proto import activation_pb2 as act_pb
 from layerline.proto import stage_control_pb2 as pb
 
 from ..model.host_memory import host_memory
-from .client import StageClient
-from .server import is_loopback
-from .split_plan import check_split, plan_split
+from ..stage.client import StageClient
+from ..stage.server import is_loopback
+from ..stage.split_plan import check_split, plan_split
 
 log = logging.getLogger("layerline.coordinator")
 

@@ -1,5 +1,5 @@
 """Stage 0's side of the split pipeline: its head, its own layers, the way to stage 1, and
-where each pass's time went (`PassTrace`). The scheduler (`batching.py`) runs the passes."""
+where each pass's time went (`PassTrace`). The scheduler (`scheduler.py`) runs the passes."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from layerline.errors import LayerlineError
 from layerline.proto import activation_pb2 as pb
 
 from ..model.head import Head
-from .client import ActivationAddress
-from .frame_budget import DEFAULT_FRAME_TIMEOUT_S, FrameBudget
-from .model import StageModel
-from .wire import FrameLimits
+from ..stage.client import ActivationAddress
+from ..stage.frame_budget import DEFAULT_FRAME_TIMEOUT_S, FrameBudget
+from ..stage.model import StageModel
+from ..stage.wire import FrameLimits
 
 
 @dataclass

@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import mlx.core as mx
 
@@ -39,22 +39,28 @@ from layerline.packager.speculative import (
 )
 from layerline.packager.window_spec import WindowSpec
 
-from ..decode.drafters import Drafter, NgramDrafter, NoDrafter
-from ..decode.sampling import SamplingParams
-from ..decode.scheduled_drafter import ScheduledDrafter
-from ..decode.targets import PREFILL_STEP
-from ..decode.window_cost import SpeculationCosts
-from ..decode.window_policy import WindowPolicy
-from ..stage.batching import BatchScheduler, BatchSession
+from ...decode.drafters import Drafter, NgramDrafter, NoDrafter
+from ...decode.sampling import SamplingParams
+from ...decode.scheduled_drafter import ScheduledDrafter
+from ...decode.targets import PREFILL_STEP
+from ...decode.window_cost import SpeculationCosts
+from ...decode.window_policy import WindowPolicy
+from ..scheduler import BatchScheduler, BatchSession
 from .draft_loader import DraftLoader, DraftState
-from .openai_schema import SpeculativeOverride
-from .speculative_settings import ResolvedSpeculativeConfig
+from .resolve import ResolvedSpeculativeConfig
 
 log = logging.getLogger("layerline.speculative")
 
 SOURCE_PUT = "runtime PUT /v1/draft"
 DRAFT_SESSIONS = 256  # draft sessions a draft's scheduler keeps (one per request speculating)
 SOURCE_DELETE = "runtime DELETE /v1/draft"
+
+
+class RequestSpeculation(Protocol):
+    """What a request asks of speculation (the HTTP body's `speculative` field)."""
+
+    enabled: bool | None  # None: as the server decides
+    window: int | None  # a fixed draft window for this request
 
 
 @dataclass(frozen=True)
@@ -210,7 +216,7 @@ class Stage0Speculation:
         pending = self._pending
         return pending[1].state if pending is not None else None
 
-    def plan(self, override: SpeculativeOverride | None, params: SamplingParams, *,
+    def plan(self, override: RequestSpeculation | None, params: SamplingParams, *,
              context_length: int, lock: threading.Lock) -> SpeculationPlan:
         """The drafter and window policy of one request, from the settings and its override."""
         with self._lock:

@@ -16,17 +16,24 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-import test_speculative as spec
 
 from layerline.proto import activation_pb2 as pb
 from layerline.runtime.decode.batch_window import batch_window
 from layerline.runtime.decode.loop import generate
 from layerline.runtime.decode.sampling import SamplingParams
 from layerline.runtime.decode.scheduled_drafter import ScheduledDrafter
-from layerline.runtime.decode.targets import PipelineTarget
 from layerline.runtime.decode.window_policy import WindowPolicy
+from layerline.runtime.stage0.target import PipelineTarget
 
 from helpers import Stage0Process, StageProcess, activation_connection
+from sampling_checks import (
+    SAMPLES,
+    SIGNIFICANCE,
+    chi_square_p,
+    exact_joint,
+    one_stage_scheduler,
+    tiny_pipeline,
+)
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -34,13 +41,13 @@ MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory, smollm2_tokenizer_dir):
     root = tmp_path_factory.mktemp("batching-tiny")
-    return {"target": spec.tiny_pipeline(root, smollm2_tokenizer_dir, seed=1),
-            "near": spec.tiny_pipeline(root, smollm2_tokenizer_dir, seed=1, noise=0.05)}
+    return {"target": tiny_pipeline(root, smollm2_tokenizer_dir, seed=1),
+            "near": tiny_pipeline(root, smollm2_tokenizer_dir, seed=1, noise=0.05)}
 
 
 def test_sampled_tokens_follow_the_targets_distribution_under_batching(tiny_models):
     target, draft = tiny_models["target"], tiny_models["near"]
-    scheduler, drafts = spec.one_stage_scheduler(target), spec.one_stage_scheduler(draft)
+    scheduler, drafts = one_stage_scheduler(target), one_stage_scheduler(draft)
     params = SamplingParams(max_tokens=3, temperature=1.0)
     prompt = [3, 5, 3, 5, 3]
     counts: Counter = Counter()
@@ -63,25 +70,25 @@ def test_sampled_tokens_follow_the_targets_distribution_under_batching(tiny_mode
             counts[tuple(tokens)] += 1
 
     with concurrent.futures.ThreadPoolExecutor(12) as pool:
-        list(pool.map(sample, range(spec.SAMPLES)))
+        list(pool.map(sample, range(SAMPLES)))
     scheduler.close()
     drafts.close()
-    joint = spec.exact_joint(target, prompt, params)
+    joint = exact_joint(target, prompt, params)
     assert not [cell for cell in counts if joint[cell] == 0]
-    p_value, df = spec.chi_square_p(counts, joint, spec.SAMPLES)
-    assert p_value > spec.SIGNIFICANCE, f"chi-square p={p_value:.2g} (df={df}) under batching"
+    p_value, df = chi_square_p(counts, joint, SAMPLES)
+    assert p_value > SIGNIFICANCE, f"chi-square p={p_value:.2g} (df={df}) under batching"
     for batches in (scheduler.to_json(), drafts.to_json()):
         assert batches["max_seen"] >= 4 and batches["mean_batch"] > 1.5, batches
 
 
 def test_a_long_prompt_is_prefilled_in_chunks_between_running_steps(tiny_models):
     target = tiny_models["target"]
-    scheduler = spec.one_stage_scheduler(target)
+    scheduler = one_stage_scheduler(target)
     scheduler.max_rows = 64  # a prompt of 300 positions takes several passes
     params = SamplingParams(max_tokens=40)
     short = generate(PipelineTarget(scheduler.open("short")), [1, 2, 3], params)
     stream = iter(short)
-    alone = spec.one_stage_scheduler(target)
+    alone = one_stage_scheduler(target)
     reference = [t.id for t in generate(PipelineTarget(alone.open("r")), [1, 2, 3], params)]
     alone.close()
     got = [next(stream).id]  # the short request decodes...

@@ -13,7 +13,7 @@ import pytest
 from helpers import admin_pipeline
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "images" / "dashboard.png"
+SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "images" / "dashboard.png"
 ADMIN_TOKEN = "dashboard-test-secret"
 SLOW_MS = 180_000  # loading a draft or answering on a busy 2-core machine
 

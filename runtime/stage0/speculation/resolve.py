@@ -12,7 +12,7 @@ from typing import Any
 from layerline.packager.manifest import SpeculativeDecoding, Strategy
 from layerline.packager.window_spec import FIELDS, WindowError, WindowSpec
 
-from .config import LayerlineConfig, SpeculativeSettings
+from .config import SpeculativeConfig, SpeculativeSettings
 
 SOURCE_FLAG = "flag --no-draft"
 SOURCE_BUILTIN = "built-in default"
@@ -54,16 +54,12 @@ def _strategy_values(name: str, strategy: Strategy) -> dict[str, Any]:
 def resolve_speculative(
     model_id: str,
     package: SpeculativeDecoding | None,
-    config: LayerlineConfig,
+    config: SpeculativeConfig,
     *,
     no_draft: bool = False,
 ) -> ResolvedSpeculativeConfig:
     """Apply the precedence rule; every value carries its source."""
-    config_name = str(config.path) if config.path else "config"
-    layers: list[tuple[str, SpeculativeSettings]] = []
-    if model_id in config.models:
-        layers.append((f'{config_name} [models."{model_id}".speculative]', config.models[model_id]))
-    layers.append((f"{config_name} [defaults.speculative]", config.defaults))
+    layers: list[tuple[str, SpeculativeSettings]] = config.speculative_tables(model_id)
 
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from layerline.packager.manifest import read_manifest
-from layerline.runtime.serve.draft_loader import DraftLoader
+from layerline.runtime.stage0.speculation.draft_loader import DraftLoader
 
 
 def target_fingerprint(package) -> str:

@@ -41,10 +41,10 @@ from layerline.proto import activation_pb2 as pb
 from ..model.head import Head
 from ..model.kv_cache import SessionStore
 from ..model.layer_range import LayerRange
-from .frame_transport import FrameConnection
-from .model import StageModel
+from ..stage.frame_transport import FrameConnection
+from ..stage.model import StageModel
+from ..stage.wire import Rows, decode_batch, encode_batch
 from .pipeline import PassTrace, Pipeline
-from .wire import Rows, decode_batch, encode_batch
 
 log = logging.getLogger("layerline.batching")
 

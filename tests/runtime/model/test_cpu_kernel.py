@@ -88,7 +88,7 @@ def test_kernel_matches_mlx_for_every_bits_group_and_row_count_on_each_path(isa)
     assert not bad and len(report["worst"]) == 18
 
 
-CHECK_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "check_cpu_kernel.sh"
+CHECK_SCRIPT = Path(__file__).resolve().parents[3] / "scripts" / "check_cpu_kernel.sh"
 
 
 @pytest.mark.parametrize("target", ["native", "arm64"])

@@ -10,11 +10,10 @@ import json
 import httpx
 import numpy as np
 import pytest
-from test_speculative_serving import PROMPTS, complete, start_stage0, wait_for_draft
 
 from layerline.proto import activation_pb2 as pb
 
-from helpers import activation_connection
+from helpers import PROMPTS, activation_connection, complete, start_stage0, wait_for_draft
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import concurrent.futures
 import json
 import re
 import shutil
-import time
 
 import httpx
 import pytest
@@ -17,57 +16,18 @@ from layerline.packager.build import BuildOptions, build_package
 from layerline.runtime.bench.tiny_model import random_llama_weights, write_hf_folder
 
 from helpers import (
+    MAX_TOKENS,
+    PROMPTS,
     TINY_LLAMA_CONFIG,
+    WINDOWS,
     Stage0Process,
-    StageProcess,
+    complete,
     greedy_reference,
+    start_stage0,
+    wait_for_draft,
 )
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
-PROMPTS = ["The capital of France is",
-           "def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n\n\ndef mul(a, b):\n"]
-MAX_TOKENS = 24
-WINDOWS = [{"window": 1}, {"window": 4}, {"window": 16}, None]  # None: the server's adaptive policy
-
-
-def start_stage0(package, peers: int, cache, config_text: str | None,
-                 *extra: str) -> tuple[Stage0Process, list[StageProcess]]:
-    """Stage 0 over `peers` fresh stage processes, with `config_text` as its TOML config."""
-    cache.mkdir(parents=True, exist_ok=True)
-    stages = [StageProcess((), cache) for _ in range(peers)]
-    args = list(extra)
-    if config_text is not None:
-        config = cache / "config.toml"
-        config.write_text(config_text)
-        args += ["--config", str(config)]
-    try:
-        return Stage0Process(package, [s.endpoint for s in stages], cache, *args), stages
-    except Exception:
-        for stage in stages:
-            stage.stop()
-        raise
-
-
-def wait_for_draft(stage0: Stage0Process, state: str) -> dict:
-    """The speculation status once the draft reached `state` (ready or failed)."""
-    for _ in range(600):
-        speculative = stage0.status()["speculative"]
-        if speculative["draft"]["state"] == state:
-            return speculative
-        assert speculative["draft"]["state"] == "loading", speculative
-        time.sleep(0.2)
-    raise AssertionError(f"the draft never became {state}")
-
-
-def complete(stage0: Stage0Process, prompt: str, speculative: dict | None, **kwargs) -> dict:
-    body = {"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, **kwargs}
-    if speculative is not None:
-        body["speculative"] = speculative
-    reply = httpx.post(f"{stage0.url}/v1/completions", json=body, timeout=120)
-    assert reply.status_code == 200, reply.text
-    return reply.json()
-
-
 TWO_STAGES = pytest.mark.parametrize("drafted_pipeline", [1], ids=["2-stages"], indirect=True)
 
 

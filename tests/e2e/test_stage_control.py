@@ -12,9 +12,9 @@ from layerline.packager.package import LayerPackage
 from layerline.proto import activation_pb2 as act_pb
 from layerline.proto import stage_control_pb2 as pb
 from layerline.runtime.stage.client import ActivationAddress, StageClient, StageRejectedError
-from layerline.runtime.stage.coordinator import Coordinator, CoordinatorOptions
 from layerline.runtime.stage.frame_budget import FrameBudget
 from layerline.runtime.stage.frame_transport import ConnectionRefusedByStage, FrameConnection
+from layerline.runtime.stage0.coordinator import Coordinator, CoordinatorOptions
 
 
 def claim(client: StageClient, ref: str = "pkg") -> pb.StageControlResponse:

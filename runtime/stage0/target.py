@@ -1,0 +1,37 @@
+"""Stage 0's target: one request's session over the split pipeline, as the decode loop sees it."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from ..decode.targets import PendingPass
+from .scheduler import BatchSession
+
+
+class PipelineTarget:
+    """Stage 0's session over the split pipeline, its passes run in the scheduler's batch passes:
+    stages truncate at each pass's start_pos."""
+
+    def __init__(self, session: BatchSession) -> None:
+        self.session = session
+        self.vocab_size = session.pipeline.head.vocab_size
+
+    # Not lazy: stage 0 serves requests from several threads and evaluates under its compute
+    # lock, which a step queued ahead (evaluated whenever it is read) would escape.
+    lazy = False
+
+    def forward(self, tokens: list[int], start_pos: int) -> mx.array:
+        """Logits (L, vocab) from the whole pipeline, one frame of `tokens` at `start_pos`."""
+        return self.session.forward(tokens, start_pos)
+
+    def submit(self, tokens: list[int], start_pos: int) -> PendingPass:
+        """Stage 0's layers now, the other stages meanwhile: read the logits with `result()`."""
+        return self.session.submit(tokens, start_pos)
+
+    @property
+    def last_trace(self) -> object:
+        """Where the last pass's time went on every stage (a PassTrace)."""
+        return self.session.last_trace
+
+    def rewind(self, position: int) -> None:
+        """Nothing to send: the next frame's start_pos truncates every stage's cache."""
