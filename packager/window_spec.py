@@ -6,12 +6,14 @@ settings go by the same names in a package's strategies, the TOML config, `PUT /
 and `layerline config show` (`FIELDS`); a request's own `speculative.window` is one size,
 a fixed window. A fixed policy drafts `initial` tokens every step and ignores `min`/`max`;
 an auto policy chooses within [min, max] and drafts `initial` until it has measured costs.
+A `PartialWindowSpec` holds the settings one source gives (a config table, a `PUT /v1/draft`
+body); laid over a `WindowSpec`, it replaces only those.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from layerline.errors import LayerlineError
@@ -70,6 +72,33 @@ class WindowSpec:
         if self.policy == "auto":
             return f"auto window in [{self.min}, {self.max}] ({self.initial} until measured)"
         return f"adaptive window {self.initial} in [{self.min}, {self.max}]"
+
+
+@dataclass(frozen=True)
+class PartialWindowSpec:
+    """Some of a `WindowSpec`'s settings; None means "not given here"."""
+
+    policy: str | None = None
+    initial: int | None = None
+    min: int | None = None
+    max: int | None = None
+
+    @classmethod
+    def of(cls, spec: WindowSpec) -> PartialWindowSpec:
+        """All four settings of `spec`, given."""
+        return cls(spec.policy, spec.initial, spec.min, spec.max)
+
+    def given(self) -> dict[str, Any]:
+        """The settings given here, by `WindowSpec` field."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+    def over(self, spec: WindowSpec) -> WindowSpec:
+        """`spec` with the settings given here in place of its own."""
+        return replace(spec, **self.given())
+
+    def under(self, first: PartialWindowSpec) -> PartialWindowSpec:
+        """`first`, with the settings it leaves open taken from here."""
+        return replace(self, **first.given())
 
 
 def check_policy(policy: Any) -> str:

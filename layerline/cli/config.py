@@ -23,10 +23,10 @@ def config_show(
     """Print the resolved speculation settings and where each value came from."""
     from layerline.packager.package import LayerPackage
     from layerline.runtime.serve.config import load_config
-    from layerline.runtime.stage0.speculation.resolve import resolve_speculative
+    from layerline.runtime.stage0.speculation.resolve import resolve_speculation
 
     manifest = LayerPackage.open(package).manifest
-    resolved = resolve_speculative(manifest.model.id, manifest.speculative_decoding,
+    resolved = resolve_speculation(manifest.model.id, manifest.speculative_decoding,
                                    load_config(config), no_draft=no_draft)
     settings = resolved.to_json()
     if as_json:

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ..stage0.speculation.config import ConfigError, SpeculativeSettings, parse_speculative_table
+from ..stage0.speculation.config import ConfigError, parse_speculation_table
+from ..stage0.speculation.settings import PartialSpeculationSettings
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -57,12 +58,12 @@ class AdminSettings:
 @dataclass(frozen=True)
 class LayerlineConfig:
     path: Path | None = None
-    defaults: SpeculativeSettings = field(default_factory=SpeculativeSettings)
-    models: dict[str, SpeculativeSettings] = field(default_factory=dict)
+    defaults: PartialSpeculationSettings = field(default_factory=PartialSpeculationSettings)
+    models: dict[str, PartialSpeculationSettings] = field(default_factory=dict)
     stage: StageSettings = field(default_factory=StageSettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
 
-    def speculative_tables(self, model_id: str) -> list[tuple[str, SpeculativeSettings]]:
+    def speculation_tables(self, model_id: str) -> list[tuple[str, PartialSpeculationSettings]]:
         """The `[...speculative]` tables that apply to `model_id`, most specific first, each with
         where it is written."""
         name = str(self.path) if self.path else "config"
@@ -80,12 +81,12 @@ def parse_config(raw: dict[str, Any], path: Path | None = None) -> LayerlineConf
     if unknown:
         raise ConfigError(f"{where}: unknown table(s) {sorted(unknown)}; known: defaults, models, stage, "
                           "admin")
-    defaults = parse_speculative_table(raw.get("defaults", {}).get("speculative", {}),
-                            f"{where} [defaults.speculative]")
+    defaults = parse_speculation_table(raw.get("defaults", {}).get("speculative", {}),
+                                       f"{where} [defaults.speculative]")
     models = {}
     for model_id, table in raw.get("models", {}).items():
-        models[model_id] = parse_speculative_table(table.get("speculative", {}),
-                                        f'{where} [models."{model_id}".speculative]')
+        models[model_id] = parse_speculation_table(table.get("speculative", {}),
+                                                   f'{where} [models."{model_id}".speculative]')
     stage_raw = raw.get("stage", {})
     stage_unknown = set(stage_raw) - {"listen", "http", "cache_dir"}
     if stage_unknown:

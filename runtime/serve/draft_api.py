@@ -25,9 +25,9 @@ from starlette.concurrency import run_in_threadpool
 from layerline.errors import LayerlineError, TokenizerMismatchError
 from layerline.packager.source import is_hub_id
 from layerline.packager.speculative import NGRAM
-from layerline.packager.window_spec import WindowError
+from layerline.packager.window_spec import PartialWindowSpec, WindowError
 
-from ..stage0.speculation.plan import Stage0Speculation
+from ..stage0.speculation.plan import SpeculationPlanner
 from .admin_auth import AdminAuth
 from .openai_schema import ApiError
 
@@ -46,9 +46,9 @@ class DraftBody(BaseModel):
     min_window: int | None = None
     max_window: int | None = None
 
-    def window(self) -> dict[str, Any]:
-        """The window settings given, by their config names."""
-        return self.model_dump(exclude_none=True, exclude={"draft_model"})
+    def window(self) -> PartialWindowSpec:
+        """The window settings given."""
+        return PartialWindowSpec(self.window_policy, self.initial_window, self.min_window, self.max_window)
 
 
 class DraftPolicy:
@@ -77,7 +77,7 @@ class DraftPolicy:
                            param="draft_model", code="draft_not_allowed")
 
 
-def draft_router(speculation: Stage0Speculation, admin: AdminAuth, policy: DraftPolicy) -> APIRouter:
+def draft_router(speculation: SpeculationPlanner, admin: AdminAuth, policy: DraftPolicy) -> APIRouter:
     """GET, PUT and DELETE `/v1/draft`, each behind the admin gate."""
     router = APIRouter(dependencies=[Depends(admin.require)])
 
@@ -90,14 +90,14 @@ def draft_router(speculation: Stage0Speculation, admin: AdminAuth, policy: Draft
         policy.check(body.draft_model)
         try:
             # May read a GGUF's tokenizer from disk: off the event loop.
-            settings = await run_in_threadpool(speculation.with_draft, body.draft_model, body.window())
+            settings = await run_in_threadpool(speculation.served.with_draft, body.draft_model, body.window())
         except TokenizerMismatchError as exc:
             raise ApiError(400, str(exc), param="draft_model", code="tokenizer_mismatch") from exc
         except WindowError as exc:
             raise ApiError(400, str(exc), code="invalid_window") from exc
         except LayerlineError as exc:
             raise ApiError(400, str(exc), code="invalid_draft") from exc
-        speculation.replace(settings)
+        speculation.served.replace(settings)
         state = speculation.to_json()
         log.info("event=draft_put reference=%s window=%r switched=%s", settings.draft_model,
                  settings.window_spec.describe(), state["pending_draft"] is None)
@@ -105,7 +105,7 @@ def draft_router(speculation: Stage0Speculation, admin: AdminAuth, policy: Draft
 
     @router.delete("/v1/draft")
     async def delete_draft() -> dict[str, Any]:
-        speculation.clear()
+        speculation.served.clear()
         log.info("event=draft_cleared")
         return speculation.to_json()
 

@@ -32,7 +32,7 @@ from ..decode.text import text_events
 from ..model.chat import chat_prompt_tokens, text_prompt_tokens
 from ..stage0.pipeline import Pipeline
 from ..stage0.scheduler import BatchScheduler, BatchSession
-from ..stage0.speculation.plan import SpeculationPlan, Stage0Speculation
+from ..stage0.speculation.plan import SpeculationPlan, SpeculationPlanner
 from ..stage0.target import PipelineTarget
 from .admission import Admission, ShuttingDownError, Ticket
 from .frontend import GenerationEvent, TokenLogprob
@@ -44,7 +44,7 @@ log = logging.getLogger("layerline.engine")
 
 class PipelineEngine:
     def __init__(self, manifest: Manifest, tokenizer: Any, pipeline: Pipeline, *, context_length: int,
-                 end_ids: tuple[int, ...], max_batch_tokens: int, speculation: Stage0Speculation,
+                 end_ids: tuple[int, ...], max_batch_tokens: int, speculation: SpeculationPlanner,
                  status: Callable[[], dict[str, Any]], ready: Callable[[], bool],
                  admission: Admission, scheduler: BatchScheduler,
                  profile: PassProfile | None = None) -> None:

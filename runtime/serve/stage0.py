@@ -33,8 +33,9 @@ from ..stage.wire import wire_dtype
 from ..stage0.coordinator import Coordinator, CoordinatorOptions
 from ..stage0.pipeline import Pipeline
 from ..stage0.scheduler import BatchScheduler
-from ..stage0.speculation.plan import Stage0Speculation
-from ..stage0.speculation.resolve import ResolvedSpeculativeConfig, resolve_speculative
+from ..stage0.speculation.plan import SpeculationPlanner
+from ..stage0.speculation.resolve import resolve_speculation
+from ..stage0.speculation.settings import SpeculationSettings
 from .admin_auth import AdminAuth
 from .admission import Admission
 from .body_limit import DEFAULT_MAX_BODY_BYTES
@@ -133,7 +134,7 @@ class Stage0:
         self.file_server, file_source = self._serve_files()
         self.draft_policy = DraftPolicy(_draft_roots(options), options.config.admin.hub_drafts)
         manifest = self.package.manifest
-        self.speculative: ResolvedSpeculativeConfig = resolve_speculative(
+        self.speculative: SpeculationSettings = resolve_speculation(
             manifest.model.id, manifest.speculative_decoding, options.config, no_draft=options.no_draft)
         log.info("event=speculation enabled=%s reason=%s settings=%s", self.speculative.enabled,
                  self.speculative.reason, self.speculative.to_json())
@@ -150,7 +151,7 @@ class Stage0:
             on_change=self._show_progress)
         self._board: TransferBoard | None = None  # the peers' preparation bars, during bring-up
         self.files.serve_package(self.coordinator.manifest_sha256, self.package)
-        self.speculation = Stage0Speculation(
+        self.speculation = SpeculationPlanner(
             self.speculative, target_fingerprint=manifest.tokenizer.fingerprint,
             cache_dir=self.cache_dir, weights=options.weights)
         self.started = time.time()

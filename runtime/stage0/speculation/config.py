@@ -1,57 +1,48 @@
 """A `[defaults.speculative]` or `[models."<id>".speculative]` table of the TOML config, parsed
-and validated in one place (the whole config file: `serve/config.py`)."""
+and validated in one place into `PartialSpeculationSettings` (the whole config file:
+`serve/config.py`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
 from layerline.errors import LayerlineError
-from layerline.packager.window_spec import FIELDS, WindowError, check_policy, check_window_size
+from layerline.packager.window_spec import (
+    FIELDS,
+    PartialWindowSpec,
+    WindowError,
+    check_policy,
+    check_window_size,
+)
+
+from .settings import PartialSpeculationSettings
 
 
 class ConfigError(LayerlineError):
     """The TOML config is unreadable or holds an unknown or ill-typed setting."""
 
 
-@dataclass(frozen=True)
-class SpeculativeSettings:
-    """One `[...speculative]` table; None means "not set here"."""
-
-    enabled: bool | None = None
-    strategy: str | None = None  # a strategy of the package's generation block, by name
-    type: str | None = None  # "draft-model" | "ngram"
-    draft_model: str | None = None
-    window_policy: str | None = None  # "adaptive" | "fixed" | "auto"; the sizes are draft windows
-    overlap: bool | None = None  # draft the next window while the stages verify (default off)
-    run_ahead: bool | None = None  # send that window before the verdict (default off)
-    initial_window: int | None = None
-    min_window: int | None = None
-    max_window: int | None = None
-
-    def set_fields(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
-
-
-class SpeculativeConfig(Protocol):
+class SpeculationConfig(Protocol):
     """Where speculation settings are configured (layerline's TOML config)."""
 
-    def speculative_tables(self, model_id: str) -> list[tuple[str, SpeculativeSettings]]:
+    def speculation_tables(self, model_id: str) -> list[tuple[str, PartialSpeculationSettings]]:
         """The tables that apply to `model_id`, most specific first, each with where it is written."""
         ...
 
 
-_TYPES = {"enabled": bool, "strategy": str, "type": str, "draft_model": str, "overlap": bool,
-          "run_ahead": bool,
-          **{name: str if field == "policy" else int for field, name in FIELDS.items()}}
+_SETTINGS = {"enabled": bool, "strategy": str, "type": str, "draft_model": str, "overlap": bool,
+             "run_ahead": bool}
+_WINDOW = {name: field for field, name in FIELDS.items()}  # config name -> WindowSpec field
+_TYPES = {**_SETTINGS, **{name: str if field == "policy" else int for name, field in _WINDOW.items()}}
 _CHOICES = {"type": ("draft-model", "ngram")}
 _RENAMED = {"window": "window_policy"}  # keys of earlier versions, and what they are now
 
 
-def parse_speculative_table(raw: Any, where: str) -> SpeculativeSettings:
+def parse_speculation_table(raw: Any, where: str) -> PartialSpeculationSettings:
+    """One `[...speculative]` table, every value checked; `where` names it in errors."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{where} must be a table")
-    values = {}
+    settings, window = {}, {}
     for key, value in raw.items():
         if key in _RENAMED:
             raise ConfigError(f"{where}: setting {key!r} is now called {_RENAMED[key]!r}",
@@ -63,14 +54,16 @@ def parse_speculative_table(raw: Any, where: str) -> SpeculativeSettings:
             raise ConfigError(f"{where}.{key} must be {kind.__name__}, got {value!r}")
         if key in _CHOICES and value not in _CHOICES[key]:
             raise ConfigError(f"{where}.{key} must be one of {_CHOICES[key]}, got {value!r}")
-        try:
-            if key == FIELDS["policy"]:
-                check_policy(value)
-            elif key in FIELDS.values():
-                check_window_size(value)
-        except WindowError as exc:
-            raise ConfigError(f"{where}.{key}: {exc.message}", hint=exc.hint) from exc
-        values[key] = value
-    return SpeculativeSettings(**values)
+        if key in _WINDOW:
+            window[_WINDOW[key]] = _window_setting(key, value, where)
+        else:
+            settings[key] = value
+    return PartialSpeculationSettings(**settings, window_spec=PartialWindowSpec(**window))
 
 
+def _window_setting(key: str, value: Any, where: str) -> Any:
+    """A window policy or size, checked as a manifest's or `PUT /v1/draft`'s are."""
+    try:
+        return check_policy(value) if key == FIELDS["policy"] else check_window_size(value)
+    except WindowError as exc:
+        raise ConfigError(f"{where}.{key}: {exc.message}", hint=exc.hint) from exc

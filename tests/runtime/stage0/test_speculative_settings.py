@@ -7,7 +7,7 @@ import pytest
 from layerline.packager.manifest import SpeculativeDecoding, Strategy
 from layerline.packager.window_spec import WindowSpec
 from layerline.runtime.serve.config import ConfigError, load_config, parse_config
-from layerline.runtime.stage0.speculation.resolve import SOURCE_BUILTIN, SOURCE_FLAG, resolve_speculative
+from layerline.runtime.stage0.speculation.resolve import SOURCE_BUILTIN, SOURCE_FLAG, resolve_speculation
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 PACKAGE = SpeculativeDecoding(
@@ -45,7 +45,7 @@ def test_precedence_matrix(case, tmp_path):
                  FULL_CONFIG.split(MODEL_TABLE)[0] + '\ndraft_model = "./packages/default-draft"\n'
                  if case == "defaults" else "", tmp_path)
     package = PACKAGE if case != "none" else None
-    resolved = resolve_speculative(MODEL, package, cfg, no_draft=case == "flag")
+    resolved = resolve_speculation(MODEL, package, cfg, no_draft=case == "flag")
     model_src = f'{cfg.path} [models."{MODEL}".speculative]'
     default_src = f"{cfg.path} [defaults.speculative]"
     package_src = "package strategy 'pkg-draft'"
@@ -84,25 +84,25 @@ def test_precedence_matrix(case, tmp_path):
 
 def test_config_can_pick_another_package_strategy(tmp_path):
     cfg = config('[defaults.speculative]\nstrategy = "lookup"\n', tmp_path)
-    resolved = resolve_speculative(MODEL, PACKAGE, cfg)
+    resolved = resolve_speculation(MODEL, PACKAGE, cfg)
     assert resolved.enabled and resolved.type == "ngram" and resolved.draft_model is None
     assert resolved.window_spec.initial == 4
 
 
 def test_config_can_switch_off_a_package_default(tmp_path):
     cfg = config(f"{MODEL_TABLE}\nenabled = false\n", tmp_path)
-    resolved = resolve_speculative(MODEL, PACKAGE, cfg)
+    resolved = resolve_speculation(MODEL, PACKAGE, cfg)
     assert not resolved.enabled and "disabled by" in resolved.reason
 
 
 def test_unknown_strategy_name_turns_speculation_off_with_a_reason(tmp_path):
     cfg = config('[defaults.speculative]\nstrategy = "nope"\n', tmp_path)
-    resolved = resolve_speculative(MODEL, PACKAGE, cfg)
+    resolved = resolve_speculation(MODEL, PACKAGE, cfg)
     assert not resolved.enabled and "'nope'" in resolved.reason and "lookup" in resolved.reason
 
 
 def test_enabled_without_a_draft_is_off_with_a_reason(tmp_path):
-    resolved = resolve_speculative(MODEL, None, config("[defaults.speculative]\nenabled = true\n",
+    resolved = resolve_speculation(MODEL, None, config("[defaults.speculative]\nenabled = true\n",
                                                        tmp_path))
     assert not resolved.enabled and "no draft_model" in resolved.reason
 
