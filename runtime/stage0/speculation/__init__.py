@@ -1,1 +1,1 @@
-"""Speculation on stage 0: config tables → resolved settings → each request's plan, and the draft."""
+"""Speculation on stage 0: config tables → resolved settings → served with a draft → each request's plan."""
