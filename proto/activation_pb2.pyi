@@ -52,24 +52,20 @@ class ActivationHello(_message.Message):
     def __init__(self, auth_token: _Optional[str] = ..., error: _Optional[str] = ..., code: _Optional[_Union[ActivationErrorCode, str]] = ...) -> None: ...
 
 class ActivationFrame(_message.Message):
-    __slots__ = ("session_id", "seq", "activations", "end_session", "error", "superseded", "batch", "timings")
+    __slots__ = ("session_id", "seq", "end_session", "error", "batch", "timings")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
-    ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
     END_SESSION_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
-    SUPERSEDED_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     seq: int
-    activations: Activations
     end_session: EndSession
     error: ActivationError
-    superseded: Superseded
     batch: BatchActivations
     timings: _containers.RepeatedCompositeFieldContainer[StageTiming]
-    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., activations: _Optional[_Union[Activations, _Mapping]] = ..., end_session: _Optional[_Union[EndSession, _Mapping]] = ..., error: _Optional[_Union[ActivationError, _Mapping]] = ..., superseded: _Optional[_Union[Superseded, _Mapping]] = ..., batch: _Optional[_Union[BatchActivations, _Mapping]] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ...) -> None: ...
+    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., end_session: _Optional[_Union[EndSession, _Mapping]] = ..., error: _Optional[_Union[ActivationError, _Mapping]] = ..., batch: _Optional[_Union[BatchActivations, _Mapping]] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ...) -> None: ...
 
 class StageTiming(_message.Message):
     __slots__ = ("stage_index", "total_ns", "compute_ns", "downstream_ns")
@@ -84,18 +80,16 @@ class StageTiming(_message.Message):
     def __init__(self, stage_index: _Optional[int] = ..., total_ns: _Optional[int] = ..., compute_ns: _Optional[int] = ..., downstream_ns: _Optional[int] = ...) -> None: ...
 
 class Activations(_message.Message):
-    __slots__ = ("start_pos", "token_count", "dtype", "shape", "data")
-    START_POS_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("token_count", "dtype", "shape", "data")
     TOKEN_COUNT_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
-    start_pos: int
     token_count: int
     dtype: WireDtype
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
-    def __init__(self, start_pos: _Optional[int] = ..., token_count: _Optional[int] = ..., dtype: _Optional[_Union[WireDtype, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, token_count: _Optional[int] = ..., dtype: _Optional[_Union[WireDtype, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class BatchActivations(_message.Message):
     __slots__ = ("sessions", "activations")
@@ -116,10 +110,6 @@ class SessionRows(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., start_pos: _Optional[int] = ..., token_count: _Optional[int] = ...) -> None: ...
 
 class EndSession(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
-
-class Superseded(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 

@@ -20,6 +20,7 @@ import httpx
 import numpy as np
 import openai
 
+from layerline.proto import activation_pb2 as act_pb
 from layerline.runtime.bench.processes import Process, free_port, wait_healthy, wait_listening
 from layerline.runtime.bench.tiny_model import llama_config
 from layerline.runtime.stage.client import ActivationAddress
@@ -155,6 +156,37 @@ def activation_connection(control_endpoint: str, token: str | None = None) -> Fr
     """A raw activation connection to the stage whose control endpoint is given (60 s per frame)."""
     address = ActivationAddress(control_endpoint, token).get()
     return FrameConnection(address, budget=FrameBudget(60.0), token=token)
+
+
+def batch_frame(seq: int, rows: list[tuple[str, int, np.ndarray]], *, dtype: int = act_pb.WIRE_DTYPE_F32,
+                shape: list[int] | None = None) -> act_pb.ActivationFrame:
+    """A batch frame of (session, start_pos, f32 hidden states (1, n, D)) rows, as stage 0 sends;
+    `dtype` and `shape` say other than the tensor does, to make a malformed frame."""
+    data = np.concatenate([array for _, _, array in rows], axis=1)
+    return act_pb.ActivationFrame(seq=seq, batch=act_pb.BatchActivations(
+        sessions=[act_pb.SessionRows(session_id=session, start_pos=start, token_count=array.shape[1])
+                  for session, start, array in rows],
+        activations=act_pb.Activations(token_count=data.shape[1], dtype=dtype,
+                                       shape=shape if shape is not None else list(data.shape),
+                                       data=data.tobytes())))
+
+
+def older_stage0_frame(session: str, seq: int, array: np.ndarray) -> act_pb.ActivationFrame:
+    """One session's hidden states as an older stage 0 sent them: in ActivationFrame's field 3,
+    reserved since every frame is a batch (so it parses as an unknown field)."""
+    old_body = act_pb.Activations(token_count=array.shape[1], dtype=act_pb.WIRE_DTYPE_F32,
+                                  shape=list(array.shape), data=array.tobytes()).SerializeToString()
+    field_3 = bytes([3 << 3 | 2]) + _varint(len(old_body)) + old_body  # length-delimited
+    return act_pb.ActivationFrame.FromString(
+        act_pb.ActivationFrame(session_id=session, seq=seq).SerializeToString() + field_3)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    return bytes(out + bytes([n]))
 
 
 # ---------------------------------------------------------------- in-process helpers

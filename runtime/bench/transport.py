@@ -1,8 +1,9 @@
 """`layerline bench transport`: the floor of a hop, with no model in it.
 
-A frame of hidden states (one position of `hidden` floats) goes through two hops and back,
-as in a 3-stage pipeline: this process -> relay process -> echo process, each in its own
-process, lockstep, with a pause between frames as between decode steps. Measured for
+A frame of hidden states (a batch of one session's one position: `hidden` floats) goes
+through two hops and back, as in a 3-stage pipeline: this process -> relay process -> echo
+process, each in its own process, lockstep, with a pause between frames as between decode
+steps. Measured for
 both transports this code knows: Python gRPC bidirectional streams (what activations
 used before) and length-prefixed frames on TCP (what they use now).
 """
@@ -42,8 +43,11 @@ class TransportRow:
 
 
 def _frame(hidden: int) -> pb.ActivationFrame:
-    return pb.ActivationFrame(session_id="bench", seq=1, activations=pb.Activations(
-        start_pos=0, token_count=1, dtype=pb.WIRE_DTYPE_F32, shape=[1, 1, hidden], data=bytes(4 * hidden)))
+    """One decode step of one session, as stage 0 sends it: a batch of one."""
+    return pb.ActivationFrame(seq=1, batch=pb.BatchActivations(
+        sessions=[pb.SessionRows(session_id="bench", start_pos=0, token_count=1)],
+        activations=pb.Activations(token_count=1, dtype=pb.WIRE_DTYPE_F32, shape=[1, 1, hidden],
+                                   data=bytes(4 * hidden))))
 
 
 # ---------------------------------------------------------------- the hop processes

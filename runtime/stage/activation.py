@@ -1,8 +1,9 @@
-"""The activation path of one stage: run a frame through its layers, relay it downstream.
+"""The activation path of one stage: run a batch frame through its layers, relay it downstream.
 
-Each request (session) has its own activation connection through the chain, opened by
-stage 0; a stage opens the matching connection to its downstream peer. The last stage's
-hidden states travel back up the same connections, and every stage adds its StageTiming.
+Stage 0 opens one activation connection per lane of its scheduler, each carrying batch
+frames of many sessions (and their session ends); a stage opens the matching connection to
+its downstream peer. The last stage's hidden states travel back up the same connections,
+and every stage adds its StageTiming.
 """
 
 from __future__ import annotations
@@ -10,14 +11,24 @@ from __future__ import annotations
 import logging
 import time
 
+from google.protobuf.unknown_fields import UnknownFieldSet
+
 from layerline.errors import StageUnavailableError
 from layerline.proto import activation_pb2 as pb
 
 from .frame_transport import FrameConnection
 from .node import LoadedStage, StageNode
-from .wire import FrameError, Rows, decode, decode_batch, encode, encode_batch
+from .wire import FrameError, decode_batch, encode_batch
 
 log = logging.getLogger("layerline.stage")
+
+# ActivationFrame's retired single-session body, now reserved: older stage 0s still send it.
+_SINGLE_SESSION_BODY = 3
+
+
+def _carries_single_session_body(frame: pb.ActivationFrame) -> bool:
+    """Whether a frame holds the single-session body older stage 0s send (an unknown field now)."""
+    return any(field.field_number == _SINGLE_SESSION_BODY for field in UnknownFieldSet(frame))
 
 
 def _error(frame: pb.ActivationFrame, code: int, message: str, stage_index: int) -> pb.ActivationFrame:
@@ -44,6 +55,7 @@ class ActivationRelay:
             self.downstream.close()
 
     def answer(self, frame: pb.ActivationFrame) -> pb.ActivationFrame:
+        """The answer to one request frame: a batch's hidden states, a session end, or an error."""
         loaded = self.node.serving()
         index = loaded.options.stage_index if loaded else 0
         if loaded is None:
@@ -58,23 +70,19 @@ class ActivationRelay:
             return self._relay(loaded, frame) if self.downstream is not None else frame
         if kind == "batch":
             return self._compute(loaded, frame, index)
-        if kind != "activations" or not frame.session_id:
+        if _carries_single_session_body(frame):
             return _error(frame, pb.ACTIVATION_ERROR_CODE_BAD_FRAME,
-                          "a request frame needs a session_id and activations, a batch or end_session",
-                          index)
-        return self._compute(loaded, frame, index)
+                          f"stage {index} takes one session's activations only inside a batch frame: "
+                          "stage 0 runs an older layerline; update it", index)
+        return _error(frame, pb.ACTIVATION_ERROR_CODE_BAD_FRAME,
+                      "a request frame needs a batch or end_session", index)
 
     def _compute(self, loaded: LoadedStage, frame: pb.ActivationFrame, index: int) -> pb.ActivationFrame:
-        """Run a frame (one session's positions, or a batch of several sessions' rows) through
-        this stage's layers, relay it downstream, and add this stage's timing to the answer."""
+        """Run a batch frame's rows through this stage's layers, relay it downstream, and add
+        this stage's timing to the answer."""
         received = time.perf_counter_ns()
         try:
-            if frame.WhichOneof("body") == "batch":
-                rows, hidden = decode_batch(frame.batch, loaded.limits)
-                dtype = frame.batch.activations.dtype
-            else:
-                rows = [Rows(frame.session_id, frame.activations.start_pos, frame.activations.token_count)]
-                hidden, dtype = decode(frame.activations, loaded.limits), frame.activations.dtype
+            rows, hidden = decode_batch(frame.batch, loaded.limits)
             with self.node.compute_lock:
                 computing = time.perf_counter_ns()
                 out = loaded.model.forward_batch(rows, hidden)
@@ -82,16 +90,12 @@ class ActivationRelay:
         except FrameError as exc:
             return _error(frame, exc.code, f"stage {index}: {exc.message}", index)
         self.sessions.update(r.session_id for r in rows)
-        if frame.WhichOneof("body") == "batch":
-            outgoing = pb.ActivationFrame(seq=frame.seq, batch=encode_batch(out, rows, dtype))
-        else:
-            outgoing = pb.ActivationFrame(session_id=frame.session_id, seq=frame.seq,
-                                          activations=encode(out, frame.activations.start_pos, dtype))
-        answer = outgoing
+        dtype = frame.batch.activations.dtype
+        answer = pb.ActivationFrame(seq=frame.seq, batch=encode_batch(out, rows, dtype))
         downstream_ns = 0
         if loaded.downstream is not None:
             sent = time.perf_counter_ns()
-            answer = self._relay(loaded, outgoing)
+            answer = self._relay(loaded, answer)
             downstream_ns = time.perf_counter_ns() - sent
         answer.timings.append(pb.StageTiming(
             stage_index=index, total_ns=time.perf_counter_ns() - received,

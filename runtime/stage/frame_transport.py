@@ -1,10 +1,10 @@
-"""Activation frames over TCP: length-prefixed protobuf messages, one connection per session.
+"""Activation frames over TCP: length-prefixed protobuf messages, one connection per lane.
 
 Framing (docs/protocol.md): a 4-byte little-endian length, then the serialized message.
 A connection opens with an ActivationHello each way (the client's carries the auth
-token); then every ActivationFrame request gets one ActivationFrame answer, in order. The
-client may send a frame before the previous one is answered (stage 0's run-ahead); a stage
-answers a frame that a later one, already arrived, makes stale (`superseded`) without running it.
+token); then every ActivationFrame request gets one ActivationFrame answer, in order. Each
+of stage 0's lanes has one connection, carrying batch frames of many sessions; it may send
+a frame before the previous one is answered (session ends ahead of a batch).
 
 The calling thread reads and writes the socket itself, so a frame crosses no thread on
 its way (Python's gRPC hands every message between threads: ~0.4 ms more per hop here).
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import select
 import socket
 import struct
 import threading
@@ -61,7 +60,7 @@ class ConnectionLimits:
     """How many activation connections a stage serves at once, and how long one may sit idle."""
 
     max_connections: int = 64
-    idle_s: float = 120.0  # between frames; stage 0 sends a session's frames seconds apart at most
+    idle_s: float = 120.0  # between frames; a lane with sessions sends frames seconds apart at most
 
 
 def write_message(sock: socket.socket, message: Message) -> None:
@@ -147,17 +146,6 @@ class FrameConnection:
             raise StageUnavailableError(f"the activation connection to {self.endpoint} broke: {exc}") from exc
         self._in_flight.append((positions, time.monotonic()))
 
-    def readable(self) -> bool:
-        """Whether bytes of an answer have arrived (a receive() would not wait for the stage)."""
-        try:
-            return bool(select.select([self._sock], [], [], 0)[0])
-        except (OSError, ValueError):
-            return True  # a closed socket: receive() says what went wrong
-    @property
-    def in_flight(self) -> int:
-        """Frames sent whose answers are not read yet."""
-        return len(self._in_flight)
-
     def receive(self) -> pb.ActivationFrame:
         """The answer to the oldest frame sent and not answered, within that frame's budget."""
         positions, started = self._in_flight.popleft()
@@ -196,7 +184,7 @@ class ConnectionHandler(Protocol):
 class FrameServer:
     """A stage's activation endpoint: one thread per connection, each serving its frames in order.
 
-    `open_session()` makes the per-connection handler (a relay) and `close()` on it runs when
+    `open_handler()` makes the per-connection handler (a relay) and `close()` on it runs when
     the connection ends, which drops the sessions it carried.
     """
 
@@ -274,60 +262,16 @@ class FrameServer:
 
     def _frames(self, connection: socket.socket) -> None:
         handler = self._open_handler()
-        arrived: deque[pb.ActivationFrame] = deque()  # read, not answered yet
         try:
             while True:
-                if not arrived:
-                    connection.settimeout(self.limits.idle_s)
-                    try:
-                        frame = read_message(connection, pb.ActivationFrame)
-                    except TimeoutError:
-                        log.info("event=activation_connection_idle seconds=%.0f", self.limits.idle_s)
-                        return
-                    if frame is None:
-                        return
-                    arrived.append(frame)
-                if not _read_arrived(connection, arrived):
-                    return  # the client left: nobody reads the answers
-                frame = arrived.popleft()
-                if superseded(frame, arrived):
-                    log.debug("event=stale_window_dropped session=%s start_pos=%d", frame.session_id,
-                              frame.activations.start_pos)
-                    write_message(connection, pb.ActivationFrame(session_id=frame.session_id, seq=frame.seq,
-                                                                 superseded=pb.Superseded()))
-                    continue
+                connection.settimeout(self.limits.idle_s)
+                try:
+                    frame = read_message(connection, pb.ActivationFrame)
+                except TimeoutError:
+                    log.info("event=activation_connection_idle seconds=%.0f", self.limits.idle_s)
+                    return
+                if frame is None:
+                    return
                 write_message(connection, handler.answer(frame))
         finally:
             handler.close()
-
-
-def _read_arrived(connection: socket.socket, arrived: deque[pb.ActivationFrame]) -> bool:
-    """Read the frames that have already arrived (without waiting); False at the connection's end."""
-    while select.select([connection], [], [], 0)[0]:
-        connection.settimeout(HELLO_TIMEOUT_S)  # a frame that began arriving ends soon
-        frame = read_message(connection, pb.ActivationFrame)
-        if frame is None:
-            return False
-        arrived.append(frame)
-    return True
-
-
-def superseded(frame: pb.ActivationFrame, later: deque[pb.ActivationFrame]) -> bool:
-    """Whether a frame already received after `frame` makes it stale, so it need not run.
-
-    Stage 0 sends a speculative window ahead of the verdict on the one before (run-ahead);
-    when that verdict rejects it, the next frame of the session starts at or before the
-    stale window's start_pos (every frame that follows a kept window starts after it), and
-    ending the session makes every frame before it moot.
-    """
-    if frame.WhichOneof("body") != "activations":
-        return False
-    for other in later:
-        if other.session_id != frame.session_id:
-            continue
-        kind = other.WhichOneof("body")
-        if kind == "end_session":
-            return True
-        if kind == "activations" and other.activations.start_pos <= frame.activations.start_pos:
-            return True
-    return False

@@ -26,7 +26,7 @@ from .content_cache import ContentCache
 from .file_service import FileIndex
 from .frame_budget import DEFAULT_FRAME_TIMEOUT_S, FrameBudget
 from .prepare import Preparation, PrepareState, local_layer_count
-from .wire import FrameLimits
+from .wire import FrameLimits, Rows
 
 log = logging.getLogger("layerline.stage")
 
@@ -54,7 +54,7 @@ class RangeModel(Protocol):
 
     hidden_size: int
 
-    def forward(self, session_id: str, start_pos: int, hidden: Any) -> Any: ...
+    def forward_batch(self, rows: list[Rows], hidden: Any) -> Any: ...
     def drop_session(self, session_id: str) -> None: ...
     def memory_bytes(self) -> int: ...
     def session_count(self) -> int: ...

@@ -1,4 +1,4 @@
-"""Hidden states on the wire: mlx arrays to `Activations` messages and back, checked."""
+"""Hidden states on the wire: mlx arrays to `BatchActivations` messages and back, checked."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def wire_dtype(name: str) -> int:
     return WIRE_DTYPES[name]
 
 
-def encode(hidden, start_pos: int, dtype: int) -> pb.Activations:
+def _encode(hidden, dtype: int) -> pb.Activations:
     """An mlx array of shape (1, L, D) as an Activations message in `dtype`."""
     import mlx.core as mx
 
@@ -51,11 +51,11 @@ def encode(hidden, start_pos: int, dtype: int) -> pb.Activations:
         raise LayerlineError(f"cannot encode activations as wire dtype {dtype}")
     _, length, _ = hidden.shape
     # One copy: the bytes field is built straight from the array's buffer.
-    return pb.Activations(start_pos=start_pos, token_count=length, dtype=dtype,
-                          shape=list(hidden.shape), data=bytes(memoryview(wire)))
+    return pb.Activations(token_count=length, dtype=dtype, shape=list(hidden.shape),
+                          data=bytes(memoryview(wire)))
 
 
-def decode(message: pb.Activations, limits: FrameLimits):
+def _decode(message: pb.Activations, limits: FrameLimits):
     """The mlx array in an Activations message, after checking it against the model."""
     import mlx.core as mx
 
@@ -99,7 +99,7 @@ def encode_batch(hidden, rows: list[Rows], dtype: int) -> pb.BatchActivations:
     return pb.BatchActivations(
         sessions=[pb.SessionRows(session_id=r.session_id, start_pos=r.start_pos, token_count=r.count)
                   for r in rows],
-        activations=encode(hidden, 0, dtype))
+        activations=_encode(hidden, dtype))
 
 
 def decode_batch(message: pb.BatchActivations, limits: FrameLimits):
@@ -117,14 +117,9 @@ def decode_batch(message: pb.BatchActivations, limits: FrameLimits):
         raise FrameError(pb.ACTIVATION_ERROR_CODE_BAD_FRAME,
                          f"a batch frame's sessions have {total} rows but its activations carry "
                          f"{message.activations.token_count}")
-    return rows, decode(message.activations, limits)
+    return rows, _decode(message.activations, limits)
 
 
 def frame_positions(frame: pb.ActivationFrame) -> int:
     """Positions a request frame makes the stages compute (what its time budget grows with)."""
-    kind = frame.WhichOneof("body")
-    if kind == "activations":
-        return frame.activations.token_count
-    if kind == "batch":
-        return frame.batch.activations.token_count
-    return 1
+    return frame.batch.activations.token_count if frame.WhichOneof("body") == "batch" else 1

@@ -130,7 +130,6 @@ class Coordinator:
         self._on_change = on_change or (lambda: None)
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
-        self._lock = threading.Lock()
 
     def _client(self, endpoint: str) -> StageClient:
         return StageClient(endpoint, coordinator_id=self.coordinator_id, term=self.term,

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from layerline.errors import StageUnavailableError
@@ -24,7 +25,7 @@ from layerline.runtime.stage.grpc_options import CLIENT_OPTIONS, SERVER_OPTIONS
 from layerline.runtime.stage.model import load_stage_model
 from layerline.runtime.stage.node import StageNode
 
-from helpers import Clock
+from helpers import Clock, batch_frame
 
 
 def client(endpoint: str, term: int, who: str = "coord-a") -> StageClient:
@@ -147,14 +148,10 @@ def test_a_lapsed_lease_never_unloads_a_model_while_its_sessions_run(tiny_llama_
         layers=pb.LayerRange(start=1, end=4), stage_index=1, stage_count=2, wire_dtype=act_pb.WIRE_DTYPE_F32,
         kv_cache=pb.KvCacheConfig(context_length=64, max_sessions=2))))
     relay = ActivationRelay(node)
-    hidden = act_pb.Activations(start_pos=0, token_count=1, dtype=act_pb.WIRE_DTYPE_F32, shape=[1, 1, 64],
-                                data=b"\0" * 256)
-    assert relay.answer(act_pb.ActivationFrame(session_id="s", seq=1, activations=hidden)).WhichOneof(
-        "body") == "activations"
+    hidden = np.zeros((1, 1, 64), dtype=np.float32)
+    assert relay.answer(batch_frame(1, [("s", 0, hidden)])).WhichOneof("body") == "batch"
     clock.now += 60  # the lease lapses while session s is open
-    hidden.start_pos = 1
-    assert relay.answer(act_pb.ActivationFrame(session_id="s", seq=2, activations=hidden)).WhichOneof(
-        "body") == "activations"
+    assert relay.answer(batch_frame(2, [("s", 1, hidden)])).WhichOneof("body") == "batch"
     relay.answer(act_pb.ActivationFrame(session_id="s", seq=3, end_session=act_pb.EndSession()))
     assert node.serving() is None  # no session left: now it unloads
 

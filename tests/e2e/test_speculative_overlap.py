@@ -1,7 +1,7 @@
 """Speculation that hides the pipeline, on real stage processes: stage 0 drafts the next window
 while the stages verify and sends it before the verdict (run-ahead), with the auto window; the
 greedy text stays the plain text over 2 and 3 stages, a request cancelled mid-step leaves
-clean caches, and a stage drops a stale window's frame without touching its cache."""
+clean caches, and a stale window sent ahead is rolled back by the frame that corrects it."""
 
 from __future__ import annotations
 
@@ -11,9 +11,7 @@ import httpx
 import numpy as np
 import pytest
 
-from layerline.proto import activation_pb2 as pb
-
-from helpers import PROMPTS, activation_connection, complete, start_stage0, wait_for_draft
+from helpers import PROMPTS, activation_connection, batch_frame, complete, start_stage0, wait_for_draft
 
 
 @pytest.fixture(scope="module")
@@ -74,14 +72,8 @@ def test_a_request_cancelled_mid_step_leaves_both_caches_clean(overlapped_pipeli
     assert complete(stage0, prompt, {"window": 4})["choices"][0]["text"] == plain
 
 
-def _frame(session: str, seq: int, array: np.ndarray, start_pos: int) -> pb.ActivationFrame:
-    return pb.ActivationFrame(session_id=session, seq=seq, activations=pb.Activations(
-        start_pos=start_pos, token_count=array.shape[1], dtype=pb.WIRE_DTYPE_F32, shape=list(array.shape),
-        data=array.tobytes()))
-
-
 @TWO_STAGES
-def test_a_stale_window_is_dropped_unrun_and_the_cache_is_unchanged(overlapped_pipeline, smollm2_package):
+def test_a_stale_window_sent_ahead_is_rolled_back_by_its_correction(overlapped_pipeline, smollm2_package):
     _, stages = overlapped_pipeline
     hidden = json.loads((smollm2_package / "model-package.json").read_text())["config"]["hidden_size"]
     rng = np.random.default_rng(0)
@@ -89,16 +81,16 @@ def test_a_stale_window_is_dropped_unrun_and_the_cache_is_unchanged(overlapped_p
     connection = activation_connection(stages[0].endpoint)
     try:
         # Run-ahead: the stale window follows the prefix at once, its correction before any answer.
-        connection.send(_frame("ahead", 1, prefix, 0))
-        connection.send(_frame("ahead", 2, stale, 256))
-        connection.send(_frame("ahead", 3, correction, 256))
+        connection.send(batch_frame(1, [("ahead", 0, prefix)]))
+        connection.send(batch_frame(2, [("ahead", 256, stale)]))
+        connection.send(batch_frame(3, [("ahead", 256, correction)]))
         answers = [connection.receive() for _ in range(3)]
-        assert [a.WhichOneof("body") for a in answers] == ["activations", "superseded", "activations"]
+        assert [a.WhichOneof("body") for a in answers] == ["batch", "batch", "batch"]
         assert [a.seq for a in answers] == [1, 2, 3]
         # The same frames without the stale window give the same hidden states.
-        connection.call(_frame("clean", 4, prefix, 0))
-        clean = connection.call(_frame("clean", 5, correction, 256))
+        connection.call(batch_frame(4, [("clean", 0, prefix)]))
+        clean = connection.call(batch_frame(5, [("clean", 256, correction)]))
     finally:
         connection.close()
-    got, want = (np.frombuffer(a.activations.data, dtype=np.float32) for a in (answers[2], clean))
+    got, want = (np.frombuffer(a.batch.activations.data, dtype=np.float32) for a in (answers[2], clean))
     assert np.allclose(got, want, atol=1e-5)

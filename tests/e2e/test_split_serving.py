@@ -18,7 +18,7 @@ from layerline.runtime.stage.client import ActivationAddress
 from layerline.runtime.stage.frame_budget import FrameBudget
 from layerline.runtime.stage.frame_transport import ConnectionRefusedByStage, FrameConnection
 
-from helpers import Stage0Process, activation_connection, greedy_reference
+from helpers import Stage0Process, activation_connection, batch_frame, greedy_reference, older_stage0_frame
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 PROMPTS = ["The capital of France is", "Water boils at", "The largest planet is",
@@ -173,9 +173,8 @@ def test_auth_token_on_every_node(pipeline, smollm2_package, tmp_path):
 
 def frame(session: str, seq: int, array: np.ndarray, start_pos: int = 0,
           dtype: int = pb.WIRE_DTYPE_F32, shape: list[int] | None = None) -> pb.ActivationFrame:
-    return pb.ActivationFrame(session_id=session, seq=seq, activations=pb.Activations(
-        start_pos=start_pos, token_count=array.shape[1], dtype=dtype,
-        shape=shape if shape is not None else list(array.shape), data=array.tobytes()))
+    """One session's rows as stage 0 sends them: a batch of one."""
+    return batch_frame(seq, [(session, start_pos, array)], dtype=dtype, shape=shape)
 
 
 def test_malformed_frames_are_refused_and_the_stage_keeps_serving(pipeline, smollm2_package):
@@ -189,19 +188,21 @@ def test_malformed_frames_are_refused_and_the_stage_keeps_serving(pipeline, smol
         frame("a", 4, np.zeros((1, 5000, hidden), dtype=np.float32)),          # too many positions
         frame("never-seen", 5, good, start_pos=40),                           # unknown session, gap
         pb.ActivationFrame(session_id="a", seq=6),                            # no body
-        frame("b", 7, good),                                                  # a good one
+        older_stage0_frame("a", 7, good),                                     # an older stage 0's
+        frame("b", 8, good),                                                  # a good one
     ]
     connection = activation_connection(stages[0].endpoint)
     answers = [connection.call(f) for f in frames]
     connection.close()
-    assert [a.seq for a in answers] == [1, 2, 3, 4, 5, 6, 7]
+    assert [a.seq for a in answers] == [1, 2, 3, 4, 5, 6, 7, 8]
     kinds = [a.WhichOneof("body") for a in answers]
-    assert kinds == ["error"] * 6 + ["activations"]
-    codes = [a.error.code for a in answers[:6]]
+    assert kinds == ["error"] * 7 + ["batch"]
+    codes = [a.error.code for a in answers[:7]]
     assert codes == [pb.ACTIVATION_ERROR_CODE_BAD_FRAME] * 4 + [
-        pb.ACTIVATION_ERROR_CODE_POSITION_GAP, pb.ACTIVATION_ERROR_CODE_BAD_FRAME]
+        pb.ACTIVATION_ERROR_CODE_POSITION_GAP] + [pb.ACTIVATION_ERROR_CODE_BAD_FRAME] * 2
     assert "expected [1, 2, 576]" in answers[0].error.message
-    assert list(answers[6].activations.shape) == [1, 2, hidden]
+    assert "stage 0 runs an older layerline; update it" in answers[6].error.message
+    assert list(answers[7].batch.activations.shape) == [1, 2, hidden]
     # Stage 0 still serves through that stage.
     reply = stage0.client.completions.create(model="HuggingFaceTB/SmolLM2-135M-Instruct",
                                              prompt="Hello", max_tokens=2)

@@ -283,16 +283,33 @@ def test_setting_a_second_variant_replaces_the_first():
 def test_activation_frame_round_trips_its_tensor_bytes():
     data = bytes(range(256)) * 9  # 1 x 9 x 128 bf16 elements
     frame = activation_pb2.ActivationFrame(
-        session_id="s-1",
         seq=42,
-        activations=activation_pb2.Activations(
-            start_pos=17, token_count=9, dtype=activation_pb2.WIRE_DTYPE_BF16, shape=[1, 9, 128], data=data
+        batch=activation_pb2.BatchActivations(
+            sessions=[activation_pb2.SessionRows(session_id="s-1", start_pos=17, token_count=9)],
+            activations=activation_pb2.Activations(
+                token_count=9, dtype=activation_pb2.WIRE_DTYPE_BF16, shape=[1, 9, 128], data=data
+            ),
         ),
     )
     parsed = activation_pb2.ActivationFrame.FromString(frame.SerializeToString())
-    assert parsed.WhichOneof("body") == "activations"
-    assert (parsed.seq, parsed.activations.start_pos, list(parsed.activations.shape)) == (42, 17, [1, 9, 128])
-    assert parsed.activations.data == data
+    assert parsed.WhichOneof("body") == "batch"
+    assert (parsed.seq, parsed.batch.sessions[0].start_pos, list(parsed.batch.activations.shape)) == (
+        42,
+        17,
+        [1, 9, 128],
+    )
+    assert parsed.batch.activations.data == data
+
+
+def test_the_retired_single_session_fields_stay_reserved():
+    file = descriptor_pb2.FileDescriptorProto()
+    activation_pb2.DESCRIPTOR.CopyToProto(file)
+    messages = {m.name: m for m in file.message_type}
+    frame, activations = messages["ActivationFrame"], messages["Activations"]
+    assert {"activations", "superseded"} <= set(frame.reserved_name)
+    assert {(3, 4), (7, 8)} <= {(r.start, r.end) for r in frame.reserved_range}
+    assert "start_pos" in activations.reserved_name
+    assert (1, 2) in {(r.start, r.end) for r in activations.reserved_range}
 
 
 # ---------------------------------------------------------------- real gRPC
@@ -363,14 +380,15 @@ def test_an_activation_connection_carries_frames_larger_than_grpcs_default_limit
         hidden, tokens = 4096, 512  # 8 MiB of f32: above gRPC's 4 MiB default
         frames = [
             activation_pb2.ActivationFrame(
-                session_id="s-1",
                 seq=1,
-                activations=activation_pb2.Activations(
-                    start_pos=0,
-                    token_count=tokens,
-                    dtype=activation_pb2.WIRE_DTYPE_F32,
-                    shape=[1, tokens, hidden],
-                    data=bytes(4 * tokens * hidden),
+                batch=activation_pb2.BatchActivations(
+                    sessions=[activation_pb2.SessionRows(session_id="s-1", start_pos=0, token_count=tokens)],
+                    activations=activation_pb2.Activations(
+                        token_count=tokens,
+                        dtype=activation_pb2.WIRE_DTYPE_F32,
+                        shape=[1, tokens, hidden],
+                        data=bytes(4 * tokens * hidden),
+                    ),
                 ),
             ),
             activation_pb2.ActivationFrame(session_id="s-1", seq=2, end_session=activation_pb2.EndSession()),
@@ -379,5 +397,5 @@ def test_an_activation_connection_carries_frames_larger_than_grpcs_default_limit
         connection.close()
     finally:
         server.stop()
-    assert [(r.seq, r.WhichOneof("body")) for r in replies] == [(1, "activations"), (2, "end_session")]
-    assert len(replies[0].activations.data) == 4 * tokens * hidden
+    assert [(r.seq, r.WhichOneof("body")) for r in replies] == [(1, "batch"), (2, "end_session")]
+    assert len(replies[0].batch.activations.data) == 4 * tokens * hidden

@@ -10,7 +10,7 @@ from layerline.runtime.stage.activation import ActivationRelay
 from layerline.runtime.stage.model import load_stage_model
 from layerline.runtime.stage.node import StageNode
 
-from helpers import Clock
+from helpers import Clock, batch_frame, older_stage0_frame
 
 
 def request(**kwargs) -> pb.StageControlRequest:
@@ -33,11 +33,13 @@ def loaded_node(tiny_llama_package, tmp_path, clock) -> StageNode:
     return node
 
 
+def hidden(seq: int, length: int) -> np.ndarray:
+    return np.random.default_rng(seq).standard_normal((1, length, 64)).astype(np.float32)
+
+
 def activations(session: str, seq: int, start: int, length: int) -> act_pb.ActivationFrame:
-    data = np.random.default_rng(seq).standard_normal((1, length, 64)).astype(np.float32)
-    return act_pb.ActivationFrame(session_id=session, seq=seq, activations=act_pb.Activations(
-        start_pos=start, token_count=length, dtype=act_pb.WIRE_DTYPE_F32, shape=[1, length, 64],
-        data=data.tobytes()))
+    """One session's rows, as stage 0 sends them: a batch of one."""
+    return batch_frame(seq, [(session, start, hidden(seq, length))])
 
 
 def test_load_before_prepare_is_rejected(tiny_llama_package, tmp_path):
@@ -54,8 +56,8 @@ def test_a_lower_start_pos_rolls_the_session_back(tiny_llama_package, tmp_path):
     first = relay.answer(activations("s", 1, 0, 5))
     extend = relay.answer(activations("s", 2, 5, 3))   # positions 5..7
     redo = relay.answer(activations("s", 2, 5, 3))     # the same positions again: rolled back first
-    assert first.WhichOneof("body") == extend.WhichOneof("body") == "activations"
-    assert extend.activations.data == redo.activations.data
+    assert first.WhichOneof("body") == extend.WhichOneof("body") == "batch"
+    assert extend.batch.activations.data == redo.batch.activations.data
     assert node.loaded.model.sessions.get("s").length == 8
 
 
@@ -68,3 +70,14 @@ def test_lapsed_lease_frees_the_stage_and_its_model(tiny_llama_package, tmp_path
     answer = ActivationRelay(node).answer(activations("s", 1, 0, 2))
     assert answer.error.code == act_pb.ACTIVATION_ERROR_CODE_NOT_READY
     assert node.loaded is None
+
+
+def test_a_single_session_frame_from_an_older_stage0_is_refused_with_the_fix(tiny_llama_package, tmp_path):
+    node = loaded_node(tiny_llama_package, tmp_path, Clock())
+    relay = ActivationRelay(node)
+    answer = relay.answer(older_stage0_frame("s", 1, hidden(1, 2)))
+    assert answer.seq == 1 and answer.WhichOneof("body") == "error"
+    assert answer.error.code == act_pb.ACTIVATION_ERROR_CODE_BAD_FRAME
+    assert "stage 0 runs an older layerline; update it" in answer.error.message
+    assert "s" not in node.loaded.model.sessions
+    assert relay.answer(activations("s", 2, 0, 2)).WhichOneof("body") == "batch"  # still serving

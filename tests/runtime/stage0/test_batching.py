@@ -25,7 +25,7 @@ from layerline.runtime.decode.scheduled_drafter import ScheduledDrafter
 from layerline.runtime.decode.window_policy import WindowPolicy
 from layerline.runtime.stage0.target import PipelineTarget
 
-from helpers import Stage0Process, StageProcess, activation_connection
+from helpers import Stage0Process, StageProcess, activation_connection, batch_frame
 from sampling_checks import (
     SAMPLES,
     SIGNIFICANCE,
@@ -153,15 +153,6 @@ def batched_pipeline(smollm2_package, smollm2_f32_package, tmp_path_factory):
     stage.stop()
 
 
-def _batch(seq: int, rows: list[tuple[str, int, np.ndarray]]) -> pb.ActivationFrame:
-    data = np.concatenate([array for _, _, array in rows], axis=1)
-    return pb.ActivationFrame(seq=seq, batch=pb.BatchActivations(
-        sessions=[pb.SessionRows(session_id=sid, start_pos=start, token_count=array.shape[1])
-                  for sid, start, array in rows],
-        activations=pb.Activations(token_count=data.shape[1], dtype=pb.WIRE_DTYPE_F32, shape=list(data.shape),
-                                   data=data.tobytes())))
-
-
 def test_a_stage_runs_a_batch_as_its_sessions_alone_and_checks_every_session_first(batched_pipeline):
     _, stage = batched_pipeline
     hidden = 576
@@ -169,24 +160,23 @@ def test_a_stage_runs_a_batch_as_its_sessions_alone_and_checks_every_session_fir
     a, b, more = (rng.standard_normal((1, n, hidden)).astype(np.float32) for n in (3, 2, 1))
     connection = activation_connection(stage.endpoint)
     try:
-        answer = connection.call(_batch(1, [("a", 0, a), ("b", 0, b)]))
+        answer = connection.call(batch_frame(1, [("a", 0, a), ("b", 0, b)]))
         assert answer.WhichOneof("body") == "batch"
         assert [(r.session_id, r.start_pos, r.token_count) for r in answer.batch.sessions] == [("a", 0, 3),
                                                                                                 ("b", 0, 2)]
-        alone = connection.call(pb.ActivationFrame(session_id="alone", seq=2, activations=pb.Activations(
-            start_pos=0, token_count=3, dtype=pb.WIRE_DTYPE_F32, shape=[1, 3, hidden], data=a.tobytes())))
+        alone = connection.call(batch_frame(2, [("alone", 0, a)]))
         batched = np.frombuffer(answer.batch.activations.data, dtype=np.float32).reshape(5, hidden)
-        by_itself = np.frombuffer(alone.activations.data, np.float32).reshape(3, hidden)
+        by_itself = np.frombuffer(alone.batch.activations.data, np.float32).reshape(3, hidden)
         np.testing.assert_allclose(batched[:3], by_itself, rtol=1e-3, atol=1e-3)
         # b would skip a position: nothing runs, a's cache stays at 3 positions.
-        refused = connection.call(_batch(3, [("a", 3, more), ("b", 5, more)]))
+        refused = connection.call(batch_frame(3, [("a", 3, more), ("b", 5, more)]))
         assert refused.error.code == pb.ACTIVATION_ERROR_CODE_POSITION_GAP
         assert "session b" in refused.error.message
-        gap = connection.call(_batch(4, [("a", 4, more)]))
+        gap = connection.call(batch_frame(4, [("a", 4, more)]))
         assert gap.error.code == pb.ACTIVATION_ERROR_CODE_POSITION_GAP
-        twice = connection.call(_batch(5, [("a", 3, more), ("a", 3, more)]))
+        twice = connection.call(batch_frame(5, [("a", 3, more), ("a", 3, more)]))
         assert twice.error.code == pb.ACTIVATION_ERROR_CODE_BAD_FRAME and "twice" in twice.error.message
-        assert connection.call(_batch(6, [("a", 3, more), ("b", 2, more)])).WhichOneof("body") == "batch"
+        assert connection.call(batch_frame(6, [("a", 3, more), ("b", 2, more)])).WhichOneof("body") == "batch"
     finally:
         connection.close()
 
