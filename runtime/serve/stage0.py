@@ -193,8 +193,6 @@ class Stage0:
         with TransferBoard() as self._board:
             self.coordinator.bring_up()
         self._board = None
-        # Renew the peers' leases from now on: stage 0's own load may outlast a lease.
-        self.coordinator.start_watching()
         try:
             self._load_local()
         except BaseException:

@@ -2,14 +2,17 @@
 
 A stage obeys only the holder of its current claim. A higher term pre-empts
 the holder; a lapsed lease frees the stage. Any request the holder makes
-renews its lease.
+renews its lease, and the lease does not run while the stage is still answering
+one: a Load longer than the lease leaves the claim held.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from enum import Enum
 
@@ -51,9 +54,12 @@ class ClaimTable:
         self._clock = clock
         self._lock = threading.Lock()
         self._holder: Claim | None = None
+        self._answering: Counter[tuple[str, int]] = Counter()  # holder requests being answered
 
     def _live_holder(self) -> Claim | None:
-        if self._holder is not None and self._clock() >= self._holder.expires_at:
+        holder = self._holder
+        if holder is not None and not self._answering[(holder.coordinator_id, holder.term)] \
+                and self._clock() >= holder.expires_at:
             self._holder = None  # the lease lapsed: the stage is free again
         return self._holder
 
@@ -107,6 +113,27 @@ class ClaimTable:
                 )
             self._holder = replace(holder, expires_at=self._clock() + holder.lease_s)
             return self._holder
+
+    @contextmanager
+    def answering(self, coordinator_id: str, term: int) -> Iterator[Claim]:
+        """Check the caller holds the claim (see `check`), and hold the lease while it is answered.
+
+        On leaving, the lease is renewed from that moment if the caller still holds it.
+        """
+        claim = self.check(coordinator_id, term)
+        key = (coordinator_id, term)
+        with self._lock:
+            self._answering[key] += 1
+        try:
+            yield claim
+        finally:
+            with self._lock:
+                self._answering[key] -= 1
+                if not self._answering[key]:
+                    del self._answering[key]
+                holder = self._holder
+                if holder is not None and (holder.coordinator_id, holder.term) == key:
+                    self._holder = replace(holder, expires_at=self._clock() + holder.lease_s)
 
     def release(self, coordinator_id: str, term: int) -> Claim:
         """Drop the claim held by (coordinator_id, term)."""

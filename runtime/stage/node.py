@@ -124,19 +124,13 @@ class StageNode:
                 return pb.StageControlResponse(status=self.status())
             if kind == "claim":
                 return self._claim(request)
-            self.claims.check(request.coordinator_id, request.term)
-            if kind == "prepare":
-                return self._prepare(request.prepare, caller_host)
-            if kind == "inventory":
-                return pb.StageControlResponse(inventory=self.inventory())
-            if kind == "load":
-                return self._load(request.load)
             if kind == "release":
-                self.unload()
                 self.claims.release(request.coordinator_id, request.term)
+                self.unload()
                 log.info("stage=%s event=released coordinator=%s", self.endpoint, request.coordinator_id)
                 return pb.StageControlResponse(released=pb.Released())
-            raise AssertionError(f"unhandled control request {kind}")
+            with self.claims.answering(request.coordinator_id, request.term):
+                return self._fenced(kind, request, caller_host)
         except ClaimRejected as exc:
             holder = exc.holder
             remaining = max(0, int((holder.expires_at - self._clock()) * 1000)) if holder else 0
@@ -144,6 +138,16 @@ class StageNode:
                 reason=_REASONS[exc.reason], message=exc.message,
                 holder_coordinator_id=holder.coordinator_id if holder else "",
                 holder_term=holder.term if holder else 0, lease_remaining_ms=remaining))
+
+    def _fenced(self, kind: str, request: pb.StageControlRequest,
+                caller_host: str) -> pb.StageControlResponse:
+        if kind == "prepare":
+            return self._prepare(request.prepare, caller_host)
+        if kind == "inventory":
+            return pb.StageControlResponse(inventory=self.inventory())
+        if kind == "load":
+            return self._load(request.load)
+        raise AssertionError(f"unhandled control request {kind}")
 
     @staticmethod
     def _reject(reason: int, message: str) -> pb.StageControlResponse:

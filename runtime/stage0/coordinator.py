@@ -2,10 +2,10 @@
 
 Sequence per peer: Claim → Prepare(range) → Inventory (poll) → Load → Ready. If any
 stage fails, every stage claimed for the run is released and the error names the
-stage, its range and the cause. A heartbeat (Inventory, which renews the lease)
-watches each stage on a thread and channel of its own, so that renewals never wait
-behind compute or activation traffic; a stage that comes back after dying is claimed
-and loaded again.
+stage, its range and the cause. From the claims on, a heartbeat (Inventory, which
+renews the lease) watches each stage on a thread and channel of its own, so that
+renewals never wait behind a slower stage's load, compute or activation traffic; a
+stage that comes back after dying is claimed and loaded again.
 """
 
 from __future__ import annotations
@@ -168,11 +168,15 @@ class Coordinator:
             for client, peer in zip(self.clients, self.peers, strict=True):
                 self._step(peer, "claim", lambda c=client: c.call(claim=self._claim_message()))
                 claimed.append(client)
+            # Leases run from the claim: a stage that loads fast must keep its claim while the
+            # slowest one prepares and loads, and while stage 0 loads its own range.
+            self._start_watching()
             # Every stage prepares in parallel; loading starts only once all files are verified.
             with ThreadPoolExecutor(max_workers=max(1, len(self.peers))) as pool:
                 list(pool.map(self._prepare, self.clients, self.peers))
                 list(pool.map(self._load, self.clients, self.peers))
         except LayerlineError as exc:
+            self._stop_watching()
             self._release(claimed)
             raise StageLoadError(str(exc), hint="fix the named stage, then start stage 0 again") from exc
         self._changed()
@@ -281,9 +285,16 @@ class Coordinator:
     def first_endpoint(self) -> str | None:
         return self.peers[0].endpoint if self.peers else None
 
-    def start_watching(self) -> None:
-        self._watcher = threading.Thread(target=self._watch, name="stage-watch", daemon=True)
-        self._watcher.start()
+    def _start_watching(self) -> None:
+        """Renew every claimed stage's lease and watch its health, on a thread of its own."""
+        if self._watcher is None:
+            self._watcher = threading.Thread(target=self._watch, name="stage-watch", daemon=True)
+            self._watcher.start()
+
+    def _stop_watching(self) -> None:
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=5)
 
     def _watch(self) -> None:
         while not self._stop.wait(self.options.heartbeat_s):
@@ -304,20 +315,22 @@ class Coordinator:
             return
         peer.sessions, peer.kv_cache_bytes = status.active_sessions, status.kv_cache_bytes
         ours = (status.holder_coordinator_id, status.holder_term) == (self.coordinator_id, self.term)
-        loaded = (status.loaded_layers.start, status.loaded_layers.end) == (peer.start, peer.end)
-        if ours and loaded and status.state == pb.STAGE_STATE_READY:
+        if ours:
             try:
                 client.call(timeout_s=2.0, inventory=pb.InventoryRequest())  # renews the lease
             except StageUnavailableError:
                 return
-            if peer.state != "ready":
+        if peer.state not in ("ready", "down"):
+            return  # still being brought up (or failed to be): bring_up says how it goes
+        loaded = (status.loaded_layers.start, status.loaded_layers.end) == (peer.start, peer.end)
+        if ours and loaded and status.state == pb.STAGE_STATE_READY:
+            if peer.state == "down":
                 peer.state, peer.error = "ready", ""
                 self._changed()
             return
-        if peer.state in ("ready", "down"):
-            # Alive again but without our claim or model (restarted, or its lease lapsed).
-            self.mark_down(peer.index, "stage lost its claim or model")
-            self._repair(client, peer)
+        # Alive again but without our claim or model (restarted, or its lease lapsed).
+        self.mark_down(peer.index, "stage lost its claim or model")
+        self._repair(client, peer)
 
     def mark_down(self, index: int, error: str) -> None:
         """Record that stage `index` failed (seen by a request before the heartbeat did)."""
@@ -341,9 +354,7 @@ class Coordinator:
 
     def shutdown(self) -> None:
         """Stop watching and release every peer."""
-        self._stop.set()
-        if self._watcher is not None:
-            self._watcher.join(timeout=5)
+        self._stop_watching()
         self._release(self.clients)
         for client in [*self.clients, *self.heartbeat_clients]:
             client.close()

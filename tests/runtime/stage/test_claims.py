@@ -78,6 +78,19 @@ def test_every_request_of_the_holder_renews_its_lease(table, clock):
     assert table.holder is not None
 
 
+def test_a_request_longer_than_the_lease_keeps_it_and_renews_it_when_answered(table, clock):
+    claim(table, "coord-a", 1, lease=5.0)
+    with table.answering("coord-a", 1):
+        clock.now += 30.0  # a Load that outlasts the lease
+        assert table.holder is not None
+    clock.now += 4.0
+    assert table.holder is not None  # renewed when it was answered, not when it arrived
+    clock.now += 1.1
+    assert table.holder is None
+    with pytest.raises(ClaimRejected), table.answering("coord-a", 1):
+        pass
+
+
 def test_release_frees_the_stage_only_for_the_holder(table):
     claim(table, "coord-a", 1)
     with pytest.raises(ClaimRejected):
