@@ -115,7 +115,7 @@ class BatchSession:
         self.last_trace: PassTrace | None = None
         self.passes = 0  # batch passes that carried this session's rows
         self.batched_with = 0  # sessions in those passes, summed (mean = batched_with / passes)
-        self.pace = Pace(answered_at=time.perf_counter())  # for its lane to wait that long for it
+        self.pace = Pace(answered_at=time.perf_counter())  # when it is due back, for its lane to wait
 
     def forward(self, tokens: list[int], start_pos: int) -> mx.array:
         """Logits (L, vocab) for `tokens` placed at absolute positions start_pos.. on every stage."""
