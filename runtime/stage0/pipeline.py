@@ -1,5 +1,6 @@
 """Stage 0's side of the split pipeline: its head, its own layers, the way to stage 1, and
-where each pass's time went (`PassTrace`). The scheduler (`scheduler.py`) runs the passes."""
+where each pass's time went (`PassTrace`). The scheduler (`scheduler.py`) runs the passes:
+stage 0's compute in `forward.py`, the frames to stage 1 in `link.py`."""
 
 from __future__ import annotations
 
@@ -58,11 +59,12 @@ class PassTrace:
 
 
 class Pipeline:
+    """What stage 0's passes run on: the head, its own layers, stage 1's address, the frames' limits."""
+
     def __init__(self, head: Head, local: StageModel | None, *, first_peer: str | None,
                  wire_dtype: int, hidden_size: int, max_tokens: int, token: str | None = None,
                  on_stage_error: Callable[[int, str], None] | None = None,
-                 frame_timeout_s: float = DEFAULT_FRAME_TIMEOUT_S,
-                 on_pass: Callable[[PassTrace], None] | None = None) -> None:
+                 frame_timeout_s: float = DEFAULT_FRAME_TIMEOUT_S) -> None:
         self.head = head
         self.local = local
         # Stage 1's activation endpoint, asked of its control endpoint `first_peer`.
@@ -74,11 +76,6 @@ class Pipeline:
         self.on_stage_error = on_stage_error or (lambda index, message: None)
         self.compute_lock = threading.Lock()
         self.budget = FrameBudget(frame_timeout_s)  # what stage 1 (and all after it) may take
-        self._on_pass = on_pass
-
-    def record(self, trace: PassTrace) -> None:
-        if self._on_pass is not None:
-            self._on_pass(trace)
 
     def check_tokens(self, tokens: list[int]) -> None:
         """Refuse token ids the embedding has no row for (reading past it would crash)."""

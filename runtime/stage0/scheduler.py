@@ -7,16 +7,9 @@ once (continuous batching): stage 0 embeds them, runs its layers over all of the
 one batch frame down the pipeline, and applies the head to the rows that come back. Each
 stage runs the rows of all sessions in one forward pass (`LayerRange.forward_rows`).
 
-When a lane passes: as soon as every session it serves has submitted, or is late — not
-back within twice its usual time between passes (deciding, streaming, drafting), nor
-within a quarter of a pass of its answer — and at the latest when the oldest submission
-has waited `MAX_PATIENCE_S`, so that one slow session does not hold the others up.
-
-What a pass takes, first come first served: the oldest submission of each session, at
-most `max_batch` sessions and `max_rows` rows; decode steps and draft windows first, then
-prompts, cut to the rows left (at most `PROMPT_ROWS_BESIDE_STEPS` beside steps), the rest
-of a prompt going in the next passes; so a long prompt is prefilled in chunks between the
-running streams' steps, which keep flowing, and nobody waits on it.
+A lane is a queue and the thread that runs its passes; the parts it runs are apart: when a
+pass starts and what it takes (`pick.py`), stage 0's own compute (`forward.py`) and the
+connection through the other stages (`link.py`).
 
 Lanes pipeline the stages: each lane has its own connection through them, so while stage
 1 computes lane A's pass, stage 0 computes lane B's. A new session joins the lane with the
@@ -30,6 +23,7 @@ import logging
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,18 +35,15 @@ from layerline.proto import activation_pb2 as pb
 from ..model.head import Head
 from ..model.kv_cache import SessionStore
 from ..model.layer_range import LayerRange
-from ..stage.frame_transport import FrameConnection
 from ..stage.model import StageModel
-from ..stage.wire import Rows, decode_batch, encode_batch
+from ..stage.wire import Rows
+from .forward import Forward
+from .link import Link
+from .pick import Pace, is_step, pick
 from .pipeline import PassTrace, Pipeline
 
 log = logging.getLogger("layerline.batching")
 
-MAX_PATIENCE_S = 0.05  # the longest a submission waits for the lane's other sessions
-FIRST_TURNAROUND_S = 0.005  # a new session's time between passes, until it was measured
-PROMPT_ROWS_BESIDE_STEPS = 128  # prompt rows a pass takes beside other sessions' steps
-STRAGGLER_SHARE = 0.25  # a pass waits at least this share of a pass for a session it answered
-STEP_ROWS = 64  # a submission of at most this many rows is a step (its logits are computed at once)
 COST_SAMPLES = 64  # recent passes (rows, seconds) kept for the cost fit
 END_TIMEOUT_S = 30.0  # how long closing a session waits for its lane to end it on every stage
 
@@ -75,14 +66,18 @@ class _Submission:
 
     @property
     def left(self) -> int:
+        """Rows not run yet."""
         return len(self.tokens) - self.done
 
 
 class BatchPass:
     """A pass submitted to the scheduler whose logits are not read yet (a decode loop's PendingPass)."""
 
-    def __init__(self, submission: _Submission) -> None:
+    def __init__(self, submission: _Submission, head: Head,
+                 withdraw: Callable[[_Submission], None]) -> None:
         self._submission = submission
+        self._head = head  # a prompt's logits are computed only if read
+        self._withdraw = withdraw  # takes the submission out of its lane's queue
 
     def result(self) -> mx.array:
         """Logits (L, vocab) of the pass: waits for the batch pass that completes it."""
@@ -98,14 +93,13 @@ class BatchPass:
         if sub.logits is None:
             # A prompt's logits: built lazily here, in the caller's thread (mlx evaluates a graph
             # on the thread that built it), and computed only if read, which prefill never does.
-            head = sub.session.pipeline.head
-            return head.logits(mx.concatenate(sub.pieces)[None])[0]
+            return self._head.logits(mx.concatenate(sub.pieces)[None])[0]
         return sub.logits
 
     def discard(self) -> None:
         """Give the pass up: dropped from the queue if it has not run yet."""
         self._submission.discarded = True
-        self._submission.session.lane.withdraw(self._submission)
+        self._withdraw(self._submission)
 
     def ready(self) -> bool:
         return self._submission.finished.is_set()
@@ -114,22 +108,14 @@ class BatchPass:
 class BatchSession:
     """One request's session: its KV caches on every stage, its passes run in its lane's batches."""
 
-    def __init__(self, lane: Lane, session_id: str) -> None:
+    def __init__(self, lane: Lane, session_id: str, pipeline: Pipeline) -> None:
         self.lane = lane
         self.session_id = session_id
-        self.pipeline = lane.scheduler.pipeline
+        self.pipeline = pipeline
         self.last_trace: PassTrace | None = None
         self.passes = 0  # batch passes that carried this session's rows
         self.batched_with = 0  # sessions in those passes, summed (mean = batched_with / passes)
-        # Between passes: when the last answer was handed over, and how long this session takes
-        # to submit again (deciding, streaming, drafting), for its lane to wait that long for it.
-        self.answered_at = time.perf_counter()
-        self.turnaround_s = FIRST_TURNAROUND_S
-
-    def expected_back(self, slack: float) -> float:
-        """When this session's next submission is due: twice its usual turnaround after its
-        answer, or `slack` (a share of a pass: waiting less for it would cost it a whole pass)."""
-        return self.answered_at + max(2 * self.turnaround_s, slack)
+        self.pace = Pace(answered_at=time.perf_counter())  # when it is due back, for its lane to wait
 
     def forward(self, tokens: list[int], start_pos: int) -> mx.array:
         """Logits (L, vocab) for `tokens` placed at absolute positions start_pos.. on every stage."""
@@ -138,7 +124,8 @@ class BatchSession:
     def submit(self, tokens: list[int], start_pos: int) -> BatchPass:
         """Queue `tokens` at `start_pos` for the lane's next pass; the logits come from `.result()`."""
         self.pipeline.check_tokens(tokens)
-        return BatchPass(self.lane.submit(self, list(tokens), start_pos))
+        sub = self.lane.submit(self, list(tokens), start_pos)
+        return BatchPass(sub, self.pipeline.head, self.lane.withdraw)
 
     @property
     def sessions_sharing(self) -> int:
@@ -151,19 +138,19 @@ class BatchSession:
 
 
 class Lane:
-    """A queue of submissions, one connection through the stages and the thread that runs its passes."""
+    """A queue of submissions and the thread that runs its passes: stage 0's compute, then the
+    lane's link through the other stages."""
 
     def __init__(self, scheduler: BatchScheduler, index: int) -> None:
         self.scheduler = scheduler
         self.index = index
+        pipeline = scheduler.pipeline
+        self.forward = Forward(pipeline)
+        self.link = Link(pipeline, pipeline.first_peer) if pipeline.first_peer is not None else None
         self._cond = threading.Condition()
         self._sessions: set[BatchSession] = set()
         self._queue: list[_Submission] = []
         self._ending: list[tuple[str, threading.Event]] = []
-        self._lost: set[str] = set()  # sessions whose caches a broken connection took away
-        self._carried: set[str] = set()  # sessions with rows sent on the current connection
-        self._connection: FrameConnection | None = None
-        self._seq = 0
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=f"batch-lane-{index}", daemon=True)
         self._thread.start()
@@ -182,9 +169,9 @@ class Lane:
 
     def submit(self, session: BatchSession, tokens: list[int], start_pos: int) -> _Submission:
         sub = _Submission(session, tokens, start_pos, time.perf_counter())
-        session.turnaround_s = 0.8 * session.turnaround_s + 0.2 * (sub.queued_at - session.answered_at)
+        session.pace.submitted(sub.queued_at)
         with self._cond:
-            if session.session_id in self._lost:
+            if self.link is not None and self.link.lost(session.session_id):
                 raise StageUnavailableError("this request's caches on the other stages were lost with "
                                             "their connection", hint="send the request again")
             if self._closed:
@@ -218,8 +205,8 @@ class Lane:
             self._closed = True
             self._cond.notify_all()
         self._thread.join(timeout=5)
-        if self._connection is not None:
-            self._connection.close()
+        if self.link is not None:
+            self.link.close()
 
     # ------------------------------------------------------------------ the lane's thread
 
@@ -230,7 +217,7 @@ class Lane:
                 return
             ending, picks = work
             try:
-                self._pass(ending, picks)
+                self._pass([session_id for session_id, _ in ending], picks)
             except Exception as exc:  # noqa: BLE001 - every waiting request must hear of it
                 self._fail(picks, exc)
             finally:
@@ -250,73 +237,36 @@ class Lane:
                     return None
                 if self._queue:
                     now = time.perf_counter()
-                    waiting = {s.session for s in self._queue}
-                    # Wait for the sessions expected back soon; not past MAX_PATIENCE_S.
-                    slack = STRAGGLER_SHARE * self.scheduler.pass_s
-                    due = [s.expected_back(slack) for s in self._sessions - waiting]
-                    expected = [back for back in due if back > now]
-                    give_up = min(s.queued_at for s in self._queue) + MAX_PATIENCE_S
-                    if not expected or now >= give_up:
-                        self.scheduler.count_start(everyone=self._sessions <= waiting)
+                    scheduler = self.scheduler
+                    batch = pick(self._queue, now, paces={s: s.pace for s in self._sessions},
+                                 pass_s=scheduler.pass_s, max_batch=scheduler.max_batch,
+                                 max_rows=scheduler.max_rows)
+                    if batch.wait_until is None:
+                        scheduler.count_start(everyone=batch.everyone)
                         ending, self._ending = self._ending, []
-                        return ending, self._pick()
-                    self._cond.wait(min(max(expected), give_up) - now)
+                        return ending, batch.picks
+                    self._cond.wait(batch.wait_until - now)
                 elif self._ending:
                     ending, self._ending = self._ending, []
                     return ending, []
                 else:
                     self._cond.wait()
 
-    def _pick(self) -> list[tuple[_Submission, int]]:
-        """The oldest submission of each session, steps first, then prompts cut to the rows left."""
-        scheduler = self.scheduler
-        firsts: dict[BatchSession, _Submission] = {}
-        for sub in sorted(self._queue, key=lambda s: s.queued_at):
-            firsts.setdefault(sub.session, sub)
-        picks: list[tuple[_Submission, int]] = []
-        rows = 0
-        limit = scheduler.max_rows
-        for steps in (True, False):
-            if not steps and picks:
-                # Beside running streams a pass takes a bounded prompt chunk, so they keep flowing.
-                limit = min(limit, rows + PROMPT_ROWS_BESIDE_STEPS)
-            for sub in firsts.values():
-                if (sub.left <= STEP_ROWS) != steps or len(picks) >= scheduler.max_batch:
-                    continue
-                room = limit - rows
-                take = sub.left if steps else min(sub.left, room)
-                if take <= 0 or take > room:
-                    continue
-                picks.append((sub, take))
-                rows += take
-        return picks
-
-    def _pass(self, ending: list[tuple[str, threading.Event]], picks: list[tuple[_Submission, int]]) -> None:
-        p = self.scheduler.pipeline
-        for session_id, _ in ending:
-            if p.local is not None:
-                p.local.drop_session(session_id)
-        ends = [pb.ActivationFrame(session_id=session_id, seq=self._next_seq(), end_session=pb.EndSession())
-                for session_id, _ in ending if session_id not in self._lost]
-        with self._cond:
-            self._lost.difference_update(session_id for session_id, _ in ending)
-        self._carried.difference_update(session_id for session_id, _ in ending)
+    def _pass(self, ending: list[str], picks: list[tuple[_Submission, int]]) -> None:
+        """End the `ending` sessions and run the picked rows; hand each finished submission its answer."""
+        self.forward.drop(ending)
         if not picks:
-            self._send_ends(ends)
+            if self.link is not None:
+                self.link.end(ending)
             return
         started = time.perf_counter()
         rows = [Rows(sub.session.session_id, sub.start_pos + sub.done, take) for sub, take in picks]
         tokens = [t for sub, take in picks for t in sub.tokens[sub.done:sub.done + take]]
         trace = PassTrace(len(tokens), sessions=len(picks))
-        with p.compute_lock:
-            h = p.head.embed(mx.array([tokens]))
-            if p.local is not None:
-                h = p.local.forward_batch(rows, h)
-            else:
-                mx.eval(h)
+        h = self.forward.layers(rows, tokens)
         trace.local_s = time.perf_counter() - started
-        if p.first_peer is not None:
-            h = self._through_stages(ends, h, rows, trace)
+        if self.link is not None:
+            h = self.link.send(h, rows, trace, ending=ending)
         answered = time.perf_counter()
         offsets = [0]
         for _, take in picks:
@@ -331,7 +281,14 @@ class Lane:
             sub.session.batched_with += len(picks)
             if sub.left == 0:
                 finished.append(sub)
-        self._logits(finished)
+        # The head over every finished step's rows in one call (a prompt's logits are left to
+        # `BatchPass.result`, which its decode loop never reads).
+        steps = [sub for sub in finished if is_step(len(sub.tokens))]
+        if steps:
+            hidden = mx.concatenate([piece for sub in steps for piece in sub.pieces])
+            logits = self.forward.logits(hidden, [len(sub.tokens) for sub in steps])
+            for sub, sub_logits in zip(steps, logits, strict=True):
+                sub.logits = sub_logits
         with self._cond:
             for sub in finished:
                 if sub in self._queue:
@@ -342,117 +299,9 @@ class Lane:
         trace.head_s, trace.total_s = done - answered, done - started
         for sub in finished:
             sub.trace = trace
-            sub.session.answered_at = done
+            sub.session.pace.answered_at = done
             sub.finished.set()
         self.scheduler.record(len(picks), len(tokens), trace)
-
-    def _logits(self, finished: list[_Submission]) -> None:
-        """The head over every finished step's rows in one call (a prompt's logits are left to
-        `BatchPass.result`, which its decode loop never reads)."""
-        p = self.scheduler.pipeline
-        steps = [sub for sub in finished if len(sub.tokens) <= STEP_ROWS]
-        if not steps:
-            return
-        hidden = mx.concatenate([piece for sub in steps for piece in sub.pieces])
-        with p.compute_lock:
-            logits = p.head.logits(hidden[None])[0]
-            mx.eval(logits)
-        start = 0
-        for sub in steps:
-            sub.logits = logits[start:start + len(sub.tokens)]
-            start += len(sub.tokens)
-        mx.eval([sub.logits for sub in steps])
-
-    def _through_stages(self, ends: list[pb.ActivationFrame], h: mx.array, rows: list[Rows],
-                        trace: PassTrace) -> mx.array:
-        """Send the lane's pending session ends and the batch to stage 1; the last stage's rows."""
-        p = self.scheduler.pipeline
-        sent = time.perf_counter()  # the hop counts the frame's encoding, as the stages' timings do not
-        frame = pb.ActivationFrame(seq=self._next_seq(), batch=encode_batch(h, rows, p.wire_dtype))
-        sessions = {r.session_id for r in rows}
-        while True:
-            # A connection kept from earlier passes may lead to a stage that has restarted since:
-            # when no session of this pass had rows on it, the pass runs anew on a new one.
-            retry = self._connection is not None and not sessions & self._carried
-            try:
-                answer = self._exchange(ends, frame, sessions)
-                break
-            except StageUnavailableError as exc:
-                self._broken()
-                if retry:
-                    with self._cond:
-                        self._lost -= sessions  # their first rows: sent again on the new connection
-                    ends = []  # moot: the sessions they end were on the broken connection
-                    continue
-                assert p.first_peer is not None
-                p.on_stage_error(1, exc.message)
-                raise StageUnavailableError(f"stage 1 at {p.first_peer.control_endpoint} is unavailable: "
-                                            f"{exc.message}",
-                                            hint="restart that stage; stage 0 will reload it") from exc
-        kind = answer.WhichOneof("body")
-        if kind == "error":
-            error = answer.error
-            if error.code == pb.ACTIVATION_ERROR_CODE_DOWNSTREAM_UNAVAILABLE:
-                p.on_stage_error(error.stage_index + 1, error.message)
-            raise StageUnavailableError(error.message, hint="send the request again")
-        if kind != "batch":
-            raise StageUnavailableError(f"stage 1 answered a batch with {kind or 'nothing'}",
-                                        hint="stage 0 and stage 1 run different versions; update both")
-        answered, hidden = decode_batch(answer.batch, p.limits)
-        if answered != rows:
-            raise StageUnavailableError("stage 1 answered a batch with other sessions' rows",
-                                        hint="stage 0 and stage 1 run different versions; update both")
-        trace.add_timings(answer, time.perf_counter() - sent)
-        return hidden.astype(p.compute_dtype)
-
-    def _exchange(self, ends: list[pb.ActivationFrame], frame: pb.ActivationFrame,
-                  sessions: set[str]) -> pb.ActivationFrame:
-        """Send session ends and a batch on the lane's connection; the batch's answer."""
-        connection = self._connect()
-        for end in ends:
-            connection.send(end)
-        connection.send(frame)
-        self._carried |= sessions
-        for _ in ends:
-            connection.receive()  # a failed end is moot: the session is over
-        return connection.receive()
-
-    def _send_ends(self, ends: list[pb.ActivationFrame]) -> None:
-        if not ends or self._connection is None:
-            return  # without a connection the sessions are gone from the stages already
-        try:
-            for end in ends:
-                self._connection.send(end)
-            for _ in ends:
-                self._connection.receive()
-        except StageUnavailableError:
-            self._broken()
-
-    def _connect(self) -> FrameConnection:
-        """The lane's connection to stage 1; asked anew where it listens if the known address fails
-        (a restarted stage listens on another port). Nothing was sent yet: safe to retry."""
-        if self._connection is not None:
-            return self._connection
-        p = self.scheduler.pipeline
-        assert p.first_peer is not None
-        try:
-            self._connection = FrameConnection(p.first_peer.get(), budget=p.budget, token=p.token)
-        except StageUnavailableError:
-            p.first_peer.forget()
-            self._connection = FrameConnection(p.first_peer.get(), budget=p.budget, token=p.token)
-        return self._connection
-
-    def _broken(self) -> None:
-        """The connection to stage 1 broke: the sessions it carried lost their caches there."""
-        p = self.scheduler.pipeline
-        if self._connection is not None:
-            self._connection.close()
-        self._connection = None
-        with self._cond:
-            self._lost.update(s.session_id for s in self._sessions if s.session_id in self._carried)
-        self._carried = set()
-        assert p.first_peer is not None
-        p.first_peer.forget()  # it may have restarted on another port
 
     def _fail(self, picks: list[tuple[_Submission, int]], exc: Exception) -> None:
         if not isinstance(exc, LayerlineError):
@@ -464,10 +313,6 @@ class Lane:
         for sub, _ in picks:
             sub.error = exc
             sub.finished.set()
-
-    def _next_seq(self) -> int:
-        self._seq += 1
-        return self._seq
 
 
 class BatchScheduler:
@@ -505,7 +350,7 @@ class BatchScheduler:
         """A new session, in the lane with the fewest."""
         with self._lock:
             lane = min(self.lanes, key=lambda lane: lane.session_count)
-            session = BatchSession(lane, session_id)
+            session = BatchSession(lane, session_id, self.pipeline)
             lane.join(session)
         return session
 
@@ -520,7 +365,6 @@ class BatchScheduler:
             self._rows += rows
             self._costs.append((rows, trace.total_s))
             self.pass_s = trace.total_s if not self.pass_s else 0.8 * self.pass_s + 0.2 * trace.total_s
-        self.pipeline.record(trace)
 
     def pass_samples(self) -> list[tuple[int, float]]:
         """Recent passes as (rows, seconds), for the cost of a pass by its rows."""
