@@ -6,12 +6,11 @@ Everything downstream receives these dataclasses, never the raw dict.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from layerline.atomic_write import write_atomic
 from layerline.errors import ManifestError
 
 from .window_spec import FIELDS, WindowError, WindowSpec
@@ -490,15 +489,5 @@ def read_manifest(package_dir: Path) -> Manifest:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temp file beside `path`, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            json.dump(data, out, indent=2, ensure_ascii=False)
-            out.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a manifest is meant to be read
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write JSON as a manifest is written (indented, UTF-8, a final newline), whole or not at all."""
+    write_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")

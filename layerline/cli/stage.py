@@ -8,6 +8,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from layerline.runtime.model.session_limit import DEFAULT_MAX_SESSIONS
+from layerline.runtime.serve.admission import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE
 from layerline.runtime.serve.body_limit import DEFAULT_MAX_BODY_BYTES
 from layerline.runtime.serve.config import LayerlineConfig
 from layerline.runtime.stage.frame_transport import ConnectionLimits
@@ -48,10 +50,10 @@ def stage_serve(
     wire_dtype: Annotated[str, typer.Option(help="Activation dtype on the wire: f32, f16, bf16.")] = "f32",
     weights: WeightsOpt = WeightsChoice.auto,
     context_length: Annotated[int | None, typer.Option(help="KV cache length (default: the model's, max 4096).")] = None,
-    max_sessions: Annotated[int, typer.Option(help="KV-cache sessions each stage keeps; stage 0 decodes at most this many requests at once.")] = 16,
-    max_batch: Annotated[int, typer.Option(help="Requests stage 0 decodes at once, batched in each pass; more queue (--max-queue).")] = 16,
+    max_sessions: Annotated[int, typer.Option(help="KV-cache sessions each stage keeps; stage 0 decodes at most this many requests at once.")] = DEFAULT_MAX_SESSIONS,
+    max_batch: Annotated[int, typer.Option(help="Requests stage 0 decodes at once, batched in each pass; more queue (--max-queue).")] = DEFAULT_MAX_BATCH,
     lanes: Annotated[int | None, typer.Option(help="Batches in flight through the stages at once (stage 0; default one per stage).")] = None,
-    max_queue: Annotated[int, typer.Option(help="Requests that may wait for a slot (stage 0); more get 429.")] = 32,
+    max_queue: Annotated[int, typer.Option(help="Requests that may wait for a slot (stage 0); more get 429.")] = DEFAULT_MAX_QUEUE,
     max_body_bytes: Annotated[int, typer.Option(help="Largest HTTP request body (stage 0); larger gets 413.")] = DEFAULT_MAX_BODY_BYTES,
     stage_timeout: Annotated[float, typer.Option(help="Seconds a stage may take per frame beyond its measured compute; then the request fails.")] = 10.0,
     drain_seconds: Annotated[float, typer.Option(help="After SIGTERM, how long requests in flight may finish (stage 0).")] = 5.0,

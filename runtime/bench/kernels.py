@@ -24,9 +24,11 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from layerline.atomic_write import write_atomic
+
 from ..model.blas import load_fast_blas
 from ..model.cpu_kernel import cpu_kernel, packed_matmul
-from .report import _write_atomic, machine
+from .report import machine, png_bytes
 
 DEFAULT_ROWS = (1, 8, 16, 32)
 WORKING_SET_BYTES = 384 << 20  # packed weights cycled through: well past any CPU cache
@@ -184,10 +186,10 @@ def write_kernel_report(output: Path, bench: KernelBench, command: Sequence[str]
     """table.md, results.json and chart.png into `output`; returns the Markdown."""
     output.mkdir(parents=True, exist_ok=True)
     markdown = render_kernels(bench)
-    _write_atomic(output / "table.md", lambda tmp: tmp.write_text(markdown + "\n"))
+    write_atomic(output / "table.md", markdown + "\n")
     body = {"command": list(command), "machine": machine(), "load_average": os.getloadavg(),
             **bench.to_json()}
-    _write_atomic(output / "results.json", lambda tmp: tmp.write_text(json.dumps(body, indent=2) + "\n"))
+    write_atomic(output / "results.json", json.dumps(body, indent=2) + "\n")
     write_kernel_chart(output / "chart.png", bench)
     return markdown
 
@@ -217,5 +219,5 @@ def write_kernel_chart(path: Path, bench: KernelBench) -> None:
     ax.set_title(f"{bench.n}x{bench.k} {bench.bits}-bit/{bench.group_size}, {bench.threads} threads",
                  fontsize=10)
     fig.tight_layout()
-    _write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    write_atomic(path, png_bytes(fig))
     plt.close(fig)

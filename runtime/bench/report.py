@@ -9,13 +9,16 @@ half-written report, even when the run is stopped between conditions.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import platform
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
+
+from layerline.atomic_write import write_atomic
 
 from .serve import BenchSettings, ConditionResult
 
@@ -297,10 +300,11 @@ def render_report(settings: BenchSettings, results: Sequence[ConditionResult]) -
     return "\n".join(parts).rstrip() + "\n"
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+def png_bytes(fig: Any) -> bytes:
+    """A matplotlib figure as the PNG the reports save."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    return buffer.getvalue()
 
 
 def machine() -> dict[str, Any]:
@@ -336,7 +340,7 @@ def write_json(path: Path, settings: BenchSettings, results: Sequence[ConditionR
         "goals": goal_lines(results),
         "conditions": [{**r.to_json(), "vs_baseline": rel.get(r.condition.name)} for r in results],
     }
-    _write_atomic(path, lambda tmp: tmp.write_text(json.dumps(body, indent=2) + "\n"))
+    write_atomic(path, json.dumps(body, indent=2) + "\n")
 
 
 def write_chart(path: Path, results: Sequence[ConditionResult], title: str) -> None:
@@ -369,7 +373,7 @@ def write_chart(path: Path, results: Sequence[ConditionResult], title: str) -> N
     right.set_xlabel("median time to first token (s)")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    _write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    write_atomic(path, png_bytes(fig))
     plt.close(fig)
 
 
@@ -404,7 +408,7 @@ def write_load_chart(path: Path, results: Sequence[ConditionResult], title: str)
     left.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    _write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    write_atomic(path, png_bytes(fig))
     plt.close(fig)
 
 
@@ -413,7 +417,7 @@ def write_report(output: Path, settings: BenchSettings, results: Sequence[Condit
     """Write table.md, results.json and chart.png (and concurrency.png) into `output`; return the Markdown."""
     output.mkdir(parents=True, exist_ok=True)
     markdown = render_report(settings, results)
-    _write_atomic(output / "table.md", lambda tmp: tmp.write_text(markdown))
+    write_atomic(output / "table.md", markdown)
     write_json(output / "results.json", settings, results, command)
     write_chart(output / "chart.png", results, f"layerline bench serve: {Path(settings.target).name}")
     if any(r.load for r in results):

@@ -31,6 +31,8 @@ from mlx_lm.models.cache import KVCache
 from layerline.errors import SessionError, SessionLimitError
 from layerline.packager.window_spec import MAX_WINDOW
 
+from .session_limit import DEFAULT_MAX_SESSIONS
+
 log = logging.getLogger("layerline.runtime")
 
 # Positions a sliding-window cache keeps beyond its window, so that it can roll back: more than
@@ -225,7 +227,8 @@ class SessionStore:
     midway. Stage 0 admits no more requests than the stores hold.
     """
 
-    def __init__(self, make_caches: Callable[[], list[Any]], *, max_sessions: int = 16) -> None:
+    def __init__(self, make_caches: Callable[[], list[Any]], *,
+                 max_sessions: int = DEFAULT_MAX_SESSIONS) -> None:
         if max_sessions < 1:
             raise SessionError(f"max_sessions must be at least 1, got {max_sessions}")
         self._make_caches = make_caches

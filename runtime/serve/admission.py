@@ -12,6 +12,9 @@ import time
 
 from layerline.errors import LayerlineError
 
+DEFAULT_MAX_BATCH = 16  # requests that decode at once (`--max-batch`), at most `--max-sessions`
+DEFAULT_MAX_QUEUE = 32  # requests that may wait for a slot beyond those (`--max-queue`)
+
 
 class ServerBusyError(LayerlineError):
     """Every decoding slot and every queue place is taken."""

@@ -1,7 +1,7 @@
 """The frontend's Engine over the split pipeline: prompts in, streamed tokens out.
 
 One request is one session on every stage, and runs its own decode loop. Prefill goes
-through in chunks of at most `max_batch_tokens` positions; then each step submits the last
+through in chunks of at most `prefill_step` positions; then each step submits the last
 token plus the request's drafts (none when it decodes plainly). The scheduler
 (`stage0/scheduler.py`) runs the submissions of every request in batch passes; while others
 share them, a request drafts only the window worth its rows (`decode/batch_window.py`).
@@ -44,7 +44,7 @@ log = logging.getLogger("layerline.engine")
 
 class PipelineEngine:
     def __init__(self, manifest: Manifest, tokenizer: Any, pipeline: Pipeline, *, context_length: int,
-                 end_ids: tuple[int, ...], max_batch_tokens: int, speculation: SpeculationPlanner,
+                 end_ids: tuple[int, ...], prefill_step: int, speculation: SpeculationPlanner,
                  status: Callable[[], dict[str, Any]], ready: Callable[[], bool],
                  admission: Admission, scheduler: BatchScheduler,
                  profile: PassProfile | None = None) -> None:
@@ -54,7 +54,7 @@ class PipelineEngine:
         self.pipeline = pipeline
         self.context_length = context_length
         self.end_ids = end_ids
-        self.max_batch_tokens = max_batch_tokens
+        self.prefill_step = prefill_step
         self.speculation = speculation
         self._status = status
         self._ready = ready
@@ -112,7 +112,7 @@ class PipelineEngine:
                          lambda: self.speculation.costs.draft_s_per_token)
         generation = generate(PipelineTarget(session), request.prompt_tokens, params, drafter=plan.drafter,
                               policy=plan.policy, context_length=self.context_length,
-                              prefill_step=self.max_batch_tokens,
+                              prefill_step=self.prefill_step,
                               on_step=lambda step: self._on_step(session.session_id, step),
                               overlap=plan.overlap, run_ahead=plan.run_ahead, window_cap=cap)
         events = text_events(generation, self.tokenizer, end_ids=self.end_ids)

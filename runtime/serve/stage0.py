@@ -10,16 +10,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
 import mlx.core as mx
 
 from layerline.errors import LayerlineError
 from layerline.packager.package import LayerPackage
 from layerline.progress import TransferBoard
 
+from ..decode.targets import PREFILL_STEP
 from ..model.cpu_kernel import cpu_kernel
 from ..model.head import Head
 from ..model.kv_cache import SessionStore
 from ..model.layer_range import LayerRange
+from ..model.session_limit import DEFAULT_MAX_SESSIONS
 from ..model.tokenizer import end_of_generation_ids, load_tokenizer
 from ..model.weights_policy import detect_device, plan_weights
 from ..stage.content_cache import ContentCache
@@ -37,7 +40,7 @@ from ..stage0.speculation.plan import SpeculationPlanner
 from ..stage0.speculation.resolve import resolve_speculation
 from ..stage0.speculation.settings import SpeculationSettings
 from .admin_auth import AdminAuth
-from .admission import Admission
+from .admission import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, Admission
 from .body_limit import DEFAULT_MAX_BODY_BYTES
 from .config import LayerlineConfig
 from .dashboard import dashboard_router
@@ -51,7 +54,6 @@ from .profile import PassProfile
 log = logging.getLogger("layerline.stage0")
 
 DEFAULT_CONTEXT = 4096
-MAX_BATCH_TOKENS = 512
 
 
 @dataclass(frozen=True)
@@ -65,13 +67,13 @@ class Stage0Options:
     wire_dtype: str = "f32"
     weights: str = "auto"
     context_length: int | None = None
-    max_sessions: int = 16
-    max_batch: int = 16  # requests decoding at once, their steps batched in each pass
+    max_sessions: int = DEFAULT_MAX_SESSIONS
+    max_batch: int = DEFAULT_MAX_BATCH  # requests decoding at once, their steps batched in each pass
     lanes: int | None = None  # batches in flight through the stages at once (None: one per stage)
     cache_dir: Path = Path("~/.cache/layerline/stage")
     auth_token_file: Path | None = None
     admin_token_file: Path | None = None  # guards /v1/draft and the dashboard
-    max_queue: int = 32  # requests that may wait for a slot beyond the max_sessions decoding
+    max_queue: int = DEFAULT_MAX_QUEUE  # requests that may wait for a slot beyond the max_sessions decoding
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     stage_timeout_s: float = 10.0  # what a stage may take per frame beyond its measured compute
     drain_s: float = 5.0  # after SIGTERM, how long requests in flight may finish
@@ -113,12 +115,13 @@ def _materialize_stage0(ref: str, start: int, end: int, cache_dir: Path, index: 
 
 
 class Stage0:
-    """Everything stage 0 runs, wired together; `serve()` blocks until shutdown."""
+    """Everything stage 0 runs, wired together. Building it starts nothing: `start()` serves the
+    package's files to the peers and readies the coordinator; `serve()` then serves HTTP and
+    brings up the pipeline until shutdown."""
 
     def __init__(self, options: Stage0Options) -> None:
         self.options = options
         self.cache_dir = options.cache_dir.expanduser()
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
         self.token = read_token(options.auth_token_file)
         http_host = options.http.rpartition(":")[0]
         admin_token = read_token(options.admin_token_file, "--admin-token-file")
@@ -129,9 +132,10 @@ class Stage0:
                         "/v1/draft and the dashboard answer 403", options.http)
         self.admission = Admission(min(options.max_batch, options.max_sessions), options.max_queue)
         self.profile = PassProfile(options.trace_file)
+        # Only the manifest is read here (for a Hub ref, fetched): it names the model, its
+        # context and its speculation, and a bad ref fails before anything is bound.
         self.package = _open_package(options.package, self.cache_dir)
         self.files = FileIndex(ContentCache(self.cache_dir))
-        self.file_server, file_source = self._serve_files()
         self.draft_policy = DraftPolicy(_draft_roots(options), options.config.admin.hub_drafts)
         manifest = self.package.manifest
         self.speculative: SpeculationSettings = resolve_speculation(
@@ -140,25 +144,43 @@ class Stage0:
                  self.speculative.reason, self.speculative.to_json())
         model_context = int(manifest.config.get("max_position_embeddings") or DEFAULT_CONTEXT)
         self.context_length = options.context_length or min(model_context, DEFAULT_CONTEXT)
-        split = None if options.split == "auto" else parse_split(options.split, manifest.num_layers)
-        self.coordinator = Coordinator(self.package, CoordinatorOptions(
-            package_ref=options.package, peers=list(options.peers), split=split,
-            wire_dtype=wire_dtype(options.wire_dtype), token=self.token,
-            context_length=self.context_length, max_sessions=options.max_sessions,
-            max_batch_tokens=MAX_BATCH_TOKENS, weight_format=options.weights,
-            frame_timeout_s=options.stage_timeout_s, lease_s=options.lease_s,
-            heartbeat_s=min(2.0, options.lease_s / 4), file_source=file_source),
-            on_change=self._show_progress)
-        self._board: TransferBoard | None = None  # the peers' preparation bars, during bring-up
-        self.files.serve_package(self.coordinator.manifest_sha256, self.package)
+        self.split = None if options.split == "auto" else parse_split(options.split, manifest.num_layers)
         self.speculation = SpeculationPlanner(
             self.speculative, target_fingerprint=manifest.tokenizer.fingerprint,
             cache_dir=self.cache_dir, weights=options.weights)
-        self.started = time.time()
-        self.engine: Any = None
-        self.scheduler: BatchScheduler | None = None
         self.slot = EngineSlot(manifest.model.id, self.context_length,
                                int(manifest.config.get("vocab_size") or 0), self.status)
+        self._coordinator: Coordinator | None = None  # made by start(): it needs the file server's address
+        self.file_server: grpc.Server | None = None
+        self._board: TransferBoard | None = None  # the peers' preparation bars, during bring-up
+        self.started_at: float | None = None
+        self.local: StageModel | None = None  # stage 0's own layers, once loaded
+        self.engine: PipelineEngine | None = None
+        self.scheduler: BatchScheduler | None = None
+
+    def start(self) -> Stage0:
+        """Serve the package's files to the peers and make the coordinator that will claim them."""
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self.file_server, file_source = self._serve_files()
+        options = self.options
+        self._coordinator = Coordinator(self.package, CoordinatorOptions(
+            package_ref=options.package, peers=list(options.peers), split=self.split,
+            wire_dtype=wire_dtype(options.wire_dtype), token=self.token,
+            context_length=self.context_length, max_sessions=options.max_sessions,
+            max_batch_tokens=PREFILL_STEP, weight_format=options.weights,
+            frame_timeout_s=options.stage_timeout_s, lease_s=options.lease_s,
+            heartbeat_s=min(2.0, options.lease_s / 4), file_source=file_source),
+            on_change=self._show_progress)
+        self.files.serve_package(self._coordinator.manifest_sha256, self.package)
+        self.started_at = time.time()
+        return self
+
+    @property
+    def coordinator(self) -> Coordinator:
+        """The coordinator of the peers, once `start()` has made it."""
+        if self._coordinator is None:
+            raise LayerlineError("stage 0 has not started", hint="call Stage0.start() before serving")
+        return self._coordinator
 
     def _show_progress(self) -> None:
         board = self._board
@@ -169,7 +191,7 @@ class Stage0:
                 board.show(str(peer.index), f"stage {peer.index} layers {peer.start}..{peer.end}",
                            peer.bytes_present, peer.bytes_total)
 
-    def _serve_files(self) -> tuple[Any, str]:
+    def _serve_files(self) -> tuple[grpc.Server | None, str]:
         """Serve the package's files to the peers (PackageFiles on --listen); the server and the
         address peers are told, or (None, "") with --no-serve-files."""
         if not self.options.serve_files:
@@ -210,17 +232,19 @@ class Stage0:
                            self.context_length, getattr(mx, plan.compute_dtype))
         head = Head.load(package, plan)
         tokenizer = load_tokenizer(package)
+        # One number bounds a prompt's chunk, a pass's rows and a frame's: PREFILL_STEP (the
+        # peers are told it at Load, as BatchConfig.max_batch_tokens).
         pipeline = Pipeline(head, local, first_peer=self.coordinator.first_endpoint(),
                             wire_dtype=wire_dtype(self.options.wire_dtype),
-                            hidden_size=int(manifest.config["hidden_size"]), max_tokens=MAX_BATCH_TOKENS,
+                            hidden_size=int(manifest.config["hidden_size"]), max_tokens=PREFILL_STEP,
                             token=self.token, on_stage_error=self.coordinator.mark_down,
                             frame_timeout_s=self.options.stage_timeout_s * max(1, len(self.options.peers)))
         self.local = local
         self.scheduler = BatchScheduler(pipeline, lanes=self._lanes(), max_batch=self.admission.max_active,
-                                        max_rows=MAX_BATCH_TOKENS)
+                                        max_rows=PREFILL_STEP)
         self.engine = PipelineEngine(
             manifest, tokenizer, pipeline, context_length=self.context_length,
-            end_ids=end_of_generation_ids(tokenizer, package), max_batch_tokens=MAX_BATCH_TOKENS,
+            end_ids=end_of_generation_ids(tokenizer, package), prefill_step=PREFILL_STEP,
             speculation=self.speculation, status=self.status, ready=lambda: self.coordinator.ready,
             admission=self.admission, scheduler=self.scheduler, profile=self.profile)
         log.info("event=ready model=%s stage0_layers=%d..%d peers=%d %s", manifest.model.id, start, end,
@@ -240,7 +264,7 @@ class Stage0:
     def status(self) -> dict[str, Any]:
         manifest = self.package.manifest
         start, end = self.coordinator.stage0_range
-        local = getattr(self, "local", None)
+        local = self.local
         stage0 = {"stage": 0, "endpoint": "local", "layers": [start, end],
                   "state": "ready" if self.engine is not None else "loading",
                   "sessions": local.session_count() if local is not None else 0,
@@ -263,7 +287,7 @@ class Stage0:
             "requests": {"active": self.admission.active, "queued": self.admission.waiting,
                          "max_active": self.admission.max_active, "max_queue": self.admission.max_queue},
             "batching": self.batch_state(),
-            "uptime_s": round(time.time() - self.started, 1),
+            "uptime_s": round(time.time() - self.started_at, 1) if self.started_at is not None else 0.0,
         }
 
     def batch_state(self) -> dict[str, Any] | None:
@@ -285,10 +309,12 @@ class Stage0:
         return app
 
     def serve(self) -> None:
-        """Serve HTTP at once and bring up the pipeline meanwhile; until SIGINT or SIGTERM, then drain,
-        stop every request and release the peers. A bring-up that fails stops HTTP and is raised."""
+        """Once started: serve HTTP at once and bring up the pipeline meanwhile; until SIGINT or
+        SIGTERM, then drain, stop every request and release the peers. A bring-up that fails stops
+        HTTP and is raised."""
         import uvicorn
 
+        coordinator = self.coordinator  # one not started is refused here, before HTTP listens
         host, _, port = self.options.http.rpartition(":")
         app = self.app()
         server = uvicorn.Server(uvicorn.Config(app, host=host, port=int(port), log_level="warning",
@@ -333,7 +359,7 @@ class Stage0:
             cut_short.cancel()
             self._stop_engine()
             if not failure:  # a failed bring-up has released every stage already
-                self.coordinator.shutdown()
+                coordinator.shutdown()
             if self.file_server is not None:
                 self.file_server.stop(grace=1.0)
             log.info("event=stopped")
@@ -347,4 +373,4 @@ class Stage0:
 
 def run_stage0(options: Stage0Options) -> None:
     """Serve HTTP and bring up the pipeline until interrupted; on failure, every stage is released."""
-    Stage0(options).serve()
+    Stage0(options).start().serve()

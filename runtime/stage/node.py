@@ -20,13 +20,14 @@ from layerline.packager.package import LayerPackage
 from layerline.proto import stage_control_pb2 as pb
 
 from ..model.host_memory import host_memory
+from ..model.session_limit import DEFAULT_MAX_SESSIONS
 from .claims import MAX_LEASE_S, ClaimRejected, ClaimTable, RejectReason
 from .client import ActivationAddress, resolve_advertised
 from .content_cache import ContentCache
 from .file_service import FileIndex
 from .frame_budget import DEFAULT_FRAME_TIMEOUT_S, FrameBudget
 from .prepare import Preparation, PrepareState, local_layer_count
-from .wire import FrameLimits, Rows
+from .wire import DEFAULT_MAX_FRAME_ROWS, FrameLimits, Rows
 
 log = logging.getLogger("layerline.stage")
 
@@ -233,8 +234,9 @@ class StageNode:
         options = LoadOptions(
             start=start, end=end, stage_index=load.stage_index, stage_count=load.stage_count,
             downstream=load.downstream_peer, wire_dtype=load.wire_dtype,
-            context_length=load.kv_cache.context_length, max_sessions=load.kv_cache.max_sessions or 16,
-            max_batch_tokens=load.batch.max_batch_tokens or 4096,
+            context_length=load.kv_cache.context_length,
+            max_sessions=load.kv_cache.max_sessions or DEFAULT_MAX_SESSIONS,
+            max_batch_tokens=load.batch.max_batch_tokens or DEFAULT_MAX_FRAME_ROWS,
             weight_format=load.weight_format or "auto",
             frame_timeout_s=load.frame_timeout_ms / 1000 or DEFAULT_FRAME_TIMEOUT_S)
         self.unload()

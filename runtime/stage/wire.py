@@ -21,6 +21,11 @@ class FrameError(LayerlineError):
         self.code = code
 
 
+# Rows a peer takes in one frame, and so in one pass, when its Load leaves BatchConfig unset;
+# stage 0 always sets it, to the rows of its own passes (decode.targets.PREFILL_STEP).
+DEFAULT_MAX_FRAME_ROWS = 4096
+
+
 @dataclass(frozen=True)
 class FrameLimits:
     hidden_size: int

@@ -25,9 +25,11 @@ from layerline.proto import activation_pb2 as act_pb
 from layerline.proto import stage_control_pb2 as pb
 
 from ..model.host_memory import host_memory
+from ..model.session_limit import DEFAULT_MAX_SESSIONS
 from ..stage.client import StageClient
 from ..stage.server import is_loopback
 from ..stage.split_plan import check_split, plan_split
+from ..stage.wire import DEFAULT_MAX_FRAME_ROWS
 
 log = logging.getLogger("layerline.coordinator")
 
@@ -107,8 +109,8 @@ class CoordinatorOptions:
     prepare_timeout_s: float = 1800.0
     load_timeout_s: float = 600.0
     context_length: int = 4096
-    max_sessions: int = 16
-    max_batch_tokens: int = 4096
+    max_sessions: int = DEFAULT_MAX_SESSIONS
+    max_batch_tokens: int = DEFAULT_MAX_FRAME_ROWS  # rows a peer takes per frame; stage 0 sends PREFILL_STEP
     weight_format: str = "auto"
     frame_timeout_s: float = 10.0  # each stage's budget for the next one, beyond the compute
     file_source: str = ""  # where stage 0 serves the package's files ("" when it does not)
