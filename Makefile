@@ -1,4 +1,5 @@
-# Two entry points: `make demo` (the main job on the default model) and `make test`.
+# Entry points: `make demo` (the main job on the default model), `make test` (all of it, as CI runs)
+# and `make test-fast` (everything not marked slow: the inner loop).
 # Each makes its own virtualenv in .venv from pyproject.toml.
 
 VENV ?= .venv
@@ -6,7 +7,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 DEMO_DIR ?= packages
 
-.PHONY: demo test lint proto clean
+.PHONY: demo test test-fast lint proto clean
 
 # pip also builds the CPU kernel (setup.py, runtime/model/native) when a compiler and cmake are present.
 $(VENV)/.installed: pyproject.toml setup.py $(wildcard runtime/model/native/*)
@@ -26,6 +27,9 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed lint
 	$(BIN)/pytest -q
+
+test-fast: $(VENV)/.installed lint
+	$(BIN)/pytest -q -m "not slow"
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
