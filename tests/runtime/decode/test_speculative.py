@@ -591,6 +591,23 @@ def test_closing_mid_overlapped_step_leaves_target_and_draft_consistent(tiny_mod
     assert_caches_hold(committed, target, drafter, model, params)
 
 
+def test_the_split_pipeline_session_runs_one_token_now_as_the_local_target_does_lazily(tiny_models):
+    model = tiny_models["target"]
+    scheduler = one_stage_scheduler(model)
+    local, split = LocalTarget.open(model), PipelineTarget(scheduler.open("lazy-test"))
+    assert local.lazy and not split.lazy
+    assert local.last_trace is None
+    for target in (local, split):
+        target.forward([1, 2, 3], 0)
+    token = mx.array([4], dtype=mx.uint32)
+    expected = local.forward_lazy(token, 3)
+    logits = split.forward_lazy(token, 3)
+    assert logits.shape == expected.shape == (1, local.vocab_size)
+    assert mx.allclose(logits, expected, atol=1e-4).item()
+    assert split.last_trace is not None and split.last_trace.positions == 1
+    scheduler.close()
+
+
 def test_overlap_through_the_split_pipeline_session(tiny_models):
     model = tiny_models["target"]
     scheduler = one_stage_scheduler(model)
