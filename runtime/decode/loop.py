@@ -27,8 +27,8 @@ started, else the next pass's start_pos rolls it back).
 The first step drafts nothing (`first_token_first`): the token that ends the prompt's
 prefill streams at once, and speculation starts from the second token.
 
-When the request never drafts and the target runs in this process (`forward_lazy`), the
-loop queues step n+1 (`mx.async_eval`) before it reads token n, as mlx-lm's `generate_step`
+When the policy never drafts and the target is `lazy` (it runs in this process), the loop
+queues step n+1 (`forward_lazy`, `mx.async_eval`) before it reads token n, as mlx-lm's `generate_step`
 does, so building the next graph overlaps the compute.
 
 Tokens are yielded one at a time: the caller checks its stop strings and may close the
