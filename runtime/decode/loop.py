@@ -27,8 +27,8 @@ started, else the next pass's start_pos rolls it back).
 The first step drafts nothing (`first_token_first`): the token that ends the prompt's
 prefill streams at once, and speculation starts from the second token.
 
-When the request never drafts and the target runs in this process (`forward_lazy`), the
-loop queues step n+1 (`mx.async_eval`) before it reads token n, as mlx-lm's `generate_step`
+When the policy never drafts and the target is `lazy` (it runs in this process), the loop
+queues step n+1 (`forward_lazy`, `mx.async_eval`) before it reads token n, as mlx-lm's `generate_step`
 does, so building the next graph overlaps the compute.
 
 Tokens are yielded one at a time: the caller checks its stop strings and may close the
@@ -43,7 +43,6 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import mlx.core as mx
 
@@ -52,9 +51,10 @@ from layerline.errors import ContextLengthError
 from .batch_window import accept_estimate
 from .drafters import Drafter, NoDrafter
 from .sampling import SamplingParams, log_softmax
-from .targets import PREFILL_STEP, PendingPass, Target
+from .targets import PREFILL_STEP, PassTiming, PendingPass, Target
 from .token_distribution import probabilities, recent_rows, recent_tokens, request_key, scores
-from .window_policy import GateDecision, WindowPolicy
+from .window_cost import StepMeasurement
+from .window_policy import GateDecision, NoDrafting, WindowPolicy
 
 log = logging.getLogger("layerline.decode")
 
@@ -72,6 +72,42 @@ class Token:
     drafted: bool = False  # proposed by the drafter and accepted, else chosen by the target
 
 
+@dataclass
+class StepClock:
+    """When one step reached each of its parts (`time.perf_counter()`), set as the step goes."""
+
+    started: float
+    drafted: float = 0.0  # the window is drafted (or taken from the last pass)
+    prepared: float = 0.0  # the pass is sent and, with overlap, the next window drafted meanwhile
+    verified: float = 0.0  # the pass's logits are read
+    done: float = 0.0  # accepted, sampled, rolled back
+
+    @property
+    def draft_s(self) -> float:
+        """Proposing the window."""
+        return self.drafted - self.started
+
+    @property
+    def target_s(self) -> float:
+        """The target pass, from sending it to reading its logits."""
+        return self.verified - self.drafted
+
+    @property
+    def overlap_s(self) -> float:
+        """Of target_s, sending the pass and drafting the next window while it ran."""
+        return self.prepared - self.drafted
+
+    @property
+    def decide_s(self) -> float:
+        """Acceptance, sampling, rollback."""
+        return self.done - self.verified
+
+    @property
+    def seconds(self) -> float:
+        """The whole step."""
+        return self.done - self.started
+
+
 @dataclass(frozen=True)
 class StepRecord:
     """One step of one request, for the per-pass profile (`--trace`)."""
@@ -80,11 +116,8 @@ class StepRecord:
     drafted: int
     accepted: int
     tokens: int  # committed by the step
-    draft_s: float  # proposing
-    target_s: float  # the target pass
-    decide_s: float  # acceptance, sampling, rollback
-    trace: Any = None  # the target's own breakdown of its pass (a PassTrace), when it has one
-    overlap_s: float = 0.0  # of target_s, drafting the next window while the pass ran
+    clock: StepClock
+    trace: PassTiming | None = None  # the target's own breakdown of its pass, when it has one
     guessed: bool | None = None  # the window prepared meanwhile was used (None: none prepared)
 
 
@@ -200,7 +233,7 @@ class Generation:
     prompt: list[int]
     params: SamplingParams
     drafter: Drafter = field(default_factory=NoDrafter)
-    policy: WindowPolicy = field(default_factory=WindowPolicy.off)
+    policy: WindowPolicy = field(default_factory=NoDrafting)
     context_length: int | None = None
     prefill_step: int = PREFILL_STEP
     first_token_first: bool = True
@@ -236,10 +269,10 @@ class Generation:
         if self._started:
             raise RuntimeError("a Generation runs once; make another for another run")
         self._started = True
-        self._clock = time.perf_counter()
+        self._started_at = time.perf_counter()
         committed = list(self.prompt)
         try:
-            plain_ahead = self.policy.kind == "off" and getattr(self.target, "lazy", False)
+            plain_ahead = not self.policy.drafts and self.target.lazy
             self._prefill(keep_tail=not plain_ahead)
             if plain_ahead:
                 yield from self._plain_ahead(committed)
@@ -263,7 +296,7 @@ class Generation:
         stats = self.stats
         now = time.perf_counter()
         if stats.tokens == 0:
-            stats.first_token_seconds, self._first_at = now - self._clock, now
+            stats.first_token_seconds, self._first_at = now - self._started_at, now
         stats.decode_seconds = now - self._first_at
         committed.append(token.id)
         self.tokens.append(token.id)
@@ -336,7 +369,7 @@ class Generation:
         """Draft (or take the window prepared during the last pass), verify in one target pass,
         prepare the next window meanwhile, roll back: tokens committed, how many were drafts."""
         stats = self.stats
-        started = time.perf_counter()
+        clock = StepClock(started=time.perf_counter())
         prepared, ahead = self._prepared, self._ahead
         self._prepared = self._ahead = None
         if prepared is not None and window > 0:
@@ -356,7 +389,7 @@ class Generation:
             drafts, q = self.drafter.propose(committed, window) if window > 0 else ([], None)
             step = _Drafts.usable(drafts, q, window, self.target.vocab_size)
             drafted_tokens = len(drafts)
-        drafted_at = time.perf_counter()
+        clock.drafted = time.perf_counter()
         tail, self._tail = self._tail, []  # the prompt's last chunk rides with the first step
         if len(tail) + 1 + len(step.tokens) > self.prefill_step:
             self.target.forward(tail, len(committed) - 1 - len(tail))
@@ -364,13 +397,13 @@ class Generation:
         pending = ahead or self.target.submit([*tail, committed[-1], *step.tokens],
                                               len(committed) - 1 - len(tail))
         upcoming = self._prepare(committed, step, pending) if self.overlap else None
-        prepared_at = time.perf_counter()
+        clock.prepared = time.perf_counter()
         if upcoming is not None and self.run_ahead:
             # Into the pipeline before the verdict: a stage drops it if the verdict rejects it.
             self._ahead = self.target.submit(upcoming.prefix[-1:] + upcoming.step.tokens,
                                              len(upcoming.prefix) - 1)
         logits = pending.result()[len(tail):]
-        verified_at = time.perf_counter()
+        clock.verified = time.perf_counter()
         accepted, chosen = self._verify(logits, committed, step)
         out = [*step.tokens[:accepted], chosen]
         logprobs = (token_logprobs(logits[:len(out)], out, self.params.top_logprobs)
@@ -392,29 +425,32 @@ class Generation:
             self.target.rewind(len(now_committed) - 1)
         if self._prepared is None:
             self.drafter.sync(now_committed)  # after a hit it holds the prepared window: keep it
-        done = time.perf_counter()
-        stats.draft_seconds += drafted_at - started
-        stats.overlap_draft_seconds += prepared_at - drafted_at if upcoming is not None else 0.0
-        stats.verify_seconds += done - drafted_at
+        clock.done = time.perf_counter()
+        stats.draft_seconds += clock.draft_s
+        stats.overlap_draft_seconds += clock.overlap_s if upcoming is not None else 0.0
+        stats.verify_seconds += clock.done - clock.drafted
         stats.target_passes += 1
         stats.drafted += step.proposed
         stats.accepted += accepted
         stats.windows.append(len(step.tokens))
-        trace = getattr(self.target, "last_trace", None)
+        trace = self.target.last_trace
         # The pass's own cost is known when it was sent in this step and its answer was not
         # there yet once the drafting ended.
-        waited = upcoming is None or verified_at - prepared_at > 0.002
-        pass_s = verified_at - drafted_at if ahead is None and waited and not tail else None
-        self.policy.record(step.proposed, accepted, done - started, len(out), positions=len(step.tokens) + 1,
-                           draft_s=(drafted_at - started) if drafted_tokens else None,
-                           draft_tokens=drafted_tokens, pass_s=pass_s, stage0_share=_stage0_share(trace),
-                           guessed=guessed if accepted == len(step.tokens) else None,
-                           prepare_s=prepared_at - drafted_at if upcoming is not None else None,
-                           prepare_tokens=upcoming.drafted if upcoming is not None else 0)
+        waited = upcoming is None or clock.verified - clock.prepared > 0.002
+        measured = StepMeasurement(
+            drafted=step.proposed, accepted=accepted, seconds=clock.seconds, committed=len(out),
+            positions=len(step.tokens) + 1,
+            draft_s=clock.draft_s if drafted_tokens else None, draft_tokens=drafted_tokens,
+            pass_s=clock.target_s if ahead is None and waited and not tail else None,
+            stage0_share=_stage0_share(trace),
+            guessed=guessed if accepted == len(step.tokens) else None,
+            prepare_s=clock.overlap_s if upcoming is not None else None,
+            prepare_tokens=upcoming.drafted if upcoming is not None else 0)
+        self.policy.costs.record_step(measured)
+        self.policy.record(measured)
         if self.on_step is not None:
-            self.on_step(StepRecord(len(step.tokens) + 1, step.proposed, accepted, len(out),
-                                    drafted_at - started, verified_at - drafted_at, done - verified_at,
-                                    trace, prepared_at - drafted_at, guessed))
+            self.on_step(StepRecord(positions=len(step.tokens) + 1, drafted=step.proposed, accepted=accepted,
+                                    tokens=len(out), clock=clock, trace=trace, guessed=guessed))
         return out, accepted, logprobs
 
     def _prepare(self, committed: list[int], step: _Drafts, pending: PendingPass) -> _Prepared | None:
@@ -530,9 +566,9 @@ class _Prepared:
     drafted: int  # tokens the drafter proposed for it (the guess included)
 
 
-def _stage0_share(trace: Any) -> float | None:
+def _stage0_share(trace: PassTiming | None) -> float | None:
     """The part of a pass stage 0 computes itself (its layers and the head), from its trace."""
-    if trace is None or not getattr(trace, "total_s", 0):
+    if trace is None or not trace.total_s:
         return None
     return min(1.0, (trace.local_s + trace.head_s) / trace.total_s)
 
@@ -565,7 +601,7 @@ def generate(target: Target, prompt: list[int], params: SamplingParams, *,
     """Stream tokens for `prompt` from `target` (an empty session), with drafts when a drafter
     and a window policy are given, plainly otherwise; `overlap` drafts each next window while
     the target verifies, `run_ahead` also sends it before the verdict."""
-    return Generation(target, list(prompt), params, drafter or NoDrafter(), policy or WindowPolicy.off(),
+    return Generation(target, list(prompt), params, drafter or NoDrafter(), policy or NoDrafting(),
                       context_length, prefill_step, first_token_first, on_step, overlap or run_ahead,
                       run_ahead, window_cap)
 

@@ -19,7 +19,7 @@ from .loop import Generation, generate
 from .sampling import SamplingParams
 from .targets import LocalTarget
 from .text import TextEvent, text_events
-from .window_policy import WindowPolicy
+from .window_policy import policy_for
 
 DRAFT_CACHE = Path("~/.cache/layerline/drafts")  # packages built from GGUF or Hub drafts
 
@@ -66,9 +66,8 @@ def start_run(request: RunRequest) -> Run:
     if not sampling.stop_token_ids:
         sampling = replace(sampling, stop_token_ids=pipeline.eos_token_ids)
     drafter: Drafter = NoDrafter()
-    policy = WindowPolicy.off()
+    policy = policy_for(request.window if request.draft is not None else None)
     if request.draft is not None:
-        policy = WindowPolicy.for_spec(request.window)
         if request.draft == NGRAM:
             drafter = NgramDrafter()
         else:

@@ -8,10 +8,14 @@ anyway (the split pipeline) it may do nothing. `submit(tokens, start_pos)` start
 pass and returns at once: the split pipeline runs stage 0's layers and sends the frame, so
 stage 0 can draft while the other stages verify, and read the logits afterwards.
 
+`forward_lazy(token, start_pos)` gives one token's logits; where the target is `lazy` they are
+not evaluated yet, so the plain loop queues the next step before it reads this one.
+`last_trace` says where the last pass's time went, for targets that measure it.
+
 - `LocalTarget`: a whole model in this process (`LocalPipeline`) and one session's caches;
-  it also runs a token lazily (`forward_lazy`), for the plain loop's one-step lookahead.
+  lazy, no trace.
 - `stage0.target.PipelineTarget`: stage 0's session over the split pipeline, in the scheduler's
-  batch passes.
+  batch passes; not lazy, traced on every stage.
 """
 
 from __future__ import annotations
@@ -53,8 +57,25 @@ class PendingPass(Protocol):
         ...
 
 
+class PassTiming(Protocol):
+    """Where one target pass's time went, in seconds (stage0.pipeline.PassTrace is one)."""
+
+    local_s: float  # stage 0: embedding and its own layers
+    head_s: float  # stage 0: final norm and output head
+    stage_compute_s: dict[int, float]  # stage index -> its layers
+    hops_s: list[float]  # the link from stage i to stage i+1, both ways
+    total_s: float
+    queue_s: float  # stage 0: waiting for the batch pass to start and hand the logits over
+
+
 class Target(Protocol):
     vocab_size: int  # rows of the output head: token ids the target can embed and score
+    lazy: bool  # `forward_lazy` leaves its logits unevaluated: the plain loop may queue a step ahead
+
+    @property
+    def last_trace(self) -> PassTiming | None:
+        """Where the last pass's time went (None: the target does not measure it)."""
+        ...
 
     def forward(self, tokens: list[int], start_pos: int) -> mx.array:
         """Logits (L, vocab) for `tokens` placed at absolute positions start_pos.."""
@@ -68,18 +89,21 @@ class Target(Protocol):
         """
         ...
 
+    def forward_lazy(self, token: mx.array, start_pos: int) -> mx.array:
+        """Logits (1, vocab) of one token (an mlx array) at `start_pos`, not yet evaluated where
+        the target is `lazy`; the session must hold exactly `start_pos` positions."""
+        ...
+
     def rewind(self, position: int) -> None:
         """Forget every position >= `position` (the next forward starts there or before)."""
         ...
-
-    # Targets that set `lazy = True` also have `forward_lazy(token, start_pos)`: the logits of one
-    # token (an mlx array) at `start_pos`, not yet evaluated, for the plain loop's lookahead.
 
 
 class LocalTarget:
     """A model in this process and the caches of one session, addressed by position."""
 
     lazy = True  # runs a token lazily (`forward_lazy`)
+    last_trace: PassTiming | None = None  # one process: nothing to break down
 
     def __init__(self, model: LogitsModel, caches: list[RangeCache], *, vocab_size: int,
                  context_length: int | None = None) -> None:

@@ -1,7 +1,7 @@
 """The `auto` draft window: the size that maximises expected tokens per second, from measured costs.
 
-Inputs, measured as the server runs (`SpeculationCosts`, shared by its requests, and each
-request's own acceptance):
+Inputs, measured as the server runs (`SpeculationCosts`, shared by its requests, to which the
+decode loop hands each step's `StepMeasurement`, and each request's own acceptance):
 
 - `c`: seconds the drafter takes per draft token;
 - `V(n) = a + b·n`: seconds of one target pass over n positions (every stage, every round
@@ -72,6 +72,25 @@ class PassCost:
         return self.fixed_s + self.per_position_s * positions
 
 
+@dataclass(frozen=True)
+class StepMeasurement:
+    """What one decode step measured: the window policy learns from it, the cost model from its
+    seconds (None where the step did not measure them)."""
+
+    drafted: int  # drafts proposed for verification
+    accepted: int  # of those, accepted
+    seconds: float  # drafting and verifying
+    committed: int  # tokens the step committed
+    positions: int = 0  # fed to the target: the last token plus the drafts
+    draft_s: float | None = None  # the drafter's seconds for `draft_tokens`
+    draft_tokens: int = 0
+    pass_s: float | None = None  # the pass's own seconds over `positions`, when nothing hid them
+    stage0_share: float | None = None  # of the pass, what stage 0 computed itself
+    guessed: bool | None = None  # the guess of the target's next token held (None: none tested)
+    prepare_s: float | None = None  # the drafter's seconds for `prepare_tokens`, while the pass ran
+    prepare_tokens: int = 0
+
+
 class SpeculationCosts:
     """What drafting and target passes cost on this server, measured by every request; thread-safe."""
 
@@ -84,16 +103,27 @@ class SpeculationCosts:
         self.last_choice: WindowChoice | None = None
 
     def record_draft(self, tokens: int, seconds: float) -> None:
+        """The drafter took `seconds` for `tokens` draft tokens."""
         if tokens > 0 and seconds > 0:
             with self._lock:
                 self._draft.add(seconds / tokens)
 
     def record_pass(self, positions: int, seconds: float, stage0_share: float | None) -> None:
+        """A target pass over `positions` took `seconds`, stage 0's own share of it `stage0_share`."""
         if positions > 0 and seconds > 0:
             with self._lock:
                 self._passes.append((positions, seconds))
                 if stage0_share is not None:
                     self._share.add(stage0_share)
+
+    def record_step(self, step: StepMeasurement) -> None:
+        """The drafting and pass seconds a decode step measured."""
+        if step.draft_s is not None:
+            self.record_draft(step.draft_tokens, step.draft_s)
+        if step.prepare_s is not None:
+            self.record_draft(step.prepare_tokens, step.prepare_s)
+        if step.pass_s is not None:
+            self.record_pass(step.positions, step.pass_s, step.stage0_share)
 
     def record_accept_rate(self, rate: float) -> None:
         """A request's acceptance so far: the mean that new requests start from."""

@@ -44,7 +44,8 @@ class PassProfile:
     @staticmethod
     def parts(step: StepRecord) -> dict[str, float]:
         """A step's time by part, in seconds: `draft_s`, the target pass by stage and hop, `decide_s`."""
-        parts = {"draft_s": step.draft_s, "target_s": step.target_s, "decide_s": step.decide_s}
+        clock = step.clock
+        parts = {"draft_s": clock.draft_s, "target_s": clock.target_s, "decide_s": clock.decide_s}
         trace = step.trace
         if trace is not None:
             parts["stage0_s"] = trace.local_s

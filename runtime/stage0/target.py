@@ -5,6 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from ..decode.targets import PendingPass
+from .pipeline import PassTrace
 from .scheduler import BatchSession
 
 
@@ -28,9 +29,13 @@ class PipelineTarget:
         """Stage 0's layers now, the other stages meanwhile: read the logits with `result()`."""
         return self.session.submit(tokens, start_pos)
 
+    def forward_lazy(self, token: mx.array, start_pos: int) -> mx.array:
+        """Logits (1, vocab) of one token (an mlx array) at `start_pos`, computed now (not lazy)."""
+        return self.forward([int(token.item())], start_pos)
+
     @property
-    def last_trace(self) -> object:
-        """Where the last pass's time went on every stage (a PassTrace)."""
+    def last_trace(self) -> PassTrace | None:
+        """Where the last pass's time went on every stage."""
         return self.session.last_trace
 
     def rewind(self, position: int) -> None:

@@ -25,7 +25,7 @@ from ...decode.sampling import SamplingParams
 from ...decode.scheduled_drafter import ScheduledDrafter
 from ...decode.targets import PREFILL_STEP
 from ...decode.window_cost import SpeculationCosts
-from ...decode.window_policy import WindowPolicy
+from ...decode.window_policy import FixedWindow, NoDrafting, WindowPolicy, policy_for
 from ..scheduler import BatchScheduler, BatchSession
 from .draft_loader import DraftLoader
 from .served import ServedSpeculation
@@ -88,9 +88,9 @@ class SpeculationPlanner:
                 reason = f"the request asked for speculation, but {reason}"
             return _plain(reason)
         if override is not None and override.window is not None:
-            policy = WindowPolicy.fixed(override.window)
+            policy: WindowPolicy = FixedWindow(override.window)
         else:
-            policy = WindowPolicy.for_spec(settings.window_spec, costs=self.costs, overlap=settings.overlap)
+            policy = policy_for(settings.window_spec, costs=self.costs, overlap=settings.overlap)
         strategy = settings.strategy or settings.type
         if settings.type == "ngram":
             return SpeculationPlan(NgramDrafter(), policy, strategy, overlap=settings.overlap,
@@ -133,4 +133,4 @@ class SpeculationPlanner:
 
 
 def _plain(reason: str) -> SpeculationPlan:
-    return SpeculationPlan(NoDrafter(), WindowPolicy.off(), None, reason)
+    return SpeculationPlan(NoDrafter(), NoDrafting(), None, reason)

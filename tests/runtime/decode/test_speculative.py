@@ -17,7 +17,15 @@ from layerline.runtime.decode.local_pipeline import LocalPipeline
 from layerline.runtime.decode.loop import generate
 from layerline.runtime.decode.sampling import SamplingParams
 from layerline.runtime.decode.targets import LocalTarget
-from layerline.runtime.decode.window_policy import GateSettings, WindowPolicy
+from layerline.runtime.decode.window_cost import StepMeasurement
+from layerline.runtime.decode.window_policy import (
+    AdaptiveWindow,
+    AutoWindow,
+    FixedWindow,
+    GateSettings,
+    WindowPolicy,
+    policy_for,
+)
 from layerline.runtime.model.chat import chat_prompt_tokens, text_prompt_tokens, user_messages
 from layerline.runtime.stage0.target import PipelineTarget
 
@@ -54,10 +62,10 @@ def plain(pipeline: LocalPipeline, prompt: list[int], params: SamplingParams) ->
 
 
 POLICIES = {
-    "fixed-1": lambda: WindowPolicy.fixed(1),
-    "fixed-4": lambda: WindowPolicy.fixed(4),
-    "fixed-16": lambda: WindowPolicy.fixed(16),
-    "adaptive": lambda: WindowPolicy.adaptive(8, 2, 16),
+    "fixed-1": lambda: FixedWindow(1),
+    "fixed-4": lambda: FixedWindow(4),
+    "fixed-16": lambda: FixedWindow(16),
+    "adaptive": lambda: AdaptiveWindow(8, 2, 16),
 }
 
 # ---------------------------------------------------------------- SmolLM2: greedy identity
@@ -115,7 +123,7 @@ def test_greedy_output_identical_with_repetition_penalty(smollm2, smollm2_draft,
                             stop_token_ids=smollm2.eos_token_ids)
     prompt = smollm2_prompts[2]
     tokens, generation = run(smollm2, ModelDrafter(smollm2_draft, params), prompt, params,
-                             WindowPolicy.fixed(4))
+                             FixedWindow(4))
     assert tokens == plain(smollm2, prompt, params)
     assert tokens != plain(smollm2, prompt, SamplingParams(max_tokens=28))  # the penalty matters
     assert generation.stats.accepted > 0
@@ -126,7 +134,7 @@ def test_logprobs_are_the_targets_own(smollm2, smollm2_draft, smollm2_prompts):
     prompt = smollm2_prompts[0]
     reference = list(generate(LocalTarget.open(smollm2), prompt, params))
     generation = generate(LocalTarget.open(smollm2), prompt, params,
-                          drafter=ModelDrafter(smollm2_draft, params), policy=WindowPolicy.fixed(4))
+                          drafter=ModelDrafter(smollm2_draft, params), policy=FixedWindow(4))
     tokens = list(generation)
     assert [t.id for t in tokens] == [t.id for t in reference]
     assert any(t.drafted for t in tokens)
@@ -171,7 +179,7 @@ def test_sampled_tokens_follow_the_targets_distribution(case, tiny_models):
             draft = tiny_models[case.removesuffix("-filtered").removesuffix("-draft")]
             drafter = ModelDrafter(draft, seeded)
         # The first step drafts too (no first token first): one pass can then accept both drafts.
-        tokens, generation = run(target, drafter, prompt, seeded, WindowPolicy.fixed(2),
+        tokens, generation = run(target, drafter, prompt, seeded, FixedWindow(2),
                                  first_token_first=False)
         counts[tuple(tokens)] += 1
         drafted += generation.stats.drafted
@@ -201,7 +209,7 @@ def test_same_seed_gives_the_same_tokens_and_other_seeds_differ(tiny_models):
     def tokens(seed: int) -> list[int]:
         params = SamplingParams(max_tokens=24, temperature=1.0, seed=seed)
         return run(target, ModelDrafter(draft, params), [1, 2, 3], params,
-                   WindowPolicy.adaptive(4, 1, 8))[0]
+                   AdaptiveWindow(4, 1, 8))[0]
 
     assert tokens(5) == tokens(5)
     assert tokens(5) != tokens(6)
@@ -234,7 +242,7 @@ def test_target_and_draft_hold_exactly_the_committed_tokens_after_rejections(tin
     params = SamplingParams(max_tokens=40)
     target = LocalTarget.open(target_model)
     checked = CheckedDrafter(ModelDrafter(draft, params), target)
-    generation = generate(target, [1, 2, 3], params, drafter=checked, policy=WindowPolicy.fixed(6))
+    generation = generate(target, [1, 2, 3], params, drafter=checked, policy=FixedWindow(6))
     tokens = [t.id for t in generation]
     assert tokens == plain(target_model, [1, 2, 3], params)
     stats = generation.stats
@@ -261,7 +269,7 @@ def test_closing_mid_run_leaves_target_and_draft_consistent(tiny_models):
     prompt = [1, 2, 3]
     target = LocalTarget.open(model)
     drafter = ModelDrafter(model, params)  # the target itself: every draft is accepted
-    generation = generate(target, prompt, params, drafter=drafter, policy=WindowPolicy.fixed(8))
+    generation = generate(target, prompt, params, drafter=drafter, policy=FixedWindow(8))
     stream = iter(generation)
     taken = [next(stream).id for _ in range(3)]  # the first step's token, then inside a run of 9
     stream.close()
@@ -275,7 +283,7 @@ def test_max_tokens_is_never_exceeded(max_tokens, tiny_models):
     model = tiny_models["target"]
     params = SamplingParams(max_tokens=max_tokens)
     tokens, generation = run(model, ModelDrafter(model, params), [1, 2, 3], params,
-                             WindowPolicy.fixed(16))
+                             FixedWindow(16))
     assert len(tokens) == max_tokens and generation.stats.finish_reason == "length"
     # The first step drafts nothing (its token streams at once); then windows shrink to what is left.
     assert generation.stats.drafted == max(0, max_tokens - 2)
@@ -287,7 +295,7 @@ def test_generation_stops_at_the_context_length(tiny_models):
     prompt = [5] * (context - 4)
     params = SamplingParams(max_tokens=50)
     tokens, generation = run(model, ModelDrafter(model, params), prompt, params,
-                             WindowPolicy.fixed(16), context_length=context)
+                             FixedWindow(16), context_length=context)
     assert len(tokens) == 5 and generation.stats.finish_reason == "length"
 
 
@@ -298,7 +306,7 @@ def test_a_stop_token_ends_the_generation_and_rolls_back(tiny_models):
     params = SamplingParams(max_tokens=12, stop_token_ids=(stop,))
     target = LocalTarget.open(model)
     generation = generate(target, [1, 2, 3], params, drafter=ModelDrafter(model, params),
-                          policy=WindowPolicy.fixed(8))
+                          policy=FixedWindow(8))
     tokens = [t.id for t in generation]
     assert tokens == free[:free.index(stop) + 1] and generation.stats.finish_reason == "stop"
     assert target.length == 3 + len(tokens) - 1
@@ -307,7 +315,7 @@ def test_a_stop_token_ends_the_generation_and_rolls_back(tiny_models):
 def test_stats_count_drafts_acceptances_and_passes(tiny_models):
     params = SamplingParams(max_tokens=30)
     tokens, generation = run(tiny_models["target"], ModelDrafter(tiny_models["bad"], params),
-                             [1, 2, 3], params, WindowPolicy.adaptive(4, 1, 8, gate=None))
+                             [1, 2, 3], params, AdaptiveWindow(4, 1, 8, gate=None))
     stats = generation.stats
     assert stats.tokens == len(tokens) == 30
     assert stats.accept_rate == stats.accepted / stats.drafted
@@ -324,7 +332,7 @@ def test_the_split_pipeline_session_is_a_target(tiny_models):
     params = SamplingParams(max_tokens=20)
     session = scheduler.open("spec-test")
     generation = generate(PipelineTarget(session), [1, 2, 3], params,
-                          drafter=ModelDrafter(tiny_models["bad"], params), policy=WindowPolicy.fixed(4))
+                          drafter=ModelDrafter(tiny_models["bad"], params), policy=FixedWindow(4))
     assert [t.id for t in generation] == plain(model, [1, 2, 3], params)
     assert generation.stats.accepted < generation.stats.drafted  # rolled back on every stage
     scheduler.close()
@@ -419,54 +427,54 @@ def test_ngram_drafter_follows_a_rewritten_context():
 
 
 def test_fixed_window_is_constant_and_clipped_to_what_is_left():
-    policy = WindowPolicy.fixed(4)
+    policy = FixedWindow(4)
     for drafted, accepted in [(4, 0), (4, 4), (4, 2)]:
-        policy.record(drafted, accepted, 0.01, accepted + 1)
+        policy.record(StepMeasurement(drafted, accepted, 0.01, accepted + 1))
         assert policy.next_window(100) == 4
     assert policy.next_window(3) == 3 and policy.next_window(0) == 0
 
 
 def test_adaptive_window_grows_by_two_after_full_acceptance_up_to_max():
-    policy = WindowPolicy.adaptive(4, 2, 9, gate=None)
+    policy = AdaptiveWindow(4, 2, 9, gate=None)
     windows = []
     for _ in range(4):
         w = policy.next_window(100)
-        policy.record(w, w, 0.01, w + 1)
+        policy.record(StepMeasurement(w, w, 0.01, w + 1))
         windows.append(policy.next_window(100))
     assert windows == [6, 8, 9, 9]
 
 
 def test_adaptive_window_halves_towards_what_a_rejected_step_used():
-    policy = WindowPolicy.adaptive(16, 2, 16, gate=None)
+    policy = AdaptiveWindow(16, 2, 16, gate=None)
     windows = []
     for _ in range(5):
-        policy.record(policy.next_window(100), 0, 0.01, 1)  # rejected at the first draft
+        policy.record(StepMeasurement(policy.next_window(100), 0, 0.01, 1))  # rejected at the first draft
         windows.append(policy.window)
     assert windows == [9, 5, 3, 2, 2]
-    policy = WindowPolicy.adaptive(10, 2, 16, gate=None)
-    policy.record(10, 9, 0.01, 10)  # only the last draft rejected: one smaller
+    policy = AdaptiveWindow(10, 2, 16, gate=None)
+    policy.record(StepMeasurement(10, 9, 0.01, 10))  # only the last draft rejected: one smaller
     assert policy.window == 9
 
 
 def test_adaptive_window_stays_within_its_bounds():
     rng = np.random.default_rng(0)
-    policy = WindowPolicy.adaptive(5, 3, 11, gate=None)
+    policy = AdaptiveWindow(5, 3, 11, gate=None)
     for _ in range(500):
         w = policy.next_window(int(rng.integers(0, 20)))
         assert 0 <= w <= 11
         if w:
             accepted = int(rng.integers(0, w + 1))
-            policy.record(w, accepted, 0.01, accepted + 1)
+            policy.record(StepMeasurement(w, accepted, 0.01, accepted + 1))
         assert 3 <= policy.window <= 11
 
 
 def test_invalid_windows_are_refused():
     with pytest.raises(WindowError, match="out of order: min_window 2, initial_window 1"):
-        WindowPolicy.adaptive(1, 2, 16)
+        AdaptiveWindow(1, 2, 16)
     with pytest.raises(WindowError, match="draft window 0 is out of range"):
-        WindowPolicy.fixed(0)
+        FixedWindow(0)
     with pytest.raises(WindowError, match="window policy 'sometimes' is unknown"):
-        WindowPolicy(WindowSpec("sometimes", 4, 2, 8))
+        policy_for(WindowSpec("sometimes", 4, 2, 8))
 
 
 def drive(policy: WindowPolicy, steps: int, *, step_s: float, tokens: int, plain_s: float,
@@ -477,9 +485,9 @@ def drive(policy: WindowPolicy, steps: int, *, step_s: float, tokens: int, plain
         w = policy.next_window(100, gated=gated)
         windows.append(w)
         if w:
-            policy.record(w, tokens - 1, step_s, tokens)
+            policy.record(StepMeasurement(w, tokens - 1, step_s, tokens))
         else:
-            policy.record(0, 0, plain_s, 1)
+            policy.record(StepMeasurement(0, 0, plain_s, 1))
     return windows
 
 
@@ -487,7 +495,7 @@ GATE = GateSettings(measure_steps=3, baseline_steps=2, off_steps=4, max_off_step
 
 
 def test_gate_turns_drafting_off_when_speculation_loses_and_probes_again():
-    policy = WindowPolicy.adaptive(4, 2, 16, gate=GATE)
+    policy = AdaptiveWindow(4, 2, 16, gate=GATE)
     # 2 tokens per 0.03 s speculative step against 0.01 s per plain token: 0.67x.
     windows = drive(policy, 5, step_s=0.03, tokens=2, plain_s=0.01)
     assert 0 not in windows[:3]
@@ -508,16 +516,16 @@ def test_gate_turns_drafting_off_when_speculation_loses_and_probes_again():
 
 
 def test_gate_keeps_drafting_while_speculation_wins():
-    policy = WindowPolicy.adaptive(4, 2, 16, gate=GATE)
+    policy = AdaptiveWindow(4, 2, 16, gate=GATE)
     windows = drive(policy, 30, step_s=0.02, tokens=5, plain_s=0.01)  # 2.5x
     assert windows.count(0) == 2  # only the baseline measurement
     assert policy.decision.drafting and policy.decision.speedup == pytest.approx(2.5)
 
 
 def test_ungated_requests_and_gateless_policies_never_stop_drafting():
-    policy = WindowPolicy.adaptive(4, 2, 16, gate=GATE)
+    policy = AdaptiveWindow(4, 2, 16, gate=GATE)
     assert 0 not in drive(policy, 20, step_s=0.03, tokens=2, plain_s=0.01, gated=False)
-    policy = WindowPolicy.adaptive(4, 2, 16, gate=None)
+    policy = AdaptiveWindow(4, 2, 16, gate=None)
     assert 0 not in drive(policy, 20, step_s=0.03, tokens=2, plain_s=0.01)
 
 
@@ -536,7 +544,7 @@ def test_greedy_output_identical_with_overlap(mode, policy, smollm2, smollm2_dra
     hits = misses = 0
     for prompt, reference in zip(smollm2_prompts, smollm2_references, strict=True):
         drafter = ModelDrafter(smollm2_draft, smollm2_greedy)
-        made = (WindowPolicy.auto(4, 1, 8, overlap=True) if policy == "auto" else POLICIES[policy]())
+        made = (AutoWindow(4, 1, 8, overlap=True) if policy == "auto" else POLICIES[policy]())
         tokens, generation = run(smollm2, drafter, prompt, smollm2_greedy, made, **OVERLAP_MODES[mode])
         assert tokens == reference
         hits += generation.stats.overlap_hits
@@ -554,7 +562,7 @@ def test_sampled_tokens_follow_the_targets_distribution_with_overlap(tiny_models
         seeded = replace(params, seed=seed)
         # Window 1 from the first step, so the window drafted during the first pass has room; the
         # first 3 of 4 tokens follow the target's joint distribution of 3.
-        tokens, generation = run(target, ModelDrafter(draft, seeded), prompt, seeded, WindowPolicy.fixed(1),
+        tokens, generation = run(target, ModelDrafter(draft, seeded), prompt, seeded, FixedWindow(1),
                                  first_token_first=False, run_ahead=True)
         counts[tuple(tokens[:3])] += 1
         hits += generation.stats.overlap_hits
@@ -572,7 +580,7 @@ def test_closing_mid_overlapped_step_leaves_target_and_draft_consistent(tiny_mod
     prompt = [1, 2, 3]
     target = LocalTarget.open(model)
     drafter = ModelDrafter(model, params)  # the target itself: every draft and guess holds
-    generation = generate(target, prompt, params, drafter=drafter, policy=WindowPolicy.fixed(4),
+    generation = generate(target, prompt, params, drafter=drafter, policy=FixedWindow(4),
                           run_ahead=True)
     stream = iter(generation)
     taken = [next(stream).id for _ in range(8)]  # inside the second window: the third is out already
@@ -583,12 +591,29 @@ def test_closing_mid_overlapped_step_leaves_target_and_draft_consistent(tiny_mod
     assert_caches_hold(committed, target, drafter, model, params)
 
 
+def test_the_split_pipeline_session_runs_one_token_now_as_the_local_target_does_lazily(tiny_models):
+    model = tiny_models["target"]
+    scheduler = one_stage_scheduler(model)
+    local, split = LocalTarget.open(model), PipelineTarget(scheduler.open("lazy-test"))
+    assert local.lazy and not split.lazy
+    assert local.last_trace is None
+    for target in (local, split):
+        target.forward([1, 2, 3], 0)
+    token = mx.array([4], dtype=mx.uint32)
+    expected = local.forward_lazy(token, 3)
+    logits = split.forward_lazy(token, 3)
+    assert logits.shape == expected.shape == (1, local.vocab_size)
+    assert mx.allclose(logits, expected, atol=1e-4).item()
+    assert split.last_trace is not None and split.last_trace.positions == 1
+    scheduler.close()
+
+
 def test_overlap_through_the_split_pipeline_session(tiny_models):
     model = tiny_models["target"]
     scheduler = one_stage_scheduler(model)
     params = SamplingParams(max_tokens=30)
     generation = generate(PipelineTarget(scheduler.open("overlap-test")), [1, 2, 3], params,
-                          drafter=ModelDrafter(tiny_models["near"], params), policy=WindowPolicy.fixed(3),
+                          drafter=ModelDrafter(tiny_models["near"], params), policy=FixedWindow(3),
                           run_ahead=True)
     assert [t.id for t in generation] == plain(model, [1, 2, 3], params)
     assert generation.stats.overlap_hits > 0 and generation.stats.overlap_misses > 0

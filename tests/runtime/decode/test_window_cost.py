@@ -13,10 +13,11 @@ from layerline.runtime.decode.window_cost import (
     AcceptCounts,
     PassCost,
     SpeculationCosts,
+    StepMeasurement,
     choose_window,
     expected,
 )
-from layerline.runtime.decode.window_policy import GateSettings, WindowPolicy
+from layerline.runtime.decode.window_policy import AutoWindow, GateSettings, WindowPolicy, policy_for
 
 # Costs of the order measured for Qwen2.5-Coder 1.5B over 2 stages with the 0.5B draft (seconds).
 PASS = PassCost(fixed_s=0.27, per_position_s=0.044)
@@ -122,9 +123,11 @@ def simulate(policy: WindowPolicy, tokens: int, alpha: float, *, draft_s: float 
         while accepted < window and rng.random() < alpha:
             accepted += 1
         step_s = draft_s * window + cost(window + 1)
-        policy.record(window, accepted, step_s, accepted + 1, positions=window + 1,
-                      draft_s=draft_s * window if window else None, draft_tokens=window,
-                      pass_s=cost(window + 1), stage0_share=0.45)
+        step = StepMeasurement(window, accepted, step_s, accepted + 1, positions=window + 1,
+                               draft_s=draft_s * window if window else None, draft_tokens=window,
+                               pass_s=cost(window + 1), stage0_share=0.45)
+        policy.costs.record_step(step)  # as the loop does: the cost model, then the policy
+        policy.record(step)
         windows.append(window)
         done += accepted + 1
         seconds += step_s
@@ -133,9 +136,9 @@ def simulate(policy: WindowPolicy, tokens: int, alpha: float, *, draft_s: float 
 
 def test_text_the_draft_cannot_guess_loses_under_five_percent_and_is_probed_again():
     costs = measured()
-    simulate(WindowPolicy.auto(8, 2, 16, costs=costs), 128, 0.95)  # a request the draft guesses well
+    simulate(AutoWindow(8, 2, 16, costs=costs), 128, 0.95)  # a request the draft guesses well
     assert costs.accept_prior > 0.6
-    seconds, windows = simulate(WindowPolicy.auto(8, 2, 16, costs=costs), 128, 0.0)  # then prose
+    seconds, windows = simulate(AutoWindow(8, 2, 16, costs=costs), 128, 0.0)  # then prose
     plain = 128 * PASS(1)
     assert seconds / plain < 1.05, windows
     drafting = [i for i, w in enumerate(windows) if w]
@@ -145,7 +148,7 @@ def test_text_the_draft_cannot_guess_loses_under_five_percent_and_is_probed_agai
 
 def test_the_auto_policy_drafts_long_windows_on_text_the_draft_guesses():
     costs = measured()
-    seconds, windows = simulate(WindowPolicy.auto(8, 2, 16, costs=costs), 128, 0.95)
+    seconds, windows = simulate(AutoWindow(8, 2, 16, costs=costs), 128, 0.95)
     assert windows[1] == 2  # the first speculative step probes
     assert min(windows[6:-3]) >= 3 and max(windows, key=windows.count) >= 4
     assert seconds < 0.7 * 128 * PASS(1)
@@ -153,7 +156,7 @@ def test_the_auto_policy_drafts_long_windows_on_text_the_draft_guesses():
 
 
 def test_the_policy_probes_again_after_drafting_was_off_and_resumes_on_good_text():
-    policy = WindowPolicy.auto(8, 2, 16, costs=measured(), gate=GateSettings(off_steps=4, max_off_steps=8))
+    policy = AutoWindow(8, 2, 16, costs=measured(), gate=GateSettings(off_steps=4, max_off_steps=8))
     _, windows = simulate(policy, 12, 0.0)
     assert 0 in windows[2:] and policy.decision.drafting is False
     _, windows = simulate(policy, 60, 1.0)
@@ -161,7 +164,7 @@ def test_the_policy_probes_again_after_drafting_was_off_and_resumes_on_good_text
 
 
 def test_seeded_sampled_requests_keep_the_initial_window():
-    policy = WindowPolicy.auto(5, 2, 16, costs=measured())
+    policy = AutoWindow(5, 2, 16, costs=measured())
     _, windows = simulate(policy, 60, 0.0, gated=False)
     assert set(windows[1:-5]) == {5}  # (the last steps have less room)
 
@@ -170,4 +173,4 @@ def test_auto_is_a_window_policy_everywhere_windows_are_named():
     spec = WindowSpec.from_json({"window_policy": "auto", "initial_window": 4, "min_window": 1,
                                  "max_window": 8}).validate()
     assert spec.describe() == "auto window in [1, 8] (4 until measured)"
-    assert WindowPolicy.for_spec(spec).kind == "auto"
+    assert isinstance(policy_for(spec), AutoWindow)

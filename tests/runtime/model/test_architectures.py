@@ -28,7 +28,7 @@ from layerline.runtime.decode.local_pipeline import LocalPipeline
 from layerline.runtime.decode.loop import generate
 from layerline.runtime.decode.sampling import SamplingParams
 from layerline.runtime.decode.targets import LocalTarget
-from layerline.runtime.decode.window_policy import WindowPolicy
+from layerline.runtime.decode.window_policy import AdaptiveWindow, FixedWindow
 from layerline.runtime.model.chat import text_prompt_tokens
 from layerline.runtime.model.kv_cache import RangeCache, SessionStore, SlidingWindowCache
 from layerline.runtime.stage.model import StageModel
@@ -216,7 +216,7 @@ def test_greedy_output_identical_with_the_ngram_drafter_split_and_staged(models,
 
     split = LocalPipeline.load(package, "0:1,1:3,3:4", "packed", tokenizer=False)
     accepted = 0
-    for policy in (WindowPolicy.fixed(4), WindowPolicy.adaptive(8, 2, 16)):
+    for policy in (FixedWindow(4), AdaptiveWindow(8, 2, 16)):
         generation = generate(LocalTarget.open(split), PROMPT, GREEDY, drafter=NgramDrafter(min_ngram=1),
                               policy=policy)
         assert [t.id for t in generation] == reference
@@ -227,7 +227,7 @@ def test_greedy_output_identical_with_the_ngram_drafter_split_and_staged(models,
     scheduler = BatchScheduler.local(whole.head, layers, context_length=512, compute_dtype=mx.float32,
                                      max_sessions=16, max_rows=512)
     generation = generate(PipelineTarget(scheduler.open(f"{arch}-spec")), PROMPT, GREEDY,
-                          drafter=NgramDrafter(min_ngram=1), policy=WindowPolicy.fixed(4))
+                          drafter=NgramDrafter(min_ngram=1), policy=FixedWindow(4))
     assert [t.id for t in generation] == reference
     scheduler.close()
     accepted += generation.stats.accepted
@@ -290,5 +290,5 @@ def test_gemma3_270m_answers_and_splits_and_speculates_identically(gemma3_270m):
     split = LocalPipeline.load(gemma3_270m, "0:6,6:12,12:18", "packed", tokenizer=False)
     assert [t.id for t in generate(LocalTarget.open(split), prompt, params)] == tokens
     speculative = generate(LocalTarget.open(split), prompt, params, drafter=NgramDrafter(min_ngram=1),
-                           policy=WindowPolicy.fixed(4))
+                           policy=FixedWindow(4))
     assert [t.id for t in speculative] == tokens

@@ -22,7 +22,7 @@ from layerline.runtime.decode.batch_window import batch_window
 from layerline.runtime.decode.loop import generate
 from layerline.runtime.decode.sampling import SamplingParams
 from layerline.runtime.decode.scheduled_drafter import ScheduledDrafter
-from layerline.runtime.decode.window_policy import WindowPolicy
+from layerline.runtime.decode.window_policy import FixedWindow
 from layerline.runtime.stage0.target import PipelineTarget
 
 from helpers import Stage0Process, StageProcess, activation_connection, batch_frame
@@ -61,7 +61,7 @@ def test_sampled_tokens_follow_the_targets_distribution_under_batching(tiny_mode
             # windows and plain steps share the target's passes.
             drafter = ScheduledDrafter(draft_session, draft.head.vocab_size, seeded) if seed % 2 else None
             generation = generate(PipelineTarget(session), prompt, seeded, drafter=drafter,
-                                  policy=WindowPolicy.fixed(2) if drafter else None, first_token_first=False)
+                                  policy=FixedWindow(2) if drafter else None, first_token_first=False)
             tokens = [t.id for t in generation]
         finally:
             session.close()
