@@ -6,6 +6,10 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 DEMO_DIR ?= packages
+# Two workers, a test file at a time each: a file's module fixtures (its stage processes) stay
+# in one worker, and the suite's real processes share the two cores of a small machine.
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: demo test test-fast lint proto clean
 
@@ -26,10 +30,10 @@ demo: $(VENV)/.installed
 	$(BIN)/python scripts/demo.py
 
 test: $(VENV)/.installed lint
-	$(BIN)/pytest -q
+	$(PYTEST)
 
 test-fast: $(VENV)/.installed lint
-	$(BIN)/pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .

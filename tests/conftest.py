@@ -3,7 +3,9 @@ tiny random-weight models the tests write themselves, stage processes, a logged-
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import huggingface_hub
@@ -139,6 +141,24 @@ def tiny_llama_package(tiny_llama: dict, packages_dir: Path) -> Path:
     out = packages_dir / "tiny-llama-f32"
     build_package(str(tiny_llama["folder"]), out, BuildOptions(quantize="f32", quiet=True))
     return out
+
+
+@pytest.fixture(scope="session")
+def foreign_tokenizer_draft(smollm2_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model whose tokenizer has one token more than SmolLM2's: another fingerprint."""
+    root = tmp_path_factory.mktemp("foreign-draft")
+    tokenizer_dir = root / "tokenizer"
+    shutil.copytree(smollm2_tokenizer_dir, tokenizer_dir)
+    tokenizer = json.loads((tokenizer_dir / "tokenizer.json").read_text())
+    next_id = max(tokenizer["model"]["vocab"].values()) + 1
+    tokenizer["added_tokens"].append({"id": next_id, "content": "<|foreign|>", "single_word": False,
+                                      "lstrip": False, "rstrip": False, "normalized": False,
+                                      "special": True})
+    (tokenizer_dir / "tokenizer.json").write_text(json.dumps(tokenizer))
+    folder = write_hf_folder(root / "hf", TINY_LLAMA_CONFIG, random_llama_weights(TINY_LLAMA_CONFIG),
+                             tokenizer_dir)
+    build_package(str(folder), root / "package", BuildOptions(quantize="f32", quiet=True))
+    return root / "package"
 
 
 @pytest.fixture(scope="session")

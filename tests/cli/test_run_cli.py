@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 
 def layerline(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "layerline", *args], capture_output=True, text=True,
@@ -38,6 +40,7 @@ def test_run_refuses_a_split_outside_the_model(smollm2_package):
     assert result.returncode == 1 and "the model has 30" in result.stderr
 
 
+@pytest.mark.slow
 def test_bench_decode_reports_each_format_beside_bare_mlx_lm(tiny_llama_package):
     result = layerline("bench", "decode", str(tiny_llama_package), "--weights", "f32",
                        "--weights", "bf16", "--prompt-tokens", "16", "--tokens", "8",

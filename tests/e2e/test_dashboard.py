@@ -42,6 +42,7 @@ def page():
             browser.close()
 
 
+@pytest.mark.slow
 def test_dashboard_shows_the_pipeline_sets_the_draft_and_streams_a_chat(pipeline, page,
                                                                          smollm2_f32_package, tmp_path):
     from playwright.sync_api import expect

@@ -68,6 +68,7 @@ def use_draft(stage0: Stage0Process, draft: Path, **windows: object) -> dict:
     return state
 
 
+@pytest.mark.slow
 def test_a_draft_set_mid_stream_leaves_that_request_unharmed_and_the_next_uses_it(
         stage0, smollm2_f32_package):
     assert draft_api(stage0, "DELETE").status_code == 200  # start without speculation

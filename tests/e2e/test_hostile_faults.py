@@ -83,6 +83,7 @@ def test_sigterm_after_clients_left_mid_stream_stops_every_stage_cleanly(three_s
         assert "terminate called" not in log and "Traceback" not in log, log[-2000:]
 
 
+@pytest.mark.slow
 def test_a_paused_peer_fails_the_request_within_the_stage_timeout_and_recovers(three_stages):
     stage0, peers = three_stages
     body = {"prompt": "Once upon a time", "max_tokens": 400, "temperature": 0}
@@ -108,6 +109,7 @@ def test_a_paused_peer_fails_the_request_within_the_stage_timeout_and_recovers(t
     assert read_stream(stage0.url, {**body, "max_tokens": 8})[1] is None
 
 
+@pytest.mark.slow
 def test_leases_stay_renewed_through_a_long_speculative_request_over_delayed_links(
         tiny_llama_package, smollm2_f32_package, tmp_path):
     (tmp_path / "peer").mkdir()

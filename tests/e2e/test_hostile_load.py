@@ -8,6 +8,7 @@ import concurrent.futures
 import json
 
 import httpx
+import pytest
 
 from helpers import Stage0Process, StageProcess
 
@@ -31,6 +32,7 @@ def stream(url: str, prompt: str) -> tuple[int, str, dict]:
         return 200, "".join(text), dict(reply.headers)
 
 
+@pytest.mark.slow
 def test_forty_clients_on_sixteen_sessions_none_fails_mid_stream(tiny_llama_package, tmp_path):
     (tmp_path / "peer").mkdir()
     peer = StageProcess(("--max-connections", "24"), tmp_path / "peer")

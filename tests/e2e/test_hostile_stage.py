@@ -39,7 +39,8 @@ def rejected(call) -> pb.Rejected:
 
 
 @pytest.mark.parametrize(("term", "lease_ms"), [(2**64 - 1, 30_000), (1, 10**15), (1, 2**64 - 1),
-                                                (int(time.time() * 1000) + 3_600_000, 30_000)])
+                                                (int(time.time() * 1000) + 3_600_000, 30_000)],
+                         ids=["term-max", "lease-huge", "lease-max", "term-an-hour-ahead"])
 def test_out_of_range_terms_and_leases_are_bad_requests_and_leave_the_stage_free(stage_process, term,
                                                                                   lease_ms):
     endpoint = stage_process()

@@ -92,6 +92,7 @@ def test_peer_without_the_package_serves_from_files_fetched_from_stage0(tiny_lla
         peer.stop()
 
 
+@pytest.mark.slow
 def test_status_shows_each_stage_fetching_before_the_pipeline_is_up(tiny_llama_package, tmp_path):
     peer = StageProcess((), tmp_path / "peer")
     # 0.05 MB/s: the range's ~0.3 MB take six seconds, long enough to watch.
@@ -120,6 +121,7 @@ def test_status_shows_each_stage_fetching_before_the_pipeline_is_up(tiny_llama_p
         peer.stop()
 
 
+@pytest.mark.slow
 def test_a_broken_transfer_resumes_where_it_stopped(file_server, tiny_llama_package, tmp_path):
     total = stage0_files_bytes(tiny_llama_package) + (tiny_llama_package / MANIFEST_NAME).stat().st_size
     link = FaultyLink(file_server, cut_after=3_000_000, refuse_after_cut=True)
@@ -168,6 +170,7 @@ def test_a_source_that_keeps_damaging_a_file_fails_naming_it(file_server, tiny_l
     assert report.error.startswith("cannot prepare layers/00000.safetensors: stage 127.0.0.1:")
 
 
+@pytest.mark.slow
 def test_stage0_releases_a_peer_that_cannot_get_its_files(tiny_llama_package, file_server, tmp_path):
     link = FaultyLink(file_server, corrupt_frames=10**6)
     peer = StageProcess((), tmp_path / "peer")

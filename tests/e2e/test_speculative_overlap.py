@@ -32,7 +32,8 @@ def overlapped_pipeline(request, smollm2_package, smollm2_f32_package, tmp_path_
 TWO_STAGES = pytest.mark.parametrize("overlapped_pipeline", [1], ids=["2-stages"], indirect=True)
 
 
-@pytest.mark.parametrize("overlapped_pipeline", [1, pytest.param(2, marks=pytest.mark.slow)],
+@pytest.mark.slow
+@pytest.mark.parametrize("overlapped_pipeline", [1, 2],
                          ids=["2-stages", "3-stages"], indirect=True)
 def test_greedy_text_is_identical_with_overlap_and_run_ahead(overlapped_pipeline):
     stage0, _ = overlapped_pipeline

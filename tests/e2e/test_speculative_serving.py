@@ -12,13 +12,9 @@ import shutil
 import httpx
 import pytest
 
-from layerline.packager.build import BuildOptions, build_package
-from layerline.runtime.bench.tiny_model import random_llama_weights, write_hf_folder
-
 from helpers import (
     MAX_TOKENS,
     PROMPTS,
-    TINY_LLAMA_CONFIG,
     WINDOWS,
     Stage0Process,
     complete,
@@ -44,6 +40,7 @@ def drafted_pipeline(request, smollm2_package, smollm2_f32_package, tmp_path_fac
         stage.stop()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("drafted_pipeline", [1, 2], ids=["2-stages", "3-stages"], indirect=True)
 def test_greedy_text_is_identical_with_and_without_the_draft_for_every_window(drafted_pipeline):
     status = drafted_pipeline.status()
@@ -64,6 +61,7 @@ def test_greedy_text_is_identical_with_and_without_the_draft_for_every_window(dr
             assert usage["target_passes"] < drafted["usage"]["completion_tokens"] or window == {"window": 1}
 
 
+@pytest.mark.slow
 @TWO_STAGES
 def test_concurrent_speculating_requests_get_their_own_answers(drafted_pipeline):
     prompts = [*PROMPTS, "Once upon a time", "import numpy as"]
@@ -103,6 +101,7 @@ def _speculation_metrics(stage0: Stage0Process) -> dict[str, float]:
     return {m[1]: float(m[2]) for m in re.finditer(r"^layerline_speculative_(\S+) (\S+)$", text, re.M)}
 
 
+@pytest.mark.slow
 @TWO_STAGES
 def test_stop_strings_and_streaming_end_inside_accepted_drafts(drafted_pipeline):
     prompt = PROMPTS[1]
@@ -130,6 +129,7 @@ def test_stop_strings_and_streaming_end_inside_accepted_drafts(drafted_pipeline)
 # ---------------------------------------------------------------- n-gram and fallbacks
 
 
+@pytest.mark.slow
 def test_ngram_strategy_needs_no_model_and_keeps_the_greedy_text(smollm2_package, tmp_path):
     config = '[defaults.speculative]\ntype = "ngram"\nwindow_policy = "fixed"\ninitial_window = 4\n'
     stage0, stages = start_stage0(smollm2_package, 1, tmp_path, config)
@@ -151,24 +151,6 @@ def test_ngram_strategy_needs_no_model_and_keeps_the_greedy_text(smollm2_package
 
 
 @pytest.fixture(scope="module")
-def foreign_tokenizer_draft(smollm2_tokenizer_dir, tmp_path_factory):
-    """A tiny model whose tokenizer has one token more than SmolLM2's: another fingerprint."""
-    root = tmp_path_factory.mktemp("foreign-draft")
-    tokenizer_dir = root / "tokenizer"
-    shutil.copytree(smollm2_tokenizer_dir, tokenizer_dir)
-    tokenizer = json.loads((tokenizer_dir / "tokenizer.json").read_text())
-    next_id = max(tokenizer["model"]["vocab"].values()) + 1
-    tokenizer["added_tokens"].append({"id": next_id, "content": "<|foreign|>", "single_word": False,
-                                      "lstrip": False, "rstrip": False, "normalized": False,
-                                      "special": True})
-    (tokenizer_dir / "tokenizer.json").write_text(json.dumps(tokenizer))
-    folder = write_hf_folder(root / "hf", TINY_LLAMA_CONFIG, random_llama_weights(TINY_LLAMA_CONFIG),
-                             tokenizer_dir)
-    build_package(str(folder), root / "package", BuildOptions(quantize="f32", quiet=True))
-    return root / "package"
-
-
-@pytest.fixture(scope="module")
 def corrupt_draft(tiny_llama_package, tmp_path_factory):
     """The tiny llama package with one layer file cut short."""
     copy = tmp_path_factory.mktemp("corrupt-draft") / "package"
@@ -178,7 +160,8 @@ def corrupt_draft(tiny_llama_package, tmp_path_factory):
     return copy
 
 
-@pytest.mark.parametrize("case", ["missing", "mismatched", "corrupt"])
+@pytest.mark.parametrize("case", ["missing", pytest.param("mismatched", marks=pytest.mark.slow),
+                                  pytest.param("corrupt", marks=pytest.mark.slow)])
 def test_a_draft_that_cannot_be_had_leaves_the_server_serving_plainly(
         case, request, tiny_llama_package, tmp_path):
     draft = {"missing": lambda: tmp_path / "no-such-draft",

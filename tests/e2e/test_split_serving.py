@@ -42,6 +42,7 @@ def pipeline(stage_processes, tmp_path):
         stage0.stop()
 
 
+@pytest.mark.slow
 def test_greedy_output_through_two_and_three_stages_equals_one_process(pipeline, smollm2_package):
     reference = greedy_reference(smollm2_package, "The capital of France is", 24)
     for peers in (1, 2):
@@ -84,6 +85,7 @@ def test_openai_client_chat_streaming_and_not(pipeline, smollm2_package):
     assert 'layerline_stage_up{endpoint="local",stage="0"} 1.0' in metrics
 
 
+@pytest.mark.slow
 def test_bad_requests_get_openai_errors_with_status_400(pipeline, smollm2_package):
     stage0, _ = pipeline(smollm2_package, 1)
     client = stage0.client
@@ -106,6 +108,7 @@ def test_bad_requests_get_openai_errors_with_status_400(pipeline, smollm2_packag
     assert raw.status_code == 400 and raw.json()["error"]["type"] == "invalid_request_error"
 
 
+@pytest.mark.slow
 def test_eight_concurrent_requests_get_their_own_answers(pipeline, smollm2_package):
     stage0, _ = pipeline(smollm2_package, 2)
     client = stage0.client
@@ -121,6 +124,7 @@ def test_eight_concurrent_requests_get_their_own_answers(pipeline, smollm2_packa
     assert len(set(alone)) == len(PROMPTS)
 
 
+@pytest.mark.slow
 def test_killed_stage_ends_the_stream_within_5s_and_is_reloaded_after_restart(
         pipeline, smollm2_package, stage_processes):
     stage0, stages = pipeline(smollm2_package, 2)
@@ -155,6 +159,7 @@ def test_killed_stage_ends_the_stream_within_5s_and_is_reloaded_after_restart(
     assert after.choices[0].text.strip()
 
 
+@pytest.mark.slow
 def test_auth_token_on_every_node(pipeline, smollm2_package, tmp_path):
     token = tmp_path / "token"
     token.write_text("let-me-in")
@@ -177,6 +182,7 @@ def frame(session: str, seq: int, array: np.ndarray, start_pos: int = 0,
     return batch_frame(seq, [(session, start_pos, array)], dtype=dtype, shape=shape)
 
 
+@pytest.mark.slow
 def test_malformed_frames_are_refused_and_the_stage_keeps_serving(pipeline, smollm2_package):
     stage0, stages = pipeline(smollm2_package, 1)
     hidden = json.loads((smollm2_package / "model-package.json").read_text())["config"]["hidden_size"]
@@ -209,6 +215,7 @@ def test_malformed_frames_are_refused_and_the_stage_keeps_serving(pipeline, smol
     assert reply.usage.completion_tokens == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["f16", "bf16"])
 def test_half_precision_wire_dtypes_serve_the_same_answer(pipeline, smollm2_package, dtype):
     stage0, _ = pipeline(smollm2_package, 1, "--wire-dtype", dtype)

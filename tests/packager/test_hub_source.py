@@ -27,6 +27,7 @@ def test_hub_safetensors_repo_builds_through_snapshot_download(tiny_llama, tmp_p
     assert (source.kind, source.file_name) == ("hub", "acme/tiny-llama")
 
 
+@pytest.mark.slow
 def test_hub_gguf_repo_picks_the_file_of_the_asked_quantization(tiny_llama, tmp_path, monkeypatch):
     downloads = []
 

@@ -86,6 +86,7 @@ def test_smollm2_f32_package_holds_the_exact_gguf_dequantization(smollm2_gguf, s
             gguf_weight(reader, f"blk.{layer}.ffn_down.weight"))
 
 
+@pytest.mark.slow
 def test_smollm2_4bit_package_is_within_4bit_error_of_the_gguf(smollm2_gguf, smollm2_package):
     reader = GGUFReader(str(smollm2_gguf))
     manifest = read_manifest(smollm2_package)
@@ -102,6 +103,7 @@ def test_smollm2_4bit_package_is_within_4bit_error_of_the_gguf(smollm2_gguf, smo
     np.testing.assert_allclose(norm, gguf_weight(reader, "blk.5.attn_norm.weight"), rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_smollm2_exact_package_holds_the_gguf_blocks_bit_exactly(smollm2_gguf, smollm2_exact_package):
     reader = GGUFReader(str(smollm2_gguf))
     manifest = read_manifest(smollm2_exact_package)
@@ -131,6 +133,7 @@ def test_smollm2_exact_package_holds_the_gguf_blocks_bit_exactly(smollm2_gguf, s
     assert summary["weights"] == "4-bit affine, group 32 (1 tensor 8-bit/32)"
 
 
+@pytest.mark.slow
 def test_exact_package_logits_in_the_runtime_match_the_gguf_f32_reference(smollm2_exact_package,
                                                                           smollm2_f32_package):
     from layerline.runtime.decode.local_pipeline import LocalPipeline
@@ -165,6 +168,7 @@ def test_qwen05_q4_k_m_exact_package_is_within_the_kl_goal(qwen05_gguf, tmp_path
     assert manifest.fidelity.mean_kl <= 1e-3 and manifest.fidelity.top1_agreement >= 0.9
 
 
+@pytest.mark.slow
 def test_qwen05_k_quant_package_matches_the_gguf(qwen05_gguf, qwen05_package):
     reader = GGUFReader(str(qwen05_gguf))
     manifest = read_manifest(qwen05_package)
@@ -189,6 +193,7 @@ def test_qwen05_k_quant_package_matches_the_gguf(qwen05_gguf, qwen05_package):
     np.testing.assert_allclose(bias, gguf_weight(reader, "blk.0.attn_q.bias"), rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.slow
 def test_gguf_and_safetensors_builds_hold_identical_tensors(tiny_llama, tmp_path):
     from_folder = build_package(str(tiny_llama["folder"]), tmp_path / "hf",
                                 BuildOptions(quantize="f32", quiet=True))
@@ -300,6 +305,7 @@ def test_matching_local_draft_is_written_and_read_back(tiny_llama, smollm2_packa
         "window_policy": "fixed", "initial_window": 4, "min_window": 2, "max_window": 8}
 
 
+@pytest.mark.slow
 def test_draft_with_another_tokenizer_is_refused(qwen05_gguf, smollm2_package, tmp_path):
     out = tmp_path / "qwen"
     with pytest.raises(TokenizerMismatchError, match="tokenizer"):
@@ -440,6 +446,7 @@ def test_package_refuses_to_open_a_folder_without_manifest(tmp_path):
         LayerPackage.open(tmp_path)
 
 
+@pytest.mark.slow
 def test_interrupted_build_leaves_nothing_behind(smollm2_gguf, tmp_path):
     out = tmp_path / "out"
     process = subprocess.Popen([*LAYERLINE, "pkg", "build", str(smollm2_gguf), "-o", str(out),

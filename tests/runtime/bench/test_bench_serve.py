@@ -173,6 +173,7 @@ def test_an_option_stage_serve_lacks_is_refused_before_any_condition_runs():
 # ---------------------------------------------------------------- a real quick run
 
 
+@pytest.mark.slow
 def test_quick_benchmark_reports_every_condition_and_column_and_a_png_chart(tiny_llama_package, tmp_path):
     out = tmp_path / "bench"
     started = time.monotonic()
@@ -227,6 +228,7 @@ def _assert_png(path: Path) -> None:
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and png[12:16] == b"IHDR" and png.endswith(b"IEND\xaeB`\x82")
 
 
+@pytest.mark.slow
 def test_quick_benchmark_with_concurrent_clients_reports_each_count_and_the_same_text_share(
         tiny_llama_package, tmp_path):
     out = tmp_path / "bench"

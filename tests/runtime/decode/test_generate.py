@@ -38,6 +38,7 @@ def test_smollm2_greedy_chat_answers_paris(smollm2):
     assert generation.stats.prefill_tps > 0 and generation.stats.decode_tps > 0
 
 
+@pytest.mark.slow
 def test_smollm2_exact_package_answers_paris_packed_and_expanded(smollm2_exact_package):
     texts = set()
     for weights in ("packed", "auto"):
@@ -52,6 +53,7 @@ def test_split_ranges_answer_exactly_like_one_range(smollm2, smollm2_package):
     assert answer(split, prompt, max_tokens=30)[0] == answer(smollm2, prompt, max_tokens=30)[0]
 
 
+@pytest.mark.slow
 def test_qwen05_writes_a_python_function_when_asked(qwen05_package):
     qwen = LocalPipeline.load(qwen05_package)
     prompt = chat(qwen, "Write a Python function is_prime(n) that says whether n is prime.")

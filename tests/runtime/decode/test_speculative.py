@@ -97,7 +97,8 @@ def smollm2_references(smollm2, smollm2_prompts, smollm2_greedy) -> list[list[in
     return [plain(smollm2, prompt, smollm2_greedy) for prompt in smollm2_prompts]
 
 
-@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("policy", [name if name == "adaptive" else pytest.param(name, marks=pytest.mark.slow)
+                                    for name in POLICIES])
 def test_greedy_output_identical_with_a_draft_model(policy, smollm2, smollm2_draft, smollm2_prompts,
                                                     smollm2_greedy, smollm2_references):
     for prompt, reference in zip(smollm2_prompts, smollm2_references, strict=True):
@@ -107,7 +108,8 @@ def test_greedy_output_identical_with_a_draft_model(policy, smollm2, smollm2_dra
         assert generation.stats.drafted > 0 and generation.stats.accepted > 0
 
 
-@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("policy", [pytest.param(name, marks=pytest.mark.slow)
+                                    if name in ("fixed-1", "fixed-16") else name for name in POLICIES])
 def test_greedy_output_identical_with_the_ngram_drafter(policy, smollm2, smollm2_prompts,
                                                         smollm2_greedy, smollm2_references):
     accepted = 0
@@ -118,6 +120,7 @@ def test_greedy_output_identical_with_the_ngram_drafter(policy, smollm2, smollm2
     assert accepted > 0  # the code prompt repeats itself
 
 
+@pytest.mark.slow
 def test_greedy_output_identical_with_repetition_penalty(smollm2, smollm2_draft, smollm2_prompts):
     params = SamplingParams(max_tokens=28, repetition_penalty=1.3,
                             stop_token_ids=smollm2.eos_token_ids)
@@ -159,7 +162,11 @@ def tiny_models(tmp_path_factory, smollm2_tokenizer_dir) -> dict[str, LocalPipel
 # ---------------------------------------------------------------- sampled: exact distribution
 
 
-@pytest.mark.parametrize("case", ["near-draft", "bad-draft", "bad-wide-draft-filtered", "ngram"])
+SAMPLED_CASES = ["near-draft", "bad-draft", "bad-wide-draft-filtered", "ngram"]
+
+
+@pytest.mark.parametrize("case", [case if case == "near-draft" else pytest.param(case, marks=pytest.mark.slow)
+                                  for case in SAMPLED_CASES])
 def test_sampled_tokens_follow_the_targets_distribution(case, tiny_models):
     target = tiny_models["target"]
     if case == "bad-wide-draft-filtered":
@@ -534,11 +541,9 @@ def test_ungated_requests_and_gateless_policies_never_stop_drafting():
 OVERLAP_MODES = {"overlap": {"overlap": True}, "run-ahead": {"run_ahead": True}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("mode", "policy"), [
-    ("run-ahead", "auto"),
-    pytest.param("overlap", "fixed-4", marks=pytest.mark.slow),
-    pytest.param("overlap", "adaptive", marks=pytest.mark.slow),
-    pytest.param("run-ahead", "fixed-4", marks=pytest.mark.slow)])
+    ("run-ahead", "auto"), ("overlap", "fixed-4"), ("overlap", "adaptive"), ("run-ahead", "fixed-4")])
 def test_greedy_output_identical_with_overlap(mode, policy, smollm2, smollm2_draft, smollm2_prompts,
                                               smollm2_greedy, smollm2_references):
     hits = misses = 0
@@ -552,6 +557,7 @@ def test_greedy_output_identical_with_overlap(mode, policy, smollm2, smollm2_dra
     assert hits > 0 and misses > 0  # prepared windows were used and discarded
 
 
+@pytest.mark.slow
 def test_sampled_tokens_follow_the_targets_distribution_with_overlap(tiny_models):
     target, draft = tiny_models["target"], tiny_models["near"]
     params = SamplingParams(max_tokens=4, temperature=1.0)

@@ -91,6 +91,7 @@ def test_kernel_matches_mlx_for_every_bits_group_and_row_count_on_each_path(isa)
 CHECK_SCRIPT = Path(__file__).resolve().parents[3] / "scripts" / "check_cpu_kernel.sh"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["native", "arm64"])
 def test_vector_paths_match_portable_path_without_mlx(target):
     """The kernel's own sources, built apart from mlx: natively (AVX2/AVX-512 here), and NEON
@@ -164,6 +165,7 @@ def test_auto_keeps_packed_weights_on_a_cpu_with_the_kernel(smollm2_package):
     assert plan_weights("f32", manifest, files, device).format == "f32"  # f32 stays available
 
 
+@pytest.mark.slow
 def test_without_the_kernel_run_falls_back_to_mlx_and_says_so_first(smollm2_package):
     env = {**os.environ, "LAYERLINE_CPU_KERNEL": "off"}
     argv = [sys.executable, "-m", "layerline", "run", str(smollm2_package), "--chat",

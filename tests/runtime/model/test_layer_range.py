@@ -67,6 +67,7 @@ def test_smollm2_f32_package_logits_equal_gguf_reference(smollm2_f32_package, sm
     assert_close(package_logits(smollm2_f32_package, weights, TOKENS), smollm2_reference, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_smollm2_4bit_package_logits_equal_gguf_reference_quantized_alike(smollm2_package,
                                                                           smollm2_gguf):
     expected = gguf_reference_logits(smollm2_gguf, TOKENS, quantize="4bit")
@@ -75,6 +76,7 @@ def test_smollm2_4bit_package_logits_equal_gguf_reference_quantized_alike(smollm
     assert_close(package_logits(smollm2_package, "f32", TOKENS), expected, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_qwen05_4bit_package_logits_equal_gguf_reference_quantized_alike(qwen05_package, qwen05_gguf):
     expected = gguf_reference_logits(qwen05_gguf, TOKENS, quantize="4bit")
     assert_close(package_logits(qwen05_package, "packed", TOKENS), expected, rel=1e-5)
@@ -98,6 +100,7 @@ def test_chained_ranges_give_the_logits_of_the_whole_model_for_every_cut(tiny_ll
         np.testing.assert_allclose(_chained_logits(whole, ranges, TOKENS), expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_smollm2_split_at_first_and_last_layer_matches_one_range(smollm2_f32_package):
     whole = LocalPipeline.load(smollm2_f32_package, None, "f32", tokenizer=False)
     expected = np.array(whole(mx.array([TOKENS]), whole.make_cache()))

@@ -45,6 +45,7 @@ def tiny_models(tmp_path_factory, smollm2_tokenizer_dir):
             "near": tiny_pipeline(root, smollm2_tokenizer_dir, seed=1, noise=0.05)}
 
 
+@pytest.mark.slow
 def test_sampled_tokens_follow_the_targets_distribution_under_batching(tiny_models):
     target, draft = tiny_models["target"], tiny_models["near"]
     scheduler, drafts = one_stage_scheduler(target), one_stage_scheduler(draft)
@@ -181,6 +182,7 @@ def test_a_stage_runs_a_batch_as_its_sessions_alone_and_checks_every_session_fir
         connection.close()
 
 
+@pytest.mark.slow
 def test_concurrent_streams_mixing_everything_get_their_solo_answers(batched_pipeline):
     stage0, _ = batched_pipeline
     client = stage0.client

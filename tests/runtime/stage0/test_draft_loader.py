@@ -23,8 +23,9 @@ def test_gguf_draft_is_built_into_the_cache_then_loaded(tiny_llama, smollm2_pack
     assert list((tmp_path / "drafts").iterdir())
 
 
-def test_draft_with_another_tokenizer_fails_with_the_reason(qwen05_package, smollm2_package, tmp_path):
-    state = DraftLoader(str(qwen05_package), target_fingerprint(smollm2_package), tmp_path,
+def test_draft_with_another_tokenizer_fails_with_the_reason(foreign_tokenizer_draft, smollm2_package,
+                                                           tmp_path):
+    state = DraftLoader(str(foreign_tokenizer_draft), target_fingerprint(smollm2_package), tmp_path,
                         "auto").start().wait(120)
     assert state.state == "failed"
     assert "tokenizer" in state.reason and target_fingerprint(smollm2_package) in state.reason
