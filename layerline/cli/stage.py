@@ -9,9 +9,12 @@ import typer
 from rich.table import Table
 
 from layerline.runtime.model.session_limit import DEFAULT_MAX_SESSIONS
-from layerline.runtime.serve.admission import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE
+from layerline.runtime.serve.admission import DEFAULT_DRAIN_S, DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE
 from layerline.runtime.serve.body_limit import DEFAULT_MAX_BODY_BYTES
 from layerline.runtime.serve.config import LayerlineConfig
+from layerline.runtime.stage.claims import DEFAULT_LEASE_S
+from layerline.runtime.stage.content_cache import DEFAULT_CACHE_DIR
+from layerline.runtime.stage.frame_budget import DEFAULT_FRAME_TIMEOUT_S
 from layerline.runtime.stage.frame_transport import ConnectionLimits
 
 from .options import ConfigFileOpt, NoDraftOpt, WeightsChoice, WeightsOpt
@@ -21,7 +24,6 @@ stage_app = typer.Typer(no_args_is_help=True, help="Run a stage of a split pipel
 cache_app = typer.Typer(no_args_is_help=True, help="A stage's content cache of package files.")
 stage_app.add_typer(cache_app, name="cache")
 
-DEFAULT_CACHE = Path("~/.cache/layerline/stage")
 PEER_LISTEN = "127.0.0.1:7700"
 STAGE0_LISTEN = "127.0.0.1:0"
 
@@ -29,7 +31,7 @@ CacheDirOpt = Annotated[Path | None, typer.Option(help="The stage's cache (defau
 
 
 def stage_cache(cache_dir: Path | None, settings: LayerlineConfig) -> Path:
-    return (cache_dir or Path(settings.stage.cache_dir or DEFAULT_CACHE)).expanduser()
+    return (cache_dir or Path(settings.stage.cache_dir or DEFAULT_CACHE_DIR)).expanduser()
 
 
 @stage_app.command("serve")
@@ -55,9 +57,9 @@ def stage_serve(
     lanes: Annotated[int | None, typer.Option(help="Batches in flight through the stages at once (stage 0; default one per stage).")] = None,
     max_queue: Annotated[int, typer.Option(help="Requests that may wait for a slot (stage 0); more get 429.")] = DEFAULT_MAX_QUEUE,
     max_body_bytes: Annotated[int, typer.Option(help="Largest HTTP request body (stage 0); larger gets 413.")] = DEFAULT_MAX_BODY_BYTES,
-    stage_timeout: Annotated[float, typer.Option(help="Seconds a stage may take per frame beyond its measured compute; then the request fails.")] = 10.0,
-    drain_seconds: Annotated[float, typer.Option(help="After SIGTERM, how long requests in flight may finish (stage 0).")] = 5.0,
-    lease_seconds: Annotated[float, typer.Option(help="How long peers keep stage 0's claim without hearing from it (at most 120).")] = 60.0,
+    stage_timeout: Annotated[float, typer.Option(help="Seconds a stage may take per frame beyond its measured compute; then the request fails.")] = DEFAULT_FRAME_TIMEOUT_S,
+    drain_seconds: Annotated[float, typer.Option(help="After SIGTERM, how long requests in flight may finish (stage 0).")] = DEFAULT_DRAIN_S,
+    lease_seconds: Annotated[float, typer.Option(help="How long peers keep stage 0's claim without hearing from it (at most 120).")] = DEFAULT_LEASE_S,
     activation_listen: Annotated[str | None, typer.Option(help="HOST:PORT for activation frames (default: --listen's host, a free port).")] = None,
     activation_advertise: Annotated[str | None, typer.Option(help="HOST:PORT others reach the activation endpoint at (behind NAT or a proxy).")] = None,
     max_connections: Annotated[int, typer.Option(help="Activation connections this stage serves at once; more are refused.")] = ConnectionLimits.max_connections,

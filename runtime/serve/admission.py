@@ -14,6 +14,7 @@ from layerline.errors import LayerlineError
 
 DEFAULT_MAX_BATCH = 16  # requests that decode at once (`--max-batch`), at most `--max-sessions`
 DEFAULT_MAX_QUEUE = 32  # requests that may wait for a slot beyond those (`--max-queue`)
+DEFAULT_DRAIN_S = 5.0  # after SIGTERM, how long requests in flight may finish (`--drain-seconds`)
 
 
 class ServerBusyError(LayerlineError):

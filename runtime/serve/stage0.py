@@ -25,8 +25,10 @@ from ..model.layer_range import LayerRange
 from ..model.session_limit import DEFAULT_MAX_SESSIONS
 from ..model.tokenizer import end_of_generation_ids, load_tokenizer
 from ..model.weights_policy import detect_device, plan_weights
-from ..stage.content_cache import ContentCache
+from ..stage.claims import DEFAULT_LEASE_S
+from ..stage.content_cache import DEFAULT_CACHE_DIR, ContentCache
 from ..stage.file_service import FileIndex
+from ..stage.frame_budget import DEFAULT_FRAME_TIMEOUT_S
 from ..stage.main import check_exposure
 from ..stage.model import StageModel
 from ..stage.prepare import Preparation, PrepareState, fetch_manifest
@@ -40,7 +42,7 @@ from ..stage0.speculation.plan import SpeculationPlanner
 from ..stage0.speculation.resolve import resolve_speculation
 from ..stage0.speculation.settings import SpeculationSettings
 from .admin_auth import AdminAuth
-from .admission import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, Admission
+from .admission import DEFAULT_DRAIN_S, DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, Admission
 from .body_limit import DEFAULT_MAX_BODY_BYTES
 from .config import LayerlineConfig
 from .dashboard import dashboard_router
@@ -70,14 +72,14 @@ class Stage0Options:
     max_sessions: int = DEFAULT_MAX_SESSIONS
     max_batch: int = DEFAULT_MAX_BATCH  # requests decoding at once, their steps batched in each pass
     lanes: int | None = None  # batches in flight through the stages at once (None: one per stage)
-    cache_dir: Path = Path("~/.cache/layerline/stage")
+    cache_dir: Path = DEFAULT_CACHE_DIR
     auth_token_file: Path | None = None
     admin_token_file: Path | None = None  # guards /v1/draft and the dashboard
     max_queue: int = DEFAULT_MAX_QUEUE  # requests that may wait for a slot beyond the max_sessions decoding
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    stage_timeout_s: float = 10.0  # what a stage may take per frame beyond its measured compute
-    drain_s: float = 5.0  # after SIGTERM, how long requests in flight may finish
-    lease_s: float = 60.0  # how long a peer keeps this stage 0's claim without hearing from it
+    stage_timeout_s: float = DEFAULT_FRAME_TIMEOUT_S  # what a stage may take per frame beyond its compute
+    drain_s: float = DEFAULT_DRAIN_S
+    lease_s: float = DEFAULT_LEASE_S  # how long a peer keeps this stage 0's claim without hearing from it
     trace_file: Path | None = None  # every step of every request, one JSON line each
     listen: str = "127.0.0.1:0"  # where peers fetch package files from this stage
     advertise: str | None = None  # the address peers are told for it (behind NAT or a proxy)

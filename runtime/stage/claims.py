@@ -19,6 +19,7 @@ from enum import Enum
 from layerline.errors import LayerlineError
 
 MAX_LEASE_S = 120.0  # the longest lease a stage grants: a dead holder's claim lapses within it
+DEFAULT_LEASE_S = 60.0  # the lease stage 0 asks for unless told (`--lease-seconds`)
 
 
 class RejectReason(Enum):

@@ -27,6 +27,7 @@ from layerline.errors import LayerlineError
 from layerline.packager.manifest import MANIFEST_NAME
 from layerline.packager.package import sha256_file
 
+DEFAULT_CACHE_DIR = Path("~/.cache/layerline/stage")  # a stage's cache unless config or --cache-dir say
 PARTIAL = ".partial"
 
 

@@ -26,7 +26,9 @@ from layerline.proto import stage_control_pb2 as pb
 
 from ..model.host_memory import host_memory
 from ..model.session_limit import DEFAULT_MAX_SESSIONS
+from ..stage.claims import DEFAULT_LEASE_S
 from ..stage.client import StageClient
+from ..stage.frame_budget import DEFAULT_FRAME_TIMEOUT_S
 from ..stage.server import is_loopback
 from ..stage.split_plan import check_split, plan_split
 from ..stage.wire import DEFAULT_MAX_FRAME_ROWS
@@ -104,7 +106,7 @@ class CoordinatorOptions:
     wire_dtype: int = act_pb.WIRE_DTYPE_F32
     token: str | None = None
     term: int = 0  # 0: now in unix ms, so a restarted coordinator pre-empts its old self
-    lease_s: float = 60.0  # renewed every heartbeat_s: a long pass never outlasts it
+    lease_s: float = DEFAULT_LEASE_S  # renewed every heartbeat_s: a long pass never outlasts it
     heartbeat_s: float = 2.0
     prepare_timeout_s: float = 1800.0
     load_timeout_s: float = 600.0
@@ -112,7 +114,7 @@ class CoordinatorOptions:
     max_sessions: int = DEFAULT_MAX_SESSIONS
     max_batch_tokens: int = DEFAULT_MAX_FRAME_ROWS  # rows a peer takes per frame; stage 0 sends PREFILL_STEP
     weight_format: str = "auto"
-    frame_timeout_s: float = 10.0  # each stage's budget for the next one, beyond the compute
+    frame_timeout_s: float = DEFAULT_FRAME_TIMEOUT_S  # each stage's budget for the next, beyond compute
     file_source: str = ""  # where stage 0 serves the package's files ("" when it does not)
 
 
