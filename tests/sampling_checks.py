@@ -14,6 +14,7 @@ from layerline.packager.build import BuildOptions, build_package
 from layerline.runtime.bench.tiny_model import random_llama_weights, write_hf_folder
 from layerline.runtime.decode.local_pipeline import LocalPipeline
 from layerline.runtime.decode.sampling import SamplingParams
+from layerline.runtime.decode.targets import PREFILL_STEP
 from layerline.runtime.stage0.scheduler import BatchScheduler
 
 from helpers import TINY_LLAMA_CONFIG
@@ -134,4 +135,4 @@ def one_stage_scheduler(model: LocalPipeline) -> BatchScheduler:
     """Stage 0's scheduler over the model's one range, in this process (no peers)."""
     (layers,) = model.ranges
     return BatchScheduler.local(model.head, layers, context_length=512, compute_dtype=mx.float32,
-                                max_sessions=64, max_rows=512)
+                                max_sessions=64, max_rows=PREFILL_STEP)

@@ -36,10 +36,6 @@ class StageModel:
         self.compute_dtype = compute_dtype
         self.hidden_size = layers.hidden_size
 
-    def forward(self, session_id: str, start_pos: int, hidden: mx.array) -> mx.array:
-        """Run one frame's hidden states for `session_id` from absolute position `start_pos`."""
-        return self.forward_batch([Rows(session_id, start_pos, hidden.shape[1])], hidden)
-
     def forward_batch(self, rows: list[Rows], hidden: mx.array) -> mx.array:
         """Run the rows of several sessions (1, total rows, D) in one pass; every session is
         checked before any cache changes, so a refused batch leaves them all as they were."""

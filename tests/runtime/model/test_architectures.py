@@ -27,12 +27,13 @@ from layerline.runtime.decode.drafters import NgramDrafter
 from layerline.runtime.decode.local_pipeline import LocalPipeline
 from layerline.runtime.decode.loop import generate
 from layerline.runtime.decode.sampling import SamplingParams
-from layerline.runtime.decode.targets import LocalTarget
+from layerline.runtime.decode.targets import PREFILL_STEP, LocalTarget
 from layerline.runtime.decode.window_policy import AdaptiveWindow, FixedWindow
 from layerline.runtime.model.chat import text_prompt_tokens
 from layerline.runtime.model.kv_cache import RangeCache, SessionStore, SlidingWindowCache
+from layerline.runtime.model.session_limit import DEFAULT_MAX_SESSIONS
 from layerline.runtime.stage.model import StageModel
-from layerline.runtime.stage.wire import FrameError
+from layerline.runtime.stage.wire import FrameError, Rows
 from layerline.runtime.stage0.scheduler import BatchScheduler
 from layerline.runtime.stage0.target import PipelineTarget
 
@@ -188,19 +189,24 @@ def test_sliding_window_cache_decodes_like_mlx_lm_and_rolls_back(models, monkeyp
     np.testing.assert_allclose(feed(tokens[:12]), expected[:12], rtol=0, atol=1e-4)
 
 
+def run_rows(stage: StageModel, session_id: str, start_pos: int, hidden: mx.array) -> mx.array:
+    """One session's rows through a stage, as a batch of one."""
+    return stage.forward_batch([Rows(session_id, start_pos, hidden.shape[1])], hidden)
+
+
 def test_a_stage_refuses_a_rollback_past_its_sliding_windows_reach(models, monkeypatch):
     monkeypatch.setattr(SlidingWindowCache, "step", 4)  # rebuilt (and cut) on every 4th position
     pipeline = LocalPipeline.load(models["gemma3_text"]["packages"]["gguf"], None, "f32", tokenizer=False)
     layers = pipeline.ranges[0]
     stage = StageModel(layers, SessionStore(layers.make_cache), 512, mx.float32)
     hidden = mx.array(np.random.default_rng(0).standard_normal((1, 300, 64)).astype(np.float32))
-    stage.forward("s", 0, hidden)
-    stage.forward("s", 290, hidden[:, 290:])  # a rejected draft's rollback: fine
-    stage.forward("s", 300, hidden[:, :1])
+    run_rows(stage, "s", 0, hidden)
+    run_rows(stage, "s", 290, hidden[:, 290:])  # a rejected draft's rollback: fine
+    run_rows(stage, "s", 300, hidden[:, :1])
     with pytest.raises(FrameError, match="cannot roll back from 301 to 20 here"):
-        stage.forward("s", 20, hidden[:, 20:21])
-    again = stage.forward("s", 0, hidden[:, :4])  # a restart from position 0 always works
-    np.testing.assert_allclose(np.array(again), np.array(stage.forward("t", 0, hidden[:, :4])))
+        run_rows(stage, "s", 20, hidden[:, 20:21])
+    again = run_rows(stage, "s", 0, hidden[:, :4])  # a restart from position 0 always works
+    np.testing.assert_allclose(np.array(again), np.array(run_rows(stage, "t", 0, hidden[:, :4])))
 
 
 GREEDY = SamplingParams(max_tokens=40)
@@ -225,7 +231,7 @@ def test_greedy_output_identical_with_the_ngram_drafter_split_and_staged(models,
     # A stage rolls back by each frame's start_pos, sliding-window caches included.
     layers = whole.ranges[0]
     scheduler = BatchScheduler.local(whole.head, layers, context_length=512, compute_dtype=mx.float32,
-                                     max_sessions=16, max_rows=512)
+                                     max_sessions=DEFAULT_MAX_SESSIONS, max_rows=PREFILL_STEP)
     generation = generate(PipelineTarget(scheduler.open(f"{arch}-spec")), PROMPT, GREEDY,
                           drafter=NgramDrafter(min_ngram=1), policy=FixedWindow(4))
     assert [t.id for t in generation] == reference
