@@ -20,12 +20,17 @@ from ..decode.loop import StepRecord
 class PassProfile:
     """Sums of step parts (seconds) and counts; thread-safe."""
 
-    def __init__(self, trace_file: Path | None = None) -> None:
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self._passes = 0
         self._positions = 0
         self._seconds: dict[str, float] = defaultdict(float)
-        self._trace: TextIO | None = open(trace_file, "a", encoding="utf-8") if trace_file else None
+        self._trace: TextIO | None = None
+
+    def trace_to(self, trace_file: Path) -> None:
+        """From now on, also append every step to `trace_file`, one JSON line each."""
+        with self._lock:
+            self._trace = open(trace_file, "a", encoding="utf-8")
 
     def record(self, request_id: str, step: StepRecord) -> None:
         parts = self.parts(step)

@@ -133,7 +133,7 @@ class Stage0:
             log.warning("event=admin_api_off http=%s reason=no --admin-token-file beyond loopback: "
                         "/v1/draft and the dashboard answer 403", options.http)
         self.admission = Admission(min(options.max_batch, options.max_sessions), options.max_queue)
-        self.profile = PassProfile(options.trace_file)
+        self.profile = PassProfile()
         # Only the manifest is read here (for a Hub ref, fetched): it names the model, its
         # context and its speculation, and a bad ref fails before anything is bound.
         self.package = _open_package(options.package, self.cache_dir)
@@ -162,9 +162,11 @@ class Stage0:
 
     def start(self) -> Stage0:
         """Serve the package's files to the peers and make the coordinator that will claim them."""
+        options = self.options
+        if options.trace_file is not None:
+            self.profile.trace_to(options.trace_file)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self.file_server, file_source = self._serve_files()
-        options = self.options
         self._coordinator = Coordinator(self.package, CoordinatorOptions(
             package_ref=options.package, peers=list(options.peers), split=self.split,
             wire_dtype=wire_dtype(options.wire_dtype), token=self.token,
