@@ -112,8 +112,7 @@ class ClaimTable:
                     f"not by {coordinator_id} at term {term}",
                     holder,
                 )
-            self._holder = replace(holder, expires_at=self._clock() + holder.lease_s)
-            return self._holder
+            return self._renew(holder)
 
     @contextmanager
     def answering(self, coordinator_id: str, term: int) -> Iterator[Claim]:
@@ -134,7 +133,12 @@ class ClaimTable:
                     del self._answering[key]
                 holder = self._holder
                 if holder is not None and (holder.coordinator_id, holder.term) == key:
-                    self._holder = replace(holder, expires_at=self._clock() + holder.lease_s)
+                    self._renew(holder)
+
+    def _renew(self, holder: Claim) -> Claim:
+        """`holder`'s lease counted again from now (the table's lock held)."""
+        self._holder = replace(holder, expires_at=self._clock() + holder.lease_s)
+        return self._holder
 
     def release(self, coordinator_id: str, term: int) -> Claim:
         """Drop the claim held by (coordinator_id, term)."""
