@@ -13,6 +13,7 @@ from typing import Any
 from layerline.atomic_write import write_atomic
 from layerline.errors import ManifestError
 
+from .digest import is_sha256
 from .window_spec import FIELDS, WindowError, WindowSpec
 
 FORMAT = "layerline.layer-package"
@@ -231,6 +232,14 @@ class _Reader:
         return None if value is None else _Reader(value, self._name(key), self.origin)
 
 
+def _sha256(reader: _Reader) -> str:
+    """A `sha256` field: 64 lowercase hex digits (a file is stored and fetched by it)."""
+    value = reader.get("sha256", str)
+    if not is_sha256(value):
+        raise reader._fail("sha256", f"must be 64 lowercase hex digits, got {value[:80]!r}")
+    return value
+
+
 def _kind_name(kind: type | tuple[type, ...]) -> str:
     kinds = kind if isinstance(kind, tuple) else (kind,)
     names = {str: "a string", int: "an integer", float: "a number", dict: "an object",
@@ -359,7 +368,7 @@ def parse_manifest(raw: Any, origin: str = MANIFEST_NAME) -> Manifest:
         source=SourceInfo(
             kind=source.get("kind", str),
             file_name=source.get("file_name", str),
-            sha256=source.get("sha256", str),
+            sha256=_sha256(source),
             bytes=source.get("bytes", int),
         ),
     )
@@ -396,7 +405,7 @@ def parse_manifest(raw: Any, origin: str = MANIFEST_NAME) -> Manifest:
         files.append(
             FileEntry(
                 path=check_relative_path(f.get("path", str), origin),
-                sha256=f.get("sha256", str),
+                sha256=_sha256(f),
                 bytes=f.get("bytes", int),
             )
         )

@@ -7,6 +7,10 @@
     <cache>/hub/                      Hub downloads under way
     <cache>/locks/<sha256>            held while a stage writes that blob
 
+Every name that becomes a path here is a sha256 (64 lowercase hex digits), checked by each
+method that builds one, and each such path is checked to resolve inside the cache's root: a
+forged sha256 ("../../victim") never names a file elsewhere.
+
 Identical layers of two packages or revisions are one blob. A view's files are hard
 links, so a blob still used by a view has more than one link, and `prune` removes
 only blobs with one.
@@ -24,6 +28,7 @@ from pathlib import Path
 
 from layerline.atomic_write import write_atomic
 from layerline.errors import LayerlineError
+from layerline.packager.digest import is_sha256
 from layerline.packager.manifest import MANIFEST_NAME
 from layerline.packager.package import sha256_file
 
@@ -70,10 +75,33 @@ class ContentCache:
         self.locks = root / "locks"
 
     def blob(self, sha256: str) -> Path:
-        return self.blobs / sha256
+        """Where the verified file of this sha256 is kept."""
+        return self._inside(self.blobs, sha256)
 
     def partial(self, sha256: str) -> Path:
-        return self.blobs / f"{sha256}{PARTIAL}"
+        """Where a transfer of this sha256 is written."""
+        return self._inside(self.blobs, sha256, PARTIAL)
+
+    def lock(self, sha256: str) -> Path:
+        """The lock file held while this stage writes the blob of this sha256."""
+        return self._inside(self.locks, sha256)
+
+    def package_root(self, manifest_sha256: str) -> Path:
+        """The package view of a manifest of this sha256."""
+        return self._inside(self.packages, manifest_sha256)
+
+    def _inside(self, folder: Path, sha256: str, suffix: str = "") -> Path:
+        """folder/<sha256><suffix>, refused unless sha256 is one and the path stays in the cache."""
+        if not is_sha256(sha256):
+            raise LayerlineError(f"{sha256[:80]!r} is not a sha256 (64 lowercase hex digits): the "
+                                 "content cache names no file by it",
+                                 hint="the package's manifest or the Claim is malformed: rebuild the "
+                                 "package, or update the stage 0 that sent it")
+        path = folder / f"{sha256}{suffix}"
+        if not path.resolve().is_relative_to(self.root.resolve()):  # a linked folder, say
+            raise LayerlineError(f"{path} resolves outside the stage cache {self.root}",
+                                 hint=f"remove the link at {folder}")
+        return path
 
     # ------------------------------------------------------------ verification
 
@@ -126,7 +154,7 @@ class ContentCache:
     def view(self, manifest_sha256: str, manifest: Path, files: dict[str, Path]) -> Path:
         """A package folder for `manifest_sha256` holding the manifest and `files` (package path →
         file here), as hard links: what a loader opens like any package folder."""
-        root = self.packages / manifest_sha256
+        root = self.package_root(manifest_sha256)
         target = root / MANIFEST_NAME
         if not target.is_file() or sha256_file(target) != manifest_sha256:
             write_atomic(target, manifest.read_bytes())
@@ -138,7 +166,7 @@ class ContentCache:
 
     def manifest(self, manifest_sha256: str) -> Path | None:
         """The manifest of a package view here, if there is one with that sha256."""
-        path = self.packages / manifest_sha256 / MANIFEST_NAME
+        path = self.package_root(manifest_sha256) / MANIFEST_NAME
         if path.is_file() and self.check(path, manifest_sha256, path.stat().st_size, lambda n: None):
             return path
         return None

@@ -113,8 +113,9 @@ class FileSource:
 @contextmanager
 def blob_lock(cache: ContentCache, sha256: str) -> Iterator[None]:
     """Hold the cache's lock on one blob: two stages sharing a cache never write one file at once."""
+    path = cache.lock(sha256)
     cache.locks.mkdir(parents=True, exist_ok=True)
-    with open(cache.locks / sha256, "w") as lock:
+    with open(path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
 

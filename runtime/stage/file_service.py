@@ -9,7 +9,6 @@ passes on a corrupt file. Every stream shares one byte-rate limit.
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,6 +17,7 @@ from pathlib import Path
 import grpc
 
 from layerline.errors import LayerlineError
+from layerline.packager.digest import is_sha256
 from layerline.packager.manifest import MANIFEST_NAME
 from layerline.packager.package import LayerPackage
 from layerline.proto import stage_control_pb2 as pb
@@ -28,7 +28,6 @@ from .content_cache import ContentCache
 log = logging.getLogger("layerline.files")
 
 CHUNK_BYTES = 256 << 10
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class RateLimit:
@@ -97,7 +96,7 @@ class PackageFilesServicer(pb_grpc.PackageFilesServicer):
         self.index, self.limit, self.name = index, limit, name
 
     def Fetch(self, request: pb.FetchRequest, context: grpc.ServicerContext) -> Iterator[pb.FileChunk]:  # noqa: N802
-        if not (_SHA256.fullmatch(request.sha256) and _SHA256.fullmatch(request.manifest_sha256)):
+        if not (is_sha256(request.sha256) and is_sha256(request.manifest_sha256)):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           "Fetch needs manifest_sha256 and sha256 as 64 lowercase hex digits")
         path = self.index.find(request.manifest_sha256, request.path, request.sha256)

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from layerline import __version__
 from layerline.errors import LayerlineError
+from layerline.packager.digest import is_sha256
 from layerline.packager.package import LayerPackage
 from layerline.proto import stage_control_pb2 as pb
 
@@ -128,6 +129,7 @@ class StageNode:
             if kind == "release":
                 self.claims.release(request.coordinator_id, request.term)
                 self.unload()
+                self._cancel_preparation()
                 log.info("stage=%s event=released coordinator=%s", self.endpoint, request.coordinator_id)
                 return pb.StageControlResponse(released=pb.Released())
             with self.claims.answering(request.coordinator_id, request.term):
@@ -161,6 +163,10 @@ class StageNode:
         if not request.coordinator_id or claim.lease_duration_ms == 0 or not claim.package.ref:
             return self._reject(pb.REJECT_REASON_BAD_REQUEST,
                                 "Claim needs coordinator_id, package.ref and lease_duration_ms")
+        if claim.package.manifest_sha256 and not is_sha256(claim.package.manifest_sha256):
+            return self._reject(pb.REJECT_REASON_BAD_REQUEST,
+                                "Claim's package.manifest_sha256 must be 64 lowercase hex digits (or empty), "
+                                f"got {claim.package.manifest_sha256[:80]!r}")
         if claim.lease_duration_ms > MAX_LEASE_S * 1000:
             return self._reject(pb.REJECT_REASON_BAD_REQUEST,
                                 f"lease_duration_ms {claim.lease_duration_ms} is above the most a stage "
@@ -175,6 +181,8 @@ class StageNode:
             claim.package.manifest_sha256, claim.lease_duration_ms / 1000)
         if preempted is not None or (self.loaded and self._loaded_run != held.run_id):
             self.unload()  # a new run owns the stage: drop the old one's model and files state
+        if preempted is not None:
+            self._cancel_preparation()
         log.info("stage=%s event=claimed coordinator=%s term=%d run=%s", self.endpoint,
                  held.coordinator_id, held.term, held.run_id)
         return pb.StageControlResponse(claim_accepted=pb.ClaimAccepted(
@@ -286,6 +294,13 @@ class StageNode:
             log.warning("stage=%s event=lease_lapsed action=unload", self.endpoint)
             self.unload()
         return self.loaded
+
+    def _cancel_preparation(self) -> None:
+        """Stop the preparation under way (its run is over): it writes no more bytes."""
+        with self._lock:
+            if self.preparation is not None:
+                self.preparation.cancel()
+                self.preparation = None
 
     def unload(self) -> None:
         """Drop the loaded model (if any); its sessions go with it."""

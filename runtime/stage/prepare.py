@@ -108,6 +108,10 @@ def local_layer_count(ref: str) -> int | None:
         return None  # Prepare itself reports what is wrong with it
 
 
+class PreparationCancelled(LayerlineError):
+    """A Release stopped a preparation under way."""
+
+
 class Preparation:
     """One Prepare request's background work and its inventory."""
 
@@ -131,6 +135,7 @@ class Preparation:
         self._hashed = 0
         self._files: dict[str, str] = {}
         self.package: LayerPackage | None = None
+        self._cancelled = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"prepare-{start}-{end}", daemon=True)
 
     def start(self) -> Preparation:
@@ -140,6 +145,14 @@ class Preparation:
     def wait(self, timeout: float | None = None) -> InventoryReport:
         self._thread.join(timeout)
         return self.inventory()
+
+    def cancel(self) -> None:
+        """Stop the work (a Release): it fails at the next chunk hashed or received, writes no more."""
+        self._cancelled.set()
+
+    def _check_cancelled(self) -> None:
+        if self._cancelled.is_set():
+            raise PreparationCancelled("the preparation was cancelled: the claim was released")
 
     def inventory(self) -> InventoryReport:
         with self._lock:
@@ -151,10 +164,12 @@ class Preparation:
     # ------------------------------------------------------------ counters
 
     def _count_present(self, n: int) -> None:
+        self._check_cancelled()
         with self._lock:
             self._current_bytes += n
 
     def _count_hashed(self, n: int) -> None:
+        self._check_cancelled()
         with self._lock:
             self._hashed += n
             self._current_bytes += n
@@ -207,6 +222,7 @@ class Preparation:
         layer_files = set(package.manifest.layer_files(self.layer_start, self.layer_end))
         placed: dict[str, Path] = {}
         for relative in files:
+            self._check_cancelled()
             entry = package.manifest.file(relative)
             placed[relative], source = self._materialize(package, entry, manifest_sha, local_root, sources)
             self._file_done(relative, entry.bytes, source, relative in layer_files)
@@ -253,7 +269,7 @@ class Preparation:
                     continue
                 with self._lock:
                     self._current_bytes = 0
-                staged = self.cache.packages / expected / MANIFEST_NAME
+                staged = self.cache.package_root(expected) / MANIFEST_NAME
                 self.cache.view(expected, blob, {})
                 return staged, None
         raise ManifestError("cannot read the package manifest: " + "; ".join(reasons),
