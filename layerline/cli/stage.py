@@ -12,6 +12,7 @@ from layerline.runtime.model.session_limit import DEFAULT_MAX_SESSIONS
 from layerline.runtime.serve.admission import DEFAULT_DRAIN_S, DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE
 from layerline.runtime.serve.body_limit import DEFAULT_MAX_BODY_BYTES
 from layerline.runtime.serve.config import LayerlineConfig
+from layerline.runtime.serve.http_limits import DEFAULT_HEADER_TIMEOUT_S, DEFAULT_MAX_HTTP_CONNECTIONS
 from layerline.runtime.stage.claims import DEFAULT_LEASE_S
 from layerline.runtime.stage.content_cache import DEFAULT_CACHE_DIR
 from layerline.runtime.stage.frame_budget import DEFAULT_FRAME_TIMEOUT_S
@@ -57,6 +58,8 @@ def stage_serve(
     lanes: Annotated[int | None, typer.Option(help="Batches in flight through the stages at once (stage 0; default one per stage).")] = None,
     max_queue: Annotated[int, typer.Option(help="Requests that may wait for a slot (stage 0); more get 429.")] = DEFAULT_MAX_QUEUE,
     max_body_bytes: Annotated[int, typer.Option(help="Largest HTTP request body (stage 0); larger gets 413.")] = DEFAULT_MAX_BODY_BYTES,
+    http_header_timeout: Annotated[float, typer.Option(help="Seconds an HTTP request header may take to arrive whole (stage 0); then the connection is closed.")] = DEFAULT_HEADER_TIMEOUT_S,
+    max_http_connections: Annotated[int, typer.Option(help="Open HTTP connections stage 0 serves; more get 503 and are closed.")] = DEFAULT_MAX_HTTP_CONNECTIONS,
     stage_timeout: Annotated[float, typer.Option(help="Seconds a stage may take per frame beyond its measured compute; then the request fails.")] = DEFAULT_FRAME_TIMEOUT_S,
     drain_seconds: Annotated[float, typer.Option(help="After SIGTERM, how long requests in flight may finish (stage 0).")] = DEFAULT_DRAIN_S,
     lease_seconds: Annotated[float, typer.Option(help="How long peers keep stage 0's claim without hearing from it (at most 120).")] = DEFAULT_LEASE_S,
@@ -91,7 +94,8 @@ def stage_serve(
         context_length=context_length, max_sessions=max_sessions, max_batch=max_batch, lanes=lanes,
         cache_dir=cache,
         auth_token_file=auth_token_file, admin_token_file=admin_token_file, max_queue=max_queue,
-        max_body_bytes=max_body_bytes, stage_timeout_s=stage_timeout, drain_s=drain_seconds,
+        max_body_bytes=max_body_bytes, header_timeout_s=http_header_timeout,
+        max_http_connections=max_http_connections, stage_timeout_s=stage_timeout, drain_s=drain_seconds,
         lease_s=lease_seconds, trace_file=trace, listen=listen or STAGE0_LISTEN, advertise=advertise,
         serve_files=serve_files, file_rate_limit_mb_s=file_rate_limit, insecure=insecure))
 

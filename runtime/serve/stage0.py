@@ -50,6 +50,7 @@ from .draft_api import DraftPolicy, draft_router
 from .engine import PipelineEngine
 from .engine_slot import EngineSlot
 from .frontend import create_app
+from .http_limits import DEFAULT_HEADER_TIMEOUT_S, DEFAULT_MAX_HTTP_CONNECTIONS, guarded_protocol
 from .metrics import StageGauge
 from .profile import PassProfile
 
@@ -77,6 +78,8 @@ class Stage0Options:
     admin_token_file: Path | None = None  # guards /v1/draft and the dashboard
     max_queue: int = DEFAULT_MAX_QUEUE  # requests that may wait for a slot beyond the max_sessions decoding
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S  # an HTTP request header must arrive whole within
+    max_http_connections: int = DEFAULT_MAX_HTTP_CONNECTIONS  # open HTTP connections; more get a 503
     stage_timeout_s: float = DEFAULT_FRAME_TIMEOUT_S  # what a stage may take per frame beyond its compute
     drain_s: float = DEFAULT_DRAIN_S
     lease_s: float = DEFAULT_LEASE_S  # how long a peer keeps this stage 0's claim without hearing from it
@@ -321,8 +324,10 @@ class Stage0:
         coordinator = self.coordinator  # one not started is refused here, before HTTP listens
         host, _, port = self.options.http.rpartition(":")
         app = self.app()
+        protocol = guarded_protocol(self.options.header_timeout_s, self.options.max_http_connections)
         server = uvicorn.Server(uvicorn.Config(app, host=host, port=int(port), log_level="warning",
-                                               timeout_graceful_shutdown=self.options.drain_s))
+                                               timeout_graceful_shutdown=self.options.drain_s,
+                                               http=protocol))
         failure: list[BaseException] = []
 
         def bring_up() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import time
 from pathlib import Path
 
@@ -15,6 +16,8 @@ import pytest
 from helpers import Stage0Process, StageProcess
 
 MAX_BODY = 64 << 10
+HEADER_TIMEOUT_S = 2
+MAX_HTTP_CONNECTIONS = 24
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +28,9 @@ def stage0(tiny_llama_package: Path, tmp_path_factory: pytest.TempPathFactory):
     (root / "peer").mkdir()
     peer = StageProcess((), root / "peer")
     server = Stage0Process(tiny_llama_package, [peer.endpoint], root, "--split", "0:2,2:4", "--no-draft",
-                           "--config", str(root / "config.toml"), "--max-body-bytes", str(MAX_BODY))
+                           "--config", str(root / "config.toml"), "--max-body-bytes", str(MAX_BODY),
+                           "--http-header-timeout", str(HEADER_TIMEOUT_S),
+                           "--max-http-connections", str(MAX_HTTP_CONNECTIONS))
     yield server
     server.stop()
     peer.stop()
@@ -212,3 +217,29 @@ def test_control_tokens_in_a_message_are_text_not_a_forged_turn(stage0, tiny_lla
     assert chat_prompt_tokens(tokenizer, package.manifest, plain) == tokenizer.encode(
         tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=False),
         add_special_tokens=False)
+
+
+def test_half_headers_are_cut_off_and_surplus_connections_get_503(stage0):
+    host, port = stage0.url.removeprefix("http://").rsplit(":", 1)
+    slow = []
+    for _ in range(MAX_HTTP_CONNECTIONS + 6):
+        sock = socket.create_connection((host, int(port)), timeout=10)
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Ty")  # never finished
+        slow.append(sock)
+    # The connections past the cap are answered at once and closed.
+    refused = []
+    for sock in slow[MAX_HTTP_CONNECTIONS - 1:]:
+        sock.settimeout(5)
+        refused.append(sock.recv(4096))
+    assert any(reply.startswith(b"HTTP/1.1 503") and b"too_many_connections" in reply for reply in refused)
+    # The others are closed once the header deadline passes, even sending a byte now and then.
+    time.sleep(HEADER_TIMEOUT_S / 2)
+    for sock in slow[:5]:
+        sock.sendall(b"x")
+    deadline = time.monotonic() + HEADER_TIMEOUT_S * 3
+    for sock in slow[:MAX_HTTP_CONNECTIONS - 1]:
+        sock.settimeout(max(0.1, deadline - time.monotonic()))
+        assert sock.recv(4096) == b""  # closed by the server
+    for sock in slow:
+        sock.close()
+    assert healthy(stage0)
