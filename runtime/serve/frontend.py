@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -179,7 +180,7 @@ def create_app(engine: Engine, *, stage_states: Callable[[], list[StageGauge]] |
                                  media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionBody) -> Any:
+    async def chat_completions(body: ChatCompletionBody, request: Request) -> Any:
         _check_model(engine, body.model)
         check_fields(body)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
@@ -187,10 +188,10 @@ def create_app(engine: Engine, *, stage_states: Callable[[], list[StageGauge]] |
             check_text(message["content"], f"messages[{i}].content")
         prompt = await run_in_threadpool(engine.encode_chat, messages)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        return await _serve(engine, metrics, "chat", body, prompt, logprobs)
+        return await _serve(engine, metrics, "chat", body, prompt, logprobs, request)
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionBody) -> Any:
+    async def completions(body: CompletionBody, request: Request) -> Any:
         _check_model(engine, body.model)
         check_fields(body)
         if isinstance(body.prompt, list) and isinstance(body.prompt[0], int):
@@ -200,7 +201,7 @@ def create_app(engine: Engine, *, stage_states: Callable[[], list[StageGauge]] |
             text = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
             check_text(text, "prompt")
             prompt = await run_in_threadpool(engine.encode, text)
-        return await _serve(engine, metrics, "completion", body, prompt, body.logprobs)
+        return await _serve(engine, metrics, "completion", body, prompt, body.logprobs, request)
 
     return app
 
@@ -212,7 +213,7 @@ def _check_model(engine: Engine, model: str | None) -> None:
 
 
 async def _serve(engine: Engine, metrics: Metrics, kind: str, body: Any, prompt: list[int],
-                 logprobs: int | None) -> Any:
+                 logprobs: int | None, http_request: Request) -> Any:
     if not engine.is_ready():
         raise ApiError(503, "the pipeline is not ready: a stage is down or still loading",
                        type="server_error", code="stage_unavailable")
@@ -229,13 +230,37 @@ async def _serve(engine: Engine, metrics: Metrics, kind: str, body: Any, prompt:
         return StreamingResponse(_drive(reply.sse(events, include_usage, endpoint)),
                                  media_type="text/event-stream")
     try:
-        result = await run_in_threadpool(reply.collect, events)
+        result = await _collect_while_connected(reply, events, http_request)
     except LayerlineError as exc:
         metrics.requests.labels(endpoint, "error").inc()
         return _error(_from_layerline(exc))
+    if result is None:
+        metrics.requests.labels(endpoint, "aborted").inc()
+        return None  # nobody is there to read an answer
     metrics.requests.labels(endpoint, "ok").inc()
     metrics.latency.labels(endpoint).observe(time.monotonic() - reply.started)
     return result
+
+
+async def _collect_while_connected(reply: _Reply, events: Events,
+                                   http_request: Request) -> dict[str, Any] | None:
+    """The whole answer, collected in a worker thread; None when the client left first, which
+    ends the request at its next token and frees its session on every stage."""
+    left = threading.Event()
+
+    async def watch() -> None:
+        # After the body, the next message uvicorn gives is the disconnect.
+        while (await http_request.receive())["type"] != "http.disconnect":
+            pass
+        left.set()
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(watch)
+        try:
+            result = await run_in_threadpool(reply.collect, events, left)
+        finally:
+            group.cancel_scope.cancel()
+    return None if left.is_set() else result
 
 
 _DONE = object()
@@ -299,11 +324,14 @@ class _Reply:
         return {"tokens": [t.token for t in items], "token_logprobs": [t.logprob for t in items],
                 "top_logprobs": [dict(t.top) for t in items]}
 
-    def collect(self, events: Events) -> dict[str, Any]:
+    def collect(self, events: Events, left: threading.Event) -> dict[str, Any]:
+        """The answer's body from every event, ending the request early once `left` is set."""
         text, finish, logprobs = [], "length", []
         endpoint = "/v1/chat/completions" if self.kind == "chat" else "/v1/completions"
         try:
             for event in events:
+                if left.is_set():
+                    break  # the client is gone: close the request now
                 self._count(event, endpoint)
                 text.append(event.text)
                 logprobs += event.logprobs or []

@@ -243,3 +243,25 @@ def test_half_headers_are_cut_off_and_surplus_connections_get_503(stage0):
     for sock in slow:
         sock.close()
     assert healthy(stage0)
+
+
+def test_a_client_that_leaves_before_a_whole_answer_ends_its_request(stage0):
+    aborted = stage0.metric("layerline_requests_total", endpoint="/v1/completions", status="aborted")
+    host, port = stage0.url.removeprefix("http://").rsplit(":", 1)
+    body = json.dumps({"prompt": "Once upon a time", "max_tokens": 400, "temperature": 0}).encode()
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+                     b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        deadline = time.monotonic() + 10
+        while stage0.status()["requests"]["active"] == 0:  # it is generating
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        status = stage0.status()
+        if status["stages"][0]["sessions"] == 0 and status["requests"]["active"] == 0:
+            break
+        time.sleep(0.05)
+    assert status["stages"][0]["sessions"] == 0 and status["requests"]["active"] == 0, status
+    assert stage0.metric("layerline_requests_total", endpoint="/v1/completions",
+                         status="aborted") == aborted + 1
