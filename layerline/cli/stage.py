@@ -67,6 +67,8 @@ def stage_serve(
     activation_advertise: Annotated[str | None, typer.Option(help="HOST:PORT others reach the activation endpoint at (behind NAT or a proxy).")] = None,
     max_connections: Annotated[int, typer.Option(help="Activation connections this stage serves at once; more are refused.")] = ConnectionLimits.max_connections,
     connection_idle_seconds: Annotated[float, typer.Option(help="An activation connection idle this long is closed.")] = ConnectionLimits.idle_s,
+    max_hello_connections: Annotated[int, typer.Option(help="Activation connections still in their hello (not yet authenticated); past it the oldest is closed (8 per address).")] = ConnectionLimits.max_greeting,
+    frame_memory_mb: Annotated[int, typer.Option(help="MiB of activation frames this stage holds read and unanswered, over all connections; more wait.")] = ConnectionLimits.unanswered_bytes >> 20,
     insecure: Annotated[bool, typer.Option("--insecure", help="Serve beyond loopback without --auth-token-file.")] = False,
     trace: Annotated[Path | None, typer.Option(help="Stage 0: write every step of every request to this file, one JSON line each.")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning.")] = "info",
@@ -82,7 +84,9 @@ def stage_serve(
         from layerline.runtime.stage.main import run_stage
 
         run_stage(listen or PEER_LISTEN, cache, auth_token_file, insecure=insecure,
-                  limits=ConnectionLimits(max_connections=max_connections, idle_s=connection_idle_seconds),
+                  limits=ConnectionLimits(max_connections=max_connections, idle_s=connection_idle_seconds,
+                                          max_greeting=max_hello_connections,
+                                          unanswered_bytes=frame_memory_mb << 20),
                   activation_listen=activation_listen, activation_advertise=activation_advertise,
                   file_rate_limit_mb_s=file_rate_limit)
         return

@@ -5,6 +5,7 @@ beyond loopback without a token, and manifests that cannot crash a reader."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -20,7 +21,12 @@ from layerline.runtime.bench.processes import free_port
 from layerline.runtime.stage.activation import ActivationRelay
 from layerline.runtime.stage.client import ActivationAddress, StageClient, StageRejectedError
 from layerline.runtime.stage.frame_budget import FrameBudget
-from layerline.runtime.stage.frame_transport import ConnectionRefusedByStage, FrameConnection
+from layerline.runtime.stage.frame_transport import (
+    ConnectionRefusedByStage,
+    FrameConnection,
+    read_message,
+    write_message,
+)
 from layerline.runtime.stage.grpc_options import CLIENT_OPTIONS, SERVER_OPTIONS
 from layerline.runtime.stage.model import load_stage_model
 from layerline.runtime.stage.node import StageNode
@@ -181,3 +187,69 @@ def test_a_manifest_nested_too_deep_is_an_error_line(tmp_path: Path):
     done = subprocess.run([sys.executable, "-m", "layerline", "pkg", "inspect", str(tmp_path)],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and "nests JSON too deeply" in done.stderr and "Traceback" not in done.stderr
+
+
+def _rss_mib(stage) -> float:
+    status = Path(f"/proc/{stage.process.popen.pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1]) / 1024
+
+
+def _token_file(tmp_path: Path) -> Path:
+    path = tmp_path / "token"
+    path.write_text("s3cret-token")
+    return path
+
+
+def test_announced_lengths_cost_nothing_before_the_token_is_checked(stage_processes, tmp_path):
+    stage = stage_processes("--auth-token-file", str(_token_file(tmp_path)))
+    address = ActivationAddress(stage.endpoint, token="s3cret-token").get()
+    host, port = address.rsplit(":", 1)
+    before = _rss_mib(stage)
+    sockets = []
+    for _ in range(40):
+        sock = socket.create_connection((host, int(port)), timeout=10)
+        sock.sendall((64 << 20).to_bytes(4, "little") + b"\0\0\0\0")  # a 64 MiB hello, 4 bytes of it
+        sockets.append(sock)
+    time.sleep(1)
+    grown = _rss_mib(stage) - before
+    for sock in sockets:
+        sock.close()
+    assert grown < 100, f"the stage grew by {grown:.0f} MiB"
+
+
+def test_idle_unauthenticated_connections_do_not_lock_out_a_client_with_the_token(stage_processes, tmp_path):
+    stage = stage_processes("--auth-token-file", str(_token_file(tmp_path)), "--max-connections", "4")
+    address = ActivationAddress(stage.endpoint, token="s3cret-token").get()
+    host, port = address.rsplit(":", 1)
+    idle = [socket.create_connection((host, int(port)), timeout=10) for _ in range(70)]
+    time.sleep(0.5)
+    connection = FrameConnection(address, budget=FrameBudget(10.0), token="s3cret-token")  # admitted
+    frame = act_pb.ActivationFrame(session_id="s", seq=1, end_session=act_pb.EndSession())
+    assert connection.call(frame).WhichOneof("body") in ("end_session", "error")
+    connection.close()
+    for sock in idle:
+        sock.close()
+
+
+def test_frames_read_and_unanswered_share_one_memory_budget(stage_processes, tmp_path):
+    stage = stage_processes("--auth-token-file", str(_token_file(tmp_path)), "--frame-memory-mb", "64")
+    address = ActivationAddress(stage.endpoint, token="s3cret-token").get()
+    before = _rss_mib(stage)
+    host, port = address.rsplit(":", 1)
+    held = []
+    for _ in range(40):
+        sock = socket.create_connection((host, int(port)), timeout=10)
+        write_message(sock, act_pb.ActivationHello(auth_token="s3cret-token"))
+        assert not read_message(sock, act_pb.ActivationHello).error
+        # A frame of 64 MiB announced, 8 MiB of it sent, the rest never: one fits the budget at a time.
+        sock.setblocking(False)
+        try:
+            sock.send((64 << 20).to_bytes(4, "little") + bytes(8 << 20))
+        except BlockingIOError:
+            pass
+        held.append(sock)
+    time.sleep(2)
+    grown = _rss_mib(stage) - before
+    for sock in held:
+        sock.close()
+    assert grown < 100, f"the stage grew by {grown:.0f} MiB"
