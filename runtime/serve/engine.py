@@ -6,6 +6,10 @@ token plus the request's drafts (none when it decodes plainly). The scheduler
 (`stage0/scheduler.py`) runs the submissions of every request in batch passes; while others
 share them, a request drafts only the window worth its rows (`decode/batch_window.py`).
 
+Requests decode on a fixed pool of threads, one per request admitted to decode at once:
+mlx keeps a worker for every thread that ever evaluated, so a thread per request would
+leave the process one more thread per request served, for ever.
+
 `generate` checks a request and admits it before it returns, so that a bad or
 unadmitted request is answered with an HTTP error before any token is streamed; its
 events must be closed (`Events.close`), which releases the request's session and slot
@@ -21,6 +25,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from layerline.packager.manifest import Manifest
@@ -64,6 +69,8 @@ class PipelineEngine:
         self.vocab_size = pipeline.head.vocab_size
         self._stopping = threading.Event()
         self._drafting: dict[str, bool] = {}  # request session -> its last step drafted
+        # As many threads as requests decode at once (admission never admits more).
+        self._decoders = ThreadPoolExecutor(max_workers=admission.max_active, thread_name_prefix="decode")
 
     @property
     def speculating(self) -> int:
@@ -91,6 +98,7 @@ class PipelineEngine:
         self._stopping.set()
         self.admission.close()
         self.scheduler.close()
+        self._decoders.shutdown(wait=False)
 
     def generate(self, request: GenerationRequest) -> Events:
         """Check and admit `request` (raising now if it cannot run), then its events."""
@@ -102,7 +110,7 @@ class PipelineEngine:
             logprobs=request.logprobs is not None, top_logprobs=request.logprobs or 0)
         self.pipeline.check_tokens(request.prompt_tokens)
         ticket = self.admission.enter()
-        return Events(lambda: self._decode(request, params), ticket)
+        return Events(lambda: self._decode(request, params), ticket, self._decoders)
 
     def _decode(self, request: GenerationRequest, params: SamplingParams) -> Iterator[GenerationEvent]:
         plan = self.speculation.plan(request.speculative, params, context_length=self.context_length,
@@ -154,29 +162,35 @@ class PipelineEngine:
 class Events:
     """One admitted request's events; `close()` ends it and frees its slot, read to the end or not.
 
-    The first read waits for a decoding slot; then the request decodes on a thread of its own,
-    which hands its events over: mlx evaluates a graph only on the thread that built it, and
-    the HTTP server reads a stream from whichever worker thread is free.
+    The first read waits for a decoding slot; then the request decodes on one thread of the
+    engine's pool, which hands its events over: mlx evaluates a graph only on the thread that
+    built it, and the HTTP server reads a stream from whichever worker thread is free.
     """
 
-    def __init__(self, decode: Callable[[], Iterator[GenerationEvent]], ticket: Ticket) -> None:
+    def __init__(self, decode: Callable[[], Iterator[GenerationEvent]], ticket: Ticket,
+                 decoders: ThreadPoolExecutor) -> None:
         self._decode = decode
         self._ticket = ticket
+        self._decoders = decoders
         self._events: queue.Queue[GenerationEvent | BaseException | None] = queue.Queue()
         self._stop = threading.Event()
         self._done = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._started = False
 
     def __iter__(self) -> Events:
         return self
 
     def __next__(self) -> GenerationEvent:
-        if self._thread is None:
+        if not self._started:
             self._ticket.wait()  # queued requests wait here, before any model work
             if self._stop.is_set():
                 raise StopIteration  # closed while it waited
-            self._thread = threading.Thread(target=self._run, name="decode", daemon=True)
-            self._thread.start()
+            try:
+                self._decoders.submit(self._run)
+            except RuntimeError as exc:  # the pool is shut down: the server is stopping
+                raise ShuttingDownError("the server is shutting down",
+                                        hint="send it to another server") from exc
+            self._started = True
         item = self._events.get()
         if item is None:
             self._events.put(None)  # ended: so it stays
@@ -203,7 +217,7 @@ class Events:
     def close(self) -> None:
         """End the request (the step under way finishes first) and free its slot."""
         self._stop.set()
-        if self._thread is not None:
+        if self._started:
             self._done.wait()
         self._ticket.release()  # also when the events were never started
 

@@ -265,3 +265,15 @@ def test_a_client_that_leaves_before_a_whole_answer_ends_its_request(stage0):
     assert status["stages"][0]["sessions"] == 0 and status["requests"]["active"] == 0, status
     assert stage0.metric("layerline_requests_total", endpoint="/v1/completions",
                          status="aborted") == aborted + 1
+
+
+def test_the_thread_count_stays_flat_however_many_requests_are_served(stage0):
+    def threads() -> int:
+        return len(list(Path(f"/proc/{stage0.process.popen.pid}/task").iterdir()))
+
+    for _ in range(3):  # the pools' first threads
+        assert post(stage0, {"prompt": "Hello", "max_tokens": 2, "temperature": 0}).status_code == 200
+    before = threads()
+    for i in range(40):
+        assert post(stage0, {"prompt": f"Hello {i}", "max_tokens": 2, "temperature": 0}).status_code == 200
+    assert threads() <= before + 4, (before, threads())
