@@ -35,6 +35,11 @@ class ChecksumError(LayerlineError):
         self.bad_files = bad_files
 
 
+class PackageFileError(LayerlineError):
+    """A package file hashes right but is not what its manifest says: truncated, garbage, a
+    tensor missing or of the wrong shape, a tokenizer that does not load."""
+
+
 class TokenizerMismatchError(LayerlineError):
     """Two models that must share a tokenizer do not."""
 

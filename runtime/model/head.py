@@ -58,7 +58,8 @@ class Head(nn.Module):
             weights = {k: v for k, v in weights.items() if not k.startswith("lm_head.")}
         # This module's paths are the files' less `model.` (`embed_tokens`), but for `lm_head`.
         load_into(head, weights, manifest.quantization,
-                  lambda path: path if path.startswith("lm_head") else f"model.{path}")
+                  lambda path: path if path.startswith("lm_head") else f"model.{path}",
+                  files=" and ".join(files))
         log.info("head embed+head vocab=%d weights=%s", head.vocab_size, plan.format)
         return head
 

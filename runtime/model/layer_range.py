@@ -99,7 +99,8 @@ class LayerRange(nn.Module):
             _, local, rest = path.split(".", 2)
             return f"{LAYER_PREFIX}{start + int(local)}.{rest}"
 
-        load_into(layer_range, weights, manifest.quantization, model_path)
+        load_into(layer_range, weights, manifest.quantization, model_path,
+                  files=f"the layer files of layers {start}..{end - 1} ({', '.join(files)})")
         log.info("range=%d..%d layers=%d weights=%s", start, end, end - start, plan.format)
         return layer_range
 

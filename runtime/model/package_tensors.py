@@ -1,14 +1,22 @@
-"""Reading a package's tensors: verified first, then converted to the planned weight format."""
+"""Reading a package's tensors: verified first, then converted to the planned weight format.
+
+A file can match its sha256 and still be wrong (a package built wrong, or by hand): its
+safetensors header is read and bounded before mlx sees it, and a tensor missing, extra or
+of the wrong shape is a PackageFileError naming the files, never a traceback.
+"""
 
 from __future__ import annotations
 
+import json
+import struct
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from layerline.errors import ManifestError
+from layerline.errors import ManifestError, PackageFileError
 from layerline.packager.manifest import Quantization
 from layerline.packager.package import LayerPackage
 
@@ -22,7 +30,38 @@ def read_verified(package: LayerPackage, files: list[str]) -> list[dict[str, mx.
     """The tensors of each file, after every one of them has matched its sha256."""
     # All files are checked before any is read: a bad file is refused before use, by name.
     package.verify(files)
-    return [mx.load(str(package.path(f))) for f in files]
+    return [_load_safetensors(package.path(f), f) for f in files]
+
+
+MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on a header
+
+
+def _load_safetensors(path: Path, name: str) -> dict[str, mx.array]:
+    """The tensors of one safetensors file, or PackageFileError saying what is wrong with it."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        start = f.read(8)
+        length = struct.unpack("<Q", start)[0] if len(start) == 8 else None
+        problem = None
+        if length is None or length > min(MAX_HEADER_BYTES, size - 8):
+            problem = f"its header claims {length} bytes of a {size}-byte file"
+        else:
+            try:
+                header = json.loads(f.read(length))
+                end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"),
+                          default=0)
+                if 8 + length + end > size:
+                    problem = f"it is truncated: its tensors end at byte {8 + length + end} of {size}"
+            except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
+                problem = f"its header is not safetensors JSON ({exc})"
+    if problem is None:
+        try:
+            return mx.load(str(path))
+        except (RuntimeError, ValueError) as exc:
+            problem = str(exc)
+    raise PackageFileError(f"cannot read the tensors of {name}: {problem}",
+                           hint="rebuild the package with `layerline pkg build` (it matches its sha256, so "
+                                "the manifest was written for this broken file)")
 
 
 def apply_plan(
@@ -74,6 +113,7 @@ def _packed_base(name: str) -> str:
 def load_into(
     module: nn.Module, weights: dict[str, mx.array], quantization: Quantization | None,
     model_path: Callable[[str], str] = lambda path: path, *, cpu_kernel: bool = True,
+    files: str = "the package's files",
 ) -> None:
     """Quantize the layers whose weights are packed, then load `weights` (all names must match).
 
@@ -91,7 +131,12 @@ def load_into(
             return {"group_size": fmt.group_size, "bits": fmt.bits, "mode": quantization.mode}
 
         nn.quantize(module, class_predicate=packed_format)
-    module.load_weights(list(weights.items()), strict=True)
+    try:
+        module.load_weights(list(weights.items()), strict=True)
+    except ValueError as exc:  # missing, extra or misshapen tensors: mlx names them
+        raise PackageFileError(f"{files} do not hold the tensors the model config asks for: {exc}",
+                               hint="rebuild the package with `layerline pkg build`; its config.json and "
+                                    "its tensor files disagree") from exc
     mx.eval(module.parameters())
     if cpu_kernel:
         use_cpu_kernel(module)

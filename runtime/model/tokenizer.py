@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from layerline.errors import PackageFileError
 from layerline.packager.package import LayerPackage
 
 # Tokens that end a turn in common chat formats; llama.cpp stops on these too
@@ -19,7 +20,14 @@ def load_tokenizer(package: LayerPackage) -> Any:
     package.verify(package.manifest.tokenizer.files)
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(package.root), local_files_only=True)
+    try:
+        return AutoTokenizer.from_pretrained(str(package.root), local_files_only=True)
+    except Exception as exc:  # tokenizers and transformers raise many kinds on a malformed file
+        raise PackageFileError(
+            f"the tokenizer of {package.root} ({', '.join(package.manifest.tokenizer.files)}) does not load: "
+            f"{str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}",
+            hint="rebuild the package with `layerline pkg build` from a source whose tokenizer loads",
+        ) from exc
 
 
 def end_of_generation_ids(tokenizer: Any, package: LayerPackage) -> tuple[int, ...]:
