@@ -111,6 +111,22 @@ def test_a_frame_inside_the_accepted_path_keeps_its_first_nodes_and_one_before_t
     assert model.sessions.get("t").length == 5
 
 
+def test_a_tree_fed_a_depth_per_frame_gives_the_rows_of_the_tree_sent_whole():
+    # As the draft model's scheduler feeds a tree: each frame the tree so far, its last depth's rows.
+    model = stage()
+    prefix, nodes = rows(PREFIX, 1), rows(len(PARENTS), 2)
+    for session_id in ("whole", "by-depth"):
+        model.forward_batch([Rows(session_id, 0, PREFIX)], prefix)
+    whole = model.forward_batch([Rows("whole", PREFIX, len(PARENTS), PARENTS)], nodes)
+    fed = 0
+    for depth_end in (1, 3, 6, 8, 9):  # PARENTS lists its nodes depth by depth
+        part = model.forward_batch([Rows("by-depth", PREFIX + fed, depth_end - fed, PARENTS[:depth_end])],
+                                   nodes[:, fed:depth_end])
+        np.testing.assert_allclose(np.array(part), np.array(whole[:, fed:depth_end]), rtol=1e-4, atol=1e-4)
+        fed = depth_end
+    same(held(model, "by-depth"), held(model, "whole"))
+
+
 def _bad_frames() -> list[tuple[str, Rows, int, str]]:
     """(case, a bad session's rows after `s` has run PARENTS from PREFIX, the code, the message)."""
     bad = pb.ACTIVATION_ERROR_CODE_BAD_FRAME
