@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n layerline/proto/activation.proto\x12\x12layerline.stage.v1\"k\n\x0f\x41\x63tivationHello\x12\x12\n\nauth_token\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x35\n\x04\x63ode\x18\x03 \x01(\x0e\x32\'.layerline.stage.v1.ActivationErrorCode\"\xb5\x02\n\x0f\x41\x63tivationFrame\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x35\n\x0b\x65nd_session\x18\x04 \x01(\x0b\x32\x1e.layerline.stage.v1.EndSessionH\x00\x12\x34\n\x05\x65rror\x18\x05 \x01(\x0b\x32#.layerline.stage.v1.ActivationErrorH\x00\x12\x35\n\x05\x62\x61tch\x18\x08 \x01(\x0b\x32$.layerline.stage.v1.BatchActivationsH\x00\x12\x30\n\x07timings\x18\x06 \x03(\x0b\x32\x1f.layerline.stage.v1.StageTimingB\x06\n\x04\x62odyJ\x04\x08\x03\x10\x04J\x04\x08\x07\x10\x08R\x0b\x61\x63tivationsR\nsuperseded\"_\n\x0bStageTiming\x12\x13\n\x0bstage_index\x18\x01 \x01(\r\x12\x10\n\x08total_ns\x18\x02 \x01(\x04\x12\x12\n\ncompute_ns\x18\x03 \x01(\x04\x12\x15\n\rdownstream_ns\x18\x04 \x01(\x04\"~\n\x0b\x41\x63tivations\x12\x13\n\x0btoken_count\x18\x02 \x01(\r\x12,\n\x05\x64type\x18\x03 \x01(\x0e\x32\x1d.layerline.stage.v1.WireDtype\x12\r\n\x05shape\x18\x04 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0cJ\x04\x08\x01\x10\x02R\tstart_pos\"{\n\x10\x42\x61tchActivations\x12\x31\n\x08sessions\x18\x01 \x03(\x0b\x32\x1f.layerline.stage.v1.SessionRows\x12\x34\n\x0b\x61\x63tivations\x18\x02 \x01(\x0b\x32\x1f.layerline.stage.v1.Activations\"I\n\x0bSessionRows\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tstart_pos\x18\x02 \x01(\x04\x12\x13\n\x0btoken_count\x18\x03 \x01(\r\"\x0c\n\nEndSession\"n\n\x0f\x41\x63tivationError\x12\x35\n\x04\x63ode\x18\x01 \x01(\x0e\x32\'.layerline.stage.v1.ActivationErrorCode\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x13\n\x0bstage_index\x18\x03 \x01(\r*d\n\tWireDtype\x12\x1a\n\x16WIRE_DTYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0eWIRE_DTYPE_F32\x10\x01\x12\x12\n\x0eWIRE_DTYPE_F16\x10\x02\x12\x13\n\x0fWIRE_DTYPE_BF16\x10\x03*\xb4\x03\n\x13\x41\x63tivationErrorCode\x12%\n!ACTIVATION_ERROR_CODE_UNSPECIFIED\x10\x00\x12#\n\x1f\x41\x43TIVATION_ERROR_CODE_NOT_READY\x10\x01\x12#\n\x1f\x41\x43TIVATION_ERROR_CODE_BAD_FRAME\x10\x02\x12&\n\"ACTIVATION_ERROR_CODE_POSITION_GAP\x10\x03\x12&\n\"ACTIVATION_ERROR_CODE_CONTEXT_FULL\x10\x04\x12+\n\'ACTIVATION_ERROR_CODE_TOO_MANY_SESSIONS\x10\x05\x12\x30\n,ACTIVATION_ERROR_CODE_DOWNSTREAM_UNAVAILABLE\x10\x06\x12\"\n\x1e\x41\x43TIVATION_ERROR_CODE_INTERNAL\x10\x07\x12)\n%ACTIVATION_ERROR_CODE_UNAUTHENTICATED\x10\x08\x12.\n*ACTIVATION_ERROR_CODE_TOO_MANY_CONNECTIONS\x10\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n layerline/proto/activation.proto\x12\x12layerline.stage.v1\"k\n\x0f\x41\x63tivationHello\x12\x12\n\nauth_token\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x35\n\x04\x63ode\x18\x03 \x01(\x0e\x32\'.layerline.stage.v1.ActivationErrorCode\"\xb5\x02\n\x0f\x41\x63tivationFrame\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x35\n\x0b\x65nd_session\x18\x04 \x01(\x0b\x32\x1e.layerline.stage.v1.EndSessionH\x00\x12\x34\n\x05\x65rror\x18\x05 \x01(\x0b\x32#.layerline.stage.v1.ActivationErrorH\x00\x12\x35\n\x05\x62\x61tch\x18\x08 \x01(\x0b\x32$.layerline.stage.v1.BatchActivationsH\x00\x12\x30\n\x07timings\x18\x06 \x03(\x0b\x32\x1f.layerline.stage.v1.StageTimingB\x06\n\x04\x62odyJ\x04\x08\x03\x10\x04J\x04\x08\x07\x10\x08R\x0b\x61\x63tivationsR\nsuperseded\"_\n\x0bStageTiming\x12\x13\n\x0bstage_index\x18\x01 \x01(\r\x12\x10\n\x08total_ns\x18\x02 \x01(\x04\x12\x12\n\ncompute_ns\x18\x03 \x01(\x04\x12\x15\n\rdownstream_ns\x18\x04 \x01(\x04\"~\n\x0b\x41\x63tivations\x12\x13\n\x0btoken_count\x18\x02 \x01(\r\x12,\n\x05\x64type\x18\x03 \x01(\x0e\x32\x1d.layerline.stage.v1.WireDtype\x12\r\n\x05shape\x18\x04 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0cJ\x04\x08\x01\x10\x02R\tstart_pos\"{\n\x10\x42\x61tchActivations\x12\x31\n\x08sessions\x18\x01 \x03(\x0b\x32\x1f.layerline.stage.v1.SessionRows\x12\x34\n\x0b\x61\x63tivations\x18\x02 \x01(\x0b\x32\x1f.layerline.stage.v1.Activations\"\x86\x01\n\x0bSessionRows\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tstart_pos\x18\x02 \x01(\x04\x12\x13\n\x0btoken_count\x18\x03 \x01(\r\x12\x0f\n\x07parents\x18\x04 \x03(\x05\x12*\n\x04keep\x18\x05 \x01(\x0b\x32\x1c.layerline.stage.v1.KeepPath\"&\n\x08KeepPath\x12\x0c\n\x04\x62\x61se\x18\x01 \x01(\x04\x12\x0c\n\x04path\x18\x02 \x03(\r\"\x0c\n\nEndSession\"n\n\x0f\x41\x63tivationError\x12\x35\n\x04\x63ode\x18\x01 \x01(\x0e\x32\'.layerline.stage.v1.ActivationErrorCode\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x13\n\x0bstage_index\x18\x03 \x01(\r*d\n\tWireDtype\x12\x1a\n\x16WIRE_DTYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0eWIRE_DTYPE_F32\x10\x01\x12\x12\n\x0eWIRE_DTYPE_F16\x10\x02\x12\x13\n\x0fWIRE_DTYPE_BF16\x10\x03*\xb4\x03\n\x13\x41\x63tivationErrorCode\x12%\n!ACTIVATION_ERROR_CODE_UNSPECIFIED\x10\x00\x12#\n\x1f\x41\x43TIVATION_ERROR_CODE_NOT_READY\x10\x01\x12#\n\x1f\x41\x43TIVATION_ERROR_CODE_BAD_FRAME\x10\x02\x12&\n\"ACTIVATION_ERROR_CODE_POSITION_GAP\x10\x03\x12&\n\"ACTIVATION_ERROR_CODE_CONTEXT_FULL\x10\x04\x12+\n\'ACTIVATION_ERROR_CODE_TOO_MANY_SESSIONS\x10\x05\x12\x30\n,ACTIVATION_ERROR_CODE_DOWNSTREAM_UNAVAILABLE\x10\x06\x12\"\n\x1e\x41\x43TIVATION_ERROR_CODE_INTERNAL\x10\x07\x12)\n%ACTIVATION_ERROR_CODE_UNAUTHENTICATED\x10\x08\x12.\n*ACTIVATION_ERROR_CODE_TOO_MANY_CONNECTIONS\x10\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'layerline.proto.activation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WIREDTYPE']._serialized_start=1028
-  _globals['_WIREDTYPE']._serialized_end=1128
-  _globals['_ACTIVATIONERRORCODE']._serialized_start=1131
-  _globals['_ACTIVATIONERRORCODE']._serialized_end=1567
+  _globals['_WIREDTYPE']._serialized_start=1130
+  _globals['_WIREDTYPE']._serialized_end=1230
+  _globals['_ACTIVATIONERRORCODE']._serialized_start=1233
+  _globals['_ACTIVATIONERRORCODE']._serialized_end=1669
   _globals['_ACTIVATIONHELLO']._serialized_start=56
   _globals['_ACTIVATIONHELLO']._serialized_end=163
   _globals['_ACTIVATIONFRAME']._serialized_start=166
@@ -45,10 +45,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ACTIVATIONS']._serialized_end=700
   _globals['_BATCHACTIVATIONS']._serialized_start=702
   _globals['_BATCHACTIVATIONS']._serialized_end=825
-  _globals['_SESSIONROWS']._serialized_start=827
-  _globals['_SESSIONROWS']._serialized_end=900
-  _globals['_ENDSESSION']._serialized_start=902
-  _globals['_ENDSESSION']._serialized_end=914
-  _globals['_ACTIVATIONERROR']._serialized_start=916
-  _globals['_ACTIVATIONERROR']._serialized_end=1026
+  _globals['_SESSIONROWS']._serialized_start=828
+  _globals['_SESSIONROWS']._serialized_end=962
+  _globals['_KEEPPATH']._serialized_start=964
+  _globals['_KEEPPATH']._serialized_end=1002
+  _globals['_ENDSESSION']._serialized_start=1004
+  _globals['_ENDSESSION']._serialized_end=1016
+  _globals['_ACTIVATIONERROR']._serialized_start=1018
+  _globals['_ACTIVATIONERROR']._serialized_end=1128
 # @@protoc_insertion_point(module_scope)

@@ -100,14 +100,26 @@ class BatchActivations(_message.Message):
     def __init__(self, sessions: _Optional[_Iterable[_Union[SessionRows, _Mapping]]] = ..., activations: _Optional[_Union[Activations, _Mapping]] = ...) -> None: ...
 
 class SessionRows(_message.Message):
-    __slots__ = ("session_id", "start_pos", "token_count")
+    __slots__ = ("session_id", "start_pos", "token_count", "parents", "keep")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     START_POS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_COUNT_FIELD_NUMBER: _ClassVar[int]
+    PARENTS_FIELD_NUMBER: _ClassVar[int]
+    KEEP_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     start_pos: int
     token_count: int
-    def __init__(self, session_id: _Optional[str] = ..., start_pos: _Optional[int] = ..., token_count: _Optional[int] = ...) -> None: ...
+    parents: _containers.RepeatedScalarFieldContainer[int]
+    keep: KeepPath
+    def __init__(self, session_id: _Optional[str] = ..., start_pos: _Optional[int] = ..., token_count: _Optional[int] = ..., parents: _Optional[_Iterable[int]] = ..., keep: _Optional[_Union[KeepPath, _Mapping]] = ...) -> None: ...
+
+class KeepPath(_message.Message):
+    __slots__ = ("base", "path")
+    BASE_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    base: int
+    path: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, base: _Optional[int] = ..., path: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class EndSession(_message.Message):
     __slots__ = ()

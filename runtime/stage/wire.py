@@ -1,4 +1,5 @@
-"""Hidden states on the wire: mlx arrays to `BatchActivations` messages and back, checked."""
+"""Hidden states on the wire: mlx arrays to `BatchActivations` messages and back, checked; each
+session's rows with their tree and the compaction of its previous one (`Rows`)."""
 
 from __future__ import annotations
 
@@ -91,25 +92,51 @@ def _decode(message: pb.Activations, limits: FrameLimits):
 
 
 @dataclass(frozen=True)
+class KeepPath:
+    """The accepted path of a session's tree: its nodes (tree indices, root first) stay in the
+    slots from `base` on, every other slot from `base` on goes."""
+
+    base: int
+    path: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class Rows:
-    """One session's consecutive rows in a batch frame."""
+    """One session's consecutive rows in a batch frame: a chain, or the last `count` nodes of the
+    tree `parents`; `keep` compacts the session's previous tree first."""
 
     session_id: str
-    start_pos: int
+    start_pos: int  # the cache slot of the first row: the cache is truncated there
     count: int
+    parents: tuple[int, ...] | None = None  # the whole tree, one entry a node; None: a chain
+    keep: KeepPath | None = None
+
+    @property
+    def tree_base(self) -> int:
+        """The cache slot of the tree's node 0 (the first row's for a chain)."""
+        return self.start_pos + self.count - len(self.parents) if self.parents is not None else self.start_pos
+
+
+def _session_rows(r: Rows) -> pb.SessionRows:
+    keep = pb.KeepPath(base=r.keep.base, path=r.keep.path) if r.keep is not None else None
+    return pb.SessionRows(session_id=r.session_id, start_pos=r.start_pos, token_count=r.count,
+                          parents=r.parents or (), keep=keep)
+
+
+def _rows(message: pb.SessionRows) -> Rows:
+    keep = KeepPath(int(message.keep.base), tuple(message.keep.path)) if message.HasField("keep") else None
+    return Rows(message.session_id, int(message.start_pos), int(message.token_count),
+                tuple(message.parents) or None, keep)
 
 
 def encode_batch(hidden, rows: list[Rows], dtype: int) -> pb.BatchActivations:
     """Rows of several sessions, (1, total rows, D), as a BatchActivations message."""
-    return pb.BatchActivations(
-        sessions=[pb.SessionRows(session_id=r.session_id, start_pos=r.start_pos, token_count=r.count)
-                  for r in rows],
-        activations=_encode(hidden, dtype))
+    return pb.BatchActivations(sessions=[_session_rows(r) for r in rows], activations=_encode(hidden, dtype))
 
 
 def decode_batch(message: pb.BatchActivations, limits: FrameLimits):
     """The rows of a BatchActivations message, and its tensor, after checking both."""
-    rows = [Rows(s.session_id, int(s.start_pos), int(s.token_count)) for s in message.sessions]
+    rows = [_rows(s) for s in message.sessions]
     if not rows:
         raise FrameError(pb.ACTIVATION_ERROR_CODE_BAD_FRAME, "a batch frame names no session")
     if any(not r.session_id or r.count < 1 for r in rows):

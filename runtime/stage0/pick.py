@@ -9,8 +9,9 @@ within a quarter of a pass of its answer — and at the latest when the oldest s
 has waited `MAX_PATIENCE_S`, so that one slow session does not hold the others up.
 
 What a pass takes, first come first served: the oldest submission of each session, at
-most `max_batch` sessions and `max_rows` rows; steps (decode steps, draft windows, the
-rest of a prompt that fits a step) first, each whole, then prompts, cut to the rows left
+most `max_batch` sessions and `max_rows` rows (a tree's nodes are its rows); steps (decode
+steps, draft windows, trees, the rest of a prompt that fits a step) first, each whole, then
+prompts, cut to the rows left
 (at most `PROMPT_ROWS_BESIDE_STEPS` beside steps), the rest of a prompt going in the next
 passes; so a long prompt is prefilled in chunks between the running streams' steps, which
 keep flowing, and nobody waits on it.
@@ -64,6 +65,9 @@ class Queued(Protocol):
     @property
     def left(self) -> int: ...  # rows not run yet
 
+    @property
+    def whole(self) -> bool: ...  # never cut across passes (a tree: its nodes see each other)
+
 
 Q = TypeVar("Q", bound=Queued)
 
@@ -104,7 +108,7 @@ def _rows(queue: Sequence[Q], max_batch: int, max_rows: int) -> list[tuple[Q, in
             # Beside running streams a pass takes a bounded prompt chunk, so they keep flowing.
             limit = min(limit, rows + PROMPT_ROWS_BESIDE_STEPS)
         for sub in firsts.values():
-            if is_step(sub.left) != steps or len(picks) >= max_batch:
+            if (sub.whole or is_step(sub.left)) != steps or len(picks) >= max_batch:
                 continue
             room = limit - rows
             take = sub.left if steps else min(sub.left, room)

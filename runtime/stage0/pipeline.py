@@ -77,6 +77,17 @@ class Pipeline:
         self.compute_lock = threading.Lock()
         self.budget = FrameBudget(frame_timeout_s)  # what stage 1 (and all after it) may take
 
+    @property
+    def supports_trees(self) -> bool:
+        """Whether every stage can run a tree of rows: each runs a range of the same architecture,
+        so stage 0's own range answers for them all (none: stage 0 cannot tell, so no)."""
+        return self.local is not None and self.local.layers.supports_trees
+
+    @property
+    def context_length(self) -> int | None:
+        """Positions a session may reach, as stage 0's own layers were loaded with (the peers' too)."""
+        return self.local.context_length if self.local is not None else None
+
     def check_tokens(self, tokens: list[int]) -> None:
         """Refuse token ids the embedding has no row for (reading past it would crash)."""
         vocab = self.head.vocab_size

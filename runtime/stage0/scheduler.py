@@ -1,11 +1,16 @@
 """Stage 0's scheduler: every request's passes through the split pipeline, run as batch passes.
 
 Each request still runs its own decode loop (drafting, verifying, sampling) on its own
-thread. What it submits — a prompt chunk, one position, a draft window — waits in its
+thread. What it submits — a prompt chunk, one position, a draft window, a tree of drafts —
+waits in its
 lane's queue for the lane's next pass, which carries the rows of every waiting session at
 once (continuous batching): stage 0 embeds them, runs its layers over all of them, sends
 one batch frame down the pipeline, and applies the head to the rows that come back. Each
 stage runs the rows of all sessions in one forward pass (`LayerRange.forward_rows`).
+
+A tree goes whole into one pass, beside other sessions' rows and trees. The accepted path
+of a session's tree (`BatchSession.keep_path`) rides on the session's next frame, and every
+stage, stage 0's own layers first, keeps it in place of the tree.
 
 A lane is a queue and the thread that runs its passes; the parts it runs are apart: when a
 pass starts and what it takes (`pick.py`), stage 0's own compute (`forward.py`) and the
@@ -35,8 +40,9 @@ from layerline.proto import activation_pb2 as pb
 from ..model.head import Head
 from ..model.kv_cache import SessionStore
 from ..model.layer_range import LayerRange
+from ..model.tree import Tree, TreeError, check_tree
 from ..stage.model import StageModel
-from ..stage.wire import Rows
+from ..stage.wire import KeepPath, Rows
 from .forward import Forward
 from .link import Link
 from .pick import Pace, is_step, pick
@@ -54,8 +60,9 @@ class _Submission:
 
     session: BatchSession
     tokens: list[int]
-    start_pos: int
+    start_pos: int  # the cache slot of its first row
     queued_at: float
+    parents: tuple[int, ...] | None = None  # a tree's (its rows are the tree's last nodes); None: a chain
     done: int = 0  # rows already run
     pieces: list[mx.array] = field(default_factory=list)  # the last stage's hidden rows, per pass
     logits: mx.array | None = None
@@ -68,6 +75,11 @@ class _Submission:
     def left(self) -> int:
         """Rows not run yet."""
         return len(self.tokens) - self.done
+
+    @property
+    def whole(self) -> bool:
+        """A tree: run in one pass, never cut."""
+        return self.parents is not None
 
 
 class BatchPass:
@@ -116,6 +128,9 @@ class BatchSession:
         self.passes = 0  # batch passes that carried this session's rows
         self.batched_with = 0  # sessions in those passes, summed (mean = batched_with / passes)
         self.pace = Pace(answered_at=time.perf_counter())  # when it is due back, for its lane to wait
+        self._tree: Tree | None = None  # the last tree submitted, for `keep_path` to check against
+        self._keep: KeepPath | None = None  # the accepted path, for the session's next frame
+        self._keep_lock = threading.Lock()  # `keep_path` (the request's thread) and the lane's pass
 
     def forward(self, tokens: list[int], start_pos: int) -> mx.array:
         """Logits (L, vocab) for `tokens` placed at absolute positions start_pos.. on every stage."""
@@ -125,7 +140,54 @@ class BatchSession:
         """Queue `tokens` at `start_pos` for the lane's next pass; the logits come from `.result()`."""
         self.pipeline.check_tokens(tokens)
         sub = self.lane.submit(self, list(tokens), start_pos)
+        self._tree = None  # as on the stages, whose frame after a tree's forgets it
         return BatchPass(sub, self.pipeline.head, self.lane.withdraw)
+
+    def submit_tree(self, tokens: list[int], parents: list[int], start_pos: int) -> BatchPass:
+        """Queue the last len(tokens) nodes of the tree `parents` whose root sits at `start_pos`
+        (all of them, as a target verifies it) for one pass; logits row i after node i's path."""
+        self.pipeline.check_tokens(tokens)
+        tree = Tree(start_pos, tuple(parents))
+        self._check_tree(tree, len(tokens))
+        sub = self.lane.submit(self, list(tokens), start_pos + len(parents) - len(tokens), tree.parents)
+        self._tree = tree
+        return BatchPass(sub, self.pipeline.head, self.lane.withdraw)
+
+    def keep_path(self, start_pos: int, path: list[int]) -> None:
+        """After a tree at `start_pos`, keep only the accepted `path` (tree indices, root first) on
+        every stage: sent with the session's next frame, which then holds start_pos + len(path)
+        positions."""
+        tree = self._tree
+        if tree is None or tree.base != start_pos:
+            raise TreeError(f"this session has no tree at position {start_pos} to keep a path of",
+                            hint="keep a path of the tree submitted last, at its start_pos")
+        if path and (path[-1] >= len(tree) or list(path) != tree.path(path[-1])):
+            raise TreeError(f"{list(path)} is not a root-to-node path of the tree submitted at {start_pos}",
+                            hint="keep the accepted nodes, root first, each the child of the one before")
+        with self._keep_lock:
+            self._keep = KeepPath(start_pos, tuple(path))
+        self._tree = None
+
+    def take_keep(self) -> KeepPath | None:
+        """The accepted path for the frame that carries the session's next rows (then forgotten)."""
+        with self._keep_lock:
+            keep, self._keep = self._keep, None
+        return keep
+
+    def _check_tree(self, tree: Tree, rows: int) -> None:
+        """Refuse, before it is queued, a tree that would fail its batch pass (and so every other
+        session's in it)."""
+        p = self.pipeline
+        if not p.supports_trees:
+            raise TreeError("this model's layers cannot run a tree of rows (its attention or RoPE is "
+                            "its own)", hint="verify a chain of drafts instead")
+        if not 1 <= rows <= len(tree):
+            raise TreeError(f"{rows} tokens cannot be the last nodes of a tree of {len(tree)}",
+                            hint="send one parent per node of the tree and its last nodes' tokens")
+        if rows > self.lane.scheduler.max_rows:
+            raise TreeError(f"a tree of {rows} rows is more than the {self.lane.scheduler.max_rows} a "
+                            "pass takes", hint="draft smaller trees")
+        check_tree(tree.parents, base=tree.base, context_length=p.context_length)
 
     @property
     def sessions_sharing(self) -> int:
@@ -167,8 +229,9 @@ class Lane:
         with self._cond:
             self._sessions.add(session)
 
-    def submit(self, session: BatchSession, tokens: list[int], start_pos: int) -> _Submission:
-        sub = _Submission(session, tokens, start_pos, time.perf_counter())
+    def submit(self, session: BatchSession, tokens: list[int], start_pos: int,
+               parents: tuple[int, ...] | None = None) -> _Submission:
+        sub = _Submission(session, tokens, start_pos, time.perf_counter(), parents)
         session.pace.submitted(sub.queued_at)
         with self._cond:
             if self.link is not None and self.link.lost(session.session_id):
@@ -260,7 +323,10 @@ class Lane:
                 self.link.end(ending)
             return
         started = time.perf_counter()
-        rows = [Rows(sub.session.session_id, sub.start_pos + sub.done, take) for sub, take in picks]
+        # A session's first rows since `keep_path` carry the accepted path (to stage 0's layers too).
+        rows = [Rows(sub.session.session_id, sub.start_pos + sub.done, take, sub.parents,
+                     sub.session.take_keep())
+                for sub, take in picks]
         tokens = [t for sub, take in picks for t in sub.tokens[sub.done:sub.done + take]]
         trace = PassTrace(len(tokens), sessions=len(picks))
         h = self.forward.layers(rows, tokens)
@@ -283,7 +349,7 @@ class Lane:
                 finished.append(sub)
         # The head over every finished step's rows in one call (a prompt's logits are left to
         # `BatchPass.result`, which its decode loop never reads).
-        steps = [sub for sub in finished if is_step(len(sub.tokens))]
+        steps = [sub for sub in finished if sub.whole or is_step(len(sub.tokens))]
         if steps:
             hidden = mx.concatenate([piece for sub in steps for piece in sub.pieces])
             logits = self.forward.logits(hidden, [len(sub.tokens) for sub in steps])

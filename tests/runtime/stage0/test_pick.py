@@ -21,6 +21,7 @@ class Sub:
     session: str
     queued_at: float
     left: int
+    whole: bool = False  # a tree
 
 
 def run_now(queue: list[Sub], *, max_batch: int = 16, max_rows: int = 512) -> list[tuple[str, int]]:
@@ -103,3 +104,10 @@ def test_a_step_is_never_cut_it_waits_for_a_pass_with_room():
 def test_the_rest_of_a_prompt_that_fits_a_step_rides_whole_with_the_steps():
     queue = [Sub("prompt", 1.0, 500), Sub("tail", 2.0, STEP_ROWS), Sub("step", 3.0, 1)]
     assert run_now(queue) == [("tail", STEP_ROWS), ("step", 1), ("prompt", PROMPT_ROWS_BESIDE_STEPS)]
+
+
+def test_a_tree_goes_whole_into_one_pass_beside_steps_and_its_nodes_count_as_rows():
+    # A tree larger than a step (were MAX_TREE_NODES above STEP_ROWS) is still never cut.
+    queue = [Sub("a", NOW, STEP_ROWS + 6, whole=True), Sub("b", NOW + 1, 3), Sub("c", NOW + 2, 200)]
+    assert run_now(queue, max_rows=STEP_ROWS + 10) == [("a", STEP_ROWS + 6), ("b", 3), ("c", 1)]
+    assert run_now(queue, max_rows=STEP_ROWS) == [("b", 3), ("c", STEP_ROWS - 3)]  # it waits for room
