@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Protocol
 import mlx.core as mx
 
 from ..model.kv_cache import RangeCache
+from .draft_tree import DraftTree, TreeShape
 from .sampling import SamplingParams
 from .targets import PREFILL_STEP
 from .token_distribution import probabilities, recent_tokens, request_key, scores
@@ -45,6 +46,11 @@ class Drafter(Protocol):
         drafter that spends time per token may stop after 2 once `until()` is true (the
         loop drafts the next window while a pass runs, until its answer is there).
         """
+        ...
+
+    def propose_tree(self, committed: list[int], shape: TreeShape) -> DraftTree:
+        """A tree of drafts after `committed` within `shape`, rooted at committed[-1]; a drafter
+        with nothing to branch on proposes its chain (`DraftTree.chain`)."""
         ...
 
     def sync(self, committed: list[int]) -> None:
@@ -186,8 +192,8 @@ class NgramDrafter:
         self.min_ngram = min_ngram
         self.max_ngram = max_ngram
         self.seen: list[int] = []  # the sequence the index covers
-        # n-gram -> start of its latest occurrence that has a token after it
-        self._index: dict[tuple[int, ...], int] = {}
+        # n-gram -> starts of its occurrences that have a token after them, oldest first
+        self._index: dict[tuple[int, ...], list[int]] = {}
 
     def sync(self, committed: list[int]) -> None:
         """Drop the index if `committed` does not extend what it covers."""
@@ -203,25 +209,55 @@ class NgramDrafter:
         if k <= 0:
             return [], None
         for n in range(min(self.max_ngram, len(committed) - 1), self.min_ngram - 1, -1):
-            start = self._index.get(tuple(committed[-n:]))
-            if start is None:
-                continue
-            # Copy what followed, as LZ77 does: a match near the end runs on into the
-            # proposal itself, which continues a repeating pattern.
-            extended = list(committed)
-            source = start + n
-            for j in range(k):
-                extended.append(extended[source + j])
-            return extended[len(committed):], None
+            starts = self._index.get(tuple(committed[-n:]))
+            if starts:
+                return _copied(committed, starts[-1] + n, k), None
         return [], None
+
+    def propose_tree(self, committed: list[int], shape: TreeShape) -> DraftTree:
+        """What followed each earlier match of the context's end, as branches: the longest
+        n-gram's latest match first (a chain of width 1 is `propose`'s), shared prefixes merged."""
+        self.sync(committed)
+        self._extend(committed)
+        tokens, parents = [committed[-1]], [-1]
+        child: dict[tuple[int, int], int] = {}  # (node, token) -> its child carrying the token
+        per_depth = [0] * (shape.depth + 1)
+        looked = 0
+        for n in range(min(self.max_ngram, len(committed) - 1), self.min_ngram - 1, -1):
+            for start in reversed(self._index.get(tuple(committed[-n:]), [])):
+                node = 0
+                for depth, token in enumerate(_copied(committed, start + n, shape.depth), start=1):
+                    found = child.get((node, token))
+                    if found is None:
+                        if len(tokens) > shape.budget or per_depth[depth] == shape.width:
+                            break
+                        found = child[node, token] = len(tokens)
+                        tokens.append(token)
+                        parents.append(node)
+                        per_depth[depth] += 1
+                    node = found
+                looked += 1
+                # Enough when the tree is full; older matches of a common n-gram add little.
+                if len(tokens) > shape.budget or looked == 4 * shape.budget:
+                    return DraftTree(tuple(tokens), tuple(parents))
+        return DraftTree(tuple(tokens), tuple(parents))
 
     def _extend(self, committed: list[int]) -> None:
         old, new = len(self.seen), len(committed)
         for n in range(self.min_ngram, self.max_ngram + 1):
             # An n-gram at i is indexed once a token follows it: i + n <= len - 1.
             for i in range(max(0, old - n), new - n):
-                self._index[tuple(committed[i:i + n])] = i
+                self._index.setdefault(tuple(committed[i:i + n]), []).append(i)
         self.seen = list(committed)
+
+
+def _copied(committed: list[int], source: int, k: int) -> list[int]:
+    """k tokens copied from `source` on, as LZ77 does: a match near the end runs on into the
+    copy itself, which continues a repeating pattern."""
+    extended = list(committed)
+    for j in range(k):
+        extended.append(extended[source + j])
+    return extended[len(committed):]
 
 
 class NoDrafter:
@@ -230,6 +266,9 @@ class NoDrafter:
     def propose(self, committed: list[int], k: int, *,
                 until: Callable[[], bool] | None = None) -> tuple[list[int], mx.array | None]:
         return [], None
+
+    def propose_tree(self, committed: list[int], shape: TreeShape) -> DraftTree:
+        return DraftTree.root_only(committed[-1])
 
     def sync(self, committed: list[int]) -> None:
         pass
