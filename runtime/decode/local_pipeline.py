@@ -20,6 +20,7 @@ from ..model.head import Head
 from ..model.kv_cache import RangeCache
 from ..model.layer_range import LayerRange
 from ..model.tokenizer import end_of_generation_ids, load_tokenizer
+from ..model.tree import Tree
 from ..model.weights_policy import WeightsPlan, detect_device, plan_weights
 from ..stage.split_plan import check_split, parse_split
 
@@ -75,4 +76,17 @@ class LocalPipeline:
         h = self.head.embed(tokens)
         for layer_range, cache in zip(self.ranges, caches, strict=True):
             h = layer_range(h, cache.caches)
+        return self.head.logits(h)
+
+    @property
+    def supports_trees(self) -> bool:
+        """Whether every range can run a tree of rows (`forward_tree`)."""
+        return all(r.supports_trees for r in self.ranges)
+
+    def forward_tree(self, tokens: mx.array, caches: list[RangeCache], tree: Tree) -> mx.array:
+        """Token ids (1, L), the last L nodes of `tree` -> their logits (1, L, vocab): row i is the
+        next-token distribution after node i's root-to-node path."""
+        h = self.head.embed(tokens)
+        for layer_range, cache in zip(self.ranges, caches, strict=True):
+            h = layer_range.forward_rows(h, [cache.caches], [tokens.shape[1]], trees=[tree])
         return self.head.logits(h)

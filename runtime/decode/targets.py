@@ -8,6 +8,12 @@ anyway (the split pipeline) it may do nothing. `submit(tokens, start_pos)` start
 pass and returns at once: the split pipeline runs stage 0's layers and sends the frame, so
 stage 0 can draft while the other stages verify, and read the logits afterwards.
 
+`submit_tree(tokens, parents, start_pos)` verifies a tree of guesses in one pass (`model/tree.py`:
+node 0 at `start_pos`, each node after its parent); row i of its logits follows node i's
+root-to-node path. `keep_path(start_pos, path)` then keeps one path's positions and forgets
+the other nodes, as if that path alone had been fed. `supports_trees` says whether the
+target can.
+
 `forward_lazy(token, start_pos)` gives one token's logits; where the target is `lazy` they are
 not evaluated yet, so the plain loop queues the next step before it reads this one.
 `last_trace` says where the last pass's time went, for targets that measure it.
@@ -27,6 +33,7 @@ import mlx.core as mx
 from layerline.errors import ContextLengthError, SessionError
 
 from ..model.kv_cache import RangeCache
+from ..model.tree import Tree, check_tree
 
 if TYPE_CHECKING:
     from .local_pipeline import LocalPipeline
@@ -38,7 +45,13 @@ PREFILL_STEP = 512  # positions per call while a model catches up on a prompt (t
 class LogitsModel(Protocol):
     """A whole model in this process: token ids (B, L) and per-range caches -> logits (B, L, vocab)."""
 
+    supports_trees: bool  # `forward_tree` can run a tree of rows
+
     def __call__(self, tokens: mx.array, caches: list[RangeCache]) -> mx.array: ...
+
+    def forward_tree(self, tokens: mx.array, caches: list[RangeCache], tree: Tree) -> mx.array:
+        """Token ids (1, L), the tree's last L nodes -> logits (1, L, vocab)."""
+        ...
 
 
 class PendingPass(Protocol):
@@ -71,6 +84,7 @@ class PassTiming(Protocol):
 class Target(Protocol):
     vocab_size: int  # rows of the output head: token ids the target can embed and score
     lazy: bool  # `forward_lazy` leaves its logits unevaluated: the plain loop may queue a step ahead
+    supports_trees: bool  # `submit_tree` and `keep_path` work
 
     @property
     def last_trace(self) -> PassTiming | None:
@@ -87,6 +101,16 @@ class Target(Protocol):
         Passes may be submitted before earlier ones are read (run-ahead); each submit
         truncates at its start_pos first, as `forward` does.
         """
+        ...
+
+    def submit_tree(self, tokens: list[int], parents: list[int], start_pos: int) -> PendingPass:
+        """Start a pass over a tree of tokens (`parents[i]` < i, -1 for the root) from `start_pos`,
+        after truncating there; row i of its logits follows node i's root-to-node path."""
+        ...
+
+    def keep_path(self, start_pos: int, path: list[int]) -> None:
+        """After a tree pass at `start_pos`, keep the nodes of `path` (root first) at start_pos..;
+        the session then holds start_pos + len(path) positions."""
         ...
 
     def forward_lazy(self, token: mx.array, start_pos: int) -> mx.array:
@@ -123,17 +147,24 @@ class LocalTarget:
         """Positions the session's caches hold."""
         return self.caches[0].length if self.caches else 0
 
-    def forward(self, tokens: list[int], start_pos: int) -> mx.array:
-        """Logits (L, vocab) for `tokens` at positions start_pos.., after truncating there."""
+    @property
+    def supports_trees(self) -> bool:
+        return self.model.supports_trees
+
+    def _check_pass(self, start_pos: int, end: int) -> None:
+        """Refuse a pass that would leave a gap or reach position `end` past the context."""
         if start_pos > self.length:
             raise SessionError(
                 f"this session holds {self.length} positions; tokens at {start_pos} would leave a gap",
                 hint=f"feed positions {self.length}..{start_pos - 1} first")
-        end = start_pos + len(tokens)
         if self.context_length is not None and end > self.context_length:
             raise ContextLengthError(
                 f"positions up to {end} are past the context length {self.context_length}",
                 hint="stop generating at the context length")
+
+    def forward(self, tokens: list[int], start_pos: int) -> mx.array:
+        """Logits (L, vocab) for `tokens` at positions start_pos.., after truncating there."""
+        self._check_pass(start_pos, start_pos + len(tokens))
         self.rewind(start_pos)
         logits = self.model(mx.array([tokens], dtype=mx.uint32), self.caches)[0]
         mx.eval(logits)
@@ -141,14 +172,29 @@ class LocalTarget:
 
     def submit(self, tokens: list[int], start_pos: int) -> PendingPass:
         """The pass's graph, queued for evaluation; its logits are read by `result()`."""
-        if start_pos > self.length:
-            raise SessionError(
-                f"this session holds {self.length} positions; tokens at {start_pos} would leave a gap",
-                hint=f"feed positions {self.length}..{start_pos - 1} first")
+        self._check_pass(start_pos, start_pos)
         self.rewind(start_pos)
         logits = self.model(mx.array([tokens], dtype=mx.uint32), self.caches)[0]
         mx.async_eval(logits)
         return _QueuedPass(logits)
+
+    def submit_tree(self, tokens: list[int], parents: list[int], start_pos: int) -> PendingPass:
+        """A tree pass's graph (`model/tree.py`), queued for evaluation."""
+        if len(parents) != len(tokens):
+            raise SessionError(f"a tree of {len(tokens)} tokens needs as many parents, not {len(parents)}",
+                               hint="give each node's parent, -1 for the root")
+        depths = check_tree(parents, base=start_pos)
+        self._check_pass(start_pos, start_pos + max(depths) + 1)
+        self.rewind(start_pos)
+        tree = Tree(start_pos, tuple(parents))
+        logits = self.model.forward_tree(mx.array([tokens], dtype=mx.uint32), self.caches, tree)[0]
+        mx.async_eval(logits)
+        return _QueuedPass(logits)
+
+    def keep_path(self, start_pos: int, path: list[int]) -> None:
+        """Keep the tree pass's nodes `path` at start_pos.. in every range's cache."""
+        for cache in self.caches:
+            cache.keep_path(start_pos, path)
 
     def forward_lazy(self, token: mx.array, start_pos: int) -> mx.array:
         """Logits (1, vocab) of one token (an mlx array) at `start_pos`, not yet evaluated.

@@ -11,6 +11,9 @@ Rollback protocol, whatever the cache kind:
 - Sliding-window layers (Gemma 2/3, Mistral) use `SlidingWindowCache`: it keeps
   the window plus the most positions one speculation step can reject, so it
   rolls back like any cache, and so does a stage given a frame's `start_pos`.
+- After a tree of rows (`tree.py`) the cache holds every node in slots from the tree's base;
+  `keep_path` moves one root-to-node path's keys and values into place (no recompute) and
+  forgets the rest, so the cache is as if that path alone had been fed.
 - Caches that cannot trim (mlx-lm's `RotatingKVCache` once it has wrapped
   around its window) refuse `truncate`; take `snapshot()` before the positions
   that may be rejected, then `restore()` and replay the accepted tokens.
@@ -19,9 +22,10 @@ Rollback protocol, whatever the cache kind:
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,6 +128,18 @@ class SlidingWindowCache:
         return 0 if self.keys is None else int(self.keys.nbytes + self.values.nbytes)
 
 
+def _keep_slots(cache: Any, base: int, slots: list[int]) -> None:
+    """Move a layer cache's keys and values of `slots` (ascending, from `base`) to slots base,
+    base + 1, ... and forget every slot after them."""
+    start = cache.start if isinstance(cache, SlidingWindowCache) else 0  # slot of the buffer's row 0
+    if slots != list(range(base, base + len(slots))):
+        index = mx.array([s - start for s in slots], dtype=mx.int32)
+        first = base - start
+        cache.keys[..., first:first + len(slots), :] = cache.keys[..., index, :]
+        cache.values[..., first:first + len(slots), :] = cache.values[..., index, :]
+    cache.offset = base + len(slots)
+
+
 def _can_trim(cache: Any, n: int) -> bool:
     can_trim = getattr(cache, "can_trim", None)
     return can_trim(n) if can_trim is not None else cache.is_trimmable()
@@ -200,6 +216,26 @@ class RangeCache:
             )
         for cache in self.caches:
             cache.trim(cache.offset - position)
+
+    def can_keep_path(self, base: int, path: Sequence[int]) -> bool:
+        """Whether `keep_path(base, path)` would succeed."""
+        if not path or any(b <= a for a, b in itertools.pairwise(path)) or path[0] < 0:
+            return False
+        if base + path[-1] >= self.length:
+            return False
+        # A sliding window's oldest slots may be gone: the path's prefix must still be held.
+        return all(base >= c.start for c in self.caches if isinstance(c, SlidingWindowCache))
+
+    def keep_path(self, base: int, path: Sequence[int]) -> None:
+        """Of a tree stored from slot `base`, keep the nodes `path` (root first) at base, base + 1,
+        ... and forget every other slot >= base: the cache is then as if the path alone had been
+        fed after the prefix."""
+        if not self.can_keep_path(base, path):
+            raise SessionError(
+                f"cannot keep the tree path {list(path)} from slot {base} of a cache of {self.length} slots",
+                hint="give the path of a tree this cache holds: node indices in increasing order")
+        for cache in self.caches:
+            _keep_slots(cache, base, [base + node for node in path])
 
     def snapshot(self) -> CacheSnapshot:
         """A copy of the cache as it is now, for `restore`."""

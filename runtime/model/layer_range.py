@@ -31,7 +31,8 @@ from layerline.packager.package import LayerPackage
 from .attention import attention, route_attention
 from .kv_cache import SlidingWindowCache
 from .package_tensors import apply_plan, load_into, read_verified
-from .session_rows import SessionRows, joint_mask
+from .session_rows import SessionRows, joint_mask, tree_masks
+from .tree import Tree, TreeError, check_tree
 from .weights_policy import WeightsPlan
 
 log = logging.getLogger("layerline.runtime")
@@ -131,28 +132,61 @@ class LayerRange(nn.Module):
         return h
 
 
-    def forward_rows(self, h: mx.array, caches: list[list[Any]], counts: list[int]) -> mx.array:
+    @property
+    def supports_trees(self) -> bool:
+        """Whether `forward_rows` can run tree rows: attention routed through layerline (not a
+        module's own, as Gemma 2's soft-cap) and RoPE that takes one offset per row."""
+        return self._rows_batch and self._routed
+
+    @property
+    def _routed(self) -> bool:
+        return getattr(self._module, "scaled_dot_product_attention", None) is attention
+
+    def forward_rows(self, h: mx.array, caches: list[list[Any]], counts: list[int],
+                     trees: list[Tree | None] | None = None) -> mx.array:
         """Rows of several sessions (1, N, D) in one pass: `counts[i]` consecutive rows of the
-        session whose per-layer caches are `caches[i]`, extending each by its rows."""
+        session whose per-layer caches are `caches[i]`, extending each by its rows. A session
+        with a tree (`trees[i]`) brings its tree's last `counts[i]` nodes."""
         _, N, D = h.shape
         if sum(counts) != N or len(caches) != len(counts):
             raise LayerRangeError(f"a batch of {N} rows cannot be {counts} rows of {len(caches)} sessions")
-        if len(counts) == 1:
+        trees = trees if trees is not None and any(t is not None for t in trees) else None
+        if trees is not None:
+            self._check_trees(caches, counts, trees)
+        elif len(counts) == 1:
             return self(h, caches[0])
-        routed = getattr(self._module, "scaled_dot_product_attention", None) is attention
-        if not self._rows_batch or not routed:
+        if not self._rows_batch or not self._routed:
             # Attention this module computes itself (Gemma 2's soft-cap) or a RoPE that needs one
             # offset: session by session, still in one evaluation.
             pieces = mx.split(h, list(accumulate(counts))[:-1], axis=1)
             return mx.concatenate([self(piece, cache) for piece, cache in zip(pieces, caches, strict=True)],
                                   axis=1)
         joint: dict[int | None, Any] = {}  # per attention window: the joint mask, from its first layer
+        masks: dict[int | None, list[Any]] = {}  # per attention window: each tree session's mask
         for i, window in enumerate(self._windows):
             if window not in joint:
-                joint[window] = joint_mask([cache[i] for cache in caches], counts, window)
+                layer_caches = [cache[i] for cache in caches]
+                # A tree's rows see their ancestors only: sessions with trees attend one call each.
+                joint[window] = None if trees else joint_mask(layer_caches, counts, window)
+                masks[window] = tree_masks(layer_caches, counts, window, trees) if trees else None
         h = h.reshape(N, 1, D)
         for i, (layer, window) in enumerate(zip(self.layers, self._windows, strict=True)):
-            rows = SessionRows([cache[i] for cache in caches], counts, window, joint[window])
+            rows = SessionRows([cache[i] for cache in caches], counts, window, joint[window], trees,
+                               masks[window])
             h = layer(h, None, cache=rows)
         return h.reshape(1, N, D)
 
+    def _check_trees(self, caches: list[list[Any]], counts: list[int], trees: list[Tree | None]) -> None:
+        """Refuse trees this range cannot run, or whose earlier nodes the caches do not hold."""
+        if not self.supports_trees:
+            raise TreeError(f"layers {self.start}:{self.end} of this architecture cannot run a tree of rows "
+                            "(its attention or RoPE is its own)", hint="verify a chain of drafts instead")
+        for cache, n, tree in zip(caches, counts, trees, strict=True):
+            if tree is None:
+                continue
+            check_tree(tree.parents, base=tree.base)
+            held = int(cache[0].offset) if cache else 0
+            if not 1 <= n <= len(tree) or held != tree.base + len(tree) - n:
+                raise TreeError(f"a tree of {len(tree)} nodes from slot {tree.base} cannot bring its "
+                                f"last {n} nodes to a cache of {held} slots",
+                                hint="feed a tree's nodes in order, from its base")

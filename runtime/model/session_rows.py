@@ -15,6 +15,10 @@ call per session, under its own mask.
 mlx-lm's blocks run unchanged: their attention rotates by `cache.offset`, calls
 `cache.update_and_fetch`, then the module's `scaled_dot_product_attention`, which
 `attention.route_attention` points at a function that hands a `SessionRows` cache back here.
+
+A session's rows may be the nodes of a tree (`tree.py`): each row then rotates by its node's
+position and attends, under an array mask, to the prefix and its own ancestors. Sessions
+with trees attend one call each.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from typing import Any
 
 import mlx.core as mx
 import numpy as np
+
+from .tree import Tree, tree_mask
 
 Attend = Callable[..., mx.array]  # attention(queries, keys, values, cache, scale, mask, sinks)
 
@@ -45,7 +51,7 @@ def joint_mask(caches: list[Any], counts: list[int], window: int | None) -> mx.a
     the same window, whose caches are at the same positions."""
     sessions = list(zip(caches, counts, strict=True))
     offsets = [int(cache.offset) for cache in caches]
-    starts = [cache.key_start(n) if hasattr(cache, "key_start") else 0 for cache, n in sessions]
+    starts = [key_start(cache, n) for cache, n in sessions]
     lengths = [offset + n - start for offset, n, start in zip(offsets, counts, starts, strict=True)]
     if sum(counts) * sum(lengths) > JOINT_CELLS or (mx.default_device() == mx.cpu and not JOINT_ON_CPU):
         return None
@@ -59,29 +65,50 @@ def joint_mask(caches: list[Any], counts: list[int], window: int | None) -> mx.a
     return mx.array(mask)
 
 
+def tree_masks(caches: list[Any], counts: list[int], window: int | None,
+               trees: list[Tree | None]) -> list[mx.array | None]:
+    """Each tree session's mask over its keys (`tree.tree_mask`), None for a chain; read before
+    the pass's updates (from one layer's caches), it holds for every layer of the same window."""
+    return [None if tree is None else tree_mask(tree, n, key_start(cache, n), window)
+            for cache, n, tree in zip(caches, counts, trees, strict=True)]
+
+
+def key_start(cache: Any, rows: int) -> int:
+    """The slot of the first key a cache's next update of `rows` returns (a sliding window's
+    drops the oldest; mlx-lm's KVCache returns every slot)."""
+    return cache.key_start(rows) if hasattr(cache, "key_start") else 0
+
+
 class SessionRows:
     """One layer's caches of several sessions, standing in for a single cache during a batch pass."""
 
     def __init__(self, caches: list[Any], counts: list[int], window: int | None,
-                 joint: mx.array | None = None) -> None:
+                 joint: mx.array | None = None, trees: list[Tree | None] | None = None,
+                 masks: list[mx.array | None] | None = None) -> None:
         self.caches = caches
         self.counts = counts
         self.window = window  # the layer's sliding attention window, None where it sees every position
         self.joint = joint  # `joint_mask`: every session attends in one call (None: one call each)
+        self.trees = trees or [None] * len(caches)  # a session's tree, None for a chain of rows
+        self.tree_masks = masks or [None] * len(caches)  # `tree_masks`: a tree session's mask
         self._bounds = list(accumulate(counts))[:-1]  # where each session's rows end but the last
         # Each row's absolute position: RoPE rotates batch entry i by offset[i].
-        self.offset = mx.array([int(c.offset) + j for c, n in zip(caches, counts, strict=True)
-                                for j in range(n)], dtype=mx.int32)
+        self.offset = mx.array([p for c, n, tree in zip(caches, counts, self.trees, strict=True)
+                                for p in _positions(c, n, tree)], dtype=mx.int32)
         self._fetched: list[tuple[mx.array, mx.array, Any]] = []
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         """Write each session's rows (rows, kv_heads, 1, D) into its own cache; `attend` reads them."""
         self._fetched = []
-        for cache, n, k, v in zip(self.caches, self.counts, self._split(keys), self._split(values),
-                                  strict=True):
+        for cache, n, mask_of_tree, k, v in zip(self.caches, self.counts, self.tree_masks,
+                                              self._split(keys), self._split(values), strict=True):
             # The mask before the update, which moves the cache on (the joint mask covers all).
-            mask = None if self.joint is not None else cache.make_mask(n, window_size=self.window,
-                                                                         return_array=False)
+            if mask_of_tree is not None:
+                mask = mask_of_tree
+            elif self.joint is None:
+                mask = cache.make_mask(n, window_size=self.window, return_array=False)
+            else:
+                mask = None
             k, v = cache.update_and_fetch(_to_session(k, n), _to_session(v, n))
             self._fetched.append((k, v, mask))
         return keys, values
@@ -107,6 +134,13 @@ class SessionRows:
     def _split(self, rows: mx.array) -> list[mx.array]:
         """Each session's rows of a (rows, ...) array, in one split."""
         return mx.split(rows, self._bounds, axis=0) if self._bounds else [rows]
+
+
+def _positions(cache: Any, rows: int, tree: Tree | None) -> list[int]:
+    """The absolute positions of a session's rows: after its cache's, or its tree nodes'."""
+    if tree is None:
+        return list(range(int(cache.offset), int(cache.offset) + rows))
+    return tree.positions()[len(tree) - rows:]
 
 
 def _to_session(rows: mx.array, n: int) -> mx.array:
