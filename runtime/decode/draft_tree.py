@@ -23,7 +23,7 @@ import mlx.core as mx
 
 from layerline.errors import LayerlineError
 
-MAX_TREE_NODES = 64  # nodes in one target tree, the root included (runtime/model/tree.py)
+from ..model.tree import MAX_TREE_NODES
 
 
 class TreeShapeError(LayerlineError):

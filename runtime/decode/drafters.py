@@ -20,12 +20,14 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 import mlx.core as mx
+import numpy as np
 
 from ..model.kv_cache import RangeCache
+from ..model.tree import Tree
 from .draft_tree import DraftTree, TreeShape
 from .sampling import SamplingParams
 from .targets import PREFILL_STEP
-from .token_distribution import probabilities, recent_tokens, request_key, scores
+from .token_distribution import padded_rows, probabilities, recent_tokens, request_key, scores
 
 if TYPE_CHECKING:
     from ..model.head import Head
@@ -62,8 +64,11 @@ class DraftModel(Protocol):
     """A whole model in this process: `runtime.local_pipeline.LocalPipeline` is one."""
 
     head: Head  # its embedding and output head: `head.vocab_size` ids
+    supports_trees: bool  # `forward_tree` can run a tree of rows
 
     def __call__(self, tokens: mx.array, caches: list[RangeCache]) -> mx.array: ...
+
+    def forward_tree(self, tokens: mx.array, caches: list[RangeCache], tree: Tree) -> mx.array: ...
 
     def make_cache(self) -> list[RangeCache]: ...
 
@@ -151,6 +156,79 @@ class ModelDrafter:
         self.fed.extend(proposal[:-1])
         return proposal, q_all
 
+    def propose_tree(self, committed: list[int], shape: TreeShape) -> DraftTree:
+        """EAGLE-2's dynamic tree after `committed`, depth by depth: each depth's frontier is one
+        `forward_tree` call of the draft. Greedy requests keep, of every frontier node's likeliest
+        children, the `width` of highest cumulative draft probability. Sampled requests share
+        `width` draws among the frontier nodes of highest cumulative probability and draw each
+        node's children i.i.d. from its q (what SpecInfer's rule needs), keeping every draw.
+        Width 1, or a draft that cannot run trees, is `propose`'s chain."""
+        depth = shape.depth
+        if self.context_length is not None:
+            depth = min(depth, self.context_length - len(committed) + 1)
+        if depth <= 0 or not committed:
+            return DraftTree.root_only(committed[-1])
+        if shape.width == 1 or not self.model.supports_trees:
+            drafts, q = self.propose(committed, depth)
+            return DraftTree.chain(committed[-1], drafts, q)
+        self._truncate(min(common_prefix(self.fed, committed), len(committed) - 1))
+        logits = self._replay(committed[len(self.fed):])
+        base = len(committed)  # the draft's tree starts after the root, which it holds
+        params, context = self.params, self.params.repetition_context
+        tokens, parents = [committed[-1]], [-1]
+        histories = [committed[-context:]]
+        cumulative = [0.0]  # log draft probability of each node's path
+        draws: list[tuple[int, ...]] = [()]
+        q_rows: dict[int, mx.array] = {}
+        frontier = [0]
+        fed = 0  # drafted nodes the draft's caches hold after the prefix
+        for level in range(1, depth + 1):
+            room = min(shape.width, shape.budget - (len(tokens) - 1))
+            if room <= 0:
+                break
+            history = padded_rows([histories[f] for f in frontier]) if params.repetition_penalty != 1.0 \
+                else mx.zeros((0,), dtype=mx.uint32)
+            if params.greedy:
+                dist = mx.softmax(scores(logits, history, params), axis=-1)
+                chosen = _likeliest_children(np.array(dist), [cumulative[f] for f in frontier], room)
+            else:
+                dist = probabilities(logits, history, params)
+                counts = _share_draws([cumulative[f] for f in frontier], room)
+                self._key, draw_key = mx.random.split(self._key)
+                drawn = mx.random.categorical(mx.log(dist), num_samples=room, key=draw_key).tolist()
+                chosen = []
+                for i, (f, count) in enumerate(zip(frontier, counts, strict=True)):
+                    if count:
+                        draws[f] = tuple(drawn[i][:count])
+                        q_rows[f] = dist[i]
+                        chosen += [(i, t) for t in dict.fromkeys(draws[f])]
+                chosen = [(i, t, float(np.log(dist[i, t].item()))) for i, t in chosen]
+            new = []
+            for i, token, logp in chosen:
+                f = frontier[i]
+                new.append(len(tokens))
+                tokens.append(token)
+                parents.append(f)
+                histories.append((histories[f] + [token])[-context:])
+                cumulative.append(cumulative[f] + logp)
+                draws.append(())
+            frontier = new
+            if level == depth or not new:
+                break
+            # The draft's own tree: its nodes are ours but the root (already in its caches).
+            tree = Tree(base, tuple(p - 1 for p in parents[1:]))
+            logits = self.model.forward_tree(mx.array([[tokens[n] for n in new]], dtype=mx.uint32),
+                                             self.caches, tree)[0]
+            fed = len(tokens) - 1
+        # Back to the committed prefix: the draft's caches hold it alone again.
+        self.fed = list(committed) + tokens[1:1 + fed]
+        self._truncate(base)
+        q = None
+        if q_rows:
+            zeros = mx.zeros((self.vocab_size,))
+            q = mx.stack([q_rows.get(n, zeros) for n in range(len(tokens))])
+        return DraftTree(tuple(tokens), tuple(parents), q, tuple(draws) if q is not None else ())
+
     def _truncate(self, position: int) -> None:
         if position >= len(self.fed):
             return
@@ -181,6 +259,28 @@ class ModelDrafter:
                 mx.eval([c.state for rc in self.caches for c in rc.caches])
         assert logits is not None
         return logits
+
+
+def _likeliest_children(dist: np.ndarray, cumulative: list[float],
+                        room: int) -> list[tuple[int, int, float]]:
+    """Of every frontier row's children, the `room` of highest cumulative log probability:
+    (row, token, log probability), best first."""
+    logp = np.log(np.maximum(dist, 1e-30))
+    top = np.argpartition(-logp, min(room, logp.shape[1]) - 1, axis=1)[:, :room]
+    candidates = [(cumulative[i] + logp[i, t], i, int(t)) for i in range(len(cumulative)) for t in top[i]]
+    candidates.sort(key=lambda c: -c[0])
+    return [(i, t, float(logp[i, t])) for _, i, t in candidates[:room]]
+
+
+def _share_draws(cumulative: list[float], draws: int) -> list[int]:
+    """`draws` shared among frontier nodes by their path probability (D'Hondt: each next draw
+    goes to the node whose probability per draw already given is highest)."""
+    weights = np.exp(np.asarray(cumulative) - max(cumulative))
+    counts = [0] * len(cumulative)
+    for _ in range(draws):
+        best = int(np.argmax(weights / (1 + np.asarray(counts))))
+        counts[best] += 1
+    return counts
 
 
 class NgramDrafter:

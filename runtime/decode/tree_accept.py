@@ -25,7 +25,7 @@ import numpy as np
 
 from .draft_tree import DraftTree
 from .sampling import SamplingParams
-from .token_distribution import probabilities, scores
+from .token_distribution import padded_rows, probabilities, scores
 
 _NO_HISTORY = mx.zeros((0,), dtype=mx.uint32)  # what the penalty looks at when it is off
 
@@ -45,7 +45,7 @@ class TreeVerdict:
 
 def node_histories(committed: list[int], tree: DraftTree, params: SamplingParams) -> mx.array:
     """The penalty's history of each node's row (nodes, H): node i's row follows committed and
-    the drafted tokens on i's path. Short rows repeat their first token (a repeat changes nothing)."""
+    the drafted tokens on i's path."""
     if params.repetition_penalty == 1.0:
         return _NO_HISTORY
     context = params.repetition_context
@@ -53,8 +53,7 @@ def node_histories(committed: list[int], tree: DraftTree, params: SamplingParams
     for i, parent in enumerate(tree.parents):
         before = committed if parent == -1 else histories[parent]
         histories.append((before + ([] if parent == -1 else [tree.tokens[i]]))[-context:])
-    width = max(len(h) for h in histories)
-    return mx.array([[h[0]] * (width - len(h)) + h for h in histories], dtype=mx.uint32)
+    return padded_rows(histories)
 
 
 def accept_tree(logits: mx.array, committed: list[int], tree: DraftTree, params: SamplingParams,

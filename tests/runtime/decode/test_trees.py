@@ -13,7 +13,7 @@ import pytest
 
 from layerline.errors import LayerlineError
 from layerline.runtime.decode.draft_tree import MAX_TREE_NODES, DraftTree, TreeShape, TreeShapeError
-from layerline.runtime.decode.drafters import NgramDrafter
+from layerline.runtime.decode.drafters import ModelDrafter, NgramDrafter
 from layerline.runtime.decode.local_pipeline import LocalPipeline
 from layerline.runtime.decode.loop import StepRecord, generate
 from layerline.runtime.decode.sampling import SamplingParams
@@ -21,7 +21,7 @@ from layerline.runtime.decode.targets import LocalTarget
 from layerline.runtime.decode.tree_accept import accept_tree, greedy_verdict
 from layerline.runtime.decode.window_policy import FixedWindow
 
-from sampling_checks import SIGNIFICANCE, chi_square_p, exact_joint, tiny_pipeline
+from sampling_checks import SAMPLES, SIGNIFICANCE, TINY_VOCAB, chi_square_p, exact_joint, tiny_pipeline
 from tree_reference import ChainTreeTarget
 
 # ---------------------------------------------------------------- the tree and its shape
@@ -172,7 +172,8 @@ def test_sampled_tree_acceptance_follows_the_targets_distribution(branching):
 def tiny(tmp_path_factory, smollm2_tokenizer_dir) -> dict[str, LocalPipeline]:
     root = tmp_path_factory.mktemp("trees-tiny")
     return {"target": tiny_pipeline(root, smollm2_tokenizer_dir, seed=1),
-            "near": tiny_pipeline(root, smollm2_tokenizer_dir, seed=1, noise=0.05)}
+            "near": tiny_pipeline(root, smollm2_tokenizer_dir, seed=1, noise=0.05),
+            "bad-wide": tiny_pipeline(root, smollm2_tokenizer_dir, seed=3, vocab=TINY_VOCAB + 8)}
 
 
 def plain(pipeline: LocalPipeline, prompt: list[int], params: SamplingParams) -> list[int]:
@@ -270,3 +271,89 @@ def test_sampled_tree_steps_follow_the_targets_distribution_with_ngram_branches(
     p_value, df = chi_square_p(counts, joint, samples)
     assert p_value > SIGNIFICANCE, f"chi-square p={p_value:.2g} (df={df})"
     assert accepted > 0
+
+
+# ---------------------------------------------------------------- a draft model's trees
+
+
+TARGETS = {"local": LocalTarget.open, "path-by-path": ChainTreeTarget}
+
+
+def test_the_tree_pass_agrees_with_running_each_path_as_a_chain(tiny):
+    model = tiny["target"]
+    prompt = [3, 5, 7, 3, 5]
+    tree = DraftTree((5, 7, 9, 3, 1, 4, 2), (-1, 0, 0, 1, 1, 2, 4))
+    rows = {}
+    for name, make in TARGETS.items():
+        target = make(model)
+        target.forward(prompt[:-1], 0)
+        rows[name] = np.array(target.submit_tree(list(tree.tokens), list(tree.parents), 4).result())
+        target.keep_path(4, [0, 1, 4, 6])
+        assert target.length == 8
+        rows[name + " after"] = np.array(target.forward([8], 8))
+    np.testing.assert_allclose(rows["local"], rows["path-by-path"], atol=1e-4)
+    np.testing.assert_allclose(rows["local after"], rows["path-by-path after"], atol=1e-4)
+
+
+@pytest.mark.parametrize("target_kind", list(TARGETS))
+@pytest.mark.parametrize("width", [1, 2, 3, 4])
+def test_greedy_tree_output_is_plain_greedy_with_a_draft_model(width, target_kind, tiny):
+    model = tiny["target"]
+    params = SamplingParams(max_tokens=30)
+    for draft in ("near", "bad-wide"):
+        reference = plain(model, [1, 2, 3], params)
+        target = TARGETS[target_kind](model)
+        drafter = ModelDrafter(tiny[draft], params)
+        generation = generate(target, [1, 2, 3], params, drafter=drafter, policy=FixedWindow(4),
+                              tree=TreeShape(4, width))
+        assert [t.id for t in generation] == reference, draft
+        stats = generation.stats
+        assert stats.tree_steps > 0 and stats.drafted >= stats.tree_steps * min(width, 2)
+        assert target.length == 3 + len(reference) - 1
+        assert drafter.fed == ([1, 2, 3] + reference)[:len(drafter.fed)]
+        assert drafter.length == len(drafter.fed)
+        if draft == "near":
+            assert stats.accepted > stats.tree_steps  # the near draft is mostly right
+
+
+def test_a_model_drafters_tree_is_drafted_depth_by_depth_within_its_shape(tiny):
+    params = SamplingParams(max_tokens=30)
+    drafter = ModelDrafter(tiny["near"], params)
+    committed = [1, 2, 3, 4, 5]
+    tree = drafter.propose_tree(committed, TreeShape(4, 3, 10))
+    assert tree.tokens[0] == 5 and tree.size == 10 and tree.depth == 4 and tree.q is None
+    assert all(n <= 3 for n in Counter(tree.depths[1:]).values())
+    assert drafter.fed == committed and drafter.length == len(committed)  # back to the prefix
+    chain = drafter.propose_tree(committed, TreeShape(4, 1))
+    assert list(chain.tokens[1:]) == ModelDrafter(tiny["near"], params).propose(committed, 4)[0]
+    sampled = ModelDrafter(tiny["near"], SamplingParams(temperature=1.0, seed=1))
+    tree = sampled.propose_tree(committed, TreeShape(3, 4))
+    assert tree.q is not None and tree.q.shape == (len(tree.tokens), TINY_VOCAB)
+    assert sum(len(d) for d in tree.draws) == 12  # every depth's 4 draws, repeats included
+    for node, kids in enumerate(tree.children):
+        assert {tree.tokens[c] for c in kids} == set(tree.draws[node])
+
+
+@pytest.mark.parametrize("branching", [2, pytest.param(3, marks=pytest.mark.slow),
+                                       pytest.param(4, marks=pytest.mark.slow)])
+def test_sampled_tree_steps_follow_the_targets_distribution_with_a_draft_model(branching, tiny):
+    model = tiny["target"]
+    params = SamplingParams(max_tokens=3, temperature=1.0)
+    prompt = [3, 5, 3, 5, 3]
+    counts: Counter = Counter()
+    drafted = accepted = full = 0
+    for seed in range(SAMPLES):
+        seeded = replace(params, seed=seed)
+        # The first step drafts a tree of depth 2: one pass may accept both levels.
+        drafter = ModelDrafter(tiny["bad-wide"], seeded)
+        generation = generate(LocalTarget.open(model), prompt, seeded, drafter=drafter, policy=FixedWindow(2),
+                              tree=TreeShape(2, branching), first_token_first=False)
+        counts[tuple(t.id for t in generation)] += 1
+        drafted += generation.stats.drafted
+        accepted += generation.stats.accepted
+        full += generation.stats.target_passes == 1
+    joint = exact_joint(model, prompt, params)
+    assert not [cell for cell in counts if joint[cell] == 0]
+    p_value, df = chi_square_p(counts, joint, SAMPLES)
+    assert p_value > SIGNIFICANCE, f"chi-square p={p_value:.2g} (df={df}), branching {branching}"
+    assert 0 < accepted < drafted and full > 0
