@@ -220,6 +220,10 @@ class GenerationStats:
             line += (f"; drafted {self.drafted} accepted {self.accepted} ({self.accept_rate:.0%}), "
                      f"{self.tokens_per_pass:.1f} tok/pass, draft {self.draft_seconds:.2f}s "
                      f"verify {self.verify_seconds:.2f}s")
+        if self.tree_steps:
+            line += (f"; {self.tree_steps} trees, {sum(self.tree_paths) / self.tree_steps:.1f} drafts "
+                     f"accepted per tree, by depth "
+                     + " ".join(f"{rate:.0%}" for rate in self.accept_rate_by_depth))
         return line
 
 
