@@ -11,6 +11,10 @@ processed yet are replayed.
 - `NgramDrafter`: prompt lookup, no model. It finds the most recent earlier occurrence of
   the longest n-gram that ends the context and proposes what followed it. Its proposal is
   a function of the context, so it returns no q (q is 1 on the proposed token).
+
+Each also proposes a tree of drafts (`propose_tree`, draft_tree.py): the draft model grows
+EAGLE-2's dynamic tree, one call per depth; the n-gram drafter branches on every earlier
+match. A tree of width 1 is the chain `propose` drafts.
 """
 
 from __future__ import annotations
