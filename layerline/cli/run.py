@@ -42,10 +42,12 @@ def run(
     initial_window: InitialWindowOpt = DEFAULT_WINDOW.initial,
     min_window: MinWindowOpt = DEFAULT_WINDOW.min,
     max_window: MaxWindowOpt = DEFAULT_WINDOW.max,
+    tree: Annotated[str | None, typer.Option(help="Verify a tree of drafts per pass, not a chain: DEPTH,WIDTH[,NODES], e.g. 4,2 (needs --draft).")] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Answer a prompt from a layer package, streaming tokens; end with prefill and decode tok/s."""
     from layerline.packager.window_spec import WindowSpec
+    from layerline.runtime.decode.draft_tree import TreeShape
     from layerline.runtime.decode.run_prompt import RunRequest, start_run
     from layerline.runtime.decode.sampling import SamplingParams
 
@@ -56,7 +58,8 @@ def run(
     )
     window = WindowSpec(window_policy.value, initial_window, min_window, max_window).validate()
     run = start_run(RunRequest(package=package, prompt=prompt, chat=chat, system=system, sampling=sampling,
-                               weights=weights.value, split=split, draft=draft, window=window))
+                               weights=weights.value, split=split, draft=draft, window=window,
+                               tree=TreeShape.parse(tree) if tree is not None else None))
     for event in run.events():
         sys.stdout.write(event.text)
         sys.stdout.flush()

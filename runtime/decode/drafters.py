@@ -11,6 +11,10 @@ processed yet are replayed.
 - `NgramDrafter`: prompt lookup, no model. It finds the most recent earlier occurrence of
   the longest n-gram that ends the context and proposes what followed it. Its proposal is
   a function of the context, so it returns no q (q is 1 on the proposed token).
+
+Each also proposes a tree of drafts (`propose_tree`, draft_tree.py): the draft model grows
+EAGLE-2's dynamic tree, one call per depth; the n-gram drafter branches on every earlier
+match. A tree of width 1 is the chain `propose` drafts.
 """
 
 from __future__ import annotations
@@ -20,11 +24,14 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 import mlx.core as mx
+import numpy as np
 
 from ..model.kv_cache import RangeCache
+from ..model.tree import Tree
+from .draft_tree import DraftTree, TreeShape
 from .sampling import SamplingParams
 from .targets import PREFILL_STEP
-from .token_distribution import probabilities, recent_tokens, request_key, scores
+from .token_distribution import padded_rows, probabilities, recent_tokens, request_key, scores
 
 if TYPE_CHECKING:
     from ..model.head import Head
@@ -47,6 +54,11 @@ class Drafter(Protocol):
         """
         ...
 
+    def propose_tree(self, committed: list[int], shape: TreeShape) -> DraftTree:
+        """A tree of drafts after `committed` within `shape`, rooted at committed[-1]; a drafter
+        with nothing to branch on proposes its chain (`DraftTree.chain`)."""
+        ...
+
     def sync(self, committed: list[int]) -> None:
         """Forget anything processed that is not a prefix of `committed` (cheap; no compute)."""
         ...
@@ -56,8 +68,11 @@ class DraftModel(Protocol):
     """A whole model in this process: `runtime.local_pipeline.LocalPipeline` is one."""
 
     head: Head  # its embedding and output head: `head.vocab_size` ids
+    supports_trees: bool  # `forward_tree` can run a tree of rows
 
     def __call__(self, tokens: mx.array, caches: list[RangeCache]) -> mx.array: ...
+
+    def forward_tree(self, tokens: mx.array, caches: list[RangeCache], tree: Tree) -> mx.array: ...
 
     def make_cache(self) -> list[RangeCache]: ...
 
@@ -145,6 +160,79 @@ class ModelDrafter:
         self.fed.extend(proposal[:-1])
         return proposal, q_all
 
+    def propose_tree(self, committed: list[int], shape: TreeShape) -> DraftTree:
+        """EAGLE-2's dynamic tree after `committed`, depth by depth: each depth's frontier is one
+        `forward_tree` call of the draft. Greedy requests keep, of every frontier node's likeliest
+        children, the `width` of highest cumulative draft probability. Sampled requests share
+        `width` draws among the frontier nodes of highest cumulative probability and draw each
+        node's children i.i.d. from its q (what SpecInfer's rule needs), keeping every draw.
+        Width 1, or a draft that cannot run trees, is `propose`'s chain."""
+        depth = shape.depth
+        if self.context_length is not None:
+            depth = min(depth, self.context_length - len(committed) + 1)
+        if depth <= 0 or not committed:
+            return DraftTree.root_only(committed[-1])
+        if shape.width == 1 or not self.model.supports_trees:
+            drafts, q = self.propose(committed, depth)
+            return DraftTree.chain(committed[-1], drafts, q)
+        self._truncate(min(common_prefix(self.fed, committed), len(committed) - 1))
+        logits = self._replay(committed[len(self.fed):])
+        base = len(committed)  # the draft's tree starts after the root, which it holds
+        params, context = self.params, self.params.repetition_context
+        tokens, parents = [committed[-1]], [-1]
+        histories = [committed[-context:]]
+        cumulative = [0.0]  # log draft probability of each node's path
+        draws: list[tuple[int, ...]] = [()]
+        q_rows: dict[int, mx.array] = {}
+        frontier = [0]
+        fed = 0  # drafted nodes the draft's caches hold after the prefix
+        for level in range(1, depth + 1):
+            room = min(shape.width, shape.budget - (len(tokens) - 1))
+            if room <= 0:
+                break
+            history = padded_rows([histories[f] for f in frontier]) if params.repetition_penalty != 1.0 \
+                else mx.zeros((0,), dtype=mx.uint32)
+            if params.greedy:
+                dist = mx.softmax(scores(logits, history, params), axis=-1)
+                chosen = _likeliest_children(np.array(dist), [cumulative[f] for f in frontier], room)
+            else:
+                dist = probabilities(logits, history, params)
+                counts = _share_draws([cumulative[f] for f in frontier], room)
+                self._key, draw_key = mx.random.split(self._key)
+                drawn = mx.random.categorical(mx.log(dist), num_samples=room, key=draw_key).tolist()
+                chosen = []
+                for i, (f, count) in enumerate(zip(frontier, counts, strict=True)):
+                    if count:
+                        draws[f] = tuple(drawn[i][:count])
+                        q_rows[f] = dist[i]
+                        chosen += [(i, t) for t in dict.fromkeys(draws[f])]
+                chosen = [(i, t, float(np.log(dist[i, t].item()))) for i, t in chosen]
+            new = []
+            for i, token, logp in chosen:
+                f = frontier[i]
+                new.append(len(tokens))
+                tokens.append(token)
+                parents.append(f)
+                histories.append((histories[f] + [token])[-context:])
+                cumulative.append(cumulative[f] + logp)
+                draws.append(())
+            frontier = new
+            if level == depth or not new:
+                break
+            # The draft's own tree: its nodes are ours but the root (already in its caches).
+            tree = Tree(base, tuple(p - 1 for p in parents[1:]))
+            logits = self.model.forward_tree(mx.array([[tokens[n] for n in new]], dtype=mx.uint32),
+                                             self.caches, tree)[0]
+            fed = len(tokens) - 1
+        # Back to the committed prefix: the draft's caches hold it alone again.
+        self.fed = list(committed) + tokens[1:1 + fed]
+        self._truncate(base)
+        q = None
+        if q_rows:
+            zeros = mx.zeros((self.vocab_size,))
+            q = mx.stack([q_rows.get(n, zeros) for n in range(len(tokens))])
+        return DraftTree(tuple(tokens), tuple(parents), q, tuple(draws) if q is not None else ())
+
     def _truncate(self, position: int) -> None:
         if position >= len(self.fed):
             return
@@ -177,6 +265,28 @@ class ModelDrafter:
         return logits
 
 
+def _likeliest_children(dist: np.ndarray, cumulative: list[float],
+                        room: int) -> list[tuple[int, int, float]]:
+    """Of every frontier row's children, the `room` of highest cumulative log probability:
+    (row, token, log probability), best first."""
+    logp = np.log(np.maximum(dist, 1e-30))
+    top = np.argpartition(-logp, min(room, logp.shape[1]) - 1, axis=1)[:, :room]
+    candidates = [(cumulative[i] + logp[i, t], i, int(t)) for i in range(len(cumulative)) for t in top[i]]
+    candidates.sort(key=lambda c: -c[0])
+    return [(i, t, float(logp[i, t])) for _, i, t in candidates[:room]]
+
+
+def _share_draws(cumulative: list[float], draws: int) -> list[int]:
+    """`draws` shared among frontier nodes by their path probability (D'Hondt: each next draw
+    goes to the node whose probability per draw already given is highest)."""
+    weights = np.exp(np.asarray(cumulative) - max(cumulative))
+    counts = [0] * len(cumulative)
+    for _ in range(draws):
+        best = int(np.argmax(weights / (1 + np.asarray(counts))))
+        counts[best] += 1
+    return counts
+
+
 class NgramDrafter:
     """Prompt lookup: continue the longest recent n-gram match of the context's end."""
 
@@ -186,8 +296,8 @@ class NgramDrafter:
         self.min_ngram = min_ngram
         self.max_ngram = max_ngram
         self.seen: list[int] = []  # the sequence the index covers
-        # n-gram -> start of its latest occurrence that has a token after it
-        self._index: dict[tuple[int, ...], int] = {}
+        # n-gram -> starts of its occurrences that have a token after them, oldest first
+        self._index: dict[tuple[int, ...], list[int]] = {}
 
     def sync(self, committed: list[int]) -> None:
         """Drop the index if `committed` does not extend what it covers."""
@@ -203,25 +313,55 @@ class NgramDrafter:
         if k <= 0:
             return [], None
         for n in range(min(self.max_ngram, len(committed) - 1), self.min_ngram - 1, -1):
-            start = self._index.get(tuple(committed[-n:]))
-            if start is None:
-                continue
-            # Copy what followed, as LZ77 does: a match near the end runs on into the
-            # proposal itself, which continues a repeating pattern.
-            extended = list(committed)
-            source = start + n
-            for j in range(k):
-                extended.append(extended[source + j])
-            return extended[len(committed):], None
+            starts = self._index.get(tuple(committed[-n:]))
+            if starts:
+                return _copied(committed, starts[-1] + n, k), None
         return [], None
+
+    def propose_tree(self, committed: list[int], shape: TreeShape) -> DraftTree:
+        """What followed each earlier match of the context's end, as branches: the longest
+        n-gram's latest match first (a chain of width 1 is `propose`'s), shared prefixes merged."""
+        self.sync(committed)
+        self._extend(committed)
+        tokens, parents = [committed[-1]], [-1]
+        child: dict[tuple[int, int], int] = {}  # (node, token) -> its child carrying the token
+        per_depth = [0] * (shape.depth + 1)
+        looked = 0
+        for n in range(min(self.max_ngram, len(committed) - 1), self.min_ngram - 1, -1):
+            for start in reversed(self._index.get(tuple(committed[-n:]), [])):
+                node = 0
+                for depth, token in enumerate(_copied(committed, start + n, shape.depth), start=1):
+                    found = child.get((node, token))
+                    if found is None:
+                        if len(tokens) > shape.budget or per_depth[depth] == shape.width:
+                            break
+                        found = child[node, token] = len(tokens)
+                        tokens.append(token)
+                        parents.append(node)
+                        per_depth[depth] += 1
+                    node = found
+                looked += 1
+                # Enough when the tree is full; older matches of a common n-gram add little.
+                if len(tokens) > shape.budget or looked == 4 * shape.budget:
+                    return DraftTree(tuple(tokens), tuple(parents))
+        return DraftTree(tuple(tokens), tuple(parents))
 
     def _extend(self, committed: list[int]) -> None:
         old, new = len(self.seen), len(committed)
         for n in range(self.min_ngram, self.max_ngram + 1):
             # An n-gram at i is indexed once a token follows it: i + n <= len - 1.
             for i in range(max(0, old - n), new - n):
-                self._index[tuple(committed[i:i + n])] = i
+                self._index.setdefault(tuple(committed[i:i + n]), []).append(i)
         self.seen = list(committed)
+
+
+def _copied(committed: list[int], source: int, k: int) -> list[int]:
+    """k tokens copied from `source` on, as LZ77 does: a match near the end runs on into the
+    copy itself, which continues a repeating pattern."""
+    extended = list(committed)
+    for j in range(k):
+        extended.append(extended[source + j])
+    return extended[len(committed):]
 
 
 class NoDrafter:
@@ -230,6 +370,9 @@ class NoDrafter:
     def propose(self, committed: list[int], k: int, *,
                 until: Callable[[], bool] | None = None) -> tuple[list[int], mx.array | None]:
         return [], None
+
+    def propose_tree(self, committed: list[int], shape: TreeShape) -> DraftTree:
+        return DraftTree.root_only(committed[-1])
 
     def sync(self, committed: list[int]) -> None:
         pass

@@ -24,6 +24,14 @@ otherwise it is discarded and the drafter rolls back. `run_ahead` also submits t
 window before the verdict; a rejected one is discarded (dropped unrun if its pass has not
 started, else the next pass's start_pos rolls it back).
 
+With `tree` (a `TreeShape`), a step that drafts verifies a tree instead of a chain
+(draft_tree.py): the drafter proposes it (`propose_tree`), ONE target pass
+`submit_tree(root + nodes, parents, len(s) - 1)` gives a row per node, tree_accept.py picks
+the accepted path (greedy: plain greedy's tokens; sampled: SpecInfer's multi-candidate rule,
+exact), the target keeps that path alone (`keep_path`) and the drafter syncs. The window
+policy still decides whether a step drafts (its gate, what is left of the request); the tree
+shape decides how much. Trees do not overlap with the pass (`overlap` is refused with them).
+
 The first step drafts nothing (`first_token_first`): the token that ends the prompt's
 prefill streams at once, and speculation starts from the second token.
 
@@ -46,13 +54,15 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
-from layerline.errors import ContextLengthError
+from layerline.errors import ContextLengthError, LayerlineError
 
 from .batch_window import accept_estimate
+from .draft_tree import TreeShape, fit_vocab
 from .drafters import Drafter, NoDrafter
 from .sampling import SamplingParams, log_softmax
 from .targets import PREFILL_STEP, PassTiming, PendingPass, Target
 from .token_distribution import probabilities, recent_rows, recent_tokens, request_key, scores
+from .tree_accept import accept_tree
 from .window_cost import StepMeasurement
 from .window_policy import GateDecision, NoDrafting, WindowPolicy
 
@@ -140,11 +150,33 @@ class GenerationStats:
     decode_seconds: float = 0.0  # from the first token to the last
     finish_reason: str = ""  # "stop" | "length" | "" (closed by the caller)
     gate: GateDecision | None = None  # the window policy's verdict when the request ended
+    tree_steps: int = 0  # steps that verified a drafted tree (their nodes count in `drafted`)
+    tree_paths: list[int] = field(default_factory=list)  # drafted nodes accepted by each tree step
+    # Index d - 1: tree steps whose tree reached depth d, and whose accepted path did.
+    tree_depths_drafted: list[int] = field(default_factory=list)
+    tree_depths_accepted: list[int] = field(default_factory=list)
 
     @property
     def accept_rate(self) -> float:
         """accepted / drafted (0 when nothing was drafted)."""
         return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def accept_rate_by_depth(self) -> list[float]:
+        """Of the tree steps whose tree reached depth d, the share whose accepted path did too."""
+        return [a / d for a, d in zip(self.tree_depths_accepted, self.tree_depths_drafted, strict=True)]
+
+    def count_tree(self, nodes: int, depth: int, path: int) -> None:
+        """One tree step: `nodes` drafted down to `depth`, `path` of them accepted."""
+        self.tree_steps += 1
+        self.tree_paths.append(path)
+        grow = depth - len(self.tree_depths_drafted)
+        if grow > 0:
+            self.tree_depths_drafted += [0] * grow
+            self.tree_depths_accepted += [0] * grow
+        for d in range(depth):
+            self.tree_depths_drafted[d] += 1
+            self.tree_depths_accepted[d] += d < path
 
     @property
     def tokens_per_pass(self) -> float:
@@ -162,7 +194,12 @@ class GenerationStats:
         return (self.tokens - 1) / self.decode_seconds if self.tokens > 1 and self.decode_seconds > 0 else 0.0
 
     def to_json(self) -> dict[str, object]:
-        return {
+        tree = {"tree": {
+            "steps": self.tree_steps, "paths": compress_windows(self.tree_paths),
+            "depths_drafted": self.tree_depths_drafted, "depths_accepted": self.tree_depths_accepted,
+            "accept_rate_by_depth": [round(r, 4) for r in self.accept_rate_by_depth],
+        }} if self.tree_steps else {}
+        return {**tree,
             "prompt_tokens": self.prompt_tokens, "tokens": self.tokens, "drafted": self.drafted,
             "accepted": self.accepted, "accept_rate": round(self.accept_rate, 4),
             "target_passes": self.target_passes, "tokens_per_pass": round(self.tokens_per_pass, 4),
@@ -183,6 +220,10 @@ class GenerationStats:
             line += (f"; drafted {self.drafted} accepted {self.accepted} ({self.accept_rate:.0%}), "
                      f"{self.tokens_per_pass:.1f} tok/pass, draft {self.draft_seconds:.2f}s "
                      f"verify {self.verify_seconds:.2f}s")
+        if self.tree_steps:
+            line += (f"; {self.tree_steps} trees, {sum(self.tree_paths) / self.tree_steps:.1f} drafts "
+                     f"accepted per tree, by depth "
+                     + " ".join(f"{rate:.0%}" for rate in self.accept_rate_by_depth))
         return line
 
 
@@ -243,11 +284,18 @@ class Generation:
     # (policy's window, accept rate) -> the window worth drafting while other requests share the
     # passes (batch_window.py); None: the policy's window stands.
     window_cap: Callable[[int, float], int] | None = None
+    tree: TreeShape | None = None  # verify a drafted tree in each drafting step, not a chain
     stats: GenerationStats = field(init=False)
     tokens: list[int] = field(init=False, default_factory=list)  # yielded, in order
 
     def __post_init__(self) -> None:
         check_prompt(self.prompt, self.context_length)
+        if self.tree is not None and self.overlap:
+            raise LayerlineError("token trees do not overlap with the target's pass",
+                                 hint="drop overlap/run-ahead, or draft chains (no tree)")
+        if self.tree is not None and not self.target.supports_trees:
+            raise LayerlineError("this target cannot verify a token tree (its attention or RoPE "
+                                 "takes one chain)", hint="draft chains for this model (no tree)")
         self.stats = GenerationStats(prompt_tokens=len(self.prompt))
         self._key = request_key(self.params.seed, stream=0)
         self._started = False
@@ -356,7 +404,10 @@ class Generation:
             if capped < window:
                 stats.yielded_steps += 1
                 window = capped
-            out, accepted, logprobs = self._step(committed, window)
+            if self.tree is not None and window > 0:
+                out, accepted, logprobs = self._tree_step(committed, min(self.tree.depth, room))
+            else:
+                out, accepted, logprobs = self._step(committed, window)
             for i, token in enumerate(out):
                 logprob, top = logprobs[i] if logprobs is not None else (None, ())
                 emitted = Token(token, logprob, top, drafted=i < accepted)
@@ -453,6 +504,53 @@ class Generation:
                                     tokens=len(out), clock=clock, trace=trace, guessed=guessed))
         return out, accepted, logprobs
 
+    def _tree_step(self, committed: list[int],
+                   depth: int) -> tuple[list[int], int, list[TokenLogprobs] | None]:
+        """Draft a tree down to `depth`, verify it in one target pass, keep the accepted path:
+        tokens committed, how many were drafts."""
+        stats, tree_shape = self.stats, self.tree
+        assert tree_shape is not None
+        clock = StepClock(started=time.perf_counter())
+        shape = TreeShape(depth, tree_shape.width, min(tree_shape.budget, depth * tree_shape.width))
+        tree = self.drafter.propose_tree(committed, shape).within(self.target.vocab_size)
+        clock.drafted = time.perf_counter()
+        start = len(committed) - 1
+        tail, self._tail = self._tail, []
+        if tail:  # the prompt's last chunk: a chain in front of the tree's root
+            self.target.forward(tail, start - len(tail))
+        pending = self.target.submit_tree(list(tree.tokens), list(tree.parents), start)
+        clock.prepared = time.perf_counter()
+        logits = pending.result()
+        clock.verified = time.perf_counter()
+        verdict, self._key = accept_tree(logits, committed, tree, self.params, self._key)
+        out = verdict.tokens
+        logprobs = (token_logprobs(logits[mx.array(verdict.path)], out, self.params.top_logprobs)
+                    if self.params.logprobs else None)
+        # The target then holds a chain again: everything committed but the last token.
+        self.target.keep_path(start, verdict.path)
+        self.drafter.sync(committed + out)
+        clock.done = time.perf_counter()
+        stats.draft_seconds += clock.draft_s
+        stats.verify_seconds += clock.done - clock.drafted
+        stats.target_passes += 1
+        stats.drafted += tree.size
+        stats.accepted += verdict.accepted
+        stats.windows.append(tree.size)
+        stats.count_tree(tree.size, tree.depth, verdict.accepted)
+        trace = self.target.last_trace
+        # The tree's pass cost V(n) by its nodes; the drafting cost per node is a tree's own
+        # (a call per depth), not the chain's per token, so the chain's measure is left alone.
+        measured = StepMeasurement(
+            drafted=tree.size, accepted=verdict.accepted, seconds=clock.seconds, committed=len(out),
+            positions=len(tree.tokens), pass_s=clock.target_s if not tail else None,
+            stage0_share=_stage0_share(trace))
+        self.policy.costs.record_step(measured)
+        self.policy.record(measured)
+        if self.on_step is not None:
+            self.on_step(StepRecord(positions=len(tree.tokens), drafted=tree.size, accepted=verdict.accepted,
+                                    tokens=len(out), clock=clock, trace=trace))
+        return out, verdict.accepted, logprobs
+
     def _prepare(self, committed: list[int], step: _Drafts, pending: PendingPass) -> _Prepared | None:
         """While the target verifies `step`: the next step's window, from the state where every
         draft of `step` stands and the target's next token is the drafter's own guess. Drafting
@@ -538,7 +636,7 @@ class _Drafts:
         tokens = tokens[:window]
         keep = next((i for i, t in enumerate(tokens) if not 0 <= t < vocab), len(tokens))
         if q is not None:
-            q = _fit_vocab(q[:len(tokens)], vocab)
+            q = fit_vocab(q[:len(tokens)], vocab)
         cut_q = q[keep] if q is not None and keep < len(tokens) else None
         return cls(tokens[:keep], None if q is None else q[:keep],
                    keep + (keep < len(tokens)), cut_q)
@@ -579,17 +677,9 @@ def _residual(p: mx.array, draft: int, q: mx.array | None) -> mx.array:
     if q is None:
         residual = mx.where(mx.arange(vocab) == draft, 0.0, p)
     else:
-        residual = mx.maximum(p - _fit_vocab(q, vocab), 0.0)
+        residual = mx.maximum(p - fit_vocab(q, vocab), 0.0)
     # Empty only through rounding (a rejection needs p(draft) < q(draft)); then p itself.
     return residual if float(residual.sum().item()) > 0 else p
-
-
-def _fit_vocab(row: mx.array, vocab: int) -> mx.array:
-    """A draft distribution over the target's vocabulary: cut or zero-padded."""
-    size = row.shape[-1]
-    if size >= vocab:
-        return row[..., :vocab]
-    return mx.concatenate([row, mx.zeros((*row.shape[:-1], vocab - size), dtype=row.dtype)], axis=-1)
 
 
 def generate(target: Target, prompt: list[int], params: SamplingParams, *,
@@ -597,13 +687,15 @@ def generate(target: Target, prompt: list[int], params: SamplingParams, *,
              context_length: int | None = None, prefill_step: int = PREFILL_STEP,
              first_token_first: bool = True,
              on_step: Callable[[StepRecord], None] | None = None, overlap: bool = False,
-             run_ahead: bool = False, window_cap: Callable[[int, float], int] | None = None) -> Generation:
+             run_ahead: bool = False, window_cap: Callable[[int, float], int] | None = None,
+             tree: TreeShape | None = None) -> Generation:
     """Stream tokens for `prompt` from `target` (an empty session), with drafts when a drafter
     and a window policy are given, plainly otherwise; `overlap` drafts each next window while
-    the target verifies, `run_ahead` also sends it before the verdict."""
+    the target verifies, `run_ahead` also sends it before the verdict; `tree` verifies a
+    drafted tree of that shape instead of a chain."""
     return Generation(target, list(prompt), params, drafter or NoDrafter(), policy or NoDrafting(),
                       context_length, prefill_step, first_token_first, on_step, overlap or run_ahead,
-                      run_ahead, window_cap)
+                      run_ahead, window_cap, tree)
 
 
 def compress_windows(windows: list[int]) -> list[list[int]]:

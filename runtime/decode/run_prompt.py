@@ -1,5 +1,5 @@
 """`layerline run`: one prompt answered by a package in one process, as text deltas, with or
-without a draft (a draft model, or `ngram` prompt lookup)."""
+without a draft (a draft model, or `ngram` prompt lookup), verifying chains or token trees."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from layerline.packager.window_spec import WindowSpec
 
 from ..model.chat import chat_prompt_tokens, text_prompt_tokens, user_messages
 from .draft_model import load_draft
+from .draft_tree import TreeShape
 from .drafters import Drafter, ModelDrafter, NgramDrafter, NoDrafter
 from .local_pipeline import LocalPipeline
 from .loop import Generation, generate
@@ -35,6 +36,7 @@ class RunRequest:
     split: str | None = None  # "0:12,12:30": ranges run one after another
     draft: str | None = None  # a draft model reference, or "ngram"; None decodes plainly
     window: WindowSpec = field(default_factory=WindowSpec)  # the draft window, with a draft
+    tree: TreeShape | None = None  # verify drafted trees of this shape, not chains (needs a draft)
 
 
 @dataclass
@@ -65,6 +67,9 @@ def start_run(request: RunRequest) -> Run:
     sampling = request.sampling
     if not sampling.stop_token_ids:
         sampling = replace(sampling, stop_token_ids=pipeline.eos_token_ids)
+    if request.tree is not None and request.draft is None:
+        raise LayerlineError("--tree shapes the drafts: it needs a draft",
+                             hint="add --draft ngram or --draft with a draft model")
     drafter: Drafter = NoDrafter()
     policy = policy_for(request.window if request.draft is not None else None)
     if request.draft is not None:
@@ -75,5 +80,5 @@ def start_run(request: RunRequest) -> Run:
                                   DRAFT_CACHE.expanduser(), request.weights)
             drafter = ModelDrafter(draft, sampling, context_length=pipeline.context_length)
     generation = generate(LocalTarget.open(pipeline), prompt, sampling, drafter=drafter, policy=policy,
-                          context_length=pipeline.context_length)
+                          context_length=pipeline.context_length, tree=request.tree)
     return Run(generation, tokenizer, pipeline.eos_token_ids)

@@ -16,6 +16,7 @@ import mlx.core as mx
 
 from layerline.errors import LayerlineError
 
+from .draft_tree import DraftTree, TreeShape
 from .drafters import common_prefix, draw
 from .sampling import SamplingParams
 from .targets import PREFILL_STEP
@@ -72,6 +73,11 @@ class ScheduledDrafter:
                 logits = self.session.forward([tokens[-1]], len(committed) + i)[-1:]
         self.fed.extend(tokens[:-1])
         return tokens, mx.concatenate(dists) if dists else None
+
+    def propose_tree(self, committed: list[int], shape: TreeShape) -> DraftTree:
+        """The chain `propose` drafts, as a tree (the scheduler runs no tree of the draft yet)."""
+        drafts, q = self.propose(committed, shape.depth)
+        return DraftTree.chain(committed[-1], drafts, q)
 
     def _replay(self, committed: list[int], keep: int) -> mx.array:
         """Feed committed[keep:] in chunks; the logits (1, vocab) after the last one."""

@@ -24,7 +24,12 @@ def recent_tokens(history: list[int] | mx.array, params: SamplingParams) -> mx.a
 def recent_rows(committed: list[int], drafts: list[int], params: SamplingParams) -> mx.array:
     """The penalty's history of each verification row (len(drafts) + 1, H): row i follows
     committed + drafts[:i]. Short rows repeat their first token (a repeat changes nothing)."""
-    histories = [(committed + drafts[:i])[-params.repetition_context:] for i in range(len(drafts) + 1)]
+    context = params.repetition_context
+    return padded_rows([(committed + drafts[:i])[-context:] for i in range(len(drafts) + 1)])
+
+
+def padded_rows(histories: list[list[int]]) -> mx.array:
+    """Histories as one array (rows, H): short rows repeat their first token (a repeat changes nothing)."""
     width = max(len(h) for h in histories)
     return mx.array([[h[0]] * (width - len(h)) + h for h in histories], dtype=mx.uint32)
 

@@ -40,6 +40,23 @@ def test_run_refuses_a_split_outside_the_model(smollm2_package):
     assert result.returncode == 1 and "the model has 30" in result.stderr
 
 
+def test_run_with_a_tree_of_ngram_drafts_answers_as_without(smollm2_package):
+    code = "def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n\n\ndef mul(a, b):\n"
+    args = ("run", str(smollm2_package), "--prompt", code, "--max-tokens", "24")
+    plain = layerline(*args)
+    tree = layerline(*args, "--draft", "ngram", "--tree", "4,3,8")
+    assert plain.returncode == 0 and tree.returncode == 0, tree.stderr
+    assert tree.stdout == plain.stdout
+    assert "drafts accepted per tree" in " ".join(tree.stderr.split())  # the console may wrap the line
+
+
+def test_run_refuses_a_bad_tree_cleanly(smollm2_package):
+    result = layerline("run", str(smollm2_package), "--prompt", "Hi", "--draft", "ngram", "--tree", "4")
+    assert result.returncode == 1 and "is not DEPTH,WIDTH[,NODES]" in result.stderr
+    result = layerline("run", str(smollm2_package), "--prompt", "Hi", "--tree", "4,2")
+    assert result.returncode == 1 and "it needs a draft" in result.stderr and "Traceback" not in result.stderr
+
+
 @pytest.mark.slow
 def test_bench_decode_reports_each_format_beside_bare_mlx_lm(tiny_llama_package):
     result = layerline("bench", "decode", str(tiny_llama_package), "--weights", "f32",
