@@ -9,7 +9,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from .manifest import Fidelity, Quantization, speculative_to_json
+from .manifest import Calibration, Fidelity, Quantization, speculative_to_json
 from .package import LayerPackage
 from .window_spec import WindowSpec
 
@@ -77,6 +77,15 @@ def describe_fidelity(fidelity: Fidelity) -> str:
             f"{fidelity.text_tokens} tokens (vs {fidelity.reference})")
 
 
+def describe_calibration(calibration: Calibration) -> str:
+    """`top-1 71.2 %, top-4 86.0 %; by depth 71 78 80 … %; 9 prompts (code, prose, chat), 432 positions`."""
+    top = calibration.acceptance_top_r
+    depths = " ".join(f"{p:.0%}".removesuffix("%") for p in calibration.acceptance_by_depth)
+    return (f"top-1 {top[0]:.1%}, top-{len(top)} {top[-1]:.1%}; by depth {depths} %; "
+            f"{calibration.prompts} prompts ({', '.join(calibration.prompt_sets)}), "
+            f"{calibration.positions} positions")
+
+
 def _tensors(n: int) -> str:
     return f"{n} tensor{'s' if n != 1 else ''}"
 
@@ -122,6 +131,9 @@ def render_summary(summary: dict[str, Any], console: Console) -> None:
             window = WindowSpec.from_json(strategy).describe()
             rows.append((f"  strategy {name}",
                          f"{strategy['type']} {strategy.get('draft_model', '')} {window}"))
+            calibration = strategy.get("calibration")
+            rows.append(("    calibration", "not measured" if calibration is None
+                         else describe_calibration(Calibration(**calibration))))
     for key, value in rows:
         table.add_row(key, value)
     console.print(table)

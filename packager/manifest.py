@@ -111,11 +111,36 @@ class TokenizerInfo:
 
 
 @dataclass(frozen=True)
+class Calibration:
+    """How well a strategy's drafter predicts the target, measured by `pkg calibrate`.
+
+    Teacher-forced on the target's own greedy continuation of layerline's fixed prompts: at
+    each position, the rank of the target's token among the drafter's candidates.
+    """
+
+    prompt_sets: tuple[str, ...]  # which of the shipped sets were measured: "code", "prose", "chat"
+    prompts: int
+    positions: int  # continuation tokens measured, over all prompts
+    max_tokens: int  # the continuation's length per prompt (less where the target ended it)
+    acceptance_by_rank: tuple[float, ...]  # [r-1]: P(the target's token is the draft's rank-r token)
+    acceptance_top_r: tuple[float, ...]  # [r-1]: P(the target's token is among the draft's top r)
+    acceptance_by_depth: tuple[float, ...]  # [d-1]: P(depth d of a chain is accepted | depth d-1 was)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"prompt_sets": list(self.prompt_sets), "prompts": self.prompts,
+                "positions": self.positions, "max_tokens": self.max_tokens,
+                "acceptance_by_rank": list(self.acceptance_by_rank),
+                "acceptance_top_r": list(self.acceptance_top_r),
+                "acceptance_by_depth": list(self.acceptance_by_depth)}
+
+
+@dataclass(frozen=True)
 class Strategy:
     type: str
     draft_model: str | None = None
     tokenizer_fingerprint: str | None = None
     window_spec: WindowSpec = field(default_factory=WindowSpec)
+    calibration: Calibration | None = None  # None until `pkg calibrate` measures the drafter
 
 
 @dataclass(frozen=True)
@@ -188,48 +213,54 @@ def speculative_to_json(spec: SpeculativeDecoding) -> dict[str, Any]:
             entry["draft_model"] = strategy.draft_model
         if strategy.tokenizer_fingerprint is not None:
             entry["tokenizer_fingerprint"] = strategy.tokenizer_fingerprint
-        strategies[name] = entry | strategy.window_spec.to_json()
+        entry |= strategy.window_spec.to_json()
+        if strategy.calibration is not None:
+            entry["calibration"] = strategy.calibration.to_json()
+        strategies[name] = entry
     return {"default": spec.default, "strategies": strategies}
 
 
 # ---------------------------------------------------------------- parsing
 
 
+REBUILD_HINT = "rebuild the package with `layerline pkg build`, or fix the manifest by hand"
+RECALIBRATE_HINT = "measure it again with `layerline pkg calibrate PACKAGE`"
+
+
 class _Reader:
     """Walks a raw dict, naming the field path in every error."""
 
-    def __init__(self, data: Any, where: str, origin: str) -> None:
+    def __init__(self, data: Any, where: str, origin: str, hint: str = REBUILD_HINT) -> None:
         if not isinstance(data, dict):
-            raise ManifestError(f"{origin}: {where or 'manifest'} must be an object")
-        self.data, self.where, self.origin = data, where, origin
+            raise ManifestError(f"{origin}: {where or 'manifest'} must be an object", hint=hint)
+        self.data, self.where, self.origin, self.hint = data, where, origin, hint
 
     def _name(self, key: str) -> str:
         return f"{self.where}.{key}" if self.where else key
 
-    def _fail(self, key: str, problem: str) -> ManifestError:
-        return ManifestError(
-            f"{self.origin}: field {self._name(key)!r} {problem}",
-            hint="rebuild the package with `layerline pkg build`, or fix the manifest by hand",
-        )
+    def fail(self, key: str, problem: str) -> ManifestError:
+        """The error for field `key`, named by its path."""
+        return ManifestError(f"{self.origin}: field {self._name(key)!r} {problem}", hint=self.hint)
 
     def get(self, key: str, kind: type | tuple[type, ...], *, optional: bool = False) -> Any:
         if key not in self.data:
             if optional:
                 return None
-            raise self._fail(key, "is missing")
+            raise self.fail(key, "is missing")
         value = self.data[key]
         if value is None and optional:
             return None
         # bool is an int in Python; a manifest that says true for a count is wrong.
         if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
-            raise self._fail(key, f"must be {_kind_name(kind)}, got {value!r}")
+            raise self.fail(key, f"must be {_kind_name(kind)}, got {value!r}")
         if not isinstance(value, kind):
-            raise self._fail(key, f"must be {_kind_name(kind)}, got {type(value).__name__}")
+            raise self.fail(key, f"must be {_kind_name(kind)}, got {type(value).__name__}")
         return value
 
-    def child(self, key: str, *, optional: bool = False) -> _Reader | None:
+    def child(self, key: str, *, optional: bool = False, hint: str | None = None) -> _Reader | None:
+        """The object at `key` (None if optional and absent); `hint` replaces the fix its errors name."""
         value = self.get(key, dict, optional=optional)
-        return None if value is None else _Reader(value, self._name(key), self.origin)
+        return None if value is None else _Reader(value, self._name(key), self.origin, hint or self.hint)
 
 
 def _sha256(reader: _Reader) -> str:
@@ -316,6 +347,40 @@ def _check_config(config: dict[str, Any], origin: str) -> None:
                             f"config.num_attention_heads {heads}")
 
 
+MAX_CALIBRATION_FIGURES = 64  # ranks or depths a calibration may list
+
+
+def _parse_calibration(reader: _Reader | None) -> Calibration | None:
+    """A strategy's `calibration`, each figure a probability; None where the strategy has none."""
+    if reader is None:
+        return None
+
+    def count(key: str) -> int:
+        value = reader.get(key, int)
+        if value < 0:
+            raise reader.fail(key, f"must not be negative, got {value}")
+        return value
+
+    def figures(key: str) -> tuple[float, ...]:
+        values = reader.get(key, list)
+        if not 1 <= len(values) <= MAX_CALIBRATION_FIGURES or not all(
+                isinstance(v, int | float) and not isinstance(v, bool) and 0.0 <= v <= 1.0 for v in values):
+            raise reader.fail(key, f"must list 1 to {MAX_CALIBRATION_FIGURES} probabilities in [0, 1], "
+                                   f"got {values!r}")
+        return tuple(float(v) for v in values)
+
+    sets = reader.get("prompt_sets", list)
+    if not all(isinstance(name, str) for name in sets):
+        raise reader.fail("prompt_sets", f"must list names, got {sets!r}")
+    calibration = Calibration(
+        prompt_sets=tuple(sets), prompts=count("prompts"), positions=count("positions"),
+        max_tokens=count("max_tokens"), acceptance_by_rank=figures("acceptance_by_rank"),
+        acceptance_top_r=figures("acceptance_top_r"), acceptance_by_depth=figures("acceptance_by_depth"))
+    if len(calibration.acceptance_top_r) != len(calibration.acceptance_by_rank):
+        raise reader.fail("acceptance_top_r", "must list as many ranks as acceptance_by_rank")
+    return calibration
+
+
 def parse_speculative(raw: Any, origin: str, schema_version: int = SCHEMA_VERSION) -> SpeculativeDecoding:
     reader = _Reader(raw, "generation.speculative_decoding", origin)
     strategies_reader = reader.child("strategies")
@@ -335,6 +400,7 @@ def parse_speculative(raw: Any, origin: str, schema_version: int = SCHEMA_VERSIO
             draft_model=draft,
             tokenizer_fingerprint=s.get("tokenizer_fingerprint", str, optional=True),
             window_spec=_parse_window(s, schema_version),
+            calibration=_parse_calibration(s.child("calibration", optional=True, hint=RECALIBRATE_HINT)),
         )
     default = reader.get("default", str, optional=True)
     if default is not None and default not in strategies:

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from layerline.errors import LayerlineError, TokenizerMismatchError
 
-from .manifest import MANIFEST_NAME, SpeculativeDecoding, Strategy, read_manifest
+from .manifest import (
+    MANIFEST_NAME,
+    Calibration,
+    Manifest,
+    SpeculativeDecoding,
+    Strategy,
+    read_manifest,
+    write_json_atomic,
+)
 from .window_spec import WindowError, WindowSpec
 
 NGRAM = "ngram"  # the `--draft-model` that names prompt-lookup drafting (no model)
@@ -100,3 +109,26 @@ def build_speculative_block(
             f"--default-strategy {chosen!r} is not among the strategies {sorted(strategies)}"
         )
     return SpeculativeDecoding(default=chosen, strategies=strategies)
+
+
+def store_calibrations(root: Path | str, calibrations: Mapping[str, Calibration]) -> Manifest:
+    """Rewrite the package's manifest with these strategies' calibrations replaced, atomically.
+
+    Only the manifest changes; `files` (and so every checksum `pkg verify` checks) stays as it was.
+    """
+    root = Path(root)
+    manifest = read_manifest(root)
+    spec = manifest.speculative_decoding
+    declared = sorted(spec.strategies) if spec else []
+    unknown = [name for name in calibrations if name not in declared]
+    if unknown:
+        raise LayerlineError(f"package {root} declares no strategy {', '.join(map(repr, unknown))} "
+                             f"(it has: {', '.join(declared) or 'none'})",
+                             hint="choose one of its strategies with --strategy")
+    if spec is None:  # nothing to calibrate, nothing to write
+        return manifest
+    strategies = {name: replace(strategy, calibration=calibrations.get(name, strategy.calibration))
+                  for name, strategy in spec.strategies.items()}
+    manifest = replace(manifest, speculative_decoding=replace(spec, strategies=strategies))
+    write_json_atomic(root / MANIFEST_NAME, manifest.to_json())
+    return manifest

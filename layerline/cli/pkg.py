@@ -1,4 +1,4 @@
-"""`layerline pkg …`: build, inspect, verify and publish layer packages, or build on HF Jobs."""
+"""`layerline pkg …`: build, inspect, verify, calibrate and publish layer packages, or build on HF Jobs."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from layerline.runtime.decode.calibration_prompts import DEFAULT_MAX_TOKENS
 
 from .options import (
     DEFAULT_WINDOW,
@@ -21,12 +23,22 @@ from .options import (
     QuantizeOpt,
     QuietOpt,
     RevisionOpt,
+    WeightsChoice,
+    WeightsOpt,
     WindowPolicyChoice,
     WindowPolicyOpt,
 )
 from .output import out
+from .stage import stage_cache
 
-pkg_app = typer.Typer(no_args_is_help=True, help="Build, inspect, verify and publish layer packages.")
+CalibrationTokensOpt = Annotated[int, typer.Option(
+    "--max-tokens", min=1, help="Continuation tokens the target writes per calibration prompt.")]
+DraftCacheOpt = Annotated[Path | None, typer.Option(
+    "--cache-dir", help="Where stage 0 caches drafts built from GGUF or Hub references (default: config, "
+                        "else ~/.cache/layerline/stage); nothing is fetched.")]
+
+pkg_app = typer.Typer(no_args_is_help=True,
+                      help="Build, inspect, verify, calibrate and publish layer packages.")
 
 
 @pkg_app.command("build")
@@ -53,12 +65,16 @@ def pkg_build(
     initial_window: InitialWindowOpt = DEFAULT_WINDOW.initial,
     min_window: MinWindowOpt = DEFAULT_WINDOW.min,
     max_window: MaxWindowOpt = DEFAULT_WINDOW.max,
+    calibrate: Annotated[bool, typer.Option(
+        help="Measure each strategy's acceptance on layerline's calibration prompts and store it "
+             "(as `pkg calibrate` does).")] = False,
     publish: Annotated[str | None, typer.Option(help="Also upload to this Hub repo.")] = None,
     private: PrivateOpt = False,
     revision: RevisionOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Turn a model into a layer package."""
+    from layerline.errors import LayerlineError
     from layerline.packager.build import BuildOptions, build_package
     from layerline.packager.inspect import describe_fidelity
     from layerline.packager.speculative import DraftSpec
@@ -69,6 +85,9 @@ def pkg_build(
     drafts = [DraftSpec(reference=ref, name=names[i] if i < len(names) else None,
                         window_spec=window)
               for i, ref in enumerate(draft_model or [])]
+    if calibrate and not drafts:
+        raise LayerlineError("--calibrate needs at least one --draft-model",
+                             hint="add --draft-model DRAFT (or `ngram`), or drop --calibrate")
     options = BuildOptions(quantize=quantize.value if quantize else None, group_size=group_size,
                            fidelity=fidelity, force=force, model_id=model_id, drafts=drafts,
                            default_strategy=default_strategy, quiet=quiet)
@@ -76,6 +95,8 @@ def pkg_build(
     out.print(f"built {output} ({manifest.num_layers} layers, {len(manifest.files)} files)")
     if manifest.fidelity is not None:
         out.print(f"fidelity: {describe_fidelity(manifest.fidelity)}")
+    if calibrate:
+        _calibrate(output, None, DEFAULT_MAX_TOKENS, None, WeightsChoice.auto, quiet)
     if publish:
         from layerline.packager.publish import publish_package
 
@@ -102,6 +123,33 @@ def pkg_verify(package: PackageArg, quiet: QuietOpt = False) -> None:
 
     checked = verify_package(package, quiet=quiet)
     out.print(f"ok: {checked} files match {package}/model-package.json")
+
+
+@pkg_app.command("calibrate")
+def pkg_calibrate(
+    package: PackageArg,
+    strategy: Annotated[list[str] | None, typer.Option(
+        help="Strategy to measure (repeat for several; default: every strategy).")] = None,
+    max_tokens: CalibrationTokensOpt = DEFAULT_MAX_TOKENS,
+    cache_dir: DraftCacheOpt = None,
+    weights: WeightsOpt = WeightsChoice.auto,
+    quiet: QuietOpt = False,
+) -> None:
+    """Measure how well each strategy's drafter predicts the model, and store it in the package."""
+    _calibrate(package, strategy, max_tokens, cache_dir, weights, quiet)
+
+
+def _calibrate(package: Path, strategies: list[str] | None, max_tokens: int, cache_dir: Path | None,
+               weights: WeightsChoice, quiet: bool) -> None:
+    from layerline.packager.inspect import describe_calibration
+    from layerline.runtime.decode.calibration import calibrate_package
+    from layerline.runtime.serve.config import load_config
+
+    results = calibrate_package(package, strategies=strategies, max_tokens=max_tokens,
+                                cache_dir=stage_cache(cache_dir, load_config()), weights=weights.value,
+                                quiet=quiet)
+    for name, calibration in results.items():
+        out.print(f"calibrated {name}: {describe_calibration(calibration)}")
 
 
 @pkg_app.command("publish")
