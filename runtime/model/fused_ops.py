@@ -69,20 +69,29 @@ class KernelRoPE(nn.RoPE):
         return _native().rope(x, self._inverse_frequencies, self.dims, self.traditional, self.scale, offset)
 
 
-def _silu_mul_mlp(self: nn.Module, x: mx.array) -> mx.array:
-    gate, up = self.gate_proj(x), self.up_proj(x)
+def silu_mul(gate: mx.array, up: mx.array) -> mx.array:
+    """silu(gate) * up: by the extension in one task for f32, else mlx's ops."""
     if gate.dtype != mx.float32 or up.dtype != mx.float32:
-        return self.down_proj(nn.silu(gate) * up)
-    return self.down_proj(_native().silu_mul(gate, up))
+        return nn.silu(gate) * up
+    return _native().silu_mul(gate, up)
+
+
+def add_rms_norm(x: mx.array, residual: mx.array, norm: nn.RMSNorm) -> tuple[mx.array, mx.array]:
+    """(x + residual, norm(x + residual)): by the extension in one task for f32, else mlx's ops."""
+    if x.dtype != mx.float32 or residual.dtype != mx.float32 or norm.weight.dtype != mx.float32:
+        h = x + residual
+        return h, norm(h)
+    h, normed = _native().add_rms_norm(x, residual, norm.weight, norm.eps)
+    return h, normed
+
+
+def _silu_mul_mlp(self: nn.Module, x: mx.array) -> mx.array:
+    return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 def _add_norm_block(self: nn.Module, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
     r = self.self_attn(self.input_layernorm(x), mask, cache)
-    norm = self.post_attention_layernorm
-    if x.dtype != mx.float32 or r.dtype != mx.float32 or norm.weight.dtype != mx.float32:
-        h = x + r
-        return h + self.mlp(norm(h))
-    h, normed = _native().add_rms_norm(x, r, norm.weight, norm.eps)
+    h, normed = add_rms_norm(x, r, self.post_attention_layernorm)
     return h + self.mlp(normed)
 
 
@@ -111,6 +120,8 @@ class KernelQwen3Block(qwen3.TransformerBlock):
     __call__ = _add_norm_block
 
 
+FUSED_MLPS = (KernelLlamaMLP, KernelQwen2MLP, KernelQwen3MLP)
+FUSED_BLOCKS = (KernelLlamaBlock, KernelQwen2Block, KernelQwen3Block)
 _SWAPS: dict[type, type] = {
     nn.RMSNorm: KernelRMSNorm, nn.RoPE: KernelRoPE,
     llama.MLP: KernelLlamaMLP, qwen2.MLP: KernelQwen2MLP, qwen3.MLP: KernelQwen3MLP,
