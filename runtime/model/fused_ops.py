@@ -14,6 +14,8 @@ does not cover (other dtypes, a mask array, attention sinks, a RoPE offset per s
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 from typing import Any
 
@@ -24,6 +26,8 @@ from mlx_lm.models import llama, qwen2, qwen3
 
 from .cpu_kernel import cpu_kernel
 
+log = logging.getLogger("layerline.runtime")
+
 ENV_VAR = "LAYERLINE_CPU_FUSED"  # "off": mlx's ops for norms, RoPE, attention and SiLU*mul
 MAX_ATTENTION_ROWS = 16  # a decode step or a verify window; prefill keeps mlx's matmuls
 
@@ -32,7 +36,17 @@ def fused_ops_enabled() -> bool:
     """Whether the fused ops run here: on the CPU, with the kernel built, and not switched off."""
     setting = os.environ.get(ENV_VAR, "").strip().lower()
     return (setting not in ("off", "0", "no", "none") and mx.default_device() == mx.cpu
-            and cpu_kernel().available)
+            and cpu_kernel().available and _built_with_fused_ops())
+
+
+@functools.cache  # a fact of the process, logged once
+def _built_with_fused_ops() -> bool:
+    # An extension built before the fused ops still computes the products: keep mlx's ops then.
+    built = "fused_isa" in dir(_native())
+    if not built:
+        log.warning("event=cpu_fused_ops_missing the CPU kernel was built without its fused ops; "
+                    "reinstall layerline (pip install -e .) to rebuild it")
+    return built
 
 
 def _native() -> Any:
