@@ -27,6 +27,7 @@ def bench_decode(
     mlx_lm: Annotated[bool, typer.Option(help="Also run a bare mlx-lm loop on the same weights.")] = True,
     llama_bench: Annotated[Path | None, typer.Option(help="llama.cpp's llama-bench binary: also run it on the same GGUF and threads.")] = None,
     llama_threads: Annotated[int | None, typer.Option(help="llama-bench -t (default: the threads layerline's CPU kernel uses).")] = None,
+    profile: Annotated[bool, typer.Option(help="Also time one decoded token per op class (packed weights), with mlx's ops and with the fused ones.")] = False,
 ) -> None:
     """Prefill and decode tok/s per weight format, beside a bare mlx-lm loop on the same weights."""
     from layerline.runtime.bench.decode import BENCH_FORMATS, auto_choice, render_rows
@@ -53,6 +54,15 @@ def bench_decode(
     typer.echo(render_rows(rows))
     if llama is not None:
         typer.echo(render_llama_bench(llama, {r.weights: r.layerline_decode_tps for r in rows}))
+    if profile:
+        from layerline.packager.package import LayerPackage
+        from layerline.runtime.bench.decode import bench_prompt
+        from layerline.runtime.bench.token_profile import profile_both, render_profiles
+        from layerline.runtime.model.tokenizer import load_tokenizer
+
+        prompt = bench_prompt(load_tokenizer(LayerPackage.open(package)), prompt_tokens)
+        typer.echo(f"one decoded token per op class (packed weights, context {prompt_tokens}+{tokens // 2}):")
+        typer.echo(render_profiles(profile_both(package, prompt, tokens)))
     typer.echo(f"{load_fast_blas().describe()} {cpu_kernel().describe()}")
     typer.echo(f"--weights auto here: {auto_choice(package).describe()}")
 

@@ -28,6 +28,7 @@ from ..decode.sampling import SamplingParams
 from ..decode.targets import LocalTarget
 from ..model.package_tensors import apply_plan, load_into, read_verified
 from ..model.weights_policy import WeightsPlan, detect_device, plan_weights
+from .token_profile import fused_ops_switched
 
 BENCH_FORMATS = ("packed", "f32", "bf16", "f16")
 _FILLER = (
@@ -149,7 +150,9 @@ def bench_format(package_dir: str | Path, weights: str, *, prompt_tokens: int = 
     plan, prompt, ours, resident = _bench_layerline(package_dir, weights, prompt_tokens, decode_tokens,
                                                     repeats)
     gc.collect()
-    bare = _bench_mlx_lm(package_dir, plan, prompt, decode_tokens, repeats) if mlx_lm else (0.0, 0.0)
+    # mlx-lm's model module calls layerline's attention once a range is built: mlx's ops there too.
+    with fused_ops_switched(False):
+        bare = _bench_mlx_lm(package_dir, plan, prompt, decode_tokens, repeats) if mlx_lm else (0.0, 0.0)
     gc.collect()
     manifest = LayerPackage.open(package_dir).manifest
     files = sum(f.bytes for f in manifest.files if f.path.endswith(".safetensors"))

@@ -18,6 +18,7 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.models import base
 
+from .fused_ops import fused_attention
 from .session_rows import SessionRows
 
 SMALL_QUERY_ROWS = 64  # at most a verify window's rows; prefill chunks stay on cuDNN
@@ -37,6 +38,10 @@ def attention(queries: mx.array, keys: mx.array, values: mx.array, cache: Any, s
         # Sessions side by side attend as matmuls: on CUDA a cuDNN graph per key length costs 50 ms.
         return cache.attend(attention, matmul_attention, queries, scale, sinks)
     rows = queries.shape[2]
+    if sinks is None and not hasattr(cache, "bits"):  # on the CPU kernel: one task (fused_ops.py)
+        fused = fused_attention(queries, keys, values, scale, mask)
+        if fused is not None:
+            return fused
     if (not _small_query or rows == 1 or rows > SMALL_QUERY_ROWS or sinks is not None
             or hasattr(cache, "bits")):
         return base.scaled_dot_product_attention(queries, keys, values, cache, scale=scale,

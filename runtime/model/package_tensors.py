@@ -21,6 +21,7 @@ from layerline.packager.manifest import Quantization
 from layerline.packager.package import LayerPackage
 
 from .cpu_kernel import use_cpu_kernel
+from .fused_ops import use_fused_ops
 
 if TYPE_CHECKING:
     from .weights_policy import WeightsPlan
@@ -118,8 +119,9 @@ def load_into(
     """Quantize the layers whose weights are packed, then load `weights` (all names must match).
 
     `model_path` turns a module path here into the model path the manifest names it by. On the
-    CPU, packed layers then compute with layerline's kernel (`cpu_kernel.py`) unless
-    `cpu_kernel` is False (a bare mlx-lm model for comparison).
+    CPU, packed layers then compute with layerline's kernel (`cpu_kernel.py`), and norms, RoPE
+    and activations with its fused ops (`fused_ops.py`), unless `cpu_kernel` is False (a bare
+    mlx-lm model for comparison).
     """
     if quantization is not None and any(k.endswith(".scales") for k in weights):
 
@@ -140,3 +142,4 @@ def load_into(
     mx.eval(module.parameters())
     if cpu_kernel:
         use_cpu_kernel(module)
+        use_fused_ops(module)

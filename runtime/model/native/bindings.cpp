@@ -1,8 +1,10 @@
 // Python bindings: layerline.runtime.model._cpu_kernel.
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
 
 #include "mlx/version.h"
+#include "fused_ops.h"
 #include "quantized_matmul.h"
 
 namespace nb = nanobind;
@@ -16,6 +18,16 @@ NB_MODULE(_cpu_kernel, m) {
   m.def("packed_matmul", &layerline::packed_matmul, "x"_a, "w"_a, "scales"_a, "biases"_a, "group_size"_a,
         "bits"_a, "name"_a = "weight",
         "x @ dequantize(w, scales, biases).T on the CPU, reading the packed weight once per call.");
+  m.def("rms_norm", &layerline::rms_norm, "x"_a, "weight"_a, "eps"_a,
+        "x normalized by its root mean square, times weight (f32, on the CPU).");
+  m.def("add_rms_norm", &layerline::add_rms_norm, "x"_a, "residual"_a, "weight"_a, "eps"_a,
+        "[x + residual, rms_norm(x + residual)] in one pass (f32, on the CPU).");
+  m.def("rope", &layerline::rope, "x"_a, "inv_freqs"_a, "dims"_a, "traditional"_a, "scale"_a, "offset"_a,
+        "mx.fast.rope of x (B, H, L, D) at positions offset.., angles position * inv_freqs (f32, on the CPU).");
+  m.def("silu_mul", &layerline::silu_mul, "gate"_a, "up"_a, "silu(gate) * up (f32, on the CPU).");
+  m.def("attention", &layerline::attention, "q"_a, "k"_a, "v"_a, "scale"_a, "causal"_a,
+        "softmax(q k^T * scale) v over grouped-query heads, k and v read in place (f32, on the CPU).");
+  m.def("fused_isa", &layerline::fused_isa, "The instruction set the fused layer ops run with.");
   m.def("isa", &layerline::kernel_isa, "The instruction set in use: avx512, avx2, neon or portable.");
   m.def("threads", &layerline::kernel_threads, "Threads a product may use.");
   m.attr("built_for_mlx") = LAYERLINE_STR(MLX_VERSION_MAJOR) "." LAYERLINE_STR(

@@ -1,0 +1,252 @@
+#include "fused_ops.h"
+
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+
+#include "fused.h"
+#include "mlx/allocator.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/ops.h"
+#include "pool.h"
+#include "quantized_matmul.h"
+
+namespace layerline {
+
+namespace {
+
+// Below this many bytes of keys and values an attention call runs on one thread.
+constexpr size_t kAttentionBytesPerThread = 128 * 1024;
+
+const FusedKernels& kernels() {
+  // The packed-weight kernel's choice of instruction set (LAYERLINE_KERNEL_ISA forces it).
+  static const FusedKernels& chosen = [] () -> const FusedKernels& {
+#if defined(__x86_64__) || defined(_M_X64)
+    const std::string isa = kernel_isa();
+    if (isa == "avx512") return fused_avx512;
+    if (isa == "avx2") return fused_avx2;
+#endif
+    return fused_portable;
+  }();
+  return chosen;
+}
+
+mx::Stream cpu_stream() { return mx::to_stream(std::monostate{}, mx::Device::cpu); }
+
+void require_f32(const mx::array& a, const char* op, const char* what) {
+  if (a.dtype() != mx::float32) {
+    throw std::invalid_argument(std::string(op) + ": " + what + " must be float32");
+  }
+}
+
+// A 4-D array as the kernels read it; the last axis must be contiguous.
+View4 view4(const mx::array& a) {
+  View4 v{};
+  v.data = a.data<float>();
+  for (int i = 0; i < 4; ++i) {
+    v.shape[i] = a.shape(i);
+    v.strides[i] = a.strides()[i];
+  }
+  return v;
+}
+
+// A view whose rows are contiguous: `v` itself (a KV cache's keys are a slice of a bigger
+// buffer, read in place), else a copy into `buffer`. Called where the data has been computed.
+View4 rows_contiguous(const View4& v, std::vector<float>& buffer) {
+  if (v.strides[3] == 1) return v;
+  const int A = v.shape[0], B = v.shape[1], C = v.shape[2], D = v.shape[3];
+  buffer.resize(size_t(A) * B * C * D);
+  View4 out{buffer.data(), {A, B, C, D}, {int64_t(B) * C * D, int64_t(C) * D, D, 1}};
+  float* dst = buffer.data();
+  for (int a = 0; a < A; ++a)
+    for (int b = 0; b < B; ++b)
+      for (int c = 0; c < C; ++c) {
+        const float* src = v.row(a, b, c);
+        for (int d = 0; d < D; ++d) *dst++ = src[d * v.strides[3]];
+      }
+  return out;
+}
+
+}  // namespace
+
+std::string fused_isa() {
+  const std::string isa = kernel_isa();
+  return isa == "avx512" || isa == "avx2" ? isa : "portable";
+}
+
+void LayerOp::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  for (auto& out : outputs) out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  for (const auto& in : inputs) encoder.set_input_array(in);
+  for (auto& out : outputs) encoder.set_output_array(out);
+  const FusedKernels& k = kernels();
+  const LayerOpParams p = params_;
+  switch (kind_) {
+    case LayerOpKind::rms_norm:
+    case LayerOpKind::add_rms_norm: {
+      const bool add = kind_ == LayerOpKind::add_rms_norm;
+      RmsNormArgs args{};
+      args.D = inputs[0].shape(-1);
+      args.M = int(inputs[0].size() / std::max(args.D, 1));
+      args.x = inputs[0].data<float>();
+      args.residual = add ? inputs[1].data<float>() : nullptr;
+      args.weight = inputs[add ? 2 : 1].data<float>();
+      args.sum = add ? outputs[0].data<float>() : nullptr;
+      args.y = outputs[add ? 1 : 0].data<float>();
+      args.eps = p.eps;
+      encoder.dispatch([args, fn = k.rms_norm]() { fn(args, 0, args.M); });
+      break;
+    }
+    case LayerOpKind::rope: {
+      RopeArgs args{view4(inputs[0]), inputs[1].data<float>(), outputs[0].data<float>(), p.dims,
+                    p.traditional, p.scale, p.offset};
+      encoder.dispatch([args, fn = k.rope]() mutable {
+        std::vector<float> copy;
+        args.x = rows_contiguous(args.x, copy);
+        fn(args);
+      });
+      break;
+    }
+    case LayerOpKind::silu_mul: {
+      const float* gate = inputs[0].data<float>();
+      const float* up = inputs[1].data<float>();
+      float* y = outputs[0].data<float>();
+      const size_t n = outputs[0].size();
+      encoder.dispatch([=, fn = k.silu_mul]() { fn(gate, up, y, n); });
+      break;
+    }
+    case LayerOpKind::attention: {
+      AttentionArgs args{view4(inputs[0]), view4(inputs[1]), view4(inputs[2]), outputs[0].data<float>(),
+                         p.scale, p.causal};
+      const size_t kv_bytes = (inputs[1].size() + inputs[2].size()) * sizeof(float);
+      encoder.dispatch([args, kv_bytes, fn = k.attention]() mutable {
+        std::vector<float> q_copy, k_copy, v_copy;
+        args.q = rows_contiguous(args.q, q_copy);
+        args.k = rows_contiguous(args.k, k_copy);
+        args.v = rows_contiguous(args.v, v_copy);
+        const int groups = args.k.shape[0] * args.k.shape[1];
+        auto& pool = kernel_pool();
+        const int parts = int(std::clamp<size_t>(kv_bytes / kAttentionBytesPerThread, 1,
+                                                  size_t(std::min(pool.size(), groups))));
+        pool.run(parts, [&](int part) {
+          const int g0 = groups * part / parts, g1 = groups * (part + 1) / parts;
+          if (g0 < g1) fn(args, g0, g1);
+        });
+      });
+      break;
+    }
+  }
+}
+
+void LayerOp::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
+  throw std::runtime_error(std::string(name()) + " runs on the CPU only; GPUs keep mlx's ops");
+}
+
+const char* LayerOp::name() const {
+  switch (kind_) {
+    case LayerOpKind::rms_norm: return "LayerlineRMSNorm";
+    case LayerOpKind::add_rms_norm: return "LayerlineAddRMSNorm";
+    case LayerOpKind::rope: return "LayerlineRoPE";
+    case LayerOpKind::silu_mul: return "LayerlineSiluMul";
+    case LayerOpKind::attention: return "LayerlineAttention";
+  }
+  return "LayerlineLayerOp";
+}
+
+bool LayerOp::is_equivalent(const mx::Primitive& other) const {
+  const auto& o = static_cast<const LayerOp&>(other);
+  return kind_ == o.kind_ && params_ == o.params_;
+}
+
+std::vector<mx::Shape> LayerOp::output_shapes(const std::vector<mx::array>& inputs) {
+  switch (kind_) {
+    case LayerOpKind::add_rms_norm: return {inputs[0].shape(), inputs[0].shape()};
+    case LayerOpKind::attention: {
+      auto shape = inputs[0].shape();
+      shape.back() = inputs[2].shape(-1);
+      return {shape};
+    }
+    default: return {inputs[0].shape()};
+  }
+}
+
+mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps) {
+  require_f32(x, "rms_norm", "x");
+  require_f32(weight, "rms_norm", "weight");
+  if (weight.ndim() != 1 || weight.shape(0) != x.shape(-1)) {
+    throw std::invalid_argument("rms_norm: weight must be (D,) for x (..., D)");
+  }
+  const auto s = cpu_stream();
+  LayerOpParams p;
+  p.eps = eps;
+  return mx::array(x.shape(), mx::float32, std::make_shared<LayerOp>(s, LayerOpKind::rms_norm, p),
+                   {mx::contiguous(x, false, s), mx::contiguous(weight, false, s)});
+}
+
+std::vector<mx::array> add_rms_norm(const mx::array& x, const mx::array& residual, const mx::array& weight,
+                                    float eps) {
+  require_f32(x, "add_rms_norm", "x");
+  require_f32(residual, "add_rms_norm", "residual");
+  require_f32(weight, "add_rms_norm", "weight");
+  if (x.shape() != residual.shape() || weight.ndim() != 1 || weight.shape(0) != x.shape(-1)) {
+    throw std::invalid_argument("add_rms_norm: x and residual must match, and weight be (D,)");
+  }
+  const auto s = cpu_stream();
+  LayerOpParams p;
+  p.eps = eps;
+  return mx::array::make_arrays({x.shape(), x.shape()}, {mx::float32, mx::float32},
+                                std::make_shared<LayerOp>(s, LayerOpKind::add_rms_norm, p),
+                                {mx::contiguous(x, false, s), mx::contiguous(residual, false, s),
+                                 mx::contiguous(weight, false, s)});
+}
+
+mx::array rope(const mx::array& x, const mx::array& inv_freqs, int dims, bool traditional, float scale,
+               int offset) {
+  require_f32(x, "rope", "x");
+  require_f32(inv_freqs, "rope", "inv_freqs");
+  if (x.ndim() != 4 || dims <= 0 || dims % 2 != 0 || dims > x.shape(-1)) {
+    throw std::invalid_argument("rope: x must be (B, H, L, D) and dims even, at most D");
+  }
+  if (inv_freqs.ndim() != 1 || inv_freqs.shape(0) != dims / 2) {
+    throw std::invalid_argument("rope: inv_freqs must be (dims / 2,)");
+  }
+  const auto s = cpu_stream();
+  LayerOpParams p;
+  p.dims = dims;
+  p.traditional = traditional;
+  p.scale = scale;
+  p.offset = offset;
+  return mx::array(x.shape(), mx::float32, std::make_shared<LayerOp>(s, LayerOpKind::rope, p),
+                   {x, mx::contiguous(inv_freqs, false, s)});
+}
+
+mx::array silu_mul(const mx::array& gate, const mx::array& up) {
+  require_f32(gate, "silu_mul", "gate");
+  require_f32(up, "silu_mul", "up");
+  if (gate.shape() != up.shape()) throw std::invalid_argument("silu_mul: gate and up must match");
+  const auto s = cpu_stream();
+  return mx::array(gate.shape(), mx::float32, std::make_shared<LayerOp>(s, LayerOpKind::silu_mul, LayerOpParams{}),
+                   {mx::contiguous(gate, false, s), mx::contiguous(up, false, s)});
+}
+
+mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale, bool causal) {
+  for (const auto& [a, what] : {std::pair{&q, "q"}, std::pair{&k, "k"}, std::pair{&v, "v"}}) {
+    require_f32(*a, "attention", what);
+    if (a->ndim() != 4) throw std::invalid_argument(std::string("attention: ") + what + " must be 4-D");
+  }
+  if (k.shape(0) != q.shape(0) || v.shape(0) != q.shape(0) || k.shape(1) != v.shape(1) ||
+      k.shape(2) != v.shape(2) || k.shape(3) != q.shape(3) || q.shape(1) % k.shape(1) != 0 ||
+      (causal && q.shape(2) > k.shape(2))) {
+    throw std::invalid_argument("attention: q (B, H, L, D), k and v (B, Hk, T, D) with Hk dividing H");
+  }
+  const auto s = cpu_stream();
+  LayerOpParams p;
+  p.scale = scale;
+  p.causal = causal;
+  auto shape = q.shape();
+  shape.back() = v.shape(-1);
+  return mx::array(shape, mx::float32, std::make_shared<LayerOp>(s, LayerOpKind::attention, p),
+                   {q, k, v});
+}
+
+}  // namespace layerline

@@ -1,0 +1,122 @@
+"""The extension's fused layer ops (RMSNorm, residual + RMSNorm, RoPE, SiLU*mul, few-row
+attention) against mlx's own on every instruction-set path, where they are swapped in, and a
+package decoding greedily the same with them as with mlx's ops."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+
+from layerline.runtime.bench.token_profile import fused_ops_switched
+from layerline.runtime.decode.local_pipeline import LocalPipeline
+from layerline.runtime.decode.loop import generate
+from layerline.runtime.decode.sampling import SamplingParams
+from layerline.runtime.decode.targets import LocalTarget
+from layerline.runtime.model.cpu_kernel import ISA_ENV_VAR, cpu_kernel
+from layerline.runtime.model.fused_ops import (
+    FUSED_BLOCKS,
+    FUSED_MLPS,
+    KernelRMSNorm,
+    KernelRoPE,
+    fused_attention,
+    use_fused_ops,
+)
+
+pytestmark = pytest.mark.skipif(not cpu_kernel().available, reason=f"no CPU kernel: {cpu_kernel().reason}")
+
+MAX_RELATIVE_ERROR = 1e-5
+
+# Run in a fresh process per path: the extension picks its instruction set once per process.
+_SWEEP = r"""
+import json
+import mlx.core as mx, mlx.nn as nn
+from mlx_lm.models.base import scaled_dot_product_attention
+from layerline.runtime.model import _cpu_kernel as native
+from layerline.runtime.model.fused_ops import rope_inverse_frequencies
+
+mx.random.seed(11)
+worst = {}
+def check(key, got, ref):
+    err = (mx.abs(got - ref).max() / mx.abs(ref).max()).item()
+    worst[key] = max(worst.get(key, 0.0), err)
+
+for D in (64, 576, 1536, 100):  # 100: a width off every vector length
+    x, r, w = mx.random.normal((3, 5, D)), mx.random.normal((3, 5, D)), mx.random.normal((D,))
+    check("rms_norm", native.rms_norm(x, w, 1e-5), mx.fast.rms_norm(x, w, 1e-5))
+    total, normed = native.add_rms_norm(x, r, w, 1e-6)
+    check("add_rms_norm", total, x + r)
+    check("add_rms_norm", normed, mx.fast.rms_norm(x + r, w, 1e-6))
+for traditional in (False, True):
+    for base, scale, D, dims in ((10000.0, 1.0, 64, 64), (1e6, 1.0, 128, 128), (10000.0, 0.5, 96, 32)):
+        inverse = rope_inverse_frequencies(dims, base)
+        for offset in (0, 7, 250, 4000):
+            for x in (mx.random.normal((1, 9, 3, D)),  # (B, H, L, D) as stored
+                      mx.random.normal((1, 3, 9, D)).transpose(0, 2, 1, 3),  # as q_proj's output is viewed
+                      mx.random.normal((2, 4, D, 1)).transpose(0, 1, 3, 2)):  # rows not contiguous
+                ref = mx.fast.rope(x, dims, traditional=traditional, base=base, scale=scale, offset=offset)
+                got = native.rope(x, inverse, dims, traditional, scale, offset)
+                check(f"rope traditional={traditional}", got, ref)
+gate, up = mx.random.normal((2, 1, 8960)) * 6, mx.random.normal((2, 1, 8960))
+check("silu_mul", native.silu_mul(gate, up), nn.silu(gate) * up)
+for B, H, Hk, D in ((1, 9, 3, 64), (2, 12, 2, 128), (1, 4, 4, 32)):
+    for rows, length, causal in ((1, 1, False), (1, 300, False), (3, 40, True), (5, 5, True), (4, 100, False),
+                                 (16, 700, True)):
+        # Keys and values as a KV cache hands them over: a slice of a longer buffer.
+        keys = mx.random.normal((B, Hk, 1024, D))[:, :, :length]
+        values = mx.random.normal((B, Hk, 1024, D))[:, :, :length]
+        q = mx.random.normal((B, H, rows, D))
+        mask = "causal" if causal else None
+        ref = scaled_dot_product_attention(q, keys, values, None, scale=D ** -0.5, mask=mask)
+        check("attention", native.attention(q, keys, values, D ** -0.5, causal), ref)
+print(json.dumps({"isa": native.fused_isa(), "worst": worst}))
+"""
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "portable"])
+def test_fused_ops_match_mlx_on_each_instruction_set(isa):
+    env = {**os.environ, ISA_ENV_VAR: isa}
+    result = subprocess.run([sys.executable, "-c", _SWEEP], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    if report["isa"] != isa:
+        pytest.skip(f"this CPU has no {isa} (ran {report['isa']})")
+    bad = {k: v for k, v in report["worst"].items() if v > MAX_RELATIVE_ERROR}
+    assert not bad and len(report["worst"]) == 6
+
+
+def test_fused_attention_leaves_mask_arrays_many_rows_and_half_floats_to_mlx():
+    q, k = mx.zeros((1, 2, 1, 8)), mx.zeros((1, 2, 4, 8))
+    assert fused_attention(q, k, k, 1.0, None) is not None
+    assert fused_attention(q, k, k, 1.0, mx.zeros((1, 4), dtype=mx.bool_)) is None
+    assert fused_attention(mx.zeros((1, 2, 17, 8)), k, k, 1.0, "causal") is None
+    half_q, half_k = q.astype(mx.float16), k.astype(mx.float16)
+    assert fused_attention(half_q, half_k, half_k, 1.0, None) is None
+
+
+def test_switched_off_the_layers_keep_mlx_ops(smollm2_package):
+    with fused_ops_switched(False):
+        plain = LocalPipeline.load(smollm2_package, weights="packed", tokenizer=False)
+        assert use_fused_ops(plain.ranges[0]) == 0
+    kinds = {type(m) for _, m in plain.ranges[0].named_modules()}
+    assert nn.RMSNorm in kinds and KernelRMSNorm not in kinds and KernelRoPE not in kinds
+
+
+def test_greedy_output_identical_with_fused_ops_for_64_tokens(smollm2_package):
+    def tokens(fused: bool) -> list[int]:
+        with fused_ops_switched(fused):
+            pipeline = LocalPipeline.load(smollm2_package, weights="packed")
+            if fused:
+                kinds = {type(m) for _, m in pipeline.ranges[0].named_modules()} | {type(pipeline.head.norm)}
+                assert {KernelRMSNorm, KernelRoPE} <= kinds
+                assert kinds & set(FUSED_MLPS) and kinds & set(FUSED_BLOCKS)
+            prompt = list(pipeline.tokenizer.encode("The history of computing is a story of"))
+            return [t.id for t in generate(LocalTarget.open(pipeline), prompt, SamplingParams(max_tokens=64))]
+
+    assert tokens(True) == tokens(False)
