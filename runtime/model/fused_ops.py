@@ -156,7 +156,9 @@ def use_fused_ops(module: nn.Module) -> int:
             continue
         layer.__class__ = kind  # same parameters, computed by the extension
         if kind is KernelRoPE:
+            # Evaluated here: a lazy array built on the loading thread cannot be evaluated on another.
             layer._inverse_frequencies = rope_inverse_frequencies(layer.dims, layer.base)
+            mx.eval(layer._inverse_frequencies)
         moved += 1
     return moved
 
