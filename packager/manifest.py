@@ -267,7 +267,7 @@ def _sha256(reader: _Reader) -> str:
     """A `sha256` field: 64 lowercase hex digits (a file is stored and fetched by it)."""
     value = reader.get("sha256", str)
     if not is_sha256(value):
-        raise reader._fail("sha256", f"must be 64 lowercase hex digits, got {value[:80]!r}")
+        raise reader.fail("sha256", f"must be 64 lowercase hex digits, got {value[:80]!r}")
     return value
 
 
