@@ -218,6 +218,8 @@ async def _serve(engine: Engine, metrics: Metrics, kind: str, body: Any, prompt:
         raise ApiError(503, "the pipeline is not ready: a stage is down or still loading",
                        type="server_error", code="stage_unavailable")
     asked = body.max_completion_tokens or body.max_tokens
+    for i, stop in enumerate(stop_list(body)):
+        check_text(stop, f"stop[{i}]")
     request = GenerationRequest(prompt_tokens=prompt,
                                 max_tokens=completion_budget(len(prompt), asked, engine.context_length),
                                 sampling=sampling_of(body), stop=stop_list(body),

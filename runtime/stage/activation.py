@@ -63,6 +63,8 @@ class ActivationRelay:
                           f"stage {self.node.endpoint} has no model loaded", index)
         kind = frame.WhichOneof("body")
         if kind == "end_session":
+            if frame.session_id not in self.sessions:
+                return frame  # not a session of this connection: another's is not its to end
             loaded.model.drop_session(frame.session_id)
             self.sessions.discard(frame.session_id)
             # Without a live connection downstream the session is gone there already (a closed

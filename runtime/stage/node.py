@@ -30,6 +30,8 @@ from .frame_budget import DEFAULT_FRAME_TIMEOUT_S, FrameBudget
 from .prepare import Preparation, PrepareState, local_layer_count
 from .wire import DEFAULT_MAX_FRAME_ROWS, FrameLimits, Rows
 
+MAX_ID_CHARS = 256  # a coordinator_id or run_id: every later Status carries the holder's
+
 log = logging.getLogger("layerline.stage")
 
 MAX_CLOCK_SKEW_S = 600.0  # how far ahead of this stage's clock a coordinator's term may be
@@ -163,6 +165,10 @@ class StageNode:
         if not request.coordinator_id or claim.lease_duration_ms == 0 or not claim.package.ref:
             return self._reject(pb.REJECT_REASON_BAD_REQUEST,
                                 "Claim needs coordinator_id, package.ref and lease_duration_ms")
+        if max(len(request.coordinator_id), len(request.run_id)) > MAX_ID_CHARS:
+            return self._reject(pb.REJECT_REASON_BAD_REQUEST,
+                                f"coordinator_id and run_id are at most {MAX_ID_CHARS} characters (every "
+                                "Status repeats them)")
         if claim.package.manifest_sha256 and not is_sha256(claim.package.manifest_sha256):
             return self._reject(pb.REJECT_REASON_BAD_REQUEST,
                                 "Claim's package.manifest_sha256 must be 64 lowercase hex digits (or empty), "

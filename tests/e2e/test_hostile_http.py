@@ -274,3 +274,9 @@ def test_the_thread_count_stays_flat_however_many_requests_are_served(stage0):
     for i in range(40):
         assert post(stage0, {"prompt": f"Hello {i}", "max_tokens": 2, "temperature": 0}).status_code == 200
     assert threads() <= before + 4, (before, threads())
+
+
+def test_a_stop_string_that_is_not_unicode_is_400(stage0):
+    body = b'{"prompt": "Hi", "max_tokens": 2, "stop": ["ok", "\\ud800"]}'
+    error = openai_error(post(stage0, body), 400)
+    assert error["param"] == "stop[1]" and error["code"] == "invalid_text"

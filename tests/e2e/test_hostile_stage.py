@@ -253,3 +253,30 @@ def test_frames_read_and_unanswered_share_one_memory_budget(stage_processes, tmp
     for sock in held:
         sock.close()
     assert grown < 100, f"the stage grew by {grown:.0f} MiB"
+
+
+def test_an_end_session_on_one_connection_leaves_another_connections_session(tiny_llama_package, tmp_path):
+    node = StageNode("127.0.0.1:0", tmp_path, load_stage_model, clock=Clock())
+    request = {"coordinator_id": "coord", "term": 1, "run_id": "run"}
+    claim = pb.Claim(package=pb.PackageIdentity(ref=str(tiny_llama_package)), lease_duration_ms=5000)
+    node.handle(pb.StageControlRequest(**request, claim=claim))
+    node.handle(pb.StageControlRequest(**request, prepare=pb.Prepare(layers=pb.LayerRange(start=1, end=4))))
+    node.preparation.wait(60)
+    node.handle(pb.StageControlRequest(**request, load=pb.StageLoadRequest(
+        layers=pb.LayerRange(start=1, end=4), stage_index=1, stage_count=2, wire_dtype=act_pb.WIRE_DTYPE_F32,
+        kv_cache=pb.KvCacheConfig(context_length=64, max_sessions=2))))
+    owner, other = ActivationRelay(node), ActivationRelay(node)
+    hidden = np.zeros((1, 1, 64), dtype=np.float32)
+    assert owner.answer(batch_frame(1, [("s", 0, hidden)])).WhichOneof("body") == "batch"
+    other.answer(act_pb.ActivationFrame(session_id="s", seq=1, end_session=act_pb.EndSession()))
+    assert node.loaded.model.session_count() == 1  # still the owner's
+    owner.answer(act_pb.ActivationFrame(session_id="s", seq=2, end_session=act_pb.EndSession()))
+    assert node.loaded.model.session_count() == 0
+
+
+def test_a_huge_coordinator_id_is_a_bad_request(stage_process):
+    endpoint = stage_process()
+    refusal = rejected(lambda: client(endpoint, 1, "c" * 300).call(
+        claim=pb.Claim(package=pb.PackageIdentity(ref="pkg"), lease_duration_ms=30_000)))
+    assert refusal.reason == pb.REJECT_REASON_BAD_REQUEST and "at most 256" in refusal.message
+    assert client(endpoint, 1).status().state == pb.STAGE_STATE_FREE
