@@ -218,11 +218,12 @@ async def _serve(engine: Engine, metrics: Metrics, kind: str, body: Any, prompt:
         raise ApiError(503, "the pipeline is not ready: a stage is down or still loading",
                        type="server_error", code="stage_unavailable")
     asked = body.max_completion_tokens or body.max_tokens
-    for i, stop in enumerate(stop_list(body)):
-        check_text(stop, f"stop[{i}]")
+    stop = stop_list(body)
+    for i, text in enumerate(stop):
+        check_text(text, f"stop[{i}]")
     request = GenerationRequest(prompt_tokens=prompt,
                                 max_tokens=completion_budget(len(prompt), asked, engine.context_length),
-                                sampling=sampling_of(body), stop=stop_list(body),
+                                sampling=sampling_of(body), stop=stop,
                                 logprobs=logprobs, speculative=body.speculative)
     endpoint = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
     events = await run_in_threadpool(engine.generate, request)  # refuses (400, 429) before any token

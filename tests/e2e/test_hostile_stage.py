@@ -143,17 +143,24 @@ def test_keepalive_pings_are_never_faster_than_servers_accept():
     assert server_floor <= client_ping and dict(SERVER_OPTIONS)["grpc.keepalive_permit_without_calls"]
 
 
-def test_a_lapsed_lease_never_unloads_a_model_while_its_sessions_run(tiny_llama_package, tmp_path):
-    clock = Clock()
-    node = StageNode("127.0.0.1:0", tmp_path, load_stage_model, clock=clock)
+def _loaded_node(package: Path, cache: Path, clock: Clock) -> StageNode:
+    """A stage node in this process, claimed by "coord" with a 5 s lease and loaded with layers
+    1..4 of `package` (context 64, two sessions)."""
+    node = StageNode("127.0.0.1:0", cache, load_stage_model, clock=clock)
     request = {"coordinator_id": "coord", "term": 1, "run_id": "run"}
-    claim = pb.Claim(package=pb.PackageIdentity(ref=str(tiny_llama_package)), lease_duration_ms=5000)
+    claim = pb.Claim(package=pb.PackageIdentity(ref=str(package)), lease_duration_ms=5000)
     node.handle(pb.StageControlRequest(**request, claim=claim))
     node.handle(pb.StageControlRequest(**request, prepare=pb.Prepare(layers=pb.LayerRange(start=1, end=4))))
     node.preparation.wait(60)
     node.handle(pb.StageControlRequest(**request, load=pb.StageLoadRequest(
         layers=pb.LayerRange(start=1, end=4), stage_index=1, stage_count=2, wire_dtype=act_pb.WIRE_DTYPE_F32,
         kv_cache=pb.KvCacheConfig(context_length=64, max_sessions=2))))
+    return node
+
+
+def test_a_lapsed_lease_never_unloads_a_model_while_its_sessions_run(tiny_llama_package, tmp_path):
+    clock = Clock()
+    node = _loaded_node(tiny_llama_package, tmp_path, clock)
     relay = ActivationRelay(node)
     hidden = np.zeros((1, 1, 64), dtype=np.float32)
     assert relay.answer(batch_frame(1, [("s", 0, hidden)])).WhichOneof("body") == "batch"
@@ -256,15 +263,7 @@ def test_frames_read_and_unanswered_share_one_memory_budget(stage_processes, tmp
 
 
 def test_an_end_session_on_one_connection_leaves_another_connections_session(tiny_llama_package, tmp_path):
-    node = StageNode("127.0.0.1:0", tmp_path, load_stage_model, clock=Clock())
-    request = {"coordinator_id": "coord", "term": 1, "run_id": "run"}
-    claim = pb.Claim(package=pb.PackageIdentity(ref=str(tiny_llama_package)), lease_duration_ms=5000)
-    node.handle(pb.StageControlRequest(**request, claim=claim))
-    node.handle(pb.StageControlRequest(**request, prepare=pb.Prepare(layers=pb.LayerRange(start=1, end=4))))
-    node.preparation.wait(60)
-    node.handle(pb.StageControlRequest(**request, load=pb.StageLoadRequest(
-        layers=pb.LayerRange(start=1, end=4), stage_index=1, stage_count=2, wire_dtype=act_pb.WIRE_DTYPE_F32,
-        kv_cache=pb.KvCacheConfig(context_length=64, max_sessions=2))))
+    node = _loaded_node(tiny_llama_package, tmp_path, Clock())
     owner, other = ActivationRelay(node), ActivationRelay(node)
     hidden = np.zeros((1, 1, 64), dtype=np.float32)
     assert owner.answer(batch_frame(1, [("s", 0, hidden)])).WhichOneof("body") == "batch"
