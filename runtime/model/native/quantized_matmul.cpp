@@ -1,12 +1,14 @@
 #include "quantized_matmul.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <sstream>
 #include <stdexcept>
 
 #include "kernel.h"
+#include "kernel_int8.h"
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/ops.h"
@@ -23,6 +25,8 @@ constexpr size_t kBytesPerExtraThread = 256 * 1024;
 struct Isa {
   QmmColumns columns;
   const char* name;
+  Int8Columns int8;       // the integer GEMV on the same instruction set
+  const char* int8_name;
 };
 
 Isa choose_isa() {
@@ -30,27 +34,39 @@ Isa choose_isa() {
   // choice falls back to the best the CPU has.
   const char* forced = std::getenv("LAYERLINE_KERNEL_ISA");
   const std::string want = forced ? forced : "";
-  if (want == "portable") return {qmm_columns_portable, "portable"};
+  const Isa portable{qmm_columns_portable, "portable", int8_columns_portable, "portable"};
+  if (want == "portable") return portable;
 #if defined(__x86_64__) || defined(_M_X64)
   __builtin_cpu_init();
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
-  if (avx512 && (want.empty() || want == "avx512")) return {qmm_columns_avx512, "avx512"};
-  if (avx2 && want != "avx512") return {qmm_columns_avx2, "avx2"};
-  if (avx512) return {qmm_columns_avx512, "avx512"};
-  if (avx2) return {qmm_columns_avx2, "avx2"};
+  // The integer path's multiply-add: VNNI's where the CPU has it (on 256-bit vectors), else AVX2's.
+  const bool vnni = avx512 && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+  const Isa with_avx2{qmm_columns_avx2, "avx2", int8_columns_avx2, "avx2"};
+  const Isa with_avx512 = vnni ? Isa{qmm_columns_avx512, "avx512", int8_columns_avx512vnni, "avx512-vnni"}
+                               : Isa{qmm_columns_avx512, "avx512", int8_columns_avx2, "avx2"};
+  if (avx512 && (want.empty() || want == "avx512")) return with_avx512;
+  if (avx2 && want != "avx512") return with_avx2;
+  if (avx512) return with_avx512;
+  if (avx2) return with_avx2;
 #endif
 #if defined(__aarch64__)
   // Every arm64 CPU has NEON: the only choice is forcing the portable path above.
-  return {qmm_columns_neon, "neon"};
+#if defined(__ARM_FEATURE_DOTPROD)
+  return {qmm_columns_neon, "neon", int8_columns_neon, "neon-sdot"};
+#else
+  return {qmm_columns_neon, "neon", int8_columns_neon, "neon"};
 #endif
-  return {qmm_columns_portable, "portable"};
+#endif
+  return portable;
 }
 
 const Isa& isa() {
   static const Isa chosen = choose_isa();
   return chosen;
 }
+
+std::atomic<bool> int8_on{false};  // set by cpu_kernel.py from LAYERLINE_CPU_INT8
 
 [[noreturn]] void refuse(const std::string& name, const std::string& what) {
   throw std::invalid_argument(name + ": " + what);
@@ -67,6 +83,12 @@ std::string shape_of(const mx::array& a) {
 }  // namespace
 
 std::string kernel_isa() { return isa().name; }
+
+std::string kernel_int8_isa() { return isa().int8_name; }
+
+void set_kernel_int8(bool on) { int8_on.store(on); }
+
+bool kernel_int8() { return int8_on.load(); }
 
 int kernel_threads() { return kernel_pool().size(); }
 
@@ -111,10 +133,20 @@ void PackedMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out
     const int quantum = 4;
     const int blocks = (args.N + quantum - 1) / quantum;
     const QmmColumns columns = isa().columns;
+    // One row of 4-, 5- or 8-bit weights, with the integer path on: x quantized once, here.
+    const bool integer = int8_on.load(std::memory_order_relaxed) && int8_supports(args.bits, args.M);
+    thread_local QuantizedX xq;
+    if (integer) quantize_x(args, xq);
+    const Int8Columns int8 = isa().int8;
     pool.run(parts, [&](int part) {
       const int n0 = std::min(args.N, blocks * part / parts * quantum);
       const int n1 = std::min(args.N, blocks * (part + 1) / parts * quantum);
-      if (n0 < n1) columns(args, n0, n1);
+      if (n0 >= n1) return;
+      if (integer) {
+        int8(args, xq, n0, n1);
+      } else {
+        columns(args, n0, n1);
+      }
     });
   });
 }
