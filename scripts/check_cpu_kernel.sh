@@ -12,7 +12,7 @@ native="$(cd "$(dirname "$0")/../runtime/model/native" && pwd)"
 out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
 
-sources=("$native/check/kernel_check.cpp" "$native/kernel_portable.cpp" "$native/kernel_int8_portable.cpp")
+sources=("$native/check/kernel_check.cpp" "$native/kernel_portable.cpp" "$native/kernel_integer_portable.cpp")
 case "$target" in
   native)
     cxx="${CXX:-c++}"
@@ -43,12 +43,12 @@ case "$machine" in
   x86_64 | amd64)
     compile "$native/kernel_avx2.cpp" -mavx2 -mfma -mf16c
     compile "$native/kernel_avx512.cpp" -mavx512f -mavx512bw -mavx2 -mfma -mf16c
-    compile "$native/kernel_int8_avx2.cpp" -mavx2 -mfma -mf16c
-    compile "$native/kernel_int8_avx512.cpp" -mavx512f -mavx512bw -mavx512vl -mavx512vnni -mavx2 -mfma -mf16c
+    compile "$native/kernel_integer_avx2.cpp" -mavx2 -mfma -mf16c
+    compile "$native/kernel_integer_avx512.cpp" -mavx512f -mavx512bw -mavx512vl -mavx512vnni -mavx2 -mfma -mf16c
     ;;
   aarch64 | arm64)
     compile "$native/kernel_neon.cpp"
-    compile "$native/kernel_int8_neon.cpp"
+    compile "$native/kernel_integer_neon.cpp"
     ;;
 esac
 "$cxx" "${objects[@]}" -o "$out/kernel_check"

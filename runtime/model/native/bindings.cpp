@@ -29,10 +29,10 @@ NB_MODULE(_cpu_kernel, m) {
         "softmax(q k^T * scale) v over grouped-query heads, k and v read in place (f32, on the CPU).");
   m.def("fused_isa", &layerline::fused_isa, "The instruction set the fused layer ops run with.");
   m.def("isa", &layerline::kernel_isa, "The instruction set in use: avx512, avx2, neon or portable.");
-  m.def("int8_isa", &layerline::kernel_int8_isa, "The instruction set of the integer (int8 x) GEMV.");
-  m.def("set_int8", &layerline::set_kernel_int8, "on"_a,
-        "Whether one-row 4-, 5- and 8-bit products quantize x to int8 and multiply in integers.");
-  m.def("int8", &layerline::kernel_int8, "Whether the integer GEMV is on.");
+  m.def("integer_isa", &layerline::kernel_integer_isa, "The instruction set of the integer GEMV.");
+  m.def("set_gemv_x", &layerline::set_kernel_gemv_x, "bits"_a,
+        "x of one-row 4-, 5- and 8-bit products: 0 (f32), or 8 or 16 (quantized, multiplied in integers).");
+  m.def("gemv_x", &layerline::kernel_gemv_x, "x's width on one-row products: 0 (f32), 8 or 16.");
   m.def("threads", &layerline::kernel_threads, "Threads a product may use.");
   m.attr("built_for_mlx") = LAYERLINE_STR(MLX_VERSION_MAJOR) "." LAYERLINE_STR(
       MLX_VERSION_MINOR) "." LAYERLINE_STR(MLX_VERSION_PATCH);

@@ -6,16 +6,16 @@
 #include <cstring>
 #include <vector>
 
-#include "kernel_int8.h"
+#include "kernel_integer.h"
 
 namespace layerline {
 namespace {
 
-#include "kernel_int8_x86.h"
-#include "kernel_int8_simd.h"
+#include "kernel_integer_x86.h"
+#include "kernel_integer_simd.h"
 
 }  // namespace
 
-void int8_columns_avx2(const QmmArgs& a, const QuantizedX& x, int n0, int n1) { int8_columns(a, x, n0, n1); }
+void integer_columns_avx2(const QmmArgs& a, const QuantizedX& x, int n0, int n1) { integer_columns(a, x, n0, n1); }
 
 }  // namespace layerline
