@@ -107,7 +107,7 @@ def bench_kernels(
         write_atomic(folder / "integer-fidelity.json", render_integer_fidelity(results, as_json=True))
         typer.echo(render_integer_fidelity(results))
     typer.echo(f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
-    typer.echo(f"wrote {folder}/table.md, results.json, chart.png")
+    typer.echo(f"wrote {folder}/table.md, results.json, chart.png" + (", integer-fidelity.json" if package else ""))
 
 
 @bench_app.command("serve")
