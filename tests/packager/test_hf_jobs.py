@@ -16,6 +16,7 @@ from layerline.cli import app
 from layerline.errors import LayerlineError, PublishError, SourceError
 from layerline.hf_jobs.follow import describe_job, job_logs, job_status
 from layerline.hf_jobs.job import BuildJobRequest, submit_build_job
+from layerline.hf_jobs.sdist import find_layerline_source, is_layerline_source
 
 from helpers import HF_TEST_TOKEN
 from hub_stub import StubHub
@@ -87,6 +88,14 @@ def test_the_same_sources_give_the_same_sdist_hash(logged_in):
     first = submit_build_job(request(), dry_run=True, api=NoHubApi())
     again = submit_build_job(request(), dry_run=True, api=NoHubApi())
     assert first.sdist == again.sdist and first.spec == again.spec
+
+
+def test_the_sdist_is_built_from_the_checkout_this_layerline_runs_from(tmp_path):
+    checkout = find_layerline_source()
+    assert (checkout / "layerline" / "__init__.py").is_file() and is_layerline_source(checkout)
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "other"\n')
+    (tmp_path / "setup.py").write_text("")
+    assert not is_layerline_source(tmp_path)
 
 
 def test_dry_run_needs_no_token(monkeypatch):
