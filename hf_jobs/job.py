@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from layerline.errors import PublishError, SourceError
 from layerline.packager.hub_source import pick_gguf
-from layerline.packager.publish import check_repo_id, hub_errors, hub_token
+from layerline.packager.publish import check_repo_id, hub_errors, hub_token, refuse_public_repo
 from layerline.packager.source import is_hub_id
 from layerline.packager.weights import parse_format
 
@@ -215,6 +215,8 @@ def submit_build_job(
 def _upload_sdist(api: HfApi, request: BuildJobRequest, built: Sdist, sdist: SdistUpload) -> None:
     with hub_errors(f"uploading layerline's sdist to {sdist.repo}"):
         api.create_repo(sdist.repo, repo_type="model", private=request.private, exist_ok=True)
+        if request.private:
+            refuse_public_repo(api, sdist.repo)  # else the job would fail at its publish, billed
         api.upload_file(path_or_fileobj=str(built.path), path_in_repo=sdist.path_in_repo, repo_id=sdist.repo,
                         repo_type="model", commit_message=f"layerline: the sdist a pkg job installs "
                                                           f"({built.sha256[:16]})")

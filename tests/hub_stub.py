@@ -21,7 +21,7 @@ ROUTES = [
     ("GET", re.compile(r"^/api/whoami-v2$"), "whoami"),
     ("POST", re.compile(r"^/api/repos/create$"), "create_repo"),
     ("GET", re.compile(rf"^/api/models/{REPO}/tree/(?P<rev>[^/]+)(?:/(?P<path>.*))?$"), "tree"),
-    ("GET", re.compile(rf"^/api/models/{REPO}/revision/(?P<rev>[^/]+)$"), "model_info"),
+    ("GET", re.compile(rf"^/api/models/{REPO}(?:/revision/(?P<rev>[^/]+))?$"), "model_info"),
     ("HEAD", re.compile(rf"^/{REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)$"), "resolve"),
     ("GET", re.compile(rf"^/{REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)$"), "resolve"),
     ("POST", re.compile(rf"^/api/models/{REPO}/preupload/(?P<rev>[^/]+)$"), "preupload"),
@@ -40,6 +40,7 @@ class StubHub:
     def __init__(self, token: str) -> None:
         self.token = token
         self.repos: dict[str, dict[str, bytes | Path]] = {}
+        self.private: set[str] = set()
         self.commits = 0
         self.jobs: list[dict] = []
         self.job_failure: int | None = None  # HTTP status run_job answers with, when set
@@ -139,6 +140,8 @@ def _handler(hub: StubHub) -> type[BaseHTTPRequestHandler]:
         def create_repo(self) -> None:
             body = json.loads(self._body())
             repo = f"{body.get('organization') or USER}/{body['name']}"
+            if repo not in hub.repos and (body.get("private") or body.get("visibility") == "private"):
+                hub.private.add(repo)  # an existing repo keeps its visibility
             hub.repos.setdefault(repo, {})
             self._json({"url": f"{hub.url}/{repo}", "name": repo})
 
@@ -148,9 +151,9 @@ def _handler(hub: StubHub) -> type[BaseHTTPRequestHandler]:
                 self._json([{"type": "file", "path": p, "size": len(hub.read(repo, p)), "oid": "0" * 40}
                             for p in sorted(files) if p.startswith(prefix)])
 
-        def model_info(self, repo: str, rev: str) -> None:
+        def model_info(self, repo: str, rev: str | None) -> None:
             if (files := self._repo(repo)) is not None:
-                self._json({"id": repo, "sha": hub.revision, "private": False,
+                self._json({"id": repo, "sha": hub.revision, "private": repo in hub.private,
                             "siblings": [{"rfilename": p} for p in sorted(files)]})
 
         def resolve(self, repo: str, rev: str, path: str) -> None:

@@ -172,6 +172,17 @@ def test_an_sdist_that_fails_to_build_names_the_error_and_the_fix_and_uploads_no
     assert nothing_uploaded(hub)
 
 
+def test_a_private_job_uploads_into_a_new_private_repo_and_refuses_an_existing_public_one(hub, logged_in):
+    submit_build_job(request(private=True), api=hub_api(hub))
+    assert PUBLISH in hub.private and len(hub.jobs) == 1
+
+    hub.add_file("acme/public-layers", "README.md", b"# public")
+    with pytest.raises(PublishError, match="already exists and is public") as caught:
+        submit_build_job(request(private=True, publish="acme/public-layers"), api=hub_api(hub))
+    assert "hf repos settings" in caught.value.hint
+    assert set(hub.repos["acme/public-layers"]) == {"README.md"} and len(hub.jobs) == 1
+
+
 def test_jobs_api_error_is_wrapped_with_the_billing_fix(hub, logged_in):
     hub.job_failure = 402
     with pytest.raises(PublishError, match="HTTP 402") as caught:
