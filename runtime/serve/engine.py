@@ -93,6 +93,9 @@ class PipelineEngine:
     def is_ready(self) -> bool:
         return self._ready()
 
+    def health(self) -> str:
+        return self._status()["health"]
+
     def shutdown(self) -> None:
         """Admit nothing more; requests in flight end at their next token."""
         self._stopping.set()
