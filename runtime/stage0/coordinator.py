@@ -411,9 +411,10 @@ class Coordinator:
                     try:
                         self._replace(peer, endpoint, pause)
                     except LayerlineError as exc:
-                        pause.tried.append(f"{endpoint}: {exc}")
-                        log.warning("event=failover_candidate_failed stage=%d endpoint=%s error=%s",
-                                    peer.index, endpoint, exc)
+                        if pause.tried.get(endpoint) != exc.message:  # once per endpoint and cause
+                            log.warning("event=failover_candidate_failed stage=%d endpoint=%s error=%s",
+                                        peer.index, endpoint, exc.message)
+                        pause.tried[endpoint] = exc.message
                         continue
                     self.spares.withdraw(endpoint)
                     if endpoint != lost:
@@ -426,7 +427,7 @@ class Coordinator:
                     error = (f"stage {peer.index} (layers {peer.start}..{peer.end}) was lost at {lost} "
                              f"and no spare replaced it within {self.options.failover_s:g} s")
                     if pause.tried:
-                        error += f" (tried: {'; '.join(pause.tried[-4:])})"
+                        error += f" (tried: {'; '.join(f'{e}: {why}' for e, why in pause.tried.items())})"
                     log.error("event=degraded stage=%d error=%s", peer.index, error)
                     self.failover.degrade(pause, error)
                     self._changed()

@@ -31,9 +31,9 @@ class Pause:
     replacement: str | None = None
     claimed_s: float | None = None
     loaded_s: float | None = None  # the range loaded and the stage before relinked
-    replayed_s: float | None = None  # the last lane's sessions replayed
+    replayed_s: float | None = None  # the last lane's sessions replayed (at its first pass after)
     replayed_sessions: int = 0
-    tried: list[str] = field(default_factory=list)  # "endpoint: why it could not replace the stage"
+    tried: dict[str, str] = field(default_factory=dict)  # endpoint -> why it could not replace the stage
     state: str = "recovering"  # recovering | repaired | degraded
 
     def since(self) -> float:
@@ -43,7 +43,8 @@ class Pause:
         return {"stage": self.stage, "layers": list(self.layers), "lost": self.lost,
                 "replacement": self.replacement, "state": self.state, "detected_unix": self.detected_unix,
                 "claimed_s": self.claimed_s, "loaded_s": self.loaded_s, "replayed_s": self.replayed_s,
-                "replayed_sessions": self.replayed_sessions, "tried": list(self.tried)}
+                "replayed_sessions": self.replayed_sessions,
+                "tried": [f"{endpoint}: {why}" for endpoint, why in self.tried.items()]}
 
 
 class Failover:
@@ -107,7 +108,7 @@ class Failover:
             return self.generation
 
     def replayed(self, sessions: int) -> None:
-        """A lane replayed `sessions` sessions after the latest repair."""
+        """A lane replayed `sessions` sessions (at least one) after the latest repair."""
         with self._cond:
             pause = next((p for p in reversed(self.pauses) if p.state == "repaired"), None)
             if pause is not None:

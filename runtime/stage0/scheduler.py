@@ -409,7 +409,8 @@ class Lane:
                     tokens += row_tokens
             h = self.forward.layers(rows, tokens)
             self.link.send(h, rows, PassTrace(len(tokens), sessions=len(rows)))
-        failover.replayed(len(sessions))
+        if sessions:
+            failover.replayed(len(sessions))
         log.info("event=replayed lane=%d sessions=%d positions=%d generation=%d", self.index,
                  len(sessions), sum(len(s.history) for s in sessions), self._generation)
 
