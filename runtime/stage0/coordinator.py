@@ -148,6 +148,7 @@ class Coordinator:
         self.spares = spares  # None: no failover, a lost stage is reloaded when it comes back
         self.failover = Failover(options.failover_s)
         self._failing_over: set[int] = set()  # stages being replaced
+        self._brought_up = False  # failover starts once every stage was ready (bring_up fails before)
         self._failover_lock = threading.Lock()
 
     def _client(self, endpoint: str) -> StageClient:
@@ -199,6 +200,7 @@ class Coordinator:
             self._release(claimed)
             raise StageLoadError(str(exc), hint="fix the named stage, then start stage 0 again") from exc
         self.failover.first_peer = self.first_endpoint()
+        self._brought_up = True
         self._changed()
 
     def _claim_message(self) -> pb.Claim:
@@ -377,7 +379,7 @@ class Coordinator:
 
     def _begin_failover(self, peer: PeerState) -> None:
         """Replace a lost stage on a thread of its own (once at a time per stage), with spares."""
-        if self.spares is None or self._stop.is_set():
+        if self.spares is None or not self._brought_up or self._stop.is_set():
             return
         with self._failover_lock:
             if peer.index in self._failing_over:

@@ -58,6 +58,7 @@ log = logging.getLogger("layerline.batching")
 
 COST_SAMPLES = 64  # recent passes (rows, seconds) kept for the cost fit
 END_TIMEOUT_S = 30.0  # how long closing a session waits for its lane to end it on every stage
+MAX_RECOVERIES = 3  # a pass lost this many times over (a stage too slow for it, say) fails
 
 
 @dataclass(eq=False)
@@ -331,7 +332,7 @@ class Lane:
                 if self._failover is None:
                     self._fail(picks, exc)
                 else:
-                    self._recover(picks)
+                    self._recover(picks, exc)
             except Exception as exc:  # noqa: BLE001 - every waiting request must hear of it
                 self._fail(picks, exc)
             finally:
@@ -366,11 +367,11 @@ class Lane:
                 else:
                     self._cond.wait()
 
-    def _recover(self, picks: list[tuple[_Submission, int]]) -> None:
+    def _recover(self, picks: list[tuple[_Submission, int]], lost: StageLostError) -> None:
         """A pass failed on a lost stage: wait for its repair, then run the pass again (after the
         replay); the picks fail if the pipeline is degraded instead."""
         assert self._failover is not None
-        while True:
+        for _ in range(MAX_RECOVERIES):
             try:
                 self._failover.wait(self._generation)
                 with self._cond:
@@ -379,11 +380,12 @@ class Lane:
                 self._fail(ended, StageUnavailableError("the request ended during the failover"))
                 self._pass([], picks)
                 return
-            except StageLostError:
-                continue  # lost again (the replacement too): wait for the next repair
+            except StageLostError as exc:
+                lost = exc  # lost again (the replacement too): wait for the next repair
             except Exception as exc:  # noqa: BLE001 - every waiting request must hear of it
                 self._fail(picks, exc)
                 return
+        self._fail(picks, lost)
 
     def _catch_up(self) -> None:
         """After a repair: a new connection through the stages, and every live session's tokens
