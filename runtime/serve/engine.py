@@ -94,6 +94,7 @@ class PipelineEngine:
         return self._ready()
 
     def health(self) -> str:
+        """ok, or why the pipeline takes no requests (recovering, degraded, unavailable)."""
         return self._status()["health"]
 
     def shutdown(self) -> None:

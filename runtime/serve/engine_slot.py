@@ -51,4 +51,5 @@ class EngineSlot:
         return self.engine is not None and self.engine.is_ready()
 
     def health(self) -> str:
+        """ok, or why the pipeline takes no requests (recovering, degraded, unavailable)."""
         return self._health()

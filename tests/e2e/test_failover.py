@@ -111,6 +111,7 @@ def test_streams_continue_on_a_spare_with_the_same_text_when_a_peer_is_killed(
     assert pause["state"] == "repaired" and pause["replayed_sessions"] >= 1
     assert pause["claimed_s"] <= pause["loaded_s"] <= pause["replayed_s"]
     assert status["stages"][lost]["endpoint"] == spare.endpoint
+    assert status["pipeline"]["spares"] == [peers[lost - 1].endpoint]  # should it come back
     assert status["ready"] and status["health"] == "ok"
     assert greedy(client, model, PROMPTS[:1]) == reference[:1]  # and requests after it too
 
