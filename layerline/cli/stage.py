@@ -17,6 +17,7 @@ from layerline.runtime.stage.claims import DEFAULT_LEASE_S
 from layerline.runtime.stage.content_cache import DEFAULT_CACHE_DIR
 from layerline.runtime.stage.frame_budget import DEFAULT_FRAME_TIMEOUT_S
 from layerline.runtime.stage.frame_transport import ConnectionLimits
+from layerline.runtime.stage0.failover import DEFAULT_FAILOVER_S
 
 from .options import ConfigFileOpt, NoDraftOpt, WeightsChoice, WeightsOpt
 from .output import format_bytes, log_with_time, out
@@ -46,6 +47,8 @@ def stage_serve(
     admin_token_file: Annotated[Path | None, typer.Option(help="Secret guarding /v1/draft and the dashboard (stage 0).")] = None,
     package: Annotated[str | None, typer.Option(help="Package folder or Hub repo: makes this stage 0.")] = None,
     peer: Annotated[list[str] | None, typer.Option(help="Downstream stage host:port, in order.")] = None,
+    spare: Annotated[list[str] | None, typer.Option(help="Stage 0: a peer host:port that replaces a lost stage (repeat; tried in order). Turns failover on: streams pause, then go on.")] = None,
+    failover_seconds: Annotated[float, typer.Option(help="Stage 0: how long a lost stage may take to be replaced by a spare; then requests end with an error and the pipeline is degraded.")] = DEFAULT_FAILOVER_S,
     split: Annotated[str, typer.Option(help="auto, or ranges like 0:10,10:30 (stage 0 first).")] = "auto",
     http: Annotated[str | None, typer.Option(help="HTTP host:port of the OpenAI API (stage 0).")] = None,
     config: ConfigFileOpt = None,
@@ -93,7 +96,7 @@ def stage_serve(
     from layerline.runtime.serve.stage0 import Stage0Options, run_stage0
 
     run_stage0(Stage0Options(
-        package=package, peers=peer or [], split=split, http=http or settings.stage.http,
+        package=package, peers=peer or [], spares=spare or [], failover_s=failover_seconds, split=split, http=http or settings.stage.http,
         config=settings, no_draft=no_draft, wire_dtype=wire_dtype, weights=weights.value,
         context_length=context_length, max_sessions=max_sessions, max_batch=max_batch, lanes=lanes,
         cache_dir=cache,

@@ -93,6 +93,10 @@ class PipelineEngine:
     def is_ready(self) -> bool:
         return self._ready()
 
+    def health(self) -> str:
+        """ok, or why the pipeline takes no requests (recovering, degraded, unavailable)."""
+        return self._status()["health"]
+
     def shutdown(self) -> None:
         """Admit nothing more; requests in flight end at their next token."""
         self._stopping.set()

@@ -36,8 +36,10 @@ from ..stage.server import advertised, grpc_server, is_loopback, read_token, ser
 from ..stage.split_plan import parse_split
 from ..stage.wire import wire_dtype
 from ..stage0.coordinator import Coordinator, CoordinatorOptions
+from ..stage0.failover import DEFAULT_FAILOVER_S
 from ..stage0.pipeline import Pipeline
 from ..stage0.scheduler import BatchScheduler
+from ..stage0.spares import SparePool
 from ..stage0.speculation.plan import SpeculationPlanner
 from ..stage0.speculation.resolve import resolve_speculation
 from ..stage0.speculation.settings import SpeculationSettings
@@ -63,6 +65,8 @@ DEFAULT_CONTEXT = 4096
 class Stage0Options:
     package: str
     peers: list[str] = field(default_factory=list)
+    spares: list[str] = field(default_factory=list)  # peers that may replace a lost stage, in order
+    failover_s: float = DEFAULT_FAILOVER_S  # how long a lost stage may take to be replaced
     split: str = "auto"
     http: str = "127.0.0.1:8000"
     config: LayerlineConfig = field(default_factory=LayerlineConfig)
@@ -154,8 +158,11 @@ class Stage0:
             self.speculative, target_fingerprint=manifest.tokenizer.fingerprint,
             cache_dir=self.cache_dir, weights=options.weights)
         self.slot = EngineSlot(manifest.model.id, self.context_length,
-                               int(manifest.config.get("vocab_size") or 0), self.status)
+                               int(manifest.config.get("vocab_size") or 0), self.status,
+                               self.health)
         self._coordinator: Coordinator | None = None  # made by start(): it needs the file server's address
+        # Where a lost stage's replacement comes from (None: no failover); a discovery offers more.
+        self.spares = SparePool(options.spares) if options.spares else None
         self.file_server: grpc.Server | None = None
         self._board: TransferBoard | None = None  # the peers' preparation bars, during bring-up
         self.started_at: float | None = None
@@ -176,8 +183,9 @@ class Stage0:
             context_length=self.context_length, max_sessions=options.max_sessions,
             max_batch_tokens=PREFILL_STEP, weight_format=options.weights,
             frame_timeout_s=options.stage_timeout_s, lease_s=options.lease_s,
-            heartbeat_s=min(2.0, options.lease_s / 4), file_source=file_source),
-            on_change=self._show_progress)
+            heartbeat_s=min(2.0, options.lease_s / 4), file_source=file_source,
+            failover_s=options.failover_s),
+            on_change=self._show_progress, spares=self.spares)
         self.files.serve_package(self._coordinator.manifest_sha256, self.package)
         self.started_at = time.time()
         return self
@@ -245,7 +253,8 @@ class Stage0:
                             wire_dtype=wire_dtype(self.options.wire_dtype),
                             hidden_size=int(manifest.config["hidden_size"]), max_tokens=PREFILL_STEP,
                             token=self.token, on_stage_error=self.coordinator.mark_down,
-                            frame_timeout_s=self.options.stage_timeout_s * max(1, len(self.options.peers)))
+                            frame_timeout_s=self.options.stage_timeout_s * max(1, len(self.options.peers)),
+                            failover=self.coordinator.failover if self.spares is not None else None)
         self.local = local
         self.scheduler = BatchScheduler(pipeline, lanes=self._lanes(), max_batch=self.admission.max_active,
                                         max_rows=PREFILL_STEP)
@@ -284,6 +293,10 @@ class Stage0:
             "coordinator_id": self.coordinator.coordinator_id,
             "term": self.coordinator.term,
             "ready": self.coordinator.ready and self.engine is not None,
+            "health": self.health(),
+            "pipeline": {**self.coordinator.failover.to_json(), "failover": self.spares is not None,
+                         "failover_s": self.options.failover_s,
+                         "spares": self.spares.candidates() if self.spares is not None else []},
             "split": [[s["layers"][0], s["layers"][1]] for s in [stage0, *self.coordinator.status()]],
             "stages": [stage0, *self.coordinator.status()],
             "wire_dtype": self.options.wire_dtype,
@@ -296,6 +309,14 @@ class Stage0:
             "batching": self.batch_state(),
             "uptime_s": round(time.time() - self.started_at, 1) if self.started_at is not None else 0.0,
         }
+
+    def health(self) -> str:
+        """ok; recovering (a lost stage is being replaced) or degraded (none replaced it in time);
+        else unavailable (loading, or a stage down without a failover)."""
+        if self.coordinator.ready and self.engine is not None:
+            return "ok"
+        state = self.coordinator.failover.state
+        return state if state != "ok" else "unavailable"
 
     def batch_state(self) -> dict[str, Any] | None:
         """The scheduler's passes and queue, and how many requests speculate (None until it runs)."""
