@@ -2,10 +2,11 @@
 
 Sequence per peer: Claim → Prepare(range) → Inventory (poll) → Load → Ready. If any
 stage fails, every stage claimed for the run is released and the error names the
-stage, its range and the cause. From the claims on, a heartbeat (Inventory, which
-renews the lease) watches each stage on a thread and channel of its own, so that
-renewals never wait behind a slower stage's load, compute or activation traffic; a
-stage that comes back after dying is claimed and loaded again.
+stage, its range and the cause. From the claims on, each stage's lease is renewed on a
+thread and channel of its own (`lease_keeper.py`), so that renewals never wait behind a
+slower stage, a health check, a load, compute or activation traffic; a heartbeat
+(Status) watches each stage's health, and a stage that comes back after dying is
+claimed and loaded again.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from ..stage.frame_budget import DEFAULT_FRAME_TIMEOUT_S
 from ..stage.server import is_loopback
 from ..stage.split_plan import check_split, plan_split
 from ..stage.wire import DEFAULT_MAX_FRAME_ROWS
+from .lease_keeper import LeaseKeeper
 
 log = logging.getLogger("layerline.coordinator")
 
@@ -106,7 +108,7 @@ class CoordinatorOptions:
     wire_dtype: int = act_pb.WIRE_DTYPE_F32
     token: str | None = None
     term: int = 0  # 0: now in unix ms, so a restarted coordinator pre-empts its old self
-    lease_s: float = DEFAULT_LEASE_S  # renewed every heartbeat_s: a long pass never outlasts it
+    lease_s: float = DEFAULT_LEASE_S  # renewed every quarter lease: a long pass never outlasts it
     heartbeat_s: float = 2.0
     prepare_timeout_s: float = 1800.0
     load_timeout_s: float = 600.0
@@ -129,6 +131,7 @@ class Coordinator:
         self.manifest_sha256 = sha256_file(package.root / MANIFEST_NAME)
         self.clients = [self._client(endpoint) for endpoint in options.peers]
         self.heartbeat_clients = [self._client(endpoint) for endpoint in options.peers]
+        self.leases = LeaseKeeper(options.lease_s, self._client)
         self.stage0_range: tuple[int, int] = (0, package.manifest.num_layers)
         self.peers: list[PeerState] = []
         self._on_change = on_change or (lambda: None)
@@ -172,6 +175,7 @@ class Coordinator:
             for client, peer in zip(self.clients, self.peers, strict=True):
                 self._step(peer, "claim", lambda c=client: c.call(claim=self._claim_message()))
                 claimed.append(client)
+                self.leases.keep(client.endpoint)
             # Leases run from the claim: a stage that loads fast must keep its claim while the
             # slowest one prepares and loads, and while stage 0 loads its own range.
             self._start_watching()
@@ -297,6 +301,7 @@ class Coordinator:
 
     def _stop_watching(self) -> None:
         self._stop.set()
+        self.leases.stop()
         if self._watcher is not None:
             self._watcher.join(timeout=5)
 
@@ -319,11 +324,6 @@ class Coordinator:
             return
         peer.sessions, peer.kv_cache_bytes = status.active_sessions, status.kv_cache_bytes
         ours = (status.holder_coordinator_id, status.holder_term) == (self.coordinator_id, self.term)
-        if ours:
-            try:
-                client.call(timeout_s=2.0, inventory=pb.InventoryRequest())  # renews the lease
-            except StageUnavailableError:
-                return
         if peer.state not in ("ready", "down"):
             return  # still being brought up (or failed to be): bring_up says how it goes
         loaded = (status.loaded_layers.start, status.loaded_layers.end) == (peer.start, peer.end)
