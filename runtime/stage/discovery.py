@@ -175,29 +175,49 @@ class Announcer:
                        "fp": token_fingerprint(token, cluster, addresses, port)}
         self._memory_free = memory_free
         name = f"{socket.gethostname()[:30]}-{port}-{uuid.uuid4().hex[:6]}"
-        self.info = ServiceInfo(SERVICE_TYPE, f"{name}.{SERVICE_TYPE}", port=port,
-                                addresses=[socket.inet_aton(a) for a in addresses],
-                                properties=self._properties(), server=f"{name}.local.")
+        self._name = name
+        self.info = self._info()
+
+    def _info(self) -> ServiceInfo:
+        """The advertisement, with the free memory as it is now."""
+        return ServiceInfo(SERVICE_TYPE, f"{self._name}.{SERVICE_TYPE}", port=self.port,
+                           addresses=[socket.inet_aton(a) for a in self.addresses],
+                           properties=self._properties(), server=f"{self._name}.local.")
 
     def _properties(self) -> dict[str, str]:
         return {**self._fixed, "mem": str(self._memory_free())}
 
     def start(self) -> Announcer:
         """Register the advertisement (probing that its name is unique takes about a second)."""
-        self._zeroconf.register_service(self.info, allow_name_change=True, cooperating_responders=True)
+        try:
+            self._zeroconf.register_service(self.info, allow_name_change=True, cooperating_responders=True)
+        except Exception as exc:  # zeroconf's own errors (a name taken, a closed instance) and OSError
+            self._zeroconf.close()
+            raise LayerlineError(f"cannot advertise {self.info.name}: {type(exc).__name__}: {exc}",
+                                 hint="pass --no-announce and name this stage with stage 0's --peer") from exc
+        self._name = self.info.name.removesuffix(f".{SERVICE_TYPE}")  # as registered (maybe renamed)
         log.info("event=announced name=%s cluster=%s addresses=%s port=%d auth=%s", self.info.name,
                  self.cluster, ",".join(self.addresses), self.port, "token" if self._fixed["fp"] else "none")
         return self
 
     def refresh(self) -> None:
-        """Advertise the free memory as it is now."""
-        self.info.properties = self._properties()  # type: ignore[misc]
-        self._zeroconf.update_service(self.info)
+        """Advertise the free memory as it is now (a failure is logged: the stage serves on)."""
+        info = self._info()
+        try:
+            self._zeroconf.update_service(info)
+        except Exception as exc:  # mDNS is a convenience: it must never take the stage down
+            log.warning("event=announce_refresh_failed name=%s error=%s: %s", info.name,
+                        type(exc).__name__, exc)
+            return
+        self.info = info
 
     def close(self) -> None:
-        """Withdraw the advertisement."""
+        """Withdraw the advertisement (a failure is logged: the stage stops all the same)."""
         try:
             self._zeroconf.unregister_service(self.info)
+        except Exception as exc:
+            log.warning("event=announce_withdraw_failed name=%s error=%s: %s", self.info.name,
+                        type(exc).__name__, exc)
         finally:
             self._zeroconf.close()
 

@@ -55,15 +55,20 @@ def forge(zc: Zeroconf, port: int, **fields: str) -> ServiceInfo:
 
 
 def test_an_announced_stage_is_found_with_its_fields_and_its_token_checked(cluster: str):
+    memory = [123 << 20]
     announcer = Announcer("127.0.0.1:7790", 7790, cluster=cluster, token=TOKEN, wide=True, device="cpu",
-                          memory_free=lambda: 123 << 20).start()
+                          memory_free=lambda: memory[0]).start()
     try:
         found = browse(LOOPBACK, 5.0, lambda ad: ad.cluster == cluster)
+        memory[0] = 77 << 20
+        announcer.refresh()
+        refreshed = browse(LOOPBACK, 5.0, lambda ad: ad.cluster == cluster)
     finally:
         announcer.close()
     ad = next(ad for ad in found if ad.cluster == cluster)
     assert (ad.endpoint, ad.version, ad.device, ad.memory_free_bytes) == \
         ("127.0.0.1:7790", PROTOCOL_VERSION, "cpu", 123 << 20)
+    assert next(ad for ad in refreshed if ad.cluster == cluster).memory_free_bytes == 77 << 20
     assert TOKEN not in ad.fingerprint
     check_usable(ad, cluster, TOKEN)
     for other_cluster, token in ((cluster, "another-token"), (cluster, None), ("elsewhere", TOKEN)):
