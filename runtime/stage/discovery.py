@@ -43,6 +43,7 @@ MAX_CLUSTER_CHARS = 63
 MAX_DEVICE_CHARS = 16
 FINGERPRINT_HEX = 32  # 128 bits of the HMAC
 INFO_TIMEOUT_MS = 1000  # asking an advertised name for its records
+MAX_NAMES = 256  # advertised names looked at per browse; the rest are ignored
 Interfaces = InterfaceChoice | list[str]
 
 
@@ -256,10 +257,13 @@ def browse(interfaces: Interfaces, seconds: float,
         while time.monotonic() < deadline:
             collector.changed.wait(max(0.0, deadline - time.monotonic()))
             collector.changed.clear()
-            for name in collector.names[seen:]:
+            for name in collector.names[seen:MAX_NAMES]:
                 seen += 1
+                left_ms = (deadline - time.monotonic()) * 1000
+                if left_ms <= 0:
+                    break  # a flood of names must not hold browsing past its deadline
                 info = ServiceInfo(SERVICE_TYPE, name)
-                if not info.request(zc, INFO_TIMEOUT_MS, question_type=DNSQuestionType.QM):
+                if not info.request(zc, min(INFO_TIMEOUT_MS, left_ms), question_type=DNSQuestionType.QM):
                     log.warning("event=discovery_ignored name=%s reason=its records did not arrive", name)
                     continue
                 try:

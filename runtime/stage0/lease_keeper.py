@@ -63,11 +63,13 @@ class LeaseKeeper:
         self._threads[endpoint] = thread
         thread.start()
 
-    def stop(self) -> None:
-        """Stop every renewal (before the peers are released)."""
+    def stop(self, wait_s: float = 2.0) -> None:
+        """Stop every renewal (before the peers are released), waiting at most `wait_s` in all for
+        the calls in flight (one still in flight later is harmless: a released stage rejects it)."""
         self._stop.set()
+        deadline = self._clock() + wait_s
         for thread in self._threads.values():
-            thread.join(timeout=5)
+            thread.join(timeout=max(0.0, deadline - self._clock()))
 
     def _renew_forever(self, endpoint: str) -> None:
         client = self._make_client(endpoint)  # a channel of its own: never behind other calls
