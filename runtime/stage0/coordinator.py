@@ -2,10 +2,11 @@
 
 Sequence per peer: Claim → Prepare(range) → Inventory (poll) → Load → Ready. If any
 stage fails, every stage claimed for the run is released and the error names the
-stage, its range and the cause. From the claims on, a heartbeat (Inventory, which
-renews the lease) watches each stage on a thread and channel of its own, so that
-renewals never wait behind a slower stage's load, compute or activation traffic; a
-stage that comes back after dying is claimed and loaded again.
+stage, its range and the cause. From the claims on, each stage's lease is renewed on a
+thread and channel of its own (`lease_keeper.py`), so that renewals never wait behind a
+slower stage, a health check, a load, compute or activation traffic; a heartbeat
+(Status) watches each stage's health, and a stage that comes back after dying is
+claimed and loaded again.
 
 With a pool of spares (`--spare`, or a discovery's), a stage that dies or stops answering is
 replaced instead, on a thread of its own: a spare is claimed, prepares and loads the lost
@@ -41,6 +42,7 @@ from ..stage.server import is_loopback
 from ..stage.split_plan import check_split, plan_split
 from ..stage.wire import DEFAULT_MAX_FRAME_ROWS
 from .failover import DEFAULT_FAILOVER_S, Failover, Pause
+from .lease_keeper import LeaseKeeper
 from .spares import SparePool
 
 log = logging.getLogger("layerline.coordinator")
@@ -116,7 +118,7 @@ class CoordinatorOptions:
     wire_dtype: int = act_pb.WIRE_DTYPE_F32
     token: str | None = None
     term: int = 0  # 0: now in unix ms, so a restarted coordinator pre-empts its old self
-    lease_s: float = DEFAULT_LEASE_S  # renewed every heartbeat_s: a long pass never outlasts it
+    lease_s: float = DEFAULT_LEASE_S  # renewed every quarter lease: a long pass never outlasts it
     heartbeat_s: float = 2.0
     prepare_timeout_s: float = 1800.0
     load_timeout_s: float = 600.0
@@ -140,6 +142,7 @@ class Coordinator:
         self.manifest_sha256 = sha256_file(package.root / MANIFEST_NAME)
         self.clients = [self._client(endpoint) for endpoint in options.peers]
         self.heartbeat_clients = [self._client(endpoint) for endpoint in options.peers]
+        self.leases = LeaseKeeper(options.lease_s, self._client)
         self.stage0_range: tuple[int, int] = (0, package.manifest.num_layers)
         self.peers: list[PeerState] = []
         self._on_change = on_change or (lambda: None)
@@ -188,6 +191,7 @@ class Coordinator:
             for client, peer in zip(self.clients, self.peers, strict=True):
                 self._step(peer, "claim", lambda c=client: c.call(claim=self._claim_message()))
                 claimed.append(client)
+                self.leases.keep(client.endpoint)
             # Leases run from the claim: a stage that loads fast must keep its claim while the
             # slowest one prepares and loads, and while stage 0 loads its own range.
             self._start_watching()
@@ -315,6 +319,7 @@ class Coordinator:
 
     def _stop_watching(self) -> None:
         self._stop.set()
+        self.leases.stop()
         if self._watcher is not None:
             self._watcher.join(timeout=5)
 
@@ -339,11 +344,6 @@ class Coordinator:
             return
         peer.sessions, peer.kv_cache_bytes = status.active_sessions, status.kv_cache_bytes
         ours = (status.holder_coordinator_id, status.holder_term) == (self.coordinator_id, self.term)
-        if ours:
-            try:
-                client.call(timeout_s=2.0, inventory=pb.InventoryRequest())  # renews the lease
-            except StageUnavailableError:
-                return
         if peer.state not in ("ready", "down"):
             return  # still being brought up (or failed to be): bring_up says how it goes
         loaded = (status.loaded_layers.start, status.loaded_layers.end) == (peer.start, peer.end)
@@ -407,6 +407,7 @@ class Coordinator:
                 return
             while not self._stop.is_set():
                 busy = {other.endpoint for other in self.peers if other is not peer}
+                self.spares.look(exclude=busy | {lost})
                 for endpoint in dict.fromkeys([*self.spares.candidates(), lost]):
                     if endpoint in busy or self._stop.is_set():
                         continue
@@ -458,6 +459,7 @@ class Coordinator:
         try:
             client.call(timeout_s=self.options.heartbeat_s * 2, claim=self._claim_message())
             claimed = True
+            self.leases.keep(endpoint)
             pause.claimed_s = pause.since()
             peer.endpoint, self.clients[i], self.heartbeat_clients[i] = endpoint, client, heartbeat
             self._prepare_and_load(client, peer)
@@ -467,12 +469,15 @@ class Coordinator:
             peer.endpoint, self.clients[i], self.heartbeat_clients[i] = lost
             peer.state = "down"
             if claimed:
+                self.leases.drop(endpoint)
                 self._release([client])
             client.close()
             heartbeat.close()
             self._changed()
             raise
         pause.replacement, pause.loaded_s = endpoint, pause.since()
+        if lost[0] != endpoint:
+            self.leases.drop(lost[0])
         for old in lost[1:]:
             old.close()
         log.info("event=stage_replaced stage=%d lost=%s replacement=%s", peer.index, lost[0], endpoint)
