@@ -67,6 +67,7 @@ class Stage0Options:
     http: str = "127.0.0.1:8000"
     config: LayerlineConfig = field(default_factory=LayerlineConfig)
     no_draft: bool = False
+    tree: str | None = None  # --tree: "off", "auto" or "D,W[,N]", over config and package
     wire_dtype: str = "f32"
     weights: str = "auto"
     context_length: int | None = None
@@ -144,7 +145,8 @@ class Stage0:
         self.draft_policy = DraftPolicy(_draft_roots(options), options.config.admin.hub_drafts)
         manifest = self.package.manifest
         self.speculative: SpeculationSettings = resolve_speculation(
-            manifest.model.id, manifest.speculative_decoding, options.config, no_draft=options.no_draft)
+            manifest.model.id, manifest.speculative_decoding, options.config, no_draft=options.no_draft,
+            tree=options.tree)
         log.info("event=speculation enabled=%s reason=%s settings=%s", self.speculative.enabled,
                  self.speculative.reason, self.speculative.to_json())
         model_context = int(manifest.config.get("max_position_embeddings") or DEFAULT_CONTEXT)
