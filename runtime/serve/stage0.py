@@ -152,9 +152,11 @@ class Stage0:
         model_context = int(manifest.config.get("max_position_embeddings") or DEFAULT_CONTEXT)
         self.context_length = options.context_length or min(model_context, DEFAULT_CONTEXT)
         self.split = None if options.split == "auto" else parse_split(options.split, manifest.num_layers)
+        strategies = manifest.speculative_decoding.strategies if manifest.speculative_decoding else {}
         self.speculation = SpeculationPlanner(
             self.speculative, target_fingerprint=manifest.tokenizer.fingerprint,
-            cache_dir=self.cache_dir, weights=options.weights)
+            cache_dir=self.cache_dir, weights=options.weights,
+            calibrations={name: s.calibration for name, s in strategies.items() if s.calibration is not None})
         self.slot = EngineSlot(manifest.model.id, self.context_length,
                                int(manifest.config.get("vocab_size") or 0), self.status)
         self._coordinator: Coordinator | None = None  # made by start(): it needs the file server's address
