@@ -15,7 +15,13 @@ import pytest
 from layerline.packager.build import BuildOptions, build_package
 
 from helpers import Stage0Process, start_stage0, wait_for_draft
-from tiny_architectures import CONFIGS, random_weights, small_tokenizer, small_tokenizer_dir, write_safetensors_model
+from tiny_architectures import (
+    CONFIGS,
+    random_weights,
+    small_tokenizer,
+    small_tokenizer_dir,
+    write_safetensors_model,
+)
 
 ADMIN_TOKEN = "tree-serving-test-secret"
 PROMPTS = ["Once upon a time", "def fibonacci(n):", "The capital of France is"]
