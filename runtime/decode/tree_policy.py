@@ -9,7 +9,8 @@ from the strategy's calibration (`pkg calibrate`: chain acceptance by depth, and
 target's token is among the draft's top r), and its misses are scaled by what this request's
 tree steps saw at that depth against what the prior expected (decayed counts, a few
 pseudo-positions of the prior). Width 1 is a chain; below a gain of 1 the step does not
-draft, for an off period as the auto window's.
+draft, for an off period as the auto window's, after which a small probe tree measures afresh.
+Each tree's acceptance per position also moves the server's mean, which new requests start from.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ MAX_AUTO_WIDTH = 4  # candidates per depth the auto tree considers (calibration 
 MAX_AUTO_DEPTH = 8  # and depths
 AUTO_NODES = 32  # drafted nodes at most in an auto tree
 INITIAL_SHAPE = TreeShape(4, 2, 8)  # until costs are measured (and for seeded sampled requests)
+PROBE_SHAPE = TreeShape(2, 2, 4)  # after an off period: a small tree measures acceptance afresh
 
 # (sessions sharing the request's passes, recent batch passes as (rows, seconds))
 Load = Callable[[], tuple[int, list[tuple[int, float]]]]
@@ -95,6 +97,7 @@ class AutoTree:
         self._stood = [[0.0] * self.max_depth for _ in range(self.max_width)]
         self._off = OffPeriod(gate)
         self._gate = gate
+        self._probing = False  # the next drafting step is a probe (an off period just ended)
 
     def rates(self) -> list[list[float]]:
         """p_d(W) for every width and depth: the prior's misses at depth d scaled by k_d, the
@@ -121,8 +124,11 @@ class AutoTree:
         if not gated:
             return clipped(INITIAL_SHAPE, limit)
         if self._off.active:
-            self._off.tick()
+            self._probing = self._off.tick()
             return None
+        if self._probing:
+            self._probing = False
+            return clipped(PROBE_SHAPE, limit)
         choice = self.choose()
         if choice is None:
             return clipped(INITIAL_SHAPE, limit)
@@ -155,6 +161,8 @@ class AutoTree:
         for w in range(self.max_width):
             self._tried[w] = [t * DECAY for t in self._tried[w]]
             self._stood[w] = [s * DECAY for s in self._stood[w]]
+        if depth > 0:
+            self.costs.record_accept_rate(path / min(depth, path + 1))
         w = min(width, self.max_width) - 1
         for d in range(min(depth, self.max_depth, path + 1)):
             self._tried[w][d] += 1

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from layerline.runtime.decode.draft_tree import TreeShape
-from layerline.runtime.decode.tree_policy import INITIAL_SHAPE, AutoTree, FixedTree
+from layerline.runtime.decode.tree_policy import INITIAL_SHAPE, PROBE_SHAPE, AutoTree, FixedTree
 from layerline.runtime.decode.window_cost import PassCost, SpeculationCosts, TreeAcceptance, choose_tree
 
 # A drafter like the Qwen 0.5B for the 1.5B on code: 79 % per chain depth, the target's token
@@ -61,6 +61,7 @@ def test_the_auto_tree_starts_from_the_calibration_and_learns_what_it_sees():
     shallow = policy.next_shape(16)
     assert shallow is None or shallow.depth < wide.depth
     assert policy.next_shape(16, gated=False) == INITIAL_SHAPE  # a seeded sampled request
+    assert costs.accept_prior < 0.5  # its trees' misses moved the server's mean too
     assert policy.next_shape(2) is None or policy.next_shape(2).depth <= 2
 
 
@@ -69,3 +70,13 @@ def test_a_fixed_tree_keeps_its_shape_within_what_is_left():
     assert tree.next_shape(10) == TreeShape(6, 3, 16)
     assert tree.next_shape(2) == TreeShape(2, 3, 6)
     assert tree.next_shape(0) is None
+
+
+def test_after_an_off_period_a_small_tree_probes_again():
+    costs = SpeculationCosts()
+    costs.record_pass(1, 0.004, None)
+    costs.record_pass(9, 0.040, None)
+    costs.record_tree_draft(4, 0.040)  # drafting as dear as the pass: nothing pays
+    policy = AutoTree(costs, acceptance=CODE)
+    shapes = [policy.next_shape(16) for _ in range(18)]
+    assert shapes[:17] == [None] * 17 and shapes[17] == PROBE_SHAPE
