@@ -66,6 +66,7 @@ class Engine(Protocol):
     def generate(self, request: GenerationRequest) -> Events: ...
     def status(self) -> dict[str, Any]: ...
     def is_ready(self) -> bool: ...
+    def health(self) -> str: ...  # "ok" when ready; else why not (e.g. recovering, degraded)
 
 
 class Events(Protocol):
@@ -162,7 +163,7 @@ def create_app(engine: Engine, *, stage_states: Callable[[], list[StageGauge]] |
     @app.get("/health")
     async def health() -> JSONResponse:
         ready = engine.is_ready()
-        return JSONResponse({"status": "ok" if ready else "unavailable"},
+        return JSONResponse({"status": "ok" if ready else engine.health()},
                             status_code=200 if ready else 503)
 
     @app.get("/v1/models")

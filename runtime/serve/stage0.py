@@ -27,6 +27,7 @@ from ..model.tokenizer import end_of_generation_ids, load_tokenizer
 from ..model.weights_policy import detect_device, plan_weights
 from ..stage.claims import DEFAULT_LEASE_S
 from ..stage.content_cache import DEFAULT_CACHE_DIR, ContentCache
+from ..stage.discovery import DEFAULT_CLUSTER, Interfaces, check_cluster, interfaces_for
 from ..stage.file_service import FileIndex
 from ..stage.frame_budget import DEFAULT_FRAME_TIMEOUT_S
 from ..stage.main import check_exposure
@@ -36,8 +37,11 @@ from ..stage.server import advertised, grpc_server, is_loopback, read_token, ser
 from ..stage.split_plan import parse_split
 from ..stage.wire import wire_dtype
 from ..stage0.coordinator import Coordinator, CoordinatorOptions
+from ..stage0.failover import DEFAULT_FAILOVER_S
+from ..stage0.find_peers import find_peers
 from ..stage0.pipeline import Pipeline
 from ..stage0.scheduler import BatchScheduler
+from ..stage0.spares import SparePool
 from ..stage0.speculation.plan import SpeculationPlanner
 from ..stage0.speculation.resolve import resolve_speculation
 from ..stage0.speculation.settings import SpeculationSettings
@@ -63,10 +67,13 @@ DEFAULT_CONTEXT = 4096
 class Stage0Options:
     package: str
     peers: list[str] = field(default_factory=list)
+    spares: list[str] = field(default_factory=list)  # peers that may replace a lost stage, in order
+    failover_s: float = DEFAULT_FAILOVER_S  # how long a lost stage may take to be replaced
     split: str = "auto"
     http: str = "127.0.0.1:8000"
     config: LayerlineConfig = field(default_factory=LayerlineConfig)
     no_draft: bool = False
+    tree: str | None = None  # --tree: "off", "auto" or "D,W[,N]", over config and package
     wire_dtype: str = "f32"
     weights: str = "auto"
     context_length: int | None = None
@@ -89,6 +96,10 @@ class Stage0Options:
     serve_files: bool = True
     file_rate_limit_mb_s: float = 0.0  # 0: no limit
     insecure: bool = False  # serve files beyond loopback without an auth token
+    discover: bool = False  # also claim the free stages of `cluster` found on the LAN
+    cluster: str = DEFAULT_CLUSTER
+    discover_seconds: float = 1.5  # how long to look for them
+    discover_peers: int = 0  # stop looking once this many are found (0: look the whole time)
 
 
 def _open_package(ref: str, cache_dir: Path) -> LayerPackage:
@@ -144,18 +155,27 @@ class Stage0:
         self.draft_policy = DraftPolicy(_draft_roots(options), options.config.admin.hub_drafts)
         manifest = self.package.manifest
         self.speculative: SpeculationSettings = resolve_speculation(
-            manifest.model.id, manifest.speculative_decoding, options.config, no_draft=options.no_draft)
+            manifest.model.id, manifest.speculative_decoding, options.config, no_draft=options.no_draft,
+            tree=options.tree)
         log.info("event=speculation enabled=%s reason=%s settings=%s", self.speculative.enabled,
                  self.speculative.reason, self.speculative.to_json())
         model_context = int(manifest.config.get("max_position_embeddings") or DEFAULT_CONTEXT)
         self.context_length = options.context_length or min(model_context, DEFAULT_CONTEXT)
         self.split = None if options.split == "auto" else parse_split(options.split, manifest.num_layers)
+        strategies = manifest.speculative_decoding.strategies if manifest.speculative_decoding else {}
         self.speculation = SpeculationPlanner(
             self.speculative, target_fingerprint=manifest.tokenizer.fingerprint,
-            cache_dir=self.cache_dir, weights=options.weights)
+            cache_dir=self.cache_dir, weights=options.weights,
+            calibrations={name: s.calibration for name, s in strategies.items() if s.calibration is not None})
+        self.peers = list(options.peers)  # --peer, then what --discover finds (in start())
         self.slot = EngineSlot(manifest.model.id, self.context_length,
-                               int(manifest.config.get("vocab_size") or 0), self.status)
+                               int(manifest.config.get("vocab_size") or 0), self.status,
+                               self.health)
         self._coordinator: Coordinator | None = None  # made by start(): it needs the file server's address
+        # Where a lost stage's replacement comes from (None: no failover): the --spare peers, and
+        # with --discover the free stages of the cluster found when a stage is lost.
+        self.spares = (SparePool(options.spares, find=self._find_spare if options.discover else None)
+                       if options.spares or options.discover else None)
         self.file_server: grpc.Server | None = None
         self._board: TransferBoard | None = None  # the peers' preparation bars, during bring-up
         self.started_at: float | None = None
@@ -170,17 +190,44 @@ class Stage0:
             self.profile.trace_to(options.trace_file)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self.file_server, file_source = self._serve_files()
+        if options.discover:
+            self.peers += self._discover()
         self._coordinator = Coordinator(self.package, CoordinatorOptions(
-            package_ref=options.package, peers=list(options.peers), split=self.split,
+            package_ref=options.package, peers=list(self.peers), split=self.split,
             wire_dtype=wire_dtype(options.wire_dtype), token=self.token,
             context_length=self.context_length, max_sessions=options.max_sessions,
             max_batch_tokens=PREFILL_STEP, weight_format=options.weights,
             frame_timeout_s=options.stage_timeout_s, lease_s=options.lease_s,
-            heartbeat_s=min(2.0, options.lease_s / 4), file_source=file_source),
-            on_change=self._show_progress)
+            heartbeat_s=min(2.0, options.lease_s / 4), file_source=file_source,
+            failover_s=options.failover_s),
+            on_change=self._show_progress, spares=self.spares)
         self.files.serve_package(self._coordinator.manifest_sha256, self.package)
         self.started_at = time.time()
         return self
+
+    def _discover(self) -> list[str]:
+        """The free stages of the cluster on the LAN: on every interface with a token or
+        --insecure, else only on the one --listen names."""
+        options = self.options
+        check_cluster(options.cluster)
+        found = find_peers(options.cluster, self.token, self._interfaces(), options.discover_seconds,
+                           want=options.discover_peers, exclude=frozenset(options.peers))
+        if found:
+            log.info("event=discovery cluster=%s found=%s", options.cluster, ",".join(found))
+        else:
+            log.warning("event=discovery cluster=%s found=- reason=no free stage of the cluster holding "
+                        "our token answered within %.1f s", options.cluster, options.discover_seconds)
+        return found
+
+    def _find_spare(self, exclude: frozenset[str]) -> list[str]:
+        """A free stage of the cluster to replace a lost one (the first found), none of `exclude`."""
+        return find_peers(self.options.cluster, self.token, self._interfaces(),
+                          self.options.discover_seconds, want=1, exclude=exclude | set(self.peers))
+
+    def _interfaces(self) -> Interfaces:
+        """Where discovery looks: every interface with a token or --insecure, else --listen's."""
+        wide = self.token is not None or self.options.insecure
+        return interfaces_for("" if wide else self.options.listen.rpartition(":")[0], wide)
 
     @property
     def coordinator(self) -> Coordinator:
@@ -245,7 +292,8 @@ class Stage0:
                             wire_dtype=wire_dtype(self.options.wire_dtype),
                             hidden_size=int(manifest.config["hidden_size"]), max_tokens=PREFILL_STEP,
                             token=self.token, on_stage_error=self.coordinator.mark_down,
-                            frame_timeout_s=self.options.stage_timeout_s * max(1, len(self.options.peers)))
+                            frame_timeout_s=self.options.stage_timeout_s * max(1, len(self.peers)),
+                            failover=self.coordinator.failover if self.spares is not None else None)
         self.local = local
         self.scheduler = BatchScheduler(pipeline, lanes=self._lanes(), max_batch=self.admission.max_active,
                                         max_rows=PREFILL_STEP)
@@ -255,7 +303,7 @@ class Stage0:
             speculation=self.speculation, status=self.status, ready=lambda: self.coordinator.ready,
             admission=self.admission, scheduler=self.scheduler, profile=self.profile)
         log.info("event=ready model=%s stage0_layers=%d..%d peers=%d %s", manifest.model.id, start, end,
-                 len(self.options.peers), plan.describe())
+                 len(self.peers), plan.describe())
 
     def _lanes(self) -> int:
         """Batches in flight at once: one per stage, so that every stage computes one; but one
@@ -263,7 +311,7 @@ class Stage0:
         only split the first)."""
         if self.options.lanes:
             return self.options.lanes
-        peers = self.options.peers
+        peers = self.peers
         if all(is_loopback(peer.rpartition(":")[0]) for peer in peers):
             return 1
         return 1 + len(peers)
@@ -284,6 +332,10 @@ class Stage0:
             "coordinator_id": self.coordinator.coordinator_id,
             "term": self.coordinator.term,
             "ready": self.coordinator.ready and self.engine is not None,
+            "health": self.health(),
+            "pipeline": {**self.coordinator.failover.to_json(), "failover": self.spares is not None,
+                         "failover_s": self.options.failover_s,
+                         "spares": self.spares.candidates() if self.spares is not None else []},
             "split": [[s["layers"][0], s["layers"][1]] for s in [stage0, *self.coordinator.status()]],
             "stages": [stage0, *self.coordinator.status()],
             "wire_dtype": self.options.wire_dtype,
@@ -296,6 +348,14 @@ class Stage0:
             "batching": self.batch_state(),
             "uptime_s": round(time.time() - self.started_at, 1) if self.started_at is not None else 0.0,
         }
+
+    def health(self) -> str:
+        """ok; recovering (a lost stage is being replaced) or degraded (none replaced it in time);
+        else unavailable (loading, or a stage down without a failover)."""
+        if self.coordinator.ready and self.engine is not None:
+            return "ok"
+        state = self.coordinator.failover.state
+        return state if state != "ok" else "unavailable"
 
     def batch_state(self) -> dict[str, Any] | None:
         """The scheduler's passes and queue, and how many requests speculate (None until it runs)."""
