@@ -51,6 +51,7 @@ class PipelineEngine:
     def __init__(self, manifest: Manifest, tokenizer: Any, pipeline: Pipeline, *, context_length: int,
                  end_ids: tuple[int, ...], prefill_step: int, speculation: SpeculationPlanner,
                  status: Callable[[], dict[str, Any]], ready: Callable[[], bool],
+                 health: Callable[[], str | None],
                  admission: Admission, scheduler: BatchScheduler,
                  profile: PassProfile | None = None) -> None:
         self.manifest = manifest
@@ -63,6 +64,7 @@ class PipelineEngine:
         self.speculation = speculation
         self._status = status
         self._ready = ready
+        self._health = health
         self.admission = admission
         self.scheduler = scheduler
         self.profile = profile or PassProfile()
@@ -92,6 +94,9 @@ class PipelineEngine:
 
     def is_ready(self) -> bool:
         return self._ready()
+
+    def health(self) -> str | None:
+        return self._health()
 
     def shutdown(self) -> None:
         """Admit nothing more; requests in flight end at their next token."""

@@ -1,6 +1,6 @@
 """The engine stage 0's HTTP app serves: none while the pipeline comes up, then the real one.
 
-HTTP answers from the start: /health says 503 until every stage is ready, /v1/status and
+HTTP answers from the start: /health says 503 (and why) until every stage is ready, /v1/status and
 the dashboard show each stage's progress (bytes, bytes/s, time left), and a generation
 request gets 503 `model_loading` rather than a refused connection.
 """
@@ -47,3 +47,8 @@ class EngineSlot:
 
     def is_ready(self) -> bool:
         return self.engine is not None and self.engine.is_ready()
+
+    def health(self) -> str | None:
+        if self.engine is None:
+            return "stage 0 is still bringing up the pipeline"
+        return self.engine.health()

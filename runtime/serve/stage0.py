@@ -253,6 +253,7 @@ class Stage0:
             manifest, tokenizer, pipeline, context_length=self.context_length,
             end_ids=end_of_generation_ids(tokenizer, package), prefill_step=PREFILL_STEP,
             speculation=self.speculation, status=self.status, ready=lambda: self.coordinator.ready,
+            health=self.coordinator.confirm,
             admission=self.admission, scheduler=self.scheduler, profile=self.profile)
         log.info("event=ready model=%s stage0_layers=%d..%d peers=%d %s", manifest.model.id, start, end,
                  len(self.options.peers), plan.describe())
