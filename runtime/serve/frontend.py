@@ -186,7 +186,8 @@ def create_app(engine: Engine, *, stage_states: Callable[[], list[StageGauge]] |
     async def chat_completions(body: ChatCompletionBody, request: Request) -> Any:
         _check_model(engine, body.model)
         check_fields(body)
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        messages = [{"role": m.role, "content": m.text(f"messages[{i}].content")}
+                    for i, m in enumerate(body.messages)]
         for i, message in enumerate(messages):
             check_text(message["content"], f"messages[{i}].content")
         prompt = await run_in_threadpool(engine.encode_chat, messages)

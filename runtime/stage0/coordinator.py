@@ -349,7 +349,8 @@ class Coordinator:
             return "stage lost its claim: its lease lapsed, or it restarted"
         loaded = (status.loaded_layers.start, status.loaded_layers.end) == (peer.start, peer.end)
         if not loaded or status.state != pb.STAGE_STATE_READY:
-            return f"stage lost its model: it holds layers {status.loaded_layers.start}..{status.loaded_layers.end}"
+            held = status.loaded_layers
+            return f"stage lost its model: it holds layers {held.start}..{held.end}"
         return None
 
     def confirm(self) -> str | None:
@@ -380,7 +381,8 @@ class Coordinator:
         for peer in self.peers:
             if peer.state != "ready":
                 why = f": {peer.error}" if peer.error else ""
-                return f"stage {peer.index} ({peer.endpoint}, layers {peer.start}..{peer.end}) is {peer.state}{why}"
+                return (f"stage {peer.index} ({peer.endpoint}, layers {peer.start}..{peer.end}) "
+                        f"is {peer.state}{why}")
         return None
 
     def mark_down(self, index: int, error: str) -> None:

@@ -5,6 +5,7 @@ and the server stays healthy after each."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import time
@@ -280,3 +281,33 @@ def test_a_stop_string_that_is_not_unicode_is_400(stage0):
     body = b'{"prompt": "Hi", "max_tokens": 2, "stop": ["ok", "\\ud800"]}'
     error = openai_error(post(stage0, body), 400)
     assert error["param"] == "stop[1]" and error["code"] == "invalid_text"
+
+
+def test_a_relative_draft_path_gets_one_answer_whether_it_exists_or_not(stage0, tmp_path):
+    """Relative paths are read from stage 0's working folder, this test's own."""
+    (tmp_path / "here").mkdir()
+    (tmp_path / "here" / "model.gguf").write_bytes(b"GGUF")
+    def relative(path: Path) -> str:
+        return os.path.relpath(path, os.getcwd())
+
+    pairs = [(relative(tmp_path / "here"), relative(tmp_path / "gone")),
+             (relative(tmp_path / "here" / "model.gguf"), relative(tmp_path / "here" / "other.gguf")),
+             ("tests/e2e", "tests/no-such-folder")]  # shaped like Hub repo ids
+    assert Path("tests/e2e").is_dir()
+    for exists, missing in pairs:
+        answers = []
+        for reference in (exists, missing):
+            reply = httpx.put(f"{stage0.url}/v1/draft", json={"draft_model": reference}, timeout=10)
+            error = openai_error(reply, 403)
+            answers.append((error["code"], error["param"], error["message"].replace(reference, "REF")))
+        assert answers[0] == answers[1], answers
+
+
+@pytest.mark.parametrize(("text", "kind"), [({"a": 1}, "an object"), ([1, 2], "an array"), (7, "a number"),
+                                            (None, "null")])
+def test_a_content_part_whose_text_is_not_a_string_is_400_naming_the_field(stage0, text, kind):
+    messages = [{"role": "user", "content": "hi"},
+                {"role": "user", "content": [{"type": "text", "text": "ok"}, {"type": "text", "text": text}]}]
+    error = openai_error(post(stage0, {"messages": messages, "max_tokens": 2}, "/v1/chat/completions"), 400)
+    assert error["param"] == "messages[1].content[1].text" and kind in error["message"]
+    assert "{" not in error["message"]  # no Python repr of the value
