@@ -35,6 +35,7 @@ from ..decode.loop import GenerationStats, StepRecord, Token, compress_windows, 
 from ..decode.sampling import SamplingParams
 from ..decode.text import text_events
 from ..model.chat import chat_prompt_tokens, text_prompt_tokens
+from ..model.tokenizer import TokenBytes
 from ..stage0.pipeline import Pipeline
 from ..stage0.scheduler import BatchScheduler, BatchSession
 from ..stage0.speculation.plan import SpeculationPlan, SpeculationPlanner
@@ -57,6 +58,7 @@ class PipelineEngine:
         self.manifest = manifest
         self.model_id = manifest.model.id
         self.tokenizer = tokenizer
+        self.token_bytes = TokenBytes(tokenizer)
         self.pipeline = pipeline
         self.context_length = context_length
         self.end_ids = end_ids
@@ -159,9 +161,9 @@ class PipelineEngine:
                  stats.tokens / seconds if seconds > 0 else 0.0, mode)
 
     def _logprobs(self, token: Token) -> list[TokenLogprob]:
-        decode = self.tokenizer.decode
-        alternatives = [(decode([i]), logprob) for i, logprob in token.top_logprobs]
-        return [TokenLogprob(decode([token.id]), float(token.logprob or 0.0), alternatives)]
+        decode, raw = self.tokenizer.decode, self.token_bytes
+        alternatives = [TokenLogprob(decode([i]), logprob, raw(i)) for i, logprob in token.top_logprobs]
+        return [TokenLogprob(decode([token.id]), float(token.logprob or 0.0), raw(token.id), alternatives)]
 
 
 class Events:

@@ -40,9 +40,12 @@ log = logging.getLogger("layerline.frontend")
 
 @dataclass(frozen=True)
 class TokenLogprob:
+    """A token's text, its raw bytes (part of a character, maybe), its logprob and the top alternatives."""
+
     token: str
     logprob: float
-    top: list[tuple[str, float]] = field(default_factory=list)
+    raw: bytes
+    top: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -325,11 +328,12 @@ class _Reply:
 
     def _logprobs_json(self, items: list[TokenLogprob]) -> dict[str, Any]:
         if self.kind == "chat":
-            return {"content": [{"token": t.token, "logprob": t.logprob, "bytes": list(t.token.encode()),
-                                 "top_logprobs": [{"token": s, "logprob": lp, "bytes": list(s.encode())}
-                                                  for s, lp in t.top]} for t in items]}
+            def entry(t: TokenLogprob) -> dict[str, Any]:
+                return {"token": t.token, "logprob": t.logprob, "bytes": list(t.raw)}
+
+            return {"content": [{**entry(t), "top_logprobs": [entry(a) for a in t.top]} for t in items]}
         return {"tokens": [t.token for t in items], "token_logprobs": [t.logprob for t in items],
-                "top_logprobs": [dict(t.top) for t in items]}
+                "top_logprobs": [{a.token: a.logprob for a in t.top} for t in items]}
 
     def collect(self, events: Events, left: threading.Event) -> dict[str, Any]:
         """The answer's body from every event, ending the request early once `left` is set."""

@@ -311,3 +311,38 @@ def test_a_content_part_whose_text_is_not_a_string_is_400_naming_the_field(stage
     error = openai_error(post(stage0, {"messages": messages, "max_tokens": 2}, "/v1/chat/completions"), 400)
     assert error["param"] == "messages[1].content[1].text" and kind in error["message"]
     assert "{" not in error["message"]  # no Python repr of the value
+
+
+def test_logprob_bytes_are_each_tokens_raw_bytes_even_part_of_a_character(smollm2_package, tmp_path):
+    from layerline.packager.package import LayerPackage
+    from layerline.runtime.model.tokenizer import BYTE_LEVEL_CHARS, load_tokenizer
+
+    tokenizer = load_tokenizer(LayerPackage.open(smollm2_package))  # byte-level BPE
+    char_of = {byte: char for char, byte in BYTE_LEVEL_CHARS.items()}
+    (tmp_path / "config.toml").write_text("")
+    stage0 = Stage0Process(smollm2_package, [], tmp_path, "--no-draft", "--config",
+                           str(tmp_path / "config.toml"))
+    try:  # the real model: among its 20 likeliest tokens some hold part of a character
+        body = {"messages": [{"role": "user", "content": "Say hello in Chinese: 你好"}], "max_tokens": 8,
+                "temperature": 0, "logprobs": True, "top_logprobs": 20}
+        reply = post(stage0, body, "/v1/chat/completions")
+    finally:
+        stage0.stop()
+    assert reply.status_code == 200, reply.text
+    choice = reply.json()["choices"][0]
+    chosen = choice["logprobs"]["content"]
+    assert b"".join(bytes(position["bytes"]) for position in chosen) == choice["message"]["content"].encode()
+    partial = 0
+    for position in chosen:
+        alternatives = [bytes(a["bytes"]) for a in position["top_logprobs"]]
+        assert len(set(alternatives)) == len(alternatives)  # 20 tokens, 20 byte strings
+        for entry in [position, *position["top_logprobs"]]:
+            raw = bytes(entry["bytes"])
+            # The bytes are the token's own: written in the vocabulary's alphabet they name it.
+            token_id = tokenizer.convert_tokens_to_ids("".join(char_of[b] for b in raw))
+            assert token_id is not None and tokenizer.decode([token_id]) == entry["token"], entry
+            try:
+                raw.decode()
+            except UnicodeDecodeError:
+                partial += 1
+    assert partial > 0, reply.json()  # tokens that hold part of a character: not U+FFFD's bytes
