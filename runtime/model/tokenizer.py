@@ -10,6 +10,7 @@ from tokenizers.decoders import ByteLevel
 
 from layerline.errors import PackageFileError
 from layerline.packager.package import LayerPackage
+from layerline.packager.tokenizer import check_package_tokenizer
 
 # Tokens that end a turn in common chat formats; llama.cpp stops on these too
 # (its "end of generation" set), since a GGUF names only one eos id.
@@ -20,18 +21,21 @@ END_OF_GENERATION_TEXTS = (
 
 
 def load_tokenizer(package: LayerPackage) -> Any:
-    """The package's Hugging Face tokenizer, after its files matched their sha256."""
+    """The package's Hugging Face tokenizer, after its files matched their sha256 and it was found
+    to be the manifest's and to fit the embedding."""
     package.verify(package.manifest.tokenizer.files)
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(package.root), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(package.root), local_files_only=True)
     except Exception as exc:  # tokenizers and transformers raise many kinds on a malformed file
         raise PackageFileError(
             f"the tokenizer of {package.root} ({', '.join(package.manifest.tokenizer.files)}) does not load: "
             f"{str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}",
             hint="rebuild the package with `layerline pkg build` from a source whose tokenizer loads",
         ) from exc
+    check_package_tokenizer(package.root, package.manifest)
+    return tokenizer
 
 
 def end_of_generation_ids(tokenizer: Any, package: LayerPackage) -> tuple[int, ...]:
