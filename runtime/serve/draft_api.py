@@ -67,12 +67,16 @@ class DraftPolicy:
         """
         if reference == NGRAM:
             return
-        local = Path(reference).expanduser()
-        if local.exists() or not is_hub_id(reference):  # a path, as the loaders will read it
-            if any(local.resolve().is_relative_to(root) for root in self.roots):
-                return
-        elif any(fnmatch.fnmatchcase(reference.partition("@")[0].partition(":")[0], pattern)
-                 for pattern in self.hub_patterns):
+        try:
+            local = Path(reference).expanduser()
+            is_path = local.exists() or not is_hub_id(reference)  # as the loaders will read it
+            allowed = is_path and any(local.resolve().is_relative_to(root) for root in self.roots)
+        except (OSError, RuntimeError, ValueError):  # `~name` of no such user, a link loop, no access
+            is_path, allowed = True, False
+        if not is_path:
+            repo = reference.partition("@")[0].partition(":")[0]
+            allowed = any(fnmatch.fnmatchcase(repo, pattern) for pattern in self.hub_patterns)
+        if allowed:
             return
         roots = ", ".join(str(r) for r in self.roots) or "none"
         raise ApiError(403, f"draft {reference} is not allowed here: give a path under the draft roots "

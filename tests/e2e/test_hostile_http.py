@@ -292,7 +292,8 @@ def test_a_relative_draft_path_gets_one_answer_whether_it_exists_or_not(stage0, 
 
     pairs = [(relative(tmp_path / "here"), relative(tmp_path / "gone")),
              (relative(tmp_path / "here" / "model.gguf"), relative(tmp_path / "here" / "other.gguf")),
-             ("tests/e2e", "tests/no-such-folder")]  # shaped like Hub repo ids
+             ("tests/e2e", "tests/no-such-folder"),  # shaped like Hub repo ids
+             ("~root/.bashrc", "~no-such-user-here/.bashrc")]  # a user that exists, one that does not
     assert Path("tests/e2e").is_dir()
     for exists, missing in pairs:
         answers = []
