@@ -125,7 +125,7 @@ def publish_package(
     with hub_errors(f"creating the Hub repo {repo_id}"):
         repo_url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
         if private:
-            _refuse_public_repo(api, repo_id)
+            refuse_public_repo(api, repo_id)
     if revision:
         with hub_errors(f"creating branch {revision!r} of {repo_id}"):
             api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
@@ -159,7 +159,8 @@ def _verify_before_upload(pkg: LayerPackage, *, quiet: bool) -> None:
         ) from exc
 
 
-def _refuse_public_repo(api: HfApi, repo_id: str) -> None:
+def refuse_public_repo(api: HfApi, repo_id: str) -> None:
+    """Raise PublishError if `repo_id` is public: a --private upload must not land there."""
     # create_repo(exist_ok=True) leaves an existing repo as it is; a --private upload must not
     # land in a public repo.
     if not api.repo_info(repo_id, repo_type="model").private:

@@ -37,6 +37,9 @@ class WindowPolicyChoice(str, Enum):
 PackageArg = Annotated[Path, typer.Argument(help="Package folder.")]
 QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", help="No progress bars or load log lines.")]
 QuantizeOpt = Annotated[QuantizeChoice, typer.Option(help="Weight format of the package.")]
+PackageFormatOpt = Annotated[QuantizeChoice | None, typer.Option(
+    "--quantize", help="Weight format of the package. exact (the default for a GGUF): keep its quantized "
+                       "blocks where mlx holds them, re-quantize the rest; otherwise 4bit.", show_default=False)]
 GroupSizeOpt = Annotated[int, typer.Option(help="Quantization group size.")]
 WeightsOpt = Annotated[WeightsChoice, typer.Option(help="Weight format to compute with (auto: by device).")]
 PrivateOpt = Annotated[bool, typer.Option(help="Create the Hub repo private.")]

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
+from typer.core import TyperGroup
 
 from layerline.runtime.decode.calibration_prompts import DEFAULT_MAX_TOKENS
 
@@ -18,9 +21,8 @@ from .options import (
     MaxWindowOpt,
     MinWindowOpt,
     PackageArg,
+    PackageFormatOpt,
     PrivateOpt,
-    QuantizeChoice,
-    QuantizeOpt,
     QuietOpt,
     RevisionOpt,
     WeightsChoice,
@@ -45,9 +47,7 @@ pkg_app = typer.Typer(no_args_is_help=True,
 def pkg_build(
     source: Annotated[str, typer.Argument(help="GGUF file, safetensors folder, or Hub repo id.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Package folder to write.")],
-    quantize: Annotated[QuantizeChoice | None, typer.Option(
-        help="Weight format of the package. exact (the default for a GGUF): keep its quantized blocks "
-             "where mlx holds them, re-quantize the rest; otherwise 4bit.", show_default=False)] = None,
+    quantize: PackageFormatOpt = None,
     group_size: GroupSizeOpt = 32,
     fidelity: Annotated[bool, typer.Option(
         help="Measure the package's logits against the source's in float32 (needs memory for the "
@@ -166,28 +166,73 @@ def pkg_publish(
     out.print(f"published {repo_id}: {url}")
 
 
-@pkg_app.command("job")
+class JobGroup(TyperGroup):
+    """`pkg job SOURCE …` submits a build; `pkg job status JOB` and `pkg job logs JOB` follow one."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        # A Hub source (ORG/NAME…) is never a subcommand's name, so anything else submits.
+        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
+            args = ["submit", *args]
+        return super().parse_args(ctx, args)
+
+
+job_app = typer.Typer(cls=JobGroup, no_args_is_help=True,
+                      help="Build and publish a package on Hugging Face Jobs, and follow the job.")
+pkg_app.add_typer(job_app, name="job")
+JobIdArg = Annotated[str, typer.Argument(help="Job id, as `pkg job` printed it.")]
+NamespaceOpt = Annotated[str | None, typer.Option(help="User or org the job runs under (default: yours).")]
+
+
+@job_app.command("submit")
 def pkg_job(
-    source: Annotated[str, typer.Argument(help="Hub repo id, or REPO:QUANT / REPO:FILE.gguf of a GGUF repo.")],
+    source: Annotated[str, typer.Argument(help="Hub repo id (safetensors), or REPO:QUANT / REPO:FILE.gguf of a GGUF repo.")],
     publish: Annotated[str, typer.Option(help="Hub repo the job publishes to, ORG/NAME.")],
-    flavor: Annotated[str, typer.Option(help="Hugging Face Jobs hardware flavor.")] = "cpu-upgrade",
-    quantize: QuantizeOpt = QuantizeChoice.q4,
+    flavor: Annotated[str, typer.Option(help="Hugging Face Jobs hardware flavor (`hf jobs hardware`).")] = "cpu-upgrade",
+    quantize: PackageFormatOpt = None,
     group_size: GroupSizeOpt = 32,
     private: PrivateOpt = False,
     timeout: Annotated[str, typer.Option(help="Job timeout, e.g. 2h.")] = "2h",
-    dry_run: Annotated[bool, typer.Option(help="Print the job spec; submit nothing.")] = False,
-    layerline_spec: Annotated[
-        str, typer.Option(help="pip requirement the job installs layerline from (name, git or wheel URL).")
-    ] = "layerline",
+    dry_run: Annotated[bool, typer.Option(help="Build the sdist and print the job, its hash included; upload and submit nothing.")] = False,
+    layerline_spec: Annotated[str | None, typer.Option(
+        help="pip requirement the job installs instead of this layerline's sdist (PyPI name, git or wheel URL).")] = None,
+    wheel_repo: Annotated[str | None, typer.Option(
+        help="Hub repo (ORG/NAME) the layerline sdist is uploaded to (default: --publish), under layerline-job/.")] = None,
 ) -> None:
-    """Run `layerline pkg build` on Hugging Face Jobs and publish the result."""
+    """Run `layerline pkg build` on Hugging Face Jobs, with this layerline, and publish the result."""
     from layerline.hf_jobs.job import BuildJobRequest, submit_build_job
 
-    request = BuildJobRequest(source=source, publish=publish, flavor=flavor, quantize=quantize.value,
-                              group_size=group_size, private=private, timeout=timeout,
-                              layerline_spec=layerline_spec)
+    request = BuildJobRequest(source=source, publish=publish, flavor=flavor,
+                              quantize=quantize.value if quantize else None, group_size=group_size,
+                              private=private, timeout=timeout, layerline_spec=layerline_spec,
+                              wheel_repo=wheel_repo)
     result = submit_build_job(request, dry_run=dry_run)
     if dry_run:
-        out.print_json(json.dumps(result.spec))
+        out.print_json(json.dumps({**result.spec, "sdist": asdict(result.sdist) if result.sdist else None}))
     else:
+        if result.sdist:
+            out.print(f"uploaded {result.sdist.repo}/{result.sdist.path_in_repo} (sha256 {result.sdist.sha256})")
         out.print(f"job {result.job_id}: {result.url}")
+        out.print(f"follow it: layerline pkg job logs {result.job_id} --follow")
+
+
+@job_app.command("status")
+def pkg_job_status(job_id: JobIdArg, namespace: NamespaceOpt = None) -> None:
+    """Print a job's stage (RUNNING, COMPLETED, ERROR …), hardware and times."""
+    from layerline.hf_jobs.follow import describe_job, job_status
+
+    for line in describe_job(job_status(job_id, namespace=namespace)):
+        out.print(line)
+
+
+@job_app.command("logs")
+def pkg_job_logs(
+    job_id: JobIdArg,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing until the job ends.")] = False,
+    tail: Annotated[int | None, typer.Option(min=1, help="Only the last N lines.")] = None,
+    namespace: NamespaceOpt = None,
+) -> None:
+    """Print a job's log lines."""
+    from layerline.hf_jobs.follow import job_logs
+
+    for line in job_logs(job_id, follow=follow, tail=tail, namespace=namespace):
+        out.print(line, markup=False, highlight=False)

@@ -15,8 +15,10 @@ from layerline.runtime.serve.config import LayerlineConfig
 from layerline.runtime.serve.http_limits import DEFAULT_HEADER_TIMEOUT_S, DEFAULT_MAX_HTTP_CONNECTIONS
 from layerline.runtime.stage.claims import DEFAULT_LEASE_S
 from layerline.runtime.stage.content_cache import DEFAULT_CACHE_DIR
+from layerline.runtime.stage.discovery import DEFAULT_CLUSTER
 from layerline.runtime.stage.frame_budget import DEFAULT_FRAME_TIMEOUT_S
 from layerline.runtime.stage.frame_transport import ConnectionLimits
+from layerline.runtime.stage0.failover import DEFAULT_FAILOVER_S
 
 from .options import ConfigFileOpt, NoDraftOpt, WeightsChoice, WeightsOpt
 from .output import format_bytes, log_with_time, out
@@ -46,6 +48,8 @@ def stage_serve(
     admin_token_file: Annotated[Path | None, typer.Option(help="Secret guarding /v1/draft and the dashboard (stage 0).")] = None,
     package: Annotated[str | None, typer.Option(help="Package folder or Hub repo: makes this stage 0.")] = None,
     peer: Annotated[list[str] | None, typer.Option(help="Downstream stage host:port, in order.")] = None,
+    spare: Annotated[list[str] | None, typer.Option(help="Stage 0: a peer host:port that replaces a lost stage (repeat; tried in order). Turns failover on: streams pause, then go on.")] = None,
+    failover_seconds: Annotated[float, typer.Option(help="Stage 0: how long a lost stage may take to be replaced by a spare; then requests end with an error and the pipeline is degraded.")] = DEFAULT_FAILOVER_S,
     split: Annotated[str, typer.Option(help="auto, or ranges like 0:10,10:30 (stage 0 first).")] = "auto",
     http: Annotated[str | None, typer.Option(help="HTTP host:port of the OpenAI API (stage 0).")] = None,
     config: ConfigFileOpt = None,
@@ -70,6 +74,11 @@ def stage_serve(
     max_hello_connections: Annotated[int, typer.Option(help="Activation connections still in their hello (not yet authenticated); past it the oldest is closed (8 per address).")] = ConnectionLimits.max_greeting,
     frame_memory_mb: Annotated[int, typer.Option(help="MiB of activation frames this stage holds read and unanswered, over all connections; more wait.")] = ConnectionLimits.unanswered_bytes >> 20,
     insecure: Annotated[bool, typer.Option("--insecure", help="Serve beyond loopback without --auth-token-file.")] = False,
+    cluster: Annotated[str, typer.Option(help="The cluster a peer advertises itself in, and whose peers stage 0 claims with --discover.")] = DEFAULT_CLUSTER,
+    announce: Annotated[bool, typer.Option(help="A peer: advertise this stage on the LAN (mDNS, _layerline._tcp) on the interface --listen names.")] = True,
+    discover: Annotated[bool, typer.Option("--discover", help="Stage 0: also claim the free stages of --cluster found on the LAN (after any --peer).")] = False,
+    discover_seconds: Annotated[float, typer.Option(help="Stage 0: how long --discover looks for stages.")] = 1.5,
+    discover_peers: Annotated[int, typer.Option(help="Stage 0: stop looking once this many stages are found (0: look for --discover-seconds).")] = 0,
     trace: Annotated[Path | None, typer.Option(help="Stage 0: write every step of every request to this file, one JSON line each.")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning.")] = "info",
 ) -> None:
@@ -88,12 +97,12 @@ def stage_serve(
                                           max_greeting=max_hello_connections,
                                           unanswered_bytes=frame_memory_mb << 20),
                   activation_listen=activation_listen, activation_advertise=activation_advertise,
-                  file_rate_limit_mb_s=file_rate_limit)
+                  file_rate_limit_mb_s=file_rate_limit, cluster=cluster, announced=announce)
         return
     from layerline.runtime.serve.stage0 import Stage0Options, run_stage0
 
     run_stage0(Stage0Options(
-        package=package, peers=peer or [], split=split, http=http or settings.stage.http,
+        package=package, peers=peer or [], spares=spare or [], failover_s=failover_seconds, split=split, http=http or settings.stage.http,
         config=settings, no_draft=no_draft, wire_dtype=wire_dtype, weights=weights.value,
         context_length=context_length, max_sessions=max_sessions, max_batch=max_batch, lanes=lanes,
         cache_dir=cache,
@@ -101,7 +110,40 @@ def stage_serve(
         max_body_bytes=max_body_bytes, header_timeout_s=http_header_timeout,
         max_http_connections=max_http_connections, stage_timeout_s=stage_timeout, drain_s=drain_seconds,
         lease_s=lease_seconds, trace_file=trace, listen=listen or STAGE0_LISTEN, advertise=advertise,
-        serve_files=serve_files, file_rate_limit_mb_s=file_rate_limit, insecure=insecure))
+        serve_files=serve_files, file_rate_limit_mb_s=file_rate_limit, insecure=insecure,
+        discover=discover, cluster=cluster, discover_seconds=discover_seconds, discover_peers=discover_peers))
+
+
+@stage_app.command("list")
+def stage_list(
+    cluster: Annotated[str | None, typer.Option(help="Show only the stages of this cluster (default: every cluster).")] = None,
+    seconds: Annotated[float, typer.Option(help="How long to listen for advertisements.")] = 2.0,
+    interface: Annotated[list[str] | None, typer.Option(help="An IPv4 address of this machine to look on (repeat; default: every interface).")] = None,
+    auth_token_file: Annotated[Path | None, typer.Option(help="Say which stages hold this token.")] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning.")] = "warning",
+) -> None:
+    """The stages advertised on the LAN: cluster, address, version, device, free memory."""
+    from zeroconf import InterfaceChoice
+
+    from layerline.runtime.stage.discovery import SERVICE_TYPE, browse, token_fingerprint
+    from layerline.runtime.stage.server import read_token
+
+    log_with_time(log_level)
+    token = read_token(auth_token_file)
+    ads = sorted(browse(interface or InterfaceChoice.All, seconds), key=lambda ad: (ad.cluster, ad.endpoint))
+    table = Table(title=f"layerline stages on the LAN{f' in cluster {cluster}' if cluster else ''}")
+    for column in ("cluster", "endpoint", "name", "version", "device", "free memory", "auth"):
+        table.add_column(column, no_wrap=column in ("endpoint", "free memory"), overflow="fold")
+    for ad in ads:
+        if cluster is not None and ad.cluster != cluster:
+            continue
+        auth = "token" if ad.fingerprint else "none"
+        if token is not None and ad.fingerprint:
+            ours = ad.fingerprint == token_fingerprint(token, ad.cluster, list(ad.addresses), ad.port)
+            auth = "our token" if ours else "another token"
+        table.add_row(ad.cluster, ad.endpoint, ad.name.removesuffix(f".{SERVICE_TYPE}"), ad.version,
+                      ad.device, format_bytes(ad.memory_free_bytes), auth)
+    out.print(table)
 
 
 @cache_app.command("list")

@@ -62,13 +62,18 @@ class WeightsPlan:
         return f"weights={self.format} compute={self.compute_dtype} ({self.reason})"
 
 
-def detect_device() -> Device:
-    """The device mlx computes on here, whether a fast BLAS is loaded, and free memory."""
+def device_kind() -> str:
+    """What mlx computes on here: cpu, metal or cuda."""
     import mlx.core as mx
 
-    kind = "cpu"
     if mx.default_device() == mx.gpu:
-        kind = "metal" if sys.platform == "darwin" else "cuda"
+        return "metal" if sys.platform == "darwin" else "cuda"
+    return "cpu"
+
+
+def detect_device() -> Device:
+    """The device mlx computes on here, whether a fast BLAS is loaded, and free memory."""
+    kind = device_kind()
     kernel = cpu_kernel() if kind == "cpu" else None
     return Device(kind=kind, fast_blas=load_fast_blas().fast, memory_available=host_memory().available,
                   cpu_kernel=kernel.isa if kernel is not None and kernel.available else None)

@@ -52,7 +52,7 @@ class PipelineEngine:
     def __init__(self, manifest: Manifest, tokenizer: Any, pipeline: Pipeline, *, context_length: int,
                  end_ids: tuple[int, ...], prefill_step: int, speculation: SpeculationPlanner,
                  status: Callable[[], dict[str, Any]], ready: Callable[[], bool],
-                 health: Callable[[], str | None],
+                 confirm_health: Callable[[], tuple[str, str | None]],
                  admission: Admission, scheduler: BatchScheduler,
                  profile: PassProfile | None = None) -> None:
         self.manifest = manifest
@@ -66,7 +66,7 @@ class PipelineEngine:
         self.speculation = speculation
         self._status = status
         self._ready = ready
-        self._health = health
+        self._confirm_health = confirm_health
         self.admission = admission
         self.scheduler = scheduler
         self.profile = profile or PassProfile()
@@ -97,8 +97,13 @@ class PipelineEngine:
     def is_ready(self) -> bool:
         return self._ready()
 
-    def health(self) -> str | None:
-        return self._health()
+    def health(self) -> str:
+        """ok, or why the pipeline takes no requests (recovering, degraded, unavailable)."""
+        return self._status()["health"]
+
+    def confirm_health(self) -> tuple[str, str | None]:
+        """health() after asking every stage for its claim now, and why it is not ok (None if it is)."""
+        return self._confirm_health()
 
     def shutdown(self) -> None:
         """Admit nothing more; requests in flight end at their next token."""

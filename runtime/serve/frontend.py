@@ -69,7 +69,8 @@ class Engine(Protocol):
     def generate(self, request: GenerationRequest) -> Events: ...
     def status(self) -> dict[str, Any]: ...
     def is_ready(self) -> bool: ...
-    def health(self) -> str | None: ...  # why it cannot serve now, asking the stages; None if it can
+    def health(self) -> str: ...  # "ok" when ready; else why not (e.g. recovering, degraded)
+    def confirm_health(self) -> tuple[str, str | None]: ...  # health() after asking the stages now, and why
 
 
 class Events(Protocol):
@@ -165,11 +166,10 @@ def create_app(engine: Engine, *, stage_states: Callable[[], list[StageGauge]] |
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        # Asks the stages now: a claim lost since the last heartbeat is seen here, not 2 s later.
-        reason = await run_in_threadpool(engine.health)
-        if reason is None:
-            return JSONResponse({"status": "ok"})
-        return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
+        # Asks the stages now: a claim lost since the last heartbeat is seen here, not at the next.
+        status, reason = await run_in_threadpool(engine.confirm_health)
+        body = {"status": status} if reason is None else {"status": status, "reason": reason}
+        return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

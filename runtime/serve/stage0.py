@@ -27,6 +27,7 @@ from ..model.tokenizer import end_of_generation_ids, load_tokenizer
 from ..model.weights_policy import detect_device, plan_weights
 from ..stage.claims import DEFAULT_LEASE_S
 from ..stage.content_cache import DEFAULT_CACHE_DIR, ContentCache
+from ..stage.discovery import DEFAULT_CLUSTER, Interfaces, check_cluster, interfaces_for
 from ..stage.file_service import FileIndex
 from ..stage.frame_budget import DEFAULT_FRAME_TIMEOUT_S
 from ..stage.main import check_exposure
@@ -36,8 +37,11 @@ from ..stage.server import advertised, grpc_server, is_loopback, read_token, ser
 from ..stage.split_plan import parse_split
 from ..stage.wire import wire_dtype
 from ..stage0.coordinator import Coordinator, CoordinatorOptions
+from ..stage0.failover import DEFAULT_FAILOVER_S
+from ..stage0.find_peers import find_peers
 from ..stage0.pipeline import Pipeline
 from ..stage0.scheduler import BatchScheduler
+from ..stage0.spares import SparePool
 from ..stage0.speculation.plan import SpeculationPlanner
 from ..stage0.speculation.resolve import resolve_speculation
 from ..stage0.speculation.settings import SpeculationSettings
@@ -63,6 +67,8 @@ DEFAULT_CONTEXT = 4096
 class Stage0Options:
     package: str
     peers: list[str] = field(default_factory=list)
+    spares: list[str] = field(default_factory=list)  # peers that may replace a lost stage, in order
+    failover_s: float = DEFAULT_FAILOVER_S  # how long a lost stage may take to be replaced
     split: str = "auto"
     http: str = "127.0.0.1:8000"
     config: LayerlineConfig = field(default_factory=LayerlineConfig)
@@ -89,6 +95,10 @@ class Stage0Options:
     serve_files: bool = True
     file_rate_limit_mb_s: float = 0.0  # 0: no limit
     insecure: bool = False  # serve files beyond loopback without an auth token
+    discover: bool = False  # also claim the free stages of `cluster` found on the LAN
+    cluster: str = DEFAULT_CLUSTER
+    discover_seconds: float = 1.5  # how long to look for them
+    discover_peers: int = 0  # stop looking once this many are found (0: look the whole time)
 
 
 def _open_package(ref: str, cache_dir: Path) -> LayerPackage:
@@ -153,9 +163,15 @@ class Stage0:
         self.speculation = SpeculationPlanner(
             self.speculative, target_fingerprint=manifest.tokenizer.fingerprint,
             cache_dir=self.cache_dir, weights=options.weights)
+        self.peers = list(options.peers)  # --peer, then what --discover finds (in start())
         self.slot = EngineSlot(manifest.model.id, self.context_length,
-                               int(manifest.config.get("vocab_size") or 0), self.status)
+                               int(manifest.config.get("vocab_size") or 0), self.status,
+                               self.health, self.confirm_health)
         self._coordinator: Coordinator | None = None  # made by start(): it needs the file server's address
+        # Where a lost stage's replacement comes from (None: no failover): the --spare peers, and
+        # with --discover the free stages of the cluster found when a stage is lost.
+        self.spares = (SparePool(options.spares, find=self._find_spare if options.discover else None)
+                       if options.spares or options.discover else None)
         self.file_server: grpc.Server | None = None
         self._board: TransferBoard | None = None  # the peers' preparation bars, during bring-up
         self.started_at: float | None = None
@@ -170,17 +186,44 @@ class Stage0:
             self.profile.trace_to(options.trace_file)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self.file_server, file_source = self._serve_files()
+        if options.discover:
+            self.peers += self._discover()
         self._coordinator = Coordinator(self.package, CoordinatorOptions(
-            package_ref=options.package, peers=list(options.peers), split=self.split,
+            package_ref=options.package, peers=list(self.peers), split=self.split,
             wire_dtype=wire_dtype(options.wire_dtype), token=self.token,
             context_length=self.context_length, max_sessions=options.max_sessions,
             max_batch_tokens=PREFILL_STEP, weight_format=options.weights,
             frame_timeout_s=options.stage_timeout_s, lease_s=options.lease_s,
-            heartbeat_s=min(2.0, options.lease_s / 4), file_source=file_source),
-            on_change=self._show_progress)
+            heartbeat_s=min(2.0, options.lease_s / 4), file_source=file_source,
+            failover_s=options.failover_s),
+            on_change=self._show_progress, spares=self.spares)
         self.files.serve_package(self._coordinator.manifest_sha256, self.package)
         self.started_at = time.time()
         return self
+
+    def _discover(self) -> list[str]:
+        """The free stages of the cluster on the LAN: on every interface with a token or
+        --insecure, else only on the one --listen names."""
+        options = self.options
+        check_cluster(options.cluster)
+        found = find_peers(options.cluster, self.token, self._interfaces(), options.discover_seconds,
+                           want=options.discover_peers, exclude=frozenset(options.peers))
+        if found:
+            log.info("event=discovery cluster=%s found=%s", options.cluster, ",".join(found))
+        else:
+            log.warning("event=discovery cluster=%s found=- reason=no free stage of the cluster holding "
+                        "our token answered within %.1f s", options.cluster, options.discover_seconds)
+        return found
+
+    def _find_spare(self, exclude: frozenset[str]) -> list[str]:
+        """A free stage of the cluster to replace a lost one (the first found), none of `exclude`."""
+        return find_peers(self.options.cluster, self.token, self._interfaces(),
+                          self.options.discover_seconds, want=1, exclude=exclude | set(self.peers))
+
+    def _interfaces(self) -> Interfaces:
+        """Where discovery looks: every interface with a token or --insecure, else --listen's."""
+        wide = self.token is not None or self.options.insecure
+        return interfaces_for("" if wide else self.options.listen.rpartition(":")[0], wide)
 
     @property
     def coordinator(self) -> Coordinator:
@@ -245,7 +288,8 @@ class Stage0:
                             wire_dtype=wire_dtype(self.options.wire_dtype),
                             hidden_size=int(manifest.config["hidden_size"]), max_tokens=PREFILL_STEP,
                             token=self.token, on_stage_error=self.coordinator.mark_down,
-                            frame_timeout_s=self.options.stage_timeout_s * max(1, len(self.options.peers)))
+                            frame_timeout_s=self.options.stage_timeout_s * max(1, len(self.peers)),
+                            failover=self.coordinator.failover if self.spares is not None else None)
         self.local = local
         self.scheduler = BatchScheduler(pipeline, lanes=self._lanes(), max_batch=self.admission.max_active,
                                         max_rows=PREFILL_STEP)
@@ -253,10 +297,11 @@ class Stage0:
             manifest, tokenizer, pipeline, context_length=self.context_length,
             end_ids=end_of_generation_ids(tokenizer, package), prefill_step=PREFILL_STEP,
             speculation=self.speculation, status=self.status, ready=lambda: self.coordinator.ready,
+            confirm_health=self.confirm_health,
             health=self.coordinator.confirm,
             admission=self.admission, scheduler=self.scheduler, profile=self.profile)
         log.info("event=ready model=%s stage0_layers=%d..%d peers=%d %s", manifest.model.id, start, end,
-                 len(self.options.peers), plan.describe())
+                 len(self.peers), plan.describe())
 
     def _lanes(self) -> int:
         """Batches in flight at once: one per stage, so that every stage computes one; but one
@@ -264,7 +309,7 @@ class Stage0:
         only split the first)."""
         if self.options.lanes:
             return self.options.lanes
-        peers = self.options.peers
+        peers = self.peers
         if all(is_loopback(peer.rpartition(":")[0]) for peer in peers):
             return 1
         return 1 + len(peers)
@@ -285,6 +330,10 @@ class Stage0:
             "coordinator_id": self.coordinator.coordinator_id,
             "term": self.coordinator.term,
             "ready": self.coordinator.ready and self.engine is not None,
+            "health": self.health(),
+            "pipeline": {**self.coordinator.failover.to_json(), "failover": self.spares is not None,
+                         "failover_s": self.options.failover_s,
+                         "spares": self.spares.candidates() if self.spares is not None else []},
             "split": [[s["layers"][0], s["layers"][1]] for s in [stage0, *self.coordinator.status()]],
             "stages": [stage0, *self.coordinator.status()],
             "wire_dtype": self.options.wire_dtype,
@@ -297,6 +346,22 @@ class Stage0:
             "batching": self.batch_state(),
             "uptime_s": round(time.time() - self.started_at, 1) if self.started_at is not None else 0.0,
         }
+
+    def health(self) -> str:
+        """ok; recovering (a lost stage is being replaced) or degraded (none replaced it in time);
+        else unavailable (loading, or a stage down without a failover)."""
+        if self.coordinator.ready and self.engine is not None:
+            return "ok"
+        state = self.coordinator.failover.state
+        return state if state != "ok" else "unavailable"
+
+    def confirm_health(self) -> tuple[str, str | None]:
+        """health() after asking every stage for its claim now (a claim lost since the last
+        heartbeat counts at once), and why it is not ok (None when it is)."""
+        if self.engine is None:
+            return self.health(), "stage 0 is still bringing up the pipeline"
+        reason = self.coordinator.confirm()
+        return self.health(), reason
 
     def batch_state(self) -> dict[str, Any] | None:
         """The scheduler's passes and queue, and how many requests speculate (None until it runs)."""

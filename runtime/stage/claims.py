@@ -8,6 +8,7 @@ one: a Load longer than the lease leaves the claim held.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import Counter
@@ -17,6 +18,8 @@ from dataclasses import dataclass, replace
 from enum import Enum
 
 from layerline.errors import LayerlineError
+
+log = logging.getLogger("layerline.stage")
 
 MAX_LEASE_S = 120.0  # the longest lease a stage grants: a dead holder's claim lapses within it
 DEFAULT_LEASE_S = 60.0  # the lease stage 0 asks for unless told (`--lease-seconds`)
@@ -62,6 +65,8 @@ class ClaimTable:
         if holder is not None and not self._answering[(holder.coordinator_id, holder.term)] \
                 and self._clock() >= holder.expires_at:
             self._holder = None  # the lease lapsed: the stage is free again
+            log.warning("event=lease_lapsed coordinator=%s term=%d silent_s=%.2f", holder.coordinator_id,
+                        holder.term, self._clock() - holder.expires_at + holder.lease_s)
         return self._holder
 
     @property

@@ -12,6 +12,7 @@ from pathlib import Path
 from layerline.errors import LayerlineError
 from layerline.packager.package import LayerPackage
 
+from .discovery import DEFAULT_CLUSTER, Announcer, check_cluster
 from .frame_transport import ConnectionLimits
 from .node import LoadOptions, RangeModel
 from .server import is_loopback, read_token, start_stage_server
@@ -19,6 +20,7 @@ from .server import is_loopback, read_token, start_stage_server
 log = logging.getLogger("layerline.stage")
 
 STOP_GRACE_S = 5.0  # control calls in flight get this long to finish after SIGTERM
+ANNOUNCE_REFRESH_S = 30.0  # how often the advertised free memory is brought up to date
 
 
 def load_range_model(package: LayerPackage, options: LoadOptions) -> RangeModel:
@@ -46,11 +48,25 @@ def check_exposure(listen: str, token: str | None, insecure: bool) -> None:
     log.warning("stage=%s event=insecure: serving without an auth token beyond loopback", listen)
 
 
+def announce(endpoint: str, cluster: str, token: str | None, insecure: bool) -> Announcer:
+    """Advertise the stage at `endpoint` on the LAN: on the interface its address names, or on
+    every one when it listens on all of them (which check_exposure allows only with a token
+    or --insecure)."""
+    from ..model.host_memory import host_memory
+    from ..model.weights_policy import device_kind
+
+    return Announcer(endpoint, int(endpoint.rpartition(":")[2]), cluster=cluster, token=token,
+                     wide=token is not None or insecure, device=device_kind(),
+                     memory_free=lambda: host_memory().available).start()
+
+
 def run_stage(listen: str, cache_dir: Path, auth_token_file: Path | None, *, insecure: bool = False,
               limits: ConnectionLimits = ConnectionLimits(), activation_listen: str | None = None,
-              activation_advertise: str | None = None, file_rate_limit_mb_s: float = 0.0) -> None:
-    """Serve control and activations until SIGINT or SIGTERM."""
+              activation_advertise: str | None = None, file_rate_limit_mb_s: float = 0.0,
+              cluster: str = DEFAULT_CLUSTER, announced: bool = True) -> None:
+    """Serve control and activations (advertised on the LAN if `announced`) until SIGINT or SIGTERM."""
     token = read_token(auth_token_file)
+    check_cluster(cluster)
     check_exposure(listen, token, insecure)
     if activation_listen is not None:
         check_exposure(activation_listen, token, insecure)
@@ -65,8 +81,18 @@ def run_stage(listen: str, cache_dir: Path, auth_token_file: Path | None, *, ins
         signal.signal(sig, lambda *_: stop.set())
     log.info("stage=%s event=waiting_for_claim cache=%s", node.endpoint, cache_dir)
     print(f"stage listening on {node.endpoint}", flush=True)
-    stop.wait()
+    announcer = None
+    if announced:
+        try:
+            announcer = announce(node.endpoint, cluster, token, insecure)
+        except LayerlineError as exc:  # the stage serves all the same: --peer still reaches it
+            log.warning("stage=%s event=announce_failed error=%s", node.endpoint, exc.message)
+    while not stop.wait(ANNOUNCE_REFRESH_S):
+        if announcer is not None:
+            announcer.refresh()
     log.info("stage=%s event=stopping", node.endpoint)
+    if announcer is not None:
+        announcer.close()
     server.stop(STOP_GRACE_S)
     node.unload()
     log.info("stage=%s event=stopped", node.endpoint)

@@ -2,11 +2,20 @@
 
 Sequence per peer: Claim → Prepare(range) → Inventory (poll) → Load → Ready. If any
 stage fails, every stage claimed for the run is released and the error names the
-stage, its range and the cause. From the claims on, a heartbeat (Inventory, which
-renews the lease) watches each stage on a thread and channel of its own, so that
-renewals never wait behind a slower stage's load, compute or activation traffic; a
-stage that comes back after dying is claimed and loaded again. `confirm()` looks at every
-stage's claim now, for /health, rather than at the last heartbeat's.
+stage, its range and the cause. From the claims on, each stage's lease is renewed on a
+thread and channel of its own (`lease_keeper.py`), so that renewals never wait behind a
+slower stage, a health check, a load, compute or activation traffic; a heartbeat
+(Status) watches each stage's health, and a stage that comes back after dying is
+claimed and loaded again. `confirm()` looks at every stage's claim now, for /health,
+rather than at the last heartbeat's.
+
+With a pool of spares (`--spare`, or a discovery's), a stage that dies or stops answering is
+replaced instead, on a thread of its own: a spare is claimed, prepares and loads the lost
+range (its content cache first, then Fetch from stage 0 or the other stages), and the stage
+before it is loaded again to relink to it; then `Failover.repaired` lets the lanes replay
+their sessions and go on. A spare that fails is released and the next one tried; with none
+within `failover_s` the pipeline is degraded (and the search goes on). The lost peer rejoins
+the pool, so a peer that comes back is claimed at most once, as a spare.
 """
 
 from __future__ import annotations
@@ -33,6 +42,9 @@ from ..stage.frame_budget import DEFAULT_FRAME_TIMEOUT_S
 from ..stage.server import is_loopback
 from ..stage.split_plan import check_split, plan_split
 from ..stage.wire import DEFAULT_MAX_FRAME_ROWS
+from .failover import DEFAULT_FAILOVER_S, Failover, Pause
+from .lease_keeper import LeaseKeeper
+from .spares import SparePool
 
 log = logging.getLogger("layerline.coordinator")
 
@@ -109,7 +121,7 @@ class CoordinatorOptions:
     wire_dtype: int = act_pb.WIRE_DTYPE_F32
     token: str | None = None
     term: int = 0  # 0: now in unix ms, so a restarted coordinator pre-empts its old self
-    lease_s: float = DEFAULT_LEASE_S  # renewed every heartbeat_s: a long pass never outlasts it
+    lease_s: float = DEFAULT_LEASE_S  # renewed every quarter lease: a long pass never outlasts it
     heartbeat_s: float = 2.0
     prepare_timeout_s: float = 1800.0
     load_timeout_s: float = 600.0
@@ -119,11 +131,12 @@ class CoordinatorOptions:
     weight_format: str = "auto"
     frame_timeout_s: float = DEFAULT_FRAME_TIMEOUT_S  # each stage's budget for the next, beyond compute
     file_source: str = ""  # where stage 0 serves the package's files ("" when it does not)
+    failover_s: float = DEFAULT_FAILOVER_S  # how long a lost stage may take to be replaced
 
 
 class Coordinator:
     def __init__(self, package: LayerPackage, options: CoordinatorOptions,
-                 on_change: Callable[[], None] | None = None) -> None:
+                 on_change: Callable[[], None] | None = None, spares: SparePool | None = None) -> None:
         self.package = package
         self.options = options
         self.coordinator_id = f"coord-{uuid.uuid4().hex[:12]}"
@@ -132,11 +145,17 @@ class Coordinator:
         self.manifest_sha256 = sha256_file(package.root / MANIFEST_NAME)
         self.clients = [self._client(endpoint) for endpoint in options.peers]
         self.heartbeat_clients = [self._client(endpoint) for endpoint in options.peers]
+        self.leases = LeaseKeeper(options.lease_s, self._client)
         self.stage0_range: tuple[int, int] = (0, package.manifest.num_layers)
         self.peers: list[PeerState] = []
         self._on_change = on_change or (lambda: None)
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
+        self.spares = spares  # None: no failover, a lost stage is reloaded when it comes back
+        self.failover = Failover(options.failover_s)
+        self._failing_over: set[int] = set()  # stages being replaced
+        self._brought_up = False  # failover starts once every stage was ready (bring_up fails before)
+        self._failover_lock = threading.Lock()
         self._confirming = threading.Lock()
         self._confirmed_at = 0.0  # when the last confirm() began (monotonic)
 
@@ -177,6 +196,7 @@ class Coordinator:
             for client, peer in zip(self.clients, self.peers, strict=True):
                 self._step(peer, "claim", lambda c=client: c.call(claim=self._claim_message()))
                 claimed.append(client)
+                self.leases.keep(client.endpoint)
             # Leases run from the claim: a stage that loads fast must keep its claim while the
             # slowest one prepares and loads, and while stage 0 loads its own range.
             self._start_watching()
@@ -188,6 +208,8 @@ class Coordinator:
             self._stop_watching()
             self._release(claimed)
             raise StageLoadError(str(exc), hint="fix the named stage, then start stage 0 again") from exc
+        self.failover.first_peer = self.first_endpoint()
+        self._brought_up = True
         self._changed()
 
     def _claim_message(self) -> pb.Claim:
@@ -302,6 +324,7 @@ class Coordinator:
 
     def _stop_watching(self) -> None:
         self._stop.set()
+        self.leases.stop()
         if self._watcher is not None:
             self._watcher.join(timeout=5)
 
@@ -310,7 +333,8 @@ class Coordinator:
             for client, peer in zip(self.heartbeat_clients, self.peers, strict=True):
                 if self._stop.is_set():
                     return
-                self._check(client, peer)
+                if peer.index not in self._failing_over:  # its failover watches it meanwhile
+                    self._check(client, peer)
 
     def _check(self, client: StageClient, peer: PeerState) -> None:
         try:
@@ -321,13 +345,9 @@ class Coordinator:
                           exc.message)
                 peer.state, peer.error = "down", exc.message
                 self._changed()
+            self._begin_failover(peer)
             return
         peer.sessions, peer.kv_cache_bytes = status.active_sessions, status.kv_cache_bytes
-        if (status.holder_coordinator_id, status.holder_term) == (self.coordinator_id, self.term):
-            try:
-                client.call(timeout_s=2.0, inventory=pb.InventoryRequest())  # renews the lease
-            except StageUnavailableError:
-                return
         if peer.state not in ("ready", "down"):
             return  # still being brought up (or failed to be): bring_up says how it goes
         lost = self._lost(status, peer)
@@ -338,7 +358,8 @@ class Coordinator:
             return
         # Alive again but without our claim or model (restarted, pre-empted, or its lease lapsed).
         self.mark_down(peer.index, lost)
-        self._repair(client, peer)
+        if self.spares is None:
+            self._repair(client, peer)
 
     def _lost(self, status: pb.Status, peer: PeerState) -> str | None:
         """What `peer` lacks to serve this run, by its `status`; None while it holds our claim and range."""
@@ -391,6 +412,7 @@ class Coordinator:
         if peer.state in ("ready", "down"):
             peer.state, peer.error = "down", error or peer.error
             self._changed()
+            self._begin_failover(peer)
 
     def _repair(self, client: StageClient, peer: PeerState) -> None:
         """A stage that answers again but lost its claim or model: claim and load it anew."""
@@ -401,6 +423,111 @@ class Coordinator:
         except LayerlineError as exc:
             peer.state, peer.error = "down", str(exc)
             self._changed()
+
+    # ------------------------------------------------------------ failover
+
+    def _begin_failover(self, peer: PeerState) -> None:
+        """Replace a lost stage on a thread of its own (once at a time per stage), with spares."""
+        if self.spares is None or not self._brought_up or self._stop.is_set():
+            return
+        with self._failover_lock:
+            if peer.index in self._failing_over:
+                return
+            self._failing_over.add(peer.index)
+        pause = self.failover.begin(peer.index, (peer.start, peer.end), peer.endpoint)
+        log.warning("event=failover_start stage=%d endpoint=%s layers=%d..%d error=%s", peer.index,
+                    peer.endpoint, peer.start, peer.end, peer.error or "-")
+        threading.Thread(target=self._fail_over, args=(peer, pause), name=f"failover-{peer.index}",
+                         daemon=True).start()
+
+    def _fail_over(self, peer: PeerState, pause: Pause) -> None:
+        """Until the stage is repaired (or stage 0 stops): the lost peer if it still serves, else
+        each spare in turn, then the lost peer again; degraded past the deadline."""
+        assert self.spares is not None
+        deadline = time.monotonic() + self.options.failover_s
+        lost = peer.endpoint
+        try:
+            if self._still_serving(self.heartbeat_clients[peer.index - 1], peer):
+                log.info("event=failover_relink stage=%d endpoint=%s reason=the stage still serves",
+                         peer.index, peer.endpoint)
+                peer.state, peer.error = "ready", ""
+                pause.replacement = peer.endpoint
+                self.failover.repaired(pause, self.first_endpoint())
+                return
+            while not self._stop.is_set():
+                busy = {other.endpoint for other in self.peers if other is not peer}
+                self.spares.look(exclude=busy | {lost})
+                for endpoint in dict.fromkeys([*self.spares.candidates(), lost]):
+                    if endpoint in busy or self._stop.is_set():
+                        continue
+                    try:
+                        self._replace(peer, endpoint, pause)
+                    except LayerlineError as exc:
+                        if pause.tried.get(endpoint) != exc.message:  # once per endpoint and cause
+                            log.warning("event=failover_candidate_failed stage=%d endpoint=%s error=%s",
+                                        peer.index, endpoint, exc.message)
+                        pause.tried[endpoint] = exc.message
+                        continue
+                    self.spares.withdraw(endpoint)
+                    if endpoint != lost:
+                        self.spares.offer(lost)  # if it comes back, it rejoins as a spare
+                    self.failover.repaired(pause, self.first_endpoint())
+                    log.info("event=failover_done stage=%d endpoint=%s claimed_s=%s loaded_s=%s",
+                             peer.index, endpoint, pause.claimed_s, pause.loaded_s)
+                    return
+                if time.monotonic() > deadline and pause.state != "degraded":
+                    error = (f"stage {peer.index} (layers {peer.start}..{peer.end}) was lost at {lost} "
+                             f"and no spare replaced it within {self.options.failover_s:g} s")
+                    if pause.tried:
+                        error += f" (tried: {'; '.join(f'{e}: {why}' for e, why in pause.tried.items())})"
+                    log.error("event=degraded stage=%d error=%s", peer.index, error)
+                    self.failover.degrade(pause, error)
+                    self._changed()
+                self._stop.wait(self.options.heartbeat_s)
+        finally:
+            with self._failover_lock:
+                self._failing_over.discard(peer.index)
+
+    def _still_serving(self, client: StageClient, peer: PeerState) -> bool:
+        """Whether the peer answers, holds our claim and has its range loaded (a false alarm)."""
+        try:
+            status = client.status(timeout_s=self.options.heartbeat_s * 2)
+        except StageUnavailableError:
+            return False
+        return self._lost(status, peer) is None
+
+    def _replace(self, peer: PeerState, endpoint: str, pause: Pause) -> None:
+        """Claim `endpoint` for the lost stage, prepare and load its range there, and load the
+        stage before it again to relink it; the peer is left as it was if any step fails."""
+        i = peer.index - 1
+        lost = (peer.endpoint, self.clients[i], self.heartbeat_clients[i])
+        client, heartbeat = self._client(endpoint), self._client(endpoint)
+        claimed = False
+        try:
+            client.call(timeout_s=self.options.heartbeat_s * 2, claim=self._claim_message())
+            claimed = True
+            self.leases.keep(endpoint)
+            pause.claimed_s = pause.since()
+            peer.endpoint, self.clients[i], self.heartbeat_clients[i] = endpoint, client, heartbeat
+            self._prepare_and_load(client, peer)
+            if peer.index > 1:  # the stage before sends to the replacement from now on
+                self._load(self.clients[i - 1], self.peers[i - 1])
+        except LayerlineError:
+            peer.endpoint, self.clients[i], self.heartbeat_clients[i] = lost
+            peer.state = "down"
+            if claimed:
+                self.leases.drop(endpoint)
+                self._release([client])
+            client.close()
+            heartbeat.close()
+            self._changed()
+            raise
+        pause.replacement, pause.loaded_s = endpoint, pause.since()
+        if lost[0] != endpoint:
+            self.leases.drop(lost[0])
+        for old in lost[1:]:
+            old.close()
+        log.info("event=stage_replaced stage=%d lost=%s replacement=%s", peer.index, lost[0], endpoint)
 
     def status(self) -> list[dict]:
         return [p.to_json() for p in self.peers]

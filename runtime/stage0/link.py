@@ -3,8 +3,10 @@ the sessions whose caches a broken connection took away.
 
 A connection kept from earlier passes may lead to a stage that has restarted since: a pass
 none of whose sessions had rows on it runs anew on a new connection. Otherwise a broken
-connection fails the pass, and the sessions it carried are lost: their requests are refused
-(send them again) until they end.
+connection, or a stage that says the next is unavailable, fails the pass with a
+`StageLostError` naming the stage; without a failover the sessions it carried are lost: their
+requests are refused (send them again) until they end. With one, the lane `relink`s once the
+stage is replaced and replays them.
 """
 
 from __future__ import annotations
@@ -22,6 +24,14 @@ from ..stage.client import ActivationAddress
 from ..stage.frame_transport import FrameConnection
 from ..stage.wire import Rows, decode_batch, encode_batch
 from .pipeline import PassTrace, Pipeline
+
+
+class StageLostError(StageUnavailableError):
+    """A pass failed because stage `stage_index` is down or stopped answering."""
+
+    def __init__(self, stage_index: int, message: str, hint: str) -> None:
+        super().__init__(message, hint=hint)
+        self.stage_index = stage_index
 
 
 class Link:
@@ -78,14 +88,15 @@ class Link:
                     ends = []  # moot: the sessions they end were on the broken connection
                     continue
                 p.on_stage_error(1, exc.message)
-                raise StageUnavailableError(f"stage 1 at {self._peer.control_endpoint} is unavailable: "
-                                            f"{exc.message}",
-                                            hint="restart that stage; stage 0 will reload it") from exc
+                raise StageLostError(1, f"stage 1 at {self._peer.control_endpoint} is unavailable: "
+                                     f"{exc.message}",
+                                     hint="restart that stage; stage 0 will reload it") from exc
         kind = answer.WhichOneof("body")
         if kind == "error":
             error = answer.error
             if error.code == pb.ACTIVATION_ERROR_CODE_DOWNSTREAM_UNAVAILABLE:
                 p.on_stage_error(error.stage_index + 1, error.message)
+                raise StageLostError(error.stage_index + 1, error.message, hint="send the request again")
             raise StageUnavailableError(error.message, hint="send the request again")
         if kind != "batch":
             raise StageUnavailableError(f"stage 1 answered a batch with {kind or 'nothing'}",
@@ -96,6 +107,16 @@ class Link:
                                         hint="stage 0 and stage 1 run different versions; update both")
         trace.add_timings(answer, time.perf_counter() - sent)
         return hidden.astype(p.compute_dtype)
+
+    def relink(self, peer: ActivationAddress) -> None:
+        """Start over on a new connection to `peer` (stage 1 after a repair): every stage drops
+        what the old one carried, and no session counts as lost (the lane replays them)."""
+        self.close()
+        self._connection = None
+        self._peer = peer
+        with self._lock:
+            self._lost.clear()
+        self._carried = set()
 
     def close(self) -> None:
         """Close the connection: every stage drops the sessions it carried."""

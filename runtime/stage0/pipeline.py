@@ -1,6 +1,7 @@
-"""Stage 0's side of the split pipeline: its head, its own layers, the way to stage 1, and
-where each pass's time went (`PassTrace`). The scheduler (`scheduler.py`) runs the passes:
-stage 0's compute in `forward.py`, the frames to stage 1 in `link.py`."""
+"""Stage 0's side of the split pipeline: its head, its own layers, the way to stage 1 (and the
+failover that replaces a lost stage), and where each pass's time went (`PassTrace`). The
+scheduler (`scheduler.py`) runs the passes: stage 0's compute in `forward.py`, the frames
+to stage 1 in `link.py`."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from ..stage.client import ActivationAddress
 from ..stage.frame_budget import DEFAULT_FRAME_TIMEOUT_S, FrameBudget
 from ..stage.model import StageModel
 from ..stage.wire import FrameLimits
+from .failover import Failover
 
 
 @dataclass
@@ -64,7 +66,7 @@ class Pipeline:
     def __init__(self, head: Head, local: StageModel | None, *, first_peer: str | None,
                  wire_dtype: int, hidden_size: int, max_tokens: int, token: str | None = None,
                  on_stage_error: Callable[[int, str], None] | None = None,
-                 frame_timeout_s: float = DEFAULT_FRAME_TIMEOUT_S) -> None:
+                 frame_timeout_s: float = DEFAULT_FRAME_TIMEOUT_S, failover: Failover | None = None) -> None:
         self.head = head
         self.local = local
         # Stage 1's activation endpoint, asked of its control endpoint `first_peer`.
@@ -76,6 +78,7 @@ class Pipeline:
         self.on_stage_error = on_stage_error or (lambda index, message: None)
         self.compute_lock = threading.Lock()
         self.budget = FrameBudget(frame_timeout_s)  # what stage 1 (and all after it) may take
+        self.failover = failover  # None: a lost stage fails the passes that needed it
 
     @property
     def supports_trees(self) -> bool:

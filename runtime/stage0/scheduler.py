@@ -19,6 +19,11 @@ connection through the other stages (`link.py`).
 Lanes pipeline the stages: each lane has its own connection through them, so while stage
 1 computes lane A's pass, stage 0 computes lane B's. A new session joins the lane with the
 fewest sessions.
+
+Each session keeps the tokens every stage's cache holds (`BatchSession.history`). With a
+failover, a pass that fails on a lost stage waits for its replacement; then the lane takes
+a new connection through the stages, replays every live session's tokens in prefill-sized
+passes, and runs the pass again: its requests see a pause, and the same tokens.
 """
 
 from __future__ import annotations
@@ -41,10 +46,11 @@ from ..model.head import Head
 from ..model.kv_cache import SessionStore
 from ..model.layer_range import LayerRange
 from ..model.tree import Tree, TreeError, check_tree
+from ..stage.client import ActivationAddress
 from ..stage.model import StageModel
 from ..stage.wire import KeepPath, Rows
 from .forward import Forward
-from .link import Link
+from .link import Link, StageLostError
 from .pick import Pace, is_step, pick
 from .pipeline import PassTrace, Pipeline
 
@@ -52,6 +58,7 @@ log = logging.getLogger("layerline.batching")
 
 COST_SAMPLES = 64  # recent passes (rows, seconds) kept for the cost fit
 END_TIMEOUT_S = 30.0  # how long closing a session waits for its lane to end it on every stage
+MAX_RECOVERIES = 3  # a pass lost this many times over (a stage too slow for it, say) fails
 
 
 @dataclass(eq=False)
@@ -131,6 +138,10 @@ class BatchSession:
         self._tree: Tree | None = None  # the last tree submitted, for `keep_path` to check against
         self._keep: KeepPath | None = None  # the accepted path, for the session's next frame
         self._keep_lock = threading.Lock()  # `keep_path` (the request's thread) and the lane's pass
+        # What every stage's cache holds, for a replay after a failover: the token at each
+        # position, and the (start_pos, parents) of a tree not compacted yet.
+        self.history: list[int] = []
+        self._tree_rows: tuple[int, tuple[int, ...]] | None = None
 
     def forward(self, tokens: list[int], start_pos: int) -> mx.array:
         """Logits (L, vocab) for `tokens` placed at absolute positions start_pos.. on every stage."""
@@ -174,6 +185,40 @@ class BatchSession:
             keep, self._keep = self._keep, None
         return keep
 
+    def give_back_keep(self, keep: KeepPath) -> None:
+        """A pass that carried the accepted path failed: it rides on the next frame (or replay)."""
+        with self._keep_lock:
+            if self._keep is None:
+                self._keep = keep
+
+    def record(self, row: Rows, tokens: list[int]) -> None:
+        """What a pass that carried `row` (of `tokens`) left in every stage's cache."""
+        if row.keep is not None:
+            self._compact(row.keep)
+        del self.history[row.start_pos:]
+        self.history.extend(tokens)
+        self._tree_rows = (row.start_pos, row.parents) if row.parents is not None else None
+
+    def _compact(self, keep: KeepPath) -> None:
+        """Keep only a tree's accepted path, as every stage does."""
+        self.history[keep.base:] = [self.history[keep.base + i] for i in keep.path]
+        self._tree_rows = None
+
+    def replay(self, max_rows: int) -> list[tuple[Rows, list[int]]]:
+        """The rows (in order, each at most `max_rows`) that rebuild every stage's cache of this
+        session from position 0, the accepted path not sent yet applied."""
+        keep = self.take_keep()
+        if keep is not None:
+            self._compact(keep)
+        tokens = self.history
+        tree_start, parents = self._tree_rows or (len(tokens), None)
+        chunks = [(Rows(self.session_id, pos, min(max_rows, tree_start - pos)),
+                   tokens[pos:min(pos + max_rows, tree_start)]) for pos in range(0, tree_start, max_rows)]
+        if parents is not None:
+            chunks.append((Rows(self.session_id, tree_start, len(tokens) - tree_start, parents),
+                           tokens[tree_start:]))
+        return chunks
+
     def _check_tree(self, tree: Tree, rows: int) -> None:
         """Refuse, before it is queued, a tree that would fail its batch pass (and so every other
         session's in it)."""
@@ -209,6 +254,8 @@ class Lane:
         pipeline = scheduler.pipeline
         self.forward = Forward(pipeline)
         self.link = Link(pipeline, pipeline.first_peer) if pipeline.first_peer is not None else None
+        self._failover = pipeline.failover if self.link is not None else None
+        self._generation = self._failover.generation if self._failover is not None else 0  # of the link
         self._cond = threading.Condition()
         self._sessions: set[BatchSession] = set()
         self._queue: list[_Submission] = []
@@ -281,6 +328,11 @@ class Lane:
             ending, picks = work
             try:
                 self._pass([session_id for session_id, _ in ending], picks)
+            except StageLostError as exc:
+                if self._failover is None:
+                    self._fail(picks, exc)
+                else:
+                    self._recover(picks, exc)
             except Exception as exc:  # noqa: BLE001 - every waiting request must hear of it
                 self._fail(picks, exc)
             finally:
@@ -315,8 +367,58 @@ class Lane:
                 else:
                     self._cond.wait()
 
+    def _recover(self, picks: list[tuple[_Submission, int]], lost: StageLostError) -> None:
+        """A pass failed on a lost stage: wait for its repair, then run the pass again (after the
+        replay); the picks fail if the pipeline is degraded instead."""
+        assert self._failover is not None
+        for _ in range(MAX_RECOVERIES):
+            try:
+                self._failover.wait(self._generation)
+                with self._cond:
+                    ended = [(sub, take) for sub, take in picks if sub.session not in self._sessions]
+                picks = [pick for pick in picks if pick not in ended]
+                self._fail(ended, StageUnavailableError("the request ended during the failover"))
+                self._pass([], picks)
+                return
+            except StageLostError as exc:
+                lost = exc  # lost again (the replacement too): wait for the next repair
+            except Exception as exc:  # noqa: BLE001 - every waiting request must hear of it
+                self._fail(picks, exc)
+                return
+        self._fail(picks, lost)
+
+    def _catch_up(self) -> None:
+        """After a repair: a new connection through the stages, and every live session's tokens
+        replayed on it, before this lane's next pass."""
+        failover = self._failover
+        if failover is None or failover.generation == self._generation:
+            return
+        assert self.link is not None and failover.first_peer is not None
+        self._generation = failover.generation
+        self.link.relink(ActivationAddress(failover.first_peer, self.scheduler.pipeline.token))
+        with self._cond:
+            sessions = list(self._sessions)
+        self.forward.drop([s.session_id for s in sessions])  # stage 0's own layers start again too
+        pending = [deque(s.replay(self.scheduler.max_rows)) for s in sessions]
+        while any(pending):
+            # One pass takes the next rows of as many sessions as fit.
+            rows: list[Rows] = []
+            tokens: list[int] = []
+            for chunks in pending:
+                if chunks and len(tokens) + chunks[0][0].count <= self.scheduler.max_rows:
+                    row, row_tokens = chunks.popleft()
+                    rows.append(row)
+                    tokens += row_tokens
+            h = self.forward.layers(rows, tokens)
+            self.link.send(h, rows, PassTrace(len(tokens), sessions=len(rows)))
+        if sessions:
+            failover.replayed(len(sessions))
+        log.info("event=replayed lane=%d sessions=%d positions=%d generation=%d", self.index,
+                 len(sessions), sum(len(s.history) for s in sessions), self._generation)
+
     def _pass(self, ending: list[str], picks: list[tuple[_Submission, int]]) -> None:
         """End the `ending` sessions and run the picked rows; hand each finished submission its answer."""
+        self._catch_up()
         self.forward.drop(ending)
         if not picks:
             if self.link is not None:
@@ -329,10 +431,16 @@ class Lane:
                 for sub, take in picks]
         tokens = [t for sub, take in picks for t in sub.tokens[sub.done:sub.done + take]]
         trace = PassTrace(len(tokens), sessions=len(picks))
-        h = self.forward.layers(rows, tokens)
-        trace.local_s = time.perf_counter() - started
-        if self.link is not None:
-            h = self.link.send(h, rows, trace, ending=ending)
+        try:
+            h = self.forward.layers(rows, tokens)
+            trace.local_s = time.perf_counter() - started
+            if self.link is not None:
+                h = self.link.send(h, rows, trace, ending=ending)
+        except Exception:
+            for (sub, _), row in zip(picks, rows, strict=True):
+                if row.keep is not None:
+                    sub.session.give_back_keep(row.keep)
+            raise
         answered = time.perf_counter()
         offsets = [0]
         for _, take in picks:
@@ -340,7 +448,8 @@ class Lane:
         finished = []
         pieces = [h[0, offsets[i]:offsets[i + 1]] for i in range(len(picks))]
         mx.eval(pieces)  # here: mlx evaluates a graph only on the thread that built it
-        for (sub, take), piece in zip(picks, pieces, strict=True):
+        for (sub, take), row, piece in zip(picks, rows, pieces, strict=True):
+            sub.session.record(row, sub.tokens[sub.done:sub.done + take])
             sub.pieces.append(piece)
             sub.done += take
             sub.session.passes += 1
