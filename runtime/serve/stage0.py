@@ -298,7 +298,6 @@ class Stage0:
             end_ids=end_of_generation_ids(tokenizer, package), prefill_step=PREFILL_STEP,
             speculation=self.speculation, status=self.status, ready=lambda: self.coordinator.ready,
             confirm_health=self.confirm_health,
-            health=self.coordinator.confirm,
             admission=self.admission, scheduler=self.scheduler, profile=self.profile)
         log.info("event=ready model=%s stage0_layers=%d..%d peers=%d %s", manifest.model.id, start, end,
                  len(self.peers), plan.describe())
