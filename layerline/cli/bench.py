@@ -111,6 +111,7 @@ def bench_serve(
     adaptive: Annotated[bool, typer.Option(help="Also run the adaptive window.")] = True,
     auto: Annotated[bool, typer.Option(help="Also run the auto window (sized by measured cost).")] = False,
     overlap: Annotated[list[str] | None, typer.Option(help="off, overlap (draft during verify) or run-ahead (repeat; default off).")] = None,
+    tree: Annotated[list[str] | None, typer.Option(help="Also draft token trees: auto (sized by cost) or DEPTH,WIDTH[,NODES] (repeat), each a condition beside the chains.")] = None,
     link_delay_ms: Annotated[list[float] | None, typer.Option(help="One-way delay of every stage link (repeat; default 0).")] = None,
     link_method: Annotated[str, typer.Option(help="auto (netem, else a delaying proxy), netem or proxy.")] = "auto",
     pin: Annotated[bool, typer.Option(help="Pin each stage process to a core of its own (one BLAS thread), as if on its own machine.")] = False,
@@ -143,7 +144,7 @@ def bench_serve(
     settings = BenchSettings(
         target=target, draft=draft, stages=tuple(stages or (2, 3)), draft_stages=tuple(draft_stages or (2,)),
         windows=tuple(window or (4, 8, 16)), adaptive=adaptive, auto=auto,
-        overlaps=tuple(overlap or ("off",)), delays_ms=tuple(link_delay_ms or (0.0,)),
+        overlaps=tuple(overlap or ("off",)), trees=tuple(tree or ()), delays_ms=tuple(link_delay_ms or (0.0,)),
         link_method=link_method, pin=pin, prompts=tuple(prompt or DEFAULT_PROMPTS), max_tokens=max_tokens, runs=runs,
         warmup=warmup, weights=weights.value, quantize=quantize.value, llama_server=llama_server,
         llama_threads=llama_threads, start_timeout_s=start_timeout, clients=client_counts, max_batch=max_batch,

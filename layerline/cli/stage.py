@@ -54,6 +54,7 @@ def stage_serve(
     http: Annotated[str | None, typer.Option(help="HTTP host:port of the OpenAI API (stage 0).")] = None,
     config: ConfigFileOpt = None,
     no_draft: NoDraftOpt = False,
+    tree: Annotated[str | None, typer.Option(help="Stage 0: verify a drafted token tree per step: off, auto (sized by cost) or DEPTH,WIDTH[,NODES] (default: config, else off).")] = None,
     wire_dtype: Annotated[str, typer.Option(help="Activation dtype on the wire: f32, f16, bf16.")] = "f32",
     weights: WeightsOpt = WeightsChoice.auto,
     context_length: Annotated[int | None, typer.Option(help="KV cache length (default: the model's, max 4096).")] = None,
@@ -102,8 +103,9 @@ def stage_serve(
     from layerline.runtime.serve.stage0 import Stage0Options, run_stage0
 
     run_stage0(Stage0Options(
-        package=package, peers=peer or [], spares=spare or [], failover_s=failover_seconds, split=split, http=http or settings.stage.http,
-        config=settings, no_draft=no_draft, wire_dtype=wire_dtype, weights=weights.value,
+        package=package, peers=peer or [], spares=spare or [], failover_s=failover_seconds, split=split,
+        http=http or settings.stage.http, config=settings, no_draft=no_draft, tree=tree,
+        wire_dtype=wire_dtype, weights=weights.value,
         context_length=context_length, max_sessions=max_sessions, max_batch=max_batch, lanes=lanes,
         cache_dir=cache,
         auth_token_file=auth_token_file, admin_token_file=admin_token_file, max_queue=max_queue,

@@ -68,6 +68,8 @@ def _draft(r: ConditionResult) -> str:
     if not c.draft:
         return "—"
     assert c.window_spec is not None
+    if c.tree is not None:
+        return f"tree {c.tree}"
     label = f"w={c.fixed_window}" if c.fixed_window is not None else c.window_spec.policy
     return label + {"off": "", "overlap": ", overlap", "run-ahead": ", run-ahead"}.get(c.overlap, "")
 
@@ -161,6 +163,30 @@ def render_overlap(results: Sequence[ConditionResult]) -> str:
     if not rows:
         return ""
     return _table(("condition", "overlap", "prepared used", "discarded", "used", "windows per request"), rows)
+
+
+def render_trees(results: Sequence[ConditionResult]) -> str:
+    """Per tree condition: nodes sent and the accepted path per tree step, and acceptance by
+    depth (`usage.speculative.tree`, over every measured request)."""
+    rows = []
+    for r in results:
+        trees = [s.speculative.get("tree") for s in r.samples if s.speculative.get("tree")]
+        if r.condition.tree is None or not trees:
+            continue
+        steps = sum(t["steps"] for t in trees)
+        nodes = sum(t["nodes"] for t in trees)
+        paths = sum(path * count for t in trees for path, count in t["paths"])
+        width = max(len(t["depths_drafted"]) for t in trees)
+        drafted = [sum(t["depths_drafted"][d] for t in trees if d < len(t["depths_drafted"]))
+                   for d in range(width)]
+        accepted = [sum(t["depths_accepted"][d] for t in trees if d < len(t["depths_accepted"]))
+                    for d in range(width)]
+        by_depth = " ".join(f"{a / n:.0%}" for a, n in zip(accepted, drafted, strict=True) if n)
+        rows.append([r.condition.name, str(steps), f"{nodes / steps:.1f}", f"{paths / steps:.2f}", by_depth])
+    if not rows:
+        return ""
+    return _table(("condition", "tree steps", "nodes per step", "accepted path per step",
+                   "acceptance by depth"), rows)
 
 
 def _part_order(name: str) -> tuple[int, int, str]:
@@ -282,6 +308,10 @@ def render_report(settings: BenchSettings, results: Sequence[ConditionResult]) -
     if overlap:
         parts += ["Windows drafted during a pass (used when every draft and the guessed next token stood), "
                   "and the windows chosen step by step (`w×steps`; 0: a plain step):", "", overlap, ""]
+    trees = render_trees(results)
+    if trees:
+        parts += ["Token trees (each verified in one pass; nodes drafted, the accepted path, and how often "
+                  "the path reached each depth once the tree did):", "", trees, ""]
     load = render_load(results)
     if load:
         parts += ["Many clients at once (each sends every prompt in turn, all released together; 1 client: "
@@ -355,7 +385,7 @@ def write_chart(path: Path, results: Sequence[ConditionResult], title: str) -> N
     names = [r.condition.name for r in shown]
     speeds = [r.stats.tokens_per_s for r in shown if r.stats]
     ttfts = [r.stats.ttft_s for r in shown if r.stats]
-    colors = ["tab:gray" if r.condition.engine == "llama.cpp" else
+    colors = ["tab:gray" if r.condition.engine == "llama.cpp" else "tab:green" if r.condition.tree else
               "tab:orange" if r.condition.draft else "tab:blue" for r in shown]
     height = max(2.5, 0.42 * len(shown) + 1.2)
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, height), sharey=True,

@@ -2,7 +2,8 @@
 
 Conditions: a single stage (the baseline); the split over N stages; the split
 with a draft model at fixed windows, the adaptive window and the auto window (sized by
-cost), each with drafting overlapped with verification or not, or run ahead; each split
+cost), each with drafting overlapped with verification or not, or run ahead; the draft's
+token trees (`--tree auto` or a shape D,W[,N]), each verified in one pass; each split
 condition once per link delay; optionally llama.cpp's `llama-server` on the
 same GGUF files, without and with its draft. Every condition gets clean
 processes, warm-up requests, then `runs` passes over the prompts, greedy and
@@ -32,6 +33,7 @@ from layerline.errors import LayerlineError
 from layerline.packager.package import LayerPackage
 from layerline.packager.window_spec import WindowSpec
 
+from ..decode.draft_tree import check_tree_setting
 from .client import RequestSample, stream_completion
 from .clients import run_clients
 from .link_delay import LINK_METHODS, StageLinks, open_links
@@ -51,6 +53,7 @@ OVERLAP_MODES = ("off", "overlap", "run-ahead")
 OVERLAP_LABELS = {"off": "", "overlap": " overlap", "run-ahead": " run-ahead"}  # in condition names
 STAGE0_MAX_QUEUE = 32  # `layerline stage serve --max-queue`'s default
 STAGE0_MAX_SESSIONS = 16  # `--max-sessions`'s default
+TREE_GATE_WINDOW = 8  # a tree condition's fixed window: drafting stays on, the auto tree's depth bound
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,7 @@ class Condition:
     window_spec: WindowSpec | None = None  # None: no draft
     baseline: str | None = None  # the condition this one is compared with
     overlap: str = "off"  # "off" | "overlap" | "run-ahead" (OVERLAP_MODES), when drafting
+    tree: str | None = None  # "auto" | "D,W[,N]": every drafting step verifies a tree; None: chains
 
     @property
     def draft(self) -> bool:
@@ -71,9 +75,9 @@ class Condition:
 
     @property
     def fixed_window(self) -> int | None:
-        """The window every step drafts, when it is fixed."""
+        """The window every step drafts, when it is fixed (a tree's is not a window)."""
         spec = self.window_spec
-        return spec.initial if spec is not None and spec.policy == "fixed" else None
+        return spec.initial if spec is not None and spec.policy == "fixed" and self.tree is None else None
 
     @property
     def links(self) -> int:
@@ -82,7 +86,7 @@ class Condition:
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "engine": self.engine, "stages": self.stages, "delay_ms": self.delay_ms,
                 "window": self.window_spec.to_json() if self.window_spec else None, "baseline": self.baseline,
-                "overlap": self.overlap if self.draft else None}
+                "overlap": self.overlap if self.draft else None, "tree": self.tree}
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,7 @@ class BenchSettings:
     adaptive: bool = True
     auto: bool = False  # also the window sized by cost
     overlaps: tuple[str, ...] = ("off",)  # how drafting meets verification, each a condition
+    trees: tuple[str, ...] = ()  # token trees ("auto", "D,W[,N]"), each a condition beside the chains
     delays_ms: tuple[float, ...] = (0.0,)
     link_method: str = "auto"
     pin: bool = False  # each stage process on a core of its own (emulates machines)
@@ -144,6 +149,11 @@ class BenchSettings:
                 raise LayerlineError(f"bench serve cannot run with {what}", hint=fix)
         for window in self.windows:
             WindowSpec.fixed(window).validate()
+        for tree in self.trees:
+            if tree == "off":
+                raise LayerlineError("bench serve --tree off",
+                                     hint="the chains run anyway: give auto or D,W[,N]")
+            check_tree_setting(tree)
 
 
 def stage0_args(settings: BenchSettings) -> list[str]:
@@ -172,6 +182,7 @@ def build_matrix(settings: BenchSettings) -> list[Condition]:
     drafting = settings.draft is not None
     if drafting and 1 in settings.draft_stages:
         conditions += [_drafted(1, 0.0, w, "single", m) for w in windows for m in settings.overlaps]
+        conditions += [_treed(1, 0.0, tree, "single") for tree in settings.trees]
     split_counts = sorted({n for n in (*settings.stages, *settings.draft_stages) if n >= 2}
                           if drafting else {n for n in settings.stages if n >= 2})
     for delay in settings.delays_ms:
@@ -181,6 +192,7 @@ def build_matrix(settings: BenchSettings) -> list[Condition]:
             if drafting and n in settings.draft_stages:
                 conditions += [_drafted(n, delay, w, split.name, mode)
                                for w in windows for mode in settings.overlaps]
+                conditions += [_treed(n, delay, tree, split.name) for tree in settings.trees]
     if settings.llama_server is not None:
         conditions.append(Condition("llama.cpp", "llama.cpp", baseline="single"))
         if drafting and settings.draft != "ngram":
@@ -195,6 +207,14 @@ def _drafted(stages: int, delay: float, window: WindowSpec, baseline: str, overl
     mode = OVERLAP_LABELS[overlap]
     return Condition(f"{base} + draft {label}{mode}{_suffix(delay)}", "layerline", stages, delay, window,
                      baseline, overlap)
+
+
+def _treed(stages: int, delay: float, tree: str, baseline: str) -> Condition:
+    """A condition whose drafting steps verify trees: the window policy only gates (a fixed 8,
+    which never turns drafting off), the tree setting sizes each step."""
+    base = "single" if stages == 1 else f"split{stages}"
+    return Condition(f"{base} + draft tree {tree}{_suffix(delay)}", "layerline", stages, delay,
+                     WindowSpec.fixed(TREE_GATE_WINDOW), baseline, tree=tree)
 
 
 def level_mean_batch(before: dict[str, Any] | None, after: dict[str, Any] | None) -> float | None:
@@ -304,6 +324,8 @@ def speculation_config(settings: BenchSettings, models: Models, condition: Condi
     lines += [f"{key} = {json.dumps(value)}" for key, value in condition.window_spec.to_json().items()]
     lines += [f"overlap = {json.dumps(condition.overlap != 'off')}",
               f"run_ahead = {json.dumps(condition.overlap == 'run-ahead')}"]
+    if condition.tree is not None:
+        lines.append(f"tree = {json.dumps(condition.tree)}")
     return "\n".join(lines) + "\n"
 
 

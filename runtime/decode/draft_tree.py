@@ -66,6 +66,20 @@ class TreeShape:
         return cls(*numbers)
 
 
+TREE_SETTINGS = ("off", "auto")  # besides a shape "D,W[,N]"
+
+
+def check_tree_setting(text: str) -> str:
+    """A served `tree` setting: "off", "auto" (sized by cost), or a fixed shape "D,W[,N]"."""
+    if text not in TREE_SETTINGS:
+        try:
+            TreeShape.parse(text)
+        except TreeShapeError as exc:
+            raise TreeShapeError(f"tree {text!r}: {exc.message}; give off, auto or DEPTH,WIDTH[,NODES]",
+                                 hint="e.g. tree = \"auto\" or tree = \"4,2\"") from exc
+    return text
+
+
 @dataclass(frozen=True)
 class DraftTree:
     """A drafted tree: node 0 the root (the last committed token), then the drafted nodes."""

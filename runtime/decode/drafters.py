@@ -178,60 +178,16 @@ class ModelDrafter:
         self._truncate(min(common_prefix(self.fed, committed), len(committed) - 1))
         logits = self._replay(committed[len(self.fed):])
         base = len(committed)  # the draft's tree starts after the root, which it holds
-        params, context = self.params, self.params.repetition_context
-        tokens, parents = [committed[-1]], [-1]
-        histories = [committed[-context:]]
-        cumulative = [0.0]  # log draft probability of each node's path
-        draws: list[tuple[int, ...]] = [()]
-        q_rows: dict[int, mx.array] = {}
-        frontier = [0]
-        fed = 0  # drafted nodes the draft's caches hold after the prefix
-        for level in range(1, depth + 1):
-            room = min(shape.width, shape.budget - (len(tokens) - 1))
-            if room <= 0:
-                break
-            history = padded_rows([histories[f] for f in frontier]) if params.repetition_penalty != 1.0 \
-                else mx.zeros((0,), dtype=mx.uint32)
-            if params.greedy:
-                dist = mx.softmax(scores(logits, history, params), axis=-1)
-                chosen = _likeliest_children(np.array(dist), [cumulative[f] for f in frontier], room)
-            else:
-                dist = probabilities(logits, history, params)
-                counts = _share_draws([cumulative[f] for f in frontier], room)
-                self._key, draw_key = mx.random.split(self._key)
-                drawn = mx.random.categorical(mx.log(dist), num_samples=room, key=draw_key).tolist()
-                chosen = []
-                for i, (f, count) in enumerate(zip(frontier, counts, strict=True)):
-                    if count:
-                        draws[f] = tuple(drawn[i][:count])
-                        q_rows[f] = dist[i]
-                        chosen += [(i, t) for t in dict.fromkeys(draws[f])]
-                chosen = [(i, t, float(np.log(dist[i, t].item()))) for i, t in chosen]
-            new = []
-            for i, token, logp in chosen:
-                f = frontier[i]
-                new.append(len(tokens))
-                tokens.append(token)
-                parents.append(f)
-                histories.append((histories[f] + [token])[-context:])
-                cumulative.append(cumulative[f] + logp)
-                draws.append(())
-            frontier = new
-            if level == depth or not new:
-                break
-            # The draft's own tree: its nodes are ours but the root (already in its caches).
-            tree = Tree(base, tuple(p - 1 for p in parents[1:]))
-            logits = self.model.forward_tree(mx.array([[tokens[n] for n in new]], dtype=mx.uint32),
-                                             self.caches, tree)[0]
-            fed = len(tokens) - 1
+
+        def frontier(tokens: list[int], tree: Tree) -> mx.array:
+            return self.model.forward_tree(mx.array([tokens], dtype=mx.uint32), self.caches, tree)[0]
+
+        tree, fed, self._key = grow_tree(logits, committed, TreeShape(depth, shape.width, shape.budget),
+                                         self.params, self._key, self.vocab_size, frontier)
         # Back to the committed prefix: the draft's caches hold it alone again.
-        self.fed = list(committed) + tokens[1:1 + fed]
+        self.fed = list(committed) + list(tree.tokens[1:1 + fed])
         self._truncate(base)
-        q = None
-        if q_rows:
-            zeros = mx.zeros((self.vocab_size,))
-            q = mx.stack([q_rows.get(n, zeros) for n in range(len(tokens))])
-        return DraftTree(tuple(tokens), tuple(parents), q, tuple(draws) if q is not None else ())
+        return tree
 
     def _truncate(self, position: int) -> None:
         if position >= len(self.fed):
@@ -263,6 +219,66 @@ class ModelDrafter:
                 mx.eval([c.state for rc in self.caches for c in rc.caches])
         assert logits is not None
         return logits
+
+
+def grow_tree(logits: mx.array, committed: list[int], shape: TreeShape, params: SamplingParams,
+              key: mx.array, vocab_size: int,
+              frontier_logits: Callable[[list[int], Tree], mx.array]) -> tuple[DraftTree, int, mx.array]:
+    """EAGLE-2's dynamic tree after `committed` from the draft's `logits` (1, vocab) after it:
+    (the tree, drafted nodes the draft's caches then hold past the prefix, the next key).
+    `frontier_logits(tokens, tree)` runs one depth's frontier (the last nodes of the draft's
+    own tree, rooted after committed[-1]) and gives their logits (len(tokens), vocab)."""
+    base = len(committed)
+    context = params.repetition_context
+    tokens, parents = [committed[-1]], [-1]
+    histories = [committed[-context:]]
+    cumulative = [0.0]  # log draft probability of each node's path
+    draws: list[tuple[int, ...]] = [()]
+    q_rows: dict[int, mx.array] = {}
+    frontier = [0]
+    fed = 0  # drafted nodes the draft's caches hold after the prefix
+    for level in range(1, shape.depth + 1):
+        room = min(shape.width, shape.budget - (len(tokens) - 1))
+        if room <= 0:
+            break
+        history = padded_rows([histories[f] for f in frontier]) if params.repetition_penalty != 1.0 \
+            else mx.zeros((0,), dtype=mx.uint32)
+        if params.greedy:
+            dist = mx.softmax(scores(logits, history, params), axis=-1)
+            chosen = _likeliest_children(np.array(dist), [cumulative[f] for f in frontier], room)
+        else:
+            dist = probabilities(logits, history, params)
+            counts = _share_draws([cumulative[f] for f in frontier], room)
+            key, draw_key = mx.random.split(key)
+            drawn = mx.random.categorical(mx.log(dist), num_samples=room, key=draw_key).tolist()
+            picked = []
+            for i, (f, count) in enumerate(zip(frontier, counts, strict=True)):
+                if count:
+                    draws[f] = tuple(drawn[i][:count])
+                    q_rows[f] = dist[i]
+                    picked += [(i, t) for t in dict.fromkeys(draws[f])]
+            chosen = [(i, t, float(np.log(dist[i, t].item()))) for i, t in picked]
+        new = []
+        for i, token, logp in chosen:
+            f = frontier[i]
+            new.append(len(tokens))
+            tokens.append(token)
+            parents.append(f)
+            histories.append((histories[f] + [token])[-context:])
+            cumulative.append(cumulative[f] + logp)
+            draws.append(())
+        frontier = new
+        if level == shape.depth or not new:
+            break
+        # The draft's own tree: its nodes are ours but the root (already in its caches).
+        tree = Tree(base, tuple(p - 1 for p in parents[1:]))
+        logits = frontier_logits([tokens[n] for n in new], tree)
+        fed = len(tokens) - 1
+    q = None
+    if q_rows:
+        zeros = mx.zeros((vocab_size,))
+        q = mx.stack([q_rows.get(n, zeros) for n in range(len(tokens))])
+    return DraftTree(tuple(tokens), tuple(parents), q, tuple(draws) if q is not None else ()), fed, key
 
 
 def _likeliest_children(dist: np.ndarray, cumulative: list[float],

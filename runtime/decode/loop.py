@@ -24,13 +24,14 @@ otherwise it is discarded and the drafter rolls back. `run_ahead` also submits t
 window before the verdict; a rejected one is discarded (dropped unrun if its pass has not
 started, else the next pass's start_pos rolls it back).
 
-With `tree` (a `TreeShape`), a step that drafts verifies a tree instead of a chain
-(draft_tree.py): the drafter proposes it (`propose_tree`), ONE target pass
-`submit_tree(root + nodes, parents, len(s) - 1)` gives a row per node, tree_accept.py picks
-the accepted path (greedy: plain greedy's tokens; sampled: SpecInfer's multi-candidate rule,
-exact), the target keeps that path alone (`keep_path`) and the drafter syncs. The window
-policy still decides whether a step drafts (its gate, what is left of the request); the tree
-shape decides how much. Trees do not overlap with the pass (`overlap` is refused with them).
+With `tree` (a `TreeShape`, or a `TreePolicy` that sizes each step's tree: tree_policy.py), a
+step that drafts verifies a tree instead of a chain (draft_tree.py): the drafter proposes it
+(`propose_tree`), ONE target pass `submit_tree(root + nodes, parents, len(s) - 1)` gives a
+row per node, tree_accept.py picks the accepted path (greedy: plain greedy's tokens;
+sampled: SpecInfer's multi-candidate rule, exact), the target keeps that path alone
+(`keep_path`) and the drafter syncs. The window policy still decides whether a step drafts
+(its gate, what is left of the request); the tree policy decides how much (None: the step is
+plain). Trees do not overlap with the pass (`overlap` is refused with them).
 
 The first step drafts nothing (`first_token_first`): the token that ends the prompt's
 prefill streams at once, and speculation starts from the second token.
@@ -63,6 +64,7 @@ from .sampling import SamplingParams, log_softmax
 from .targets import PREFILL_STEP, PassTiming, PendingPass, Target
 from .token_distribution import probabilities, recent_rows, recent_tokens, request_key, scores
 from .tree_accept import accept_tree
+from .tree_policy import FixedTree, TreePolicy
 from .window_cost import StepMeasurement
 from .window_policy import GateDecision, NoDrafting, WindowPolicy
 
@@ -129,6 +131,8 @@ class StepRecord:
     clock: StepClock
     trace: PassTiming | None = None  # the target's own breakdown of its pass, when it has one
     guessed: bool | None = None  # the window prepared meanwhile was used (None: none prepared)
+    tree_shape: tuple[int, int] | None = None  # a tree step's (depth, width) asked for; None: a chain
+    tree_depth: int = 0  # a tree step's deepest node (its nodes are `drafted`, its path `accepted`)
 
 
 @dataclass
@@ -284,7 +288,7 @@ class Generation:
     # (policy's window, accept rate) -> the window worth drafting while other requests share the
     # passes (batch_window.py); None: the policy's window stands.
     window_cap: Callable[[int, float], int] | None = None
-    tree: TreeShape | None = None  # verify a drafted tree in each drafting step, not a chain
+    tree: TreePolicy | None = None  # verify a drafted tree in each drafting step, not a chain
     stats: GenerationStats = field(init=False)
     tokens: list[int] = field(init=False, default_factory=list)  # yielded, in order
 
@@ -404,10 +408,13 @@ class Generation:
             if capped < window:
                 stats.yielded_steps += 1
                 window = capped
+            shape = None
             if self.tree is not None and window > 0:
-                out, accepted, logprobs = self._tree_step(committed, min(self.tree.depth, room))
+                shape = self.tree.next_shape(room, gated=self._gated)
+            if shape is not None:
+                out, accepted, logprobs = self._tree_step(committed, shape)
             else:
-                out, accepted, logprobs = self._step(committed, window)
+                out, accepted, logprobs = self._step(committed, 0 if self.tree is not None else window)
             for i, token in enumerate(out):
                 logprob, top = logprobs[i] if logprobs is not None else (None, ())
                 emitted = Token(token, logprob, top, drafted=i < accepted)
@@ -505,13 +512,12 @@ class Generation:
         return out, accepted, logprobs
 
     def _tree_step(self, committed: list[int],
-                   depth: int) -> tuple[list[int], int, list[TokenLogprobs] | None]:
-        """Draft a tree down to `depth`, verify it in one target pass, keep the accepted path:
+                   shape: TreeShape) -> tuple[list[int], int, list[TokenLogprobs] | None]:
+        """Draft a tree of `shape`, verify it in one target pass, keep the accepted path:
         tokens committed, how many were drafts."""
-        stats, tree_shape = self.stats, self.tree
-        assert tree_shape is not None
+        stats = self.stats
+        assert self.tree is not None
         clock = StepClock(started=time.perf_counter())
-        shape = TreeShape(depth, tree_shape.width, min(tree_shape.budget, depth * tree_shape.width))
         tree = self.drafter.propose_tree(committed, shape).within(self.target.vocab_size)
         clock.drafted = time.perf_counter()
         start = len(committed) - 1
@@ -537,6 +543,8 @@ class Generation:
         stats.accepted += verdict.accepted
         stats.windows.append(tree.size)
         stats.count_tree(tree.size, tree.depth, verdict.accepted)
+        self.tree.record(shape.width, tree.depth, verdict.accepted)
+        self.policy.costs.record_tree_draft(tree.depth, clock.draft_s)
         trace = self.target.last_trace
         # The tree's pass cost V(n) by its nodes; the drafting cost per node is a tree's own
         # (a call per depth), not the chain's per token, so the chain's measure is left alone.
@@ -548,7 +556,8 @@ class Generation:
         self.policy.record(measured)
         if self.on_step is not None:
             self.on_step(StepRecord(positions=len(tree.tokens), drafted=tree.size, accepted=verdict.accepted,
-                                    tokens=len(out), clock=clock, trace=trace))
+                                    tokens=len(out), clock=clock, trace=trace,
+                                    tree_shape=(shape.depth, shape.width), tree_depth=tree.depth))
         return out, verdict.accepted, logprobs
 
     def _prepare(self, committed: list[int], step: _Drafts, pending: PendingPass) -> _Prepared | None:
@@ -688,14 +697,14 @@ def generate(target: Target, prompt: list[int], params: SamplingParams, *,
              first_token_first: bool = True,
              on_step: Callable[[StepRecord], None] | None = None, overlap: bool = False,
              run_ahead: bool = False, window_cap: Callable[[int, float], int] | None = None,
-             tree: TreeShape | None = None) -> Generation:
+             tree: TreeShape | TreePolicy | None = None) -> Generation:
     """Stream tokens for `prompt` from `target` (an empty session), with drafts when a drafter
     and a window policy are given, plainly otherwise; `overlap` drafts each next window while
     the target verifies, `run_ahead` also sends it before the verdict; `tree` verifies a
-    drafted tree of that shape instead of a chain."""
+    drafted tree of that shape (or of the shape a tree policy picks) instead of a chain."""
     return Generation(target, list(prompt), params, drafter or NoDrafter(), policy or NoDrafting(),
                       context_length, prefill_step, first_token_first, on_step, overlap or run_ahead,
-                      run_ahead, window_cap, tree)
+                      run_ahead, window_cap, FixedTree(tree) if isinstance(tree, TreeShape) else tree)
 
 
 def compress_windows(windows: list[int]) -> list[list[int]]:

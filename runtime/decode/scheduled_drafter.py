@@ -5,6 +5,10 @@ draft steps go instead to a scheduler over the draft model (`stage0/scheduler.py
 with no peers): the k-th draft step of every request drafting at the moment runs in one
 forward pass, as the target's steps do. The caches live in the scheduler, addressed by
 position, so forgetting rejected drafts is the next pass's start_pos, as on the stages.
+
+A tree (`propose_tree`, EAGLE-2's as `ModelDrafter` grows it) submits each depth's frontier
+as a tree of rows (`submit_tree`), so the frontiers of every request drafting a tree at the
+moment share the draft's passes too; the next forward's start_pos forgets the tree.
 """
 
 from __future__ import annotations
@@ -16,10 +20,11 @@ import mlx.core as mx
 
 from layerline.errors import LayerlineError
 
+from ..model.tree import Tree
 from .draft_tree import DraftTree, TreeShape
-from .drafters import common_prefix, draw
+from .drafters import common_prefix, draw, grow_tree
 from .sampling import SamplingParams
-from .targets import PREFILL_STEP
+from .targets import PREFILL_STEP, PendingPass
 from .token_distribution import recent_tokens, request_key
 
 
@@ -28,13 +33,17 @@ class DraftSession(Protocol):
 
     def forward(self, tokens: list[int], start_pos: int) -> mx.array: ...
 
+    def submit_tree(self, tokens: list[int], parents: list[int], start_pos: int) -> PendingPass: ...
+
 
 class ScheduledDrafter:
     """Drafts like `ModelDrafter` (same rule, same q), its forwards batched with other requests'."""
 
     def __init__(self, session: DraftSession, vocab_size: int, params: SamplingParams, *,
-                 context_length: int | None = None, prefill_step: int = PREFILL_STEP) -> None:
+                 context_length: int | None = None, prefill_step: int = PREFILL_STEP,
+                 supports_trees: bool = False) -> None:
         self.session = session
+        self.supports_trees = supports_trees  # the draft's layers can run a tree of rows
         self.vocab_size = vocab_size
         self.params = params
         self.context_length = context_length
@@ -75,9 +84,27 @@ class ScheduledDrafter:
         return tokens, mx.concatenate(dists) if dists else None
 
     def propose_tree(self, committed: list[int], shape: TreeShape) -> DraftTree:
-        """The chain `propose` drafts, as a tree (the scheduler runs no tree of the draft yet)."""
-        drafts, q = self.propose(committed, shape.depth)
-        return DraftTree.chain(committed[-1], drafts, q)
+        """EAGLE-2's dynamic tree after `committed` (`drafters.grow_tree`, the rule
+        `ModelDrafter.propose_tree` follows), each depth's frontier one batched tree pass of the
+        draft; width 1, or a draft that cannot run trees, is `propose`'s chain."""
+        depth = shape.depth
+        if self.context_length is not None:
+            depth = min(depth, self.context_length - len(committed) + 1)
+        if depth <= 0 or not committed:
+            return DraftTree.root_only(committed[-1])
+        if shape.width == 1 or not self.supports_trees:
+            drafts, q = self.propose(committed, depth)
+            return DraftTree.chain(committed[-1], drafts, q)
+        keep = min(common_prefix(self.fed, committed), len(committed) - 1)
+        logits = self._replay(committed, keep)
+        self.fed = list(committed)  # the tree's nodes past it are forgotten by the next start_pos
+
+        def frontier(tokens: list[int], tree: Tree) -> mx.array:
+            return self.session.submit_tree(tokens, list(tree.parents), tree.base).result()
+
+        tree, _, self._key = grow_tree(logits, committed, TreeShape(depth, shape.width, shape.budget),
+                                       self.params, self._key, self.vocab_size, frontier)
+        return tree
 
     def _replay(self, committed: list[int], keep: int) -> mx.array:
         """Feed committed[keep:] in chunks; the logits (1, vocab) after the last one."""

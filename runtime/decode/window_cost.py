@@ -97,16 +97,24 @@ class SpeculationCosts:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._draft = _Mean()
+        self._draft_depth = _Mean()  # a tree's drafting, per depth (one draft call per depth)
         self._share = _Mean()
         self._accept = _Mean(0.1)
         self._passes: deque[tuple[int, float]] = deque(maxlen=PASS_SAMPLES)
         self.last_choice: WindowChoice | None = None
+        self.last_tree_choice: TreeChoice | None = None
 
     def record_draft(self, tokens: int, seconds: float) -> None:
         """The drafter took `seconds` for `tokens` draft tokens."""
         if tokens > 0 and seconds > 0:
             with self._lock:
                 self._draft.add(seconds / tokens)
+
+    def record_tree_draft(self, depths: int, seconds: float) -> None:
+        """The drafter took `seconds` to draft a tree `depths` deep."""
+        if depths > 0 and seconds > 0:
+            with self._lock:
+                self._draft_depth.add(seconds / depths)
 
     def record_pass(self, positions: int, seconds: float, stage0_share: float | None) -> None:
         """A target pass over `positions` took `seconds`, stage 0's own share of it `stage0_share`."""
@@ -135,6 +143,11 @@ class SpeculationCosts:
         return self._draft.value
 
     @property
+    def draft_s_per_depth(self) -> float | None:
+        """A tree's drafting per depth; a chain's per token until a tree was drafted."""
+        return self._draft_depth.value if self._draft_depth.value is not None else self._draft.value
+
+    @property
     def stage0_share(self) -> float:
         """f: 1 (nothing overlaps) until a pass's trace said otherwise."""
         return self._share.value if self._share.value is not None else 1.0
@@ -157,7 +170,9 @@ class SpeculationCosts:
                 "pass_fixed_s": _round(cost.fixed_s if cost else None),
                 "pass_per_position_s": _round(cost.per_position_s if cost else None),
                 "stage0_share": round(self.stage0_share, 4), "accept_prior": round(self.accept_prior, 4),
-                "last_choice": choice.to_json() if choice is not None else None}
+                "last_choice": choice.to_json() if choice is not None else None,
+                **({"tree_formula": TREE_FORMULA, "draft_s_per_depth": _round(self.draft_s_per_depth),
+                    "last_tree_choice": tree.to_json()} if (tree := self.last_tree_choice) else {})}
 
 
 def fit_pass_cost(samples: list[tuple[int, float]]) -> PassCost | None:
@@ -294,3 +309,95 @@ def choose_window(counts: AcceptCounts, costs: SpeculationCosts, min_window: int
                             gains)
     return WindowChoice(best, gains[best], tokens, seconds, tuple(alphas[:best]), beta,
                         f"expected gain {gains[best]:.2f}x at window {best}", gains)
+
+
+# ---------------------------------------------------------------- token trees
+
+TREE_FORMULA = ("gain(D, W) = tokens(D, W) / t(D, W) * V(1); tokens = 1 + sum_{d<=D} prod_{i<=d} p_i(W); "
+                "p_d(W) = 1 - (1 - alpha_d) * miss(W) / miss(1), miss(W) = 1 - top_W; "
+                "t = c_depth * D + V(1 + n), n = min(D * W, nodes); with B sessions sharing the pass: "
+                "gain = (B - 1 + tokens) / (V_B(B + n) + c_depth * D) * V_B(B) / B")
+RANK_MISS_PRIOR = 0.75  # without a calibration: each more candidate per depth leaves this share of misses
+
+
+@dataclass(frozen=True)
+class TreeAcceptance:
+    """What a tree step's path is expected to reach: chain acceptance by depth, and how much of
+    a chain's misses w candidates per depth still miss."""
+
+    by_depth: tuple[float, ...]  # [d-1]: P(depth d of a chain stands | depth d-1 did)
+    top_r: tuple[float, ...] = ()  # [r-1]: P(the target's token is among the draft's top r); () unknown
+
+    def miss_share(self, width: int) -> float:
+        """miss(W) / miss(1): of a chain's misses at a depth, the share W candidates still miss."""
+        if len(self.top_r) >= 2 and self.top_r[0] < 1:
+            top = self.top_r[min(width, len(self.top_r)) - 1]
+            return max(0.0, (1 - top) / (1 - self.top_r[0]))
+        return RANK_MISS_PRIOR ** (width - 1)
+
+    def continue_rate(self, depth: int, width: int) -> float:
+        """p_d(W): the path goes on at `depth` (1-based) with `width` candidates per depth."""
+        alpha = self.by_depth[min(depth, len(self.by_depth)) - 1] if self.by_depth else DEFAULT_ACCEPT_PRIOR
+        return 1 - (1 - alpha) * self.miss_share(width)
+
+
+@dataclass(frozen=True)
+class TreeChoice:
+    """One decision of the auto tree: its shape (depth 0: no drafting) and why."""
+
+    depth: int
+    width: int
+    nodes: int  # drafted nodes at most
+    gain: float | None
+    tokens_per_pass: float | None
+    seconds_per_pass: float | None
+    sessions: int = 1  # sessions sharing the pass when it was chosen
+    reason: str = ""
+    gains: dict[str, float] = field(default_factory=dict)  # "DxW" -> gain, every shape considered
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["gains"] = {k: round(g, 4) for k, g in self.gains.items()}
+        for key in ("gain", "tokens_per_pass", "seconds_per_pass"):
+            if data[key] is not None:
+                data[key] = round(data[key], 4)
+        return data
+
+
+def tree_tokens(depth: int, width: int, rates: list[list[float]]) -> float:
+    """Expected tokens per pass of a tree: 1 + Σ_d Π_{i≤d} p_i(W), `rates[W-1][d-1]` = p_d(W)."""
+    tokens, reach = 1.0, 1.0
+    for d in range(depth):
+        reach *= rates[width - 1][d]
+        tokens += reach
+    return tokens
+
+
+def choose_tree(rates: list[list[float]], cost: PassCost, draft_s_per_depth: float, *,
+                max_nodes: int, sessions: int = 1, min_gain: float = 1.0) -> TreeChoice:
+    """The (depth, width) of best expected gain (TREE_FORMULA) over every depth and width that
+    `rates` covers (`rates[W-1][d-1]` = p_d(W)), or depth 0 below `min_gain`. With `sessions` > 1
+    `cost` is the batch pass's by its rows, and the tree's nodes are rows beside the others'."""
+    others = sessions - 1
+    plain = cost(sessions) / sessions  # seconds per token of a plain batch pass
+    gains: dict[str, float] = {}
+    best: tuple[float, int, int, float, float] | None = None
+    for width in range(1, len(rates) + 1):
+        for depth in range(1, len(rates[width - 1]) + 1):
+            nodes = min(depth * width, max_nodes)
+            if nodes < depth:
+                continue
+            tokens = tree_tokens(depth, width, rates)
+            seconds = cost(sessions + nodes) + draft_s_per_depth * depth
+            gain = (others + tokens) / seconds * plain
+            gains[f"{depth}x{width}"] = gain
+            if best is None or gain > best[0] * (1 + 1e-9):
+                best = (gain, depth, width, tokens, seconds)
+    assert best is not None, "rates must cover at least depth 1 at width 1"
+    gain, depth, width, tokens, seconds = best
+    if gain < min_gain:
+        return TreeChoice(0, 0, 0, gain, tokens, seconds, sessions, f"expected gain {gain:.2f}x < "
+                          f"{min_gain:.2f}x at the best tree {depth}x{width}", gains)
+    kind = "chain" if width == 1 else "tree"
+    return TreeChoice(depth, width, min(depth * width, max_nodes), gain, tokens, seconds, sessions,
+                      f"expected gain {gain:.2f}x with a {kind} of depth {depth}, width {width}", gains)

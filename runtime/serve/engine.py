@@ -5,6 +5,9 @@ through in chunks of at most `prefill_step` positions; then each step submits th
 token plus the request's drafts (none when it decodes plainly). The scheduler
 (`stage0/scheduler.py`) runs the submissions of every request in batch passes; while others
 share them, a request drafts only the window worth its rows (`decode/batch_window.py`).
+With the `tree` setting a drafting step verifies a token tree instead (the plan's tree policy
+picks its shape, counting its nodes as rows beside the other sessions'); the trees of several
+requests go whole into the same batch passes.
 
 Requests decode on a fixed pool of threads, one per request admitted to decode at once:
 mlx keeps a worker for every thread that ever evaluated, so a thread per request would
@@ -75,6 +78,7 @@ class PipelineEngine:
         self._drafting: dict[str, bool] = {}  # request session -> its last step drafted
         # As many threads as requests decode at once (admission never admits more).
         self._decoders = ThreadPoolExecutor(max_workers=admission.max_active, thread_name_prefix="decode")
+        speculation.serve_target(supports_trees=pipeline.supports_trees)
 
     @property
     def speculating(self) -> int:
@@ -125,16 +129,24 @@ class PipelineEngine:
         return Events(lambda: self._decode(request, params), ticket, self._decoders)
 
     def _decode(self, request: GenerationRequest, params: SamplingParams) -> Iterator[GenerationEvent]:
-        plan = self.speculation.plan(request.speculative, params, context_length=self.context_length,
-                                     lock=self.pipeline.compute_lock)
         session = self.scheduler.open(f"s-{uuid.uuid4().hex[:16]}")
+        try:
+            plan = self.speculation.plan(
+                request.speculative, params, context_length=self.context_length,
+                lock=self.pipeline.compute_lock,
+                load=lambda: (session.sessions_sharing, self.scheduler.pass_samples()))
+        except BaseException:
+            session.close()
+            raise
         cap = window_cap(lambda: session.sessions_sharing, self.scheduler.pass_samples,
                          lambda: self.speculation.costs.draft_s_per_token)
+        # A tree's nodes are its rows in a shared pass: its policy weighs them against the load itself.
         generation = generate(PipelineTarget(session), request.prompt_tokens, params, drafter=plan.drafter,
                               policy=plan.policy, context_length=self.context_length,
                               prefill_step=self.prefill_step,
                               on_step=lambda step: self._on_step(session.session_id, step),
-                              overlap=plan.overlap, run_ahead=plan.run_ahead, window_cap=cap)
+                              overlap=plan.overlap, run_ahead=plan.run_ahead,
+                              window_cap=cap if plan.tree is None else None, tree=plan.tree)
         events = text_events(generation, self.tokenizer, end_ids=self.end_ids)
         started = time.monotonic()
         try:
@@ -159,7 +171,8 @@ class PipelineEngine:
             self._record(plan, generation.stats, time.monotonic() - started)
 
     def _record(self, plan: SpeculationPlan, stats: GenerationStats, seconds: float) -> None:
-        mode = (f"strategy={plan.strategy} window_policy={plan.policy.kind} {stats.describe()}"
+        tree = f"tree={plan.tree.kind} " if plan.tree is not None else ""
+        mode = (f"strategy={plan.strategy} window_policy={plan.policy.kind} {tree}{stats.describe()}"
                 if plan.speculating else f"speculation=off reason={plan.reason!r}")
         log.info("event=request_done prompt_tokens=%d tokens=%d seconds=%.2f tok_s=%.1f %s",
                  stats.prompt_tokens, stats.tokens, seconds,
@@ -237,7 +250,8 @@ class Events:
 def speculation_usage(plan: SpeculationPlan, stats: GenerationStats,
                       session: BatchSession | None = None) -> dict[str, Any]:
     """`usage.speculative` of a response: what was drafted, accepted, what it cost, and the
-    batches it ran in (`yielded_steps`: steps that drafted less for the batch's sake)."""
+    batches it ran in (`yielded_steps`: steps that drafted less for the batch's sake); `tree`
+    only when the request verified token trees."""
     batch = None
     if session is not None:
         batch = {"passes": session.passes,
@@ -252,4 +266,19 @@ def speculation_usage(plan: SpeculationPlan, stats: GenerationStats,
         "overlap_draft_seconds": round(stats.overlap_draft_seconds, 6),
         "overlap_hits": stats.overlap_hits, "overlap_misses": stats.overlap_misses,
         "windows": compress_windows(stats.windows), "yielded_steps": stats.yielded_steps, "batch": batch,
+        **tree_usage(plan, stats),
     }
+
+
+def tree_usage(plan: SpeculationPlan, stats: GenerationStats) -> dict[str, Any]:
+    """`usage.speculative.tree`: the tree setting, nodes sent, accepted path lengths and
+    acceptance by depth; empty when the request verified no tree."""
+    if plan.tree is None or not stats.tree_steps:
+        return {}
+    return {"tree": {
+        "policy": plan.tree.kind, "steps": stats.tree_steps, "nodes": stats.drafted,
+        "nodes_per_step": round(stats.drafted / stats.tree_steps, 3),
+        "path_per_step": round(sum(stats.tree_paths) / stats.tree_steps, 3),
+        "paths": compress_windows(stats.tree_paths),
+        "depths_drafted": stats.tree_depths_drafted, "depths_accepted": stats.tree_depths_accepted,
+        "accept_rate_by_depth": [round(r, 4) for r in stats.accept_rate_by_depth]}}

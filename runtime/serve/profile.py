@@ -3,7 +3,8 @@
 Each step of each request adds its drafting, its target pass (stage 0's own layers, every
 other stage's compute, every hop's wire and queueing, the head, and the wait for the batch
 pass that carried it) and deciding on the logits. `/v1/status` shows the averages per
-pass; `--trace FILE` also writes every step as one JSON line.
+pass; `--trace FILE` also writes every step as one JSON line. A step that verified a token
+tree also counts under `trees` (nodes sent, accepted path), and its trace line carries `tree`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class PassProfile:
         self._passes = 0
         self._positions = 0
         self._seconds: dict[str, float] = defaultdict(float)
+        self._trees = self._tree_nodes = self._tree_paths = 0
         self._trace: TextIO | None = None
 
     def trace_to(self, trace_file: Path) -> None:
@@ -39,9 +41,17 @@ class PassProfile:
             self._positions += step.positions
             for name, seconds in parts.items():
                 self._seconds[name] += seconds
+            tree = {}
+            if step.tree_shape is not None:
+                self._trees += 1
+                self._tree_nodes += step.drafted
+                self._tree_paths += step.accepted
+                depth, width = step.tree_shape
+                tree = {"tree": {"depth": depth, "width": width, "nodes": step.drafted,
+                                 "reached": step.tree_depth, "path": step.accepted}}
             if self._trace is not None:
                 line = {"request": request_id, "positions": step.positions, "drafted": step.drafted,
-                        "accepted": step.accepted, "tokens": step.tokens,
+                        "accepted": step.accepted, "tokens": step.tokens, **tree,
                         **{name: round(seconds, 6) for name, seconds in parts.items()}}
                 self._trace.write(json.dumps(line) + "\n")
                 self._trace.flush()
@@ -70,7 +80,10 @@ class PassProfile:
             per_pass = {name.removesuffix("_s") + "_ms": round(1000 * total / passes, 3)
                         for name, total in sorted(self._seconds.items())} if passes else {}
             positions = round(self._positions / passes, 3) if passes else 0
-            return {"passes": passes, "positions": self._positions, "positions_per_pass": positions,
+            trees = {"trees": {
+                "passes": self._trees, "nodes_per_pass": round(self._tree_nodes / self._trees, 3),
+                "path_per_pass": round(self._tree_paths / self._trees, 3)}} if self._trees else {}
+            return {**trees, "passes": passes, "positions": self._positions, "positions_per_pass": positions,
                     "ms_per_pass": per_pass,
                     "seconds": {name: round(total, 6) for name, total in sorted(self._seconds.items())}}
 

@@ -73,6 +73,7 @@ class Stage0Options:
     http: str = "127.0.0.1:8000"
     config: LayerlineConfig = field(default_factory=LayerlineConfig)
     no_draft: bool = False
+    tree: str | None = None  # --tree: "off", "auto" or "D,W[,N]", over config and package
     wire_dtype: str = "f32"
     weights: str = "auto"
     context_length: int | None = None
@@ -154,15 +155,18 @@ class Stage0:
         self.draft_policy = DraftPolicy(_draft_roots(options), options.config.admin.hub_drafts)
         manifest = self.package.manifest
         self.speculative: SpeculationSettings = resolve_speculation(
-            manifest.model.id, manifest.speculative_decoding, options.config, no_draft=options.no_draft)
+            manifest.model.id, manifest.speculative_decoding, options.config, no_draft=options.no_draft,
+            tree=options.tree)
         log.info("event=speculation enabled=%s reason=%s settings=%s", self.speculative.enabled,
                  self.speculative.reason, self.speculative.to_json())
         model_context = int(manifest.config.get("max_position_embeddings") or DEFAULT_CONTEXT)
         self.context_length = options.context_length or min(model_context, DEFAULT_CONTEXT)
         self.split = None if options.split == "auto" else parse_split(options.split, manifest.num_layers)
+        strategies = manifest.speculative_decoding.strategies if manifest.speculative_decoding else {}
         self.speculation = SpeculationPlanner(
             self.speculative, target_fingerprint=manifest.tokenizer.fingerprint,
-            cache_dir=self.cache_dir, weights=options.weights)
+            cache_dir=self.cache_dir, weights=options.weights,
+            calibrations={name: s.calibration for name, s in strategies.items() if s.calibration is not None})
         self.peers = list(options.peers)  # --peer, then what --discover finds (in start())
         self.slot = EngineSlot(manifest.model.id, self.context_length,
                                int(manifest.config.get("vocab_size") or 0), self.status,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,13 +26,14 @@ def stages(tmp_path: Path):
     all stopped after. A broken disk cannot hold the files it fetches: that peer's Prepare fails."""
     started: list[StageProcess] = []
 
-    def start(name: str, port: int | None = None, broken_disk: bool = False) -> StageProcess:
+    def start(name: str, port: int | None = None, broken_disk: bool = False,
+              args: tuple[str, ...] = ()) -> StageProcess:
         cache = tmp_path / name
         cache.mkdir(exist_ok=True)
         if broken_disk:
             for folder in ("blobs", "packages"):
                 (cache / folder).write_text("not a folder")
-        stage = StageProcess((), cache, port)
+        stage = StageProcess(args, cache, port)
         started.append(stage)
         return stage
 
@@ -114,6 +116,23 @@ def test_streams_continue_on_a_spare_with_the_same_text_when_a_peer_is_killed(
     assert status["pipeline"]["spares"] == [peers[lost - 1].endpoint]  # should it come back
     assert status["ready"] and status["health"] == "ok"
     assert greedy(client, model, PROMPTS[:1]) == reference[:1]  # and requests after it too
+
+
+@pytest.mark.slow
+def test_with_discover_a_free_stage_of_the_cluster_found_on_the_lan_replaces_a_killed_peer(
+        tiny_llama_package, stages, stage0s):
+    cluster = ("--cluster", f"test-{uuid.uuid4().hex[:8]}")  # other tests' stages advertise too
+    peers = [stages("peer1", args=cluster), stages("peer2", args=cluster)]
+    stage0 = stage0s(tiny_llama_package, [p.endpoint for p in peers], "--discover", "--cluster",
+                     cluster[1], "--discover-seconds", "1")
+    client = stage0.client
+    model = stage0.status()["model"]
+    reference = greedy(client, model)
+    spare = stages("spare", args=cluster)  # after start-up, so only a failover can claim it
+
+    assert stream_during(client, model, peers[1].kill) == reference
+    pause = stage0.status()["pipeline"]["pauses"][-1]
+    assert pause["replacement"] == spare.endpoint and pause["state"] == "repaired"
 
 
 @pytest.mark.slow

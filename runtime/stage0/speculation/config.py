@@ -15,6 +15,7 @@ from layerline.packager.window_spec import (
     check_window_size,
 )
 
+from ...decode.draft_tree import TreeShapeError, check_tree_setting
 from .settings import PartialSpeculationSettings
 
 
@@ -31,7 +32,7 @@ class SpeculationConfig(Protocol):
 
 
 _SETTINGS = {"enabled": bool, "strategy": str, "type": str, "draft_model": str, "overlap": bool,
-             "run_ahead": bool}
+             "run_ahead": bool, "tree": str}
 _WINDOW = {name: field for field, name in FIELDS.items()}  # config name -> WindowSpec field
 _TYPES = {**_SETTINGS, **{name: str if field == "policy" else int for name, field in _WINDOW.items()}}
 _CHOICES = {"type": ("draft-model", "ngram")}
@@ -54,11 +55,21 @@ def parse_speculation_table(raw: Any, where: str) -> PartialSpeculationSettings:
             raise ConfigError(f"{where}.{key} must be {kind.__name__}, got {value!r}")
         if key in _CHOICES and value not in _CHOICES[key]:
             raise ConfigError(f"{where}.{key} must be one of {_CHOICES[key]}, got {value!r}")
+        if key == "tree":
+            value = _tree_setting(value, where)
         if key in _WINDOW:
             window[_WINDOW[key]] = _window_setting(key, value, where)
         else:
             settings[key] = value
     return PartialSpeculationSettings(**settings, window_spec=PartialWindowSpec(**window))
+
+
+def _tree_setting(value: str, where: str) -> str:
+    """A tree setting ("off", "auto", "D,W[,N]"), checked as `--tree` is."""
+    try:
+        return check_tree_setting(value)
+    except TreeShapeError as exc:
+        raise ConfigError(f"{where}.tree: {exc.message}", hint=exc.hint) from exc
 
 
 def _window_setting(key: str, value: Any, where: str) -> Any:

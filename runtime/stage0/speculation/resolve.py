@@ -1,8 +1,8 @@
 """Resolving speculation settings, and where each value came from.
 
-Precedence: `--no-draft` > `[models."<id>".speculative]` > `[defaults.speculative]`
-> the package's `generation.speculative_decoding` default strategy > off. The sources merge
-setting by setting (the window's four too): the first that sets a value gives it.
+Precedence: `--no-draft` (and `--tree`, for the tree setting) > `[models."<id>".speculative]`
+> `[defaults.speculative]` > the package's `generation.speculative_decoding` default strategy
+> off. The sources merge setting by setting (the window's four too): the first that sets a value gives it.
 """
 
 from __future__ import annotations
@@ -12,10 +12,12 @@ from dataclasses import replace
 from layerline.packager.manifest import SpeculativeDecoding
 from layerline.packager.window_spec import FIELDS, WindowError, WindowSpec
 
+from ...decode.draft_tree import check_tree_setting
 from .config import SpeculationConfig
 from .settings import PartialSpeculationSettings, SpeculationSettings
 
 SOURCE_FLAG = "flag --no-draft"
+SOURCE_TREE_FLAG = "flag --tree"
 SOURCE_BUILTIN = "built-in default"
 
 
@@ -25,9 +27,13 @@ def resolve_speculation(
     config: SpeculationConfig,
     *,
     no_draft: bool = False,
+    tree: str | None = None,
 ) -> SpeculationSettings:
-    """Apply the precedence rule; every value carries its source."""
-    given, sources = PartialSpeculationSettings(), {}
+    """Apply the precedence rule; every value carries its source (`tree`: the --tree flag's)."""
+    given, sources = PartialSpeculationSettings(tree=tree), {}
+    if tree is not None:
+        check_tree_setting(tree)
+        sources["tree"] = SOURCE_TREE_FLAG
     for source, table in config.speculation_tables(model_id):
         given = _fill(given, table, source, sources)
 
@@ -46,7 +52,7 @@ def resolve_speculation(
     if given.enabled is None:
         given = replace(given, enabled=given.type is not None)
         sources["enabled"] = sources.get("type", SOURCE_BUILTIN)
-    for name in (*FIELDS.values(), "overlap", "run_ahead"):
+    for name in (*FIELDS.values(), "overlap", "run_ahead", "tree"):
         sources.setdefault(name, SOURCE_BUILTIN)
 
     if no_draft:
@@ -80,7 +86,7 @@ def _settings(given: PartialSpeculationSettings, sources: dict[str, str], *, ena
         enabled=enabled, strategy=given.strategy, type=given.type, draft_model=given.draft_model,
         tokenizer_fingerprint=given.tokenizer_fingerprint,
         window_spec=given.window_spec.over(WindowSpec()), overlap=bool(given.overlap),
-        run_ahead=bool(given.run_ahead), sources=sources, reason=reason)
+        run_ahead=bool(given.run_ahead), tree=given.tree or "off", sources=sources, reason=reason)
 
 
 def _off(given: PartialSpeculationSettings, sources: dict[str, str], reason: str) -> SpeculationSettings:

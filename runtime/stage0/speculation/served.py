@@ -151,7 +151,7 @@ class ServedSpeculation:
         changed = [*(FIELDS[name] for name in window.given()), "enabled", "strategy", "type", "draft_model",
                    "tokenizer_fingerprint"]
         sources = {**current.sources, **dict.fromkeys(changed, SOURCE_PUT)}
-        timing = {"overlap": current.overlap, "run_ahead": current.run_ahead}
+        timing = {"overlap": current.overlap, "run_ahead": current.run_ahead, "tree": current.tree}
         if draft_model == NGRAM:  # prompt-lookup drafting: no model to load
             return SpeculationSettings(enabled=True, strategy=NGRAM, type="ngram", window_spec=spec,
                                        sources=sources, **timing)

@@ -27,6 +27,7 @@ class SpeculationSettings:
     window_spec: WindowSpec = field(default_factory=WindowSpec)
     overlap: bool = False  # draft the next window while the stages verify this one (measured: opt in)
     run_ahead: bool = False  # and send it into the pipeline before the verdict
+    tree: str = "off"  # "off" | "auto" | "D,W[,N]": verify a drafted token tree per step (TreeSetting)
     sources: dict[str, str] = field(default_factory=dict)  # setting -> where its value came from
     reason: str | None = None  # why speculation is off, when it is
 
@@ -52,6 +53,7 @@ class PartialSpeculationSettings:
     window_spec: PartialWindowSpec = field(default_factory=PartialWindowSpec)
     overlap: bool | None = None
     run_ahead: bool | None = None
+    tree: str | None = None
 
     @classmethod
     def of_strategy(cls, name: str, strategy: Strategy) -> PartialSpeculationSettings:

@@ -29,8 +29,10 @@ from layerline.runtime.bench.serve import (
     Condition,
     ConditionResult,
     LoadLevel,
+    Models,
     build_matrix,
     level_mean_batch,
+    speculation_config,
     stage0_args,
 )
 from layerline.runtime.bench.servers import check_stage_serve_accepts
@@ -95,6 +97,23 @@ def test_matrix_compares_splits_with_the_single_stage_and_drafts_with_their_spli
     assert conditions["split2 + draft w=8 @5ms"].baseline == "split2 @5ms"
     assert conditions["split2 + draft w=8 @5ms"].delay_ms == 5.0
     assert conditions["llama.cpp + draft w=4"].baseline == "llama.cpp"
+
+
+MODELS = Models(package=Path("target"), draft_package=Path("draft"), hidden_size=64)
+
+
+def test_tree_conditions_sit_beside_the_chains_of_their_split():
+    settings = BenchSettings(target="t", draft="d", stages=(2,), windows=(4,), adaptive=False,
+                             trees=("auto", "4,2,6"), delays_ms=(20.0,))
+    conditions = {c.name: c for c in build_matrix(settings)}
+    assert list(conditions) == ["single", "split2 @20ms", "split2 + draft w=4 @20ms",
+                                "split2 + draft tree auto @20ms", "split2 + draft tree 4,2,6 @20ms"]
+    tree = conditions["split2 + draft tree auto @20ms"]
+    assert tree.baseline == "split2 @20ms" and tree.tree == "auto" and tree.fixed_window is None
+    assert 'tree = "auto"' in speculation_config(settings, MODELS, tree)
+    assert "tree" not in speculation_config(settings, MODELS, conditions["split2 + draft w=4 @20ms"])
+    with pytest.raises(LayerlineError, match="tree"):
+        BenchSettings(target="t", draft="d", trees=("wide",))
 
 
 def test_matrix_without_a_draft_has_no_draft_conditions():

@@ -4,6 +4,7 @@ and the loop's tree steps against a target that verifies trees path by path."""
 
 from __future__ import annotations
 
+import concurrent.futures
 from collections import Counter
 from dataclasses import replace
 
@@ -17,11 +18,20 @@ from layerline.runtime.decode.drafters import ModelDrafter, NgramDrafter
 from layerline.runtime.decode.local_pipeline import LocalPipeline
 from layerline.runtime.decode.loop import StepRecord, generate
 from layerline.runtime.decode.sampling import SamplingParams
+from layerline.runtime.decode.scheduled_drafter import ScheduledDrafter
 from layerline.runtime.decode.targets import LocalTarget
 from layerline.runtime.decode.tree_accept import accept_tree, greedy_verdict
 from layerline.runtime.decode.window_policy import FixedWindow
 
-from sampling_checks import SAMPLES, SIGNIFICANCE, TINY_VOCAB, chi_square_p, exact_joint, tiny_pipeline
+from sampling_checks import (
+    SAMPLES,
+    SIGNIFICANCE,
+    TINY_VOCAB,
+    chi_square_p,
+    exact_joint,
+    one_stage_scheduler,
+    tiny_pipeline,
+)
 from tree_reference import ChainTreeTarget
 
 # ---------------------------------------------------------------- the tree and its shape
@@ -332,6 +342,31 @@ def test_a_model_drafters_tree_is_drafted_depth_by_depth_within_its_shape(tiny):
     assert sum(len(d) for d in tree.draws) == 12  # every depth's 4 draws, repeats included
     for node, kids in enumerate(tree.children):
         assert {tree.tokens[c] for c in kids} == set(tree.draws[node])
+
+
+def test_a_scheduled_drafters_tree_is_the_model_drafters_and_sessions_share_its_passes(tiny):
+    params = SamplingParams(max_tokens=30)
+    draft = tiny["near"]
+    drafts = one_stage_scheduler(draft)
+    committed = [1, 2, 3, 4, 5]
+    try:
+        sessions = [drafts.open(f"d{i}") for i in range(2)]
+        drafters = [ScheduledDrafter(s, draft.head.vocab_size, params, supports_trees=True) for s in sessions]
+        expected = ModelDrafter(draft, params).propose_tree(committed, TreeShape(4, 3, 10))
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            trees = list(pool.map(lambda d: d.propose_tree(committed, TreeShape(4, 3, 10)), drafters))
+        for tree in trees:
+            assert (tree.tokens, tree.parents) == (expected.tokens, expected.parents)
+        # Then a chain from the committed prefix: the tree's nodes are forgotten by its start_pos.
+        chain, _ = drafters[0].propose(committed, 4)
+        assert chain == ModelDrafter(draft, params).propose(committed, 4)[0]
+        sampled = ScheduledDrafter(sessions[1], draft.head.vocab_size,
+                                   SamplingParams(temperature=1.0, seed=1), supports_trees=True)
+        tree = sampled.propose_tree(committed, TreeShape(3, 4))
+        assert tree.q is not None and sum(len(d) for d in tree.draws) == 12
+    finally:
+        drafts.close()
+    assert drafts.to_json()["max_seen"] == 2  # the two trees' frontiers ran in shared passes
 
 
 @pytest.mark.parametrize("branching", [2, pytest.param(3, marks=pytest.mark.slow),

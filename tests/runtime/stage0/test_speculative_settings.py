@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from layerline.packager.manifest import SpeculativeDecoding, Strategy
 from layerline.packager.window_spec import WindowSpec
+from layerline.runtime.decode.draft_tree import TreeShapeError
+from layerline.runtime.decode.sampling import SamplingParams
 from layerline.runtime.serve.config import ConfigError, load_config, parse_config
+from layerline.runtime.stage0.speculation.plan import SpeculationPlanner
 from layerline.runtime.stage0.speculation.resolve import SOURCE_BUILTIN, SOURCE_FLAG, resolve_speculation
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -115,6 +120,8 @@ def test_enabled_without_a_draft_is_off_with_a_reason(tmp_path):
     ("[defaults.speculative]\ndraft = 'x'\n", "unknown setting 'draft'"),
     ("[stage]\nport = 1\n", "unknown setting"),
     ("[defaults.speculative\n", "not valid TOML"),
+    ("[defaults.speculative]\ntree = 'wide'\n", "tree 'wide'.*off, auto or DEPTH,WIDTH"),
+    ("[defaults.speculative]\ntree = '0,2'\n", "at least 1"),
 ])
 def test_bad_config_is_refused_naming_the_setting(text, message, tmp_path):
     with pytest.raises(ConfigError, match=message):
@@ -127,3 +134,32 @@ def test_missing_explicit_config_is_an_error_but_missing_default_is_not(tmp_path
     monkeypatch.setenv("HOME", str(tmp_path))
     assert load_config().path is None
     assert parse_config({}).stage.listen is None  # each kind of stage has its own default
+
+
+def test_the_tree_setting_follows_the_precedence_and_the_flag_comes_first(tmp_path):
+    cfg = config(f'[defaults.speculative]\ntree = "auto"\n{MODEL_TABLE}\ntree = "4,2,6"\n', tmp_path)
+    resolved = resolve_speculation(MODEL, PACKAGE, cfg)
+    assert resolved.tree == "4,2,6" and resolved.sources["tree"] == f'{cfg.path} {MODEL_TABLE}'
+    flagged = resolve_speculation(MODEL, PACKAGE, cfg, tree="off")
+    assert flagged.tree == "off" and flagged.sources["tree"] == "flag --tree"
+    plain = resolve_speculation(MODEL, PACKAGE, config("", tmp_path))
+    assert plain.tree == "off" and plain.sources["tree"] == SOURCE_BUILTIN
+    with pytest.raises(TreeShapeError, match="off, auto or DEPTH,WIDTH"):
+        resolve_speculation(MODEL, PACKAGE, cfg, tree="deep")
+
+
+def test_requests_draft_chains_where_the_stages_cannot_run_trees_and_status_says_why(tmp_path):
+    settings = resolve_speculation(MODEL, None, config('[defaults.speculative]\ntype = "ngram"\n'
+                                                       'tree = "auto"\noverlap = true\n', tmp_path))
+    planner = SpeculationPlanner(settings, target_fingerprint="sha256:abc", cache_dir=tmp_path,
+                                 weights="auto")
+    lock = threading.Lock()
+    planner.serve_target(supports_trees=True)
+    plan = planner.plan(None, SamplingParams(), context_length=512, lock=lock)
+    assert plan.tree is not None and plan.tree.kind == "auto" and not plan.overlap  # trees turn overlap off
+    assert planner.to_json()["tree_state"]["active"]
+    planner.serve_target(supports_trees=False)  # e.g. Gemma 2's soft-capped attention
+    plan = planner.plan(None, SamplingParams(), context_length=512, lock=lock)
+    assert plan.tree is None and plan.overlap and "cannot run a token tree" in plan.tree_reason
+    state = planner.to_json()["tree_state"]
+    assert not state["active"] and "cannot run a token tree" in state["chains_because"]
