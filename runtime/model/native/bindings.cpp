@@ -27,6 +27,9 @@ NB_MODULE(_cpu_kernel, m) {
   m.def("silu_mul", &layerline::silu_mul, "gate"_a, "up"_a, "silu(gate) * up (f32, on the CPU).");
   m.def("attention", &layerline::attention, "q"_a, "k"_a, "v"_a, "scale"_a, "causal"_a,
         "softmax(q k^T * scale) v over grouped-query heads, k and v read in place (f32, on the CPU).");
+  m.def("sessions_attention", &layerline::sessions_attention, "q"_a, "keys"_a, "values"_a, "scale"_a, "window"_a,
+        "One query row per session, q (S, H, 1, D), against each session's own keys and values (1, Hk, T, D), "
+        "over the last `window` keys (0: all), in one call (f32, on the CPU).");
   m.def("fused_isa", &layerline::fused_isa, "The instruction set the fused layer ops run with.");
   m.def("isa", &layerline::kernel_isa, "The instruction set in use: avx512, avx2, neon or portable.");
   m.def("threads", &layerline::kernel_threads, "Threads a product may use.");
