@@ -10,7 +10,7 @@ on the instruction set the packed-weight kernel chose. `use_fused_ops` swaps a l
 modules onto them (called by `use_cpu_kernel`, so only on the CPU with the kernel built);
 `fused_attention` is the hook `attention.py` calls, `fused_sessions_attention` the one a batch
 pass's `SessionRows` calls for its one-row sessions. Each falls back to mlx's op for what it
-does not cover (other dtypes, a mask array, attention sinks, a RoPE offset per session).
+does not cover (other dtypes, a mask array, attention sinks).
 `LAYERLINE_CPU_FUSED=off` keeps mlx's ops while the kernel still computes the products.
 """
 
@@ -75,14 +75,20 @@ class KernelRMSNorm(nn.RMSNorm):
 
 
 class KernelRoPE(nn.RoPE):
-    """mlx's RoPE (either layout), computed in one task by the extension for f32 (B, H, L, D)."""
+    """mlx's RoPE (either layout), computed in one task by the extension for f32 (B, H, L, D), at
+    one offset or at one per batch entry (a batch pass's rows, `SessionRows.offset`)."""
 
     _inverse_frequencies: mx.array
 
     def __call__(self, x: mx.array, offset: Any = 0) -> mx.array:
-        if x.dtype != mx.float32 or x.ndim != 4 or not isinstance(offset, int):
+        if x.dtype != mx.float32 or x.ndim != 4:
             return super().__call__(x, offset)
-        return _native().rope(x, self._inverse_frequencies, self.dims, self.traditional, self.scale, offset)
+        rotation = (x, self._inverse_frequencies, self.dims, self.traditional, self.scale, offset)
+        if isinstance(offset, int):
+            return _native().rope(*rotation)
+        if isinstance(offset, mx.array) and offset.dtype == mx.int32 and offset.shape == (x.shape[0],):
+            return _native().rope_at(*rotation)
+        return super().__call__(x, offset)
 
 
 def silu_mul(gate: mx.array, up: mx.array) -> mx.array:

@@ -24,6 +24,8 @@ NB_MODULE(_cpu_kernel, m) {
         "[x + residual, rms_norm(x + residual)] in one pass (f32, on the CPU).");
   m.def("rope", &layerline::rope, "x"_a, "inv_freqs"_a, "dims"_a, "traditional"_a, "scale"_a, "offset"_a,
         "mx.fast.rope of x (B, H, L, D) at positions offset.., angles position * inv_freqs (f32, on the CPU).");
+  m.def("rope_at", &layerline::rope_at, "x"_a, "inv_freqs"_a, "dims"_a, "traditional"_a, "scale"_a, "offsets"_a,
+        "rope with batch entry b at positions offsets[b].. (offsets (B,) int32), as mx.fast.rope's array offset.");
   m.def("silu_mul", &layerline::silu_mul, "gate"_a, "up"_a, "silu(gate) * up (f32, on the CPU).");
   m.def("attention", &layerline::attention, "q"_a, "k"_a, "v"_a, "scale"_a, "causal"_a,
         "softmax(q k^T * scale) v over grouped-query heads, k and v read in place (f32, on the CPU).");

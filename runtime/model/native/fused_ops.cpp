@@ -144,7 +144,8 @@ void LayerOp::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::arr
     }
     case LayerOpKind::rope: {
       RopeArgs args{view4(inputs[0]), inputs[1].data<float>(), outputs[0].data<float>(), p.dims,
-                    p.traditional, p.scale, p.offset};
+                    p.traditional, p.scale, p.offset,
+                    inputs.size() > 2 ? inputs[2].data<int32_t>() : nullptr};
       encoder.dispatch([args, fn = k.rope]() mutable {
         std::vector<float> copy;
         args.x = rows_contiguous(args.x, copy);
@@ -266,8 +267,10 @@ std::vector<mx::array> add_rms_norm(const mx::array& x, const mx::array& residua
                                  mx::contiguous(weight, false, s)});
 }
 
-mx::array rope(const mx::array& x, const mx::array& inv_freqs, int dims, bool traditional, float scale,
-               int offset) {
+namespace {
+
+mx::array rope_op(const mx::array& x, const mx::array& inv_freqs, int dims, bool traditional, float scale,
+                  int offset, const mx::array* offsets) {
   require_f32(x, "rope", "x");
   require_f32(inv_freqs, "rope", "inv_freqs");
   if (x.ndim() != 4 || dims <= 0 || dims % 2 != 0 || dims > x.shape(-1)) {
@@ -276,14 +279,31 @@ mx::array rope(const mx::array& x, const mx::array& inv_freqs, int dims, bool tr
   if (inv_freqs.ndim() != 1 || inv_freqs.shape(0) != dims / 2) {
     throw std::invalid_argument("rope: inv_freqs must be (dims / 2,)");
   }
+  if (offsets != nullptr && (offsets->dtype() != mx::int32 || offsets->ndim() != 1 ||
+                             offsets->shape(0) != x.shape(0))) {
+    throw std::invalid_argument("rope: offsets must be (B,) int32 for x (B, H, L, D)");
+  }
   const auto s = cpu_stream();
   LayerOpParams p;
   p.dims = dims;
   p.traditional = traditional;
   p.scale = scale;
   p.offset = offset;
-  return mx::array(x.shape(), mx::float32, std::make_shared<LayerOp>(s, LayerOpKind::rope, p),
-                   {x, mx::contiguous(inv_freqs, false, s)});
+  std::vector<mx::array> inputs{x, mx::contiguous(inv_freqs, false, s)};
+  if (offsets != nullptr) inputs.push_back(mx::contiguous(*offsets, false, s));
+  return mx::array(x.shape(), mx::float32, std::make_shared<LayerOp>(s, LayerOpKind::rope, p), std::move(inputs));
+}
+
+}  // namespace
+
+mx::array rope(const mx::array& x, const mx::array& inv_freqs, int dims, bool traditional, float scale,
+               int offset) {
+  return rope_op(x, inv_freqs, dims, traditional, scale, offset, nullptr);
+}
+
+mx::array rope_at(const mx::array& x, const mx::array& inv_freqs, int dims, bool traditional, float scale,
+                  const mx::array& offsets) {
+  return rope_op(x, inv_freqs, dims, traditional, scale, 0, &offsets);
 }
 
 mx::array silu_mul(const mx::array& gate, const mx::array& up) {

@@ -50,6 +50,10 @@ std::vector<mx::array> add_rms_norm(const mx::array& x, const mx::array& residua
 // inv_freqs (dims / 2), as mx.fast.rope.
 mx::array rope(const mx::array& x, const mx::array& inv_freqs, int dims, bool traditional, float scale,
                int offset);
+// The same with each batch entry b's rows at positions offsets[b].. (offsets: (B,) int32), as
+// mx.fast.rope with an array offset.
+mx::array rope_at(const mx::array& x, const mx::array& inv_freqs, int dims, bool traditional, float scale,
+                  const mx::array& offsets);
 // silu(gate) * up, elementwise.
 mx::array silu_mul(const mx::array& gate, const mx::array& up);
 // softmax(q k^T * scale) v for q (B, H, L, D) and k, v (B, Hk, T, D) with H a multiple of Hk;

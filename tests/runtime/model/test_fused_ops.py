@@ -64,6 +64,11 @@ for traditional in (False, True):
                 ref = mx.fast.rope(x, dims, traditional=traditional, base=base, scale=scale, offset=offset)
                 got = native.rope(x, inverse, dims, traditional, scale, offset)
                 check(f"rope traditional={traditional}", got, ref)
+        # A batch pass's rows: batch entry b at its own position.
+        x, offsets = mx.random.normal((5, 3, 1, D)), mx.array([0, 7, 250, 4000, 31], dtype=mx.int32)
+        ref = mx.fast.rope(x, dims, traditional=traditional, base=base, scale=scale, offset=offsets)
+        got = native.rope_at(x, inverse, dims, traditional, scale, offsets)
+        check(f"rope traditional={traditional}", got, ref)
 gate, up = mx.random.normal((2, 1, 8960)) * 6, mx.random.normal((2, 1, 8960))
 check("silu_mul", native.silu_mul(gate, up), nn.silu(gate) * up)
 for B, H, Hk, D in ((1, 9, 3, 64), (2, 12, 2, 128), (1, 4, 4, 32)):
