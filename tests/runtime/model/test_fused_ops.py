@@ -121,6 +121,25 @@ def test_fused_attention_leaves_mask_arrays_many_rows_and_half_floats_to_mlx():
     assert fused_attention(half_q, half_k, half_k, 1.0, None) is None
 
 
+def test_rows_of_a_batch_pass_attend_and_rotate_bit_for_bit_as_each_alone():
+    # What a one-row session computes in a batch pass equals its own pass, to the bit: greedy
+    # answers then differ only where the products' rows round differently.
+    mx.random.seed(5)
+    lengths, heads, kv_heads, width = (1, 37, 300, 5), 9, 3, 64
+    keys = [mx.random.normal((1, kv_heads, 512, width))[:, :, :n] for n in lengths]
+    values = [mx.random.normal((1, kv_heads, 512, width))[:, :, :n] for n in lengths]
+    q = mx.random.normal((len(lengths), heads, 1, width))
+    together = fused_sessions_attention(q, keys, values, 0.125, None)
+    alone = [fused_attention(q[s:s + 1], keys[s], values[s], 0.125, None) for s in range(len(lengths))]
+    assert mx.array_equal(together, mx.concatenate(alone))
+    rope = nn.RoPE(width, base=1e5)
+    assert use_fused_ops(rope) == 1 and isinstance(rope, KernelRoPE)
+    positions = [3, 40, 1000, 7]
+    rotated = rope(q, offset=mx.array(positions, dtype=mx.int32))
+    alone = [rope(q[s:s + 1], offset=p) for s, p in enumerate(positions)]
+    assert mx.array_equal(rotated, mx.concatenate(alone))
+
+
 def test_sessions_attention_refuses_sessions_that_do_not_match():
     q = mx.zeros((2, 4, 1, 8))
     keys = [mx.zeros((1, 2, 5, 8)), mx.zeros((1, 2, 3, 8))]
