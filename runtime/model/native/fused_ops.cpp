@@ -93,9 +93,10 @@ void sessions_attention_task(View4 q, std::vector<View4>& keys, std::vector<View
   const int parts = int(std::clamp<size_t>(kv_bytes / kAttentionBytesPerThread, 1,
                                             size_t(std::min(pool.size(), items))));
   pool.run(parts, [&](int part) {
-    // The items whose first key falls in this part's share of all keys read.
+    // The items whose first key falls in this part's share of all keys read (each in one part
+    // only: the kernel zeroes its output rows, then adds to them).
     const size_t from = total * part / parts, to = total * (part + 1) / parts;
-    int i = int(std::upper_bound(item_end.begin(), item_end.end(), from) - item_end.begin());
+    int i = from == 0 ? 0 : int(std::lower_bound(item_end.begin(), item_end.end(), from) - item_end.begin()) + 1;
     while (i < items) {
       const size_t start = i == 0 ? 0 : item_end[i - 1];
       if (start >= to) break;

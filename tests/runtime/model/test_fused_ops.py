@@ -125,15 +125,20 @@ def test_rows_of_a_batch_pass_attend_and_rotate_bit_for_bit_as_each_alone():
     # What a one-row session computes in a batch pass equals its own pass, to the bit: greedy
     # answers then differ only where the products' rows round differently.
     mx.random.seed(5)
-    lengths, heads, kv_heads, width = (1, 37, 300, 5), 9, 3, 64
-    keys = [mx.random.normal((1, kv_heads, 512, width))[:, :, :n] for n in lengths]
-    values = [mx.random.normal((1, kv_heads, 512, width))[:, :, :n] for n in lengths]
-    q = mx.random.normal((len(lengths), heads, 1, width))
-    together = fused_sessions_attention(q, keys, values, 0.125, None)
-    alone = [fused_attention(q[s:s + 1], keys[s], values[s], 0.125, None) for s in range(len(lengths))]
-    assert mx.array_equal(together, mx.concatenate(alone))
+    width = 64
+    # Keys enough for more than one thread, split unevenly (the long session's one kv head is
+    # more than half of every key read): each thread's share must hold whole heads, every run.
+    for lengths, heads, kv_heads in (((1, 37, 300, 5), 9, 3), ((1000, 1), 2, 1)):
+        keys = [mx.random.normal((1, kv_heads, 1024, width))[:, :, :n] for n in lengths]
+        values = [mx.random.normal((1, kv_heads, 1024, width))[:, :, :n] for n in lengths]
+        q = mx.random.normal((len(lengths), heads, 1, width))
+        alone = mx.concatenate([fused_attention(q[s:s + 1], keys[s], values[s], 0.125, None)
+                                for s in range(len(lengths))])
+        for _ in range(50):
+            assert mx.array_equal(fused_sessions_attention(q, keys, values, 0.125, None), alone)
     rope = nn.RoPE(width, base=1e5)
     assert use_fused_ops(rope) == 1 and isinstance(rope, KernelRoPE)
+    q = mx.random.normal((4, 9, 1, width))
     positions = [3, 40, 1000, 7]
     rotated = rope(q, offset=mx.array(positions, dtype=mx.int32))
     alone = [rope(q[s:s + 1], offset=p) for s, p in enumerate(positions)]
