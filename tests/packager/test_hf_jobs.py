@@ -34,7 +34,10 @@ class NoHubApi:
 
 
 @pytest.fixture
-def hub():
+def hub(monkeypatch):
+    # conftest turns the real Hub off (HF_HUB_OFFLINE=1); huggingface_hub reads that once, at
+    # import, in whichever order a worker's files run: the stub is the Hub here, so it is on.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     with StubHub(HF_TEST_TOKEN) as stub:
         stub.add_file(SOURCE_REPO, "tiny.Q4_K_M.gguf", b"GGUF" + bytes(60))
         stub.add_file(SOURCE_REPO, "tiny.Q8_0.gguf", b"GGUF" + bytes(60))
