@@ -255,14 +255,16 @@ class FaultyLink:
     """A TCP proxy to a gRPC server that breaks what comes back: it cuts every connection once
     `cut_after` bytes have passed (then, with `refuse_after_cut`, takes no new ones), or flips a
     byte in the middle of the first `corrupt_frames` large HTTP/2 DATA frames (a file chunk's
-    bytes, past every header) — a link that damages data in flight, which TCP alone cannot see."""
+    bytes, past every header) — a link that damages data in flight, which TCP alone cannot see —
+    or, with `bytes_per_s`, passes what comes back no faster than that: a slow source."""
 
     def __init__(self, target: str, *, cut_after: int | None = None, refuse_after_cut: bool = False,
-                 corrupt_frames: int = 0) -> None:
+                 corrupt_frames: int = 0, bytes_per_s: float | None = None) -> None:
         host, _, port = target.rpartition(":")
         self.target = (host, int(port))
         self.cut_after, self.refuse_after_cut = cut_after, refuse_after_cut
         self.corrupt_frames = corrupt_frames
+        self.bytes_per_s = bytes_per_s
         self.bytes_back = 0  # server -> client, over every connection
         self.corrupted = 0
         self._listener = socket.create_server(("127.0.0.1", 0))
@@ -300,6 +302,8 @@ class FaultyLink:
                     return
                 self.bytes_back += len(frames)
                 sink.sendall(frames)
+                if self.bytes_per_s:
+                    time.sleep(len(frames) / self.bytes_per_s)
         except OSError:
             pass
         finally:

@@ -1,5 +1,6 @@
-"""Package files that hash right and are still wrong (issue 25, item 9): `layerline run` says
-which file and what is wrong on an `error:` line, never with a traceback."""
+"""Package files that hash right and are still wrong (issue 25, item 9): `layerline run`, `stage
+serve --package` and a peer's Load say which file and what is wrong on an `error:` line (a Load:
+in its refusal), never with a traceback."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +20,9 @@ from safetensors.numpy import load_file, save_file
 
 from layerline.packager.manifest import MANIFEST_NAME
 from layerline.packager.package import sha256_file
+from layerline.proto import activation_pb2 as act_pb
+from layerline.proto import stage_control_pb2 as pb
+from layerline.runtime.stage.client import StageClient, StageRejectedError
 
 LAYER = "layers/00001.safetensors"
 
@@ -165,3 +170,40 @@ def test_a_tokenizer_smaller_than_the_embedding_is_padding_and_verifies(tiny_lla
     package = _rewritten(tiny_llama_package, tmp_path, "tokenizer.json", _with_fingerprint(_cut_tokenizer))
     code, said = _layerline("pkg", "verify", str(package))
     assert code == 0, said
+
+
+BROKEN_LAYER = pytest.mark.parametrize(("write", "says"), [(_truncated, "truncated"),
+                                                           (_garbage_header, "not safetensors JSON")],
+                                       ids=["truncated", "garbage-header"])
+
+
+@BROKEN_LAYER
+def test_stage_0s_own_broken_file_is_an_error_line(tiny_llama_package, tmp_path, write, says):
+    package = _rewritten(tiny_llama_package, tmp_path, LAYER, write)
+    code, said = _layerline("stage", "serve", "--package", str(package), "--http", "127.0.0.1:0",
+                            "--cache-dir", str(tmp_path / "cache"))
+    assert code == 1 and "error:" in said and says in said and LAYER in said, said
+    assert "Traceback" not in said
+
+
+@BROKEN_LAYER
+def test_a_peers_load_of_a_broken_file_is_refused_naming_it(stage_processes, tiny_llama_package, tmp_path,
+                                                           write, says):
+    package = _rewritten(tiny_llama_package, tmp_path, LAYER, write)
+    stage = stage_processes()
+    coordinator = StageClient(stage.endpoint, coordinator_id="coord", term=1, run_id="run-a")
+    coordinator.call(claim=pb.Claim(package=pb.PackageIdentity(ref=str(package)), lease_duration_ms=30_000))
+    coordinator.call(prepare=pb.Prepare(layers=pb.LayerRange(start=1, end=4)))
+    while (inventory := coordinator.call(inventory=pb.InventoryRequest()).inventory).state == \
+            pb.INVENTORY_STATE_PREPARING:
+        time.sleep(0.05)
+    assert inventory.state == pb.INVENTORY_STATE_READY, inventory.error  # every file hashes right
+    with pytest.raises(StageRejectedError) as caught:
+        coordinator.call(load=pb.StageLoadRequest(layers=pb.LayerRange(start=1, end=4), stage_index=1,
+                                                  stage_count=2, wire_dtype=act_pb.WIRE_DTYPE_F32))
+    refusal = caught.value.rejected
+    assert refusal.reason == pb.REJECT_REASON_LOAD_FAILED
+    assert says in refusal.message and LAYER in refusal.message, refusal.message
+    assert coordinator.status().state != pb.STAGE_STATE_READY
+    log = "".join(path.read_text() for path in (tmp_path / "stage-cache").glob("stage-*.log"))
+    assert "event=load_failed" in log and "Traceback" not in log, log

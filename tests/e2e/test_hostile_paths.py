@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
+from pathlib import Path
 
 import pytest
 
@@ -13,9 +15,12 @@ from layerline.errors import LayerlineError, ManifestError
 from layerline.packager.manifest import MANIFEST_NAME, read_manifest
 from layerline.packager.package import sha256_file
 from layerline.proto import stage_control_pb2 as pb
+from layerline.runtime.bench.processes import free_port
 from layerline.runtime.stage.client import StageClient, StageRejectedError
 from layerline.runtime.stage.content_cache import ContentCache
 from layerline.runtime.stage.prepare import Preparation, PrepareState
+
+from helpers import FaultyLink, Stage0Process
 
 FORGED = ["../../../victim", "", "A" * 64, "0" * 63, "0" * 64 + "/x", "..", "0" * 64 + "\n"]
 
@@ -92,3 +97,40 @@ def test_a_release_stops_the_preparation_under_way(stage_processes, tiny_llama_p
                                     lease_duration_ms=30_000))
     answer = coordinator.call(inventory=pb.InventoryRequest()).inventory
     assert answer.state == pb.INVENTORY_STATE_FAILED and "send Prepare" in answer.error
+
+
+def _cache_files(cache: Path) -> dict[str, int]:
+    """Every file the stage wrote to its cache (not its logs), with its size."""
+    return {str(path.relative_to(cache)): path.stat().st_size for path in cache.rglob("*")
+            if path.is_file() and path.suffix != ".log"}
+
+
+def test_a_release_stops_a_slow_transfer_in_the_middle(stage_processes, tiny_llama_package, tmp_path):
+    listen = f"127.0.0.1:{free_port()}"
+    (tmp_path / "source").mkdir()
+    source = Stage0Process(tiny_llama_package, [], tmp_path / "source", "--listen", listen)
+    slow = FaultyLink(listen, bytes_per_s=2_000_000)  # the 25 MB embedding would take ~12 s
+    try:
+        stage = stage_processes()
+        cache = tmp_path / "stage-cache"
+        coordinator = StageClient(stage.endpoint, coordinator_id="coord", term=1, run_id="run-a")
+        coordinator.call(claim=pb.Claim(package=pb.PackageIdentity(
+            ref="/nonexistent/tiny-llama", manifest_sha256=sha256_file(tiny_llama_package / MANIFEST_NAME)),
+            lease_duration_ms=30_000))
+        coordinator.call(prepare=pb.Prepare(layers=pb.LayerRange(start=0, end=1), include_stage0_files=True,
+                                            file_sources=[slow.endpoint]))
+        deadline = time.monotonic() + 30
+        while not any(name.endswith(".partial") and size > 0 for name, size in _cache_files(cache).items()):
+            assert time.monotonic() < deadline, _cache_files(cache)
+            time.sleep(0.1)
+        time.sleep(0.5)  # in the middle of the embedding
+        coordinator.call(release=pb.Release())
+        time.sleep(0.5)  # what was in flight when it answered
+        after_release = _cache_files(cache)
+        time.sleep(2)  # ~4 MB more at the link's pace, were it still fetching
+        assert _cache_files(cache) == after_release
+        assert sum(after_release.values()) < 20_000_000, after_release  # stopped in the middle
+        assert coordinator.status().state == pb.STAGE_STATE_FREE
+    finally:
+        slow.close()
+        source.stop()

@@ -239,6 +239,30 @@ def test_idle_unauthenticated_connections_do_not_lock_out_a_client_with_the_toke
         sock.close()
 
 
+def test_a_hello_dripped_a_byte_at_a_time_is_dropped_at_its_whole_deadline(stage_processes, tmp_path):
+    """One byte every 4 s would hold a slot for ever against a per-read timeout: the stage drops the
+    connection at the hello's deadline (10 s from accepting it), with bytes still arriving."""
+    stage = stage_processes("--auth-token-file", str(_token_file(tmp_path)))
+    host, port = ActivationAddress(stage.endpoint, token="s3cret-token").get().rsplit(":", 1)
+    data = act_pb.ActivationHello(auth_token="s3cret-token").SerializeToString()
+    message = len(data).to_bytes(4, "little") + data
+    sock = socket.create_connection((host, int(port)), timeout=4)
+    started, dropped_after = time.monotonic(), None
+    for byte in message:
+        try:
+            sock.sendall(bytes([byte]))
+            if sock.recv(1) == b"":
+                dropped_after = time.monotonic() - started
+                break
+        except TimeoutError:
+            continue  # still open: the next byte, 4 s after this one
+        except OSError:
+            dropped_after = time.monotonic() - started
+            break
+    sock.close()
+    assert dropped_after is not None and dropped_after < 14, dropped_after  # not after its last byte
+
+
 def test_frames_read_and_unanswered_share_one_memory_budget(stage_processes, tmp_path):
     stage = stage_processes("--auth-token-file", str(_token_file(tmp_path)), "--frame-memory-mb", "64")
     address = ActivationAddress(stage.endpoint, token="s3cret-token").get()
@@ -263,6 +287,41 @@ def test_frames_read_and_unanswered_share_one_memory_budget(stage_processes, tmp
     assert grown < 100, f"the stage grew by {grown:.0f} MiB"
 
 
+def test_whole_frames_never_answered_on_one_connection_cost_a_bounded_memory(stage_processes, tmp_path):
+    """300 frames of 4 MiB on one connection whose answers are never read: the stage reads no
+    faster than it can answer, so its memory stays bounded, and it keeps serving other clients."""
+    stage = stage_processes("--auth-token-file", str(_token_file(tmp_path)))
+    address = ActivationAddress(stage.endpoint, token="s3cret-token").get()
+    host, port = address.rsplit(":", 1)
+    before = _rss_mib(stage)
+    hidden = np.zeros((1, 16384, 64), dtype=np.float32)  # 4 MiB of hidden states
+    frame = batch_frame(1, [("flood", 0, hidden)]).SerializeToString()
+    message = len(frame).to_bytes(4, "little") + frame
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    write_message(sock, act_pb.ActivationHello(auth_token="s3cret-token"))
+    assert not read_message(sock, act_pb.ActivationHello).error
+    sock.settimeout(2)  # the stage stops reading once its answers are not read: stop sending then
+    sent, peak = 0, 0.0
+    try:
+        for sent in range(1, 301):
+            sock.sendall(message)
+            if sent % 20 == 0:
+                peak = max(peak, _rss_mib(stage) - before)
+    except TimeoutError:
+        pass
+    time.sleep(1)
+    peak = max(peak, _rss_mib(stage) - before)
+    other = FrameConnection(address, budget=FrameBudget(10.0), token="s3cret-token")
+    end = act_pb.ActivationFrame(session_id="s", seq=1, end_session=act_pb.EndSession())
+    assert other.call(end).WhichOneof("body") in ("end_session", "error")
+    other.close()
+    status = StageClient(stage.endpoint, coordinator_id="coord-a", term=1, run_id="run-a",
+                         token="s3cret-token").status()
+    assert status.state == pb.STAGE_STATE_FREE
+    sock.close()
+    assert peak < 300, f"the stage grew by {peak:.0f} MiB after {sent} frames"
+
+
 def test_an_end_session_on_one_connection_leaves_another_connections_session(tiny_llama_package, tmp_path):
     node = _loaded_node(tiny_llama_package, tmp_path, Clock())
     owner, other = ActivationRelay(node), ActivationRelay(node)
@@ -280,6 +339,16 @@ def test_a_huge_coordinator_id_is_a_bad_request(stage_process):
         claim=pb.Claim(package=pb.PackageIdentity(ref="pkg"), lease_duration_ms=30_000)))
     assert refusal.reason == pb.REJECT_REASON_BAD_REQUEST and "at most 256" in refusal.message
     assert client(endpoint, 1).status().state == pb.STAGE_STATE_FREE
+
+
+def test_a_huge_run_id_is_a_bad_request(stage_process):
+    endpoint = stage_process()
+    huge = StageClient(endpoint, coordinator_id="coord-a", term=1, run_id="r" * 300)
+    refusal = rejected(lambda: huge.call(
+        claim=pb.Claim(package=pb.PackageIdentity(ref="pkg"), lease_duration_ms=30_000)))
+    assert refusal.reason == pb.REJECT_REASON_BAD_REQUEST and "at most 256" in refusal.message
+    status = client(endpoint, 1).status()
+    assert status.state == pb.STAGE_STATE_FREE and not status.holder_coordinator_id
 
 
 def test_health_is_503_with_why_as_soon_as_stage_0_loses_a_stages_claim(tiny_llama_package, stage_processes,
