@@ -1,7 +1,8 @@
 """Token trees served: stage 0 drafts a tree per step (a draft model's, n-gram branches) and
-verifies it through a real second stage process; greedy text over the official `openai`
-client is token for token the text without speculation, for concurrent requests whose trees
-share passes too, and `usage.speculative.tree` says what the trees did."""
+verifies it over 1, 2 or 3 real stage processes (tiny llama; qwen2, gemma3's sliding window and
+qwen3_moe's experts at 2); greedy text over the official `openai` client is token for token the
+text without speculation, for concurrent requests whose trees share passes too, and
+`usage.speculative.tree` says what the trees did."""
 
 from __future__ import annotations
 
@@ -49,18 +50,24 @@ def tree_tokenizer_dir(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFact
                                small_tokenizer(smollm2_gguf))
 
 
-@pytest.fixture(scope="module", params=["llama", pytest.param("qwen2", marks=pytest.mark.slow),
-                                        pytest.param("gemma3_text", marks=pytest.mark.slow)])
+# (architecture, stage processes): one fast case; the stage counts on llama, the others at 2.
+SLOW_PIPELINES = [("llama", 1), ("llama", 3), ("qwen2", 2), ("gemma3_text", 2), ("qwen3_moe", 2)]
+PIPELINES = [("llama", 2)] + [pytest.param(case, marks=pytest.mark.slow) for case in SLOW_PIPELINES]
+
+
+@pytest.fixture(scope="module", params=PIPELINES, ids=lambda case: f"{case[0]}-{case[1]}-stages")
 def tree_pipeline(request, tree_tokenizer_dir, tmp_path_factory):
-    """Stage 0 over one peer process: the tiny model's draft, fixed windows, trees by --tree."""
-    root = tmp_path_factory.mktemp(f"tree-serving-{request.param}")
-    target, draft = tiny_pair(root, request.param, tree_tokenizer_dir)
+    """Stage 0 and its peer processes: the tiny model's draft, fixed windows, trees by --tree."""
+    arch, stage_count = request.param
+    root = tmp_path_factory.mktemp(f"tree-serving-{arch}-{stage_count}")
+    target, draft = tiny_pair(root, arch, tree_tokenizer_dir)
     (root / "admin-token").write_text(ADMIN_TOKEN + "\n")
     config = (f'[defaults.speculative]\ndraft_model = "{draft}"\nwindow_policy = "fixed"\n'
               f'initial_window = 4\ntree = "auto"\noverlap = true\n[admin]\ndraft_roots = ["{root}"]\n')
-    stage0, stages = start_stage0(target, 1, root / "cache", config, "--tree", "4,3",
+    stage0, stages = start_stage0(target, stage_count - 1, root / "cache", config, "--tree", "4,3",
                                   "--admin-token-file", str(root / "admin-token"))
     wait_for_draft(stage0, "ready")
+    assert len(stage0.status()["stages"]) == stage_count  # stage 0's own layers, then each peer's
     yield stage0
     stage0.stop()
     for stage in stages:

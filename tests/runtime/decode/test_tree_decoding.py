@@ -22,6 +22,7 @@ from layerline.runtime.decode.scheduled_drafter import ScheduledDrafter
 from layerline.runtime.decode.targets import LocalTarget
 from layerline.runtime.decode.tree_accept import accept_tree, greedy_verdict
 from layerline.runtime.decode.window_policy import FixedWindow
+from layerline.runtime.stage0.target import PipelineTarget
 
 from sampling_checks import (
     SAMPLES,
@@ -392,3 +393,43 @@ def test_sampled_tree_steps_follow_the_targets_distribution_with_a_draft_model(b
     p_value, df = chi_square_p(counts, joint, SAMPLES)
     assert p_value > SIGNIFICANCE, f"chi-square p={p_value:.2g} (df={df}), branching {branching}"
     assert 0 < accepted < drafted and full > 0
+
+
+@pytest.mark.parametrize("branching", [2, pytest.param(3, marks=pytest.mark.slow),
+                                       pytest.param(4, marks=pytest.mark.slow)])
+def test_sampled_trees_of_sessions_sharing_passes_follow_the_targets_distribution(branching, tiny):
+    """Stage 0's batching: each session drafts its tree on a scheduled drafter and verifies it on
+    the target's batch scheduler while other sessions' trees ride the same passes."""
+    model, draft = tiny["target"], tiny["bad-wide"]
+    params = SamplingParams(max_tokens=3, temperature=1.0)
+    prompt = [3, 5, 3, 5, 3]
+    targets, drafts = one_stage_scheduler(model), one_stage_scheduler(draft)
+
+    def sample(seed: int) -> tuple[tuple[int, ...], int, int]:
+        seeded = replace(params, seed=seed)
+        target = PipelineTarget(targets.open(f"t{seed}"))
+        session = drafts.open(f"d{seed}")
+        drafter = ScheduledDrafter(session, draft.head.vocab_size, seeded, supports_trees=True)
+        try:
+            generation = generate(target, prompt, seeded, drafter=drafter, policy=FixedWindow(2),
+                                  tree=TreeShape(2, branching), first_token_first=False)
+            tokens = tuple(t.id for t in generation)
+        finally:
+            target.session.close()
+            session.close()
+        return tokens, generation.stats.drafted, generation.stats.accepted
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            runs = list(pool.map(sample, range(SAMPLES)))
+    finally:
+        targets.close()
+        drafts.close()
+    counts = Counter(tokens for tokens, _, _ in runs)
+    joint = exact_joint(model, prompt, params)
+    assert not [cell for cell in counts if joint[cell] == 0]
+    p_value, df = chi_square_p(counts, joint, SAMPLES)
+    assert p_value > SIGNIFICANCE, f"chi-square p={p_value:.2g} (df={df}), branching {branching}"
+    drafted, accepted = sum(r[1] for r in runs), sum(r[2] for r in runs)
+    assert 0 < accepted < drafted
+    assert targets.to_json()["max_seen"] > 1 and drafts.to_json()["max_seen"] > 1  # shared passes
