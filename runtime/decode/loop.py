@@ -453,14 +453,14 @@ class Generation:
             self.target.forward(tail, len(committed) - 1 - len(tail))
             tail = []
         pending = ahead or self.target.submit([*tail, committed[-1], *step.tokens],
-                                              len(committed) - 1 - len(tail))
+                                              len(committed) - 1 - len(tail), logits_from=len(tail))
         upcoming = self._prepare(committed, step, pending) if self.overlap else None
         clock.prepared = time.perf_counter()
         if upcoming is not None and self.run_ahead:
             # Into the pipeline before the verdict: a stage drops it if the verdict rejects it.
             self._ahead = self.target.submit(upcoming.prefix[-1:] + upcoming.step.tokens,
                                              len(upcoming.prefix) - 1)
-        logits = pending.result()[len(tail):]
+        logits = pending.result()
         clock.verified = time.perf_counter()
         accepted, chosen = self._verify(logits, committed, step)
         out = [*step.tokens[:accepted], chosen]
