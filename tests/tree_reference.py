@@ -29,8 +29,8 @@ class ChainTreeTarget:
     def forward(self, tokens: list[int], start_pos: int) -> mx.array:
         return self.inner.forward(tokens, start_pos)
 
-    def submit(self, tokens: list[int], start_pos: int) -> PendingPass:
-        return self.inner.submit(tokens, start_pos)
+    def submit(self, tokens: list[int], start_pos: int, logits_from: int = 0) -> PendingPass:
+        return self.inner.submit(tokens, start_pos, logits_from)
 
     def forward_lazy(self, token: mx.array, start_pos: int) -> mx.array:
         return self.inner.forward_lazy(token, start_pos)

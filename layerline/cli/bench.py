@@ -27,7 +27,7 @@ def bench_decode(
     mlx_lm: Annotated[bool, typer.Option(help="Also run a bare mlx-lm loop on the same weights.")] = True,
     llama_bench: Annotated[Path | None, typer.Option(help="llama.cpp's llama-bench binary: also run it on the same GGUF and threads.")] = None,
     llama_threads: Annotated[int | None, typer.Option(help="llama-bench -t (default: the threads layerline's CPU kernel uses).")] = None,
-    profile: Annotated[bool, typer.Option(help="Also time one decoded token per op class (packed weights), with mlx's ops and with the fused ones.")] = False,
+    profile: Annotated[bool, typer.Option(help="Also time one decoded token and the prompt's prefill per op class (packed weights), with mlx's ops and with the fused ones.")] = False,
 ) -> None:
     """Prefill and decode tok/s per weight format, beside a bare mlx-lm loop on the same weights."""
     from layerline.runtime.bench.decode import BENCH_FORMATS, auto_choice, render_rows
@@ -63,6 +63,8 @@ def bench_decode(
         prompt = bench_prompt(load_tokenizer(LayerPackage.open(package)), prompt_tokens)
         typer.echo(f"one decoded token per op class (packed weights, context {prompt_tokens}+{tokens // 2}):")
         typer.echo(render_profiles(profile_both(package, prompt, tokens)))
+        typer.echo(f"the prompt's prefill as one chunk per op class ({prompt_tokens} rows):")
+        typer.echo(render_profiles(profile_both(package, prompt, tokens, prefill=True)))
     typer.echo(f"{load_fast_blas().describe()} {cpu_kernel().describe()}")
     typer.echo(f"--weights auto here: {auto_choice(package).describe()}")
 

@@ -1,11 +1,13 @@
-"""`layerline bench decode --profile`: where a decoded token's time goes, per op class.
+"""`layerline bench decode --profile`: where a decoded token's time goes, and a prompt's
+prefill chunk's, per op class.
 
 Each class is timed in isolation on the real modules of every layer (their weights, shapes
-and, for attention, a KV cache as long as the decode's average context): 16 copies of the op
-in one `mx.eval`, best of 5 runs, so each figure is the op's cost inside a graph (its
-scheduling included) without the rest of the token. The classes are summed over the layers
-and set beside the measured time of a whole token; what is left is Python, building the
-graph, the KV-cache writes, reshapes and scheduling between ops ("the rest").
+and, for attention, a KV cache as long as the decode's average context, or the chunk's causal
+attention over itself): 16 copies of the op in one `mx.eval` (one copy per 16 rows of a
+chunk), best of 5 runs, so each figure is the op's cost inside a graph (its scheduling
+included) without the rest of the pass. The classes are summed over the layers and set beside
+the measured time of a whole token (or chunk); what is left is Python, building the graph,
+the KV-cache writes, reshapes and scheduling between ops ("the rest").
 
 The profile is taken twice in one process: with mlx's CPU ops for norms, RoPE, attention and
 activations (`LAYERLINE_CPU_FUSED=off`), then with the extension's fused ops.
@@ -41,8 +43,9 @@ CLASSES = ("packed products", "norms + residual adds", "RoPE", "attention", "act
 @dataclass(frozen=True)
 class TokenProfile:
     fused: bool
-    token_ms: float  # a whole decoded token, measured through the decode loop
+    token_ms: float  # a whole decoded token (or prefill chunk), measured
     class_ms: dict[str, float]  # per op class, summed over the layers
+    rows: int = 1  # query rows of the pass profiled: 1 a decoded token, else a prefill chunk
 
     @property
     def rest_ms(self) -> float:
@@ -64,46 +67,49 @@ def fused_ops_switched(on: bool) -> Iterator[None]:
             os.environ[FUSED_ENV_VAR] = before
 
 
-def time_op(op: Callable[[], Any]) -> float:
-    """Seconds one call of `op` costs inside a graph: COPIES in one evaluation, best of REPEATS."""
+def time_op(op: Callable[[], Any], copies: int = COPIES) -> float:
+    """Seconds one call of `op` costs inside a graph: `copies` in one evaluation, best of REPEATS."""
     mx.eval(op())
     best = float("inf")
     for _ in range(REPEATS):
         started = time.perf_counter()
-        mx.eval([op() for _ in range(COPIES)])
-        best = min(best, (time.perf_counter() - started) / COPIES)
+        mx.eval([op() for _ in range(copies)])
+        best = min(best, (time.perf_counter() - started) / copies)
     return best
 
 
-def _layer_classes(layer: Any, context: int) -> dict[str, float]:
-    """One llama-shaped block's op classes, at a KV cache of `context` positions."""
+def _layer_classes(layer: Any, context: int, rows: int = 1) -> dict[str, float]:
+    """One llama-shaped block's op classes for `rows` query rows at a KV cache of `context`
+    positions (the rows' own included)."""
+    copies = max(1, COPIES // rows)
     attn, mlp = layer.self_attn, layer.mlp
-    x = mx.random.normal((1, 1, layer.post_attention_layernorm.weight.shape[0]))
+    x = mx.random.normal((1, rows, layer.post_attention_layernorm.weight.shape[0]))
     q = attn.q_proj(x)
     heads, kv_heads = attn.n_heads, attn.n_kv_heads
     head_dim = q.shape[-1] // heads
     cache = KVCache()  # laid out as decoding leaves it: a slice of a bigger buffer
     keys, values = cache.update_and_fetch(mx.random.normal((1, kv_heads, context, head_dim)),
                                           mx.random.normal((1, kv_heads, context, head_dim)))
-    queries = q.reshape(1, 1, heads, head_dim).transpose(0, 2, 1, 3)
-    key_row = attn.k_proj(x).reshape(1, 1, kv_heads, head_dim).transpose(0, 2, 1, 3)
-    gate, attended = mlp.gate_proj(x), mx.random.normal((1, 1, heads * head_dim))
+    queries = q.reshape(1, rows, heads, head_dim).transpose(0, 2, 1, 3)
+    key_row = attn.k_proj(x).reshape(1, rows, kv_heads, head_dim).transpose(0, 2, 1, 3)
+    gate, attended = mlp.gate_proj(x), mx.random.normal((1, rows, heads * head_dim))
+    mask = "causal" if rows > 1 else None
     mx.eval(x, q, keys, values, queries, key_row, gate, attended)
     norm = layer.post_attention_layernorm
     activation = silu_mul if isinstance(mlp, FUSED_MLPS) else swiglu
     products = ((attn.q_proj, x), (attn.k_proj, x), (attn.v_proj, x), (attn.o_proj, attended),
                 (mlp.gate_proj, x), (mlp.up_proj, x), (mlp.down_proj, gate))
     return {
-        "packed products": sum(time_op(lambda p=p, i=i: p(i)) for p, i in products),
+        "packed products": sum(time_op(lambda p=p, i=i: p(i), copies) for p, i in products),
         "norms + residual adds": (
-            time_op(lambda: layer.input_layernorm(x)) + time_op(lambda: x + x)
+            time_op(lambda: layer.input_layernorm(x), copies) + time_op(lambda: x + x, copies)
             + time_op(lambda: list(add_rms_norm(x, x, norm)) if isinstance(layer, FUSED_BLOCKS)
-                      else [x + x, norm(x + x)])),
-        "RoPE": (time_op(lambda: attn.rope(queries, offset=context))
-                 + time_op(lambda: attn.rope(key_row, offset=context))),
-        "attention": time_op(lambda: attention(queries, keys, values, cache, attn.scale, None)
-                             .transpose(0, 2, 1, 3).reshape(1, 1, -1)),
-        "activations": time_op(lambda: activation(gate, gate)),
+                      else [x + x, norm(x + x)], copies)),
+        "RoPE": (time_op(lambda: attn.rope(queries, offset=context - rows), copies)
+                 + time_op(lambda: attn.rope(key_row, offset=context - rows), copies)),
+        "attention": time_op(lambda: attention(queries, keys, values, cache, attn.scale, mask)
+                             .transpose(0, 2, 1, 3).reshape(1, rows, -1), copies),
+        "activations": time_op(lambda: activation(gate, gate), copies),
     }
 
 
@@ -117,33 +123,51 @@ def _token_ms(pipeline: LocalPipeline, prompt: list[int], tokens: int) -> float:
     return best * 1000
 
 
-def profile_token(package_dir: str | Path, prompt: list[int], tokens: int = 64) -> TokenProfile:
-    """One decoded token of the packed package, per op class, with the fused ops as switched now."""
+def _prefill_ms(pipeline: LocalPipeline, prompt: list[int]) -> float:
+    """Milliseconds from a prompt to its first token through the decode loop, best of two runs."""
+    best = float("inf")
+    for _ in range(2):
+        started = time.perf_counter()
+        for _ in generate(LocalTarget.open(pipeline), prompt, SamplingParams(max_tokens=1)):
+            best = min(best, time.perf_counter() - started)
+    return best * 1000
+
+
+def profile_token(package_dir: str | Path, prompt: list[int], tokens: int = 64,
+                  prefill: bool = False) -> TokenProfile:
+    """One decoded token of the packed package (or, `prefill`, the prompt's prefill as one chunk),
+    per op class, with the fused ops as switched now."""
     pipeline = LocalPipeline.load(package_dir, None, "packed")
-    token_ms = _token_ms(pipeline, prompt, tokens)
-    context = len(prompt) + tokens // 2  # the decode's average context
+    if prefill:
+        _prefill_ms(pipeline, prompt)  # warm-up: the first call pays for allocations
+        token_ms, rows, context = _prefill_ms(pipeline, prompt), len(prompt), len(prompt)
+    else:
+        token_ms, rows = _token_ms(pipeline, prompt, tokens), 1
+        context = len(prompt) + tokens // 2  # the decode's average context
     classes = dict.fromkeys(CLASSES, 0.0)
     for layer_range in pipeline.ranges:
         for layer in layer_range.layers:
-            for name, seconds in _layer_classes(layer, context).items():
+            for name, seconds in _layer_classes(layer, context, rows).items():
                 classes[name] += seconds
     head = pipeline.head
     h = mx.random.normal((1, 1, head.norm.weight.shape[0]))
-    token = mx.array([[prompt[-1]]], dtype=mx.uint32)
+    token = mx.array([prompt[-rows:]], dtype=mx.uint32)
     logits = head.logits(h)
     mx.eval(h, logits)
     classes["embedding"] = time_op(lambda: head.embed(token))
-    classes["head (norm + product)"] = time_op(lambda: head.logits(h))
+    classes["head (norm + product)"] = time_op(lambda: head.logits(h))  # the last row's only
     classes["sampling"] = time_op(lambda: mx.argmax(logits[:, -1], axis=-1))
-    return TokenProfile(fused_ops_enabled(), token_ms, {k: v * 1000 for k, v in classes.items()})
+    return TokenProfile(fused_ops_enabled(), token_ms, {k: v * 1000 for k, v in classes.items()}, rows)
 
 
-def profile_both(package_dir: str | Path, prompt: list[int], tokens: int = 64) -> list[TokenProfile]:
-    """The token's profile with mlx's ops, then with the fused ops (where they run), in this process."""
+def profile_both(package_dir: str | Path, prompt: list[int], tokens: int = 64,
+                 prefill: bool = False) -> list[TokenProfile]:
+    """The token's (or prefill's) profile with mlx's ops, then with the fused ops (where they
+    run), in this process."""
     profiles = []
     for on in (False, True):
         with fused_ops_switched(on):
-            profiles.append(profile_token(package_dir, prompt, tokens))
+            profiles.append(profile_token(package_dir, prompt, tokens, prefill))
     return profiles
 
 
@@ -160,5 +184,6 @@ def render_profiles(profiles: list[TokenProfile]) -> str:
     for name in CLASSES:
         lines.append(row(name, [p.class_ms[name] for p in profiles]))
     lines.append(row("the rest (Python, graph, KV writes, scheduling)", [p.rest_ms for p in profiles]))
-    lines.append(row("**whole token (measured)**", [p.token_ms for p in profiles]))
+    whole = "whole token" if profiles[0].rows == 1 else f"whole prefill of {profiles[0].rows} tokens"
+    lines.append(row(f"**{whole} (measured)**", [p.token_ms for p in profiles]))
     return "\n".join(lines)

@@ -71,12 +71,13 @@ class LocalPipeline:
         """Fresh caches for one session: one RangeCache per range."""
         return [RangeCache(r.make_cache()) for r in self.ranges]
 
-    def __call__(self, tokens: mx.array, caches: list[RangeCache]) -> mx.array:
-        """Token ids (B, L) -> logits (B, L, vocab), extending every range's cache by L."""
+    def __call__(self, tokens: mx.array, caches: list[RangeCache], logits_from: int = 0) -> mx.array:
+        """Token ids (B, L) -> logits (B, L - logits_from, vocab) of the rows from `logits_from`,
+        extending every range's cache by L (the head skips the rows before: a prompt's)."""
         h = self.head.embed(tokens)
         for layer_range, cache in zip(self.ranges, caches, strict=True):
             h = layer_range(h, cache.caches)
-        return self.head.logits(h)
+        return self.head.logits(h[:, logits_from:] if logits_from else h)
 
     @property
     def supports_trees(self) -> bool:

@@ -47,7 +47,9 @@ class LogitsModel(Protocol):
 
     supports_trees: bool  # `forward_tree` can run a tree of rows
 
-    def __call__(self, tokens: mx.array, caches: list[RangeCache]) -> mx.array: ...
+    def __call__(self, tokens: mx.array, caches: list[RangeCache], logits_from: int = 0) -> mx.array:
+        """Token ids (B, L) -> logits (B, L - logits_from, vocab) of the rows from `logits_from`."""
+        ...
 
     def forward_tree(self, tokens: mx.array, caches: list[RangeCache], tree: Tree) -> mx.array:
         """Token ids (1, L), the tree's last L nodes -> logits (1, L, vocab)."""
@@ -95,8 +97,9 @@ class Target(Protocol):
         """Logits (L, vocab) for `tokens` placed at absolute positions start_pos.."""
         ...
 
-    def submit(self, tokens: list[int], start_pos: int) -> PendingPass:
-        """Start `forward(tokens, start_pos)`; the caller may work meanwhile, then read `result()`.
+    def submit(self, tokens: list[int], start_pos: int, logits_from: int = 0) -> PendingPass:
+        """Start `forward(tokens, start_pos)`; the caller may work meanwhile, then read `result()`,
+        the logits of the rows from `logits_from` (a prompt's tail riding with a step reads none).
 
         Passes may be submitted before earlier ones are read (run-ahead); each submit
         truncates at its start_pos first, as `forward` does.
@@ -170,11 +173,12 @@ class LocalTarget:
         mx.eval(logits)
         return logits
 
-    def submit(self, tokens: list[int], start_pos: int) -> PendingPass:
-        """The pass's graph, queued for evaluation; its logits are read by `result()`."""
+    def submit(self, tokens: list[int], start_pos: int, logits_from: int = 0) -> PendingPass:
+        """The pass's graph, queued for evaluation; its logits (rows from `logits_from`: the head
+        runs on those only) are read by `result()`."""
         self._check_pass(start_pos, start_pos)
         self.rewind(start_pos)
-        logits = self.model(mx.array([tokens], dtype=mx.uint32), self.caches)[0]
+        logits = self.model(mx.array([tokens], dtype=mx.uint32), self.caches, logits_from)[0]
         mx.async_eval(logits)
         return _QueuedPass(logits)
 

@@ -1,5 +1,5 @@
 """The rest of a layer on layerline's CPU extension: RMSNorm (and residual add + RMSNorm), RoPE,
-SiLU(gate) * up, attention of a few query rows over a KV cache, and attention of one row of
+SiLU(gate) * up, attention of a chunk's query rows over a KV cache, and attention of one row of
 each of a batch pass's sessions over each one's own cache, in one call.
 
 mlx's CPU backend has no kernels for `mx.fast.rms_norm`, `mx.fast.rope` or
@@ -31,7 +31,6 @@ from .cpu_kernel import cpu_kernel
 log = logging.getLogger("layerline.runtime")
 
 ENV_VAR = "LAYERLINE_CPU_FUSED"  # "off": mlx's ops for norms, RoPE, attention and SiLU*mul
-MAX_ATTENTION_ROWS = 16  # a decode step or a verify window; prefill keeps mlx's matmuls
 
 
 def fused_ops_enabled() -> bool:
@@ -173,10 +172,11 @@ def use_fused_ops(module: nn.Module) -> int:
 
 def fused_attention(queries: mx.array, keys: mx.array, values: mx.array, scale: float,
                     mask: Any) -> mx.array | None:
-    """Attention of a few f32 query rows by the extension, or None where mlx's op must run
-    (not on the CPU kernel, another dtype, a mask array, many rows)."""
+    """Attention of f32 query rows (a decode step, a verify window, a prefill chunk) by the
+    extension, or None where mlx's op must run (not on the CPU kernel, another dtype, a mask
+    array, more causal rows than keys)."""
     causal_or_none = mask is None or isinstance(mask, str) and mask == "causal"
-    if queries.shape[2] > MAX_ATTENTION_ROWS or not causal_or_none:
+    if not causal_or_none or mask is not None and queries.shape[2] > keys.shape[2]:
         return None
     if any(a.dtype != mx.float32 for a in (queries, keys, values)) or not fused_ops_enabled():
         return None

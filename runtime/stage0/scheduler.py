@@ -93,8 +93,9 @@ class BatchPass:
     """A pass submitted to the scheduler whose logits are not read yet (a decode loop's PendingPass)."""
 
     def __init__(self, submission: _Submission, head: Head,
-                 withdraw: Callable[[_Submission], None]) -> None:
+                 withdraw: Callable[[_Submission], None], logits_from: int = 0) -> None:
         self._submission = submission
+        self._logits_from = logits_from  # rows before it are not read: a prompt's tail
         self._head = head  # a prompt's logits are computed only if read
         self._withdraw = withdraw  # takes the submission out of its lane's queue
 
@@ -112,8 +113,8 @@ class BatchPass:
         if sub.logits is None:
             # A prompt's logits: built lazily here, in the caller's thread (mlx evaluates a graph
             # on the thread that built it), and computed only if read, which prefill never does.
-            return self._head.logits(mx.concatenate(sub.pieces)[None])[0]
-        return sub.logits
+            return self._head.logits(mx.concatenate(sub.pieces)[None, self._logits_from:])[0]
+        return sub.logits[self._logits_from:]
 
     def discard(self) -> None:
         """Give the pass up: dropped from the queue if it has not run yet."""
@@ -147,12 +148,13 @@ class BatchSession:
         """Logits (L, vocab) for `tokens` placed at absolute positions start_pos.. on every stage."""
         return self.submit(tokens, start_pos).result()
 
-    def submit(self, tokens: list[int], start_pos: int) -> BatchPass:
-        """Queue `tokens` at `start_pos` for the lane's next pass; the logits come from `.result()`."""
+    def submit(self, tokens: list[int], start_pos: int, logits_from: int = 0) -> BatchPass:
+        """Queue `tokens` at `start_pos` for the lane's next pass; the logits of the rows from
+        `logits_from` come from `.result()`."""
         self.pipeline.check_tokens(tokens)
         sub = self.lane.submit(self, list(tokens), start_pos)
         self._tree = None  # as on the stages, whose frame after a tree's forgets it
-        return BatchPass(sub, self.pipeline.head, self.lane.withdraw)
+        return BatchPass(sub, self.pipeline.head, self.lane.withdraw, logits_from)
 
     def submit_tree(self, tokens: list[int], parents: list[int], start_pos: int) -> BatchPass:
         """Queue the last len(tokens) nodes of the tree `parents` whose root sits at `start_pos`

@@ -26,9 +26,10 @@ class PipelineTarget:
         """Logits (L, vocab) from the whole pipeline, one frame of `tokens` at `start_pos`."""
         return self.session.forward(tokens, start_pos)
 
-    def submit(self, tokens: list[int], start_pos: int) -> PendingPass:
-        """Stage 0's layers now, the other stages meanwhile: read the logits with `result()`."""
-        return self.session.submit(tokens, start_pos)
+    def submit(self, tokens: list[int], start_pos: int, logits_from: int = 0) -> PendingPass:
+        """Stage 0's layers now, the other stages meanwhile: read the logits of the rows from
+        `logits_from` with `result()`."""
+        return self.session.submit(tokens, start_pos, logits_from)
 
     @property
     def supports_trees(self) -> bool:

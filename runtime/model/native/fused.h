@@ -1,5 +1,5 @@
 // The rest of a layer on the CPU, without mlx: RMSNorm (with the residual add before it),
-// RoPE, SiLU(gate) * up and attention of a few query rows over a KV cache. One table of
+// RoPE, SiLU(gate) * up and attention of query rows (a few, or a prefill chunk) over a KV cache. One table of
 // functions per instruction set, compiled from one source (fused_impl.h) with that set's flags.
 #pragma once
 

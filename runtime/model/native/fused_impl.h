@@ -105,36 +105,45 @@ void silu_mul(const float* gate, const float* up, float* y, size_t n) {
   for (size_t i = 0; i < n; ++i) y[i] = gate[i] / (1.0f + exp_approx(-gate[i])) * up[i];
 }
 
+// Query rows a tile: their scores over every key stay at most 64 x T floats (a prefill chunk
+// of 512 rows over a long cache would otherwise hold group x 512 x T).
+constexpr int kTileRows = 64;
+
 void attention(const AttentionArgs& a, int g0, int g1) {
   const int H = a.q.shape[1], L = a.q.shape[2], D = a.q.shape[3];
   const int Hk = a.k.shape[1], T = a.k.shape[2], Dv = a.v.shape[3];
   const int group = H / Hk, rows = group * L;
-  std::vector<float> scores(size_t(rows) * T);
+  std::vector<float> scores(size_t(std::min(rows, kTileRows)) * T);
   for (int gi = g0; gi < g1; ++gi) {
     const int b = gi / Hk, kv = gi % Hk;
-    // Scores of every query row of the group's heads, each key read once for all of them.
-    for (int t = 0; t < T; ++t) {
-      const float* key = a.k.row(b, kv, t);
-      for (int r = 0; r < rows; ++r) {
+    for (int r0 = 0; r0 < rows; r0 += kTileRows) {
+      const int r1 = std::min(rows, r0 + kTileRows);
+      // Scores of the tile's query rows, each key read once for all of them; a causal row's
+      // keys past its own position are never read.
+      for (int t = 0; t < T; ++t) {
+        const float* key = a.k.row(b, kv, t);
+        for (int r = r0; r < r1; ++r) {
+          const int h = kv * group + r / L, l = r % L;
+          if (a.causal && t > T - L + l) continue;
+          scores[size_t(r - r0) * T + t] = dot(a.q.row(b, h, l), key, D) * a.scale;
+        }
+      }
+      for (int r = r0; r < r1; ++r) {
         const int h = kv * group + r / L, l = r % L;
-        scores[size_t(r) * T + t] = dot(a.q.row(b, h, l), key, D) * a.scale;
+        const int seen = a.causal ? T - L + l + 1 : T;
+        float* s = scores.data() + size_t(r - r0) * T;
+        float top = s[0];
+        for (int t = 1; t < seen; ++t) top = std::max(top, s[t]);
+        float total = 0.0f;
+        for (int t = 0; t < seen; ++t) {
+          s[t] = exp_approx(s[t] - top);
+          total += s[t];
+        }
+        const float inv = 1.0f / total;
+        float* y = a.y + ((size_t(b) * H + h) * L + l) * Dv;
+        std::fill(y, y + Dv, 0.0f);
+        for (int t = 0; t < seen; ++t) axpy(s[t] * inv, a.v.row(b, kv, t), y, Dv);
       }
-    }
-    for (int r = 0; r < rows; ++r) {
-      const int h = kv * group + r / L, l = r % L;
-      const int seen = a.causal ? T - L + l + 1 : T;
-      float* s = scores.data() + size_t(r) * T;
-      float top = s[0];
-      for (int t = 1; t < seen; ++t) top = std::max(top, s[t]);
-      float total = 0.0f;
-      for (int t = 0; t < seen; ++t) {
-        s[t] = exp_approx(s[t] - top);
-        total += s[t];
-      }
-      const float inv = 1.0f / total;
-      float* y = a.y + ((size_t(b) * H + h) * L + l) * Dv;
-      std::fill(y, y + Dv, 0.0f);
-      for (int t = 0; t < seen; ++t) axpy(s[t] * inv, a.v.row(b, kv, t), y, Dv);
     }
   }
 }

@@ -17,6 +17,19 @@ namespace {
 
 // Below this many bytes of keys and values an attention call runs on one thread.
 constexpr size_t kAttentionBytesPerThread = 128 * 1024;
+// Below this many floats a norm's rows or an activation run on one thread (a decode step's
+// are a few thousand: waking the pool would cost more than the op; a prefill chunk's are many).
+constexpr size_t kElementsPerThread = 64 * 1024;
+
+// fn(first, end) over [0, count) in at most one part per thread, one part where `elements` is small.
+template <typename Fn>
+void split_rows(size_t count, size_t elements, Fn fn) {
+  auto& pool = kernel_pool();
+  const int parts = int(std::clamp<size_t>(elements / kElementsPerThread, 1,
+                                            std::min<size_t>(pool.size(), std::max<size_t>(count, 1))));
+  if (parts == 1) return fn(size_t(0), count);
+  pool.run(parts, [&](int part) { fn(count * part / parts, count * (part + 1) / parts); });
+}
 
 const FusedKernels& kernels() {
   // The packed-weight kernel's choice of instruction set (LAYERLINE_KERNEL_ISA forces it).
@@ -140,7 +153,9 @@ void LayerOp::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::arr
       args.sum = add ? outputs[0].data<float>() : nullptr;
       args.y = outputs[add ? 1 : 0].data<float>();
       args.eps = p.eps;
-      encoder.dispatch([args, fn = k.rms_norm]() { fn(args, 0, args.M); });
+      encoder.dispatch([args, fn = k.rms_norm]() {
+        split_rows(args.M, size_t(args.M) * args.D, [&](size_t m0, size_t m1) { fn(args, int(m0), int(m1)); });
+      });
       break;
     }
     case LayerOpKind::rope: {
@@ -159,13 +174,16 @@ void LayerOp::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::arr
       const float* up = inputs[1].data<float>();
       float* y = outputs[0].data<float>();
       const size_t n = outputs[0].size();
-      encoder.dispatch([=, fn = k.silu_mul]() { fn(gate, up, y, n); });
+      encoder.dispatch([=, fn = k.silu_mul]() {
+        split_rows(n, n, [&](size_t i0, size_t i1) { fn(gate + i0, up + i0, y + i0, i1 - i0); });
+      });
       break;
     }
     case LayerOpKind::attention: {
       AttentionArgs args{view4(inputs[0]), view4(inputs[1]), view4(inputs[2]), outputs[0].data<float>(),
                          p.scale, p.causal};
-      const size_t kv_bytes = (inputs[1].size() + inputs[2].size()) * sizeof(float);
+      // Keys and values as often as query rows read them: a prefill chunk splits even over a short cache.
+      const size_t kv_bytes = (inputs[1].size() + inputs[2].size()) * sizeof(float) * inputs[0].shape(2);
       encoder.dispatch([args, kv_bytes, fn = k.attention]() mutable {
         std::vector<float> q_copy, k_copy, v_copy;
         args.q = rows_contiguous(args.q, q_copy);

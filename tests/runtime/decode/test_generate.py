@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+import mlx.core as mx
 import pytest
 
 from layerline.errors import ChatTemplateError, ContextLengthError
@@ -112,6 +113,16 @@ def test_cache_holds_prompt_and_all_but_the_last_token_after_generation(smollm2)
     prompt = chat(smollm2, CAPITAL)
     list(generate(target, prompt, SamplingParams(max_tokens=6)))  # the loop queued a 7th step ahead
     assert all(c.length == len(prompt) + 6 - 1 for c in target.caches)
+
+
+def test_a_pass_gives_the_logits_of_the_rows_it_is_asked_for_only(smollm2):
+    prompt = chat(smollm2, CAPITAL)
+    target = LocalTarget.open(smollm2)
+    every_row = target.forward(prompt, 0)
+    last_rows = target.submit(prompt, 0, logits_from=len(prompt) - 2).result()  # the head on 2 rows
+    assert last_rows.shape == (2, every_row.shape[1])
+    assert mx.allclose(last_rows, every_row[-2:], atol=1e-4)
+    assert all(c.length == len(prompt) for c in target.caches)
 
 
 def test_prompt_longer_than_the_context_is_refused(smollm2):

@@ -69,11 +69,14 @@ for traditional in (False, True):
         ref = mx.fast.rope(x, dims, traditional=traditional, base=base, scale=scale, offset=offsets)
         got = native.rope_at(x, inverse, dims, traditional, scale, offsets)
         check(f"rope traditional={traditional}", got, ref)
-gate, up = mx.random.normal((2, 1, 8960)) * 6, mx.random.normal((2, 1, 8960))
-check("silu_mul", native.silu_mul(gate, up), nn.silu(gate) * up)
+for rows in (1, 64):  # 64: a prefill chunk's, split over the threads
+    gate, up = mx.random.normal((2, rows, 8960)) * 6, mx.random.normal((2, rows, 8960))
+    check("silu_mul", native.silu_mul(gate, up), nn.silu(gate) * up)
+x, w = mx.random.normal((1, 128, 1536)), mx.random.normal((1536,))
+check("rms_norm", native.rms_norm(x, w, 1e-5), mx.fast.rms_norm(x, w, 1e-5))
 for B, H, Hk, D in ((1, 9, 3, 64), (2, 12, 2, 128), (1, 4, 4, 32)):
     for rows, length, causal in ((1, 1, False), (1, 300, False), (3, 40, True), (5, 5, True), (4, 100, False),
-                                 (16, 700, True)):
+                                 (16, 700, True), (128, 128, True), (100, 300, True)):  # prefill chunks
         # Keys and values as a KV cache hands them over: a slice of a longer buffer.
         keys = mx.random.normal((B, Hk, 1024, D))[:, :, :length]
         values = mx.random.normal((B, Hk, 1024, D))[:, :, :length]
@@ -112,11 +115,13 @@ def test_fused_ops_match_mlx_on_each_instruction_set(isa):
     assert not bad and len(report["worst"]) == 7
 
 
-def test_fused_attention_leaves_mask_arrays_many_rows_and_half_floats_to_mlx():
+def test_fused_attention_leaves_mask_arrays_rows_past_the_keys_and_half_floats_to_mlx():
     q, k = mx.zeros((1, 2, 1, 8)), mx.zeros((1, 2, 4, 8))
     assert fused_attention(q, k, k, 1.0, None) is not None
     assert fused_attention(q, k, k, 1.0, mx.zeros((1, 4), dtype=mx.bool_)) is None
-    assert fused_attention(mx.zeros((1, 2, 17, 8)), k, k, 1.0, "causal") is None
+    assert fused_attention(mx.zeros((1, 2, 5, 8)), k, k, 1.0, "causal") is None
+    long_keys = mx.zeros((1, 2, 200, 8))  # a prefill chunk of 128 rows after 72 cached positions
+    assert fused_attention(mx.zeros((1, 2, 128, 8)), long_keys, long_keys, 1.0, "causal") is not None
     half_q, half_k = q.astype(mx.float16), k.astype(mx.float16)
     assert fused_attention(half_q, half_k, half_k, 1.0, None) is None
 
