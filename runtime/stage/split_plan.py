@@ -85,16 +85,18 @@ def plan_by_capacity(num_layers: int, stages: list[StageCapacity]) -> list[tuple
         return None
     # The best bound is some stage's time at some layer count: the smallest one that fits all.
     bounds = sorted({s.stage_s(k) for s in stages for k in range(1, min(s.max_layers, num_layers) + 1)})
+    def fits(bound_s: float) -> bool:  # every stage takes a layer, and all of them fit
+        most = [_most_layers(s, bound_s, num_layers) for s in stages]
+        return min(most) >= 1 and sum(most) >= num_layers
+
     lo, hi = 0, len(bounds) - 1
     while lo < hi:
         mid = (lo + hi) // 2
-        if sum(_most_layers(s, bounds[mid], num_layers) for s in stages) >= num_layers:
+        if fits(bounds[mid]):
             hi = mid
         else:
             lo = mid + 1
     counts = [_most_layers(s, bounds[lo], num_layers) for s in stages]
-    if min(counts) < 1:
-        return None
     # Too many layers now: take the surplus off whichever stage is slowest at the time, so that
     # the stages below the bound are balanced too.
     for _ in range(sum(counts) - num_layers):
