@@ -33,6 +33,11 @@ class LayerShape:
     def of(cls, manifest: Manifest, weight_format: str) -> LayerShape:
         """The shape of the package's layers, with the format they are to be loaded in."""
         config = manifest.config
+        missing = [k for k in ("hidden_size", "num_attention_heads", "intermediate_size")
+                   if not config.get(k)]
+        if missing:
+            raise LayerlineError(f"the model's config has no {', '.join(missing)}: its layers cannot be "
+                                 "probed", hint="the split is planned from free memory instead")
         hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
         quantization = manifest.quantization
         return cls(hidden_size=hidden, num_attention_heads=heads,

@@ -188,6 +188,8 @@ class StageNode:
             return self._reject(pb.REJECT_REASON_BAD_REQUEST,
                                 f"term {request.term} is out of range: a term is 1 to {latest} (unix "
                                 f"milliseconds now plus {MAX_CLOCK_SKEW_S:.0f} s of clock skew)")
+        # Probed before the claim is taken, so that the lease granted runs from the answer.
+        probe = self.probe(shape_from_message(claim.probe_shape)) if claim.HasField("probe_shape") else None
         held, preempted = self.claims.claim(
             request.coordinator_id, request.term, request.run_id, claim.package.ref,
             claim.package.manifest_sha256, claim.lease_duration_ms / 1000)
@@ -201,8 +203,8 @@ class StageNode:
             lease_duration_ms=claim.lease_duration_ms,
             lease_expires_unix_ms=int((time.time() + held.lease_s) * 1000),
             preempted_coordinator_id=preempted.coordinator_id if preempted else "")
-        if claim.HasField("probe_shape"):
-            accepted.probe.CopyFrom(self.probe(shape_from_message(claim.probe_shape)))
+        if probe is not None:
+            accepted.probe.CopyFrom(probe)
         return pb.StageControlResponse(claim_accepted=accepted)
 
     def probe(self, shape: LayerShape) -> pb.LayerProbe:

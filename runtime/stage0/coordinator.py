@@ -138,6 +138,15 @@ class CoordinatorOptions:
     failover_s: float = DEFAULT_FAILOVER_S  # how long a lost stage may take to be replaced
 
 
+def layer_shape(package: LayerPackage, weight_format: str) -> LayerShape | None:
+    """The shape every stage is asked to probe; None when the config does not say it."""
+    try:
+        return LayerShape.of(package.manifest, weight_format)
+    except LayerlineError as exc:
+        log.warning("event=no_probe reason=%s", exc.message)
+        return None
+
+
 class Coordinator:
     def __init__(self, package: LayerPackage, options: CoordinatorOptions,
                  on_change: Callable[[], None] | None = None, spares: SparePool | None = None,
@@ -153,7 +162,7 @@ class Coordinator:
         self.leases = LeaseKeeper(options.lease_s, self._client)
         self.stage0_range: tuple[int, int] = (0, package.manifest.num_layers)
         self.prober = prober  # times stage 0's own layers; None: stage 0 is not measured
-        self.shape = LayerShape.of(package.manifest, options.weight_format)
+        self.shape = layer_shape(package, options.weight_format)  # None: no probe, planned by memory
         self.placement: Placement | None = None  # the split and why, once planned
         self.peers: list[PeerState] = []
         self._on_change = on_change or (lambda: None)
@@ -192,7 +201,7 @@ class Coordinator:
 
     def _claim_and_report(self, client: StageClient, peer: PeerState) -> StageReport:
         """Claim a peer, asking it for a layer probe unless `--split` fixes the plan; what it reported."""
-        probing = self.options.split is None
+        probing = self.options.split is None and self.shape is not None
         response = self._step(peer, "claim", lambda: client.call(
             timeout_s=PROBE_CLAIM_TIMEOUT_S if probing else None, claim=self._claim_message(probe=probing)))
         accepted = response.claim_accepted
@@ -208,7 +217,7 @@ class Coordinator:
     def _local_report(self) -> StageReport:
         """Stage 0's own memory and, unless `--split` fixes the plan, its measured layer time."""
         free = host_memory().available
-        if self.options.split is not None or self.prober is None:
+        if self.options.split is not None or self.prober is None or self.shape is None:
             return StageReport("local", free, None, "not measured")
         try:
             timing = self.prober(self.shape)
@@ -258,7 +267,7 @@ class Coordinator:
         claim = pb.Claim(package=pb.PackageIdentity(ref=self.options.package_ref,
                                                     manifest_sha256=self.manifest_sha256),
                          lease_duration_ms=int(self.options.lease_s * 1000))
-        if probe:
+        if probe and self.shape is not None:
             claim.probe_shape.CopyFrom(shape_message(self.shape))
         return claim
 

@@ -73,15 +73,17 @@ class Placement:
         return {"source": self.source, "reason": self.reason, "stages": stages}
 
 
-def place(manifest: Manifest, shape: LayerShape, reports: list[StageReport], *, context_length: int,
+def place(manifest: Manifest, shape: LayerShape | None, reports: list[StageReport], *, context_length: int,
           max_sessions: int) -> Placement:
-    """Plan the split of stage 0 (reports[0]) and its peers from what they reported."""
+    """Plan the split of stage 0 (reports[0]) and its peers from what they reported (by free
+    memory when any stage measured nothing)."""
     n = manifest.num_layers
     unmeasured = [(i, r) for i, r in enumerate(reports) if r.timing is None]
     if unmeasured:
         i, report = unmeasured[0]
         return _by_memory(manifest, reports, f"stage {i} ({report.endpoint}) measured no layer time "
                           f"({report.why_not_measured or 'no probe'}): planned from free memory")
+    assert shape is not None  # every stage measured the shape
     capacities = [capacity(manifest, shape, r, stage0=i == 0, context_length=context_length,
                            max_sessions=max_sessions) for i, r in enumerate(reports)]
     ranges = plan_by_capacity(n, capacities)
