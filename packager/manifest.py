@@ -485,6 +485,11 @@ def parse_manifest(raw: Any, origin: str = MANIFEST_NAME) -> Manifest:
         layers[int(key)] = check_relative_path(path, origin)
     if sorted(layers) != list(range(len(layers))):
         raise ManifestError(f"{origin}: layers must be numbered 0..N-1 without gaps")
+    if len(layers) != config["num_hidden_layers"]:
+        raise ManifestError(
+            f"{origin}: config.num_hidden_layers is {config['num_hidden_layers']} but 'layers' lists "
+            f"{len(layers)} layer files", hint="rebuild the package with `layerline pkg build`: a package "
+            "holds every layer of its model, each in a file of its own")
     shared_raw = top.get("shared", dict)
     shared = {name: check_relative_path(p, origin) for name, p in shared_raw.items()}
     for needed in ("embed", "head"):

@@ -1,4 +1,5 @@
-"""Tokenizers for packages: built from GGUF metadata or copied from a folder, and fingerprinted."""
+"""Tokenizers for packages: built from GGUF metadata or copied from a folder, fingerprinted, and
+checked against the package that holds them."""
 
 from __future__ import annotations
 
@@ -6,9 +7,12 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from layerline.errors import SourceError
+from layerline.errors import PackageFileError, SourceError
+
+if TYPE_CHECKING:
+    from .manifest import Manifest
 
 # llama.cpp's pre-tokenizers that transformers' GGUF table lacks.
 # "smollm": digits one by one, then GPT-2's split (llama.cpp: LLAMA_VOCAB_PRE_TYPE_SMOLLM).
@@ -109,7 +113,10 @@ def tokenizer_fingerprint(tokenizer_json: Path) -> str:
     Two models share a tokenizer exactly when their fingerprints are equal: the
     same strings map to the same ids, and text splits the same way.
     """
-    data = json.loads(Path(tokenizer_json).read_text(encoding="utf-8"))
+    return _fingerprint_of(json.loads(Path(tokenizer_json).read_text(encoding="utf-8")))
+
+
+def _fingerprint_of(data: dict[str, Any]) -> str:
     model = data.get("model", {})
     vocab = model.get("vocab", {})
     if isinstance(vocab, dict):
@@ -125,3 +132,36 @@ def tokenizer_fingerprint(tokenizer_json: Path) -> str:
     )
     return "sha256:" + hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
+
+
+def _token_ids(data: dict[str, Any]) -> list[int]:
+    """Every token id a tokenizer.json can produce: its vocabulary's and its added tokens'."""
+    vocab = data["model"]["vocab"]
+    ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab)))
+    return [*ids, *(int(token["id"]) for token in data.get("added_tokens", []))]
+
+
+def check_package_tokenizer(root: Path, manifest: Manifest) -> None:
+    """Raise PackageFileError unless the package's tokenizer.json is the one its manifest describes
+    and every token id it can produce has a row in the embedding (fewer tokens than rows is
+    padding, as in most models; more would index past the embedding)."""
+    if "tokenizer.json" not in manifest.tokenizer.files:
+        return
+    path = Path(root) / "tokenizer.json"
+    rebuild = ("rebuild the package with `layerline pkg build` from a source whose tokenizer and "
+               "embedding agree")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        fingerprint, ids = _fingerprint_of(data), _token_ids(data)
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
+        raise PackageFileError(f"{path} is not a tokenizer.json ({type(exc).__name__}: {str(exc)[:200]})",
+                               hint=rebuild) from exc
+    if fingerprint != manifest.tokenizer.fingerprint:
+        raise PackageFileError(
+            f"{path} is not the tokenizer model-package.json describes: its fingerprint is {fingerprint}, "
+            f"the manifest's tokenizer.fingerprint is {manifest.tokenizer.fingerprint}", hint=rebuild)
+    rows = int(manifest.config["vocab_size"])
+    if ids and max(ids) >= rows:
+        raise PackageFileError(
+            f"{path} can produce token id {max(ids)}, but the embedding has {rows} rows "
+            "(config.vocab_size in model-package.json): that token would have no embedding", hint=rebuild)

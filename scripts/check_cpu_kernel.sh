@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds runtime/model/native/check/kernel_check.cpp with the kernel's own sources (no mlx) and
-# runs it: every vector path this CPU has against the portable one.
+# runs it: every vector path this CPU has against the portable one, and every integer (int8 x)
+# GEMV path against the f32 product.
 #   scripts/check_cpu_kernel.sh          native: AVX2 / AVX-512 on x86-64 (NEON on an arm64 host)
 #   scripts/check_cpu_kernel.sh arm64    NEON, cross-compiled with aarch64-linux-gnu-g++ and run
 #                                        under qemu-aarch64 (apt-get install g++-aarch64-linux-gnu qemu-user)
@@ -11,7 +12,7 @@ native="$(cd "$(dirname "$0")/../runtime/model/native" && pwd)"
 out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
 
-sources=("$native/check/kernel_check.cpp" "$native/kernel_portable.cpp")
+sources=("$native/check/kernel_check.cpp" "$native/kernel_portable.cpp" "$native/kernel_integer_portable.cpp")
 case "$target" in
   native)
     cxx="${CXX:-c++}"
@@ -42,9 +43,12 @@ case "$machine" in
   x86_64 | amd64)
     compile "$native/kernel_avx2.cpp" -mavx2 -mfma -mf16c
     compile "$native/kernel_avx512.cpp" -mavx512f -mavx512bw -mavx2 -mfma -mf16c
+    compile "$native/kernel_integer_avx2.cpp" -mavx2 -mfma -mf16c
+    compile "$native/kernel_integer_avx512.cpp" -mavx512f -mavx512bw -mavx512vl -mavx512vnni -mavx2 -mfma -mf16c
     ;;
   aarch64 | arm64)
     compile "$native/kernel_neon.cpp"
+    compile "$native/kernel_integer_neon.cpp"
     ;;
 esac
 "$cxx" "${objects[@]}" -o "$out/kernel_check"

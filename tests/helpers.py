@@ -21,8 +21,10 @@ import numpy as np
 import openai
 
 from layerline.proto import activation_pb2 as act_pb
+from layerline.runtime.bench.delay_proxy import DelayProxy
 from layerline.runtime.bench.processes import Process, free_port, wait_healthy, wait_listening
 from layerline.runtime.bench.tiny_model import llama_config
+from layerline.runtime.serve.stage0 import Stage0
 from layerline.runtime.stage.client import ActivationAddress
 from layerline.runtime.stage.frame_budget import FrameBudget
 from layerline.runtime.stage.frame_transport import FrameConnection
@@ -115,6 +117,50 @@ class Stage0Process:
 
     def stop(self) -> None:
         self.process.stop(grace_s=15)
+
+
+@contextlib.contextmanager
+def speculating_over_delayed_links(
+        package: Path, draft: Path, root: Path, *extra: str,
+        delay_ms: int = 20) -> Iterator[tuple[Stage0Process, StageProcess, DelayProxy]]:
+    """Stage 0 (layer 0, drafting 8 tokens a window with `draft`) and one peer (layers 1..4),
+    control and activation links each behind a `delay_ms` proxy: (stage 0, the peer, the frames'
+    proxy), all stopped after."""
+    (root / "peer").mkdir()
+    frames_port = free_port()
+    frames_proxy = DelayProxy(f"127.0.0.1:{frames_port}", delay_ms=delay_ms).start()
+    peer = StageProcess(("--activation-listen", f"127.0.0.1:{frames_port}",
+                         "--activation-advertise", str(frames_proxy.address)), root / "peer")
+    proxy = DelayProxy(peer.endpoint, delay_ms=delay_ms).start()
+    (root / "config.toml").write_text(f'[defaults.speculative]\ndraft_model = "{draft}"\n'
+                                      'window_policy = "fixed"\ninitial_window = 8\n')
+    stage0 = None
+    try:
+        stage0 = Stage0Process(package, [str(proxy.address)], root, "--split", "0:1,1:4",
+                               "--config", str(root / "config.toml"), *extra)
+        yield stage0, peer, frames_proxy
+    finally:
+        if stage0 is not None:
+            stage0.stop()
+        proxy.stop()
+        frames_proxy.stop()
+        peer.stop()
+
+
+@contextlib.contextmanager
+def brought_up(stage0: Stage0) -> Iterator[Stage0]:
+    """`stage0` (in this process) started, its peers claimed and loaded; shut down after."""
+    try:
+        stage0.start()
+        stage0.bring_up()
+        yield stage0
+    finally:
+        if stage0.scheduler is not None:
+            stage0.scheduler.close()
+        if stage0._coordinator is not None:
+            stage0.coordinator.shutdown()
+        if stage0.file_server is not None:
+            stage0.file_server.stop(grace=None)
 
 
 @contextlib.contextmanager

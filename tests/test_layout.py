@@ -55,3 +55,12 @@ def test_the_library_never_imports_the_cli_and_the_packager_never_the_runtime():
                         folder == "packager" and module.startswith("layerline.runtime")):
                     wrong.append(f"{path.relative_to(ROOT)} imports {module}")
     assert not wrong
+
+
+def test_no_two_test_modules_share_a_name():
+    # pytest imports test files by their base name (tests/ has no packages): a second one fails
+    # the whole run at collection.
+    names: dict[str, list[str]] = {}
+    for path in (ROOT / "tests").rglob("test_*.py"):
+        names.setdefault(path.name, []).append(str(path.relative_to(ROOT)))
+    assert {name: paths for name, paths in names.items() if len(paths) > 1} == {}

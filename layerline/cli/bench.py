@@ -75,6 +75,7 @@ def bench_kernels(
     rows: Annotated[list[int] | None, typer.Option(help="Rows of x (repeat; default 1, 8, 16, 32).")] = None,
     working_set_mib: Annotated[int, typer.Option(help="Packed weights cycled through, past the CPU's caches.")] = 384,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Folder for table.md, results.json, chart.png.")] = None,
+    package: Annotated[list[str] | None, typer.Option(help="Package folder, GGUF or shipped name (repeat): also measure the integer path's error on it (int8 and int16 x: mean KL against f32 x, greedy tokens).")] = None,
 ) -> None:
     """The packed-weight product on this CPU: layerline's kernel against the memory's read bandwidth, mlx's kernel and f32 BLAS."""
     import time
@@ -97,8 +98,16 @@ def bench_kernels(
                       working_set_bytes=working_set_mib << 20)
     folder = output or Path("bench-results") / time.strftime("kernels-%Y%m%d-%H%M%S")
     typer.echo(write_kernel_report(folder, bench, sys.argv))
+    if package:
+        from layerline.atomic_write import write_atomic
+        from layerline.runtime.bench.integer_fidelity import measure_integer_fidelity, render_integer_fidelity
+        from layerline.runtime.bench.models import BENCH_CACHE, resolve_package
+
+        results = [r for p in package for r in measure_integer_fidelity(resolve_package(p, BENCH_CACHE.expanduser()))]
+        write_atomic(folder / "integer-fidelity.json", render_integer_fidelity(results, as_json=True))
+        typer.echo(render_integer_fidelity(results))
     typer.echo(f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
-    typer.echo(f"wrote {folder}/table.md, results.json, chart.png")
+    typer.echo(f"wrote {folder}/table.md, results.json, chart.png" + (", integer-fidelity.json" if package else ""))
 
 
 @bench_app.command("serve")

@@ -7,7 +7,9 @@ and with the f32 weights through the BLAS. Every call reads a different copy of 
 weights, enough copies to outgrow the CPU's caches, so a GEMV is measured from memory
 as a decode step reads it. The machine's read bandwidth is measured in the same run:
 numpy sums of a large array on one thread and on every thread (numpy releases the
-GIL), and the larger is the reference.
+GIL), and the larger is the reference. The kernel's one-row product is timed with f32 x and,
+for 4-, 5- and 8-bit weights, with x quantized to int8 and to int16 (the integer path), in
+turns; `--package` also measures the integer path's error on a real model (`integer_fidelity`).
 """
 
 from __future__ import annotations
@@ -27,10 +29,11 @@ import numpy as np
 from layerline.atomic_write import write_atomic
 
 from ..model.blas import load_fast_blas
-from ..model.cpu_kernel import cpu_kernel, packed_matmul
+from ..model.cpu_kernel import INTEGER_BITS, cpu_kernel, gemv_x, packed_matmul
 from .report import machine, png_bytes
 
 DEFAULT_ROWS = (1, 8, 16, 32)
+INTEGER_ROUNDS = 3  # rounds of f32, int8 and int16 x in turns, for one row
 WORKING_SET_BYTES = 384 << 20  # packed weights cycled through: well past any CPU cache
 BANDWIDTH_BYTES = 512 << 20  # the array the read bandwidth is measured on
 
@@ -42,6 +45,8 @@ class KernelRow:
     mlx_ms: float
     f32_ms: float
     packed_bytes: int
+    int8_ms: float | None = None  # the kernel with int8 x, where it applies (one row of 4/5/8 bits)
+    int16_ms: float | None = None  # the kernel with int16 x, likewise
 
     @property
     def gbps(self) -> float | None:
@@ -61,6 +66,7 @@ class KernelBench:
     kernel: str  # cpu_kernel().describe()
     blas: str
     rows: list[KernelRow]
+    integer_isa: str = "none"  # the integer path's instruction set
 
     def row(self, rows: int) -> KernelRow | None:
         return next((r for r in self.rows if r.rows == rows), None)
@@ -132,19 +138,31 @@ def bench_kernels(n: int = 8960, k: int = 1536, *, bits: int = 4, group_size: in
         def f32(i: int, x: mx.array = x) -> mx.array:
             return x @ dense[i % len(dense)].T
 
+        timed: dict[int | None, float] = {}
+        if kernel.available:
+            # One row: f32, int8 and int16 x in turns, three rounds, the best median of each kept
+            # (on a shared machine a load spike then hits one round, not one width).
+            widths = (None, 8, 16) if m == 1 and bits in INTEGER_BITS else (None,)
+            for _ in range(INTEGER_ROUNDS if len(widths) > 1 else 1):
+                for x_bits in widths:
+                    with gemv_x(x_bits):
+                        ms = _median_ms(ours, copies, calls)
+                    timed[x_bits] = min(timed.get(x_bits, ms), ms)
         results.append(KernelRow(
             rows=m,
-            layerline_ms=_median_ms(ours, copies, calls) if kernel.available else None,
+            layerline_ms=timed.get(None),
             mlx_ms=_median_ms(theirs, copies, mlx_calls),
             f32_ms=_median_ms(f32, len(dense), calls),
             packed_bytes=one,
+            int8_ms=timed.get(8),
+            int16_ms=timed.get(16),
         ))
     return KernelBench(n, k, bits, group_size, threads, max(single, many), single, kernel.describe(),
-                       load_fast_blas().describe(), results)
+                       load_fast_blas().describe(), results, kernel.integer_isa)
 
 
 COLUMNS = ("rows", "layerline ms", "GB/s (packed)", "of read bandwidth", "× one row", "mlx ms",
-           "× mlx's kernel", "f32 BLAS ms")
+           "× mlx's kernel", "f32 BLAS ms", "int8-x ms", "int16-x ms")
 
 
 def render_kernels(bench: KernelBench) -> str:
@@ -162,6 +180,8 @@ def render_kernels(bench: KernelBench) -> str:
             f"{r.mlx_ms:.2f}",
             "—" if ours is None else f"{r.mlx_ms / ours:.1f}×",
             f"{r.f32_ms:.2f}",
+            "—" if r.int8_ms is None else f"{r.int8_ms:.2f}",
+            "—" if r.int16_ms is None else f"{r.int16_ms:.2f}",
         )
         lines.append("| " + " | ".join(cells) + " |")
     head = (f"packed product {bench.n}x{bench.k}, {bench.bits}-bit, group {bench.group_size}, "
@@ -179,6 +199,10 @@ def goal_lines(bench: KernelBench) -> list[str]:
              f"- GEMV {one.mlx_ms / one.layerline_ms:.1f}× mlx's kernel (goal ≥ 10×)"]
     if eight is not None and eight.layerline_ms:
         lines.append(f"- 8 rows cost {eight.layerline_ms / one.layerline_ms:.2f}× one row (goal ≤ 1.5×)")
+    for name, ms in (("int8", one.int8_ms), ("int16", one.int16_ms)):
+        if ms:
+            lines.append(f"- GEMV with {name} x ({bench.integer_isa}): {one.layerline_ms / ms:.2f}× the "
+                         f"speed of f32 x, {one.packed_bytes / ms / 1e6:.1f} GB/s")
     return lines
 
 
@@ -195,7 +219,7 @@ def write_kernel_report(output: Path, bench: KernelBench, command: Sequence[str]
 
 
 def write_kernel_chart(path: Path, bench: KernelBench) -> None:
-    """Milliseconds per product by rows (log scale): layerline's kernel, mlx's, f32 BLAS."""
+    """Milliseconds per product by rows (log scale): layerline's kernel (f32, int8, int16 x), mlx's, BLAS."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display: files only
@@ -205,6 +229,12 @@ def write_kernel_chart(path: Path, bench: KernelBench) -> None:
     rows = [r.rows for r in bench.rows]
     if all(r.layerline_ms for r in bench.rows):
         ax.plot(rows, [r.layerline_ms for r in bench.rows], "o-", label="layerline kernel")
+    integer_times = (("int8", "D", "tab:red", [(r.rows, r.int8_ms) for r in bench.rows]),
+                     ("int16", "v", "tab:purple", [(r.rows, r.int16_ms) for r in bench.rows]))
+    for name, marker, color, times in integer_times:
+        integer = [(rows, ms) for rows, ms in times if ms]
+        if integer:
+            ax.plot(*zip(*integer, strict=True), marker, color=color, label=f"layerline kernel, {name} x")
     ax.plot(rows, [r.mlx_ms for r in bench.rows], "s-", color="tab:gray", label="mlx quantized_matmul")
     ax.plot(rows, [r.f32_ms for r in bench.rows], "^-", color="tab:green", label="f32 weights (BLAS)")
     one = bench.row(1)

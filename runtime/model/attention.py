@@ -7,7 +7,8 @@ for a call whose key length is new, 0.1 ms when it repeats. A verify pass (w + 1
 the draft's catch-up (2 rows) come at a new key length every pass, so each paid the build on
 every pass and stage; written as two matmuls and a softmax the same attention takes
 0.2-0.4 ms. One row keeps mlx's vector kernel, long prompts keep cuDNN (built once per
-prompt); Metal and the CPU keep mlx's kernels, which have no such cost.
+prompt); Metal and the CPU keep mlx's kernels, which have no such cost. On the CPU kernel a
+batch pass's one-row sessions attend in one call (`fused_ops.fused_sessions_attention`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.models import base
 
-from .fused_ops import fused_attention
+from .fused_ops import fused_attention, fused_sessions_attention
 from .session_rows import SessionRows
 
 SMALL_QUERY_ROWS = 64  # at most a verify window's rows; prefill chunks stay on cuDNN
@@ -36,7 +37,7 @@ def attention(queries: mx.array, keys: mx.array, values: mx.array, cache: Any, s
     matmuls when few rows ask on CUDA."""
     if isinstance(cache, SessionRows):
         # Sessions side by side attend as matmuls: on CUDA a cuDNN graph per key length costs 50 ms.
-        return cache.attend(attention, matmul_attention, queries, scale, sinks)
+        return cache.attend(attention, matmul_attention, queries, scale, sinks, fused_sessions_attention)
     rows = queries.shape[2]
     if sinks is None and not hasattr(cache, "bits"):  # on the CPU kernel: one task (fused_ops.py)
         fused = fused_attention(queries, keys, values, scale, mask)

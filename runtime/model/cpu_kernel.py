@@ -8,15 +8,25 @@ loaded on the CPU, `use_cpu_kernel` swaps mlx-lm's `QuantizedLinear` layers (and
 tied head's `as_linear`) onto it; Metal and CUDA keep mlx's kernels. The embedding
 lookup stays mlx's: it dequantizes only the rows of the tokens asked for.
 
+One-row products of 4-, 5- and 8-bit weights (a decode step) can instead quantize x per block
+of 32 to integers and multiply in integers, as llama.cpp does (`LAYERLINE_CPU_INTEGER_X`):
+`off` keeps the exact f32 x; `int8` is llama.cpp's int8 x (maddubs, VNNI, sdot); `int16` rounds x
+to 1/65534 of its block's largest value (below the f16 scales' own rounding) at about int8's
+cost (pmaddwd, VNNI); `auto`, the default, times f32 x against int16 x at load and keeps the
+faster. The error against f32 x on a real package is measured by `layerline bench kernels --package`.
+
 Without a compiler at install time the kernel is absent: layerline then runs mlx's
 kernels and says so once in the log, in `layerline run`'s first line and in `/v1/status`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
+import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import ModuleType
@@ -30,6 +40,13 @@ log = logging.getLogger("layerline.runtime")
 ENV_VAR = "LAYERLINE_CPU_KERNEL"  # "off" runs mlx's kernels even where the kernel is built
 ISA_ENV_VAR = "LAYERLINE_KERNEL_ISA"  # portable | avx2 | avx512 | neon: force one path (read by the kernel)
 THREADS_ENV_VAR = "LAYERLINE_KERNEL_THREADS"  # threads per product (default: the CPUs this process may use)
+INTEGER_ENV_VAR = "LAYERLINE_CPU_INTEGER_X"  # off | int8 | int16 | auto: x of one-row 4/5/8-bit products
+INTEGER_SETTINGS = ("off", "int8", "int16", "auto")
+INTEGER_BITS = (4, 5, 8)  # the weight widths the integer path computes (one row of x)
+# int16 x where it is faster: it changed no greedy token in 64 on SmolLM2, Qwen2.5 0.5B and 1.5B
+# (mean KL against f32 x 8e-8, 1e-8, 6e-8). int8 x, 4e-3 on Qwen 1.5B and SmolLM2's tokens changed
+# from the 5th, is only ever asked for.
+INTEGER_DEFAULT = "auto"
 BUILD_ERROR_FILE = Path(__file__).with_name("_cpu_kernel.build-error.txt")  # written by setup.py
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 SUPPORTED_GROUPS = (32, 64, 128)
@@ -43,11 +60,15 @@ class CpuKernel:
     isa: str  # "avx512", "avx2", "neon", "portable", or "none"
     threads: int
     reason: str
+    gemv_x: str = "f32"  # x of one-row products: "f32", or "int8"/"int16" on the integer path
+    integer_isa: str = "none"  # the integer path's instruction set ("avx512-vnni", "avx2", ...)
+    gemv_x_reason: str = ""  # why: the setting, and for `auto` the times it chose by
 
     def describe(self) -> str:
-        """One log-line fragment: `cpu_kernel=avx512 threads=2` or why mlx's kernels run instead."""
+        """A log-line fragment: `cpu_kernel=avx512 threads=2 gemv_x=f32` or why mlx's kernels run instead."""
         if self.available:
-            return f"cpu_kernel={self.isa} threads={self.threads}"
+            x = self.gemv_x if self.gemv_x == "f32" else f"{self.gemv_x}({self.integer_isa})"
+            return f"cpu_kernel={self.isa} threads={self.threads} gemv_x={x}"
         return f"cpu_kernel=none ({self.reason})"
 
     def to_json(self) -> dict[str, Any]:
@@ -75,7 +96,10 @@ def _probe() -> CpuKernel:
         return CpuKernel(False, "none", 0,
                          f"built for mlx {native.built_for_mlx}, this is mlx {runtime_mlx}; mlx's kernels "
                          "run instead; reinstall layerline (pip install -e .) to rebuild it")
-    return CpuKernel(True, native.isa(), native.threads(), "built")
+    x_bits, reason = _choose_gemv_x(native)
+    native.set_gemv_x(x_bits or 0)
+    x = "f32" if x_bits is None else f"int{x_bits}"
+    return CpuKernel(True, native.isa(), native.threads(), "built", x, native.integer_isa(), reason)
 
 
 @functools.cache  # a fact of the process: probed, and a missing kernel logged, once
@@ -87,9 +111,65 @@ def cpu_kernel() -> CpuKernel:
     return kernel
 
 
+def integer_setting() -> str:
+    """LAYERLINE_CPU_INTEGER_X as given (off, int8, int16 or auto); anything else is refused."""
+    setting = os.environ.get(INTEGER_ENV_VAR, "").strip().lower() or INTEGER_DEFAULT
+    if setting not in INTEGER_SETTINGS:
+        raise ValueError(f"{INTEGER_ENV_VAR}={setting!r}: expected one of {', '.join(INTEGER_SETTINGS)}")
+    return setting
+
+
+def _choose_gemv_x(native: ModuleType) -> tuple[int | None, str]:
+    """x's integer width on one-row products here (None: f32 x), and why."""
+    setting = integer_setting()
+    if setting != "auto":
+        return {"off": None, "int8": 8, "int16": 16}[setting], f"{INTEGER_ENV_VAR}={setting}"
+    f32_ms, int16_ms = calibrate_integer(native)
+    faster = int16_ms < 0.95 * f32_ms
+    return 16 if faster else None, f"auto: int16 x {int16_ms:.3f} ms, f32 x {f32_ms:.3f} ms a 4-bit GEMV"
+
+
+def calibrate_integer(native: ModuleType, n: int = 4096, k: int = 1536,
+                      calls: int = 15) -> tuple[float, float]:
+    """Best milliseconds of a one-row 4-bit (n, k) product with f32 x, then with int16 x (in turns)."""
+    w = mx.random.randint(0, 2**31 - 1, (n, k // 8), key=mx.random.key(0)).astype(mx.uint32)
+    scales = mx.full((n, k // 32), 0.01, dtype=mx.float16)
+    biases = mx.full((n, k // 32), -0.08, dtype=mx.float16)
+    x = mx.random.normal((1, k), key=mx.random.key(1))
+    mx.eval(w, scales, biases, x)
+    best = {False: float("inf"), True: float("inf")}
+    try:
+        for _ in range(calls):
+            for on in best:
+                native.set_gemv_x(16 if on else 0)  # read when the product is evaluated: each is, here
+                started = time.perf_counter()
+                mx.eval(native.packed_matmul(x, w, scales, biases, 32, 4, "calibration"))
+                best[on] = min(best[on], time.perf_counter() - started)
+    finally:
+        native.set_gemv_x(0)
+    return best[False] * 1e3, best[True] * 1e3
+
+
+@contextlib.contextmanager
+def gemv_x(x_bits: int | None) -> Iterator[None]:
+    """One-row products evaluated inside take x as int8 or int16 (None: f32); then the process's choice.
+
+    Read when a product is evaluated, not when its graph is built: evaluate inside.
+    """
+    cpu_kernel()  # probed first: the probe sets the process's choice
+    native = _native()
+    before = native.gemv_x()
+    native.set_gemv_x(x_bits or 0)
+    try:
+        yield
+    finally:
+        native.set_gemv_x(before)
+
+
 def packed_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, *, group_size: int,
                   bits: int, name: str = "weight") -> mx.array:
     """x @ dequantize(w, scales, biases).T on the CPU; a bad shape raises ValueError naming `name`."""
+    cpu_kernel()  # probed once: that applies LAYERLINE_CPU_INTEGER_X
     return _native().packed_matmul(x, w, scales, biases, group_size, bits, name)
 
 

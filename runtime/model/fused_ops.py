@@ -1,5 +1,6 @@
 """The rest of a layer on layerline's CPU extension: RMSNorm (and residual add + RMSNorm), RoPE,
-SiLU(gate) * up, and attention of a few query rows over a KV cache.
+SiLU(gate) * up, attention of a few query rows over a KV cache, and attention of one row of
+each of a batch pass's sessions over each one's own cache, in one call.
 
 mlx's CPU backend has no kernels for `mx.fast.rms_norm`, `mx.fast.rope` or
 `scaled_dot_product_attention`: each runs as several elementwise ops and reductions, one
@@ -7,8 +8,9 @@ scheduled task each, which cost a decoded token far more than their bytes. The e
 (`native/fused_ops.cpp`) computes each in one task, as an mlx primitive so graphs stay lazy,
 on the instruction set the packed-weight kernel chose. `use_fused_ops` swaps a loaded range's
 modules onto them (called by `use_cpu_kernel`, so only on the CPU with the kernel built);
-`fused_attention` is the hook `attention.py` calls. Each falls back to mlx's op for what it
-does not cover (other dtypes, a mask array, attention sinks, a RoPE offset per session).
+`fused_attention` is the hook `attention.py` calls, `fused_sessions_attention` the one a batch
+pass's `SessionRows` calls for its one-row sessions. Each falls back to mlx's op for what it
+does not cover (other dtypes, a mask array, attention sinks).
 `LAYERLINE_CPU_FUSED=off` keeps mlx's ops while the kernel still computes the products.
 """
 
@@ -73,14 +75,20 @@ class KernelRMSNorm(nn.RMSNorm):
 
 
 class KernelRoPE(nn.RoPE):
-    """mlx's RoPE (either layout), computed in one task by the extension for f32 (B, H, L, D)."""
+    """mlx's RoPE (either layout), computed in one task by the extension for f32 (B, H, L, D), at
+    one offset or at one per batch entry (a batch pass's rows, `SessionRows.offset`)."""
 
     _inverse_frequencies: mx.array
 
     def __call__(self, x: mx.array, offset: Any = 0) -> mx.array:
-        if x.dtype != mx.float32 or x.ndim != 4 or not isinstance(offset, int):
+        if x.dtype != mx.float32 or x.ndim != 4:
             return super().__call__(x, offset)
-        return _native().rope(x, self._inverse_frequencies, self.dims, self.traditional, self.scale, offset)
+        rotation = (x, self._inverse_frequencies, self.dims, self.traditional, self.scale, offset)
+        if isinstance(offset, int):
+            return _native().rope(*rotation)
+        if isinstance(offset, mx.array) and offset.dtype == mx.int32 and offset.shape == (x.shape[0],):
+            return _native().rope_at(*rotation)
+        return super().__call__(x, offset)
 
 
 def silu_mul(gate: mx.array, up: mx.array) -> mx.array:
@@ -175,3 +183,12 @@ def fused_attention(queries: mx.array, keys: mx.array, values: mx.array, scale: 
     causal = mask is not None and queries.shape[2] > 1  # one row sees every key either way
     return _native().attention(queries, keys, values, scale, causal)
 
+
+def fused_sessions_attention(queries: mx.array, keys: list[mx.array], values: list[mx.array], scale: float,
+                             window: int | None) -> mx.array | None:
+    """One query row per session, queries (S, H, 1, D), against each session's own keys and values
+    (1, Hk, T_s, D) over its last `window` keys (None: all), in one call by the extension; None
+    where mlx's ops must run (not on the CPU kernel, another dtype)."""
+    if any(a.dtype != mx.float32 for a in (queries, *keys, *values)) or not fused_ops_enabled():
+        return None
+    return _native().sessions_attention(queries, keys, values, scale, window or 0)

@@ -10,7 +10,9 @@ that session's own cache; `attend` gives each session's queries its own keys. Wh
 batch is small (rows x keys), that is one attention call over every session's keys side by
 side, under a mask that keeps each row to its own session's (`joint_mask`), on a GPU where
 a call per session costs its launch whatever its size. On a CPU, and beyond that size, one
-call per session, under its own mask.
+call per session, under its own mask; except that on the CPU kernel the sessions that bring
+one row each (plain decode steps) attend in one call over their own caches, read in place
+(`fused_ops.fused_sessions_attention`), and only the others one call each.
 
 mlx-lm's blocks run unchanged: their attention rotates by `cache.offset`, calls
 `cache.update_and_fetch`, then the module's `scaled_dot_product_attention`, which
@@ -33,6 +35,9 @@ import numpy as np
 from .tree import Tree, tree_mask
 
 Attend = Callable[..., mx.array]  # attention(queries, keys, values, cache, scale, mask, sinks)
+# sessions_attention(queries (S, H, 1, D), keys, values, scale, window): one row per session in one
+# call, or None where it does not run
+SessionsAttend = Callable[[mx.array, list[mx.array], list[mx.array], float, int | None], mx.array | None]
 
 
 JOINT_CELLS = 1 << 20  # rows x keys of every session, up to which sessions attend in one call
@@ -114,22 +119,43 @@ class SessionRows:
         return keys, values
 
     def attend(self, attention: Attend, joint_attention: Callable[..., mx.array], queries: mx.array,
-               scale: float, sinks: mx.array | None) -> mx.array:
+               scale: float, sinks: mx.array | None,
+               sessions_attention: SessionsAttend | None = None) -> mx.array:
         """Each session's queries (its rows of (rows, heads, 1, D)) against its own keys: in one
-        call over all sessions' keys side by side under the joint mask, or one call each."""
+        call over all sessions' keys side by side under the joint mask, or one call each, but
+        the one-row sessions' in one `sessions_attention` call where it runs."""
+        fetched, self._fetched = self._fetched, []
         if self.joint is not None and sinks is None:
-            keys = mx.concatenate([k for k, _, _ in self._fetched], axis=2)
-            values = mx.concatenate([v for _, v, _ in self._fetched], axis=2)
-            self._fetched = []
+            keys = mx.concatenate([k for k, _, _ in fetched], axis=2)
+            values = mx.concatenate([v for _, v, _ in fetched], axis=2)
             out = joint_attention(queries.swapaxes(0, 2), keys, values, scale, self.joint)
             return out.swapaxes(0, 2)
+        # A session's one row sees its cache's keys, or the last `window` of them.
+        sessions = enumerate(zip(self.counts, self.trees, fetched, strict=True))
+        one_row = [i for i, (n, tree, (_, _, mask)) in sessions
+                   if n == 1 and tree is None and (mask is None or self.window is not None)]
+        together = None
+        if one_row and sinks is None and sessions_attention is not None:
+            every = len(one_row) == len(self.counts)
+            rows = queries if every else queries[mx.array([self._first_row(i) for i in one_row])]
+            together = sessions_attention(rows, [fetched[i][0] for i in one_row],
+                                          [fetched[i][1] for i in one_row], scale, self.window)
+            if together is not None and every:
+                return together
+        position = {session: j for j, session in enumerate(one_row)} if together is not None else {}
         outs = []
-        for cache, n, q, (keys, values, mask) in zip(self.caches, self.counts, self._split(queries),
-                                                     self._fetched, strict=True):
+        pieces = zip(self.caches, self.counts, self._split(queries), fetched, strict=True)
+        for i, (cache, n, q, (keys, values, mask)) in enumerate(pieces):
+            if i in position:
+                outs.append(together[position[i]:position[i] + 1])
+                continue
             out = attention(_to_session(q, n), keys, values, cache, scale, mask, sinks)
             outs.append(_to_session(out, n))  # (1, heads, n, D) -> (n, heads, 1, D): the same swap
-        self._fetched = []
         return mx.concatenate(outs, axis=0)
+
+    def _first_row(self, session: int) -> int:
+        """The batch pass's index of a session's first row."""
+        return self._bounds[session - 1] if session else 0
 
     def _split(self, rows: mx.array) -> list[mx.array]:
         """Each session's rows of a (rows, ...) array, in one split."""

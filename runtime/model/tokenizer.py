@@ -1,11 +1,16 @@
-"""The package's tokenizer: loading it verified, its end-of-generation tokens, streaming text."""
+"""The package's tokenizer: loading it verified, its end-of-generation tokens, streaming text,
+each token's raw bytes."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
+
+from tokenizers.decoders import ByteLevel
 
 from layerline.errors import PackageFileError
 from layerline.packager.package import LayerPackage
+from layerline.packager.tokenizer import check_package_tokenizer
 
 # Tokens that end a turn in common chat formats; llama.cpp stops on these too
 # (its "end of generation" set), since a GGUF names only one eos id.
@@ -16,18 +21,21 @@ END_OF_GENERATION_TEXTS = (
 
 
 def load_tokenizer(package: LayerPackage) -> Any:
-    """The package's Hugging Face tokenizer, after its files matched their sha256."""
+    """The package's Hugging Face tokenizer, after its files matched their sha256 and it was found
+    to be the manifest's and to fit the embedding."""
     package.verify(package.manifest.tokenizer.files)
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(package.root), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(package.root), local_files_only=True)
     except Exception as exc:  # tokenizers and transformers raise many kinds on a malformed file
         raise PackageFileError(
             f"the tokenizer of {package.root} ({', '.join(package.manifest.tokenizer.files)}) does not load: "
             f"{str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}",
             hint="rebuild the package with `layerline pkg build` from a source whose tokenizer loads",
         ) from exc
+    check_package_tokenizer(package.root, package.manifest)
+    return tokenizer
 
 
 def end_of_generation_ids(tokenizer: Any, package: LayerPackage) -> tuple[int, ...]:
@@ -41,6 +49,49 @@ def end_of_generation_ids(tokenizer: Any, package: LayerPackage) -> tuple[int, .
         if text in special:
             ids.add(int(tokenizer.convert_tokens_to_ids(text)))
     return tuple(sorted(ids))
+
+
+def _byte_level_chars() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: the character a byte-level BPE vocabulary writes for each byte."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)}
+    chars, shifted = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            chars[chr(byte)] = byte
+        else:
+            chars[chr(256 + shifted)] = byte
+            shifted += 1
+    return chars
+
+
+BYTE_LEVEL_CHARS = _byte_level_chars()
+BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's piece for one raw byte
+
+
+class TokenBytes:
+    """A token's raw bytes (OpenAI's logprobs `bytes`), also when it holds part of a character.
+
+    Decoding one token alone gives U+FFFD for a piece of a multi-byte character; its bytes
+    are read from its vocabulary entry instead: byte-level BPE writes each byte as one
+    character of GPT-2's alphabet, SentencePiece writes a lone byte as `<0xE4>`.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self._added = {i: token.content for i, token in tokenizer.added_tokens_decoder.items()}
+        self._byte_level = isinstance(tokenizer.backend_tokenizer.decoder, ByteLevel)
+
+    def __call__(self, token_id: int) -> bytes:
+        """The bytes token `token_id` stands for."""
+        if token_id in self._added:  # added tokens are stored as their text
+            return self._added[token_id].encode()
+        piece = self._tokenizer.convert_ids_to_tokens(token_id)
+        if piece is not None and self._byte_level and all(c in BYTE_LEVEL_CHARS for c in piece):
+            return bytes(BYTE_LEVEL_CHARS[c] for c in piece)
+        if piece is not None and not self._byte_level and (byte := BYTE_FALLBACK.fullmatch(piece)):
+            return bytes([int(byte.group(1), 16)])
+        return self._tokenizer.decode([token_id]).encode()
 
 
 class TextStream:

@@ -6,8 +6,9 @@ those that start after the draft is ready speculate with it. `DELETE` turns spec
 off for the next requests. Changes live in this process only.
 
 `PUT` loads only what `DraftPolicy` allows: a local package, GGUF or model folder under
-the draft roots, a Hub repo matching the allowed patterns, or `ngram`. Its answers never
-say whether a path outside the roots exists, nor what a file holds.
+the draft roots, a Hub repo matching the allowed patterns, or `ngram`. Everything else gets
+one answer, whether the path exists or not (relative paths, read from stage 0's working
+folder, included), and no answer quotes what a file holds.
 """
 
 from __future__ import annotations
@@ -59,22 +60,29 @@ class DraftPolicy:
         self.hub_patterns = hub_patterns
 
     def check(self, reference: str) -> None:
-        """Raise ApiError (403) unless `reference` is allowed."""
+        """Raise ApiError (403) unless `reference` is allowed.
+
+        The refusal is the same whichever way a reference fails (a path outside the roots that
+        exists, one that does not, a Hub repo not allowed), so it tells nothing of the disk.
+        """
         if reference == NGRAM:
             return
-        if is_hub_id(reference) and not Path(reference).expanduser().exists():
+        try:
+            local = Path(reference).expanduser()
+            is_path = local.exists() or not is_hub_id(reference)  # as the loaders will read it
+            allowed = is_path and any(local.resolve().is_relative_to(root) for root in self.roots)
+        except (OSError, RuntimeError, ValueError):  # `~name` of no such user, a link loop, no access
+            is_path, allowed = True, False
+        if not is_path:
             repo = reference.partition("@")[0].partition(":")[0]
-            if any(fnmatch.fnmatchcase(repo, pattern) for pattern in self.hub_patterns):
-                return
-            raise ApiError(403, f"Hub draft {repo} is not allowed here; the admin may allow it in the "
-                                "config's [admin] hub_drafts", type="permission_error", param="draft_model",
-                           code="draft_not_allowed")
-        path = Path(reference).expanduser().resolve()
-        if not any(path.is_relative_to(root) for root in self.roots):
-            roots = ", ".join(str(r) for r in self.roots) or "none"
-            raise ApiError(403, f"draft {reference} is outside the draft roots ({roots}); the admin may add "
-                                "roots in the config's [admin] draft_roots", type="permission_error",
-                           param="draft_model", code="draft_not_allowed")
+            allowed = any(fnmatch.fnmatchcase(repo, pattern) for pattern in self.hub_patterns)
+        if allowed:
+            return
+        roots = ", ".join(str(r) for r in self.roots) or "none"
+        raise ApiError(403, f"draft {reference} is not allowed here: give a path under the draft roots "
+                            f"({roots}), a Hub repo the config's [admin] hub_drafts allows, or ngram; the "
+                            "admin may add roots in [admin] draft_roots", type="permission_error",
+                       param="draft_model", code="draft_not_allowed")
 
 
 def draft_router(speculation: SpeculationPlanner, admin: AdminAuth, policy: DraftPolicy) -> APIRouter:

@@ -38,6 +38,7 @@ from ..decode.loop import GenerationStats, StepRecord, Token, compress_windows, 
 from ..decode.sampling import SamplingParams
 from ..decode.text import text_events
 from ..model.chat import chat_prompt_tokens, text_prompt_tokens
+from ..model.tokenizer import TokenBytes
 from ..stage0.pipeline import Pipeline
 from ..stage0.scheduler import BatchScheduler, BatchSession
 from ..stage0.speculation.plan import SpeculationPlan, SpeculationPlanner
@@ -54,11 +55,13 @@ class PipelineEngine:
     def __init__(self, manifest: Manifest, tokenizer: Any, pipeline: Pipeline, *, context_length: int,
                  end_ids: tuple[int, ...], prefill_step: int, speculation: SpeculationPlanner,
                  status: Callable[[], dict[str, Any]], ready: Callable[[], bool],
+                 confirm_health: Callable[[], tuple[str, str | None]],
                  admission: Admission, scheduler: BatchScheduler,
                  profile: PassProfile | None = None) -> None:
         self.manifest = manifest
         self.model_id = manifest.model.id
         self.tokenizer = tokenizer
+        self.token_bytes = TokenBytes(tokenizer)
         self.pipeline = pipeline
         self.context_length = context_length
         self.end_ids = end_ids
@@ -66,6 +69,7 @@ class PipelineEngine:
         self.speculation = speculation
         self._status = status
         self._ready = ready
+        self._confirm_health = confirm_health
         self.admission = admission
         self.scheduler = scheduler
         self.profile = profile or PassProfile()
@@ -100,6 +104,10 @@ class PipelineEngine:
     def health(self) -> str:
         """ok, or why the pipeline takes no requests (recovering, degraded, unavailable)."""
         return self._status()["health"]
+
+    def confirm_health(self) -> tuple[str, str | None]:
+        """health() after asking every stage for its claim now, and why it is not ok (None if it is)."""
+        return self._confirm_health()
 
     def shutdown(self) -> None:
         """Admit nothing more; requests in flight end at their next token."""
@@ -171,9 +179,9 @@ class PipelineEngine:
                  stats.tokens / seconds if seconds > 0 else 0.0, mode)
 
     def _logprobs(self, token: Token) -> list[TokenLogprob]:
-        decode = self.tokenizer.decode
-        alternatives = [(decode([i]), logprob) for i, logprob in token.top_logprobs]
-        return [TokenLogprob(decode([token.id]), float(token.logprob or 0.0), alternatives)]
+        decode, raw = self.tokenizer.decode, self.token_bytes
+        alternatives = [TokenLogprob(decode([i]), logprob, raw(i)) for i, logprob in token.top_logprobs]
+        return [TokenLogprob(decode([token.id]), float(token.logprob or 0.0), raw(token.id), alternatives)]
 
 
 class Events:

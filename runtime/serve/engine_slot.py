@@ -1,7 +1,7 @@
 """The engine stage 0's HTTP app serves: none while the pipeline comes up, then the real one.
 
-HTTP answers from the start: /health says 503 until every stage is ready (and while a lost
-stage is replaced, or none could be), /v1/status and
+HTTP answers from the start: /health says 503, and why, until every stage is ready (and
+while a lost stage is replaced, or none could be), /v1/status and
 the dashboard show each stage's progress (bytes, bytes/s, time left), and a generation
 request gets 503 `model_loading` rather than a refused connection.
 """
@@ -17,12 +17,14 @@ from .openai_schema import ApiError
 
 class EngineSlot:
     def __init__(self, model_id: str, context_length: int, vocab_size: int,
-                 status: Callable[[], dict[str, Any]], health: Callable[[], str]) -> None:
+                 status: Callable[[], dict[str, Any]], health: Callable[[], str],
+                 confirm_health: Callable[[], tuple[str, str | None]]) -> None:
         self.model_id = model_id
         self.context_length = context_length
         self._vocab_size = vocab_size
         self._status = status
         self._health = health
+        self._confirm_health = confirm_health
         self.engine: Engine | None = None
 
     @property
@@ -53,3 +55,7 @@ class EngineSlot:
     def health(self) -> str:
         """ok, or why the pipeline takes no requests (recovering, degraded, unavailable)."""
         return self._health()
+
+    def confirm_health(self) -> tuple[str, str | None]:
+        """health() after asking every stage for its claim now, and why it is not ok (None if it is)."""
+        return self._confirm_health()

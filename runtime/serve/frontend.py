@@ -40,9 +40,12 @@ log = logging.getLogger("layerline.frontend")
 
 @dataclass(frozen=True)
 class TokenLogprob:
+    """A token's text, its raw bytes (part of a character, maybe), its logprob and the top alternatives."""
+
     token: str
     logprob: float
-    top: list[tuple[str, float]] = field(default_factory=list)
+    raw: bytes
+    top: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,7 @@ class Engine(Protocol):
     def status(self) -> dict[str, Any]: ...
     def is_ready(self) -> bool: ...
     def health(self) -> str: ...  # "ok" when ready; else why not (e.g. recovering, degraded)
+    def confirm_health(self) -> tuple[str, str | None]: ...  # health() after asking the stages now, and why
 
 
 class Events(Protocol):
@@ -162,9 +166,10 @@ def create_app(engine: Engine, *, stage_states: Callable[[], list[StageGauge]] |
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        ready = engine.is_ready()
-        return JSONResponse({"status": "ok" if ready else engine.health()},
-                            status_code=200 if ready else 503)
+        # Asks the stages now: a claim lost since the last heartbeat is seen here, not at the next.
+        status, reason = await run_in_threadpool(engine.confirm_health)
+        body = {"status": status} if reason is None else {"status": status, "reason": reason}
+        return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -184,7 +189,8 @@ def create_app(engine: Engine, *, stage_states: Callable[[], list[StageGauge]] |
     async def chat_completions(body: ChatCompletionBody, request: Request) -> Any:
         _check_model(engine, body.model)
         check_fields(body)
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        messages = [{"role": m.role, "content": m.text(f"messages[{i}].content")}
+                    for i, m in enumerate(body.messages)]
         for i, message in enumerate(messages):
             check_text(message["content"], f"messages[{i}].content")
         prompt = await run_in_threadpool(engine.encode_chat, messages)
@@ -322,11 +328,12 @@ class _Reply:
 
     def _logprobs_json(self, items: list[TokenLogprob]) -> dict[str, Any]:
         if self.kind == "chat":
-            return {"content": [{"token": t.token, "logprob": t.logprob, "bytes": list(t.token.encode()),
-                                 "top_logprobs": [{"token": s, "logprob": lp, "bytes": list(s.encode())}
-                                                  for s, lp in t.top]} for t in items]}
+            def entry(t: TokenLogprob) -> dict[str, Any]:
+                return {"token": t.token, "logprob": t.logprob, "bytes": list(t.raw)}
+
+            return {"content": [{**entry(t), "top_logprobs": [entry(a) for a in t.top]} for t in items]}
         return {"tokens": [t.token for t in items], "token_logprobs": [t.logprob for t in items],
-                "top_logprobs": [dict(t.top) for t in items]}
+                "top_logprobs": [{a.token: a.logprob for a in t.top} for t in items]}
 
     def collect(self, events: Events, left: threading.Event) -> dict[str, Any]:
         """The answer's body from every event, ending the request early once `left` is set."""

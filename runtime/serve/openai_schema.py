@@ -10,6 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from layerline.packager.window_spec import WindowError, check_window_size
 
 MAX_STOP_STRINGS = 4
+JSON_KINDS = {dict: "an object", list: "an array", int: "a number", float: "a number", bool: "a boolean",
+              type(None): "null"}  # what a parsed JSON value that is not a string was
 
 
 class ApiError(Exception):
@@ -84,18 +86,22 @@ class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict[str, Any]] | None = None
 
-    def text(self) -> str:
-        """The message's text (text parts joined; other parts are refused)."""
+    def text(self, where: str) -> str:
+        """The message's text (text parts joined; other parts are refused); `where` names its content."""
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
         parts = []
-        for part in self.content:
+        for i, part in enumerate(self.content):
             if part.get("type") != "text":
                 raise ApiError(400, f"message content of type {part.get('type')!r} is not supported; "
                                     "this model reads text only", param="messages")
-            parts.append(str(part.get("text", "")))
+            text = part.get("text", "")
+            if not isinstance(text, str):
+                raise ApiError(400, f"{where}[{i}].text must be a string, not {JSON_KINDS[type(text)]}",
+                               param=f"{where}[{i}].text", code="invalid_type")
+            parts.append(text)
         return "".join(parts)
 
 

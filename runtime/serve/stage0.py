@@ -171,7 +171,7 @@ class Stage0:
         self.peers = list(options.peers)  # --peer, then what --discover finds (in start())
         self.slot = EngineSlot(manifest.model.id, self.context_length,
                                int(manifest.config.get("vocab_size") or 0), self.status,
-                               self.health)
+                               self.health, self.confirm_health)
         self._coordinator: Coordinator | None = None  # made by start(): it needs the file server's address
         # Where a lost stage's replacement comes from (None: no failover): the --spare peers, and
         # with --discover the free stages of the cluster found when a stage is lost.
@@ -302,6 +302,7 @@ class Stage0:
             manifest, tokenizer, pipeline, context_length=self.context_length,
             end_ids=end_of_generation_ids(tokenizer, package), prefill_step=PREFILL_STEP,
             speculation=self.speculation, status=self.status, ready=lambda: self.coordinator.ready,
+            confirm_health=self.confirm_health,
             admission=self.admission, scheduler=self.scheduler, profile=self.profile)
         log.info("event=ready model=%s stage0_layers=%d..%d peers=%d %s", manifest.model.id, start, end,
                  len(self.peers), plan.describe())
@@ -359,6 +360,14 @@ class Stage0:
             return "ok"
         state = self.coordinator.failover.state
         return state if state != "ok" else "unavailable"
+
+    def confirm_health(self) -> tuple[str, str | None]:
+        """health() after asking every stage for its claim now (a claim lost since the last
+        heartbeat counts at once), and why it is not ok (None when it is)."""
+        if self.engine is None:
+            return self.health(), "stage 0 is still bringing up the pipeline"
+        reason = self.coordinator.confirm()
+        return self.health(), reason
 
     def batch_state(self) -> dict[str, Any] | None:
         """The scheduler's passes and queue, and how many requests speculate (None until it runs)."""

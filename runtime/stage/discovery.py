@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import ifaddr
 from zeroconf import (
     DNSQuestionType,
     InterfaceChoice,
@@ -158,6 +159,12 @@ def _zeroconf(interfaces: Interfaces) -> Zeroconf:
                              hint="check that UDP port 5353 is usable, or pass --no-announce") from exc
 
 
+def _host_addresses() -> list[str]:
+    """This host's IPv4 addresses, loopback left out unless it has no other."""
+    found = {ip.ip for adapter in ifaddr.get_adapters() for ip in adapter.ips if ip.is_IPv4}
+    return sorted({a for a in found if not ipaddress.IPv4Address(a).is_loopback} or {"127.0.0.1"})
+
+
 class Announcer:
     """Advertises one stage on the LAN until closed; its free memory is refreshed on demand."""
 
@@ -169,8 +176,7 @@ class Announcer:
         if isinstance(self._interfaces, list):
             addresses = list(self._interfaces)
         else:
-            addresses = sorted({a for a in self._zeroconf.interfaces_addresses()
-                                if not ipaddress.IPv4Address(a).is_loopback} or {"127.0.0.1"})
+            addresses = _host_addresses()
         self.cluster, self.port, self.addresses = cluster, port, addresses
         self._fixed = {"cluster": cluster, "v": PROTOCOL_VERSION, "dev": device,
                        "fp": token_fingerprint(token, cluster, addresses, port)}

@@ -8,7 +8,8 @@ stage, its range and the cause. From the claims on, each stage's lease is renewe
 thread and channel of its own (`lease_keeper.py`), so that renewals never wait behind a
 slower stage, a health check, a load, compute or activation traffic; a heartbeat
 (Status) watches each stage's health, and a stage that comes back after dying is
-claimed and loaded again.
+claimed and loaded again. `confirm()` looks at every stage's claim now, for /health,
+rather than at the last heartbeat's.
 
 With a pool of spares (`--spare`, or a discovery's), a stage that dies or stops answering is
 replaced instead, on a thread of its own: a spare is claimed, prepares and loads the lost
@@ -53,6 +54,7 @@ from .spares import SparePool
 log = logging.getLogger("layerline.coordinator")
 
 PROBE_CLAIM_TIMEOUT_S = 30.0  # a claim that probes: a slow device may take a few seconds
+CONFIRM_TIMEOUT_S = 1.0  # /health's own look at a stage: a stage slower than this is not serving
 
 
 @dataclass
@@ -173,6 +175,8 @@ class Coordinator:
         self._failing_over: set[int] = set()  # stages being replaced
         self._brought_up = False  # failover starts once every stage was ready (bring_up fails before)
         self._failover_lock = threading.Lock()
+        self._confirming = threading.Lock()
+        self._confirmed_at = 0.0  # when the last confirm() began (monotonic)
 
     def _client(self, endpoint: str) -> StageClient:
         return StageClient(endpoint, coordinator_id=self.coordinator_id, term=self.term,
@@ -402,19 +406,63 @@ class Coordinator:
             self._begin_failover(peer)
             return
         peer.sessions, peer.kv_cache_bytes = status.active_sessions, status.kv_cache_bytes
-        ours = (status.holder_coordinator_id, status.holder_term) == (self.coordinator_id, self.term)
         if peer.state not in ("ready", "down"):
             return  # still being brought up (or failed to be): bring_up says how it goes
-        loaded = (status.loaded_layers.start, status.loaded_layers.end) == (peer.start, peer.end)
-        if ours and loaded and status.state == pb.STAGE_STATE_READY:
+        lost = self._lost(status, peer)
+        if lost is None:
             if peer.state == "down":
                 peer.state, peer.error = "ready", ""
                 self._changed()
             return
-        # Alive again but without our claim or model (restarted, or its lease lapsed).
-        self.mark_down(peer.index, "stage lost its claim or model")
+        # Alive again but without our claim or model (restarted, pre-empted, or its lease lapsed).
+        self.mark_down(peer.index, lost)
         if self.spares is None:
             self._repair(client, peer)
+
+    def _lost(self, status: pb.Status, peer: PeerState) -> str | None:
+        """What `peer` lacks to serve this run, by its `status`; None while it holds our claim and range."""
+        if (status.holder_coordinator_id, status.holder_term) != (self.coordinator_id, self.term):
+            if status.holder_coordinator_id:
+                return (f"stage lost its claim: {status.holder_coordinator_id} holds it at term "
+                        f"{status.holder_term}")
+            return "stage lost its claim: its lease lapsed, or it restarted"
+        loaded = (status.loaded_layers.start, status.loaded_layers.end) == (peer.start, peer.end)
+        if not loaded or status.state != pb.STAGE_STATE_READY:
+            held = status.loaded_layers
+            return f"stage lost its model: it holds layers {held.start}..{held.end}"
+        return None
+
+    def confirm(self) -> str | None:
+        """Why the pipeline cannot serve now, after asking every ready stage for its claim; None if it can.
+
+        The heartbeat sees a lost claim only at its next beat; /health asks now. Callers that
+        arrive while a look is under way share the next one, so a burst costs two.
+        """
+        arrived = time.monotonic()
+        with self._confirming:
+            if self._confirmed_at < arrived:
+                self._confirmed_at = time.monotonic()
+                for client, peer in zip(self.heartbeat_clients, self.peers, strict=True):
+                    if peer.state != "ready":
+                        continue
+                    try:
+                        lost = self._lost(client.status(timeout_s=CONFIRM_TIMEOUT_S), peer)
+                    except StageUnavailableError as exc:
+                        lost = exc.message
+                    if lost is not None:
+                        log.error("event=stage_down stage=%d endpoint=%s error=%s seen_by=health",
+                                  peer.index, peer.endpoint, lost)
+                        self.mark_down(peer.index, lost)
+        return self.unready_reason()
+
+    def unready_reason(self) -> str | None:
+        """Why the pipeline cannot serve, by what is known now; None when every stage is ready."""
+        for peer in self.peers:
+            if peer.state != "ready":
+                why = f": {peer.error}" if peer.error else ""
+                return (f"stage {peer.index} ({peer.endpoint}, layers {peer.start}..{peer.end}) "
+                        f"is {peer.state}{why}")
+        return None
 
     def mark_down(self, index: int, error: str) -> None:
         """Record that stage `index` failed (seen by a request before the heartbeat did)."""
@@ -504,9 +552,7 @@ class Coordinator:
             status = client.status(timeout_s=self.options.heartbeat_s * 2)
         except StageUnavailableError:
             return False
-        return ((status.holder_coordinator_id, status.holder_term) == (self.coordinator_id, self.term)
-                and (status.loaded_layers.start, status.loaded_layers.end) == (peer.start, peer.end)
-                and status.state == pb.STAGE_STATE_READY)
+        return self._lost(status, peer) is None
 
     def _replace(self, peer: PeerState, endpoint: str, pause: Pause) -> None:
         """Claim `endpoint` for the lost stage, prepare and load its range there, and load the

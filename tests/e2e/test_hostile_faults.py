@@ -11,10 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from layerline.runtime.bench.delay_proxy import DelayProxy
-from layerline.runtime.bench.processes import free_port
-
-from helpers import Stage0Process, StageProcess
+from helpers import Stage0Process, StageProcess, speculating_over_delayed_links
 
 STAGE_TIMEOUT_S = 2.0
 
@@ -112,18 +109,8 @@ def test_a_paused_peer_fails_the_request_within_the_stage_timeout_and_recovers(t
 @pytest.mark.slow
 def test_leases_stay_renewed_through_a_long_speculative_request_over_delayed_links(
         tiny_llama_package, smollm2_f32_package, tmp_path):
-    (tmp_path / "peer").mkdir()
-    frames_port = free_port()
-    frames_proxy = DelayProxy(f"127.0.0.1:{frames_port}", delay_ms=20).start()
-    peer = StageProcess(("--activation-listen", f"127.0.0.1:{frames_port}",
-                         "--activation-advertise", str(frames_proxy.address)), tmp_path / "peer")
-    proxy = DelayProxy(peer.endpoint, delay_ms=20).start()
-    (tmp_path / "config.toml").write_text(
-        f'[defaults.speculative]\ndraft_model = "{smollm2_f32_package}"\n'
-        'window_policy = "fixed"\ninitial_window = 8\n')
-    stage0 = Stage0Process(tiny_llama_package, [str(proxy.address)], tmp_path, "--split", "0:1,1:4",
-                           "--config", str(tmp_path / "config.toml"), "--lease-seconds", "2")
-    try:
+    with speculating_over_delayed_links(tiny_llama_package, smollm2_f32_package, tmp_path,
+                                        "--lease-seconds", "2") as (stage0, peer, frames_proxy):
         deadline = time.monotonic() + 120
         while not stage0.status()["speculative"]["active"] and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -138,8 +125,3 @@ def test_leases_stay_renewed_through_a_long_speculative_request_over_delayed_lin
         assert took > 2, f"the request ({took:.1f} s) must outlast a lease to show renewals"
         assert "lease_lapsed" not in peer.process.log.read_text()
         assert frames_proxy.traffic.bytes_to_target > 0  # the frames took the delayed link
-    finally:
-        stage0.stop()
-        proxy.stop()
-        frames_proxy.stop()
-        peer.stop()

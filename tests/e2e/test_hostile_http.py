@@ -5,6 +5,7 @@ and the server stays healthy after each."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import time
@@ -280,3 +281,69 @@ def test_a_stop_string_that_is_not_unicode_is_400(stage0):
     body = b'{"prompt": "Hi", "max_tokens": 2, "stop": ["ok", "\\ud800"]}'
     error = openai_error(post(stage0, body), 400)
     assert error["param"] == "stop[1]" and error["code"] == "invalid_text"
+
+
+def test_a_relative_draft_path_gets_one_answer_whether_it_exists_or_not(stage0, tmp_path):
+    """Relative paths are read from stage 0's working folder, this test's own."""
+    (tmp_path / "here").mkdir()
+    (tmp_path / "here" / "model.gguf").write_bytes(b"GGUF")
+    def relative(path: Path) -> str:
+        return os.path.relpath(path, os.getcwd())
+
+    pairs = [(relative(tmp_path / "here"), relative(tmp_path / "gone")),
+             (relative(tmp_path / "here" / "model.gguf"), relative(tmp_path / "here" / "other.gguf")),
+             ("tests/e2e", "tests/no-such-folder"),  # shaped like Hub repo ids
+             ("~root/.bashrc", "~no-such-user-here/.bashrc")]  # a user that exists, one that does not
+    assert Path("tests/e2e").is_dir()
+    for exists, missing in pairs:
+        answers = []
+        for reference in (exists, missing):
+            reply = httpx.put(f"{stage0.url}/v1/draft", json={"draft_model": reference}, timeout=10)
+            error = openai_error(reply, 403)
+            answers.append((error["code"], error["param"], error["message"].replace(reference, "REF")))
+        assert answers[0] == answers[1], answers
+
+
+@pytest.mark.parametrize(("text", "kind"), [({"a": 1}, "an object"), ([1, 2], "an array"), (7, "a number"),
+                                            (None, "null")])
+def test_a_content_part_whose_text_is_not_a_string_is_400_naming_the_field(stage0, text, kind):
+    messages = [{"role": "user", "content": "hi"},
+                {"role": "user", "content": [{"type": "text", "text": "ok"}, {"type": "text", "text": text}]}]
+    error = openai_error(post(stage0, {"messages": messages, "max_tokens": 2}, "/v1/chat/completions"), 400)
+    assert error["param"] == "messages[1].content[1].text" and kind in error["message"]
+    assert "{" not in error["message"]  # no Python repr of the value
+
+
+def test_logprob_bytes_are_each_tokens_raw_bytes_even_part_of_a_character(smollm2_package, tmp_path):
+    from layerline.packager.package import LayerPackage
+    from layerline.runtime.model.tokenizer import BYTE_LEVEL_CHARS, load_tokenizer
+
+    tokenizer = load_tokenizer(LayerPackage.open(smollm2_package))  # byte-level BPE
+    char_of = {byte: char for char, byte in BYTE_LEVEL_CHARS.items()}
+    (tmp_path / "config.toml").write_text("")
+    stage0 = Stage0Process(smollm2_package, [], tmp_path, "--no-draft", "--config",
+                           str(tmp_path / "config.toml"))
+    try:  # the real model: among its 20 likeliest tokens some hold part of a character
+        body = {"messages": [{"role": "user", "content": "Say hello in Chinese: 你好"}], "max_tokens": 8,
+                "temperature": 0, "logprobs": True, "top_logprobs": 20}
+        reply = post(stage0, body, "/v1/chat/completions")
+    finally:
+        stage0.stop()
+    assert reply.status_code == 200, reply.text
+    choice = reply.json()["choices"][0]
+    chosen = choice["logprobs"]["content"]
+    assert b"".join(bytes(position["bytes"]) for position in chosen) == choice["message"]["content"].encode()
+    partial = 0
+    for position in chosen:
+        alternatives = [bytes(a["bytes"]) for a in position["top_logprobs"]]
+        assert len(set(alternatives)) == len(alternatives)  # 20 tokens, 20 byte strings
+        for entry in [position, *position["top_logprobs"]]:
+            raw = bytes(entry["bytes"])
+            # The bytes are the token's own: written in the vocabulary's alphabet they name it.
+            token_id = tokenizer.convert_tokens_to_ids("".join(char_of[b] for b in raw))
+            assert token_id is not None and tokenizer.decode([token_id]) == entry["token"], entry
+            try:
+                raw.decode()
+            except UnicodeDecodeError:
+                partial += 1
+    assert partial > 0, reply.json()  # tokens that hold part of a character: not U+FFFD's bytes

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 
@@ -31,7 +32,7 @@ from layerline.runtime.stage.grpc_options import CLIENT_OPTIONS, SERVER_OPTIONS
 from layerline.runtime.stage.model import load_stage_model
 from layerline.runtime.stage.node import StageNode
 
-from helpers import Clock, batch_frame
+from helpers import Clock, Stage0Process, batch_frame
 
 
 def client(endpoint: str, term: int, who: str = "coord-a") -> StageClient:
@@ -279,3 +280,28 @@ def test_a_huge_coordinator_id_is_a_bad_request(stage_process):
         claim=pb.Claim(package=pb.PackageIdentity(ref="pkg"), lease_duration_ms=30_000)))
     assert refusal.reason == pb.REJECT_REASON_BAD_REQUEST and "at most 256" in refusal.message
     assert client(endpoint, 1).status().state == pb.STAGE_STATE_FREE
+
+
+def test_health_is_503_with_why_as_soon_as_stage_0_loses_a_stages_claim(tiny_llama_package, stage_processes,
+                                                                         tmp_path):
+    peer = stage_processes()
+    stage0 = Stage0Process(tiny_llama_package, [peer.endpoint], tmp_path, "--split", "0:2,2:4", "--no-draft")
+    try:
+        assert httpx.get(f"{stage0.url}/health", timeout=10).status_code == 200
+        attacker = client(peer.endpoint, int(time.time() * 1000) + 60_000, "attacker")
+        attacker.call(claim=pb.Claim(package=pb.PackageIdentity(ref="pkg"), lease_duration_ms=60_000))
+        # At once, not at the next heartbeat: /health asks the stage itself.
+        health = httpx.get(f"{stage0.url}/health", timeout=10)
+        assert health.status_code == 503, health.text
+        reason = health.json()["reason"]
+        assert reason.startswith(f"stage 1 ({peer.endpoint}, layers 2..4) is down") and "attacker" in reason
+        assert httpx.post(f"{stage0.url}/v1/completions", json={"prompt": "Hi", "max_tokens": 2},
+                          timeout=30).status_code == 503
+        # Once the stage is free again the heartbeat claims and loads it anew, and /health says so.
+        attacker.call(release=pb.Release())
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{stage0.url}/health", timeout=10).status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    finally:
+        stage0.stop()

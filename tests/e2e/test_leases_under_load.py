@@ -11,10 +11,7 @@ import time
 import httpx
 import pytest
 
-from layerline.runtime.bench.delay_proxy import DelayProxy
-from layerline.runtime.bench.processes import free_port
-
-from helpers import Stage0Process, StageProcess, wait_for_draft
+from helpers import Stage0Process, StageProcess, speculating_over_delayed_links, wait_for_draft
 
 CLIENTS = 16
 
@@ -22,19 +19,9 @@ CLIENTS = 16
 @pytest.mark.slow
 def test_no_lease_lapses_under_sixteen_speculating_clients_with_a_two_second_lease(
         tiny_llama_package, smollm2_f32_package, tmp_path):
-    (tmp_path / "peer").mkdir()
-    frames_port = free_port()
-    frames_proxy = DelayProxy(f"127.0.0.1:{frames_port}", delay_ms=20).start()
-    peer = StageProcess(("--activation-listen", f"127.0.0.1:{frames_port}",
-                         "--activation-advertise", str(frames_proxy.address)), tmp_path / "peer")
-    proxy = DelayProxy(peer.endpoint, delay_ms=20).start()
-    (tmp_path / "config.toml").write_text(
-        f'[defaults.speculative]\ndraft_model = "{smollm2_f32_package}"\n'
-        'window_policy = "fixed"\ninitial_window = 8\n')
-    stage0 = Stage0Process(tiny_llama_package, [str(proxy.address)], tmp_path, "--split", "0:1,1:4",
-                           "--config", str(tmp_path / "config.toml"), "--lease-seconds", "2",
-                           "--max-sessions", str(CLIENTS))
-    try:
+    with speculating_over_delayed_links(tiny_llama_package, smollm2_f32_package, tmp_path,
+                                        "--lease-seconds", "2", "--max-sessions", str(CLIENTS)) as (
+            stage0, peer, _):
         wait_for_draft(stage0, "ready")
         body = {"max_tokens": 48, "temperature": 0}
         prompts = [f"Story number {i}: once upon a time" for i in range(CLIENTS)]
@@ -51,11 +38,6 @@ def test_no_lease_lapses_under_sixteen_speculating_clients_with_a_two_second_lea
         peer_log = peer.process.log.read_text()
         assert peer_log.count("event=lease_lapsed") == 0, peer_log[-3000:]
         assert "event=stage_down" not in stage0.log.read_text()
-    finally:
-        stage0.stop()
-        proxy.stop()
-        frames_proxy.stop()
-        peer.stop()
 
 
 @pytest.mark.slow

@@ -24,11 +24,20 @@ NB_MODULE(_cpu_kernel, m) {
         "[x + residual, rms_norm(x + residual)] in one pass (f32, on the CPU).");
   m.def("rope", &layerline::rope, "x"_a, "inv_freqs"_a, "dims"_a, "traditional"_a, "scale"_a, "offset"_a,
         "mx.fast.rope of x (B, H, L, D) at positions offset.., angles position * inv_freqs (f32, on the CPU).");
+  m.def("rope_at", &layerline::rope_at, "x"_a, "inv_freqs"_a, "dims"_a, "traditional"_a, "scale"_a, "offsets"_a,
+        "rope with batch entry b at positions offsets[b].. (offsets (B,) int32), as mx.fast.rope's array offset.");
   m.def("silu_mul", &layerline::silu_mul, "gate"_a, "up"_a, "silu(gate) * up (f32, on the CPU).");
   m.def("attention", &layerline::attention, "q"_a, "k"_a, "v"_a, "scale"_a, "causal"_a,
         "softmax(q k^T * scale) v over grouped-query heads, k and v read in place (f32, on the CPU).");
+  m.def("sessions_attention", &layerline::sessions_attention, "q"_a, "keys"_a, "values"_a, "scale"_a, "window"_a,
+        "One query row per session, q (S, H, 1, D), against each session's own keys and values (1, Hk, T, D), "
+        "over the last `window` keys (0: all), in one call (f32, on the CPU).");
   m.def("fused_isa", &layerline::fused_isa, "The instruction set the fused layer ops run with.");
   m.def("isa", &layerline::kernel_isa, "The instruction set in use: avx512, avx2, neon or portable.");
+  m.def("integer_isa", &layerline::kernel_integer_isa, "The instruction set of the integer GEMV.");
+  m.def("set_gemv_x", &layerline::set_kernel_gemv_x, "bits"_a,
+        "x of one-row 4-, 5- and 8-bit products: 0 (f32), or 8 or 16 (quantized, multiplied in integers).");
+  m.def("gemv_x", &layerline::kernel_gemv_x, "x's width on one-row products: 0 (f32), 8 or 16.");
   m.def("threads", &layerline::kernel_threads, "Threads a product may use.");
   m.attr("built_for_mlx") = LAYERLINE_STR(MLX_VERSION_MAJOR) "." LAYERLINE_STR(
       MLX_VERSION_MINOR) "." LAYERLINE_STR(MLX_VERSION_PATCH);

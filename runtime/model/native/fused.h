@@ -36,6 +36,7 @@ struct RopeArgs {
   bool traditional;
   float scale;
   int offset;              // position of row 0
+  const int32_t* offsets;  // (B): batch entry b's row 0 at offsets[b] instead, or null
 };
 
 struct AttentionArgs {

@@ -60,17 +60,22 @@ void rms_norm(const RmsNormArgs& a, int m0, int m1) {
 void rope(const RopeArgs& a) {
   const int B = a.x.shape[0], H = a.x.shape[1], L = a.x.shape[2], D = a.x.shape[3];
   const int half = a.dims / 2;
-  // Angles as mlx computes them (f32 positions times f32 inverse frequencies), sin and cos in double.
+  // Angles as mlx computes them (f32 positions times f32 inverse frequencies), sin and cos in double:
+  // once for every batch entry, or per entry where each has its own offset (a batch pass's rows).
   std::vector<float> cs(size_t(L) * half), sn(size_t(L) * half);
-  for (int l = 0; l < L; ++l) {
-    const float position = float(a.offset + l) * a.scale;
-    for (int i = 0; i < half; ++i) {
-      const float theta = position * a.inv_freqs[i];
-      cs[size_t(l) * half + i] = float(std::cos(double(theta)));
-      sn[size_t(l) * half + i] = float(std::sin(double(theta)));
+  const auto angles = [&](int offset) {
+    for (int l = 0; l < L; ++l) {
+      const float position = float(offset + l) * a.scale;
+      for (int i = 0; i < half; ++i) {
+        const float theta = position * a.inv_freqs[i];
+        cs[size_t(l) * half + i] = float(std::cos(double(theta)));
+        sn[size_t(l) * half + i] = float(std::sin(double(theta)));
+      }
     }
-  }
+  };
+  if (a.offsets == nullptr) angles(a.offset);
   for (int b = 0; b < B; ++b) {
+    if (a.offsets != nullptr) angles(a.offsets[b]);
     for (int h = 0; h < H; ++h) {
       for (int l = 0; l < L; ++l) {
         const float* x = a.x.row(b, h, l);

@@ -67,6 +67,52 @@ View4 rows_contiguous(const View4& v, std::vector<float>& buffer) {
   return out;
 }
 
+// One query row per session against its own keys: the sessions' kv heads (the work items) split
+// between threads by the keys each reads, consecutive items of a session in one kernel call.
+void sessions_attention_task(View4 q, std::vector<View4>& keys, std::vector<View4>& values, float* y,
+                             const LayerOpParams& p, size_t kv_bytes,
+                             void (*attend)(const AttentionArgs&, int, int)) {
+  const int sessions = q.shape[0], H = q.shape[1], Hk = keys[0].shape[1], Dv = values[0].shape[3];
+  std::vector<std::vector<float>> copies(2 * size_t(sessions) + 1);
+  q = rows_contiguous(q, copies.back());
+  std::vector<size_t> item_end(size_t(sessions) * Hk);  // cumulative keys read, per (session, kv head)
+  size_t total = 0;
+  for (int s = 0; s < sessions; ++s) {
+    keys[s] = rows_contiguous(keys[s], copies[2 * s]);
+    values[s] = rows_contiguous(values[s], copies[2 * s + 1]);
+    // A sliding window: the one row sees the last `window` keys, the ones before are skipped.
+    const int T = keys[s].shape[2], first = p.window > 0 ? std::max(0, T - p.window) : 0;
+    for (View4* kv : {&keys[s], &values[s]}) {
+      kv->data += first * kv->strides[2];
+      kv->shape[2] = T - first;
+    }
+    for (int h = 0; h < Hk; ++h) item_end[size_t(s) * Hk + h] = total += size_t(T - first) + 1;
+  }
+  auto& pool = kernel_pool();
+  const int items = sessions * Hk;
+  const int parts = int(std::clamp<size_t>(kv_bytes / kAttentionBytesPerThread, 1,
+                                            size_t(std::min(pool.size(), items))));
+  pool.run(parts, [&](int part) {
+    // The items whose first key falls in this part's share of all keys read (each in one part
+    // only: the kernel zeroes its output rows, then adds to them).
+    const size_t from = total * part / parts, to = total * (part + 1) / parts;
+    int i = from == 0 ? 0 : int(std::lower_bound(item_end.begin(), item_end.end(), from) - item_end.begin()) + 1;
+    while (i < items) {
+      const size_t start = i == 0 ? 0 : item_end[i - 1];
+      if (start >= to) break;
+      const int s = i / Hk;
+      int end = i + 1;
+      while (end < (s + 1) * Hk && item_end[end - 1] < to) ++end;
+      View4 qs = q;
+      qs.data = q.row(s, 0, 0);
+      qs.shape[0] = 1;
+      const AttentionArgs args{qs, keys[s], values[s], y + size_t(s) * H * Dv, p.scale, false};
+      attend(args, i - s * Hk, end - s * Hk);
+      i = end;
+    }
+  });
+}
+
 }  // namespace
 
 std::string fused_isa() {
@@ -99,7 +145,8 @@ void LayerOp::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::arr
     }
     case LayerOpKind::rope: {
       RopeArgs args{view4(inputs[0]), inputs[1].data<float>(), outputs[0].data<float>(), p.dims,
-                    p.traditional, p.scale, p.offset};
+                    p.traditional, p.scale, p.offset,
+                    inputs.size() > 2 ? inputs[2].data<int32_t>() : nullptr};
       encoder.dispatch([args, fn = k.rope]() mutable {
         std::vector<float> copy;
         args.x = rows_contiguous(args.x, copy);
@@ -135,6 +182,21 @@ void LayerOp::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::arr
       });
       break;
     }
+    case LayerOpKind::sessions_attention: {
+      const int sessions = inputs[0].shape(0);
+      std::vector<View4> keys, values;
+      size_t kv_bytes = 0;
+      for (int s = 0; s < sessions; ++s) {
+        keys.push_back(view4(inputs[1 + s]));
+        values.push_back(view4(inputs[1 + sessions + s]));
+        kv_bytes += (inputs[1 + s].size() + inputs[1 + sessions + s].size()) * sizeof(float);
+      }
+      encoder.dispatch([q = view4(inputs[0]), keys = std::move(keys), values = std::move(values),
+                        y = outputs[0].data<float>(), p, kv_bytes, fn = k.attention]() mutable {
+        sessions_attention_task(q, keys, values, y, p, kv_bytes, fn);
+      });
+      break;
+    }
   }
 }
 
@@ -149,6 +211,7 @@ const char* LayerOp::name() const {
     case LayerOpKind::rope: return "LayerlineRoPE";
     case LayerOpKind::silu_mul: return "LayerlineSiluMul";
     case LayerOpKind::attention: return "LayerlineAttention";
+    case LayerOpKind::sessions_attention: return "LayerlineSessionsAttention";
   }
   return "LayerlineLayerOp";
 }
@@ -164,6 +227,11 @@ std::vector<mx::Shape> LayerOp::output_shapes(const std::vector<mx::array>& inpu
     case LayerOpKind::attention: {
       auto shape = inputs[0].shape();
       shape.back() = inputs[2].shape(-1);
+      return {shape};
+    }
+    case LayerOpKind::sessions_attention: {  // inputs: q, then every session's keys, then values
+      auto shape = inputs[0].shape();
+      shape.back() = inputs[1 + inputs[0].shape(0)].shape(-1);
       return {shape};
     }
     default: return {inputs[0].shape()};
@@ -200,8 +268,10 @@ std::vector<mx::array> add_rms_norm(const mx::array& x, const mx::array& residua
                                  mx::contiguous(weight, false, s)});
 }
 
-mx::array rope(const mx::array& x, const mx::array& inv_freqs, int dims, bool traditional, float scale,
-               int offset) {
+namespace {
+
+mx::array rope_op(const mx::array& x, const mx::array& inv_freqs, int dims, bool traditional, float scale,
+                  int offset, const mx::array* offsets) {
   require_f32(x, "rope", "x");
   require_f32(inv_freqs, "rope", "inv_freqs");
   if (x.ndim() != 4 || dims <= 0 || dims % 2 != 0 || dims > x.shape(-1)) {
@@ -210,14 +280,31 @@ mx::array rope(const mx::array& x, const mx::array& inv_freqs, int dims, bool tr
   if (inv_freqs.ndim() != 1 || inv_freqs.shape(0) != dims / 2) {
     throw std::invalid_argument("rope: inv_freqs must be (dims / 2,)");
   }
+  if (offsets != nullptr && (offsets->dtype() != mx::int32 || offsets->ndim() != 1 ||
+                             offsets->shape(0) != x.shape(0))) {
+    throw std::invalid_argument("rope: offsets must be (B,) int32 for x (B, H, L, D)");
+  }
   const auto s = cpu_stream();
   LayerOpParams p;
   p.dims = dims;
   p.traditional = traditional;
   p.scale = scale;
   p.offset = offset;
-  return mx::array(x.shape(), mx::float32, std::make_shared<LayerOp>(s, LayerOpKind::rope, p),
-                   {x, mx::contiguous(inv_freqs, false, s)});
+  std::vector<mx::array> inputs{x, mx::contiguous(inv_freqs, false, s)};
+  if (offsets != nullptr) inputs.push_back(mx::contiguous(*offsets, false, s));
+  return mx::array(x.shape(), mx::float32, std::make_shared<LayerOp>(s, LayerOpKind::rope, p), std::move(inputs));
+}
+
+}  // namespace
+
+mx::array rope(const mx::array& x, const mx::array& inv_freqs, int dims, bool traditional, float scale,
+               int offset) {
+  return rope_op(x, inv_freqs, dims, traditional, scale, offset, nullptr);
+}
+
+mx::array rope_at(const mx::array& x, const mx::array& inv_freqs, int dims, bool traditional, float scale,
+                  const mx::array& offsets) {
+  return rope_op(x, inv_freqs, dims, traditional, scale, 0, &offsets);
 }
 
 mx::array silu_mul(const mx::array& gate, const mx::array& up) {
@@ -247,6 +334,41 @@ mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, 
   shape.back() = v.shape(-1);
   return mx::array(shape, mx::float32, std::make_shared<LayerOp>(s, LayerOpKind::attention, p),
                    {q, k, v});
+}
+
+mx::array sessions_attention(const mx::array& q, const std::vector<mx::array>& keys,
+                             const std::vector<mx::array>& values, float scale, int window) {
+  require_f32(q, "sessions_attention", "q");
+  const int sessions = q.ndim() == 4 ? q.shape(0) : 0;
+  if (q.ndim() != 4 || q.shape(2) != 1 || sessions == 0 || int(keys.size()) != sessions ||
+      int(values.size()) != sessions || window < 0) {
+    throw std::invalid_argument("sessions_attention: q (S, H, 1, D) with S keys and S values, window >= 0");
+  }
+  const int Hk = keys[0].ndim() == 4 ? keys[0].shape(1) : 0, Dv = values[0].ndim() == 4 ? values[0].shape(3) : 0;
+  if (Hk == 0 || q.shape(1) % Hk != 0) {
+    throw std::invalid_argument("sessions_attention: keys (1, Hk, T, D) with Hk dividing q's heads");
+  }
+  for (int s = 0; s < sessions; ++s) {
+    const auto &k = keys[s], &v = values[s];
+    require_f32(k, "sessions_attention", "keys");
+    require_f32(v, "sessions_attention", "values");
+    if (k.ndim() != 4 || v.ndim() != 4 || k.shape(0) != 1 || k.shape(1) != Hk || k.shape(3) != q.shape(3) ||
+        k.shape(2) < 1 || v.shape(0) != 1 || v.shape(1) != Hk || v.shape(2) != k.shape(2) || v.shape(3) != Dv) {
+      throw std::invalid_argument("sessions_attention: session " + std::to_string(s) +
+                                  "'s keys and values must be (1, Hk, T, D) and (1, Hk, T, Dv) like the others'");
+    }
+  }
+  const auto s = cpu_stream();
+  LayerOpParams p;
+  p.scale = scale;
+  p.window = window;
+  std::vector<mx::array> inputs{q};
+  inputs.insert(inputs.end(), keys.begin(), keys.end());
+  inputs.insert(inputs.end(), values.begin(), values.end());
+  auto shape = q.shape();
+  shape.back() = Dv;
+  return mx::array(shape, mx::float32, std::make_shared<LayerOp>(s, LayerOpKind::sessions_attention, p),
+                   std::move(inputs));
 }
 
 }  // namespace layerline

@@ -1,12 +1,14 @@
 #include "quantized_matmul.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <sstream>
 #include <stdexcept>
 
 #include "kernel.h"
+#include "kernel_integer.h"
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/ops.h"
@@ -23,6 +25,8 @@ constexpr size_t kBytesPerExtraThread = 256 * 1024;
 struct Isa {
   QmmColumns columns;
   const char* name;
+  IntegerColumns integer_columns;  // the integer GEMV on the same instruction set
+  const char* integer_name;
 };
 
 Isa choose_isa() {
@@ -30,27 +34,41 @@ Isa choose_isa() {
   // choice falls back to the best the CPU has.
   const char* forced = std::getenv("LAYERLINE_KERNEL_ISA");
   const std::string want = forced ? forced : "";
-  if (want == "portable") return {qmm_columns_portable, "portable"};
+  const Isa portable{qmm_columns_portable, "portable", integer_columns_portable, "portable"};
+  if (want == "portable") return portable;
 #if defined(__x86_64__) || defined(_M_X64)
   __builtin_cpu_init();
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
-  if (avx512 && (want.empty() || want == "avx512")) return {qmm_columns_avx512, "avx512"};
-  if (avx2 && want != "avx512") return {qmm_columns_avx2, "avx2"};
-  if (avx512) return {qmm_columns_avx512, "avx512"};
-  if (avx2) return {qmm_columns_avx2, "avx2"};
+  // The integer path's multiply-add: VNNI's where the CPU has it (on 256-bit vectors), else AVX2's.
+  const bool vnni = avx512 && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+  const Isa with_avx2{qmm_columns_avx2, "avx2", integer_columns_avx2, "avx2"};
+  const Isa with_avx512 = vnni ? Isa{qmm_columns_avx512, "avx512", integer_columns_avx512vnni, "avx512-vnni"}
+                               : Isa{qmm_columns_avx512, "avx512", integer_columns_avx2, "avx2"};
+  if (avx512 && (want.empty() || want == "avx512")) return with_avx512;
+  if (avx2 && want != "avx512") return with_avx2;
+  if (avx512) return with_avx512;
+  if (avx2) return with_avx2;
 #endif
 #if defined(__aarch64__)
   // Every arm64 CPU has NEON: the only choice is forcing the portable path above.
-  return {qmm_columns_neon, "neon"};
+#if defined(__ARM_FEATURE_DOTPROD)
+  return {qmm_columns_neon, "neon", integer_columns_neon, "neon-sdot"};
+#else
+  return {qmm_columns_neon, "neon", integer_columns_neon, "neon"};
 #endif
-  return {qmm_columns_portable, "portable"};
+#endif
+  return portable;
 }
 
 const Isa& isa() {
   static const Isa chosen = choose_isa();
   return chosen;
 }
+
+// x of one-row 4-, 5- and 8-bit products: 0 (f32), 8 or 16 (the integer path), set by cpu_kernel.py
+// from LAYERLINE_CPU_INTEGER_X.
+std::atomic<int> gemv_x_bits{0};
 
 [[noreturn]] void refuse(const std::string& name, const std::string& what) {
   throw std::invalid_argument(name + ": " + what);
@@ -67,6 +85,15 @@ std::string shape_of(const mx::array& a) {
 }  // namespace
 
 std::string kernel_isa() { return isa().name; }
+
+std::string kernel_integer_isa() { return isa().integer_name; }
+
+void set_kernel_gemv_x(int bits) {
+  if (bits != 0 && bits != 8 && bits != 16) throw std::invalid_argument("gemv x bits must be 0 (f32), 8 or 16");
+  gemv_x_bits.store(bits);
+}
+
+int kernel_gemv_x() { return gemv_x_bits.load(); }
 
 int kernel_threads() { return kernel_pool().size(); }
 
@@ -111,10 +138,22 @@ void PackedMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out
     const int quantum = 4;
     const int blocks = (args.N + quantum - 1) / quantum;
     const QmmColumns columns = isa().columns;
+    // One row of 4-, 5- or 8-bit weights, with the integer path on: x quantized once, here.
+    const int x_bits = gemv_x_bits.load(std::memory_order_relaxed);
+    const bool integer = x_bits != 0 && integer_supports(args.bits, args.M);
+    thread_local QuantizedX quantized;  // kept: no allocation a token
+    const QuantizedX& xq = quantized;    // the pool's threads read this thread's copy
+    if (integer) quantize_x(args, x_bits, quantized);
+    const IntegerColumns integer_columns = isa().integer_columns;
     pool.run(parts, [&](int part) {
       const int n0 = std::min(args.N, blocks * part / parts * quantum);
       const int n1 = std::min(args.N, blocks * (part + 1) / parts * quantum);
-      if (n0 < n1) columns(args, n0, n1);
+      if (n0 >= n1) return;
+      if (integer) {
+        integer_columns(args, xq, n0, n1);
+      } else {
+        columns(args, n0, n1);
+      }
     });
   });
 }

@@ -32,6 +32,12 @@ mx::array packed_matmul(const mx::array& x, const mx::array& w, const mx::array&
 
 // The instruction set the kernel runs with: "avx512", "avx2", "neon" or "portable".
 std::string kernel_isa();
+// The integer GEMV's instruction set ("avx512-vnni", "avx2", "neon-sdot", "neon" or "portable"),
+// and x's width on one-row 4-, 5- and 8-bit products: 0 (f32, exact: until set), or 8 or 16 bits
+// (the integer GEMV).
+std::string kernel_integer_isa();
+void set_kernel_gemv_x(int bits);
+int kernel_gemv_x();
 int kernel_threads();
 
 }  // namespace layerline

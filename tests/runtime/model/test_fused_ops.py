@@ -1,6 +1,7 @@
 """The extension's fused layer ops (RMSNorm, residual + RMSNorm, RoPE, SiLU*mul, few-row
-attention) against mlx's own on every instruction-set path, where they are swapped in, and a
-package decoding greedily the same with them as with mlx's ops."""
+attention, one-row attention of several sessions) against mlx's own on every instruction-set
+path, where they are swapped in, and a package decoding greedily the same with them as with
+mlx's ops."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from layerline.runtime.model.fused_ops import (
     KernelRMSNorm,
     KernelRoPE,
     fused_attention,
+    fused_sessions_attention,
     use_fused_ops,
 )
 
@@ -62,6 +64,11 @@ for traditional in (False, True):
                 ref = mx.fast.rope(x, dims, traditional=traditional, base=base, scale=scale, offset=offset)
                 got = native.rope(x, inverse, dims, traditional, scale, offset)
                 check(f"rope traditional={traditional}", got, ref)
+        # A batch pass's rows: batch entry b at its own position.
+        x, offsets = mx.random.normal((5, 3, 1, D)), mx.array([0, 7, 250, 4000, 31], dtype=mx.int32)
+        ref = mx.fast.rope(x, dims, traditional=traditional, base=base, scale=scale, offset=offsets)
+        got = native.rope_at(x, inverse, dims, traditional, scale, offsets)
+        check(f"rope traditional={traditional}", got, ref)
 gate, up = mx.random.normal((2, 1, 8960)) * 6, mx.random.normal((2, 1, 8960))
 check("silu_mul", native.silu_mul(gate, up), nn.silu(gate) * up)
 for B, H, Hk, D in ((1, 9, 3, 64), (2, 12, 2, 128), (1, 4, 4, 32)):
@@ -74,6 +81,20 @@ for B, H, Hk, D in ((1, 9, 3, 64), (2, 12, 2, 128), (1, 4, 4, 32)):
         mask = "causal" if causal else None
         ref = scaled_dot_product_attention(q, keys, values, None, scale=D ** -0.5, mask=mask)
         check("attention", native.attention(q, keys, values, D ** -0.5, causal), ref)
+    # One row of each of several sessions, each over its own cache (as long as it is), whole or
+    # within a sliding window, against mlx's attention per session under the window's mask.
+    lengths = (1, 37, 300, 5, 700, 64)
+    for window in (0, 16, 64):
+        keys = [mx.random.normal((1, Hk, 1024, D))[:, :, :T] for T in lengths]
+        values = [mx.random.normal((1, Hk, 1024, D))[:, :, :T] for T in lengths]
+        q = mx.random.normal((len(lengths), H, 1, D))
+        refs = []
+        for s, T in enumerate(lengths):
+            mask = mx.arange(T)[None] > T - 1 - window if window else None
+            refs.append(scaled_dot_product_attention(q[s:s + 1], keys[s], values[s], None, scale=D ** -0.5,
+                                                     mask=mask))
+        got = native.sessions_attention(q, keys, values, D ** -0.5, window)
+        check("sessions_attention", got, mx.concatenate(refs))
 print(json.dumps({"isa": native.fused_isa(), "worst": worst}))
 """
 
@@ -88,7 +109,7 @@ def test_fused_ops_match_mlx_on_each_instruction_set(isa):
     if report["isa"] != isa:
         pytest.skip(f"this CPU has no {isa} (ran {report['isa']})")
     bad = {k: v for k, v in report["worst"].items() if v > MAX_RELATIVE_ERROR}
-    assert not bad and len(report["worst"]) == 6
+    assert not bad and len(report["worst"]) == 7
 
 
 def test_fused_attention_leaves_mask_arrays_many_rows_and_half_floats_to_mlx():
@@ -98,6 +119,42 @@ def test_fused_attention_leaves_mask_arrays_many_rows_and_half_floats_to_mlx():
     assert fused_attention(mx.zeros((1, 2, 17, 8)), k, k, 1.0, "causal") is None
     half_q, half_k = q.astype(mx.float16), k.astype(mx.float16)
     assert fused_attention(half_q, half_k, half_k, 1.0, None) is None
+
+
+def test_rows_of_a_batch_pass_attend_and_rotate_bit_for_bit_as_each_alone():
+    # What a one-row session computes in a batch pass equals its own pass, to the bit: greedy
+    # answers then differ only where the products' rows round differently.
+    mx.random.seed(5)
+    width = 64
+    # Keys enough for more than one thread, split unevenly (the long session's one kv head is
+    # more than half of every key read): each thread's share must hold whole heads, every run.
+    for lengths, heads, kv_heads in (((1, 37, 300, 5), 9, 3), ((1000, 1), 2, 1)):
+        keys = [mx.random.normal((1, kv_heads, 1024, width))[:, :, :n] for n in lengths]
+        values = [mx.random.normal((1, kv_heads, 1024, width))[:, :, :n] for n in lengths]
+        q = mx.random.normal((len(lengths), heads, 1, width))
+        alone = mx.concatenate([fused_attention(q[s:s + 1], keys[s], values[s], 0.125, None)
+                                for s in range(len(lengths))])
+        for _ in range(50):
+            assert mx.array_equal(fused_sessions_attention(q, keys, values, 0.125, None), alone)
+    rope = nn.RoPE(width, base=1e5)
+    assert use_fused_ops(rope) == 1 and isinstance(rope, KernelRoPE)
+    q = mx.random.normal((4, 9, 1, width))
+    positions = [3, 40, 1000, 7]
+    rotated = rope(q, offset=mx.array(positions, dtype=mx.int32))
+    alone = [rope(q[s:s + 1], offset=p) for s, p in enumerate(positions)]
+    assert mx.array_equal(rotated, mx.concatenate(alone))
+
+
+def test_sessions_attention_refuses_sessions_that_do_not_match():
+    q = mx.zeros((2, 4, 1, 8))
+    keys = [mx.zeros((1, 2, 5, 8)), mx.zeros((1, 2, 3, 8))]
+    assert fused_sessions_attention(q, keys, keys, 1.0, None).shape == (2, 4, 1, 8)
+    with pytest.raises(ValueError, match="S keys and S values"):
+        fused_sessions_attention(q, keys[:1], keys[:1], 1.0, None)
+    with pytest.raises(ValueError, match="session 1's keys"):
+        fused_sessions_attention(q, [keys[0], mx.zeros((1, 4, 3, 8))], keys, 1.0, None)
+    half = [k.astype(mx.float16) for k in keys]
+    assert fused_sessions_attention(q, half, half, 1.0, None) is None
 
 
 def test_switched_off_the_layers_keep_mlx_ops(smollm2_package):

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from layerline.errors import LayerRangeError
+from layerline.runtime.model import attention as attention_module
 from layerline.runtime.model import session_rows
+from layerline.runtime.model.fused_ops import fused_ops_enabled, fused_sessions_attention
 from layerline.runtime.model.layer_range import LayerRange
 
 from tiny_architectures import CONFIGS, LAYERS
@@ -45,6 +47,30 @@ def test_a_batch_pass_equals_each_sessions_own_pass(arch, joint, monkeypatch):
                                   axis=1)
         np.testing.assert_allclose(np.array(out), np.array(expected), rtol=1e-4, atol=1e-4)
         assert [c[0].offset for c in batched] == [c[0].offset for c in alone]
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_one_row_sessions_attend_in_one_call_as_each_alone(arch, monkeypatch):
+    # Decode steps of every session: on the CPU kernel one attention call per layer over all their
+    # caches (Gemma 3's sliding layers within their window), equal to each session's own pass.
+    calls = []
+
+    def counted(*args):
+        calls.append(len(args[1]))
+        return fused_sessions_attention(*args)
+
+    monkeypatch.setattr(attention_module, "fused_sessions_attention", counted)
+    layers = LayerRange(CONFIGS[arch], 0, LAYERS)
+    mx.eval(layers.parameters())
+    batched, alone = _sessions(layers, seed=3), _sessions(layers, seed=3)
+    mx.random.seed(4)
+    for _ in range(3):
+        h = mx.random.normal((1, len(PREFIXES), HIDDEN))
+        out = layers.forward_rows(h, batched, [1] * len(PREFIXES))
+        expected = mx.concatenate([layers(h[:, i:i + 1], cache) for i, cache in enumerate(alone)], axis=1)
+        np.testing.assert_allclose(np.array(out), np.array(expected), rtol=1e-4, atol=1e-4)
+    if fused_ops_enabled() and layers.supports_trees:  # attention routed here, on the CPU kernel
+        assert calls == [len(PREFIXES)] * (3 * LAYERS)
 
 
 def test_a_batch_of_one_session_is_the_plain_pass():

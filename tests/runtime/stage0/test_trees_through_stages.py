@@ -15,7 +15,7 @@ from layerline.runtime.serve.stage0 import Stage0, Stage0Options
 from layerline.runtime.stage0 import pick
 from layerline.runtime.stage0.target import PipelineTarget
 
-from helpers import StageProcess
+from helpers import StageProcess, brought_up
 
 PROMPT = [5, 9, 14, 3, 27, 8]
 PARENTS = [-1, 0, 0, 1, 1, 2, 3, 5, 7]  # node 0 is the last prompt token; 1 and 2 its children, ...
@@ -32,16 +32,9 @@ def stages(tiny_llama_package, tmp_path_factory):
     stage0 = Stage0(Stage0Options(package=str(tiny_llama_package), peers=[p.endpoint for p in peers],
                                   split="0:1,1:3,3:4", weights="f32", no_draft=True, cache_dir=cache))
     try:
-        stage0.start()
-        stage0.bring_up()
-        yield stage0, LocalPipeline.load(tiny_llama_package, None, "f32", tokenizer=False)
+        with brought_up(stage0):
+            yield stage0, LocalPipeline.load(tiny_llama_package, None, "f32", tokenizer=False)
     finally:
-        if stage0.scheduler is not None:
-            stage0.scheduler.close()
-        if stage0._coordinator is not None:
-            stage0.coordinator.shutdown()
-        if stage0.file_server is not None:
-            stage0.file_server.stop(grace=None)
         for peer in peers:
             peer.stop()
 

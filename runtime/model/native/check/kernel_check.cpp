@@ -2,7 +2,11 @@
 // packed weights for every bits, group, scale type and 1..32 rows of x, an odd number of
 // weight rows (tails of every block size), split in two column ranges as two threads would.
 // Built and run by scripts/check_cpu_kernel.sh, natively or cross-compiled for arm64 under qemu.
-// Exit status 0 when every path is within 1e-4 relative error of the portable one.
+// Exit status 0 when every path is within 1e-4 relative error of the portable one, and every
+// integer GEMV path, portable included, within kInt8MaxRelativeError (int8 x) or
+// kInt16MaxRelativeError (int16 x) of the f32 product
+// and kInt8Agreement of the portable integer path (their integer sums are exact; only the float
+// rounding differs).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -13,12 +17,37 @@
 #include <vector>
 
 #include "../kernel.h"
+#include "../kernel_integer.h"
 
 namespace {
 
 using namespace layerline;
 
 constexpr double kMaxRelativeError = 1e-4;
+// x rounded to 8 bits per block of 32: each product off by up to 1/254 of its block's largest |x|.
+constexpr double kInt8MaxRelativeError = 2e-2;
+constexpr double kInt16MaxRelativeError = 1e-4;  // x to 1/65534 of its block's largest: as the f32 paths
+constexpr double kInt8Agreement = 1e-5;
+
+struct IntegerPath {
+  const char* name;
+  IntegerColumns columns;
+};
+
+std::vector<IntegerPath> integer_paths() {
+  std::vector<IntegerPath> paths{{"portable", integer_columns_portable}};
+#if defined(__x86_64__) || defined(_M_X64)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) paths.push_back({"avx2", integer_columns_avx2});
+  if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl")) {
+    paths.push_back({"avx512-vnni", integer_columns_avx512vnni});
+  }
+#endif
+#if defined(__aarch64__)
+  paths.push_back({"neon", integer_columns_neon});
+#endif
+  return paths;
+}
 
 struct Path {
   const char* name;
@@ -104,6 +133,18 @@ std::vector<float> run(QmmColumns columns, const Case& c) {
   return y;
 }
 
+// The integer GEMV as the dispatch runs it: x quantized once, two column ranges.
+std::vector<float> run_integer(IntegerColumns columns, const Case& c, int xbits) {
+  std::vector<float> y(size_t(c.N), NAN);
+  const QmmArgs a = c.args(y.data());
+  QuantizedX x;
+  quantize_x(a, xbits, x);
+  const int split = (c.N / 2) / 4 * 4;
+  columns(a, x, 0, split);
+  columns(a, x, split, c.N);
+  return y;
+}
+
 double relative_error(const std::vector<float>& got, const std::vector<float>& ref) {
   double diff = 0.0, scale = 0.0;
   for (size_t i = 0; i < ref.size(); ++i) {
@@ -117,15 +158,40 @@ double relative_error(const std::vector<float>& got, const std::vector<float>& r
 }  // namespace
 
 int main() {
-  const auto paths = vector_paths();
-  if (paths.empty()) {
-    std::printf("no vector path on this CPU: nothing to compare\n");
-    return 0;
-  }
   std::mt19937 rng(15);
   const ScaleType types[] = {ScaleType::f32, ScaleType::f16, ScaleType::bf16};
   const char* type_names[] = {"f32", "f16", "bf16"};
   int failures = 0, cases = 0;
+  for (const IntegerPath& path : integer_paths()) {
+    for (int xbits : {8, 16}) {
+      const double tolerance = xbits == 8 ? kInt8MaxRelativeError : kInt16MaxRelativeError;
+      double worst = 0.0, worst_agreement = 0.0;
+      for (int bits : {4, 5, 8}) {
+        for (int group : {32, 64, 128}) {
+          // Odd row counts (every tail), one group a row, and a tall wide matrix.
+          for (const auto& [N, K] : {std::pair{37, 5 * group}, std::pair{37, group}, std::pair{413, 2048}}) {
+            const int t = (bits + group / 32 + N) % 3;
+            const Case c = make_case(rng, N, K, 1, bits, group, types[t]);
+            const auto got = run_integer(path.columns, c, xbits);
+            const double err = relative_error(got, run(qmm_columns_portable, c));
+            const double agreement = relative_error(got, run_integer(integer_columns_portable, c, xbits));
+            worst = std::max(worst, err);
+            worst_agreement = std::max(worst_agreement, agreement);
+            ++cases;
+            if (!(err <= tolerance) || !(agreement <= kInt8Agreement)) {
+              ++failures;
+              std::printf("FAIL int%d x %s %dx%d bits=%d group=%d scales=%s: relative error %.3g (%.3g from portable)\n",
+                          xbits, path.name, N, K, bits, group, type_names[t], err, agreement);
+            }
+          }
+        }
+      }
+      std::printf("int%d x %s: worst relative error %.3g against the f32 product, %.3g against portable\n", xbits,
+                  path.name, worst, worst_agreement);
+    }
+  }
+  const auto paths = vector_paths();
+  if (paths.empty()) std::printf("no vector path on this CPU: nothing to compare\n");
   for (const Path& path : paths) {
     double worst = 0.0;
     for (int bits : {2, 3, 4, 5, 6, 8}) {

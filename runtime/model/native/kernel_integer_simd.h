@@ -1,0 +1,109 @@
+// The integer GEMV, written once over a `Simd` type that each instruction-set file defines
+// before including this header inside its own anonymous namespace (as kernel_simd.h is used).
+// `Simd` gives: B, a block of 32 bytes; S, a vector of int32 sums; F, a vector of floats;
+// unpack<BITS>(p) (one block of 32 packed values at p as bytes, in int_block_order);
+// dot<BITS>(q, x) (the block's products q*x summed into S's lanes); load_x; to_float; fma;
+// set1; zero; hsum; scale; prefetch; for int16 x, X16 (a block of it), load_x16 and
+// dot16<BITS>(p, x) (unpacking and multiplying at once); and signed8: whether unpack<8> leaves q - 128 (for a
+// signed-by-signed multiply), which centres 8-bit products itself: the bias then takes 128 * s
+// with x's exact sum, where the other widths add s * x.centre (see kernel_integer.h).
+//
+// Four weight rows at a time share each block of x; the block's integer sums become floats
+// once and are scaled by s * dx, so per 32 weights the work is an unpack, a multiply-add
+// chain of integers, one conversion and one float multiply-add.
+
+// Packed bytes a block of 32 values spans, and how far past its end unpack<BITS> may read.
+template <int BITS>
+constexpr int block_bytes = kIntegerBlock * BITS / 8;
+template <int BITS>
+constexpr int block_overread = BITS == 5 ? 6 : 0;
+
+template <int BITS, int XBITS, int NB>
+inline void int_rows(const QmmArgs& a, const QuantizedX& x, const uint8_t* const* rows, int n) {
+  using F = typename Simd::F;
+  const int groups = a.K / a.group, per_group = a.group / kIntegerBlock;
+  constexpr bool centred = BITS == 8 && XBITS == 8 && Simd::signed8;
+  F acc[NB];
+  float bias[NB];
+#pragma GCC unroll 4
+  for (int r = 0; r < NB; ++r) {
+    acc[r] = Simd::zero();
+    bias[r] = 0.0f;
+  }
+  for (int g = 0, j = 0; g < groups; ++g) {
+    float s[NB];
+#pragma GCC unroll 4
+    for (int r = 0; r < NB; ++r) {
+      const size_t i = size_t(n + r) * groups + g;
+      s[r] = Simd::scale(a.scales, a.scale_type, i);
+      const float b = Simd::scale(a.biases, a.scale_type, i);
+      bias[r] += centred ? (b + 128.0f * s[r]) * x.sum[g] : b * x.sum[g] + s[r] * x.centre[g];
+    }
+    for (int end = j + per_group; j < end; ++j) {
+      const float dx = x.scale[j];
+      const size_t byte = size_t(j) * block_bytes<BITS>;
+      if constexpr (XBITS == 8) {
+        const typename Simd::B xv = Simd::load_x(x.q.data() + size_t(j) * kIntegerBlock);
+#pragma GCC unroll 4
+        for (int r = 0; r < NB; ++r) {
+          const typename Simd::S sums = Simd::template dot<BITS>(Simd::template unpack<BITS>(rows[r] + byte), xv);
+          acc[r] = Simd::fma(Simd::to_float(sums), Simd::set1(s[r] * dx), acc[r]);
+        }
+      } else {
+        const typename Simd::X16 xv = Simd::load_x16(x.q16.data() + size_t(j) * kIntegerBlock);
+#pragma GCC unroll 4
+        for (int r = 0; r < NB; ++r) {
+          const typename Simd::S sums = Simd::template dot16<BITS>(rows[r] + byte, xv);
+          acc[r] = Simd::fma(Simd::to_float(sums), Simd::set1(s[r] * dx), acc[r]);
+        }
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < NB; ++r) a.y[n + r] = Simd::hsum(acc[r]) + bias[r];
+}
+
+template <int BITS, int XBITS>
+inline void int_gemv(const QmmArgs& a, const QuantizedX& x, int n0, int n1) {
+  // Rows whose last block's read would pass the weights' end are read from a padded copy.
+  std::vector<uint8_t> tail;
+  int padded = n1;
+  if constexpr (block_overread<BITS> > 0) {
+    const size_t row_bytes = a.w_row_bytes;
+    while (padded > n0 && size_t(padded) * row_bytes + block_overread<BITS> > a.w_total_bytes) --padded;
+    if (padded < n1) {
+      tail.assign(size_t(n1 - padded) * row_bytes + block_overread<BITS>, 0);
+      std::memcpy(tail.data(), a.w + size_t(padded) * row_bytes, size_t(n1 - padded) * row_bytes);
+    }
+  }
+  for (int n = n0; n < n1; n += 4) {
+    const int nb = std::min(4, n1 - n);
+    const uint8_t* rows[4];
+    for (int r = 0; r < nb; ++r) {
+      rows[r] = n + r >= padded ? tail.data() + size_t(n + r - padded) * a.w_row_bytes
+                                : a.w + size_t(n + r) * a.w_row_bytes;
+    }
+    // The rows two blocks ahead, as the f32 GEMV asks for them.
+    const size_t block = 4 * a.w_row_bytes, ahead = size_t(n) * a.w_row_bytes + 2 * block;
+    for (size_t line = 0; line < block && ahead + line < a.w_total_bytes; line += 64) {
+      Simd::prefetch(a.w + ahead + line);
+    }
+    if (nb == 4) {
+      int_rows<BITS, XBITS, 4>(a, x, rows, n);
+    } else {
+      for (int r = 0; r < nb; ++r) int_rows<BITS, XBITS, 1>(a, x, rows + r, n + r);
+    }
+  }
+}
+
+template <int XBITS>
+inline void int_columns_for(const QmmArgs& a, const QuantizedX& x, int n0, int n1) {
+  if (a.bits == 4) return int_gemv<4, XBITS>(a, x, n0, n1);
+  if (a.bits == 5) return int_gemv<5, XBITS>(a, x, n0, n1);
+  int_gemv<8, XBITS>(a, x, n0, n1);
+}
+
+inline void integer_columns(const QmmArgs& a, const QuantizedX& x, int n0, int n1) {
+  if (x.xbits == 8) return int_columns_for<8>(a, x, n0, n1);
+  int_columns_for<16>(a, x, n0, n1);
+}
