@@ -1,11 +1,11 @@
 """Placement by measured capacity against the splits tried by hand: the planned split's pass and the best.
 
-    python scripts/bench_placement.py --package PKG [--busy 3] [--stride 1] [--tokens 32]
+    python scripts/bench_placement.py --package PKG [--busy 3] [--stride 1] [--first K] [--tokens 32]
 
 Stage 0 on one core, one peer pinned to another core that `--busy` spinning processes share,
 so the peer has about 1/(busy+1) of a core: heterogeneous stages on one machine. The peer
 stays up; stage 0 is started once with the planned split (`--split auto`) and once per
-split `0:k,k:N` for every k in steps of `--stride`, and each time times greedy decoding
+split `0:k,k:N` for every k in steps of `--stride` (from `--first`), and each time times greedy decoding
 (the stream's time per token after its first, best of `--repeats` requests). Prints a
 Markdown table and how far the planned split's pass is from the best one tried.
 """
@@ -69,6 +69,7 @@ def main() -> int:
     parser.add_argument("--package", type=Path, required=True)
     parser.add_argument("--busy", type=int, default=3, help="spinning processes on the peer's core")
     parser.add_argument("--stride", type=int, default=1, help="try every k-th split boundary")
+    parser.add_argument("--first", type=int, default=0, help="try boundaries from this layer on (0: stride)")
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
@@ -92,7 +93,7 @@ def main() -> int:
         planned = run_split(args, "auto", endpoint, fast_core, log_dir)
         layers = planned["split"][-1][1]
         tried = {planned["split"][0][1]: planned["ms_per_token"]}
-        for k in range(args.stride, layers, args.stride):
+        for k in range(args.first or args.stride, layers, args.stride):
             result = run_split(args, f"0:{k},{k}:{layers}", endpoint, fast_core, log_dir)
             tried[k] = min(tried.get(k, float("inf")), result["ms_per_token"])
             print(f"split 0:{k},{k}:{layers}: {result['ms_per_token']:.1f} ms/token", file=sys.stderr,

@@ -33,6 +33,7 @@ from .probe_messages import probe_message, shape_from_message
 from .wire import DEFAULT_MAX_FRAME_ROWS, FrameLimits, Rows
 
 MAX_ID_CHARS = 256  # a coordinator_id or run_id: every later Status carries the holder's
+MAX_PROBED_SHAPES = 16  # layer probes remembered; a caller sending shape after shape evicts the oldest
 
 log = logging.getLogger("layerline.stage")
 
@@ -223,6 +224,8 @@ class StageNode:
             except (LayerlineError, ValueError, RuntimeError) as exc:  # a shape mlx cannot build
                 known = str(exc)
                 log.warning("stage=%s event=probe_failed error=%s", self.endpoint, known)
+            if len(self._probes) >= MAX_PROBED_SHAPES:
+                self._probes.pop(next(iter(self._probes)))
             self._probes[shape] = known
         if isinstance(known, str):
             return probe_message(None, free, known)
