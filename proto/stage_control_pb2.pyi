@@ -118,22 +118,68 @@ class PackageIdentity(_message.Message):
     def __init__(self, ref: _Optional[str] = ..., manifest_sha256: _Optional[str] = ...) -> None: ...
 
 class Claim(_message.Message):
-    __slots__ = ("package", "lease_duration_ms")
+    __slots__ = ("package", "lease_duration_ms", "probe_shape")
     PACKAGE_FIELD_NUMBER: _ClassVar[int]
     LEASE_DURATION_MS_FIELD_NUMBER: _ClassVar[int]
+    PROBE_SHAPE_FIELD_NUMBER: _ClassVar[int]
     package: PackageIdentity
     lease_duration_ms: int
-    def __init__(self, package: _Optional[_Union[PackageIdentity, _Mapping]] = ..., lease_duration_ms: _Optional[int] = ...) -> None: ...
+    probe_shape: LayerShape
+    def __init__(self, package: _Optional[_Union[PackageIdentity, _Mapping]] = ..., lease_duration_ms: _Optional[int] = ..., probe_shape: _Optional[_Union[LayerShape, _Mapping]] = ...) -> None: ...
+
+class LayerShape(_message.Message):
+    __slots__ = ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size", "weight_format", "bits", "group_size", "stored_dtype", "batch_rows")
+    HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
+    NUM_ATTENTION_HEADS_FIELD_NUMBER: _ClassVar[int]
+    NUM_KEY_VALUE_HEADS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
+    INTERMEDIATE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    BITS_FIELD_NUMBER: _ClassVar[int]
+    GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    STORED_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    BATCH_ROWS_FIELD_NUMBER: _ClassVar[int]
+    hidden_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int
+    weight_format: str
+    bits: int
+    group_size: int
+    stored_dtype: str
+    batch_rows: int
+    def __init__(self, hidden_size: _Optional[int] = ..., num_attention_heads: _Optional[int] = ..., num_key_value_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., intermediate_size: _Optional[int] = ..., weight_format: _Optional[str] = ..., bits: _Optional[int] = ..., group_size: _Optional[int] = ..., stored_dtype: _Optional[str] = ..., batch_rows: _Optional[int] = ...) -> None: ...
+
+class LayerProbe(_message.Message):
+    __slots__ = ("one_row_us", "batch_us", "batch_rows", "weight_format", "layer_bytes", "memory_free_bytes", "error")
+    ONE_ROW_US_FIELD_NUMBER: _ClassVar[int]
+    BATCH_US_FIELD_NUMBER: _ClassVar[int]
+    BATCH_ROWS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    LAYER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    one_row_us: int
+    batch_us: int
+    batch_rows: int
+    weight_format: str
+    layer_bytes: int
+    memory_free_bytes: int
+    error: str
+    def __init__(self, one_row_us: _Optional[int] = ..., batch_us: _Optional[int] = ..., batch_rows: _Optional[int] = ..., weight_format: _Optional[str] = ..., layer_bytes: _Optional[int] = ..., memory_free_bytes: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
 
 class ClaimAccepted(_message.Message):
-    __slots__ = ("lease_duration_ms", "lease_expires_unix_ms", "preempted_coordinator_id")
+    __slots__ = ("lease_duration_ms", "lease_expires_unix_ms", "preempted_coordinator_id", "probe")
     LEASE_DURATION_MS_FIELD_NUMBER: _ClassVar[int]
     LEASE_EXPIRES_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     PREEMPTED_COORDINATOR_ID_FIELD_NUMBER: _ClassVar[int]
+    PROBE_FIELD_NUMBER: _ClassVar[int]
     lease_duration_ms: int
     lease_expires_unix_ms: int
     preempted_coordinator_id: str
-    def __init__(self, lease_duration_ms: _Optional[int] = ..., lease_expires_unix_ms: _Optional[int] = ..., preempted_coordinator_id: _Optional[str] = ...) -> None: ...
+    probe: LayerProbe
+    def __init__(self, lease_duration_ms: _Optional[int] = ..., lease_expires_unix_ms: _Optional[int] = ..., preempted_coordinator_id: _Optional[str] = ..., probe: _Optional[_Union[LayerProbe, _Mapping]] = ...) -> None: ...
 
 class Rejected(_message.Message):
     __slots__ = ("reason", "message", "holder_coordinator_id", "holder_term", "lease_remaining_ms")

@@ -54,13 +54,14 @@ def _layerline(*args: str) -> list[str]:
 class StageProcess:
     """A `layerline stage serve` subprocess on loopback, waited on until it listens."""
 
-    def __init__(self, args: tuple[str, ...], cache_dir: Path, port: int | None = None) -> None:
+    def __init__(self, args: tuple[str, ...], cache_dir: Path, port: int | None = None,
+                 cpus: frozenset[int] | None = None) -> None:
         self.port = port or free_port()
         self.endpoint = f"127.0.0.1:{self.port}"
         # A log of its own per start: a restarted stage must not be taken for listening already.
         log = cache_dir / f"stage-{self.port}-{uuid.uuid4().hex[:6]}.log"
         argv = _layerline("stage", "serve", "--listen", self.endpoint, "--cache-dir", str(cache_dir), *args)
-        self.process = Process.start(f"stage {self.endpoint}", argv, log)
+        self.process = Process.start(f"stage {self.endpoint}", argv, log, cpus=cpus)
         try:
             wait_listening(self.process, timeout_s=60)
         except BaseException:
@@ -79,7 +80,8 @@ class Stage0Process:
     """`layerline stage serve --package …` in a subprocess, waited on until /health is ok."""
 
     def __init__(self, package: Path, peers: list[str], cache: Path, *extra: str,
-                 http_host: str = "127.0.0.1", cwd: Path | None = None, wait: bool = True) -> None:
+                 http_host: str = "127.0.0.1", cwd: Path | None = None, wait: bool = True,
+                 cpus: frozenset[int] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = cache / f"stage0-{self.port}.log"
@@ -87,7 +89,7 @@ class Stage0Process:
                           "--cache-dir", str(cache), *extra)
         for peer in peers:
             argv += ["--peer", peer]
-        self.process = Process.start("stage 0", argv, self.log, cwd)
+        self.process = Process.start("stage 0", argv, self.log, cwd, cpus=cpus)
         if wait:
             self.wait_healthy()
 

@@ -50,7 +50,7 @@ def stage_serve(
     peer: Annotated[list[str] | None, typer.Option(help="Downstream stage host:port, in order.")] = None,
     spare: Annotated[list[str] | None, typer.Option(help="Stage 0: a peer host:port that replaces a lost stage (repeat; tried in order). Turns failover on: streams pause, then go on.")] = None,
     failover_seconds: Annotated[float, typer.Option(help="Stage 0: how long a lost stage may take to be replaced by a spare; then requests end with an error and the pipeline is degraded.")] = DEFAULT_FAILOVER_S,
-    split: Annotated[str, typer.Option(help="auto, or ranges like 0:10,10:30 (stage 0 first).")] = "auto",
+    split: Annotated[str, typer.Option(help="auto (planned from measured layer times and free memory), or ranges like 0:10,10:30 (stage 0 first).")] = "auto",
     http: Annotated[str | None, typer.Option(help="HTTP host:port of the OpenAI API (stage 0).")] = None,
     config: ConfigFileOpt = None,
     no_draft: NoDraftOpt = False,

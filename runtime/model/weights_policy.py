@@ -17,6 +17,7 @@ Metal and CUDA, packed weights with mlx's kernels are the fast path.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from layerline.errors import LayerlineError
@@ -90,33 +91,41 @@ def expanded_bytes(manifest: Manifest, files: list[str], dtype: str = "float32")
 
 def plan_weights(requested: str, manifest: Manifest, files: list[str], device: Device) -> WeightsPlan:
     """Decide the weight format for loading `files` of a package on `device`."""
+    return choose_weights(requested, quantized=manifest.quantization is not None, dtype=manifest.dtype,
+                          expanded=lambda: expanded_bytes(manifest, files), device=device)
+
+
+def choose_weights(requested: str, *, quantized: bool, dtype: str, expanded: Callable[[], int],
+                   device: Device) -> WeightsPlan:
+    """The weight format for layers stored packed (`quantized`) or as `dtype` on `device`;
+    `expanded` tells how many bytes they would take as f32."""
     if requested not in WEIGHT_CHOICES:
         raise LayerlineError(
             f"unknown weight format {requested!r}",
             hint=f"use --weights with one of {', '.join(WEIGHT_CHOICES)}",
         )
-    stored = "packed" if manifest.quantization else _short(manifest.dtype)
+    stored = "packed" if quantized else _short(dtype)
     if requested in _DTYPES:
         return WeightsPlan(requested, _DTYPES[requested], "asked for")
     on_cpu = device.kind == "cpu"
     # f16 and bf16 arithmetic on mlx's CPU backend is many times slower than f32, so packed
     # weights get f32 scales and activations there; unquantized weights keep their dtype.
-    packed_compute = "float32" if on_cpu and manifest.quantization else manifest.dtype
+    packed_compute = "float32" if on_cpu and quantized else dtype
     if requested == "packed":
         return WeightsPlan(stored, packed_compute, f"asked for packed; package stores {stored}")
     if not on_cpu:
-        return WeightsPlan(stored, manifest.dtype, f"auto: {device.kind} runs stored weights fastest")
-    if manifest.quantization is None and manifest.dtype == "float32":
+        return WeightsPlan(stored, dtype, f"auto: {device.kind} runs stored weights fastest")
+    if not quantized and dtype == "float32":
         return WeightsPlan("f32", "float32", "auto: package stores f32")
-    if manifest.quantization and device.cpu_kernel:
+    if quantized and device.cpu_kernel:
         return WeightsPlan("packed", "float32",
                            f"auto: layerline's cpu kernel ({device.cpu_kernel}) reads packed weights fastest")
-    if manifest.quantization and not device.fast_blas:
+    if quantized and not device.fast_blas:
         return WeightsPlan(
             "packed", "float32",
             "auto: no cpu kernel and no fast BLAS loaded, so f32 weights would not be faster",
         )
-    need = expanded_bytes(manifest, files)
+    need = expanded()
     budget = int(device.memory_available * MEMORY_SHARE)
     if need > budget:
         return WeightsPlan(
@@ -124,7 +133,7 @@ def plan_weights(requested: str, manifest: Manifest, files: list[str], device: D
             f"auto: f32 weights would take {need >> 20} MiB, over {MEMORY_SHARE:.0%} of the "
             f"{device.memory_available >> 20} MiB available",
         )
-    why = "without layerline's cpu kernel, " if manifest.quantization else ""
+    why = "without layerline's cpu kernel, " if quantized else ""
     return WeightsPlan("f32", "float32",
                        f"auto: {why}cpu with {load_fast_blas().name} BLAS decodes f32 fastest")
 

@@ -21,6 +21,7 @@ from ..decode.targets import PREFILL_STEP
 from ..model.cpu_kernel import cpu_kernel
 from ..model.head import Head
 from ..model.kv_cache import SessionStore
+from ..model.layer_probe import probe_layer
 from ..model.layer_range import LayerRange
 from ..model.session_limit import DEFAULT_MAX_SESSIONS
 from ..model.tokenizer import end_of_generation_ids, load_tokenizer
@@ -200,7 +201,7 @@ class Stage0:
             frame_timeout_s=options.stage_timeout_s, lease_s=options.lease_s,
             heartbeat_s=min(2.0, options.lease_s / 4), file_source=file_source,
             failover_s=options.failover_s),
-            on_change=self._show_progress, spares=self.spares)
+            on_change=self._show_progress, spares=self.spares, prober=probe_layer)
         self.files.serve_package(self._coordinator.manifest_sha256, self.package)
         self.started_at = time.time()
         return self
@@ -321,6 +322,7 @@ class Stage0:
         manifest = self.package.manifest
         start, end = self.coordinator.stage0_range
         local = self.local
+        placement = self.coordinator.placement
         stage0 = {"stage": 0, "endpoint": "local", "layers": [start, end],
                   "state": "ready" if self.engine is not None else "loading",
                   "sessions": local.session_count() if local is not None else 0,
@@ -338,6 +340,7 @@ class Stage0:
                          "failover_s": self.options.failover_s,
                          "spares": self.spares.candidates() if self.spares is not None else []},
             "split": [[s["layers"][0], s["layers"][1]] for s in [stage0, *self.coordinator.status()]],
+            "placement": placement.to_json() if placement is not None else None,
             "stages": [stage0, *self.coordinator.status()],
             "wire_dtype": self.options.wire_dtype,
             "cpu_kernel": cpu_kernel().to_json(),

@@ -12,6 +12,7 @@ from pathlib import Path
 from layerline.errors import LayerlineError
 from layerline.packager.package import LayerPackage
 
+from ..model.layer_shape import LayerShape, LayerTiming
 from .discovery import DEFAULT_CLUSTER, Announcer, check_cluster
 from .frame_transport import ConnectionLimits
 from .node import LoadOptions, RangeModel
@@ -60,6 +61,13 @@ def announce(endpoint: str, cluster: str, token: str | None, insecure: bool) -> 
                      memory_free=lambda: host_memory().available).start()
 
 
+def probe_range_layer(shape: LayerShape) -> LayerTiming:
+    """Time a synthetic layer of `shape` (imported on the first probe, as the model is)."""
+    from ..model.layer_probe import probe_layer
+
+    return probe_layer(shape)
+
+
 def run_stage(listen: str, cache_dir: Path, auth_token_file: Path | None, *, insecure: bool = False,
               limits: ConnectionLimits = ConnectionLimits(), activation_listen: str | None = None,
               activation_advertise: str | None = None, file_rate_limit_mb_s: float = 0.0,
@@ -74,7 +82,7 @@ def run_stage(listen: str, cache_dir: Path, auth_token_file: Path | None, *, ins
     server = start_stage_server(listen, cache_dir, load_range_model, auth_token=token, limits=limits,
                                 activation_listen=activation_listen,
                                 activation_advertise=activation_advertise,
-                                file_rate_limit_mb_s=file_rate_limit_mb_s)
+                                file_rate_limit_mb_s=file_rate_limit_mb_s, prober=probe_range_layer)
     node = server.node
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

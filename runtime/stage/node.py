@@ -21,6 +21,7 @@ from layerline.packager.package import LayerPackage
 from layerline.proto import stage_control_pb2 as pb
 
 from ..model.host_memory import host_memory
+from ..model.layer_shape import LayerShape, LayerTiming
 from ..model.session_limit import DEFAULT_MAX_SESSIONS
 from .claims import MAX_LEASE_S, ClaimRejected, ClaimTable, RejectReason
 from .client import ActivationAddress, resolve_advertised
@@ -28,9 +29,11 @@ from .content_cache import ContentCache
 from .file_service import FileIndex
 from .frame_budget import DEFAULT_FRAME_TIMEOUT_S, FrameBudget
 from .prepare import Preparation, PrepareState, local_layer_count
+from .probe_messages import probe_message, shape_from_message
 from .wire import DEFAULT_MAX_FRAME_ROWS, FrameLimits, Rows
 
 MAX_ID_CHARS = 256  # a coordinator_id or run_id: every later Status carries the holder's
+MAX_PROBED_SHAPES = 16  # layer probes remembered; a caller sending shape after shape evicts the oldest
 
 log = logging.getLogger("layerline.stage")
 
@@ -81,6 +84,7 @@ class LoadOptions:
 
 
 ModelLoader = Callable[[LayerPackage, LoadOptions], RangeModel]
+LayerProber = Callable[[LayerShape], LayerTiming]  # times a synthetic layer (`layer_probe.probe_layer`)
 
 
 @dataclass
@@ -96,7 +100,8 @@ class StageNode:
     """A stage that waits to be claimed, then prepares and loads the range it is given."""
 
     def __init__(self, endpoint: str, cache_dir: Path, loader: ModelLoader,
-                 clock: Callable[[], float] = time.monotonic, token: str | None = None) -> None:
+                 clock: Callable[[], float] = time.monotonic, token: str | None = None,
+                 prober: LayerProber | None = None) -> None:
         self.endpoint = endpoint
         self.token = token  # the shared secret, presented to the next stage too
         self.activation_endpoint = endpoint  # where activation frames go; the server sets it
@@ -114,6 +119,8 @@ class StageNode:
         self._lapse_logged = False
         # Serializes compute: mlx evaluation from several threads at once gains nothing on one device.
         self.compute_lock = threading.Lock()
+        self.prober = prober  # None: this stage answers a probe with an error (planned by memory)
+        self._probes: dict[LayerShape, LayerTiming | str] = {}  # per shape: its timing, or why none
 
     # ------------------------------------------------------------ dispatch
 
@@ -182,6 +189,8 @@ class StageNode:
             return self._reject(pb.REJECT_REASON_BAD_REQUEST,
                                 f"term {request.term} is out of range: a term is 1 to {latest} (unix "
                                 f"milliseconds now plus {MAX_CLOCK_SKEW_S:.0f} s of clock skew)")
+        # Probed before the claim is taken, so that the lease granted runs from the answer.
+        probe = self.probe(shape_from_message(claim.probe_shape)) if claim.HasField("probe_shape") else None
         held, preempted = self.claims.claim(
             request.coordinator_id, request.term, request.run_id, claim.package.ref,
             claim.package.manifest_sha256, claim.lease_duration_ms / 1000)
@@ -191,10 +200,36 @@ class StageNode:
             self._cancel_preparation()
         log.info("stage=%s event=claimed coordinator=%s term=%d run=%s", self.endpoint,
                  held.coordinator_id, held.term, held.run_id)
-        return pb.StageControlResponse(claim_accepted=pb.ClaimAccepted(
+        accepted = pb.ClaimAccepted(
             lease_duration_ms=claim.lease_duration_ms,
             lease_expires_unix_ms=int((time.time() + held.lease_s) * 1000),
-            preempted_coordinator_id=preempted.coordinator_id if preempted else ""))
+            preempted_coordinator_id=preempted.coordinator_id if preempted else "")
+        if probe is not None:
+            accepted.probe.CopyFrom(probe)
+        return pb.StageControlResponse(claim_accepted=accepted)
+
+    def probe(self, shape: LayerShape) -> pb.LayerProbe:
+        """Time a synthetic layer of `shape`, once per shape: later claims get the first result."""
+        free = host_memory().available
+        if self.prober is None:
+            return probe_message(None, free, "this stage does not probe layers")
+        known = self._probes.get(shape)
+        if known is None:
+            try:
+                with self.compute_lock:
+                    known = self.prober(shape)
+                log.info("stage=%s event=probed one_row_us=%d batch_us=%d rows=%d weights=%s",
+                         self.endpoint, known.one_row_s * 1e6, known.batch_s * 1e6, known.batch_rows,
+                         known.weight_format)
+            except (LayerlineError, ValueError, RuntimeError) as exc:  # a shape mlx cannot build
+                known = str(exc)
+                log.warning("stage=%s event=probe_failed error=%s", self.endpoint, known)
+            if len(self._probes) >= MAX_PROBED_SHAPES:
+                self._probes.pop(next(iter(self._probes)))
+            self._probes[shape] = known
+        if isinstance(known, str):
+            return probe_message(None, free, known)
+        return probe_message(known, free)
 
     def _prepare(self, prepare: pb.Prepare, caller_host: str) -> pb.StageControlResponse:
         claim = self.claims.holder

@@ -22,7 +22,7 @@ from .client import AUTH_HEADER
 from .file_service import FileIndex, PackageFilesServicer, RateLimit
 from .frame_transport import ConnectionLimits, FrameServer
 from .grpc_options import SERVER_OPTIONS
-from .node import ModelLoader, StageNode
+from .node import LayerProber, ModelLoader, StageNode
 
 log = logging.getLogger("layerline.stage")
 
@@ -133,13 +133,14 @@ def serve_files(server: grpc.Server, index: FileIndex, name: str, rate_limit_mb_
 
 def start_stage_server(listen: str, cache_dir: Path, loader: ModelLoader, *, auth_token: str | None = None,
                        limits: ConnectionLimits = ConnectionLimits(), activation_listen: str | None = None,
-                       activation_advertise: str | None = None, file_rate_limit_mb_s: float = 0.0
-                       ) -> StageServer:
+                       activation_advertise: str | None = None, file_rate_limit_mb_s: float = 0.0,
+                       prober: LayerProber | None = None) -> StageServer:
     """Start a stage on `listen` (host:port; port 0 picks one): gRPC control and package files
-    there, activation frames on `activation_listen` (default: the same host, a free port)."""
+    there, activation frames on `activation_listen` (default: the same host, a free port); a
+    claim's layer probe is timed by `prober` (None: answered with an error)."""
     server, endpoint = grpc_server(listen, auth_token)
     host = listen.rpartition(":")[0]
-    node = StageNode(endpoint, cache_dir, loader, token=auth_token)
+    node = StageNode(endpoint, cache_dir, loader, token=auth_token, prober=prober)
     try:
         frames = FrameServer(activation_listen or f"{host}:0", lambda: ActivationRelay(node),
                              token=auth_token, limits=limits)

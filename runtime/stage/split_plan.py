@@ -1,6 +1,10 @@
-"""Which stage runs which layers: planned from free memory, or given as `0:10,10:30`."""
+"""Which stage runs which layers: planned from measured capacity, from free memory, or given as
+`0:10,10:30`."""
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 from layerline.errors import LayerlineError
 
@@ -57,3 +61,58 @@ def plan_split(num_layers: int, free_memory: list[int], stage0_share: float = ST
         ranges.append((start, start + count))
         start += count
     return ranges
+
+
+@dataclass(frozen=True)
+class StageCapacity:
+    """What one stage offers a split: its measured time per layer and the layers it can hold."""
+
+    layer_s: float  # seconds one layer takes there (a probe's `LayerTiming.layer_s`)
+    max_layers: int  # the most layers its memory holds, KV headroom included
+    extra_s: float = 0.0  # time it spends besides its layers (stage 0: the head)
+
+    def stage_s(self, layers: int) -> float:
+        """Seconds the stage takes per pass over `layers` layers."""
+        return layers * self.layer_s + self.extra_s
+
+
+def plan_by_capacity(num_layers: int, stages: list[StageCapacity]) -> list[tuple[int, int]] | None:
+    """The contiguous split, in stage order, whose slowest stage is fastest (minimise the max of
+    `stage_s`), each stage holding 1 to `max_layers` layers; None when the layers do not fit."""
+    if len(stages) > num_layers or any(s.max_layers < 1 for s in stages):
+        return None
+    if sum(min(s.max_layers, num_layers) for s in stages) < num_layers:
+        return None
+    # The best bound is some stage's time at some layer count: the smallest one that fits all.
+    bounds = sorted({s.stage_s(k) for s in stages for k in range(1, min(s.max_layers, num_layers) + 1)})
+    def fits(bound_s: float) -> bool:  # every stage takes a layer, and all of them fit
+        most = [_most_layers(s, bound_s, num_layers) for s in stages]
+        return min(most) >= 1 and sum(most) >= num_layers
+
+    lo, hi = 0, len(bounds) - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fits(bounds[mid]):
+            hi = mid
+        else:
+            lo = mid + 1
+    counts = [_most_layers(s, bounds[lo], num_layers) for s in stages]
+    # Too many layers now: take the surplus off whichever stage is slowest at the time, so that
+    # the stages below the bound are balanced too.
+    for _ in range(sum(counts) - num_layers):
+        slowest = max((i for i, c in enumerate(counts) if c > 1),
+                      key=lambda i: (stages[i].stage_s(counts[i]), -i))
+        counts[slowest] -= 1
+    ranges, start = [], 0
+    for count in counts:
+        ranges.append((start, start + count))
+        start += count
+    return ranges
+
+
+def _most_layers(stage: StageCapacity, bound_s: float, num_layers: int) -> int:
+    """The most layers `stage` runs within `bound_s` and its memory."""
+    if stage.layer_s <= 0:
+        return min(stage.max_layers, num_layers)
+    fit = math.floor((bound_s - stage.extra_s) / stage.layer_s * (1 + 1e-9))  # a bound is k * layer_s + extra
+    return max(0, min(stage.max_layers, num_layers, fit))

@@ -1,6 +1,8 @@
 """Stage 0 as coordinator: plan the split, bring every peer to Ready, watch and repair them.
 
-Sequence per peer: Claim → Prepare(range) → Inventory (poll) → Load → Ready. If any
+Sequence per peer: Claim (with a layer probe) → Prepare(range) → Inventory (poll) → Load →
+Ready. The split is planned once every peer is claimed, from the times and free memory they
+reported and stage 0's own (`placement.py`), unless `--split` gives it. If any
 stage fails, every stage claimed for the run is released and the error names the
 stage, its range and the cause. From the claims on, each stage's lease is renewed on a
 thread and channel of its own (`lease_keeper.py`), so that renewals never wait behind a
@@ -35,19 +37,23 @@ from layerline.proto import activation_pb2 as act_pb
 from layerline.proto import stage_control_pb2 as pb
 
 from ..model.host_memory import host_memory
+from ..model.layer_shape import LayerShape, LayerTiming
 from ..model.session_limit import DEFAULT_MAX_SESSIONS
 from ..stage.claims import DEFAULT_LEASE_S
 from ..stage.client import StageClient
 from ..stage.frame_budget import DEFAULT_FRAME_TIMEOUT_S
+from ..stage.probe_messages import shape_message, timing_from_message
 from ..stage.server import is_loopback
-from ..stage.split_plan import check_split, plan_split
+from ..stage.split_plan import check_split
 from ..stage.wire import DEFAULT_MAX_FRAME_ROWS
 from .failover import DEFAULT_FAILOVER_S, Failover, Pause
 from .lease_keeper import LeaseKeeper
+from .placement import Placement, StageReport, given, place
 from .spares import SparePool
 
 log = logging.getLogger("layerline.coordinator")
 
+PROBE_CLAIM_TIMEOUT_S = 30.0  # a claim that probes: a slow device may take a few seconds
 CONFIRM_TIMEOUT_S = 1.0  # /health's own look at a stage: a stage slower than this is not serving
 
 
@@ -134,9 +140,19 @@ class CoordinatorOptions:
     failover_s: float = DEFAULT_FAILOVER_S  # how long a lost stage may take to be replaced
 
 
+def layer_shape(package: LayerPackage, weight_format: str) -> LayerShape | None:
+    """The shape every stage is asked to probe; None when the config does not say it."""
+    try:
+        return LayerShape.of(package.manifest, weight_format)
+    except LayerlineError as exc:
+        log.warning("event=no_probe reason=%s", exc.message)
+        return None
+
+
 class Coordinator:
     def __init__(self, package: LayerPackage, options: CoordinatorOptions,
-                 on_change: Callable[[], None] | None = None, spares: SparePool | None = None) -> None:
+                 on_change: Callable[[], None] | None = None, spares: SparePool | None = None,
+                 prober: Callable[[LayerShape], LayerTiming] | None = None) -> None:
         self.package = package
         self.options = options
         self.coordinator_id = f"coord-{uuid.uuid4().hex[:12]}"
@@ -147,6 +163,9 @@ class Coordinator:
         self.heartbeat_clients = [self._client(endpoint) for endpoint in options.peers]
         self.leases = LeaseKeeper(options.lease_s, self._client)
         self.stage0_range: tuple[int, int] = (0, package.manifest.num_layers)
+        self.prober = prober  # times stage 0's own layers; None: stage 0 is not measured
+        self.shape = layer_shape(package, options.weight_format)  # None: no probe, planned by memory
+        self.placement: Placement | None = None  # the split and why, once planned
         self.peers: list[PeerState] = []
         self._on_change = on_change or (lambda: None)
         self._stop = threading.Event()
@@ -165,38 +184,74 @@ class Coordinator:
 
     # ------------------------------------------------------------ planning
 
-    def plan(self) -> list[tuple[int, int]]:
-        """The layer ranges of stage 0 and every peer, in order."""
-        n = self.package.manifest.num_layers
+    def plan(self, reports: list[StageReport]) -> Placement:
+        """The layer ranges of stage 0 and every peer, in order, and why: `--split`'s, else
+        planned from what each stage (reports[0]: stage 0) reported."""
         if self.options.split is not None:
-            ranges = list(self.options.split)
-            check_split(ranges, n)
-            if len(ranges) != len(self.clients) + 1:
-                raise LayerlineError(
-                    f"split has {len(ranges)} ranges for {len(self.clients) + 1} stages (stage 0 and "
-                    f"{len(self.clients)} peers)", hint="give one range per stage, stage 0 first")
-            return ranges
-        free = [host_memory().available]
-        for client in self.clients:
-            free.append(client.status().memory_free_bytes)
-        return plan_split(n, free)
+            return given(self.check_split(), reports)
+        return place(self.package.manifest, self.shape, reports, context_length=self.options.context_length,
+                     max_sessions=self.options.max_sessions)
+
+    def check_split(self) -> list[tuple[int, int]]:
+        """`--split`'s ranges, once checked against the model and the stages."""
+        assert self.options.split is not None
+        ranges = list(self.options.split)
+        check_split(ranges, self.package.manifest.num_layers)
+        if len(ranges) != len(self.clients) + 1:
+            raise LayerlineError(
+                f"split has {len(ranges)} ranges for {len(self.clients) + 1} stages (stage 0 and "
+                f"{len(self.clients)} peers)", hint="give one range per stage, stage 0 first")
+        return ranges
+
+    def _claim_and_report(self, client: StageClient, peer: PeerState) -> StageReport:
+        """Claim a peer, asking it for a layer probe unless `--split` fixes the plan; what it reported."""
+        probing = self.options.split is None and self.shape is not None
+        response = self._step(peer, "claim", lambda: client.call(
+            timeout_s=PROBE_CLAIM_TIMEOUT_S if probing else None, claim=self._claim_message(probe=probing)))
+        accepted = response.claim_accepted
+        if accepted.HasField("probe"):
+            probe = accepted.probe
+            return StageReport(client.endpoint, probe.memory_free_bytes, timing_from_message(probe),
+                               probe.error)
+        # A stage that does not know the field (or was not asked): its free memory, as before.
+        free = self._step(peer, "report its memory", lambda: client.status()).memory_free_bytes
+        return StageReport(client.endpoint, free, None, "no probe asked for" if not probing
+                           else "the stage reports no probe (an older layerline)")
+
+    def _local_report(self) -> StageReport:
+        """Stage 0's own memory and, unless `--split` fixes the plan, its measured layer time."""
+        free = host_memory().available
+        if self.options.split is not None or self.prober is None or self.shape is None:
+            return StageReport("local", free, None, "not measured")
+        try:
+            timing = self.prober(self.shape)
+        except LayerlineError as exc:
+            return StageReport("local", free, None, exc.message)
+        return StageReport("local", free, timing)
 
     # ------------------------------------------------------------ bring-up
 
     def bring_up(self) -> None:
         """Claim, prepare and load every peer; on any failure release them all and raise."""
-        ranges = self.plan()
-        self.stage0_range = ranges[0]
-        self.peers = [PeerState(i + 1, client.endpoint, *ranges[i + 1])
-                      for i, client in enumerate(self.clients)]
-        log.info("event=plan run=%s split=%s", self.run_id,
-                 ",".join(f"{s}:{e}" for s, e in ranges))
+        if self.options.split is not None:
+            self.check_split()  # before any claim
+        self.peers = [PeerState(i + 1, client.endpoint, 0, 0) for i, client in enumerate(self.clients)]
         claimed: list[StageClient] = []
         try:
+            reports = []
+            # One peer at a time, then stage 0: probes on one machine never overlap.
             for client, peer in zip(self.clients, self.peers, strict=True):
-                self._step(peer, "claim", lambda c=client: c.call(claim=self._claim_message()))
+                reports.append(self._claim_and_report(client, peer))
                 claimed.append(client)
                 self.leases.keep(client.endpoint)
+            self.placement = self.plan([self._local_report(), *reports])
+            ranges = self.placement.ranges
+            self.stage0_range = ranges[0]
+            for peer, (start, end) in zip(self.peers, ranges[1:], strict=True):
+                peer.start, peer.end = start, end
+            log.info("event=plan run=%s split=%s source=%s reason=%s", self.run_id,
+                     ",".join(f"{s}:{e}" for s, e in ranges), self.placement.source, self.placement.reason)
+            self._changed()
             # Leases run from the claim: a stage that loads fast must keep its claim while the
             # slowest one prepares and loads, and while stage 0 loads its own range.
             self._start_watching()
@@ -212,10 +267,13 @@ class Coordinator:
         self._brought_up = True
         self._changed()
 
-    def _claim_message(self) -> pb.Claim:
-        return pb.Claim(package=pb.PackageIdentity(ref=self.options.package_ref,
-                                                   manifest_sha256=self.manifest_sha256),
-                        lease_duration_ms=int(self.options.lease_s * 1000))
+    def _claim_message(self, probe: bool = False) -> pb.Claim:
+        claim = pb.Claim(package=pb.PackageIdentity(ref=self.options.package_ref,
+                                                    manifest_sha256=self.manifest_sha256),
+                         lease_duration_ms=int(self.options.lease_s * 1000))
+        if probe and self.shape is not None:
+            claim.probe_shape.CopyFrom(shape_message(self.shape))
+        return claim
 
     def _step(self, peer: PeerState, what: str, call: Callable) -> object:
         try:

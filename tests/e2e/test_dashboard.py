@@ -58,6 +58,7 @@ def test_dashboard_shows_the_pipeline_sets_the_draft_and_streams_a_chat(pipeline
     expect(rows.nth(0).locator(".layers")).to_have_text("0..12")
     expect(rows.nth(1).locator(".layers")).to_have_text("12..30")
     expect(rows.nth(1)).to_contain_text(peer.endpoint)
+    expect(page.locator("#placement")).to_have_text("given by --split")
     expect(rows.locator(".badge[data-state=ready]")).to_have_count(2)
     expect(page.locator("#model")).to_have_text("HuggingFaceTB/SmolLM2-135M-Instruct")
     expect(page.locator("#spec-indicator")).to_have_attribute("data-active", "false")

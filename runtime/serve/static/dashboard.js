@@ -105,13 +105,25 @@ function renderStatus(status) {
   $("wire").textContent = status.wire_dtype;
   $("context").textContent = `${status.context_length} tokens`;
   $("run").textContent = `${status.run_id} (term ${status.term})`;
-  const rows = status.stages.map((stage) => {
+  // The split's source and why (measured times, free memory, or --split); per stage its numbers.
+  const placement = status.placement;
+  $("placement").textContent = placement ? placement.reason : "planning…";
+  const planned = placement ? placement.stages : [];
+  const rows = status.stages.map((stage, i) => {
     const state = el("span", { class: "badge", dataset: { state: stage.state } }, stage.state);
     const stateCell = el("td", {}, state);
     if (stage.error) stateCell.append(el("div", { class: "muted" }, stage.error));
+    const plan = planned[i] || {};
+    const layerMs = plan.layer_ms != null ? `${plan.layer_ms.toFixed(2)} (${plan.weight_format})` : "–";
+    const passMs = plan.stage_ms != null ? plan.stage_ms.toFixed(1) : "–";
+    const memory = plan.memory_free_bytes != null
+      ? `${formatBytes(plan.memory_free_bytes)}${plan.max_layers != null ? ` (fits ${plan.max_layers} layers)` : ""}`
+      : "–";
     return el("tr", { dataset: { stage: String(stage.stage) } },
               el("td", {}, String(stage.stage)), el("td", {}, el("code", {}, stage.endpoint)),
               el("td", { class: "layers" }, `${stage.layers[0]}..${stage.layers[1]}`),
+              el("td", { class: "layer-ms" }, layerMs), el("td", { class: "pass-ms" }, passMs),
+              el("td", { class: "memory" }, memory),
               stateCell, el("td", {}, progressCell(stage)));
   });
   document.querySelector("#stages tbody").replaceChildren(...rows);
