@@ -6,6 +6,8 @@ Fixtures built on these live in conftest.py; no test module imports another.
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import re
 import socket
 import subprocess
@@ -24,6 +26,7 @@ from layerline.proto import activation_pb2 as act_pb
 from layerline.runtime.bench.delay_proxy import DelayProxy
 from layerline.runtime.bench.processes import Process, free_port, wait_healthy, wait_listening
 from layerline.runtime.bench.tiny_model import llama_config
+from layerline.runtime.model.cpu_kernel import ISA_ENV_VAR
 from layerline.runtime.serve.stage0 import Stage0
 from layerline.runtime.stage.client import ActivationAddress
 from layerline.runtime.stage.frame_budget import FrameBudget
@@ -35,6 +38,20 @@ HF_TEST_TOKEN = "hf_secret_token"  # what the `logged_in` fixture makes huggingf
 
 # The tests' tiny random llama: 4 layers, hidden 64, SmolLM2's vocabulary, context 512.
 TINY_LLAMA_CONFIG = llama_config(layers=4, hidden=64, intermediate=128, heads=4, kv_heads=2, context=512)
+
+
+def sweep_on_isa(script: str, isa: str) -> dict:
+    """Run a kernel check `script` in a process held to instruction set `isa`: the JSON report it
+    prints last. Skips the test where this CPU lacks `isa` (the report's "isa" says what ran)."""
+    import pytest  # only the tests call this
+
+    result = subprocess.run([sys.executable, "-c", script], env={**os.environ, ISA_ENV_VAR: isa},
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    if report["isa"] != isa:
+        pytest.skip(f"this CPU has no {isa} (ran {report['isa']})")
+    return report
 
 
 def permute_qk(weight: np.ndarray, n_heads: int) -> np.ndarray:

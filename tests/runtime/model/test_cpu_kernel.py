@@ -21,13 +21,14 @@ from layerline.runtime.decode.loop import generate
 from layerline.runtime.decode.sampling import SamplingParams
 from layerline.runtime.decode.targets import LocalTarget
 from layerline.runtime.model.cpu_kernel import (
-    ISA_ENV_VAR,
     KernelQuantizedEmbedding,
     KernelQuantizedLinear,
     cpu_kernel,
     packed_matmul,
 )
 from layerline.runtime.model.weights_policy import Device, plan_weights
+
+from helpers import sweep_on_isa
 
 pytestmark = pytest.mark.skipif(not cpu_kernel().available, reason=f"no CPU kernel: {cpu_kernel().reason}")
 
@@ -77,13 +78,7 @@ def relative_error(got: mx.array, ref: mx.array) -> float:
 
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "neon", "portable"])
 def test_kernel_matches_mlx_for_every_bits_group_and_row_count_on_each_path(isa):
-    env = {**os.environ, ISA_ENV_VAR: isa}
-    result = subprocess.run([sys.executable, "-c", _SWEEP], env=env, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout.strip().splitlines()[-1])
-    if report["isa"] != isa:
-        pytest.skip(f"this CPU has no {isa} (ran {report['isa']})")
+    report = sweep_on_isa(_SWEEP, isa)
     bad = {k: v for k, v in report["worst"].items() if v > MAX_RELATIVE_ERROR}
     assert not bad and len(report["worst"]) == 18
 

@@ -4,7 +4,6 @@ real layers, its setting, and its error on a real package as the benchmark repor
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -15,11 +14,12 @@ import pytest
 from layerline.packager.package import LayerPackage
 from layerline.runtime.model.cpu_kernel import (
     INTEGER_ENV_VAR,
-    ISA_ENV_VAR,
     cpu_kernel,
     gemv_x,
     packed_matmul,
 )
+
+from helpers import sweep_on_isa
 
 pytestmark = pytest.mark.skipif(not cpu_kernel().available, reason=f"no CPU kernel: {cpu_kernel().reason}")
 
@@ -68,13 +68,7 @@ print(json.dumps({"isa": cpu_kernel().isa, "worst": worst, "exact": exact, "diff
 
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "neon", "portable"])
 def test_integer_gemv_matches_mlx_within_its_rounding_on_each_path(isa):
-    env = {**os.environ, ISA_ENV_VAR: isa}
-    result = subprocess.run([sys.executable, "-c", _SWEEP], env=env, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout.strip().splitlines()[-1])
-    if report["isa"] != isa:
-        pytest.skip(f"this CPU has no {isa} (ran {report['isa']})")
+    report = sweep_on_isa(_SWEEP, isa)
     assert len(report["worst"]) == 18
     bad = {k: v for k, v in report["worst"].items() if not v <= MAX_RELATIVE_ERROR[int(k[2:4])]}
     assert not bad

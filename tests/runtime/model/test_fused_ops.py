@@ -5,11 +5,6 @@ mlx's ops."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
@@ -19,7 +14,7 @@ from layerline.runtime.decode.local_pipeline import LocalPipeline
 from layerline.runtime.decode.loop import generate
 from layerline.runtime.decode.sampling import SamplingParams
 from layerline.runtime.decode.targets import LocalTarget
-from layerline.runtime.model.cpu_kernel import ISA_ENV_VAR, cpu_kernel
+from layerline.runtime.model.cpu_kernel import cpu_kernel
 from layerline.runtime.model.fused_ops import (
     FUSED_BLOCKS,
     FUSED_MLPS,
@@ -29,6 +24,8 @@ from layerline.runtime.model.fused_ops import (
     fused_sessions_attention,
     use_fused_ops,
 )
+
+from helpers import sweep_on_isa
 
 pytestmark = pytest.mark.skipif(not cpu_kernel().available, reason=f"no CPU kernel: {cpu_kernel().reason}")
 
@@ -104,13 +101,7 @@ print(json.dumps({"isa": native.fused_isa(), "worst": worst}))
 
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "portable"])
 def test_fused_ops_match_mlx_on_each_instruction_set(isa):
-    env = {**os.environ, ISA_ENV_VAR: isa}
-    result = subprocess.run([sys.executable, "-c", _SWEEP], env=env, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout.strip().splitlines()[-1])
-    if report["isa"] != isa:
-        pytest.skip(f"this CPU has no {isa} (ran {report['isa']})")
+    report = sweep_on_isa(_SWEEP, isa)
     bad = {k: v for k, v in report["worst"].items() if v > MAX_RELATIVE_ERROR}
     assert not bad and len(report["worst"]) == 7
 
