@@ -11,6 +11,8 @@
 namespace layerline {
 namespace {
 
+#include "scale_hardware.h"
+
 struct Simd {
   using F = __m256;
   using I = __m256i;
@@ -38,13 +40,7 @@ struct Simd {
   static F lookup16(I, F table) { return table; }
   static F iota() { return zero(); }
   static F add(F a, F b) { return _mm256_add_ps(a, b); }
-  // Element i of scales or biases as f32: f16 through the F16C instruction, not in software.
-  static float scale(const void* p, ScaleType type, size_t i) {
-    if (type == ScaleType::f32) return static_cast<const float*>(p)[i];
-    const uint16_t h = static_cast<const uint16_t*>(p)[i];
-    if (type == ScaleType::f16) return _cvtsh_ss(h);
-    return _mm_cvtss_f32(_mm_castsi128_ps(_mm_cvtsi32_si128(int(uint32_t(h) << 16))));
-  }
+  static float scale(const void* p, ScaleType type, size_t i) { return hardware_scale_at(p, type, i); }
   static void hsum4(F a, F b, F c, F d, float* out) {
     out[0] = hsum(a), out[1] = hsum(b), out[2] = hsum(c), out[3] = hsum(d);
   }

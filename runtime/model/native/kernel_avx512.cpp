@@ -14,6 +14,8 @@
 namespace layerline {
 namespace {
 
+#include "scale_hardware.h"
+
 struct Simd {
   using F = __m512;
   using I = __m512i;
@@ -43,13 +45,7 @@ struct Simd {
   static F lookup16(I index, F table) { return _mm512_permutexvar_ps(index, table); }
   static F iota() { return _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
   static F add(F a, F b) { return _mm512_add_ps(a, b); }
-  // Element i of scales or biases as f32: f16 through the F16C instruction, not in software.
-  static float scale(const void* p, ScaleType type, size_t i) {
-    if (type == ScaleType::f32) return static_cast<const float*>(p)[i];
-    const uint16_t h = static_cast<const uint16_t*>(p)[i];
-    if (type == ScaleType::f16) return _cvtsh_ss(h);
-    return _mm_cvtss_f32(_mm_castsi128_ps(_mm_cvtsi32_si128(int(uint32_t(h) << 16))));
-  }
+  static float scale(const void* p, ScaleType type, size_t i) { return hardware_scale_at(p, type, i); }
   // The sums of a, b, c and d into out[0..3]: pairs of vectors folded together, 13 operations
   // instead of 4 x 8.
   static void hsum4(F a, F b, F c, F d, float* out) {

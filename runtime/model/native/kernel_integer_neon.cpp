@@ -14,6 +14,8 @@
 namespace layerline {
 namespace {
 
+#include "scale_hardware.h"
+
 struct Simd {
   using B = int8x16x2_t;
   using S = int32x4_t;
@@ -92,15 +94,7 @@ struct Simd {
   static F set1(float v) { return vdupq_n_f32(v); }
   static F fma(F a, F b, F c) { return vfmaq_f32(c, a, b); }
   static float hsum(F v) { return vaddvq_f32(v); }
-  static float scale(const void* p, ScaleType type, size_t i) {
-    if (type == ScaleType::f32) return static_cast<const float*>(p)[i];
-    const uint16_t h = static_cast<const uint16_t*>(p)[i];
-    if (type == ScaleType::f16) return vgetq_lane_f32(vcvt_f32_f16(vreinterpret_f16_u16(vdup_n_u16(h))), 0);
-    const uint32_t bits = uint32_t(h) << 16;
-    float f;
-    std::memcpy(&f, &bits, sizeof f);
-    return f;
-  }
+  static float scale(const void* p, ScaleType type, size_t i) { return hardware_scale_at(p, type, i); }
   static void prefetch(const uint8_t* p) { __builtin_prefetch(p, 0, 3); }
 };
 

@@ -2,6 +2,8 @@
 // by signed bytes into 16-bit pairs) and kernel_integer_avx512.cpp (VNNI's vpdpbusd: four products
 // straight into 32-bit lanes), each inside its own anonymous namespace.
 
+#include "scale_hardware.h"
+
 struct Simd {
   using B = __m256i;  // 32 bytes: one block
   using S = __m256i;  // 8 int32 sums
@@ -94,11 +96,6 @@ struct Simd {
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
   }
-  static float scale(const void* p, ScaleType type, size_t i) {
-    if (type == ScaleType::f32) return static_cast<const float*>(p)[i];
-    const uint16_t h = static_cast<const uint16_t*>(p)[i];
-    if (type == ScaleType::f16) return _cvtsh_ss(h);
-    return _mm_cvtss_f32(_mm_castsi128_ps(_mm_cvtsi32_si128(int(uint32_t(h) << 16))));
-  }
+  static float scale(const void* p, ScaleType type, size_t i) { return hardware_scale_at(p, type, i); }
   static void prefetch(const uint8_t* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
 };

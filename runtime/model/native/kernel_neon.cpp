@@ -11,6 +11,8 @@
 namespace layerline {
 namespace {
 
+#include "scale_hardware.h"
+
 struct Simd {
   using F = float32x4x2_t;
   using I = uint32x4x2_t;
@@ -60,16 +62,7 @@ struct Simd {
   static F lookup16(I, F table) { return table; }
   static F iota() { return zero(); }
   static F add(F a, F b) { return {vaddq_f32(a.val[0], b.val[0]), vaddq_f32(a.val[1], b.val[1])}; }
-  // Element i of scales or biases as f32: f16 through the hardware conversion, not in software.
-  static float scale(const void* p, ScaleType type, size_t i) {
-    if (type == ScaleType::f32) return static_cast<const float*>(p)[i];
-    const uint16_t h = static_cast<const uint16_t*>(p)[i];
-    if (type == ScaleType::f16) return vgetq_lane_f32(vcvt_f32_f16(vreinterpret_f16_u16(vdup_n_u16(h))), 0);
-    const uint32_t bits = uint32_t(h) << 16;
-    float f;
-    std::memcpy(&f, &bits, sizeof f);
-    return f;
-  }
+  static float scale(const void* p, ScaleType type, size_t i) { return hardware_scale_at(p, type, i); }
   static void hsum4(F a, F b, F c, F d, float* out) {
     out[0] = hsum(a), out[1] = hsum(b), out[2] = hsum(c), out[3] = hsum(d);
   }
