@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -56,11 +57,7 @@ def plan_split(num_layers: int, free_memory: list[int], stage0_share: float = ST
     order = sorted(range(stages), key=lambda i: shares[i] - int(shares[i]), reverse=True)
     for i in order[: num_layers - sum(counts)]:
         counts[i] += 1
-    ranges, start = [], 0
-    for count in counts:
-        ranges.append((start, start + count))
-        start += count
-    return ranges
+    return _consecutive(counts)
 
 
 @dataclass(frozen=True)
@@ -103,11 +100,13 @@ def plan_by_capacity(num_layers: int, stages: list[StageCapacity]) -> list[tuple
         slowest = max((i for i, c in enumerate(counts) if c > 1),
                       key=lambda i: (stages[i].stage_s(counts[i]), -i))
         counts[slowest] -= 1
-    ranges, start = [], 0
-    for count in counts:
-        ranges.append((start, start + count))
-        start += count
-    return ranges
+    return _consecutive(counts)
+
+
+def _consecutive(counts: list[int]) -> list[tuple[int, int]]:
+    """Layer ranges, from 0, of the given sizes in order."""
+    ends = list(itertools.accumulate(counts))
+    return [(end - count, end) for count, end in zip(counts, ends, strict=True)]
 
 
 def _most_layers(stage: StageCapacity, bound_s: float, num_layers: int) -> int:
