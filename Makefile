@@ -7,9 +7,10 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 DEMO_DIR ?= packages
 # Two workers, a test file at a time each: a file's module fixtures (its stage processes) stay
-# in one worker, and the suite's real processes share the two cores of a small machine.
+# in one worker, and the suite's real processes share the two cores of a small machine. Files go out
+# in the order tests/conftest.py sorts them (longest first), not xdist's (most tests first).
 TEST_WORKERS ?= 2
-PYTEST := $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
+PYTEST := $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 .PHONY: demo test test-fast lint proto clean
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import huggingface_hub
 import pytest
+from filelock import FileLock
 
 from layerline.packager.build import BuildOptions, build_package
 from layerline.pypi_models import fetch_model
@@ -25,6 +26,24 @@ from tiny_architectures import small_tokenizer, write_gguf_model
 
 # The Hub is out of reach on test machines: stage processes must fail fast, not wait on it.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# The longest files (make test's --durations on a 2-core machine, roughly) run first. xdist hands
+# out files in collection order (the Makefile passes --no-loadscope-reorder; its own order puts
+# files of few tests, such as the one-test pkg job, last), so no long file starts near the end
+# and leaves one worker running it alone.
+LONGEST_FIRST = (
+    "e2e/test_pkg_job.py", "packager/test_packager.py", "runtime/decode/test_speculative.py",
+    "runtime/decode/test_tree_decoding.py", "e2e/test_speculative_serving.py", "e2e/test_split_serving.py",
+    "e2e/test_failover.py", "runtime/model/test_layer_range.py", "e2e/test_hostile_stage.py",
+    "runtime/model/test_architectures.py", "e2e/test_tree_serving.py", "runtime/model/test_cpu_kernel.py",
+    "runtime/bench/test_bench_serve.py", "e2e/test_hostile_faults.py", "e2e/test_speculative_overlap.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    tests = Path(__file__).parent
+    items.sort(key=lambda item: rank.get(item.path.relative_to(tests).as_posix(), len(rank)))  # stable
 
 # ---------------------------------------------------------------- real models
 
@@ -42,44 +61,53 @@ def qwen05_gguf() -> Path:
 
 
 @pytest.fixture(scope="session")
-def packages_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("packages")
+def packages_dir(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
+    """One folder for the whole run: xdist's workers share it (their base temps' parent)."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base if worker_id == "master" else base.parent) / "packages"
+    root.mkdir(exist_ok=True)
+    return root
+
+
+def built_once(source: Path, out: Path, options: BuildOptions) -> Path:
+    """Build a package the first time any worker asks for it; the others wait and share it (a
+    build renames its folder into place whole, so a folder that is there is complete)."""
+    with FileLock(f"{out}.lock"):
+        if not out.exists():
+            build_package(str(source), out, options)
+    return out
 
 
 # The shared real-model packages skip the fidelity measurement (two f32 forward passes of the
-# whole model at build time); smollm2_exact_package and test_packager measure it.
+# whole model at build time); smollm2_exact_package and test_packager measure it. No test may
+# change them: copy one first.
 
 
 @pytest.fixture(scope="session")
 def smollm2_package(smollm2_gguf: Path, packages_dir: Path) -> Path:
     """SmolLM2 as a 4-bit (group 32) layer package."""
-    out = packages_dir / "smollm2-4bit"
-    build_package(str(smollm2_gguf), out, BuildOptions(quantize="4bit", fidelity=False, quiet=True))
-    return out
+    return built_once(smollm2_gguf, packages_dir / "smollm2-4bit",
+                      BuildOptions(quantize="4bit", fidelity=False, quiet=True))
 
 
 @pytest.fixture(scope="session")
 def smollm2_exact_package(smollm2_gguf: Path, packages_dir: Path) -> Path:
     """SmolLM2 built as a GGUF builds by default: its Q4_1 and Q8_0 blocks held exactly."""
-    out = packages_dir / "smollm2-exact"
-    build_package(str(smollm2_gguf), out, BuildOptions(quiet=True))
-    return out
+    return built_once(smollm2_gguf, packages_dir / "smollm2-exact", BuildOptions(quiet=True))
 
 
 @pytest.fixture(scope="session")
 def smollm2_f32_package(smollm2_gguf: Path, packages_dir: Path) -> Path:
     """SmolLM2 as an f32 layer package (exact dequantization of the GGUF)."""
-    out = packages_dir / "smollm2-f32"
-    build_package(str(smollm2_gguf), out, BuildOptions(quantize="f32", fidelity=False, quiet=True))
-    return out
+    return built_once(smollm2_gguf, packages_dir / "smollm2-f32",
+                      BuildOptions(quantize="f32", fidelity=False, quiet=True))
 
 
 @pytest.fixture(scope="session")
 def qwen05_package(qwen05_gguf: Path, packages_dir: Path) -> Path:
     """Qwen2.5-Coder-0.5B as a 4-bit (group 32) layer package."""
-    out = packages_dir / "qwen05-4bit"
-    build_package(str(qwen05_gguf), out, BuildOptions(quantize="4bit", fidelity=False, quiet=True))
-    return out
+    return built_once(qwen05_gguf, packages_dir / "qwen05-4bit",
+                      BuildOptions(quantize="4bit", fidelity=False, quiet=True))
 
 
 # ---------------------------------------------------------------- tiny models
@@ -136,9 +164,10 @@ def stage_process(stage_processes):
 
 
 @pytest.fixture(scope="session")
-def tiny_llama_package(tiny_llama: dict, packages_dir: Path) -> Path:
-    """The tiny random llama as an f32 layer package (4 layers, context 512)."""
-    out = packages_dir / "tiny-llama-f32"
+def tiny_llama_package(tiny_llama: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random llama as an f32 layer package (4 layers, context 512); each worker writes
+    its own, beside its own tiny_llama."""
+    out = tmp_path_factory.mktemp("packages") / "tiny-llama-f32"
     build_package(str(tiny_llama["folder"]), out, BuildOptions(quantize="f32", quiet=True))
     return out
 

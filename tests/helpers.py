@@ -185,11 +185,12 @@ def admin_pipeline(package: Path, root: Path, split: str, admin_token: str
                    ) -> Iterator[tuple[Stage0Process, StageProcess]]:
     """Stage 0 (admin token set) over one peer process, stopped on the way out.
 
-    Its config holds nothing from the user's own: `PUT /v1/draft` may load drafts from
-    anywhere in this test run's temporary folders, and Hub drafts of `layerline-tests/`.
+    Its config holds nothing from the user's own: `PUT /v1/draft` may load drafts from this
+    worker's temporary folders and the run's shared packages (beside `package`), and Hub drafts
+    of `layerline-tests/`.
     """
     (root / "admin-token").write_text(admin_token + "\n")
-    (root / "config.toml").write_text(f'[admin]\ndraft_roots = ["{root.parent}"]\n'
+    (root / "config.toml").write_text(f'[admin]\ndraft_roots = ["{root.parent}", "{package.parent}"]\n'
                                       'hub_drafts = ["layerline-tests/*"]\n')
     (root / "peer").mkdir()
     peer = StageProcess((), root / "peer")

@@ -15,11 +15,11 @@ from helpers import PROMPTS, activation_connection, batch_frame, complete, start
 
 
 @pytest.fixture(scope="module")
-def overlapped_pipeline(request, smollm2_package, smollm2_f32_package, tmp_path_factory):
+def overlapped_pipeline(request, smollm2_package, smollm2_exact_package, tmp_path_factory):
     """SmolLM2 over stage 0 and `request.param` more stages, drafting with overlap, run-ahead and
-    the auto window (its f32 package as the draft)."""
+    the auto window (its exact, Q4_1, package as the draft)."""
     cache = tmp_path_factory.mktemp(f"overlap-{request.param}")
-    config = (f'[defaults.speculative]\ndraft_model = "{smollm2_f32_package}"\nwindow_policy = "auto"\n'
+    config = (f'[defaults.speculative]\ndraft_model = "{smollm2_exact_package}"\nwindow_policy = "auto"\n'
               "initial_window = 4\nmin_window = 1\nmax_window = 8\noverlap = true\nrun_ahead = true\n")
     stage0, stages = start_stage0(smollm2_package, request.param, cache, config)
     wait_for_draft(stage0, "ready")
@@ -51,7 +51,7 @@ def test_greedy_text_is_identical_with_overlap_and_run_ahead(overlapped_pipeline
             assert sum(steps for _, steps in usage["windows"]) == usage["target_passes"]
             hits += usage["overlap_hits"]
             misses += usage["overlap_misses"]
-    assert hits > 0  # prepared windows were used (the draft is the target in f32)
+    assert hits > 0  # prepared windows were used (the draft is the target's GGUF blocks held exactly)
     costs = stage0.status()["speculative"]["costs"]
     assert costs["formula"].startswith("gain(w)") and costs["draft_s_per_token"] > 0
     assert costs["pass_fixed_s"] > 0 and costs["last_choice"] is not None

@@ -28,10 +28,10 @@ TWO_STAGES = pytest.mark.parametrize("drafted_pipeline", [1], ids=["2-stages"], 
 
 
 @pytest.fixture(scope="module")
-def drafted_pipeline(request, smollm2_package, smollm2_f32_package, tmp_path_factory):
-    """SmolLM2 split over stage 0 and `request.param` more stages, its f32 package as the draft."""
+def drafted_pipeline(request, smollm2_package, smollm2_exact_package, tmp_path_factory):
+    """SmolLM2 split over stage 0 and `request.param` more stages, its exact (Q4_1) package as the draft."""
     cache = tmp_path_factory.mktemp(f"speculation-{request.param}")
-    config = f'[defaults.speculative]\ndraft_model = "{smollm2_f32_package}"\nwindow_policy = "adaptive"\n'
+    config = f'[defaults.speculative]\ndraft_model = "{smollm2_exact_package}"\nwindow_policy = "adaptive"\n'
     stage0, stages = start_stage0(smollm2_package, request.param, cache, config)
     wait_for_draft(stage0, "ready")
     yield stage0

@@ -76,8 +76,8 @@ CODE = ("def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\
 
 
 @pytest.fixture(scope="module")
-def smollm2_draft(smollm2_f32_package) -> LocalPipeline:
-    return LocalPipeline.load(smollm2_f32_package, tokenizer=False)
+def smollm2_draft(smollm2_exact_package) -> LocalPipeline:
+    return LocalPipeline.load(smollm2_exact_package, tokenizer=False)
 
 
 @pytest.fixture(scope="module")

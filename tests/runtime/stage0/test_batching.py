@@ -132,12 +132,12 @@ PROMPTS = ["The capital of France is", "def add(a, b):\n    return", "Once upon 
 
 
 @pytest.fixture(scope="module")
-def batched_pipeline(smollm2_package, smollm2_f32_package, tmp_path_factory):
-    """SmolLM2 over stage 0 and one peer process, its f32 package as the draft."""
+def batched_pipeline(smollm2_package, smollm2_exact_package, tmp_path_factory):
+    """SmolLM2 over stage 0 and one peer process, its exact (Q4_1) package as the draft."""
     cache = tmp_path_factory.mktemp("batched")
     stage = StageProcess((), cache)
     config = cache / "config.toml"
-    config.write_text(f'[defaults.speculative]\ndraft_model = "{smollm2_f32_package}"\n'
+    config.write_text(f'[defaults.speculative]\ndraft_model = "{smollm2_exact_package}"\n'
                       'window_policy = "fixed"\ninitial_window = 3\n')
     try:
         stage0 = Stage0Process(smollm2_package, [stage.endpoint], cache, "--config", str(config),
