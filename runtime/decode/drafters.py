@@ -43,6 +43,11 @@ log = logging.getLogger("layerline.speculative")
 class Drafter(Protocol):
     """Proposes up to k tokens that continue `committed`."""
 
+    # Committed positions the last proposal fed before drafting: the last token (and a fully
+    # accepted window's last draft) as a rule; the prompt, or what was committed while drafting
+    # was off, when catching up. The loop times drafting only where this is small.
+    replayed: int
+
     def propose(self, committed: list[int], k: int, *,
                 until: Callable[[], bool] | None = None) -> tuple[list[int], mx.array | None]:
         """Up to k draft tokens and, for a random proposal, their distributions q (len, vocab).
@@ -111,6 +116,7 @@ class ModelDrafter:
         self.vocab_size = model.head.vocab_size
         self.caches = model.make_cache()
         self.fed: list[int] = []  # the tokens whose keys and values the caches hold
+        self.replayed = 0
         self._key = request_key(params.seed, stream=1)
 
     @property
@@ -134,6 +140,7 @@ class ModelDrafter:
         # Replay what the caches lack; the last committed token is always fed again, since
         # its logits are what the first draft comes from (after full acceptance: [d_K, bonus]).
         self._truncate(min(common_prefix(self.fed, committed), len(committed) - 1))
+        self.replayed = len(committed) - len(self.fed)
         logits = self._replay(committed[len(self.fed):])
         self.fed = list(committed)
         history = recent_tokens(committed, self.params)
@@ -176,6 +183,7 @@ class ModelDrafter:
             drafts, q = self.propose(committed, depth)
             return DraftTree.chain(committed[-1], drafts, q)
         self._truncate(min(common_prefix(self.fed, committed), len(committed) - 1))
+        self.replayed = len(committed) - len(self.fed)
         logits = self._replay(committed[len(self.fed):])
         base = len(committed)  # the draft's tree starts after the root, which it holds
 
@@ -306,6 +314,8 @@ def _share_draws(cumulative: list[float], draws: int) -> list[int]:
 class NgramDrafter:
     """Prompt lookup: continue the longest recent n-gram match of the context's end."""
 
+    replayed = 0  # no model to catch up
+
     def __init__(self, *, min_ngram: int = 2, max_ngram: int = 4) -> None:
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
@@ -382,6 +392,8 @@ def _copied(committed: list[int], source: int, k: int) -> list[int]:
 
 class NoDrafter:
     """Proposes nothing: every step is one plain target pass."""
+
+    replayed = 0
 
     def propose(self, committed: list[int], k: int, *,
                 until: Callable[[], bool] | None = None) -> tuple[list[int], mx.array | None]:

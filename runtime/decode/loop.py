@@ -71,6 +71,12 @@ from .window_policy import GateDecision, NoDrafting, WindowPolicy
 log = logging.getLogger("layerline.decode")
 
 _NO_HISTORY = mx.zeros((0,), dtype=mx.uint32)  # what the penalty looks at when it is off
+# Drafting is timed for the cost model only when the draft caught up on no more than a step
+# leaves it (the last token, a fully accepted window's last draft, and, after a tree, whose
+# nodes the draft forgets, the accepted path): catching up on a prompt, or on what was
+# committed while drafting was off, is not what a draft costs, and counting it would keep an
+# auto policy from ever drafting again.
+TIMED_CATCH_UP = 2
 
 # A token's log-probability and the likeliest alternatives (id, log-probability), best first.
 TokenLogprobs = tuple[float, tuple[tuple[int, float], ...]]
@@ -308,6 +314,7 @@ class Generation:
         self._prepared: _Prepared | None = None  # the next step's window, drafted during a pass
         self._ahead: PendingPass | None = None  # the pass of `_prepared`, sent before the verdict
         self._tail: list[int] = []  # the prompt's last chunk, fed with the first step
+        self._last_accepted = 0  # drafts the last step kept (what the draft may replay of it)
 
     @property
     def _limit(self) -> int:
@@ -448,6 +455,7 @@ class Generation:
             step = _Drafts.usable(drafts, q, window, self.target.vocab_size)
             drafted_tokens = len(drafts)
         clock.drafted = time.perf_counter()
+        timed_draft = drafted_tokens > 0 and self._drafting_timed()
         tail, self._tail = self._tail, []  # the prompt's last chunk rides with the first step
         if len(tail) + 1 + len(step.tokens) > self.prefill_step:
             self._feed(tail, len(committed) - 1 - len(tail))
@@ -498,7 +506,7 @@ class Generation:
         measured = StepMeasurement(
             drafted=step.proposed, accepted=accepted, seconds=clock.seconds, committed=len(out),
             positions=len(step.tokens) + 1,
-            draft_s=clock.draft_s if drafted_tokens else None, draft_tokens=drafted_tokens,
+            draft_s=clock.draft_s if timed_draft else None, draft_tokens=drafted_tokens,
             pass_s=clock.target_s if ahead is None and waited and not tail else None,
             stage0_share=_stage0_share(trace),
             guessed=guessed if accepted == len(step.tokens) else None,
@@ -509,7 +517,12 @@ class Generation:
         if self.on_step is not None:
             self.on_step(StepRecord(positions=len(step.tokens) + 1, drafted=step.proposed, accepted=accepted,
                                     tokens=len(out), clock=clock, trace=trace, guessed=guessed))
+        self._last_accepted = accepted
         return out, accepted, logprobs
+
+    def _drafting_timed(self) -> bool:
+        """The last proposal's time is what drafting costs (TIMED_CATCH_UP's rule)."""
+        return self.drafter.replayed <= TIMED_CATCH_UP + self._last_accepted
 
     def _tree_step(self, committed: list[int],
                    shape: TreeShape) -> tuple[list[int], int, list[TokenLogprobs] | None]:
@@ -520,6 +533,7 @@ class Generation:
         clock = StepClock(started=time.perf_counter())
         tree = self.drafter.propose_tree(committed, shape).within(self.target.vocab_size)
         clock.drafted = time.perf_counter()
+        timed_draft = self._drafting_timed()
         start = len(committed) - 1
         tail, self._tail = self._tail, []
         if tail:  # the prompt's last chunk: a chain in front of the tree's root
@@ -544,7 +558,8 @@ class Generation:
         stats.windows.append(tree.size)
         stats.count_tree(tree.size, tree.depth, verdict.accepted)
         self.tree.record(shape.width, tree.depth, verdict.accepted)
-        self.policy.costs.record_tree_draft(tree.depth, clock.draft_s)
+        if timed_draft:
+            self.policy.costs.record_tree_draft(tree.depth, clock.draft_s)
         trace = self.target.last_trace
         # The tree's pass cost V(n) by its nodes; the drafting cost per node is a tree's own
         # (a call per depth), not the chain's per token, so the chain's measure is left alone.
@@ -558,6 +573,7 @@ class Generation:
             self.on_step(StepRecord(positions=len(tree.tokens), drafted=tree.size, accepted=verdict.accepted,
                                     tokens=len(out), clock=clock, trace=trace,
                                     tree_shape=(shape.depth, shape.width), tree_depth=tree.depth))
+        self._last_accepted = verdict.accepted
         return out, verdict.accepted, logprobs
 
     def _prepare(self, committed: list[int], step: _Drafts, pending: PendingPass) -> _Prepared | None:

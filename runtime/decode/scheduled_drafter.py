@@ -49,6 +49,7 @@ class ScheduledDrafter:
         self.context_length = context_length
         self.prefill_step = prefill_step
         self.fed: list[int] = []  # the tokens the draft's caches hold
+        self.replayed = 0  # positions the last proposal caught up on (Drafter.replayed)
         self._key = request_key(params.seed, stream=1)
 
     def sync(self, committed: list[int]) -> None:
@@ -108,10 +109,12 @@ class ScheduledDrafter:
 
     def _replay(self, committed: list[int], keep: int) -> mx.array:
         """Feed committed[keep:] in chunks; the logits (1, vocab) after the last one."""
+        self.replayed = len(committed) - keep
         try:
             return self._feed(committed, keep)
         except LayerlineError:
             # A sliding-window cache cannot roll back that far: the draft starts over from 0.
+            self.replayed = len(committed)
             return self._feed(committed, 0)
 
     def _feed(self, committed: list[int], start: int) -> mx.array:

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 
 from layerline.packager.window_spec import WindowError, WindowSpec
+from layerline.runtime.decode.draft_tree import TreeShape
 from layerline.runtime.decode.drafters import ModelDrafter, NgramDrafter
 from layerline.runtime.decode.local_pipeline import LocalPipeline
 from layerline.runtime.decode.loop import generate
 from layerline.runtime.decode.sampling import SamplingParams
 from layerline.runtime.decode.targets import LocalTarget
-from layerline.runtime.decode.window_cost import StepMeasurement
+from layerline.runtime.decode.window_cost import SpeculationCosts, StepMeasurement
 from layerline.runtime.decode.window_policy import (
     AdaptiveWindow,
     AutoWindow,
@@ -242,6 +243,53 @@ class CheckedDrafter:
 
     def sync(self, committed: list[int]) -> None:
         self.inner.sync(committed)
+
+    @property
+    def replayed(self) -> int:
+        return self.inner.replayed
+
+
+class TimedCosts(SpeculationCosts):
+    """The server's cost model, keeping what the loop told it of drafting."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.drafts: list[int] = []
+        self.tree_drafts: list[int] = []
+
+    def record_draft(self, tokens: int, seconds: float) -> None:
+        self.drafts.append(tokens)
+        super().record_draft(tokens, seconds)
+
+    def record_tree_draft(self, depths: int, seconds: float) -> None:
+        self.tree_drafts.append(depths)
+        super().record_tree_draft(depths, seconds)
+
+
+@pytest.mark.parametrize("tree", [None, TreeShape(3, 2, 6)], ids=["chain", "tree"])
+def test_drafting_that_caught_up_on_the_prompt_is_not_timed_as_drafting(tiny_models, tree):
+    """The first drafting step replays the prompt through the draft: timing it as drafting
+    would make an auto policy think drafts dear and stop drafting (then catch up, and stop again)."""
+    params = SamplingParams(max_tokens=12)
+    drafter = ModelDrafter(tiny_models["near"], params)
+    steps: list[int] = []
+    real_propose = drafter.propose_tree if tree else drafter.propose
+    prompt = list(range(1, 41))
+
+    def propose(committed, *args, **kwargs):
+        out = real_propose(committed, *args, **kwargs)
+        steps.append(drafter.replayed)
+        return out
+
+    setattr(drafter, "propose_tree" if tree else "propose", propose)
+    costs = TimedCosts()
+    generation = generate(LocalTarget.open(tiny_models["target"]), prompt, params, drafter=drafter,
+                          policy=FixedWindow(3, costs=costs), tree=tree)
+    assert len(list(generation)) == 12 and generation.stats.target_passes > 2
+    assert steps[0] == len(prompt) + 1  # the prompt and the token streamed at once, caught up first
+    assert all(n <= 2 for n in steps[1:])
+    timed = costs.tree_drafts if tree else costs.drafts
+    assert len(timed) == len(steps) - 1  # every drafting step but the first was timed
 
 
 def test_target_and_draft_hold_exactly_the_committed_tokens_after_rejections(tiny_models):
