@@ -265,6 +265,7 @@ def test_a_client_that_leaves_before_a_whole_answer_ends_its_request(stage0):
     _assert_ended_as_aborted(stage0, aborted)
 
 
+@pytest.mark.slow
 def test_the_thread_count_stays_flat_however_many_requests_are_served(stage0):
     def threads() -> int:
         return len(list(Path(f"/proc/{stage0.process.popen.pid}/task").iterdir()))

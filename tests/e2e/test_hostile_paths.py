@@ -105,6 +105,7 @@ def _cache_files(cache: Path) -> dict[str, int]:
             if path.is_file() and path.suffix != ".log"}
 
 
+@pytest.mark.slow
 def test_a_release_stops_a_slow_transfer_in_the_middle(stage_processes, tiny_llama_package, tmp_path):
     listen = f"127.0.0.1:{free_port()}"
     (tmp_path / "source").mkdir()

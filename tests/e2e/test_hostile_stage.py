@@ -239,6 +239,7 @@ def test_idle_unauthenticated_connections_do_not_lock_out_a_client_with_the_toke
         sock.close()
 
 
+@pytest.mark.slow
 def test_a_hello_dripped_a_byte_at_a_time_is_dropped_at_its_whole_deadline(stage_processes, tmp_path):
     """One byte every 4 s would hold a slot for ever against a per-read timeout: the stage drops the
     connection at the hello's deadline (10 s from accepting it), with bytes still arriving."""
@@ -351,6 +352,7 @@ def test_a_huge_run_id_is_a_bad_request(stage_process):
     assert status.state == pb.STAGE_STATE_FREE and not status.holder_coordinator_id
 
 
+@pytest.mark.slow
 def test_health_is_503_with_why_as_soon_as_stage_0_loses_a_stages_claim(tiny_llama_package, stage_processes,
                                                                          tmp_path):
     peer = stage_processes()

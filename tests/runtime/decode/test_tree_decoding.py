@@ -264,6 +264,7 @@ def test_sampled_tree_steps_through_the_loop_are_reproducible(tiny):
     assert tokens(3) == tokens(3) and tokens(3) != tokens(4)
 
 
+@pytest.mark.slow
 def test_sampled_tree_steps_follow_the_targets_distribution_with_ngram_branches(tiny):
     model = tiny["target"]
     params = SamplingParams(max_tokens=3, temperature=1.0)

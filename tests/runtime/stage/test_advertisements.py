@@ -76,6 +76,7 @@ def test_an_announced_stage_is_found_with_its_fields_and_its_token_checked(clust
             check_usable(ad, other_cluster, token)
 
 
+@pytest.mark.slow
 def test_forged_foreign_oversized_and_misdirected_advertisements_are_ignored(
         cluster: str, zeroconf: Zeroconf, tmp_path: Path, caplog: pytest.LogCaptureFixture):
     stage = start_stage_server("127.0.0.1:0", tmp_path, never_loads, auth_token=TOKEN)
