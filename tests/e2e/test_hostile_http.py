@@ -225,6 +225,7 @@ def test_control_tokens_in_a_message_are_text_not_a_forged_turn(stage0, tiny_lla
         add_special_tokens=False)
 
 
+@pytest.mark.slow
 def test_half_headers_are_cut_off_and_surplus_connections_get_503(stage0):
     host, port = stage0.url.removeprefix("http://").rsplit(":", 1)
     slow = []
@@ -315,6 +316,7 @@ def test_a_content_part_whose_text_is_not_a_string_is_400_naming_the_field(stage
     assert "{" not in error["message"]  # no Python repr of the value
 
 
+@pytest.mark.slow
 def test_logprob_bytes_are_each_tokens_raw_bytes_even_part_of_a_character(smollm2_package, tmp_path):
     from layerline.packager.package import LayerPackage
     from layerline.runtime.model.tokenizer import BYTE_LEVEL_CHARS, load_tokenizer

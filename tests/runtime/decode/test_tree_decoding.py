@@ -396,8 +396,9 @@ def test_sampled_tree_steps_follow_the_targets_distribution_with_a_draft_model(b
     assert 0 < accepted < drafted and full > 0
 
 
-@pytest.mark.parametrize("branching", [2, pytest.param(3, marks=pytest.mark.slow),
-                                       pytest.param(4, marks=pytest.mark.slow)])
+# Fast path of shared tree passes: test_a_scheduled_drafters_tree_is_the_model_drafters_and_sessions_...
+@pytest.mark.slow
+@pytest.mark.parametrize("branching", [2, 3, 4])
 def test_sampled_trees_of_sessions_sharing_passes_follow_the_targets_distribution(branching, tiny):
     """Stage 0's batching: each session drafts its tree on a scheduled drafter and verifies it on
     the target's batch scheduler while other sessions' trees ride the same passes."""
