@@ -50,6 +50,7 @@ def test_run_with_a_tree_of_ngram_drafts_answers_as_without(smollm2_package):
     assert "drafts accepted per tree" in " ".join(tree.stderr.split())  # the console may wrap the line
 
 
+@pytest.mark.slow
 def test_run_refuses_a_bad_tree_cleanly(smollm2_package):
     result = layerline("run", str(smollm2_package), "--prompt", "Hi", "--draft", "ngram", "--tree", "4")
     assert result.returncode == 1 and "is not DEPTH,WIDTH[,NODES]" in result.stderr
