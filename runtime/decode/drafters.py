@@ -139,9 +139,7 @@ class ModelDrafter:
             return [], None
         # Replay what the caches lack; the last committed token is always fed again, since
         # its logits are what the first draft comes from (after full acceptance: [d_K, bonus]).
-        self._truncate(min(common_prefix(self.fed, committed), len(committed) - 1))
-        self.replayed = len(committed) - len(self.fed)
-        logits = self._replay(committed[len(self.fed):])
+        logits = self._catch_up(committed)
         self.fed = list(committed)
         history = recent_tokens(committed, self.params)
         tokens: list[mx.array] = []
@@ -182,9 +180,7 @@ class ModelDrafter:
         if shape.width == 1 or not self.model.supports_trees:
             drafts, q = self.propose(committed, depth)
             return DraftTree.chain(committed[-1], drafts, q)
-        self._truncate(min(common_prefix(self.fed, committed), len(committed) - 1))
-        self.replayed = len(committed) - len(self.fed)
-        logits = self._replay(committed[len(self.fed):])
+        logits = self._catch_up(committed)
         base = len(committed)  # the draft's tree starts after the root, which it holds
 
         def frontier(tokens: list[int], tree: Tree) -> mx.array:
@@ -196,6 +192,13 @@ class ModelDrafter:
         self.fed = list(committed) + list(tree.tokens[1:1 + fed])
         self._truncate(base)
         return tree
+
+    def _catch_up(self, committed: list[int]) -> mx.array:
+        """Roll the caches back to what they share with `committed` (all but its last token at
+        most) and replay the rest: the logits (1, vocab) after committed[-1]."""
+        self._truncate(min(common_prefix(self.fed, committed), len(committed) - 1))
+        self.replayed = len(committed) - len(self.fed)
+        return self._replay(committed[len(self.fed):])
 
     def _truncate(self, position: int) -> None:
         if position >= len(self.fed):
