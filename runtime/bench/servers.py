@@ -40,8 +40,7 @@ class LayerlineServer:
         self.log_dir, self.cache_dir, self.config = log_dir, cache_dir, config
         self.draft, self.weights, self.python = draft, weights, python
         self.stage0_args = list(stage0_args)  # more options for stage 0's command line
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = ""  # stage 0's, once start() picked its port
         self.processes: list[Process] = []
 
     def start(self, timeout_s: float) -> dict[str, Any]:
@@ -56,7 +55,11 @@ class LayerlineServer:
                 stage = Process.start(f"stage {i}", argv, log, cpus=self._cpus(i))
                 self.processes.append(stage)
                 wait_listening(stage, deadline - time.monotonic())
-            argv = [*layerline, "--package", str(self.package), "--http", f"127.0.0.1:{self.port}",
+            # Stage 0's port is picked once the peers listen: a peer listening on port 0 could
+            # otherwise take the port free_port() had just found free (seen in CI: "address already in use").
+            port = free_port()
+            self.url = f"http://127.0.0.1:{port}"
+            argv = [*layerline, "--package", str(self.package), "--http", f"127.0.0.1:{port}",
                     "--cache-dir", str(self.cache_dir), "--weights", self.weights]
             for i in range(1, self.peers + 1):
                 argv += ["--peer", self.links.peer(i)]
