@@ -18,44 +18,69 @@ constexpr int block_bytes = kIntegerBlock * BITS / 8;
 template <int BITS>
 constexpr int block_overread = BITS == 5 ? 6 : 0;
 
-template <int BITS, int XBITS, int NB>
-inline void int_rows(const QmmArgs& a, const QuantizedX& x, const uint8_t* const* rows, int n) {
-  using F = typename Simd::F;
+// Row n's factor s * dx for every block of x into sdx, and its bias term (the sum over groups of
+// b * x's sum + s * x.centre, see kernel_integer.h): the row's scales and biases are widened once
+// per row here, not one by one per block inside the loop of multiply-adds.
+template <int BITS, int XBITS>
+inline float row_factors(const QmmArgs& a, const QuantizedX& x, size_t n, float* sdx, float* widened) {
   const int groups = a.K / a.group, per_group = a.group / kIntegerBlock;
   constexpr bool centred = BITS == 8 && XBITS == 8 && Simd::signed8;
+  float* s = widened;
+  float* b = widened + groups;
+  hardware_scales(a.scales, a.scale_type, n * groups, groups, s);
+  hardware_scales(a.biases, a.scale_type, n * groups, groups, b);
+  const auto term = [&](int g) {
+    return centred ? (b[g] + 128.0f * s[g]) * x.sum[g] : b[g] * x.sum[g] + s[g] * x.centre[g];
+  };
+  float p0 = 0.0f, p1 = 0.0f, p2 = 0.0f, p3 = 0.0f;  // four chains, in registers: not one long dependency
+  int g = 0;
+  for (; g + 4 <= groups; g += 4) {
+    p0 += term(g);
+    p1 += term(g + 1);
+    p2 += term(g + 2);
+    p3 += term(g + 3);
+  }
+  for (; g < groups; ++g) p0 += term(g);
+  if (per_group == 1) {
+    for (int j = 0; j < groups; ++j) sdx[j] = s[j] * x.scale[j];
+  } else {
+    for (int g = 0; g < groups; ++g) {
+      for (int p = 0; p < per_group; ++p) sdx[g * per_group + p] = s[g] * x.scale[g * per_group + p];
+    }
+  }
+  return (p0 + p1) + (p2 + p3);
+}
+
+// NB weight rows from row n against x: sdx holds NB rows of K / 32 factors, widened 2 * groups floats.
+template <int BITS, int XBITS, int NB>
+inline void int_rows(const QmmArgs& a, const QuantizedX& x, const uint8_t* const* rows, int n, float* sdx,
+                     float* widened) {
+  using F = typename Simd::F;
+  const int blocks = a.K / kIntegerBlock;
   F acc[NB];
   float bias[NB];
+  const float* factor[NB];
 #pragma GCC unroll 4
   for (int r = 0; r < NB; ++r) {
     acc[r] = Simd::zero();
-    bias[r] = 0.0f;
+    factor[r] = sdx + size_t(r) * blocks;
+    bias[r] = row_factors<BITS, XBITS>(a, x, size_t(n + r), sdx + size_t(r) * blocks, widened);
   }
-  for (int g = 0, j = 0; g < groups; ++g) {
-    float s[NB];
+  for (int j = 0; j < blocks; ++j) {
+    const size_t byte = size_t(j) * block_bytes<BITS>;
+    if constexpr (XBITS == 8) {
+      const typename Simd::B xv = Simd::load_x(x.q.data() + size_t(j) * kIntegerBlock);
 #pragma GCC unroll 4
-    for (int r = 0; r < NB; ++r) {
-      const size_t i = size_t(n + r) * groups + g;
-      s[r] = Simd::scale(a.scales, a.scale_type, i);
-      const float b = Simd::scale(a.biases, a.scale_type, i);
-      bias[r] += centred ? (b + 128.0f * s[r]) * x.sum[g] : b * x.sum[g] + s[r] * x.centre[g];
-    }
-    for (int end = j + per_group; j < end; ++j) {
-      const float dx = x.scale[j];
-      const size_t byte = size_t(j) * block_bytes<BITS>;
-      if constexpr (XBITS == 8) {
-        const typename Simd::B xv = Simd::load_x(x.q.data() + size_t(j) * kIntegerBlock);
+      for (int r = 0; r < NB; ++r) {
+        const typename Simd::S sums = Simd::template dot<BITS>(Simd::template unpack<BITS>(rows[r] + byte), xv);
+        acc[r] = Simd::fma(Simd::to_float(sums), Simd::set1(factor[r][j]), acc[r]);
+      }
+    } else {
+      const typename Simd::X16 xv = Simd::load_x16(x.q16.data() + size_t(j) * kIntegerBlock);
 #pragma GCC unroll 4
-        for (int r = 0; r < NB; ++r) {
-          const typename Simd::S sums = Simd::template dot<BITS>(Simd::template unpack<BITS>(rows[r] + byte), xv);
-          acc[r] = Simd::fma(Simd::to_float(sums), Simd::set1(s[r] * dx), acc[r]);
-        }
-      } else {
-        const typename Simd::X16 xv = Simd::load_x16(x.q16.data() + size_t(j) * kIntegerBlock);
-#pragma GCC unroll 4
-        for (int r = 0; r < NB; ++r) {
-          const typename Simd::S sums = Simd::template dot16<BITS>(rows[r] + byte, xv);
-          acc[r] = Simd::fma(Simd::to_float(sums), Simd::set1(s[r] * dx), acc[r]);
-        }
+      for (int r = 0; r < NB; ++r) {
+        const typename Simd::S sums = Simd::template dot16<BITS>(rows[r] + byte, xv);
+        acc[r] = Simd::fma(Simd::to_float(sums), Simd::set1(factor[r][j]), acc[r]);
       }
     }
   }
@@ -76,6 +101,12 @@ inline void int_gemv(const QmmArgs& a, const QuantizedX& x, int n0, int n1) {
       std::memcpy(tail.data(), a.w + size_t(padded) * row_bytes, size_t(n1 - padded) * row_bytes);
     }
   }
+  // Per thread, kept between calls: 4 rows' factors and one row's widened scales and biases.
+  thread_local std::vector<float> scratch;
+  const size_t blocks = a.K / kIntegerBlock;
+  scratch.resize(4 * blocks + 2 * size_t(a.K / a.group));
+  float* sdx = scratch.data();
+  float* widened = sdx + 4 * blocks;
   for (int n = n0; n < n1; n += 4) {
     const int nb = std::min(4, n1 - n);
     const uint8_t* rows[4];
@@ -89,9 +120,9 @@ inline void int_gemv(const QmmArgs& a, const QuantizedX& x, int n0, int n1) {
       Simd::prefetch(a.w + ahead + line);
     }
     if (nb == 4) {
-      int_rows<BITS, XBITS, 4>(a, x, rows, n);
+      int_rows<BITS, XBITS, 4>(a, x, rows, n, sdx, widened);
     } else {
-      for (int r = 0; r < nb; ++r) int_rows<BITS, XBITS, 1>(a, x, rows + r, n + r);
+      for (int r = 0; r < nb; ++r) int_rows<BITS, XBITS, 1>(a, x, rows + r, n + r, sdx, widened);
     }
   }
 }

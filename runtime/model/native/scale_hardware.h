@@ -19,3 +19,20 @@ inline float hardware_scale_at(const void* p, ScaleType type, size_t i) {
   std::memcpy(&f, &bits, sizeof f);
   return f;
 }
+
+// Elements i0 .. i0 + count of a scales or biases array as f32 into out: a row's scales widened
+// at once, eight (F16C) or four (NEON) a conversion, so the GEMV's inner loop reads floats.
+inline void hardware_scales(const void* p, ScaleType type, size_t i0, int count, float* out) {
+  int i = 0;
+  if (type == ScaleType::f16) {
+    const uint16_t* h = static_cast<const uint16_t*>(p) + i0;
+#if defined(__F16C__)
+    for (; i + 8 <= count; i += 8) {
+      _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i))));
+    }
+#elif defined(__ARM_NEON)
+    for (; i + 4 <= count; i += 4) vst1q_f32(out + i, vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(h + i))));
+#endif
+  }
+  for (; i < count; ++i) out[i] = hardware_scale_at(p, type, i0 + i);
+}

@@ -168,8 +168,10 @@ int main() {
       double worst = 0.0, worst_agreement = 0.0;
       for (int bits : {4, 5, 8}) {
         for (int group : {32, 64, 128}) {
-          // Odd row counts (every tail), one group a row, and a tall wide matrix.
-          for (const auto& [N, K] : {std::pair{37, 5 * group}, std::pair{37, group}, std::pair{413, 2048}}) {
+          // Odd row counts (every tail), one group a row, a tall wide matrix, and rows whose groups end
+          // off a 16-group step (AVX-512's 4-bit rows with f16 scales: 38 x 1664).
+          for (const auto& [N, K] : {std::pair{37, 5 * group}, std::pair{37, group}, std::pair{413, 2048},
+                                     std::pair{38, 1664}}) {
             const int t = (bits + group / 32 + N) % 3;
             const Case c = make_case(rng, N, K, 1, bits, group, types[t]);
             const auto got = run_integer(path.columns, c, xbits);
