@@ -68,6 +68,28 @@ inline float scale_at(const void* p, ScaleType type, size_t i) {
   return f;
 }
 
+// A one-row product's walk over weight rows n0 .. n1, four at a time (the last pass fewer):
+// pass(rows, n, count) with rows[r] = row_at(n + r). Each pass first asks for the rows two passes
+// ahead: the hardware prefetcher alone left the GEMV waiting on memory (software prefetch was 4x).
+template <typename RowAt, typename Pass>
+inline void walk_row_quads(const QmmArgs& a, int n0, int n1, RowAt row_at, Pass pass) {
+  for (int n = n0; n < n1; n += 4) {
+    const int count = n1 - n < 4 ? n1 - n : 4;
+    const uint8_t* rows[4];
+    for (int r = 0; r < count; ++r) rows[r] = row_at(n + r);
+    const size_t block = 4 * a.w_row_bytes, ahead = size_t(n) * a.w_row_bytes + 2 * block;
+    for (size_t line = 0; line < block && ahead + line < a.w_total_bytes; line += 64) {
+      __builtin_prefetch(a.w + ahead + line, 0, 3);  // prefetcht0 on x86, prfm pldl1keep on arm64
+    }
+    pass(rows, n, count);
+  }
+}
+
+// Row n of the packed weights.
+inline auto packed_row(const QmmArgs& a) {
+  return [&a](int n) { return a.w + size_t(n) * a.w_row_bytes; };
+}
+
 // One packed value: bits [i*bits, (i+1)*bits) of the row's little-endian bit stream.
 inline uint32_t unpack_value(const uint8_t* row, int i, int bits) {
   const int bit = i * bits;

@@ -117,21 +117,13 @@ void zmm_gemv(const QmmArgs& a, const QuantizedX& x, int n0, int n1) {
   float* sdx = scratch.data();
   float* widened = sdx + 4 * blocks;
   const int16_t* xs = arrange_x(x, BITS, int(blocks), arranged);
-  for (int n = n0; n < n1; n += 4) {
-    const int nb = std::min(4, n1 - n);
-    const uint8_t* rows[4];
-    for (int r = 0; r < nb; ++r) rows[r] = a.w + size_t(n + r) * a.w_row_bytes;
-    // The rows two blocks ahead, as the other GEMVs ask for them.
-    const size_t block = 4 * a.w_row_bytes, ahead = size_t(n) * a.w_row_bytes + 2 * block;
-    for (size_t line = 0; line < block && ahead + line < a.w_total_bytes; line += 64) {
-      Simd::prefetch(a.w + ahead + line);
-    }
-    if (nb == 4) {
+  walk_row_quads(a, n0, n1, packed_row(a), [&](const uint8_t* const* rows, int n, int count) {
+    if (count == 4) {
       zmm_rows<BITS, 4>(a, x, xs, rows, n, sdx, widened);
     } else {
-      for (int r = 0; r < nb; ++r) zmm_rows<BITS, 1>(a, x, xs, rows + r, n + r, sdx, widened);
+      for (int r = 0; r < count; ++r) zmm_rows<BITS, 1>(a, x, xs, rows + r, n + r, sdx, widened);
     }
-  }
+  });
 }
 
 }  // namespace

@@ -107,24 +107,16 @@ inline void int_gemv(const QmmArgs& a, const QuantizedX& x, int n0, int n1) {
   scratch.resize(4 * blocks + 2 * size_t(a.K / a.group));
   float* sdx = scratch.data();
   float* widened = sdx + 4 * blocks;
-  for (int n = n0; n < n1; n += 4) {
-    const int nb = std::min(4, n1 - n);
-    const uint8_t* rows[4];
-    for (int r = 0; r < nb; ++r) {
-      rows[r] = n + r >= padded ? tail.data() + size_t(n + r - padded) * a.w_row_bytes
-                                : a.w + size_t(n + r) * a.w_row_bytes;
-    }
-    // The rows two blocks ahead, as the f32 GEMV asks for them.
-    const size_t block = 4 * a.w_row_bytes, ahead = size_t(n) * a.w_row_bytes + 2 * block;
-    for (size_t line = 0; line < block && ahead + line < a.w_total_bytes; line += 64) {
-      Simd::prefetch(a.w + ahead + line);
-    }
-    if (nb == 4) {
+  const auto row_at = [&](int n) {
+    return n >= padded ? tail.data() + size_t(n - padded) * a.w_row_bytes : a.w + size_t(n) * a.w_row_bytes;
+  };
+  walk_row_quads(a, n0, n1, row_at, [&](const uint8_t* const* rows, int n, int count) {
+    if (count == 4) {
       int_rows<BITS, XBITS, 4>(a, x, rows, n, sdx, widened);
     } else {
-      for (int r = 0; r < nb; ++r) int_rows<BITS, XBITS, 1>(a, x, rows + r, n + r, sdx, widened);
+      for (int r = 0; r < count; ++r) int_rows<BITS, XBITS, 1>(a, x, rows + r, n + r, sdx, widened);
     }
-  }
+  });
 }
 
 template <int XBITS>

@@ -97,21 +97,13 @@ inline void gemv4(const QmmArgs& a, int n0, int n1) {
     }
   }
   for (int k = 0; k < a.K; ++k) xsum[k / a.group] += a.x[k];
-  for (int n = n0; n < n1; n += 4) {
-    const int nb = std::min(4, n1 - n);
-    const uint8_t* rows[4];
-    for (int r = 0; r < nb; ++r) rows[r] = a.w + size_t(n + r) * a.w_row_bytes;
-    // The rows two blocks ahead, as in rows_product.
-    const size_t block_bytes = 4 * a.w_row_bytes, ahead = size_t(n) * a.w_row_bytes + 2 * block_bytes;
-    for (size_t line = 0; line < block_bytes && ahead + line < a.w_total_bytes; line += 64) {
-      Simd::prefetch(a.w + ahead + line);
-    }
-    if (nb == 4) {
+  walk_row_quads(a, n0, n1, packed_row(a), [&](const uint8_t* const* rows, int n, int count) {
+    if (count == 4) {
       gemv4_block<4>(a, rows, xp.data(), xsum.data(), n);
     } else {
-      for (int r = 0; r < nb; ++r) gemv4_block<1>(a, rows + r, xp.data(), xsum.data(), n + r);
+      for (int r = 0; r < count; ++r) gemv4_block<1>(a, rows + r, xp.data(), xsum.data(), n + r);
     }
-  }
+  });
 }
 
 // Several rows of x: a draft to verify, a batch of sessions, a prefill chunk.
