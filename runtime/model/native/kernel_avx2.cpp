@@ -22,8 +22,6 @@ struct Simd {
   static F zero() { return _mm256_setzero_ps(); }
   static F set1(float v) { return _mm256_set1_ps(v); }
   static F load(const float* p) { return _mm256_loadu_ps(p); }
-  static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
-  static F load_f16(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
   static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
   static I load_int(const void* p) { return _mm256_load_si256(static_cast<const __m256i*>(p)); }
   static I set1_int(int v) { return _mm256_set1_epi32(v); }

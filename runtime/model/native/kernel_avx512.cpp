@@ -26,8 +26,6 @@ struct Simd {
   static F zero() { return _mm512_setzero_ps(); }
   static F set1(float v) { return _mm512_set1_ps(v); }
   static F load(const float* p) { return _mm512_loadu_ps(p); }
-  static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
-  static F load_f16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
   static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
   static I load_int(const void* p) { return _mm512_load_si512(p); }
   static I set1_int(int v) { return _mm512_set1_epi32(v); }

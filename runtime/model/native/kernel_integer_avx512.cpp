@@ -110,13 +110,11 @@ inline void zmm_rows(const QmmArgs& a, const QuantizedX& x, const int16_t* xs, c
 
 template <int BITS>
 void zmm_gemv(const QmmArgs& a, const QuantizedX& x, int n0, int n1) {
-  thread_local std::vector<float> scratch;
   thread_local std::vector<int16_t> arranged;
-  const size_t blocks = a.K / kIntegerBlock;
-  scratch.resize(4 * blocks + 2 * size_t(a.K / a.group));
-  float* sdx = scratch.data();
-  float* widened = sdx + 4 * blocks;
-  const int16_t* xs = arrange_x(x, BITS, int(blocks), arranged);
+  const RowScratch scratch = row_scratch(a);
+  float* sdx = scratch.sdx;
+  float* widened = scratch.widened;
+  const int16_t* xs = arrange_x(x, BITS, a.K / kIntegerBlock, arranged);
   walk_row_quads(a, n0, n1, packed_row(a), [&](const uint8_t* const* rows, int n, int count) {
     if (count == 4) {
       zmm_rows<BITS, 4>(a, x, xs, rows, n, sdx, widened);

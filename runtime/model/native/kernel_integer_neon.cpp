@@ -94,8 +94,6 @@ struct Simd {
   static F set1(float v) { return vdupq_n_f32(v); }
   static F fma(F a, F b, F c) { return vfmaq_f32(c, a, b); }
   static float hsum(F v) { return vaddvq_f32(v); }
-  static float scale(const void* p, ScaleType type, size_t i) { return hardware_scale_at(p, type, i); }
-  static void prefetch(const uint8_t* p) { __builtin_prefetch(p, 0, 3); }
 };
 
 #include "kernel_integer_simd.h"

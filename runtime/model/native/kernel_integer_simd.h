@@ -3,7 +3,7 @@
 // `Simd` gives: B, a block of 32 bytes; S, a vector of int32 sums; F, a vector of floats;
 // unpack<BITS>(p) (one block of 32 packed values at p as bytes, in int_block_order);
 // dot<BITS>(q, x) (the block's products q*x summed into S's lanes); load_x; to_float; fma;
-// set1; zero; hsum; scale; prefetch; for int16 x, X16 (a block of it), load_x16 and
+// set1; zero; hsum; for int16 x, X16 (a block of it), load_x16 and
 // dot16<BITS>(p, x) (unpacking and multiplying at once); and signed8: whether unpack<8> leaves q - 128 (for a
 // signed-by-signed multiply), which centres 8-bit products itself: the bias then takes 128 * s
 // with x's exact sum, where the other widths add s * x.centre (see kernel_integer.h).
@@ -49,6 +49,19 @@ inline float row_factors(const QmmArgs& a, const QuantizedX& x, size_t n, float*
     }
   }
   return (p0 + p1) + (p2 + p3);
+}
+
+// Scratch for row_factors, per thread and kept between calls: 4 rows' factors (sdx, K / 32 each)
+// and one row's widened scales and biases (2 * groups).
+struct RowScratch {
+  float* sdx;
+  float* widened;
+};
+inline RowScratch row_scratch(const QmmArgs& a) {
+  thread_local std::vector<float> scratch;
+  const size_t blocks = a.K / kIntegerBlock;
+  scratch.resize(4 * blocks + 2 * size_t(a.K / a.group));
+  return {scratch.data(), scratch.data() + 4 * blocks};
 }
 
 // NB weight rows from row n against x: sdx holds NB rows of K / 32 factors, widened 2 * groups floats.
@@ -101,12 +114,9 @@ inline void int_gemv(const QmmArgs& a, const QuantizedX& x, int n0, int n1) {
       std::memcpy(tail.data(), a.w + size_t(padded) * row_bytes, size_t(n1 - padded) * row_bytes);
     }
   }
-  // Per thread, kept between calls: 4 rows' factors and one row's widened scales and biases.
-  thread_local std::vector<float> scratch;
-  const size_t blocks = a.K / kIntegerBlock;
-  scratch.resize(4 * blocks + 2 * size_t(a.K / a.group));
-  float* sdx = scratch.data();
-  float* widened = sdx + 4 * blocks;
+  const RowScratch scratch = row_scratch(a);
+  float* sdx = scratch.sdx;
+  float* widened = scratch.widened;
   const auto row_at = [&](int n) {
     return n >= padded ? tail.data() + size_t(n - padded) * a.w_row_bytes : a.w + size_t(n) * a.w_row_bytes;
   };

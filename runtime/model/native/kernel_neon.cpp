@@ -23,14 +23,6 @@ struct Simd {
   static F zero() { return {vdupq_n_f32(0.0f), vdupq_n_f32(0.0f)}; }
   static F set1(float v) { return {vdupq_n_f32(v), vdupq_n_f32(v)}; }
   static F load(const float* p) { return {vld1q_f32(p), vld1q_f32(p + 4)}; }
-  static void store(float* p, F v) {
-    vst1q_f32(p, v.val[0]);
-    vst1q_f32(p + 4, v.val[1]);
-  }
-  static F load_f16(const uint16_t* p) {
-    const float16x8_t h = vreinterpretq_f16_u16(vld1q_u16(p));
-    return {vcvt_f32_f16(vget_low_f16(h)), vcvt_f32_f16(vget_high_f16(h))};
-  }
   static F fma(F a, F b, F c) {
     return {vfmaq_f32(c.val[0], a.val[0], b.val[0]), vfmaq_f32(c.val[1], a.val[1], b.val[1])};
   }

@@ -108,17 +108,6 @@ inline void gemv4(const QmmArgs& a, int n0, int n1) {
 
 // Several rows of x: a draft to verify, a batch of sessions, a prefill chunk.
 
-// Scales or biases [first, first + count) as f32.
-inline void scales_f32(const void* p, ScaleType type, size_t first, int count, float* out) {
-  int i = 0;
-  if (type == ScaleType::f16) {
-    for (; i + Simd::L <= count; i += Simd::L) {
-      Simd::store(out + i, Simd::load_f16(static_cast<const uint16_t*>(p) + first + i));
-    }
-  }
-  for (; i < count; ++i) out[i] = Simd::scale(p, type, first + i);
-}
-
 // One packed row, read a step at a time: L bytes (2L values) of a 4-bit row, L bytes (L
 // values) of an 8-bit row, or L values of another width through the byte-shuffle unpacker.
 // A 4-bit step's vectors are its low nibbles, then its high ones: values 0, 2, 4.. then
@@ -239,8 +228,8 @@ inline void rows_product(const QmmArgs& a, int n0, int n1, const float* x) {
     const int c1 = std::min(n1, c0 + chunk);
     scale_buffer.resize(2 * size_t(c1 - c0) * groups);
     float *s = scale_buffer.data(), *b = s + size_t(c1 - c0) * groups;
-    scales_f32(a.scales, a.scale_type, size_t(c0) * groups, (c1 - c0) * groups, s);
-    scales_f32(a.biases, a.scale_type, size_t(c0) * groups, (c1 - c0) * groups, b);
+    hardware_scales(a.scales, a.scale_type, size_t(c0) * groups, (c1 - c0) * groups, s);
+    hardware_scales(a.biases, a.scale_type, size_t(c0) * groups, (c1 - c0) * groups, b);
     // The byte-shuffle unpacker reads 16 bytes from a row's last step: the rows that end
     // within 16 bytes of the weight buffer's end are read from a copy with padding.
     const size_t row_bytes = a.w_row_bytes;
