@@ -273,16 +273,21 @@ class Clock:
 
 class FaultyLink:
     """A TCP proxy to a gRPC server that breaks what comes back: it cuts every connection once
-    `cut_after` bytes have passed (then, with `refuse_after_cut`, takes no new ones), or flips a
+    `cut_after` bytes have passed (then, with `refuse_after_cut`, takes no new ones), or stalls once
+    `stall_after` bytes have passed until the test calls `cut()` (nothing then depends on how fast
+    the client read what came before), or flips a
     byte in the middle of the first `corrupt_frames` large HTTP/2 DATA frames (a file chunk's
     bytes, past every header) — a link that damages data in flight, which TCP alone cannot see —
     or, with `bytes_per_s`, passes what comes back no faster than that: a slow source."""
 
     def __init__(self, target: str, *, cut_after: int | None = None, refuse_after_cut: bool = False,
-                 corrupt_frames: int = 0, bytes_per_s: float | None = None) -> None:
+                 stall_after: int | None = None, corrupt_frames: int = 0,
+                 bytes_per_s: float | None = None) -> None:
         host, _, port = target.rpartition(":")
         self.target = (host, int(port))
         self.cut_after, self.refuse_after_cut = cut_after, refuse_after_cut
+        self.stall_after = stall_after
+        self._cut_now = threading.Event()
         self.corrupt_frames = corrupt_frames
         self.bytes_per_s = bytes_per_s
         self.bytes_back = 0  # server -> client, over every connection
@@ -320,6 +325,11 @@ class FaultyLink:
                     self.bytes_back, self.cut_after = self.cut_after, None  # once
                     self.cut()
                     return
+                if self.stall_after is not None and self.bytes_back + len(frames) > self.stall_after:
+                    sink.sendall(frames[:max(0, self.stall_after - self.bytes_back)])
+                    self.bytes_back, self.stall_after = self.stall_after, None  # once
+                    self._cut_now.wait()
+                    return
                 self.bytes_back += len(frames)
                 sink.sendall(frames)
                 if self.bytes_per_s:
@@ -348,6 +358,7 @@ class FaultyLink:
 
     def cut(self) -> None:
         """Drop every connection now (and, with refuse_after_cut, every later one)."""
+        self._cut_now.set()
         with self._lock:
             sockets, self._sockets = self._sockets, []
         if self.refuse_after_cut:

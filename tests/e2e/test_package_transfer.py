@@ -51,6 +51,22 @@ def prepare_from(sources: list[str], package: Path, cache: Path, ref: str = NOT_
                        file_sources=sources).start().wait(120)
 
 
+def broken_off_preparation(link_to: str, package: Path, cache: Path) -> tuple[Preparation, FaultyLink]:
+    """A preparation whose link stalls 3 MB in (inside the embedding), and breaks for good once some of
+    the embedding is on disk: gRPC drops what it received but the client had not yet read."""
+    link = FaultyLink(link_to, stall_after=3_000_000, refuse_after_cut=True)
+    preparation = Preparation(NOT_HERE, 0, 1, stage0=True, cache_dir=cache,
+                              manifest_sha256=manifest_sha(package), file_sources=[link.endpoint]).start()
+    embed = LayerPackage.open(package).manifest.file("shared/embed.safetensors")
+    partial = ContentCache(cache).partial(embed.sha256)
+    deadline = time.monotonic() + 60
+    while not (partial.is_file() and partial.stat().st_size > 0):
+        assert time.monotonic() < deadline, "no byte of the embedding arrived"
+        time.sleep(0.05)
+    link.cut()
+    return preparation.wait(120), link
+
+
 def test_peer_without_the_package_serves_from_files_fetched_from_stage0(tiny_llama_package, tmp_path):
     # Stage 0 is given a relative path: the peer, started elsewhere, cannot read the package.
     peer_cache = tmp_path / "peer"
@@ -124,8 +140,7 @@ def test_status_shows_each_stage_fetching_before_the_pipeline_is_up(tiny_llama_p
 @pytest.mark.slow
 def test_a_broken_transfer_resumes_where_it_stopped(file_server, tiny_llama_package, tmp_path):
     total = stage0_files_bytes(tiny_llama_package) + (tiny_llama_package / MANIFEST_NAME).stat().st_size
-    link = FaultyLink(file_server, cut_after=3_000_000, refuse_after_cut=True)
-    first = prepare_from([link.endpoint], tiny_llama_package, tmp_path)
+    first, link = broken_off_preparation(file_server, tiny_llama_package, tmp_path)
     assert first.state is PrepareState.FAILED
     assert "shared/embed.safetensors" in first.error and "broke off" in first.error
     partial = ContentCache(tmp_path).partial(
@@ -238,8 +253,7 @@ def test_fetch_needs_the_stage_token(tmp_path, tiny_llama_package):
 
 
 def test_cache_prune_keeps_what_packages_use(file_server, tiny_llama_package, tmp_path):
-    link = FaultyLink(file_server, cut_after=3_000_000, refuse_after_cut=True)
-    assert prepare_from([link.endpoint], tiny_llama_package, tmp_path).state is PrepareState.FAILED
+    assert broken_off_preparation(file_server, tiny_llama_package, tmp_path)[0].state is PrepareState.FAILED
     Preparation(NOT_HERE, 2, 4, stage0=False, cache_dir=tmp_path,
                 manifest_sha256=manifest_sha(tiny_llama_package), file_sources=[file_server]).start().wait(60)
     listed = subprocess.run([sys.executable, "-m", "layerline", "stage", "cache", "list", "--cache-dir",
