@@ -12,7 +12,8 @@ native="$(cd "$(dirname "$0")/../runtime/model/native" && pwd)"
 out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
 
-sources=("$native/check/kernel_check.cpp" "$native/kernel_portable.cpp" "$native/kernel_integer_portable.cpp")
+sources=("$native/check/kernel_check.cpp" "$native/kernel_portable.cpp" "$native/kernel_integer_portable.cpp"
+         "$native/kernel_integer_rows.cpp")
 case "$target" in
   native)
     cxx="${CXX:-c++}"
@@ -34,8 +35,8 @@ objects=()
 compile() {  # source, extra flags...
   local source="$1" object="$out/$(basename "$1" .cpp).o"
   shift
-  # -Wno-maybe-uninitialized: GCC 12 warns inside its own AVX-512 headers.
-  "$cxx" -std=c++20 -O2 -Wall -Wno-maybe-uninitialized -c "$source" -o "$object" "$@"
+  # -Wno-maybe-uninitialized, -Wno-uninitialized: GCC 12 warns inside its own AVX-512 headers.
+  "$cxx" -std=c++20 -O2 -Wall -Wno-maybe-uninitialized -Wno-uninitialized -c "$source" -o "$object" "$@"
   objects+=("$object")
 }
 for source in "${sources[@]}"; do compile "$source"; done
@@ -44,7 +45,9 @@ case "$machine" in
     compile "$native/kernel_avx2.cpp" -mavx2 -mfma -mf16c
     compile "$native/kernel_avx512.cpp" -mavx512f -mavx512bw -mavx2 -mfma -mf16c
     compile "$native/kernel_integer_avx2.cpp" -mavx2 -mfma -mf16c
-    compile "$native/kernel_integer_avx512.cpp" -mavx512f -mavx512bw -mavx512vl -mavx512vnni -mavx2 -mfma -mf16c
+    for vnni in kernel_integer_avx512.cpp kernel_integer_rows_avx512.cpp; do
+      compile "$native/$vnni" -mavx512f -mavx512bw -mavx512vl -mavx512vnni -mavx2 -mfma -mf16c
+    done
     ;;
   aarch64 | arm64)
     compile "$native/kernel_neon.cpp"

@@ -13,8 +13,15 @@ of 32 to integers and multiply in integers, as llama.cpp does (`LAYERLINE_CPU_IN
 `off` keeps the exact f32 x; `int8` is llama.cpp's int8 x (maddubs, VNNI, sdot); `int16` rounds x
 to 1/65534 of its block's largest value (below the f16 scales' own rounding) at about int8's
 cost (pmaddwd, VNNI); `auto`, the default, times f32 x against int16 x at load (on weights read
-from memory) and keeps the faster. The error against f32 x on a real package is measured by
-`layerline bench kernels --package`.
+from memory) and keeps the faster.
+
+Products of 8 or more rows of 4-bit weights (a prompt's chunk, a batch pass of 8 sessions) can run
+in integers too where the CPU has AVX-512 VNNI (`LAYERLINE_CPU_INTEGER_ROWS=on`): x to 14 bits
+per span of 512 values, each weight row's group scales as 10-bit integer sub-scales of its span's
+largest (as llama.cpp's Q4_K keeps them), 32 multiply-adds an instruction where f32 does 16:
+prefill about 1.4x faster. Off by default: a row's result then depends on how many rows its pass
+had, and a batched greedy answer was seen to differ from its solo one. The error against f32 x on
+a real package, of one-row steps and of a whole chunk, is measured by `layerline bench kernels --package`.
 
 Without a compiler at install time the kernel is absent: layerline then runs mlx's
 kernels and says so once in the log, in `layerline run`'s first line and in `/v1/status`.
@@ -48,6 +55,8 @@ INTEGER_BITS = (4, 5, 8)  # the weight widths the integer path computes (one row
 # (mean KL against f32 x 8e-8, 1e-8, 6e-8). int8 x, 4e-3 on Qwen 1.5B and SmolLM2's tokens changed
 # from the 5th, is only ever asked for.
 INTEGER_DEFAULT = "auto"
+ROWS_ENV_VAR = "LAYERLINE_CPU_INTEGER_ROWS"  # off | on: 16+ rows of 4-bit weights in integers
+ROWS_SETTINGS = ("off", "on")
 BUILD_ERROR_FILE = Path(__file__).with_name("_cpu_kernel.build-error.txt")  # written by setup.py
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 SUPPORTED_GROUPS = (32, 64, 128)
@@ -64,12 +73,17 @@ class CpuKernel:
     gemv_x: str = "f32"  # x of one-row products: "f32", or "int8"/"int16" on the integer path
     integer_isa: str = "none"  # the integer path's instruction set ("avx512-vnni", "avx2", ...)
     gemv_x_reason: str = ""  # why: the setting, and for `auto` the times it chose by
+    rows_x: str = "f32"  # x of products of 8 or more rows of 4-bit weights: "f32" or "int14"
+    rows_isa: str = "none"  # the instruction set of the integer path for many rows, where there is one
+    rows_reason: str = ""  # why: the setting, and where it was asked for but this CPU has no path
 
     def describe(self) -> str:
-        """A log-line fragment: `cpu_kernel=avx512 threads=2 gemv_x=f32` or why mlx's kernels run instead."""
+        """A log-line fragment: `cpu_kernel=avx512 threads=2 gemv_x=f32 rows_x=f32` or why mlx's
+        kernels run instead."""
         if self.available:
             x = self.gemv_x if self.gemv_x == "f32" else f"{self.gemv_x}({self.integer_isa})"
-            return f"cpu_kernel={self.isa} threads={self.threads} gemv_x={x}"
+            rows = self.rows_x if self.rows_x == "f32" else f"{self.rows_x}({self.rows_isa})"
+            return f"cpu_kernel={self.isa} threads={self.threads} gemv_x={x} rows_x={rows}"
         return f"cpu_kernel=none ({self.reason})"
 
     def to_json(self) -> dict[str, Any]:
@@ -100,7 +114,11 @@ def _probe() -> CpuKernel:
     x_bits, reason = _choose_gemv_x(native)
     native.set_gemv_x(x_bits or 0)
     x = "f32" if x_bits is None else f"int{x_bits}"
-    return CpuKernel(True, native.isa(), native.threads(), "built", x, native.integer_isa(), reason)
+    rows_isa = native.integer_rows_isa()
+    rows_on, rows_reason = _choose_rows(rows_isa)
+    native.set_integer_rows(rows_on)
+    return CpuKernel(True, native.isa(), native.threads(), "built", x, native.integer_isa(), reason,
+                     "int14" if rows_on else "f32", rows_isa, rows_reason)
 
 
 @functools.cache  # a fact of the process: probed, and a missing kernel logged, once
@@ -118,6 +136,22 @@ def integer_setting() -> str:
     if setting not in INTEGER_SETTINGS:
         raise ValueError(f"{INTEGER_ENV_VAR}={setting!r}: expected one of {', '.join(INTEGER_SETTINGS)}")
     return setting
+
+
+def rows_setting() -> str:
+    """LAYERLINE_CPU_INTEGER_ROWS as given (off or on; off when unset); anything else is refused."""
+    setting = os.environ.get(ROWS_ENV_VAR, "").strip().lower() or "off"
+    if setting not in ROWS_SETTINGS:
+        raise ValueError(f"{ROWS_ENV_VAR}={setting!r}: expected one of {', '.join(ROWS_SETTINGS)}")
+    return setting
+
+
+def _choose_rows(rows_isa: str) -> tuple[bool, str]:
+    """Whether 8 or more rows of 4-bit weights take the integer path here, and why."""
+    setting = rows_setting()
+    if setting == "on" and rows_isa == "none":
+        return False, f"{ROWS_ENV_VAR}=on, but this CPU has no AVX-512 VNNI: f32 x"
+    return setting == "on", f"{ROWS_ENV_VAR}={setting}"
 
 
 def _choose_gemv_x(native: ModuleType) -> tuple[int | None, str]:
@@ -173,6 +207,20 @@ def gemv_x(x_bits: int | None) -> Iterator[None]:
         yield
     finally:
         native.set_gemv_x(before)
+
+
+@contextlib.contextmanager
+def integer_rows(on: bool) -> Iterator[None]:
+    """Products of 8 or more rows of 4-bit weights evaluated inside take the integer path for many
+    rows (where the CPU has one) or not; then the process's choice. Read at evaluation: evaluate inside."""
+    cpu_kernel()
+    native = _native()
+    before = native.integer_rows()
+    native.set_integer_rows(on)
+    try:
+        yield
+    finally:
+        native.set_integer_rows(before)
 
 
 def packed_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, *, group_size: int,

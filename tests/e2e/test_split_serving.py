@@ -53,7 +53,8 @@ def test_greedy_output_through_two_and_three_stages_equals_one_process(pipeline,
         assert result.choices[0].text == reference
         assert [s["state"] for s in stage0.status()["stages"]] == ["ready"] * (peers + 1)
         assert set(stage0.status()["cpu_kernel"]) == {"available", "isa", "threads", "reason", "gemv_x",
-                                                      "integer_isa", "gemv_x_reason"}
+                                                      "integer_isa", "gemv_x_reason", "rows_x", "rows_isa",
+                                                      "rows_reason"}
         stage0.stop()
 
 

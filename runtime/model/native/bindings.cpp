@@ -35,8 +35,13 @@ NB_MODULE(_cpu_kernel, m) {
   m.def("fused_isa", &layerline::fused_isa, "The instruction set the fused layer ops run with.");
   m.def("isa", &layerline::kernel_isa, "The instruction set in use: avx512, avx2, neon or portable.");
   m.def("integer_isa", &layerline::kernel_integer_isa, "The instruction set of the integer GEMV.");
+  m.def("integer_rows_isa", &layerline::kernel_integer_rows_isa,
+        "The instruction set of the integer path for 8 or more rows of 4-bit weights, or none.");
   m.def("set_gemv_x", &layerline::set_kernel_gemv_x, "bits"_a,
         "x of one-row 4-, 5- and 8-bit products: 0 (f32), or 8 or 16 (quantized, multiplied in integers).");
+  m.def("set_integer_rows", &layerline::set_kernel_integer_rows, "on"_a,
+        "Products of 8 or more rows of 4-bit weights on the integer path for many rows, where there is one.");
+  m.def("integer_rows", &layerline::kernel_integer_rows, "Whether the integer path for many rows is asked for.");
   m.def("gemv_x", &layerline::kernel_gemv_x, "x's width on one-row products: 0 (f32), 8 or 16.");
   m.def("threads", &layerline::kernel_threads, "Threads a product may use.");
   m.attr("built_for_mlx") = LAYERLINE_STR(MLX_VERSION_MAJOR) "." LAYERLINE_STR(

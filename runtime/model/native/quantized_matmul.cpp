@@ -27,6 +27,8 @@ struct Isa {
   const char* name;
   IntegerColumns integer_columns;  // the integer GEMV on the same instruction set
   const char* integer_name;
+  IntegerRows integer_rows = nullptr;  // many rows of x in integers, where the instruction set has them
+  void (*quantize_rows)(const QmmArgs&, QuantizedRows&) = nullptr;  // and their x
 };
 
 Isa choose_isa() {
@@ -43,7 +45,8 @@ Isa choose_isa() {
   // The integer path's multiply-add: VNNI's where the CPU has it (on 256-bit vectors), else AVX2's.
   const bool vnni = avx512 && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
   const Isa with_avx2{qmm_columns_avx2, "avx2", integer_columns_avx2, "avx2"};
-  const Isa with_avx512 = vnni ? Isa{qmm_columns_avx512, "avx512", integer_columns_avx512vnni, "avx512-vnni"}
+  const Isa with_avx512 = vnni ? Isa{qmm_columns_avx512, "avx512", integer_columns_avx512vnni, "avx512-vnni",
+                                     integer_rows_avx512vnni, quantize_rows_avx512}
                                : Isa{qmm_columns_avx512, "avx512", integer_columns_avx2, "avx2"};
   if (avx512 && (want.empty() || want == "avx512")) return with_avx512;
   if (avx2 && want != "avx512") return with_avx2;
@@ -69,6 +72,10 @@ const Isa& isa() {
 // x of one-row 4-, 5- and 8-bit products: 0 (f32), 8 or 16 (the integer path), set by cpu_kernel.py
 // from LAYERLINE_CPU_INTEGER_X.
 std::atomic<int> gemv_x_bits{0};
+// Products of 8 or more rows of 4-bit weights in integers (the path for many rows), set by
+// cpu_kernel.py from LAYERLINE_CPU_INTEGER_ROWS: off by default, as a row's result then depends on
+// how many rows its pass had.
+std::atomic<bool> rows_integer{false};
 
 [[noreturn]] void refuse(const std::string& name, const std::string& what) {
   throw std::invalid_argument(name + ": " + what);
@@ -88,12 +95,18 @@ std::string kernel_isa() { return isa().name; }
 
 std::string kernel_integer_isa() { return isa().integer_name; }
 
+std::string kernel_integer_rows_isa() { return isa().integer_rows ? isa().integer_name : "none"; }
+
 void set_kernel_gemv_x(int bits) {
   if (bits != 0 && bits != 8 && bits != 16) throw std::invalid_argument("gemv x bits must be 0 (f32), 8 or 16");
   gemv_x_bits.store(bits);
 }
 
 int kernel_gemv_x() { return gemv_x_bits.load(); }
+
+void set_kernel_integer_rows(bool on) { rows_integer.store(on); }
+
+bool kernel_integer_rows() { return rows_integer.load(); }
 
 int kernel_threads() { return kernel_pool().size(); }
 
@@ -145,11 +158,20 @@ void PackedMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out
     const QuantizedX& xq = quantized;    // the pool's threads read this thread's copy
     if (integer) quantize_x(args, x_bits, quantized);
     const IntegerColumns integer_columns = isa().integer_columns;
+    // Many rows of 4-bit weights in integers: where asked for and the CPU has the path.
+    const IntegerRows integer_rows = isa().integer_rows;
+    const bool rows = rows_integer.load(std::memory_order_relaxed) && integer_rows != nullptr &&
+                      integer_rows_support(args.bits, args.M, args.K);
+    thread_local QuantizedRows quantized_rows;
+    const QuantizedRows& xrows = quantized_rows;
+    if (rows) isa().quantize_rows(args, quantized_rows);
     pool.run(parts, [&](int part) {
       const int n0 = std::min(args.N, blocks * part / parts * quantum);
       const int n1 = std::min(args.N, blocks * (part + 1) / parts * quantum);
       if (n0 >= n1) return;
-      if (integer) {
+      if (rows) {
+        integer_rows(args, xrows, n0, n1);
+      } else if (integer) {
         integer_columns(args, xq, n0, n1);
       } else {
         columns(args, n0, n1);

@@ -36,6 +36,13 @@ std::string kernel_isa();
 // and x's width on one-row 4-, 5- and 8-bit products: 0 (f32, exact: until set), or 8 or 16 bits
 // (the integer GEMV).
 std::string kernel_integer_isa();
+
+// The instruction set of the integer path for many rows of x ("none" where this CPU has none).
+std::string kernel_integer_rows_isa();
+
+// Whether products of 8 or more rows of 4-bit weights take that path (where there is one).
+void set_kernel_integer_rows(bool on);
+bool kernel_integer_rows();
 void set_kernel_gemv_x(int bits);
 int kernel_gemv_x();
 int kernel_threads();

@@ -28,6 +28,8 @@ constexpr double kMaxRelativeError = 1e-4;
 constexpr double kInt8MaxRelativeError = 2e-2;
 constexpr double kInt16MaxRelativeError = 1e-4;  // x to 1/65534 of its block's largest: as the f32 paths
 constexpr double kInt8Agreement = 1e-5;
+// Many rows: x to 1/16382 of its span's largest, scales to 1/2046 of their span's largest.
+constexpr double kIntegerRowsMaxRelativeError = 1e-3;
 
 struct IntegerPath {
   const char* name;
@@ -45,6 +47,23 @@ std::vector<IntegerPath> integer_paths() {
 #endif
 #if defined(__aarch64__)
   paths.push_back({"neon", integer_columns_neon});
+#endif
+  return paths;
+}
+
+struct RowsPath {
+  const char* name;
+  void (*quantize)(const QmmArgs&, QuantizedRows&);
+  IntegerRows rows;
+};
+
+std::vector<RowsPath> integer_rows_paths() {
+  std::vector<RowsPath> paths{{"portable", quantize_rows, integer_rows_portable}};
+#if defined(__x86_64__) || defined(_M_X64)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl")) {
+    paths.push_back({"avx512-vnni", quantize_rows_avx512, integer_rows_avx512vnni});
+  }
 #endif
   return paths;
 }
@@ -145,6 +164,24 @@ std::vector<float> run_integer(IntegerColumns columns, const Case& c, int xbits)
   return y;
 }
 
+// The many-row integer path as the dispatch runs it: every row of x quantized once, two column ranges.
+// Its quantizer must give the portable one's integers and scales exactly (else y is NaN).
+std::vector<float> run_integer_rows(const RowsPath& path, const Case& c) {
+  std::vector<float> y(size_t(c.M) * c.N, NAN);
+  const QmmArgs a = c.args(y.data());
+  QuantizedRows x, reference;
+  path.quantize(a, x);
+  quantize_rows(a, reference);
+  if (!std::equal(x.q, x.q + size_t(c.M) * c.K, reference.q) || x.scale != reference.scale) {
+    std::printf("%s: x quantized otherwise than the portable quantizer\n", path.name);
+    return y;
+  }
+  const int split = (c.N / 2) / 4 * 4;
+  path.rows(a, x, 0, split);
+  path.rows(a, x, split, c.N);
+  return y;
+}
+
 double relative_error(const std::vector<float>& got, const std::vector<float>& ref) {
   double diff = 0.0, scale = 0.0;
   for (size_t i = 0; i < ref.size(); ++i) {
@@ -191,6 +228,32 @@ int main() {
       std::printf("int%d x %s: worst relative error %.3g against the f32 product, %.3g against portable\n", xbits,
                   path.name, worst, worst_agreement);
     }
+  }
+  for (const RowsPath& path : integer_rows_paths()) {
+    double worst = 0.0, worst_agreement = 0.0;
+    for (int group : {32, 64, 128}) {
+      // A tail span of 64 (576), one whole span (512), a tail of 128 off a 16-group step (1664), taller.
+      for (const auto& [N, K] : {std::pair{37, 576}, std::pair{37, 512}, std::pair{38, 1664}, std::pair{413, 2048}}) {
+        if (K % group != 0) continue;
+        for (int M : {2, 3, 8, 17}) {
+          const int t = (M + group / 32 + N) % 3;
+          const Case c = make_case(rng, N, K, M, 4, group, types[t]);
+          const auto got = run_integer_rows(path, c);
+          const double err = relative_error(got, run(qmm_columns_portable, c));
+          const double agreement = relative_error(got, run_integer_rows(integer_rows_paths()[0], c));
+          worst = std::max(worst, err);
+          worst_agreement = std::max(worst_agreement, agreement);
+          ++cases;
+          if (!(err <= kIntegerRowsMaxRelativeError) || !(agreement <= kInt8Agreement)) {
+            ++failures;
+            std::printf("FAIL integer rows %s %dx%d rows=%d group=%d scales=%s: relative error %.3g (%.3g from "
+                        "portable)\n", path.name, N, K, M, group, type_names[t], err, agreement);
+          }
+        }
+      }
+    }
+    std::printf("integer rows %s: worst relative error %.3g against the f32 product, %.3g against portable\n",
+                path.name, worst, worst_agreement);
   }
   const auto paths = vector_paths();
   if (paths.empty()) std::printf("no vector path on this CPU: nothing to compare\n");
