@@ -20,6 +20,7 @@ from layerline.runtime.model.cpu_kernel import (
     gemv_x,
     integer_rows,
     packed_matmul,
+    rows_setting,
 )
 
 from helpers import sweep_on_isa
@@ -129,16 +130,16 @@ def test_integer_settings_are_reported_and_bad_ones_refused():
     assert bad.returncode != 0
     assert "LAYERLINE_CPU_INTEGER_X='sometimes': expected one of off, int8, int16, auto" in bad.stderr
 
-    def describe_rows(setting: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-c", probe], env={**env, ROWS_ENV_VAR: setting},
-                              capture_output=True, text=True, timeout=120)
-
     rows = cpu_kernel().rows_isa
-    asked = describe_rows("on").stdout.strip()
-    assert asked.endswith(" rows_x=f32" if rows == "none" else f" rows_x=int14({rows})")
-    bad = describe_rows("always")
-    assert bad.returncode != 0
-    assert "LAYERLINE_CPU_INTEGER_ROWS='always': expected one of off, on" in bad.stderr
+    asked = subprocess.run([sys.executable, "-c", probe], env={**env, ROWS_ENV_VAR: "on"},
+                           capture_output=True, text=True, timeout=120)
+    assert asked.stdout.strip().endswith(" rows_x=f32" if rows == "none" else f" rows_x=int14({rows})")
+
+
+def test_a_bad_integer_rows_setting_is_refused(monkeypatch):
+    monkeypatch.setenv(ROWS_ENV_VAR, "always")
+    with pytest.raises(ValueError, match="LAYERLINE_CPU_INTEGER_ROWS='always': expected one of off, on"):
+        rows_setting()
 
 
 @pytest.mark.parametrize("group", [32, 64, 128])
