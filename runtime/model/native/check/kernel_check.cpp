@@ -232,10 +232,11 @@ int main() {
   for (const RowsPath& path : integer_rows_paths()) {
     double worst = 0.0, worst_agreement = 0.0;
     for (int group : {32, 64, 128}) {
-      // A tail span of 64 (576), one whole span (512), a tail of 128 off a 16-group step (1664), taller.
+      // A tail span of 64 (576), one whole span (512), a tail of 128 off a 16-group step (1664), taller
+      // (one row count: the portable path is slow under qemu).
       for (const auto& [N, K] : {std::pair{37, 576}, std::pair{37, 512}, std::pair{38, 1664}, std::pair{413, 2048}}) {
         if (K % group != 0) continue;
-        for (int M : {2, 3, 8, 17}) {
+        for (int M : N > 100 ? std::vector<int>{9} : std::vector<int>{2, 3, 8, 17}) {
           const int t = (M + group / 32 + N) % 3;
           const Case c = make_case(rng, N, K, M, 4, group, types[t]);
           const auto got = run_integer_rows(path, c);
