@@ -7,6 +7,7 @@ with the end of its log.
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import time
@@ -19,10 +20,31 @@ import httpx
 
 from layerline.errors import LayerlineError
 
+_PICK = random.SystemRandom()  # not the `random` a test may seed alike in every worker
+
+
+def _ephemeral_low() -> int:
+    """The lowest port the OS hands to bind(0) and outgoing connections (Linux: its setting)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago on `host`."""
-    with socket.socket() as s:
+    """A TCP port that was free a moment ago on `host`, below the OS's ephemeral range: a port
+    from that range could be handed to another process's bind(0) or outgoing connection before
+    the caller binds it (seen: a stage 0 that bound its HTTP port seconds later found it taken)."""
+    low = _ephemeral_low()
+    for _ in range(200):
+        port = _PICK.randrange(max(1024, low // 2), low)
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # the range below is crowded: let the OS choose
         s.bind((host, 0))
         return s.getsockname()[1]
 

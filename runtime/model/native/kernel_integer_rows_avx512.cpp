@@ -2,8 +2,7 @@
 // used only when the CPU reports it. Four weight rows at a time: their sub-scaled 16-bit weights
 // w' are unpacked once into a scratch row each, then every four rows of x meet them there:
 // sixteen int32 accumulators a span (vpdpwssd), from eight 512-bit loads for sixteen
-// multiply-adds (a core loads one 512-bit vector a cycle: two rows of x took six for eight, and
-// ran at 0.6 multiply-adds a cycle), made floats once a span.
+// multiply-adds, made floats once a span.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -30,7 +29,6 @@ inline __m512i dpwssd(__m512i acc, __m512i a, __m512i b) {
 
 constexpr int kTileRows = 4;  // weight rows a tile
 constexpr int kXRows = 4;     // rows of x a pass over the tile
-constexpr int kPrefetchX = 256;  // values of x ahead that each step asks L2 for
 
 // Four weight rows as the inner loop reads them: w' (K values each, pair order, 64-byte aligned),
 // S per span, b + 8 s per group.
@@ -167,7 +165,6 @@ void tile_rows(const QmmArgs& a, const QuantizedRows& x, const Tile& t, int m, i
       for (int r = 0; r < kTileRows; ++r) wv[r] = _mm512_load_si512(t.w + size_t(r) * a.K + k);
 #pragma GCC unroll 4
       for (int c = 0; c < MB; ++c) {
-        _mm_prefetch(reinterpret_cast<const char*>(xs[c] + k + kPrefetchX), _MM_HINT_T0);
         const __m512i xv = _mm512_load_si512(xs[c] + k);
 #pragma GCC unroll 4
         for (int r = 0; r < kTileRows; ++r) sums[r][c] = dpwssd(sums[r][c], wv[r], xv);
