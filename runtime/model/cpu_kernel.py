@@ -55,7 +55,7 @@ INTEGER_BITS = (4, 5, 8)  # the weight widths the integer path computes (one row
 # (mean KL against f32 x 8e-8, 1e-8, 6e-8). int8 x, 4e-3 on Qwen 1.5B and SmolLM2's tokens changed
 # from the 5th, is only ever asked for.
 INTEGER_DEFAULT = "auto"
-ROWS_ENV_VAR = "LAYERLINE_CPU_INTEGER_ROWS"  # off | on: 16+ rows of 4-bit weights in integers
+ROWS_ENV_VAR = "LAYERLINE_CPU_INTEGER_ROWS"  # off | on: 8+ rows of 4-bit weights in integers
 ROWS_SETTINGS = ("off", "on")
 BUILD_ERROR_FILE = Path(__file__).with_name("_cpu_kernel.build-error.txt")  # written by setup.py
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)

@@ -89,7 +89,6 @@ inline int span_count(int K) { return (K + kSpan - 1) / kSpan; }
 // block's even values, then its odd ones), 64-byte aligned; dx per row and span; x's exact sums
 // per row and group.
 struct QuantizedRows {
-  int M = 0, K = 0;
   std::vector<int16_t> storage;
   int16_t* q = nullptr;        // M * K, into storage
   std::vector<float> scale;    // M * spans

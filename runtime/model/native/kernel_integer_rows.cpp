@@ -11,8 +11,6 @@ namespace layerline {
 
 void prepare_rows(const QmmArgs& a, QuantizedRows& out) {
   const int spans = span_count(a.K);
-  out.M = a.M;
-  out.K = a.K;
   out.storage.resize(size_t(a.M) * a.K + 32);
   out.q = reinterpret_cast<int16_t*>((reinterpret_cast<uintptr_t>(out.storage.data()) + 63) & ~uintptr_t(63));
   out.scale.resize(size_t(a.M) * spans);

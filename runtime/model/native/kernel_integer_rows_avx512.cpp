@@ -101,15 +101,14 @@ void unpack_row(const QmmArgs& a, size_t n, const Tile& t, int r, Scratch& scrat
   int16_t* out = t.w + size_t(r) * a.K;
   const __m512i low = _mm512_set1_epi16(15), centre = _mm512_set1_epi16(8);
   // Pair p (of the 16 in a window of 32 blocks): lanes 0-15 take block 2p's sub-scale, 16-31 block 2p + 1's.
-  __m512i pick = _mm512_set_epi64(0x0001000100010001, 0x0001000100010001, 0x0001000100010001, 0x0001000100010001,
-                                  0, 0, 0, 0);
+  const __m512i first_pair = _mm512_set_epi64(0x0001000100010001, 0x0001000100010001, 0x0001000100010001,
+                                              0x0001000100010001, 0, 0, 0, 0);
   const __m512i two = _mm512_set1_epi16(2);
-  __m512i window = _mm512_setzero_si512();
+  __m512i window = _mm512_setzero_si512(), pick = first_pair;
   for (int p = 0; p < a.K / 64; ++p) {
     if (p % 16 == 0) {
       window = _mm512_loadu_si512(block_sc + 2 * p);  // both scratches hold 32 past the last block
-      pick = _mm512_set_epi64(0x0001000100010001, 0x0001000100010001, 0x0001000100010001, 0x0001000100010001,
-                              0, 0, 0, 0);
+      pick = first_pair;
     }
     const __m512i scales = _mm512_permutexvar_epi16(pick, window);
     pick = _mm512_add_epi16(pick, two);
